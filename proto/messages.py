@@ -1,0 +1,601 @@
+"""Message types of the stripefs wire, each field commented, each with a `valid()` check.
+
+A message is a dataclass. On the wire it is a msgpack map of its fields (see codec.py);
+a field named `data` of type bytes travels raw after the map, so that bulk block bytes
+are not copied through msgpack. `valid()` checks every field's type against its
+annotation and then the message's own constraints (`_check`), and returns an error
+string or None; the RPC glue answers EINVAL to an invalid request before any handler
+sees it, so a server never acts on a malformed message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from .types import (
+    MAX_REPLICAS,
+    NAME_MAX_BYTES,
+    SYMLINK_MAX_BYTES,
+    XATTR_NAME_MAX_BYTES,
+    XATTR_SIZE_MAX_BYTES,
+)
+
+_U64 = (1 << 64) - 1
+_I64_MIN = -(1 << 63)
+
+
+def _type_error(value: Any, tp: Any, path: str) -> Optional[str]:
+    """Return why `value` does not fit annotation `tp`, or None."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = [_type_error(value, arg, path) for arg in typing.get_args(tp)]
+        return None if any(e is None for e in errors) else errors[0]
+    if tp is type(None):
+        return None if value is None else f"{path}: expected None"
+    if tp is Any:
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            return f"{path}: expected a list"
+        (arg,) = typing.get_args(tp)
+        for i, item in enumerate(value):
+            err = _type_error(item, arg, f"{path}[{i}]")
+            if err:
+                return err
+        return None
+    if isinstance(tp, type) and issubclass(tp, Message):
+        if not isinstance(value, tp):
+            return f"{path}: expected {tp.__name__}"
+        return value.valid()
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{path}: expected an integer"
+        if not _I64_MIN <= value <= _U64:
+            return f"{path}: integer out of range"
+        return None
+    if tp is bool:
+        return None if isinstance(value, bool) else f"{path}: expected a boolean"
+    if tp is bytes:
+        return None if isinstance(value, bytes) else f"{path}: expected bytes"
+    if tp is str:
+        return None if isinstance(value, str) else f"{path}: expected a string"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{path}: expected a number"
+    return f"{path}: unsupported field type {tp!r}"
+
+
+def check_name(name: bytes, what: str = "name") -> Optional[str]:
+    """A directory entry name: 1..255 bytes, no '/' or NUL, not '.' or '..'."""
+    if not name:
+        return f"{what}: empty"
+    if len(name) > NAME_MAX_BYTES:
+        return f"{what}: longer than {NAME_MAX_BYTES} bytes"
+    if b"/" in name or b"\0" in name:
+        return f"{what}: contains '/' or NUL"
+    return None
+
+
+class Message:
+    """Base of every wire message (subclasses are dataclasses)."""
+
+    #: names of fields that hold a directory entry name, checked by check_name in valid()
+    NAME_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def valid(self) -> Optional[str]:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            err = _type_error(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
+            if err:
+                return err
+        for name in self.NAME_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                err = check_name(value, name)
+                if err:
+                    return err
+        return self._check()
+
+    def _check(self) -> Optional[str]:
+        return None
+
+    def to_wire(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _to_wire(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> "Message":
+        """Build from a decoded map. Unknown keys are ignored, missing ones take their
+        defaults; a missing required field or a wrong shape raises ValueError."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cls.__name__}: expected a map")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            key = f.name
+            if key in raw:
+                kwargs[key] = _from_wire(raw[key], hints[key])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ValueError(f"{cls.__name__}: missing field {key}")
+        return cls(**kwargs)
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_wire()
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def _from_wire(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _from_wire(value, args[0]) if len(args) == 1 else value
+    if origin is list and isinstance(value, list):
+        (arg,) = typing.get_args(tp)
+        return [_from_wire(v, arg) for v in value]
+    if isinstance(tp, type) and issubclass(tp, Message) and isinstance(value, dict):
+        return tp.from_wire(value)
+    return value
+
+
+# --------------------------------------------------------------------------- shared records
+
+
+@dataclass
+class Ctx(Message):
+    """Who is asking: the caller's credentials as the kernel reported them."""
+
+    uid: int = 0  # effective uid of the calling process
+    gid: int = 0  # effective gid of the calling process
+    pid: int = 0  # calling process id (for logs only)
+
+
+@dataclass
+class Attr(Message):
+    """Attributes of one inode, as stat(2) reports them."""
+
+    ino: int  # inode number, never reused
+    mode: int  # file type and permission bits (S_IFMT | 07777)
+    nlink: int  # number of hard links (directories: 2 + subdirectories)
+    uid: int  # owner
+    gid: int  # group
+    rdev: int  # device number (character/block special files)
+    size: int  # bytes (regular files: logical length; symlinks: target length)
+    atime_ns: int  # last access, ns since the epoch
+    mtime_ns: int  # last modification of content
+    ctime_ns: int  # last change of the inode
+    block_size: int  # bytes per block of this file (or of files created in this directory)
+    replicas: int  # replica count of this file (directories: for new files; 0 = default)
+    generation: int = 0  # bumped on every content commit; lets clients revalidate caches
+
+
+@dataclass
+class BlockRef(Message):
+    """One block of a file's block map: which immutable stored block holds bytes
+    [index*block_size, index*block_size + length) of the file, and where."""
+
+    index: int  # position in the file, in blocks
+    block_id: int  # id of the stored block (immutable; a rewrite makes a new id)
+    length: int  # valid bytes in the block; the rest up to the file size reads as zeros
+    servers: list[str] = field(default_factory=list)  # data server addresses holding a replica
+
+
+@dataclass
+class DirEntry(Message):
+    """One entry of a directory listing."""
+
+    name: bytes  # entry name
+    cookie: int  # offset to resume the listing after this entry; stable while the directory changes
+    attr: Attr  # the entry's attributes (readdirplus)
+
+
+# --------------------------------------------------------------------------- generic replies
+
+
+@dataclass
+class Empty(Message):
+    """A request or reply with no fields."""
+
+
+@dataclass
+class AttrReply(Message):
+    attr: Attr  # attributes after the operation
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class SessionOpenReq(Message):
+    host: str  # client host name, for status and logs
+    mountpoint: str  # where it is mounted (or a label for library users)
+
+
+@dataclass
+class SessionReply(Message):
+    session: int  # session id; open files and leases hang off it
+    lease_s: float  # renew at least this often, or the session expires
+
+
+@dataclass
+class SessionReq(Message):
+    session: int  # session id from open_session
+
+
+# --------------------------------------------------------------------------- namespace
+
+
+@dataclass
+class LookupReq(Message):
+    NAME_FIELDS = ("name",)
+    parent: int  # directory inode
+    name: bytes  # entry name
+
+
+@dataclass
+class InodeReq(Message):
+    ino: int  # the inode
+
+
+@dataclass
+class SetattrReq(Message):
+    """Change attributes; a field left None is not changed."""
+
+    ino: int  # the inode
+    ctx: Ctx  # caller
+    mode: Optional[int] = None  # new permission bits (07777); the type bits are kept
+    uid: Optional[int] = None  # new owner
+    gid: Optional[int] = None  # new group
+    size: Optional[int] = None  # truncate or extend to this many bytes (regular files)
+    atime_ns: Optional[int] = None  # explicit access time
+    mtime_ns: Optional[int] = None  # explicit modification time
+    atime_now: bool = False  # set atime to the server's now
+    mtime_now: bool = False  # set mtime to the server's now
+
+    def _check(self) -> Optional[str]:
+        if self.size is not None and self.size < 0:
+            return "size: negative"
+        if self.mode is not None and not 0 <= self.mode <= 0o7777:
+            return "mode: not permission bits"
+        return None
+
+
+@dataclass
+class MknodReq(Message):
+    """Create a regular file, FIFO, socket or device node; optionally open it (create)."""
+
+    NAME_FIELDS = ("name",)
+    parent: int  # directory inode
+    name: bytes  # new entry name
+    mode: int  # type and permission bits, umask already applied
+    ctx: Ctx  # caller: becomes the owner
+    rdev: int = 0  # device number for S_IFCHR/S_IFBLK
+    session: int = 0  # when non-zero, also open the new file for this session (create)
+
+
+@dataclass
+class CreateReply(Message):
+    attr: Attr  # the new inode
+
+
+@dataclass
+class MkdirReq(Message):
+    NAME_FIELDS = ("name",)
+    parent: int  # directory inode
+    name: bytes  # new directory name
+    mode: int  # permission bits, umask already applied
+    ctx: Ctx  # caller: becomes the owner
+
+
+@dataclass
+class SymlinkReq(Message):
+    NAME_FIELDS = ("name",)
+    parent: int  # directory inode
+    name: bytes  # new entry name
+    target: bytes  # what the link points to (not interpreted)
+    ctx: Ctx  # caller: becomes the owner
+
+    def _check(self) -> Optional[str]:
+        if not self.target or len(self.target) > SYMLINK_MAX_BYTES or b"\0" in self.target:
+            return "target: empty, too long or contains NUL"
+        return None
+
+
+@dataclass
+class ReadlinkReply(Message):
+    target: bytes  # the symlink's target
+
+
+@dataclass
+class LinkReq(Message):
+    NAME_FIELDS = ("new_name",)
+    ino: int  # existing inode (not a directory)
+    new_parent: int  # directory to link into
+    new_name: bytes  # new entry name
+
+
+@dataclass
+class RemoveReq(Message):
+    """unlink or rmdir."""
+
+    NAME_FIELDS = ("name",)
+    parent: int  # directory inode
+    name: bytes  # entry to remove
+    ctx: Ctx = field(default_factory=Ctx)  # caller (sticky-bit checks)
+
+
+#: rename flags, as renameat2(2)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass
+class RenameReq(Message):
+    NAME_FIELDS = ("name", "new_name")
+    parent: int  # source directory
+    name: bytes  # source entry
+    new_parent: int  # destination directory
+    new_name: bytes  # destination entry
+    flags: int = 0  # RENAME_NOREPLACE | RENAME_EXCHANGE
+    ctx: Ctx = field(default_factory=Ctx)  # caller (sticky-bit checks)
+
+    def _check(self) -> Optional[str]:
+        if self.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            return "flags: unknown bits"
+        if self.flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            return "flags: NOREPLACE and EXCHANGE together"
+        return None
+
+
+@dataclass
+class ReaddirReq(Message):
+    ino: int  # directory inode
+    offset: int = 0  # resume after the entry with this cookie (0 = from the start)
+    limit: int = 1000  # at most this many entries
+
+    def _check(self) -> Optional[str]:
+        return None if 1 <= self.limit <= 100_000 else "limit: out of range"
+
+
+@dataclass
+class ReaddirReply(Message):
+    entries: list[DirEntry]  # in cookie order
+    more: bool  # False when the listing reached the end
+
+
+@dataclass
+class XattrReq(Message):
+    """get, set or remove one extended attribute."""
+
+    ino: int  # the inode
+    name: bytes  # attribute name with its namespace prefix (user., trusted., ...)
+    ctx: Ctx = field(default_factory=Ctx)  # caller (trusted.* is root only)
+    value: bytes = b""  # new value (set only)
+    flags: int = 0  # XATTR_CREATE (1) / XATTR_REPLACE (2) (set only)
+
+    def _check(self) -> Optional[str]:
+        if not self.name or b"\0" in self.name:
+            return "name: empty or contains NUL"
+        if len(self.name) > XATTR_NAME_MAX_BYTES:
+            return "name: too long"
+        if len(self.value) > XATTR_SIZE_MAX_BYTES:
+            return "value: too large"
+        if self.flags & ~3:
+            return "flags: unknown bits"
+        return None
+
+
+@dataclass
+class XattrReply(Message):
+    value: bytes  # the attribute's value
+
+
+@dataclass
+class XattrListReply(Message):
+    names: list[bytes]  # attribute names
+
+
+@dataclass
+class StatfsReply(Message):
+    block_size: int  # fundamental block size reported to statfs (bytes)
+    total_bytes: int  # capacity summed over live data servers, divided by the default replica count
+    free_bytes: int  # free bytes likewise
+    files: int  # inodes in use
+    files_free: int  # inodes available (a large constant: there is no fixed inode table)
+    name_max: int  # longest name
+
+
+# --------------------------------------------------------------------------- file data
+
+
+@dataclass
+class OpenReq(Message):
+    ino: int  # file to open
+    session: int  # session id: the open is recorded so that unlink keeps the inode
+    ctx: Ctx = field(default_factory=Ctx)  # caller
+    flags: int = 0  # open(2) flags (O_TRUNC is applied here)
+
+
+@dataclass
+class OpenReply(Message):
+    attr: Attr  # attributes at open (close-to-open revalidation)
+    blocks: list[BlockRef]  # the whole block map
+
+
+@dataclass
+class ReleaseReq(Message):
+    ino: int  # file being closed
+    session: int  # session that opened it
+
+
+@dataclass
+class BlockMapReq(Message):
+    ino: int  # the file
+
+
+@dataclass
+class BlockMapReply(Message):
+    attr: Attr  # attributes now
+    blocks: list[BlockRef]  # the whole block map
+
+
+@dataclass
+class AllocReq(Message):
+    """Ask for new stored blocks (ids, replica servers, write tokens) for some positions of a file."""
+
+    ino: int  # the file
+    session: int  # writer's session (for cleaning up after a crashed writer)
+    indexes: list[int]  # block positions about to be written
+
+    def _check(self) -> Optional[str]:
+        if not 1 <= len(self.indexes) <= 4096 or any(i < 0 for i in self.indexes):
+            return "indexes: empty, too many or negative"
+        return None
+
+
+@dataclass
+class Allocation(Message):
+    index: int  # block position in the file
+    block_id: int  # new block id to write
+    servers: list[str]  # data servers to write the replicas to, first is preferred
+    token: bytes  # authorizes the data servers to store block_id
+
+
+@dataclass
+class AllocReply(Message):
+    allocations: list[Allocation]
+
+
+@dataclass
+class CommitReq(Message):
+    """Make written blocks part of the file, atomically."""
+
+    ino: int  # the file
+    session: int  # writer's session
+    blocks: list[BlockRef]  # blocks now written on all their servers
+    size: int  # file size after these writes (the commit never shrinks a file)
+    mtime_ns: int  # time of the last write
+
+    def _check(self) -> Optional[str]:
+        if self.size < 0:
+            return "size: negative"
+        if len(self.blocks) > 4096:
+            return "blocks: too many"
+        return None
+
+
+# --------------------------------------------------------------------------- data servers
+
+
+@dataclass
+class RegisterReq(Message):
+    address: str  # host:port clients use to reach this data server
+    node_id: str  # stable id of the data directory (survives restarts)
+    capacity_bytes: int  # size of the file system under the data directory
+    free_bytes: int  # bytes free there
+    blocks: int  # blocks stored
+
+
+@dataclass
+class RegisterReply(Message):
+    server_id: int  # this server's id in the registry
+    heartbeat_interval_s: float  # send heartbeats this often
+
+
+@dataclass
+class HeartbeatReq(Message):
+    server_id: int  # from register
+    capacity_bytes: int
+    free_bytes: int
+    blocks: int
+    used_bytes: int = 0  # bytes taken by stored blocks
+
+
+@dataclass
+class HeartbeatReply(Message):
+    delete: list[int]  # block ids this server should delete (garbage)
+    reregister: bool = False  # the metaserver does not know this server: register again
+
+
+@dataclass
+class DeletedReq(Message):
+    server_id: int
+    block_ids: list[int]  # garbage blocks now deleted
+
+
+@dataclass
+class ServerStatus(Message):
+    server_id: int
+    address: str
+    state: str  # "up" or "down"
+    capacity_bytes: int
+    free_bytes: int
+    used_bytes: int
+    blocks: int
+    last_heartbeat_s: float  # seconds since the last heartbeat
+
+
+@dataclass
+class StatusReply(Message):
+    servers: list[ServerStatus]
+    inodes: int  # inodes in the namespace
+    files: int  # regular files
+    directories: int
+    bytes: int  # logical bytes in regular files
+    blocks: int  # stored blocks referenced by files
+    sessions: int  # live client sessions
+
+
+@dataclass
+class PutBlockReq(Message):
+    """Store one immutable block. `data` travels raw after the header."""
+
+    block_id: int  # id allocated by the metaserver
+    token: bytes  # the metaserver's authorization for block_id
+    data: bytes = b""  # the block's bytes
+
+    def _check(self) -> Optional[str]:
+        return None if self.block_id > 0 else "block_id: not positive"
+
+
+@dataclass
+class GetBlockReq(Message):
+    block_id: int  # block to read
+    offset: int = 0  # first byte
+    length: int = -1  # bytes to read (-1: to the end)
+
+    def _check(self) -> Optional[str]:
+        if self.block_id <= 0 or self.offset < 0 or self.length < -1:
+            return "block_id/offset/length: out of range"
+        return None
+
+
+@dataclass
+class BlockData(Message):
+    data: bytes = b""  # the bytes read, verified against their checksums
+
+
+@dataclass
+class DataStatusReply(Message):
+    node_id: str
+    capacity_bytes: int
+    free_bytes: int
+    used_bytes: int
+    blocks: int
+
+
+def check_replicas(n: int) -> bool:
+    return 0 <= n <= MAX_REPLICAS
+
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,36 @@
+"""Typed ids shared by every role. Plain ints on the wire; NewType keeps them apart in code."""
+
+from typing import NewType
+
+InodeId = NewType("InodeId", int)
+BlockId = NewType("BlockId", int)
+ServerId = NewType("ServerId", int)
+SessionId = NewType("SessionId", int)
+
+ROOT_INODE = InodeId(1)
+
+#: Largest name of one directory entry, in bytes (Linux NAME_MAX).
+NAME_MAX_BYTES = 255
+#: Largest symlink target, in bytes (Linux PATH_MAX less the NUL).
+SYMLINK_MAX_BYTES = 4095
+#: Largest extended attribute name and value, in bytes (Linux XATTR_NAME_MAX / XATTR_SIZE_MAX).
+XATTR_NAME_MAX_BYTES = 255
+XATTR_SIZE_MAX_BYTES = 65536
+#: Largest file size we accept (the same as ext4 with 4 KiB blocks: 16 TiB).
+FILE_SIZE_MAX_BYTES = 16 * 1024**4
+
+#: Defaults of the data layout, overridable per directory (inherited at create).
+DEFAULT_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
+MIN_BLOCK_SIZE_BYTES = 64 * 1024
+MAX_BLOCK_SIZE_BYTES = 64 * 1024 * 1024
+#: Default replica count: min(DEFAULT_REPLICAS, live data servers). 0 on a directory means "default".
+DEFAULT_REPLICAS = 2
+MAX_REPLICAS = 8
+
+#: Checksum granularity of a stored block: one CRC32C per this many bytes.
+SUB_BLOCK_BYTES = 64 * 1024
+
+#: Virtual xattrs of a directory that set the layout of files created under it.
+#: They are not listed by listxattr, so copying tools do not carry them around.
+LAYOUT_XATTR_BLOCK_SIZE = b"stripefs.block_size"
+LAYOUT_XATTR_REPLICAS = b"stripefs.replicas"
