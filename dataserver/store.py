@@ -1,0 +1,370 @@
+"""The block store of a data server: immutable blocks as checksummed files under one directory.
+
+Layout under `root`:
+
+    node_id                  uuid hex naming this data directory, made on first start
+    blocks/<hh>/<id>         one file per block; hh = id % 256 as two lowercase hex digits
+    tmp/                     blocks being written; anything here at start is a leftover
+
+A block file is a header then the data. The header is FIXED_HEADER (magic, format
+version, flags, data length) followed by one CRC32C per SUB_BLOCK_BYTES of data (the last
+one covers the short tail). A read fetches and verifies only the sub-blocks covering the
+requested range, so a 128 KiB read of a 4 MiB block costs 128 KiB of disk and CRC work.
+
+Crash behaviour: a block is written to tmp/, fsynced, then hard-linked into blocks/ and the
+directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
+one id can never replace each other's data and nothing partial is ever visible under
+blocks/. A crash leaves at worst a file in tmp/, removed at the next start.
+
+Concurrency: every method may be called from many gRPC worker threads at once. Per-block
+operations rely on the file system's atomic link/unlink/rename; the counters are guarded by
+`_lock`, which is never held across disk I/O except on the rare repair path.
+
+Ids are never trusted: every public method checks that a block id is a positive 64-bit
+integer before building a path from it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import struct
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import crc32c
+
+from proto.errors import FsError
+from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
+
+log = logging.getLogger("stripefs.dataserver.store")
+
+MAGIC = b"SFBK"
+FORMAT_VERSION = 1
+#: magic, format version, flags (none yet), data length in bytes; little-endian.
+FIXED_HEADER = struct.Struct("<4sHHQ")
+_CRC = struct.Struct("<I")
+_MAX_BLOCK_ID = (1 << 64) - 1
+#: OS errors a writer should see as they are; any other failure to store is EIO.
+_PASS_THROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    capacity_bytes: int  # size of the file system holding the store (statvfs)
+    free_bytes: int  # bytes available to an unprivileged writer there
+    used_bytes: int  # bytes of block files (headers included)
+    blocks: int  # blocks stored
+    corrupt_blocks: int  # distinct blocks found with a checksum mismatch since start
+
+
+def check_block_id(block_id: object) -> BlockId:
+    """The id as a BlockId, or FsError(EINVAL): the only way an id reaches a path."""
+    if not isinstance(block_id, int) or isinstance(block_id, bool) or not 0 < block_id <= _MAX_BLOCK_ID:
+        raise FsError(errno.EINVAL, f"bad block id {block_id!r}")
+    return BlockId(block_id)
+
+
+def _sub_blocks(length: int) -> int:
+    return (length + SUB_BLOCK_BYTES - 1) // SUB_BLOCK_BYTES
+
+
+def _header(data: memoryview) -> bytes:
+    crcs = [
+        crc32c.crc32c(data[i : i + SUB_BLOCK_BYTES]) for i in range(0, len(data), SUB_BLOCK_BYTES)
+    ]
+    return FIXED_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(data)) + struct.pack(f"<{len(crcs)}I", *crcs)
+
+
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    buf = os.pread(fd, size, offset)
+    if len(buf) != size:
+        raise _Corrupt(f"short read: {len(buf)} of {size} bytes at {offset}")
+    return buf
+
+
+class _Corrupt(Exception):
+    """A block file that does not match its own header."""
+
+
+class BlockStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._blocks_dir = self.root / "blocks"
+        self._tmp_dir = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._used_bytes = 0
+        self._blocks = 0
+        self._corrupt: set[int] = set()
+
+        for d in (self.root, self._blocks_dir, self._tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self._blocks_dir / f"{i:02x}").mkdir(exist_ok=True)
+        self._clear_tmp()
+        self.node_id = self._load_node_id()
+        for block_id in self.block_ids():
+            try:
+                size = os.stat(self._path(block_id)).st_size
+            except FileNotFoundError:
+                continue
+            self._blocks += 1
+            self._used_bytes += size
+
+    # ----------------------------------------------------------------------- setup
+
+    def _clear_tmp(self) -> None:
+        for entry in os.scandir(self._tmp_dir):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            log.info("removed leftover temporary file %s", entry.path)
+
+    def _load_node_id(self) -> str:
+        path = self.root / "node_id"
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            value = ""
+        if value:
+            try:
+                return uuid.UUID(hex=value).hex
+            except ValueError:
+                raise ValueError(f"{path} does not hold a uuid: {value!r}") from None
+        value = uuid.uuid4().hex
+        tmp = self._tmp_dir / "node_id"
+        tmp.write_text(value + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir(self.root)
+        return value
+
+    # ----------------------------------------------------------------------- paths
+
+    def _path(self, block_id: int) -> Path:
+        block_id = check_block_id(block_id)
+        return self._blocks_dir / f"{block_id % 256:02x}" / str(block_id)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------------- write
+
+    def put(self, block_id: int, data: bytes) -> None:
+        """Store a block durably. Storing the same content again succeeds (a retried write);
+        different content under an existing id is EEXIST."""
+        path = self._path(block_id)
+        if len(data) > MAX_BLOCK_SIZE_BYTES:
+            raise FsError(errno.EFBIG, f"block {block_id}: {len(data)} bytes is over {MAX_BLOCK_SIZE_BYTES}")
+        view = memoryview(data)
+        if path.exists():
+            # A retry of a write that already landed should not cost a second full write.
+            try:
+                if self._same_content(block_id, data):
+                    return
+                raise FsError(errno.EEXIST, f"block {block_id} exists with different content")
+            except FsError as exc:
+                # Gone meanwhile, or corrupt: write it (again) below.
+                if exc.errno not in (errno.ENOENT, errno.EIO):
+                    raise
+        tmp = self._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
+        try:
+            header = _header(view)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, header, view)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            size = len(header) + len(view)
+            self._link_into_place(block_id, tmp, path, data, size)
+        except OSError as exc:
+            code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
+            log.error("cannot store block %d: %s", block_id, exc)
+            raise FsError(code, f"block {block_id}: {exc.strerror or exc}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _link_into_place(self, block_id: int, tmp: Path, path: Path, data: bytes, size: int) -> None:
+        # A few rounds only because a concurrent delete can remove the name between our
+        # failed link and our look at what holds it.
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            else:
+                self._fsync_dir(path.parent)
+                with self._lock:
+                    self._blocks += 1
+                    self._used_bytes += size
+                return
+            try:
+                if self._same_content(block_id, data):
+                    return
+            except FsError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue
+                if exc.errno != errno.EIO:
+                    raise
+                self._repair(block_id, tmp, path, size)
+                return
+            raise FsError(errno.EEXIST, f"block {block_id} exists with different content")
+        raise FsError(errno.EIO, f"block {block_id}: name kept changing while storing it")
+
+    def _repair(self, block_id: int, tmp: Path, path: Path, size: int) -> None:
+        # The stored copy failed its checksums and the writer holds a token for this id, so
+        # its content is the block's content: replacing the corrupt copy is a repair.
+        with self._lock:
+            try:
+                old = os.stat(path).st_size
+            except FileNotFoundError:
+                old = None
+            os.replace(tmp, path)
+            self._fsync_dir(path.parent)
+            if old is None:
+                self._blocks += 1
+                old = 0
+            self._used_bytes += size - old
+            self._corrupt.discard(block_id)
+        log.warning("block %d: replaced a corrupt copy with a rewritten one", block_id)
+
+    def _same_content(self, block_id: int, data: bytes) -> bool:
+        return self.get(block_id) == data
+
+    # ----------------------------------------------------------------------- read
+
+    def get(self, block_id: int, offset: int = 0, length: int = -1) -> bytes:
+        """Bytes [offset, offset+length) of a block (length -1: to its end), each covering
+        sub-block verified. Reading past the end returns what there is (maybe nothing)."""
+        path = self._path(block_id)
+        if not isinstance(offset, int) or offset < 0 or not isinstance(length, int) or length < -1:
+            raise FsError(errno.EINVAL, f"block {block_id}: bad range {offset}+{length}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FsError(errno.ENOENT, f"no block {block_id}") from None
+        except OSError as exc:
+            raise FsError(errno.EIO, f"block {block_id}: {exc.strerror or exc}") from None
+        try:
+            return self._read_range(fd, offset, length)
+        except _Corrupt as exc:
+            self._found_corrupt(block_id, str(exc))
+            raise FsError(errno.EIO, f"block {block_id} is corrupt: {exc}") from None
+        except OSError as exc:
+            log.error("block %d: read failed: %s", block_id, exc)
+            raise FsError(errno.EIO, f"block {block_id}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_range(fd: int, offset: int, length: int) -> bytes:
+        magic, version, _flags, data_len = FIXED_HEADER.unpack(_pread_exact(fd, FIXED_HEADER.size, 0))
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise _Corrupt(f"bad magic {magic!r} or format version {version}")
+        if data_len > MAX_BLOCK_SIZE_BYTES:
+            raise _Corrupt(f"data length {data_len} out of range")
+        data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(data_len)
+        # A truncated or extended file fails here even when the asked range looks intact.
+        if os.fstat(fd).st_size != data_start + data_len:
+            raise _Corrupt(f"file size does not match data length {data_len}")
+        end = data_len if length == -1 else min(data_len, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // SUB_BLOCK_BYTES, (end - 1) // SUB_BLOCK_BYTES
+        count = last - first + 1
+        crcs = struct.unpack(
+            f"<{count}I", _pread_exact(fd, _CRC.size * count, FIXED_HEADER.size + _CRC.size * first)
+        )
+        span_start = first * SUB_BLOCK_BYTES
+        span_end = min(data_len, (last + 1) * SUB_BLOCK_BYTES)
+        buf = _pread_exact(fd, span_end - span_start, data_start + span_start)
+        view = memoryview(buf)
+        for i, expected in enumerate(crcs):
+            piece = view[i * SUB_BLOCK_BYTES : (i + 1) * SUB_BLOCK_BYTES]
+            if crc32c.crc32c(piece) != expected:
+                raise _Corrupt(f"checksum mismatch in sub-block {first + i}")
+        lo, hi = offset - span_start, end - span_start
+        return buf if (lo, hi) == (0, len(buf)) else bytes(view[lo:hi])
+
+    def _found_corrupt(self, block_id: int, why: str) -> None:
+        with self._lock:
+            self._corrupt.add(block_id)
+        log.error("block %d in %s is corrupt: %s", block_id, self.root, why)
+
+    # ----------------------------------------------------------------------- delete, list, stats
+
+    def delete(self, block_id: int) -> bool:
+        """Remove a block; True if it was there. No directory fsync: a block that comes
+        back after a crash is still garbage and the metaserver asks for it again."""
+        path = self._path(block_id)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise FsError(errno.EIO, f"cannot delete block {block_id}: {exc.strerror or exc}") from None
+        with self._lock:
+            self._blocks -= 1
+            self._used_bytes -= size
+            self._corrupt.discard(block_id)
+        return True
+
+    def block_ids(self) -> Iterator[BlockId]:
+        """Ids of stored blocks, in no particular order. Names that are not a block of
+        their directory (stray files) are skipped."""
+        for i in range(256):
+            shard = self._blocks_dir / f"{i:02x}"
+            try:
+                entries = list(os.scandir(shard))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if not (name.isascii() and name.isdigit()) or name.startswith("0"):
+                    continue
+                block_id = int(name)
+                if block_id > _MAX_BLOCK_ID or block_id % 256 != i:
+                    continue
+                yield BlockId(block_id)
+
+    def stats(self) -> StoreStats:
+        st = os.statvfs(self.root)
+        with self._lock:
+            return StoreStats(
+                capacity_bytes=st.f_blocks * st.f_frsize,
+                free_bytes=st.f_bavail * st.f_frsize,
+                used_bytes=self._used_bytes,
+                blocks=self._blocks,
+                corrupt_blocks=len(self._corrupt),
+            )

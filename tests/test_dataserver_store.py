@@ -1,0 +1,239 @@
+"""The data server's block store, in process: format, checksums, idempotence, counters."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+
+import pytest
+
+from dataserver.store import FIXED_HEADER, BlockStore
+from proto.errors import FsError
+from proto.types import SUB_BLOCK_BYTES
+
+pytestmark = pytest.mark.timeout(30)
+
+SUB = SUB_BLOCK_BYTES
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """Bytes that differ in every position, so an off-by-one slice shows."""
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def block_file(root, block_id: int):
+    return root / "blocks" / f"{block_id % 256:02x}" / str(block_id)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return BlockStore(tmp_path)
+
+
+def test_round_trip_and_layout(store, tmp_path):
+    data = pattern(3 * SUB + 123)
+    store.put(300, data)
+    assert store.get(300) == data
+    path = block_file(tmp_path, 300)
+    assert path.parent.name == "2c"  # 300 % 256 = 44
+    n_sub = 4
+    assert path.stat().st_size == FIXED_HEADER.size + 4 * n_sub + len(data)
+    assert list(store.block_ids()) == [300]
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize(
+    "offset,length",
+    [
+        (0, 10),
+        (SUB - 5, 10),  # straddles the first boundary
+        (SUB, SUB),  # exactly one sub-block
+        (1, 3 * SUB),  # many sub-blocks, unaligned
+        (3 * SUB + 100, -1),  # the short tail
+        (2 * SUB - 1, -1),
+        (3 * SUB + 123, 10),  # at the end
+        (10 * SUB, 5),  # past the end
+        (5, 0),
+    ],
+)
+def test_partial_reads(store, offset, length):
+    data = pattern(3 * SUB + 123)
+    store.put(7, data)
+    end = len(data) if length == -1 else offset + length
+    assert store.get(7, offset, length) == data[offset:end]
+
+
+def test_empty_block(store):
+    store.put(1, b"")
+    assert store.get(1) == b""
+    assert store.get(1, 5, 10) == b""
+    assert store.stats().blocks == 1
+
+
+def test_exact_multiple_of_sub_block(store):
+    data = pattern(2 * SUB)
+    store.put(2, data)
+    assert store.get(2) == data
+    assert store.get(2, SUB, -1) == data[SUB:]
+
+
+def test_idempotent_put_and_eexist(store):
+    data = pattern(1000)
+    store.put(5, data)
+    store.put(5, data)
+    assert store.stats().blocks == 1
+    with pytest.raises(FsError) as info:
+        store.put(5, pattern(1000, seed=1))
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(FsError) as info:
+        store.put(5, pattern(999))
+    assert info.value.errno == errno.EEXIST
+    assert store.get(5) == data
+
+
+def test_concurrent_puts_of_one_id_agree(store):
+    data = [pattern(SUB + 1, seed=i % 2) for i in range(8)]
+    results: list = [None] * len(data)
+
+    def put(i: int) -> None:
+        try:
+            store.put(9, data[i])
+            results[i] = "ok"
+        except FsError as exc:
+            results[i] = exc.errno
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = store.get(9)
+    assert stored in data
+    for i, r in enumerate(results):
+        assert r == ("ok" if data[i] == stored else errno.EEXIST)
+    assert store.stats().blocks == 1
+    assert os.listdir(store.root / "tmp") == []
+
+
+def test_missing_block(store):
+    with pytest.raises(FsError) as info:
+        store.get(42)
+    assert info.value.errno == errno.ENOENT
+    assert store.delete(42) is False
+
+
+def test_flipped_byte_is_eio_only_for_its_sub_block(store, tmp_path, caplog):
+    data = pattern(3 * SUB)
+    store.put(11, data)
+    path = block_file(tmp_path, 11)
+    data_start = FIXED_HEADER.size + 4 * 3
+    raw = bytearray(path.read_bytes())
+    raw[data_start + SUB + 17] ^= 0x01  # inside sub-block 1
+    path.write_bytes(bytes(raw))
+
+    assert store.get(11, 0, SUB) == data[:SUB]
+    assert store.get(11, 2 * SUB, -1) == data[2 * SUB :]
+    with caplog.at_level(logging.ERROR, logger="stripefs.dataserver.store"):
+        for offset, length in [(SUB + 17, 1), (SUB - 1, 2), (0, -1)]:
+            with pytest.raises(FsError) as info:
+                store.get(11, offset, length)
+            assert info.value.errno == errno.EIO
+    assert any("11" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert store.stats().corrupt_blocks == 1
+
+    # Rewriting a corrupt block with its (authorized) content repairs it.
+    store.put(11, data)
+    assert store.get(11) == data
+    assert store.stats().corrupt_blocks == 0
+    assert store.stats().blocks == 1
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncate", "extend", "crc"])
+def test_damaged_header_or_size_is_eio(store, tmp_path, damage):
+    store.put(12, pattern(SUB + 5))
+    path = block_file(tmp_path, 12)
+    raw = bytearray(path.read_bytes())
+    if damage == "magic":
+        raw[0] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[:-1]
+    elif damage == "extend":
+        raw += b"x"
+    else:
+        raw[FIXED_HEADER.size] ^= 0x80  # first CRC
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FsError) as info:
+        store.get(12, 0, 10)
+    assert info.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1 << 64, True, "5", "../etc/passwd", 1.0, None])
+def test_bad_ids_rejected(store, bad):
+    for call in (lambda: store.put(bad, b"x"), lambda: store.get(bad), lambda: store.delete(bad)):
+        with pytest.raises(FsError) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    assert list(store.block_ids()) == []
+
+
+def test_bad_ranges_rejected(store):
+    store.put(3, b"abc")
+    for offset, length in [(-1, 1), (0, -2)]:
+        with pytest.raises(FsError) as info:
+            store.get(3, offset, length)
+        assert info.value.errno == errno.EINVAL
+
+
+def test_restart_cleans_tmp_keeps_node_id_and_counts(tmp_path):
+    store = BlockStore(tmp_path)
+    node_id = store.node_id
+    assert len(node_id) == 32 and (tmp_path / "node_id").read_text().strip() == node_id
+    store.put(1, pattern(10))
+    store.put(257, pattern(SUB + 1))
+    used = store.stats().used_bytes
+    (tmp_path / "tmp" / "1.leftover").write_bytes(b"half a block")
+    (tmp_path / "blocks" / "01" / "stray").write_bytes(b"not a block")
+    (tmp_path / "blocks" / "02" / "1").write_bytes(b"wrong shard")
+
+    again = BlockStore(tmp_path)
+    assert again.node_id == node_id
+    assert os.listdir(tmp_path / "tmp") == []
+    assert sorted(again.block_ids()) == [1, 257]
+    st = again.stats()
+    assert (st.blocks, st.used_bytes) == (2, used)
+
+
+def test_counters(store):
+    st = store.stats()
+    assert (st.blocks, st.used_bytes, st.corrupt_blocks) == (0, 0, 0)
+    assert st.capacity_bytes > 0 and 0 <= st.free_bytes <= st.capacity_bytes
+    store.put(1, pattern(100))
+    store.put(2, pattern(SUB * 2 + 1))
+    st = store.stats()
+    assert st.blocks == 2
+    assert st.used_bytes == (FIXED_HEADER.size + 4 + 100) + (FIXED_HEADER.size + 12 + SUB * 2 + 1)
+    assert store.delete(1) is True
+    assert store.delete(1) is False
+    st = store.stats()
+    assert st.blocks == 1
+    assert st.used_bytes == FIXED_HEADER.size + 12 + SUB * 2 + 1
+
+
+def test_enospc_becomes_fserror_and_leaves_nothing(store, monkeypatch):
+    import dataserver.store as mod
+
+    def full(fd, parts):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mod.os, "writev", full)
+    with pytest.raises(FsError) as info:
+        store.put(4, pattern(100))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert os.listdir(store.root / "tmp") == []
+    assert list(store.block_ids()) == []
+    assert store.stats().blocks == 0
+    store.put(4, pattern(100))
+    assert store.get(4) == pattern(100)
