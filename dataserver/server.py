@@ -1,0 +1,270 @@
+"""The data server process: command line, gRPC server, and the registration/heartbeat
+loop with the metaserver.
+
+The heartbeat loop runs on one background thread. It registers (retrying with backoff
+until the metaserver answers), then heartbeats every interval with the store's counters.
+A heartbeat reply names garbage blocks; they are deleted and reported back, and a report
+that fails is retried with the next beat so the metaserver eventually hears of every
+deletion. A metaserver outage is logged once when it starts and once when it ends.
+
+Signals: SIGTERM and SIGINT are blocked in every thread and taken synchronously by the
+main thread with sigwait, so no handler ever runs in the middle of a lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Optional
+
+from proto.auth import load_secret
+from proto.errors import FsError
+from proto.logsetup import setup_logging
+from proto.messages import DeletedReq, HeartbeatReq, RegisterReq
+from proto.rpc import Stub, serve
+from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+
+from .service import DataService
+from .store import BlockStore
+
+log = logging.getLogger("stripefs.dataserver")
+
+REGISTER_BACKOFF_MIN_S = 0.2
+REGISTER_BACKOFF_MAX_S = 2.0
+#: Used when the metaserver answers a heartbeat interval that makes no sense.
+FALLBACK_HEARTBEAT_INTERVAL_S = 3.0
+META_CALL_TIMEOUT_S = 5.0
+#: In-flight block reads and writes get this long to finish on SIGTERM.
+STOP_GRACE_S = 5.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def parse_address(value: str) -> str:
+    """HOST:PORT (HOST may be a bracketed IPv6 address); returned unchanged if well-formed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataserver", description="stripefs data server")
+    p.add_argument("--listen", required=True, type=parse_address, help="HOST:PORT to serve on (port 0 picks one)")
+    p.add_argument("--meta", required=True, type=parse_address, help="metaserver HOST:PORT")
+    p.add_argument("--dir", required=True, help="data directory")
+    p.add_argument("--secret-file", default=None, help="cluster secret (default: $STRIPEFS_SECRET_FILE)")
+    p.add_argument(
+        "--advertise",
+        type=parse_address,
+        default=None,
+        help="HOST:PORT clients should use (default: the listen host with the bound port)",
+    )
+    p.add_argument("--ready-file", default=None, help='write "HOST:PORT\\n" of the advertised address here once serving')
+    p.add_argument("--log-file", default=None, help="log here instead of stderr")
+    p.add_argument(
+        "--heartbeat-interval-s",
+        type=_positive_float,
+        default=None,
+        help="seconds between heartbeats (default: what the metaserver says at registration)",
+    )
+    return p
+
+
+def advertised_address(listen: str, port: int, advertise: Optional[str]) -> str:
+    if advertise:
+        return advertise
+    host = listen.rpartition(":")[0]
+    # Nobody can connect to a wildcard address from another machine: name this host instead.
+    if host in _WILDCARD_HOSTS:
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+def write_ready_file(path: str, address: str) -> None:
+    """Atomically, so a watcher never reads half an address."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(address + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Heartbeater:
+    """Registers with the metaserver and heartbeats until `stop` is set."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        meta: Stub,
+        address: str,
+        stop: threading.Event,
+        interval_s: Optional[float] = None,
+    ) -> None:
+        self.store = store
+        self.meta = meta
+        self.address = address
+        self.stop = stop
+        self._interval_override_s = interval_s
+        self.interval_s = interval_s or FALLBACK_HEARTBEAT_INTERVAL_S
+        self.server_id: Optional[int] = None
+        self._meta_down = False
+        self._unreported: list[int] = []  # deleted blocks the metaserver has not heard of yet
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if self.server_id is None:
+                    self._register()
+                    continue
+                if self.stop.wait(self.interval_s):
+                    break
+                self._beat()
+        except Exception:  # noqa: BLE001 - the data server keeps serving reads without it
+            log.exception("heartbeat thread failed")
+
+    def _call(self, name: str, req):
+        try:
+            reply = self.meta.call(name, req, timeout=META_CALL_TIMEOUT_S)
+        except FsError as exc:
+            if not self._meta_down:
+                log.warning("metaserver %s: %s failed: %s (retrying)", self.meta.address, name, exc)
+                self._meta_down = True
+            raise
+        if self._meta_down:
+            log.info("metaserver %s answers again", self.meta.address)
+            self._meta_down = False
+        return reply
+
+    def _register(self) -> None:
+        delay_s = REGISTER_BACKOFF_MIN_S
+        while not self.stop.is_set():
+            st = self.store.stats()
+            req = RegisterReq(
+                address=self.address,
+                node_id=self.store.node_id,
+                capacity_bytes=st.capacity_bytes,
+                free_bytes=st.free_bytes,
+                blocks=st.blocks,
+            )
+            try:
+                reply = self._call("register", req)
+            except FsError:
+                self.stop.wait(delay_s)
+                delay_s = min(delay_s * 2, REGISTER_BACKOFF_MAX_S)
+                continue
+            self.server_id = reply.server_id
+            if self._interval_override_s is None:
+                given = reply.heartbeat_interval_s
+                ok = isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0
+                self.interval_s = float(given) if ok else FALLBACK_HEARTBEAT_INTERVAL_S
+            log.info(
+                "registered with metaserver %s as server %s, heartbeat every %.3g s",
+                self.meta.address, self.server_id, self.interval_s,
+            )
+            return
+
+    def _beat(self) -> None:
+        assert self.server_id is not None
+        st = self.store.stats()
+        req = HeartbeatReq(
+            server_id=self.server_id,
+            capacity_bytes=st.capacity_bytes,
+            free_bytes=st.free_bytes,
+            blocks=st.blocks,
+            used_bytes=st.used_bytes,
+        )
+        try:
+            reply = self._call("heartbeat", req)
+        except FsError as exc:
+            # EIO is the transport (or a metaserver fault): keep beating. Any other errno
+            # means the metaserver answered and refused us, so introduce ourselves again.
+            if exc.errno != errno.EIO:
+                self.server_id = None
+            return
+        problem = reply.valid()
+        if problem:
+            log.warning("ignoring malformed heartbeat reply: %s", problem)
+            return
+        for block_id in reply.delete:
+            try:
+                self.store.delete(block_id)
+            except FsError as exc:
+                log.warning("cannot delete garbage block %r: %s", block_id, exc)
+                continue
+            self._unreported.append(block_id)
+        if reply.delete:
+            log.info("deleted %d garbage blocks", len(reply.delete))
+        if self._unreported:
+            try:
+                self._call("blocks_deleted", DeletedReq(server_id=self.server_id, block_ids=self._unreported))
+            except FsError:
+                pass  # kept in _unreported: the next beat tries again
+            else:
+                self._unreported = []
+        if reply.reregister:
+            log.info("metaserver asks this server to register again")
+            self.server_id = None
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_file)
+    # Blocked before any thread exists so every thread inherits the mask and only
+    # sigwait below ever receives these signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        secret = load_secret(args.secret_file)
+        store = BlockStore(Path(args.dir))
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    service = DataService(store, secret)
+    try:
+        server, port = serve(DATA_SERVICE, DATA_METHODS, service, secret, args.listen)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot listen on %s: %s", args.listen, exc)
+        return 1
+    address = advertised_address(args.listen, port, args.advertise)
+    stop = threading.Event()
+    meta = Stub(args.meta, secret, META_SERVICE, META_METHODS)
+    heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s)
+    try:
+        if args.ready_file:
+            write_ready_file(args.ready_file, address)
+        st = store.stats()
+        log.info(
+            "data server at %s (listening on %s, metaserver %s), dir %s, node_id %s, %d blocks",
+            address, args.listen, args.meta, store.root, store.node_id, st.blocks,
+        )
+        heartbeater.start()
+        signum = signal.sigwait(_STOP_SIGNALS)
+        log.info("got %s, stopping", signal.Signals(signum).name)
+    finally:
+        stop.set()
+        server.stop(STOP_GRACE_S).wait()
+        heartbeater.join(META_CALL_TIMEOUT_S)
+        meta.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,43 @@
+"""The data server's RPC methods (proto.services.DATA_METHODS) over a BlockStore.
+
+proto.rpc has already checked the caller's cluster credential and the request's `valid()`
+before a method runs; what is left here is the per-block write authorization and the
+translation between wire messages and store calls. Methods run on gRPC worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from proto.auth import check_block_token
+from proto.errors import FsError
+from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq
+
+from .store import BlockStore
+
+
+class DataService:
+    def __init__(self, store: BlockStore, secret: bytes) -> None:
+        self.store = store
+        self._secret = secret
+
+    def put_block(self, req: PutBlockReq) -> Empty:
+        # Only the metaserver can mint a token for an id, so a client cannot store (or,
+        # with ids never reused, overwrite) a block it was not allocated.
+        if not check_block_token(self._secret, req.block_id, req.token):
+            raise FsError(errno.EACCES, f"bad write token for block {req.block_id}")
+        self.store.put(req.block_id, req.data)
+        return Empty()
+
+    def get_block(self, req: GetBlockReq) -> BlockData:
+        return BlockData(data=self.store.get(req.block_id, req.offset, req.length))
+
+    def status(self, req: Empty) -> DataStatusReply:
+        st = self.store.stats()
+        return DataStatusReply(
+            node_id=self.store.node_id,
+            capacity_bytes=st.capacity_bytes,
+            free_bytes=st.free_bytes,
+            used_bytes=st.used_bytes,
+            blocks=st.blocks,
+        )

@@ -1,0 +1,266 @@
+"""The data server over real gRPC on loopback: the service in process, then the whole
+process (`python -m dataserver`) against a fake metaserver that records what it hears."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dataserver.service import DataService
+from dataserver.store import BlockStore
+from proto import codec
+from proto.auth import block_token
+from proto.errors import FsError
+from proto.messages import (
+    BlockData,
+    DataStatusReply,
+    Empty,
+    GetBlockReq,
+    HeartbeatReply,
+    PutBlockReq,
+    RegisterReply,
+)
+from proto.rpc import Stub, serve
+from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"test-cluster-secret-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def data_server(tmp_path):
+    store = BlockStore(tmp_path / "data")
+    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(store, SECRET), SECRET, "127.0.0.1:0")
+    stub = Stub(f"127.0.0.1:{port}", SECRET, DATA_SERVICE, DATA_METHODS)
+    yield store, stub, port
+    stub.close()
+    server.stop(0).wait()
+
+
+def test_put_get_status(data_server):
+    store, stub, _ = data_server
+    data = os.urandom(200_000)
+    assert stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data)) == Empty()
+    reply = stub.call("get_block", GetBlockReq(block_id=77))
+    assert isinstance(reply, BlockData) and reply.data == data
+    part = stub.call("get_block", GetBlockReq(block_id=77, offset=65_000, length=70_000))
+    assert part.data == data[65_000:135_000]
+    # A retried put is fine.
+    stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data))
+    status = stub.call("status", Empty())
+    assert isinstance(status, DataStatusReply)
+    assert status.node_id == store.node_id and status.blocks == 1 and status.used_bytes > len(data)
+    with pytest.raises(FsError) as info:
+        stub.call("get_block", GetBlockReq(block_id=78))
+    assert info.value.errno == errno.ENOENT
+
+
+def test_bad_token_is_eacces(data_server):
+    store, stub, _ = data_server
+    for token in (block_token(SECRET, 6), b"", block_token(b"another-secret-0123456789", 5)):
+        with pytest.raises(FsError) as info:
+            stub.call("put_block", PutBlockReq(block_id=5, token=token, data=b"x"))
+        assert info.value.errno == errno.EACCES
+    assert store.stats().blocks == 0
+
+
+def test_wrong_cluster_secret_is_eacces(data_server):
+    store, _, port = data_server
+    other = Stub(f"127.0.0.1:{port}", b"wrong-cluster-secret-000000", DATA_SERVICE, DATA_METHODS)
+    try:
+        for name, req in [
+            ("put_block", PutBlockReq(block_id=5, token=block_token(SECRET, 5), data=b"x")),
+            ("get_block", GetBlockReq(block_id=5)),
+        ]:
+            with pytest.raises(FsError) as info:
+                other.call(name, req)
+            assert info.value.errno == errno.EACCES
+    finally:
+        other.close()
+    assert store.stats().blocks == 0
+
+
+def test_malformed_frame_is_einval(data_server):
+    _, stub, _ = data_server
+    frame = stub._callables["get_block"](b"garbage", metadata=stub._metadata, timeout=10)
+    with pytest.raises(FsError) as info:
+        codec.decode_reply(BlockData, frame)
+    assert info.value.errno == errno.EINVAL
+    # An invalid but well-formed request (non-positive id) never reaches the store.
+    with pytest.raises(FsError) as info:
+        stub.call("get_block", GetBlockReq(block_id=0))
+    assert info.value.errno == errno.EINVAL
+    # The server is still fine.
+    assert stub.call("status", Empty()).blocks == 0
+
+
+# --------------------------------------------------------------------------- the process
+
+
+class FakeMeta:
+    """Just the data server registry of a metaserver: records calls, hands out one delete
+    list and one re-register request."""
+
+    def __init__(self, garbage: list[int]) -> None:
+        self.lock = threading.Lock()
+        self.registers: list = []
+        self.heartbeats: list = []
+        self.deleted: list = []
+        self._garbage = list(garbage)
+        self._asked_reregister = False
+
+    def register(self, req):
+        with self.lock:
+            self.registers.append(req)
+            return RegisterReply(server_id=len(self.registers), heartbeat_interval_s=0.05)
+
+    def heartbeat(self, req):
+        with self.lock:
+            self.heartbeats.append(req)
+            if self._garbage:
+                garbage, self._garbage = self._garbage, []
+                return HeartbeatReply(delete=garbage)
+            if self.deleted and not self._asked_reregister:
+                self._asked_reregister = True
+                return HeartbeatReply(delete=[], reregister=True)
+            return HeartbeatReply(delete=[])
+
+    def blocks_deleted(self, req):
+        with self.lock:
+            self.deleted.append(req)
+        return Empty()
+
+    def __getattr__(self, name):
+        # proto.rpc binds every method of META_METHODS; the rest are not part of this fake.
+        def refuse(req):
+            raise FsError(errno.ENOSYS, f"fake metaserver has no {name}")
+
+        return refuse
+
+
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
+    data_dir = tmp_path / "data"
+    store = BlockStore(data_dir)
+    store.put(1000, b"garbage block")
+    store.put(1001, b"live block")
+    node_id = store.node_id
+    del store
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET.decode() + "\n")
+    meta = FakeMeta(garbage=[1000])
+    meta_server, meta_port = serve(META_SERVICE, META_METHODS, meta, SECRET, "127.0.0.1:0")
+    ready = tmp_path / "ready"
+    log_file = tmp_path / "dataserver.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "dataserver",
+            "--listen", "127.0.0.1:0",
+            "--meta", f"127.0.0.1:{meta_port}",
+            "--dir", str(data_dir),
+            "--secret-file", str(secret_file),
+            "--ready-file", str(ready),
+            "--log-file", str(log_file),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    stub = None
+    try:
+        address = wait_for(lambda: ready.exists() and ready.read_text(), what="ready file").strip()
+        assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+        stub = Stub(address, SECRET, DATA_SERVICE, DATA_METHODS)
+
+        wait_for(lambda: meta.deleted, what="blocks_deleted")
+        first = meta.registers[0]
+        assert (first.address, first.node_id, first.blocks) == (address, node_id, 2)
+        assert meta.deleted[0].server_id == 1 and meta.deleted[0].block_ids == [1000]
+        with pytest.raises(FsError) as info:
+            stub.call("get_block", GetBlockReq(block_id=1000))
+        assert info.value.errno == errno.ENOENT
+        assert stub.call("get_block", GetBlockReq(block_id=1001)).data == b"live block"
+
+        # reregister=True makes it register again, then heartbeats carry the new id.
+        wait_for(lambda: len(meta.registers) >= 2, what="second register")
+        wait_for(lambda: meta.heartbeats[-1].server_id == 2, what="heartbeat with the new id")
+        assert meta.heartbeats[-1].blocks == 1
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if stub is not None:
+            stub.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        meta_server.stop(0).wait()
+    log_text = log_file.read_text()
+    assert "node_id " + node_id in log_text and address in log_text
+    assert "Traceback" not in log_text
+
+
+def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path):
+    """The data server starts before its metaserver, keeps retrying, logs the outage once."""
+    # Reserve a port for the metaserver-to-be; nothing listens there yet.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        meta_port = s.getsockname()[1]
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET.decode())
+    ready = tmp_path / "ready"
+    log_file = tmp_path / "dataserver.log"
+    env = dict(os.environ, STRIPEFS_SECRET_FILE=str(secret_file))  # the default for --secret-file
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "dataserver",
+            "--listen", "127.0.0.1:0",
+            "--meta", f"127.0.0.1:{meta_port}",
+            "--dir", str(tmp_path / "data"),
+            "--ready-file", str(ready),
+            "--log-file", str(log_file),
+            "--heartbeat-interval-s", "0.05",
+        ],
+        cwd=REPO,
+        env=env,
+    )
+    meta_server = None
+    try:
+        wait_for(ready.exists, what="ready file")
+        wait_for(lambda: "register failed" in log_file.read_text(), what="outage logged")
+        time.sleep(1.0)  # several retries at 0.2-0.8 s backoff
+        meta = FakeMeta(garbage=[])
+        meta_server, port = serve(META_SERVICE, META_METHODS, meta, SECRET, f"127.0.0.1:{meta_port}")
+        wait_for(lambda: len(meta.heartbeats) >= 2, what="heartbeats after the metaserver came up")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if meta_server is not None:
+            meta_server.stop(0).wait()
+    log_text = log_file.read_text()
+    assert log_text.count("register failed") == 1
+    assert "answers again" in log_text
