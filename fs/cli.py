@@ -1,0 +1,199 @@
+"""The `stripefs` command: one subcommand per role and per operator task.
+
+  stripefs meta   --listen HOST:PORT --dir DIR            the metadata server
+  stripefs data   --listen HOST:PORT --meta HOST:PORT --dir DIR   a data server
+  stripefs mount  META_HOST:PORT MOUNTPOINT                mount (returns when ready)
+  stripefs umount MOUNTPOINT
+  stripefs status [--json]                                 data servers and namespace totals
+
+The server roles are imported only when their subcommand runs: this module is the
+composition root, the one place that knows every role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_STATE_DIR = ".stripefs"
+MOUNT_READY_TIMEOUT_S = 30.0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state or os.environ.get("STRIPEFS_STATE", DEFAULT_STATE_DIR))
+
+
+def _resolve_meta_and_secret(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """--meta/--secret-file if given, else the local cluster's files under the state dir."""
+    state = _state_dir(args)
+    meta = args.meta or os.environ.get("STRIPEFS_META")
+    if meta is None:
+        addr_file = state / "meta.addr"
+        if not addr_file.exists():
+            sys.exit(f"stripefs: no --meta given and no {addr_file} (is the cluster up?)")
+        meta = addr_file.read_text().strip()
+    secret_file = args.secret_file
+    if secret_file is None and not os.environ.get("STRIPEFS_SECRET_FILE"):
+        candidate = state / "cluster.secret"
+        if candidate.exists():
+            secret_file = str(candidate)
+    return meta, secret_file
+
+
+def cmd_role(module: str, argv: list[str]) -> int:
+    return importlib.import_module(module).main(argv)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from proto.auth import load_secret
+    from proto.logsetup import setup_logging
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        sys.exit(f"stripefs mount: {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        sys.exit(f"stripefs mount: {mountpoint} is already a mount point")
+    secret = load_secret(args.secret_file)
+    if not args.foreground:
+        return _mount_in_background(args, mountpoint)
+    setup_logging(args.log_file, args.log_level)
+    if args.pid_file:
+        _write_atomic(args.pid_file, f"{os.getpid()}\n")
+    from fs.fuse.mount import run_mount
+
+    options = [o for o in (args.options or "").split(",") if o]
+    run_mount(
+        args.meta, mountpoint, secret, options,
+        writeback_bytes=args.writeback_mib * 1024 * 1024,
+        cache_bytes=args.cache_mib * 1024 * 1024,
+    )
+    return 0
+
+
+def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
+    argv = [sys.executable, "-m", "fs.cli", "mount", "--foreground", args.meta, mountpoint,
+            "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
+            "--log-level", args.log_level]
+    for flag, value in (("--secret-file", args.secret_file), ("--log-file", args.log_file),
+                        ("--pid-file", args.pid_file), ("-o", args.options)):
+        if value:
+            argv += [flag, os.path.abspath(value) if flag != "-o" else value]
+    log_target = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target,
+                            start_new_session=True)
+    deadline = time.monotonic() + MOUNT_READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return 0
+        if proc.poll() is not None:
+            sys.exit(f"stripefs mount: the mount process exited with {proc.returncode}"
+                     + (f"; see {args.log_file}" if args.log_file else ""))
+        time.sleep(0.05)
+    proc.terminate()
+    sys.exit(f"stripefs mount: {mountpoint} not mounted after {MOUNT_READY_TIMEOUT_S:.0f} s")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if subprocess.run(["fusermount3", "-u", mountpoint]).returncode == 0:
+        return 0
+    print(f"stripefs umount: {mountpoint} busy, detaching lazily", file=sys.stderr)
+    return subprocess.run(["fusermount3", "-u", "-z", mountpoint]).returncode
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proto.auth import load_secret
+    from proto.errors import FsError
+    from proto.messages import Empty
+    from proto.rpc import Stub
+    from proto.services import META_METHODS, META_SERVICE
+
+    meta, secret_file = _resolve_meta_and_secret(args)
+    stub = Stub(meta, load_secret(secret_file), META_SERVICE, META_METHODS)
+    try:
+        st = stub.call("status", Empty(), timeout=10)
+    except FsError as exc:
+        sys.exit(f"stripefs status: {meta}: {exc}")
+    finally:
+        stub.close()
+    if args.json:
+        out = st.to_wire()
+        out["meta"] = meta
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"metaserver {meta}")
+    print(f"{'id':>3} {'address':<22} {'state':<6} {'used':>10} {'free':>10} {'capacity':>10} {'blocks':>8} {'beat':>6}")
+    for s in st.servers:
+        print(f"{s.server_id:>3} {s.address:<22} {s.state:<6} {_human(s.used_bytes):>10} "
+              f"{_human(s.free_bytes):>10} {_human(s.capacity_bytes):>10} {s.blocks:>8} {s.last_heartbeat_s:>5.1f}s")
+    print(f"namespace: {st.inodes} inodes, {st.files} files, {st.directories} directories, "
+          f"{_human(st.bytes)} in files, {st.blocks} blocks, {st.sessions} client sessions")
+    return 0
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Server roles parse their own options.
+    if argv and argv[0] == "meta":
+        return cmd_role("metaserver.server", argv[1:])
+    if argv and argv[0] == "data":
+        return cmd_role("dataserver.server", argv[1:])
+
+    parser = argparse.ArgumentParser(prog="stripefs", description="stripefs: a distributed file system for AI training")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("meta", help="run the metadata server (see: stripefs meta --help)")
+    sub.add_parser("data", help="run a data server (see: stripefs data --help)")
+
+    p = sub.add_parser("mount", help="mount a cluster")
+    p.add_argument("meta", help="metaserver HOST:PORT")
+    p.add_argument("mountpoint")
+    p.add_argument("--secret-file", help="cluster secret (default: $STRIPEFS_SECRET_FILE)")
+    p.add_argument("--foreground", action="store_true", help="run in the foreground until unmounted")
+    p.add_argument("--log-file")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--pid-file")
+    p.add_argument("-o", dest="options", help="extra FUSE mount options, comma separated")
+    p.add_argument("--writeback-mib", type=int, default=256, help="memory for unflushed writes (MiB)")
+    p.add_argument("--cache-mib", type=int, default=256, help="memory for cached blocks (MiB)")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("status", help="data servers and namespace totals")
+    p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
+    p.add_argument("--secret-file")
+    p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

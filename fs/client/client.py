@@ -1,0 +1,495 @@
+"""The stripefs client library: the whole file system API as trio coroutines, FUSE-free.
+
+`open_client()` connects to a metaserver, opens a session and yields a `Client`. Inodes are
+ints, names are bytes, errors are FsError(errno). File data goes straight to the data
+servers (striped, replicated); the metaserver only hands out block ids and commits block
+maps. Caching, write-back and readahead live here so that programs using the library
+directly get them too; fs/fuse only translates.
+
+Consistency: close-to-open. `open` fetches the attributes and the whole block map; a
+`flush` (close) or `fsync` returns only after every dirty block is on all its replicas and
+the metaserver committed the new block map.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import trio
+
+from proto import messages as m
+from proto.errors import FsError
+from proto.rpc import Stub
+from proto.services import META_METHODS, META_SERVICE
+
+from .data import DataPath
+from .files import DirtyBlock, FileState
+from .rpc import call
+
+log = logging.getLogger("stripefs.client")
+
+#: Memory for unflushed writes per client; a writer past it waits for its own flushes.
+DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
+#: Memory for cached blocks per client.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: Block uploads in flight at once per client (write-behind of full blocks).
+MAX_FLUSHES_IN_FLIGHT = 8
+#: Blocks fetched ahead of a sequential reader.
+READAHEAD_BLOCKS = 4
+#: Metadata RPC deadline.
+META_TIMEOUT_S = 30.0
+#: Entries fetched from the metaserver per readdir round trip.
+READDIR_BATCH = 1000
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class DirHandle:
+    ino: int
+    start: int = -1  # cookie the last batch was fetched after (-1: none yet)
+    entries: list[m.DirEntry] = field(default_factory=list)  # last batch fetched
+    more: bool = True  # the metaserver has entries after the last batch
+
+
+class Client:
+    """One client session. Create with `open_client()`."""
+
+    def __init__(
+        self,
+        meta_address: str,
+        secret: bytes,
+        *,
+        mountpoint: str = "library",
+        writeback_bytes: int = DEFAULT_WRITEBACK_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.meta = Stub(meta_address, secret, META_SERVICE, META_METHODS)
+        self.data = DataPath(secret, cache_bytes)
+        self.mountpoint = mountpoint
+        self.writeback_bytes = writeback_bytes
+        self.session = 0
+        self.lease_s = 30.0
+        self._files: dict[int, FileState] = {}  # open inodes of this client
+        self._handles: dict[int, int] = {}  # file handle -> inode
+        self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
+        self._next_fh = itertools.count(1)
+        # inode -> block-map generation the kernel page cache holds (fs/fuse keep_cache)
+        self._cached_generation: dict[int, int] = {}
+        self._nursery: Optional[trio.Nursery] = None
+        self._flush_slots = trio.Semaphore(MAX_FLUSHES_IN_FLIGHT)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        await self._open_session()
+        nursery.start_soon(self._renew_loop)
+
+    async def _open_session(self) -> None:
+        reply = await self._meta("open_session", m.SessionOpenReq(socket.gethostname(), self.mountpoint))
+        self.session, self.lease_s = reply.session, reply.lease_s
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            try:
+                await self._meta("renew_session", m.SessionReq(self.session))
+            except FsError as exc:
+                if exc.errno == errno.ESTALE:
+                    log.warning("session %d expired; opening a new one", self.session)
+                    await self._open_session()
+                else:
+                    log.warning("session renewal failed: %s", exc)
+
+    async def aclose(self) -> None:
+        for ino, f in list(self._files.items()):
+            try:
+                await self._fsync_state(f)
+            except FsError as exc:
+                log.error("inode %d: unflushed data lost at shutdown: %s", ino, exc)
+        try:
+            await self._meta("close_session", m.SessionReq(self.session))
+        except FsError as exc:
+            log.warning("closing session %d failed: %s", self.session, exc)
+        self.data.close()
+        self.meta.close()
+
+    async def _meta(self, name: str, req: m.Message):
+        return await call(self.meta, name, req, META_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ attributes
+
+    def _overlay(self, attr: m.Attr) -> m.Attr:
+        f = self._files.get(attr.ino)
+        return f.overlay(attr) if f is not None else attr
+
+    async def lookup(self, parent: int, name: bytes) -> m.Attr:
+        return self._overlay((await self._meta("lookup", m.LookupReq(parent, name))).attr)
+
+    async def getattr(self, ino: int) -> m.Attr:
+        return self._overlay((await self._meta("getattr", m.InodeReq(ino))).attr)
+
+    async def setattr(
+        self,
+        ino: int,
+        ctx: m.Ctx,
+        *,
+        mode: Optional[int] = None,
+        uid: Optional[int] = None,
+        gid: Optional[int] = None,
+        size: Optional[int] = None,
+        atime_ns: Optional[int] = None,
+        mtime_ns: Optional[int] = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+    ) -> m.Attr:
+        f = self._files.get(ino)
+        if f is not None and size is not None:
+            # A truncate must not race with uploads of blocks it removes: settle them first.
+            await self._fsync_state(f)
+        req = m.SetattrReq(ino, ctx, mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now)
+        attr = (await self._meta("setattr", req)).attr
+        if size is not None:
+            self._note_generation(ino, attr.generation)
+            f = self._files.get(ino)
+            if f is not None:
+                reply = await self._meta("block_map", m.BlockMapReq(ino))
+                f.set_map(reply.attr, reply.blocks)
+                attr = reply.attr
+        return self._overlay(attr)
+
+    def _note_generation(self, ino: int, generation: int) -> None:
+        """Our own content change moved the generation by one: the page cache, which saw
+        the change go through it, is still right. Anything else: drop it at next open."""
+        if self._cached_generation.get(ino) == generation - 1:
+            self._cached_generation[ino] = generation
+        else:
+            self._cached_generation.pop(ino, None)
+
+    # ------------------------------------------------------------------ namespace
+
+    async def mknod(self, parent: int, name: bytes, mode: int, ctx: m.Ctx, rdev: int = 0) -> m.Attr:
+        return (await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))).attr
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
+        """Create a regular file and open it, in one metadata round trip."""
+        req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session)
+        attr = (await self._meta("mknod", req)).attr
+        f = self._files.get(attr.ino)
+        if f is None:
+            f = self._files[attr.ino] = FileState(attr.ino, attr, attr.block_size)
+        f.set_map(attr, [])
+        f.handles += 1
+        self._cached_generation[attr.ino] = attr.generation
+        return self._new_handle(attr.ino), attr
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: m.Ctx) -> m.Attr:
+        return (await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))).attr
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: m.Ctx) -> m.Attr:
+        return (await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))).attr
+
+    async def readlink(self, ino: int) -> bytes:
+        return (await self._meta("readlink", m.InodeReq(ino))).target
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> m.Attr:
+        return self._overlay((await self._meta("link", m.LinkReq(ino, new_parent, new_name))).attr)
+
+    async def unlink(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+        await self._meta("unlink", m.RemoveReq(parent, name, ctx))
+
+    async def rmdir(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+        await self._meta("rmdir", m.RemoveReq(parent, name, ctx))
+
+    async def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()
+    ) -> None:
+        await self._meta("rename", m.RenameReq(parent, name, new_parent, new_name, flags, ctx))
+
+    async def statfs(self) -> m.StatfsReply:
+        return await self._meta("statfs", m.Empty())
+
+    async def status(self) -> m.StatusReply:
+        return await self._meta("status", m.Empty())
+
+    # ------------------------------------------------------------------ directories
+
+    def opendir(self, ino: int) -> int:
+        dh = next(self._next_fh)
+        self._dirs[dh] = DirHandle(ino)
+        return dh
+
+    async def readdir(self, dh: int, offset: int) -> tuple[list[m.DirEntry], bool]:
+        """Entries after cookie `offset` (0: from the start), and whether more follow.
+        Served from the handle's last batch when it continues it, so the kernel's small
+        readdir buffers do not each cost a round trip."""
+        d = self._dirs[dh]
+        if d.start >= 0 and (offset == d.start or any(e.cookie == offset for e in d.entries)):
+            batch = [e for e in d.entries if e.cookie > offset]
+            if batch or not d.more:
+                return [self._overlay_entry(e) for e in batch], d.more
+        reply = await self._meta("readdir", m.ReaddirReq(d.ino, offset, READDIR_BATCH))
+        d.start, d.entries, d.more = offset, reply.entries, reply.more
+        return [self._overlay_entry(e) for e in reply.entries], reply.more
+
+    def _overlay_entry(self, e: m.DirEntry) -> m.DirEntry:
+        if e.attr.ino in self._files:
+            return m.DirEntry(e.name, e.cookie, self._overlay(e.attr))
+        return e
+
+    async def listdir(self, ino: int) -> list[m.DirEntry]:
+        """Every entry of a directory (convenience for programs; streams in batches)."""
+        out: list[m.DirEntry] = []
+        offset, more = 0, True
+        while more:
+            reply = await self._meta("readdir", m.ReaddirReq(ino, offset, READDIR_BATCH))
+            out.extend(reply.entries)
+            more = reply.more and bool(reply.entries)
+            if reply.entries:
+                offset = reply.entries[-1].cookie
+        return out
+
+    def releasedir(self, dh: int) -> None:
+        self._dirs.pop(dh, None)
+
+    # ------------------------------------------------------------------ xattrs
+
+    async def getxattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> bytes:
+        return (await self._meta("getxattr", m.XattrReq(ino, name, ctx))).value
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()) -> None:
+        await self._meta("setxattr", m.XattrReq(ino, name, ctx, value, flags))
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return (await self._meta("listxattr", m.InodeReq(ino))).names
+
+    async def removexattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+        await self._meta("removexattr", m.XattrReq(ino, name, ctx))
+
+    # ------------------------------------------------------------------ open files
+
+    def _new_handle(self, ino: int) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = ino
+        return fh
+
+    def _state(self, fh: int) -> FileState:
+        try:
+            return self._files[self._handles[fh]]
+        except KeyError:
+            raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
+
+    async def open(self, ino: int, flags: int, ctx: m.Ctx = m.Ctx()) -> tuple[int, bool]:
+        """Open a file; returns (handle, whether the kernel may keep its page cache)."""
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            await self.setattr(ino, ctx, size=0)
+        reply = await self._meta("open", m.OpenReq(ino, self.session, ctx, flags & ~os.O_TRUNC))
+        f = self._files.get(ino)
+        if f is None:
+            f = self._files[ino] = FileState(ino, reply.attr, reply.attr.block_size)
+        f.set_map(reply.attr, reply.blocks)
+        f.handles += 1
+        keep = self._cached_generation.get(ino) == reply.attr.generation
+        self._cached_generation[ino] = reply.attr.generation
+        return self._new_handle(ino), keep
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        f = self._state(fh)
+        end = min(offset + size, f.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        pos = offset
+        bs = f.block_size
+        while pos < end:
+            i, boff = divmod(pos, bs)
+            n = min(end - pos, bs - boff)
+            parts.append(await self._read_piece(f, i, boff, n))
+            pos += n
+        if offset == f.last_read_end or offset == 0:
+            self._readahead(f, end)
+        f.last_read_end = end
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_piece(self, f: FileState, index: int, boff: int, n: int) -> bytes:
+        d = f.dirty.get(index)
+        if d is not None:
+            chunk = bytes(d.data[boff : boff + n])
+        else:
+            ref = f.blocks.get(index)
+            if ref is None:
+                return bytes(n)
+            try:
+                data = await self.data.read_block(ref)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                # The block was replaced and collected since our map was fetched: refresh.
+                reply = await self._meta("block_map", m.BlockMapReq(f.ino))
+                f.set_map(reply.attr, reply.blocks)
+                return await self._read_piece(f, index, boff, n)
+            chunk = data[boff : boff + n]
+        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
+
+    def _readahead(self, f: FileState, end: int) -> None:
+        assert self._nursery is not None
+        first = end // f.block_size
+        for index in range(first, first + READAHEAD_BLOCKS):
+            ref = f.blocks.get(index)
+            if ref is None or index in f.dirty:
+                continue
+            if self.data.cache.get(ref.block_id) is None and ref.block_id not in self.data._fetching:
+                self._nursery.start_soon(self._prefetch, ref)
+
+    async def _prefetch(self, ref: m.BlockRef) -> None:
+        try:
+            await self.data.read_block(ref)
+        except FsError:
+            pass  # the reader will see the error itself if it gets there
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        f = self._state(fh)
+        if offset + len(data) > 16 * 1024**4:
+            raise FsError(errno.EFBIG, "file too large")
+        bs = f.block_size
+        view = memoryview(data)
+        pos = offset
+        while view:
+            i, boff = divmod(pos, bs)
+            n = min(len(view), bs - boff)
+            d = f.dirty.get(i)
+            if d is None:
+                d = await self._start_dirty(f, i, covers=boff == 0 and pos + n >= min((i + 1) * bs, f.size))
+            buf = d.data
+            if len(buf) < boff:
+                buf.extend(bytes(boff - len(buf)))
+            buf[boff : boff + n] = view[:n]
+            d.version += 1
+            pos += n
+            view = view[n:]
+            if pos > f.size:
+                f.size = pos
+            if len(buf) == bs and i not in f.flushing:
+                self._flush_in_background(f, i)
+        f.mtime_ns = now_ns()
+        if f.dirty_bytes() > self.writeback_bytes:
+            await self._fsync_state(f)
+        return len(data)
+
+    async def _start_dirty(self, f: FileState, index: int, covers: bool) -> DirtyBlock:
+        """A write buffer for block `index`, holding its current content unless the write
+        about to go into it covers all of that content."""
+        ref = f.blocks.get(index)
+        base = b""
+        if ref is not None and not covers:
+            base = await self.data.read_block(ref)
+        d = f.dirty.get(index)  # re-check: another task may have started one while we read
+        if d is None:
+            d = f.dirty[index] = DirtyBlock(bytearray(base))
+        return d
+
+    def _flush_in_background(self, f: FileState, index: int) -> None:
+        assert self._nursery is not None
+
+        async def run() -> None:
+            async with self._flush_slots:
+                try:
+                    await self._flush_blocks(f, [index])
+                except FsError as exc:
+                    log.error("inode %d: write-behind of block %d failed: %s", f.ino, index, exc)
+                    f.error = f.error or exc.errno
+
+        self._nursery.start_soon(run)
+
+    async def _flush_blocks(self, f: FileState, indexes: list[int]) -> None:
+        for i in indexes:
+            while i in f.flushing:
+                await f.flushing[i].wait()
+        # Re-check after the waits: the blocks may have been flushed meanwhile.
+        indexes = [i for i in indexes if i in f.dirty and i not in f.flushing]
+        if not indexes:
+            return
+        for i in indexes:
+            f.flushing[i] = trio.Event()
+        try:
+            snaps = {i: (bytes(f.dirty[i].data), f.dirty[i].version) for i in indexes}
+            mtime = f.mtime_ns or now_ns()
+            alloc = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, indexes))
+            refs: list[m.BlockRef] = []
+
+            async def put(a: m.Allocation) -> None:
+                data = snaps[a.index][0]
+                servers = await self.data.write_block(a.block_id, a.token, a.servers, data)
+                refs.append(m.BlockRef(a.index, a.block_id, len(data), servers))
+
+            async with trio.open_nursery() as nursery:
+                for a in alloc.allocations:
+                    nursery.start_soon(put, a)
+            size = max(r.index * f.block_size + r.length for r in refs)
+            reply = await self._meta("commit_blocks", m.CommitReq(f.ino, self.session, refs, size, mtime))
+            for r in refs:
+                f.blocks[r.index] = r
+                d = f.dirty.get(r.index)
+                if d is not None and d.version == snaps[r.index][1]:
+                    del f.dirty[r.index]
+            f.attr = reply.attr
+            self._note_generation(f.ino, reply.attr.generation)
+        finally:
+            for i in indexes:
+                f.flushing.pop(i).set()
+
+    async def _fsync_state(self, f: FileState) -> None:
+        while f.dirty or f.flushing:
+            for pending in list(f.flushing.values()):
+                await pending.wait()
+            if f.dirty:
+                await self._flush_blocks(f, sorted(f.dirty))
+        if f.error:
+            code, f.error = f.error, None
+            raise FsError(code, "an earlier write-behind failed")
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: durable on return (close-to-open)."""
+        await self._fsync_state(self._state(fh))
+
+    async def fsync(self, fh: int) -> None:
+        await self._fsync_state(self._state(fh))
+
+    async def release(self, fh: int) -> None:
+        ino = self._handles.pop(fh, None)
+        if ino is None:
+            return
+        f = self._files[ino]
+        try:
+            if f.handles == 1 and (f.dirty or f.flushing):
+                await self._fsync_state(f)
+        finally:
+            f.handles -= 1
+            if f.handles == 0:
+                del self._files[ino]
+            await self._meta("release", m.ReleaseReq(ino, self.session))
+
+
+@asynccontextmanager
+async def open_client(meta_address: str, secret: bytes, **options) -> AsyncIterator[Client]:
+    """Connect to a cluster; the client's background tasks live in a nursery owned here."""
+    client = Client(meta_address, secret, **options)
+    async with trio.open_nursery() as nursery:
+        await client._start(nursery)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            nursery.cancel_scope.cancel()

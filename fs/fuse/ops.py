@@ -1,0 +1,221 @@
+"""The pyfuse3 adapter: each handler builds the call, calls fs.client, maps the result.
+
+This is the only place that raises pyfuse3.FUSEError. An unexpected exception in a handler
+is logged and becomes EIO; it never takes the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import pyfuse3
+
+from fs.client import Attr, Client, Ctx, FsError
+
+log = logging.getLogger("stripefs.fuse")
+
+#: How long the kernel may trust attributes and directory entries (DESIGN.md: about 1 s).
+ATTR_TIMEOUT_S = 1.0
+ENTRY_TIMEOUT_S = 1.0
+
+
+def errno_boundary(fn: Callable) -> Callable:
+    """Turn FsError into FUSEError and anything unexpected into a logged EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:  # noqa: BLE001 - the mount must survive its own bugs
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.entry_timeout = ENTRY_TIMEOUT_S
+    e.attr_timeout = ATTR_TIMEOUT_S
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = attr.rdev
+    e.st_size = attr.size
+    e.st_blksize = min(attr.block_size, 1 << 20) or 4096
+    e.st_blocks = (attr.size + 511) // 512
+    e.st_atime_ns = attr.atime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.ctime_ns
+    return e
+
+
+def ctx_of(ctx: pyfuse3.RequestContext) -> Ctx:
+    return Ctx(ctx.uid, ctx.gid, ctx.pid)
+
+
+class StripeOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self.client = client
+
+    @errno_boundary
+    async def lookup(self, parent_inode, name, ctx):
+        return entry(await self.client.lookup(parent_inode, name))
+
+    @errno_boundary
+    async def getattr(self, inode, ctx):
+        return entry(await self.client.getattr(inode))
+
+    @errno_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kwargs: dict[str, Any] = {}
+        if fields.update_mode:
+            kwargs["mode"] = attr.st_mode & 0o7777
+        if fields.update_uid:
+            kwargs["uid"] = attr.st_uid
+        if fields.update_gid:
+            kwargs["gid"] = attr.st_gid
+        if fields.update_size:
+            kwargs["size"] = attr.st_size
+        if fields.update_atime:
+            kwargs["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kwargs["mtime_ns"] = attr.st_mtime_ns
+        return entry(await self.client.setattr(inode, ctx_of(ctx), **kwargs))
+
+    @errno_boundary
+    async def readlink(self, inode, ctx):
+        return await self.client.readlink(inode)
+
+    @errno_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return entry(await self.client.mknod(parent_inode, name, mode, ctx_of(ctx), rdev))
+
+    @errno_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return entry(await self.client.mkdir(parent_inode, name, mode & 0o7777, ctx_of(ctx)))
+
+    @errno_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        return entry(await self.client.symlink(parent_inode, name, target, ctx_of(ctx)))
+
+    @errno_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return entry(await self.client.link(inode, new_parent_inode, new_name))
+
+    @errno_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        await self.client.unlink(parent_inode, name, ctx_of(ctx))
+
+    @errno_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.client.rmdir(parent_inode, name, ctx_of(ctx))
+
+    @errno_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx_of(ctx))
+
+    @errno_boundary
+    async def opendir(self, inode, ctx):
+        attr = await self.client.getattr(inode)
+        if attr.mode & 0o170000 != 0o040000:
+            raise FsError(errno.ENOTDIR)
+        return self.client.opendir(inode)
+
+    @errno_boundary
+    async def readdir(self, fh, start_id, token):
+        offset = start_id
+        while True:
+            entries, more = await self.client.readdir(fh, offset)
+            for e in entries:
+                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr), e.cookie):
+                    return
+                offset = e.cookie
+            if not more or not entries:
+                return
+
+    async def releasedir(self, fh):
+        self.client.releasedir(fh)
+
+    @errno_boundary
+    async def open(self, inode, flags, ctx):
+        # The kernel has already truncated for O_TRUNC (we do not ask for atomic_o_trunc).
+        fh, keep = await self.client.open(inode, flags & ~os.O_TRUNC, ctx_of(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @errno_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
+
+    @errno_boundary
+    async def read(self, fh, off, size):
+        return await self.client.read(fh, off, size)
+
+    @errno_boundary
+    async def write(self, fh, off, buf):
+        return await self.client.write(fh, off, buf)
+
+    @errno_boundary
+    async def flush(self, fh):
+        await self.client.flush(fh)
+
+    @errno_boundary
+    async def fsync(self, fh, datasync):
+        await self.client.fsync(fh)
+
+    @errno_boundary
+    async def release(self, fh):
+        await self.client.release(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        pass  # every namespace change is already durable when it returns
+
+    async def forget(self, inode_list):
+        pass  # inodes live on the metaserver; nothing to drop here
+
+    @errno_boundary
+    async def getxattr(self, inode, name, ctx):
+        return await self.client.getxattr(inode, name, ctx_of(ctx))
+
+    @errno_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        await self.client.setxattr(inode, name, value, 0, ctx_of(ctx))
+
+    @errno_boundary
+    async def listxattr(self, inode, ctx):
+        return await self.client.listxattr(inode)
+
+    @errno_boundary
+    async def removexattr(self, inode, name, ctx):
+        await self.client.removexattr(inode, name, ctx_of(ctx))
+
+    @errno_boundary
+    async def statfs(self, ctx):
+        s = await self.client.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.total_bytes // s.block_size
+        out.f_bfree = s.free_bytes // s.block_size
+        out.f_bavail = out.f_bfree
+        out.f_files = s.files + s.files_free
+        out.f_ffree = s.files_free
+        out.f_favail = s.files_free
+        out.f_namemax = s.name_max
+        return out
