@@ -1,0 +1,40 @@
+"""Level 1: pieces of the client library as pure functions (no servers)."""
+
+from fs.client.data import BlockCache
+from fs.client.files import DirtyBlock, FileState
+from proto.messages import Attr
+
+
+def attr(size=0, mtime=1, generation=0):
+    return Attr(9, 0o100644, 1, 0, 0, 0, size, 1, mtime, 1, 4096, 0, generation)
+
+
+def test_block_cache_is_bounded_lru():
+    c = BlockCache(limit_bytes=10)
+    c.put(1, b"aaaa")
+    c.put(2, b"bbbb")
+    assert c.get(1) == b"aaaa"  # 1 is now most recent
+    c.put(3, b"cccc")  # evicts 2
+    assert c.get(2) is None and c.get(1) == b"aaaa" and c.get(3) == b"cccc"
+    assert c.used_bytes == 8
+    c.put(4, b"x" * 11)  # larger than the whole cache: not cached
+    assert c.get(4) is None and c.used_bytes <= 10
+
+
+def test_overlay_applies_local_writes_only_while_dirty():
+    f = FileState(9, attr(), 4096)
+    f.dirty[1] = DirtyBlock(bytearray(b"x" * 100))
+    f.size = 4096 + 100
+    f.mtime_ns = 50
+    a = f.overlay(attr(size=10, mtime=2))
+    assert a.size == 4196 and a.mtime_ns == 50
+    f.dirty.clear()
+    a = f.overlay(attr(size=4196, mtime=60))
+    assert a.size == 4196 and a.mtime_ns == 60 and f.size == 4196
+
+
+def test_set_map_keeps_dirty_extent():
+    f = FileState(9, attr(), 4096)
+    f.dirty[3] = DirtyBlock(bytearray(10))
+    f.set_map(attr(size=100), [])
+    assert f.size == 3 * 4096 + 10

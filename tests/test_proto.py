@@ -1,0 +1,80 @@
+"""Level 1: the wire contract as pure functions: validation, codec, errno mapping."""
+
+import errno
+
+import msgpack
+import pytest
+
+from proto import codec
+from proto import messages as m
+from proto.auth import block_token, call_credential, check_block_token, check_credential
+from proto.errors import FsError
+from proto.services import DATA_METHODS, META_METHODS
+
+
+def test_name_rules():
+    assert m.LookupReq(1, b"ok").valid() is None
+    assert m.LookupReq(1, b"x" * 255).valid() is None
+    assert "longer" in m.LookupReq(1, b"x" * 256).valid()
+    assert m.LookupReq(1, b"a/b").valid()
+    assert m.LookupReq(1, b"a\0b").valid()
+    assert m.LookupReq(1, b"").valid()
+    assert m.LookupReq(1, b"caf\xe9").valid() is None  # names are bytes, not UTF-8
+
+
+def test_type_checks_reject_wrong_shapes():
+    assert m.LookupReq(1, "str-not-bytes").valid()
+    assert m.LookupReq(True, b"x").valid()  # bool is not an inode number
+    assert m.LookupReq(1 << 70, b"x").valid()
+    assert m.SetattrReq(1, m.Ctx(), size=-1).valid()
+    assert m.RenameReq(1, b"a", 1, b"b", flags=3).valid()
+    assert m.AllocReq(1, 1, []).valid()
+    req = m.SetattrReq.from_wire({"ino": 1, "ctx": 5})
+    assert "Ctx" in req.valid()
+
+
+def test_every_method_has_message_types():
+    for table in (META_METHODS, DATA_METHODS):
+        for meth in table.values():
+            assert issubclass(meth.request, m.Message) and issubclass(meth.reply, m.Message)
+
+
+def test_request_round_trip_carries_data_raw():
+    req = m.PutBlockReq(7, b"t" * 32, b"\x00\x01" * 1000)
+    frame = codec.encode_request(req)
+    assert frame.endswith(req.data)  # bulk bytes travel after the header, not inside msgpack
+    assert codec.decode_request(m.PutBlockReq, frame) == req
+
+
+def test_nested_round_trip():
+    attr = m.Attr(5, 0o100644, 1, 0, 0, 0, 10, 1, 2, 3, 4096, 0, 7)
+    rep = m.OpenReply(attr, [m.BlockRef(0, 9, 10, ["127.0.0.1:1"])])
+    assert codec.decode_reply(m.OpenReply, codec.encode_reply(rep)) == rep
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x00\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x02\xc1\xc1",
+                                   b"\x00\x00\x00\x01\x05", msgpack.packb([1, 2])])
+def test_malformed_requests_are_value_errors(frame):
+    with pytest.raises(ValueError):
+        codec.decode_request(m.LookupReq, frame)
+
+
+def test_error_reply_carries_errno():
+    with pytest.raises(FsError) as exc:
+        codec.decode_reply(m.AttrReply, codec.encode_reply(None, errno.ENOTEMPTY, "not empty"))
+    assert exc.value.errno == errno.ENOTEMPTY
+
+
+def test_malformed_reply_is_eio():
+    with pytest.raises(FsError) as exc:
+        codec.decode_reply(m.AttrReply, b"junk")
+    assert exc.value.errno == errno.EIO
+
+
+def test_credentials_and_tokens():
+    secret = b"s" * 32
+    assert check_credential(secret, call_credential(secret))
+    assert not check_credential(secret, call_credential(b"t" * 32))
+    assert not check_credential(secret, None)
+    assert check_block_token(secret, 42, block_token(secret, 42))
+    assert not check_block_token(secret, 43, block_token(secret, 42))
