@@ -1,0 +1,7 @@
+"""`python -m metaserver`: run the metadata server."""
+
+import sys
+
+from .server import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,245 @@
+"""The state and the shared mechanisms of the metadata core: the store, the clock, inode
+rows and their Attr, link counting and purging, garbage, block maps, truncation and the
+choice of live data servers. The operations themselves live in namespace.py, files.py
+and registry.py; core.py puts them together as MetaCore.
+
+Every helper here takes the open transaction `tx` and runs inside the caller's
+operation, so an operation is still exactly one transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from typing import Callable, Optional
+
+from proto.errors import FsError
+from proto.messages import Attr, BlockRef
+from proto.types import DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_REPLICAS, FILE_SIZE_MAX_BYTES, ROOT_INODE
+from sqlite3 import Row
+
+from .store import Store, Tx
+
+NS_PER_S = 1_000_000_000
+#: Size reported for a directory, as ext4 reports for a small one.
+DIR_SIZE_BYTES = 4096
+#: A data server with less free space than this many blocks gets no new blocks.
+NEAR_FULL_BLOCKS = 2
+
+_INODE_COLUMNS = (
+    "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
+    "block_size, replicas, generation, parent, target"
+)
+
+
+def is_dir(row: Row) -> bool:
+    return stat.S_ISDIR(row["mode"])
+
+
+def is_reg(row: Row) -> bool:
+    return stat.S_ISREG(row["mode"])
+
+
+def attr_of(row: Row) -> Attr:
+    return Attr(
+        ino=row["ino"],
+        mode=row["mode"],
+        nlink=row["nlink"],
+        uid=row["uid"],
+        gid=row["gid"],
+        rdev=row["rdev"],
+        size=row["size"],
+        atime_ns=row["atime_ns"],
+        mtime_ns=row["mtime_ns"],
+        ctime_ns=row["ctime_ns"],
+        block_size=row["block_size"],
+        replicas=row["replicas"],
+        generation=row["generation"],
+    )
+
+
+class CoreBase:
+    def __init__(
+        self,
+        db_path: str,
+        secret: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        server_dead_after_s: float = 10.0,
+        session_lease_s: float = 30.0,
+        gc_grace_s: float = 30.0,
+    ) -> None:
+        self.secret = secret
+        self.clock = clock
+        self.server_dead_after_s = server_dead_after_s
+        self.session_lease_s = session_lease_s
+        self.gc_grace_s = gc_grace_s
+        self.store = Store(db_path)
+        try:
+            self._init_root()
+        except BaseException:
+            self.store.close()
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+
+    def now_ns(self) -> int:
+        return int(self.clock() * NS_PER_S)
+
+    def _init_root(self) -> None:
+        with self.store.transaction() as tx:
+            if tx.scalar("SELECT 1 FROM inodes WHERE ino = ?", (ROOT_INODE,)):
+                return
+            now = self.now_ns()
+            tx.run(
+                "INSERT INTO inodes (ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns,"
+                " ctime_ns, block_size, replicas, parent) VALUES (?, ?, 0, 0, 2, ?, ?, ?, ?, ?, 0, ?)",
+                (ROOT_INODE, stat.S_IFDIR | 0o755, DIR_SIZE_BYTES, now, now, now,
+                 DEFAULT_BLOCK_SIZE_BYTES, ROOT_INODE),
+            )
+
+    # ------------------------------------------------------------------ inode rows
+
+    def _inode(self, tx: Tx, ino: int) -> Row:
+        row = tx.one(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE ino = ?", (ino,))
+        if row is None:
+            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+        return row
+
+    def _dir(self, tx: Tx, ino: int, *, for_create: bool = False) -> Row:
+        """A directory row; ENOTDIR if not one. for_create: ENOENT if it was removed."""
+        row = self._inode(tx, ino)
+        if not is_dir(row):
+            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        if for_create and row["nlink"] == 0:
+            raise FsError(errno.ENOENT, f"directory {ino} was removed")
+        return row
+
+    def _attr(self, tx: Tx, ino: int) -> Attr:
+        return attr_of(self._inode(tx, ino))
+
+    def _child(self, tx: Tx, parent: int, name: bytes) -> Optional[int]:
+        return tx.scalar("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
+    def _touch_dir(self, tx: Tx, ino: int, now: int, nlink_delta: int = 0) -> None:
+        tx.run(
+            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? WHERE ino = ?",
+            (now, now, nlink_delta, ino),
+        )
+
+    def _is_open(self, tx: Tx, ino: int) -> bool:
+        return bool(tx.scalar("SELECT 1 FROM opens WHERE ino = ? LIMIT 1", (ino,)))
+
+    def _drop_link(self, tx: Tx, row: Row, now: int) -> None:
+        """The inode lost one directory entry: count it, and purge it if nothing holds it."""
+        # A removed directory has no links left at all: its own "." goes with its entry.
+        nlink = 0 if is_dir(row) else max(row["nlink"] - 1, 0)
+        tx.run("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (nlink, now, row["ino"]))
+        if nlink == 0 and not self._is_open(tx, row["ino"]):
+            self._purge(tx, row["ino"], now)
+
+    def _maybe_purge(self, tx: Tx, ino: int, now: int) -> None:
+        """After a release: purge an unlinked inode that nobody holds open any more."""
+        nlink = tx.scalar("SELECT nlink FROM inodes WHERE ino = ?", (ino,))
+        if nlink == 0 and not self._is_open(tx, ino):
+            self._purge(tx, ino, now)
+
+    def _purge(self, tx: Tx, ino: int, now: int) -> None:
+        """Delete an inode for good; its blocks become garbage."""
+        for row in tx.all("SELECT block_id FROM blocks WHERE ino = ?", (ino,)):
+            self._garbage_committed(tx, row["block_id"], now)
+        # xattrs and blocks (with their replicas) go by ON DELETE CASCADE.
+        tx.run("DELETE FROM inodes WHERE ino = ?", (ino,))
+
+    # ------------------------------------------------------------------ garbage
+
+    def _garbage(self, tx: Tx, block_id: int, server_ids: list[int], now: int) -> None:
+        # The grace period lets a reader holding the old block map finish its read.
+        not_before = now + int(self.gc_grace_s * NS_PER_S)
+        tx.run_many(
+            "INSERT OR IGNORE INTO garbage (block_id, server_id, not_before_ns) VALUES (?, ?, ?)",
+            [(block_id, sid, not_before) for sid in server_ids],
+        )
+
+    def _garbage_committed(self, tx: Tx, block_id: int, now: int) -> None:
+        """A committed block leaves its file: all its replicas become garbage."""
+        sids = [r[0] for r in tx.all("SELECT server_id FROM replicas WHERE block_id = ?", (block_id,))]
+        self._garbage(tx, block_id, sids, now)
+        tx.run("DELETE FROM blocks WHERE block_id = ?", (block_id,))
+
+    def _garbage_pending(self, tx: Tx, block_id: int, now: int) -> None:
+        """An allocation that will never be committed: wherever it may have been written."""
+        sids = [r[0] for r in tx.all("SELECT server_id FROM pending_servers WHERE block_id = ?", (block_id,))]
+        self._garbage(tx, block_id, sids, now)
+        tx.run("DELETE FROM pending WHERE block_id = ?", (block_id,))
+
+    # ------------------------------------------------------------------ block maps
+
+    def _live_cutoff_ns(self, now: int) -> int:
+        return now - int(self.server_dead_after_s * NS_PER_S)
+
+    def _block_map(self, tx: Tx, ino: int, now: int) -> list[BlockRef]:
+        # Resolve replicas by server id, so a data server that restarted on a new port is
+        # found at its current address; live servers first, so readers try them first.
+        rows = tx.all(
+            "SELECT b.idx, b.block_id, b.length, s.address FROM blocks b"
+            " LEFT JOIN replicas r ON r.block_id = b.block_id"
+            " LEFT JOIN servers s ON s.server_id = r.server_id"
+            " WHERE b.ino = ? ORDER BY b.idx, s.last_heartbeat_ns < ?, s.server_id",
+            (ino, self._live_cutoff_ns(now)),
+        )
+        refs: list[BlockRef] = []
+        for row in rows:
+            if not refs or refs[-1].index != row["idx"]:
+                refs.append(BlockRef(index=row["idx"], block_id=row["block_id"], length=row["length"]))
+            if row["address"] is not None:
+                refs[-1].servers.append(row["address"])
+        return refs
+
+    def _truncate(self, tx: Tx, row: Row, size: int, now: int) -> None:
+        """Set a regular file's size. Blocks wholly past the new end become garbage; the
+        block holding the new end is clamped so that bytes past it read as zeros if the
+        file is extended later (its stored bytes beyond the clamp are never exposed)."""
+        if size > FILE_SIZE_MAX_BYTES:
+            raise FsError(errno.EFBIG, f"size {size} exceeds the largest file")
+        ino, bs = row["ino"], row["block_size"]
+        if size < row["size"]:
+            first_gone = -(-size // bs)  # ceil: the first block with no byte below size
+            for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_gone)):
+                self._garbage_committed(tx, b["block_id"], now)
+            if size % bs:
+                idx = size // bs
+                tx.run(
+                    "UPDATE blocks SET length = MIN(length, ?) WHERE ino = ? AND idx = ?",
+                    (size - idx * bs, ino, idx),
+                )
+        tx.run(
+            "UPDATE inodes SET size = ?, generation = generation + 1 WHERE ino = ?", (size, ino)
+        )
+
+    # ------------------------------------------------------------------ data servers
+
+    def _live_servers(self, tx: Tx, now: int) -> list[Row]:
+        return tx.all(
+            "SELECT * FROM servers WHERE last_heartbeat_ns >= ? ORDER BY server_id",
+            (self._live_cutoff_ns(now),),
+        )
+
+    @staticmethod
+    def _default_replicas(live: int) -> int:
+        return max(1, min(DEFAULT_REPLICAS, live))
+
+    # ------------------------------------------------------------------ sessions
+
+    def _session_exists(self, tx: Tx, session: int) -> None:
+        if not tx.scalar("SELECT 1 FROM sessions WHERE session_id = ?", (session,)):
+            raise FsError(errno.ESTALE, f"session {session} is unknown or expired")
+
+    def _record_open(self, tx: Tx, session: int, ino: int) -> None:
+        tx.run(
+            "INSERT INTO opens (session_id, ino, count) VALUES (?, ?, 1)"
+            " ON CONFLICT (session_id, ino) DO UPDATE SET count = count + 1",
+            (session, ino),
+        )

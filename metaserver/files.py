@@ -1,0 +1,182 @@
+"""File data operations of the metadata core: open/release (which keep unlinked files
+alive), block maps, and the two-step write protocol.
+
+A writer first asks alloc_blocks for new block ids, replica servers and write tokens,
+writes the blocks to the data servers itself, then commit_blocks makes them part of the
+file in one transaction. Stored blocks are immutable: a rewrite allocates a new id and
+the commit sends the old one to garbage, so a reader never sees a torn block.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from proto.auth import block_token
+from proto.errors import FsError
+from proto.messages import (
+    AllocReply,
+    AllocReq,
+    Allocation,
+    AttrReply,
+    BlockMapReply,
+    BlockMapReq,
+    CommitReq,
+    Empty,
+    OpenReply,
+    OpenReq,
+    ReleaseReq,
+)
+from proto.types import DEFAULT_REPLICAS, FILE_SIZE_MAX_BYTES
+
+from sqlite3 import Row
+
+from .store import Tx
+from .base import NEAR_FULL_BLOCKS, CoreBase, is_dir, is_reg
+
+
+class FileOps(CoreBase):
+    def open(self, req: OpenReq) -> OpenReply:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            row = self._inode(tx, req.ino)
+            if is_dir(row):
+                raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
+            self._session_exists(tx, req.session)
+            if req.flags & os.O_TRUNC and is_reg(row):
+                self._truncate(tx, row, 0, now)
+                tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
+            self._record_open(tx, req.session, req.ino)
+            # An open proves the session alive as well as a renew would.
+            tx.run("UPDATE sessions SET last_renew_ns = ? WHERE session_id = ?", (now, req.session))
+            return OpenReply(attr=self._attr(tx, req.ino), blocks=self._block_map(tx, req.ino, now))
+
+    def release(self, req: ReleaseReq) -> Empty:
+        # Lenient on purpose: a release after the session expired (and closed its opens)
+        # has nothing left to do, and must not fail the close(2) that sent it.
+        with self.store.transaction() as tx:
+            cur = tx.run(
+                "UPDATE opens SET count = count - 1 WHERE session_id = ? AND ino = ?",
+                (req.session, req.ino),
+            )
+            if cur.rowcount:
+                tx.run("DELETE FROM opens WHERE session_id = ? AND ino = ? AND count <= 0", (req.session, req.ino))
+                self._maybe_purge(tx, req.ino, self.now_ns())
+            return Empty()
+
+    def block_map(self, req: BlockMapReq) -> BlockMapReply:
+        with self.store.transaction() as tx:
+            attr = self._attr(tx, req.ino)
+            return BlockMapReply(attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns()))
+
+    def alloc_blocks(self, req: AllocReq) -> AllocReply:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            row = self._inode(tx, req.ino)
+            if is_dir(row):
+                raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
+            if not is_reg(row):
+                raise FsError(errno.EINVAL, f"inode {req.ino} is not a regular file")
+            self._session_exists(tx, req.session)
+            bs = row["block_size"]
+            if any(i * bs >= FILE_SIZE_MAX_BYTES for i in req.indexes):
+                raise FsError(errno.EFBIG, "block index past the largest file")
+            live = self._live_servers(tx, now)
+            if not live:
+                raise FsError(errno.EIO, "no live data server")
+            # A server close to full would fail the write; leave it out while others have room.
+            usable = [s for s in live if s["free_bytes"] >= NEAR_FULL_BLOCKS * bs]
+            if not usable:
+                raise FsError(errno.ENOSPC, "every live data server is full")
+            n = len(usable)
+            r = min(row["replicas"] or DEFAULT_REPLICAS, n)
+            first_id = tx.scalar("SELECT value FROM counters WHERE name = 'next_block_id'")
+            tx.run(
+                "UPDATE counters SET value = value + ? WHERE name = 'next_block_id'",
+                (len(req.indexes),),
+            )
+            allocations = []
+            for k, index in enumerate(req.indexes):
+                block_id = first_id + k
+                # Striping: consecutive blocks start on consecutive servers, so a large
+                # sequential read or write keeps every server busy.
+                start = (req.ino + index) % n
+                chosen = [usable[(start + j) % n] for j in range(r)]
+                tx.run(
+                    "INSERT INTO pending (block_id, ino, idx, session_id, created_ns) VALUES (?, ?, ?, ?, ?)",
+                    (block_id, req.ino, index, req.session, now),
+                )
+                tx.run_many(
+                    "INSERT INTO pending_servers (block_id, server_id) VALUES (?, ?)",
+                    [(block_id, s["server_id"]) for s in chosen],
+                )
+                allocations.append(
+                    Allocation(
+                        index=index,
+                        block_id=block_id,
+                        servers=[s["address"] for s in chosen],
+                        token=block_token(self.secret, block_id),
+                    )
+                )
+            return AllocReply(allocations=allocations)
+
+    def commit_blocks(self, req: CommitReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            row = tx.one("SELECT * FROM inodes WHERE ino = ?", (req.ino,))
+            if row is None:
+                # The file was purged while being written: its new blocks are garbage.
+                # Commit that, then report ENOENT (raising here would roll it back).
+                for ref in req.blocks:
+                    if tx.scalar("SELECT 1 FROM pending WHERE block_id = ? AND ino = ?", (ref.block_id, req.ino)):
+                        self._garbage_pending(tx, ref.block_id, now)
+            else:
+                self._commit(tx, row, req, now)
+                return AttrReply(attr=self._attr(tx, req.ino))
+        raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
+
+    def _commit(self, tx: Tx, row: Row, req: CommitReq, now: int) -> None:
+        ino, bs = row["ino"], row["block_size"]
+        if not is_reg(row):
+            raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+        if req.size > FILE_SIZE_MAX_BYTES:
+            raise FsError(errno.EFBIG, f"size {req.size} exceeds the largest file")
+        for ref in req.blocks:
+            pend = tx.one("SELECT ino, idx FROM pending WHERE block_id = ?", (ref.block_id,))
+            if pend is None or pend["ino"] != ino or pend["idx"] != ref.index:
+                raise FsError(errno.EINVAL, f"block {ref.block_id} is not allocated to {ino}[{ref.index}]")
+            if not 0 <= ref.length <= bs:
+                raise FsError(errno.EINVAL, f"block {ref.block_id}: length {ref.length} out of range")
+            allocated = {
+                r["address"]: r["server_id"]
+                for r in tx.all(
+                    "SELECT s.server_id, s.address FROM pending_servers p"
+                    " JOIN servers s ON s.server_id = p.server_id WHERE p.block_id = ?",
+                    (ref.block_id,),
+                )
+            }
+            written = set(ref.servers)
+            if not written or not written <= allocated.keys():
+                raise FsError(
+                    errno.EINVAL, f"block {ref.block_id}: written servers are not a subset of the allocated ones"
+                )
+            old = tx.scalar("SELECT block_id FROM blocks WHERE ino = ? AND idx = ?", (ino, ref.index))
+            if old is not None:
+                self._garbage_committed(tx, old, now)
+            tx.run(
+                "INSERT INTO blocks (ino, idx, block_id, length) VALUES (?, ?, ?, ?)",
+                (ino, ref.index, ref.block_id, ref.length),
+            )
+            tx.run_many(
+                "INSERT INTO replicas (block_id, server_id) VALUES (?, ?)",
+                [(ref.block_id, allocated[a]) for a in sorted(written)],
+            )
+            # Servers that were allocated but not written may hold a partial copy.
+            unwritten = [sid for a, sid in allocated.items() if a not in written]
+            self._garbage(tx, ref.block_id, unwritten, now)
+            tx.run("DELETE FROM pending WHERE block_id = ?", (ref.block_id,))
+        tx.run(
+            "UPDATE inodes SET size = MAX(size, ?), mtime_ns = ?, ctime_ns = ?,"
+            " generation = generation + 1 WHERE ino = ?",
+            (req.size, req.mtime_ns, now, ino),
+        )

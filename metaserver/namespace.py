@@ -1,0 +1,382 @@
+"""Namespace operations of the metadata core: lookup, attributes, creation and removal of
+entries, rename, hard links, symlinks, readdir and statfs, with the errno ext4 gives.
+
+Permission bits are checked by the kernel (mounts use default_permissions); what the
+core enforces is what only it can: the tree's shape, link counts, and ownership changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+
+from proto.errors import FsError
+from proto.messages import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    AttrReply,
+    CreateReply,
+    DirEntry,
+    Empty,
+    InodeReq,
+    LinkReq,
+    LookupReq,
+    MkdirReq,
+    MknodReq,
+    ReaddirReply,
+    ReaddirReq,
+    ReadlinkReply,
+    RemoveReq,
+    RenameReq,
+    SetattrReq,
+    StatfsReply,
+    SymlinkReq,
+)
+from proto.types import NAME_MAX_BYTES, ROOT_INODE
+
+from .base import DIR_SIZE_BYTES, CoreBase, attr_of, is_dir, is_reg
+from .store import Tx
+
+#: statfs block size: what df multiplies block counts by.
+STATFS_BLOCK_SIZE_BYTES = 4096
+#: There is no inode table to run out of; report plenty.
+STATFS_FILES_FREE = 1 << 40
+
+_MKNOD_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+_DOTS = (b".", b"..")
+
+
+class NamespaceOps(CoreBase):
+    # ------------------------------------------------------------------ lookups
+
+    def lookup(self, req: LookupReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            d = self._dir(tx, req.parent)
+            if req.name == b".":
+                return AttrReply(attr=attr_of(d))
+            if req.name == b"..":
+                return AttrReply(attr=self._attr(tx, d["parent"]))
+            ino = self._child(tx, req.parent, req.name)
+            if ino is None:
+                raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
+            return AttrReply(attr=self._attr(tx, ino))
+
+    def getattr(self, req: InodeReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            return AttrReply(attr=self._attr(tx, req.ino))
+
+    def readlink(self, req: InodeReq) -> ReadlinkReply:
+        with self.store.transaction() as tx:
+            row = self._inode(tx, req.ino)
+            if not stat.S_ISLNK(row["mode"]):
+                raise FsError(errno.EINVAL, f"inode {req.ino} is not a symlink")
+            return ReadlinkReply(target=bytes(row["target"]))
+
+    def readdir(self, req: ReaddirReq) -> ReaddirReply:
+        with self.store.transaction() as tx:
+            self._dir(tx, req.ino)
+            # Cookies are dentry rowids, never reused: resuming "after cookie X" is right
+            # whatever was added or removed since the previous page.
+            rows = tx.all(
+                "SELECT d.cookie, d.name, i.* FROM dentries d JOIN inodes i ON i.ino = d.ino"
+                " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?",
+                (req.ino, req.offset, req.limit + 1),
+            )
+            entries = [
+                DirEntry(name=bytes(r["name"]), cookie=r["cookie"], attr=attr_of(r))
+                for r in rows[: req.limit]
+            ]
+            return ReaddirReply(entries=entries, more=len(rows) > req.limit)
+
+    def statfs(self, req: Empty) -> StatfsReply:
+        with self.store.transaction() as tx:
+            live = self._live_servers(tx, self.now_ns())
+            r = self._default_replicas(len(live))
+            total = sum(s["capacity_bytes"] for s in live) // r
+            free = sum(s["free_bytes"] for s in live) // r
+            files = tx.scalar("SELECT COUNT(*) FROM inodes")
+        return StatfsReply(
+            block_size=STATFS_BLOCK_SIZE_BYTES,
+            total_bytes=total,
+            free_bytes=min(free, total),
+            files=files,
+            files_free=STATFS_FILES_FREE,
+            name_max=NAME_MAX_BYTES,
+        )
+
+    # ------------------------------------------------------------------ setattr
+
+    def setattr(self, req: SetattrReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            row = self._inode(tx, req.ino)
+            ctx, owner = req.ctx, row["uid"]
+            root = ctx.uid == 0
+            sets: dict[str, int] = {}
+            if req.mode is not None:
+                if not root and ctx.uid != owner:
+                    raise FsError(errno.EPERM, "only the owner or root may change the mode")
+                sets["mode"] = stat.S_IFMT(row["mode"]) | req.mode
+            if req.uid is not None and req.uid != owner:
+                if not root:
+                    raise FsError(errno.EPERM, "only root may change the owner")
+                sets["uid"] = req.uid
+            if req.gid is not None and req.gid != row["gid"]:
+                # We do not know the caller's supplementary groups, so an owner may pick
+                # any group; the kernel has already checked what it can.
+                if not root and ctx.uid != owner:
+                    raise FsError(errno.EPERM, "only the owner or root may change the group")
+                sets["gid"] = req.gid
+            if req.atime_now:
+                sets["atime_ns"] = now
+            elif req.atime_ns is not None:
+                sets["atime_ns"] = req.atime_ns
+            if req.mtime_now:
+                sets["mtime_ns"] = now
+            elif req.mtime_ns is not None:
+                sets["mtime_ns"] = req.mtime_ns
+            if req.size is not None:
+                if is_dir(row):
+                    raise FsError(errno.EISDIR, "cannot truncate a directory")
+                if not is_reg(row):
+                    raise FsError(errno.EINVAL, "only regular files have a size to set")
+                self._truncate(tx, row, req.size, now)
+                sets.setdefault("mtime_ns", now)
+            changed = req.mode is not None or req.uid is not None or req.gid is not None or (
+                req.size is not None or req.atime_now or req.mtime_now
+                or req.atime_ns is not None or req.mtime_ns is not None
+            )
+            if changed:
+                sets["ctime_ns"] = now
+            if sets:
+                cols = ", ".join(f"{k} = ?" for k in sets)
+                tx.run(f"UPDATE inodes SET {cols} WHERE ino = ?", (*sets.values(), req.ino))
+            return AttrReply(attr=self._attr(tx, req.ino))
+
+    # ------------------------------------------------------------------ creation
+
+    def _new_inode(
+        self, tx: Tx, parent: int, name: bytes, mode: int, uid: int, gid: int, now: int,
+        *, rdev: int = 0, target: bytes | None = None,
+    ):
+        """Create an inode and its entry in `parent`; returns the new row."""
+        d = self._dir(tx, parent, for_create=True)
+        if name in _DOTS or self._child(tx, parent, name) is not None:
+            raise FsError(errno.EEXIST, f"{name!r} exists in {parent}")
+        if d["mode"] & stat.S_ISGID:
+            # BSD group semantics on a setgid directory, as ext4: the group comes from the
+            # directory, and subdirectories carry the bit on.
+            gid = d["gid"]
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        new_dir = stat.S_ISDIR(mode)
+        if new_dir:
+            size = DIR_SIZE_BYTES
+        elif target is not None:
+            size = len(target)
+        else:
+            size = 0
+        cur = tx.run(
+            "INSERT INTO inodes (mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns,"
+            " block_size, replicas, parent, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, uid, gid, rdev, 2 if new_dir else 1, size, now, now, now,
+             d["block_size"], d["replicas"], parent if new_dir else None, target),
+        )
+        ino = cur.lastrowid
+        tx.run("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+        self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0)
+        return self._inode(tx, ino)
+
+    def mknod(self, req: MknodReq) -> CreateReply:
+        kind = stat.S_IFMT(req.mode) or stat.S_IFREG  # mknod(2): type 0 means a regular file
+        if kind not in _MKNOD_TYPES:
+            raise FsError(errno.EINVAL, f"mknod cannot create type {kind:o}")
+        rdev = req.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            if req.session:
+                self._session_exists(tx, req.session)
+            row = self._new_inode(
+                tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx.uid, req.ctx.gid,
+                now, rdev=rdev,
+            )
+            if req.session:
+                self._record_open(tx, req.session, row["ino"])
+            return CreateReply(attr=attr_of(row))
+
+    def mkdir(self, req: MkdirReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            row = self._new_inode(
+                tx, req.parent, req.name, stat.S_IFDIR | (req.mode & 0o7777), req.ctx.uid,
+                req.ctx.gid, self.now_ns(),
+            )
+            return AttrReply(attr=attr_of(row))
+
+    def symlink(self, req: SymlinkReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            row = self._new_inode(
+                tx, req.parent, req.name, stat.S_IFLNK | 0o777, req.ctx.uid, req.ctx.gid,
+                self.now_ns(), target=req.target,
+            )
+            return AttrReply(attr=attr_of(row))
+
+    def link(self, req: LinkReq) -> AttrReply:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            self._dir(tx, req.new_parent, for_create=True)
+            row = self._inode(tx, req.ino)
+            # The order of checks is the kernel's: the name first, then the inode.
+            if req.new_name in _DOTS or self._child(tx, req.new_parent, req.new_name) is not None:
+                raise FsError(errno.EEXIST, f"{req.new_name!r} exists in {req.new_parent}")
+            if is_dir(row):
+                raise FsError(errno.EPERM, "cannot hard-link a directory")
+            if row["nlink"] == 0:
+                raise FsError(errno.ENOENT, f"inode {req.ino} was unlinked")
+            tx.run(
+                "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                (req.new_parent, req.new_name, req.ino),
+            )
+            tx.run("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", (now, req.ino))
+            self._touch_dir(tx, req.new_parent, now)
+            return AttrReply(attr=self._attr(tx, req.ino))
+
+    # ------------------------------------------------------------------ removal
+
+    def unlink(self, req: RemoveReq) -> Empty:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            self._dir(tx, req.parent)
+            if req.name in _DOTS:
+                raise FsError(errno.EISDIR, "cannot unlink . or ..")
+            ino = self._child(tx, req.parent, req.name)
+            if ino is None:
+                raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
+            row = self._inode(tx, ino)
+            if is_dir(row):
+                raise FsError(errno.EISDIR, f"{req.name!r} is a directory")
+            tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
+            self._touch_dir(tx, req.parent, now)
+            self._drop_link(tx, row, now)
+            return Empty()
+
+    def rmdir(self, req: RemoveReq) -> Empty:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            self._dir(tx, req.parent)
+            if req.name == b".":
+                raise FsError(errno.EINVAL, "cannot remove .")
+            if req.name == b"..":
+                raise FsError(errno.ENOTEMPTY, "cannot remove ..")
+            ino = self._child(tx, req.parent, req.name)
+            if ino is None:
+                raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
+            row = self._inode(tx, ino)
+            if not is_dir(row):
+                raise FsError(errno.ENOTDIR, f"{req.name!r} is not a directory")
+            if ino == ROOT_INODE:
+                raise FsError(errno.EBUSY, "cannot remove the root")
+            if self._has_entries(tx, ino):
+                raise FsError(errno.ENOTEMPTY, f"{req.name!r} is not empty")
+            tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
+            self._touch_dir(tx, req.parent, now, nlink_delta=-1)
+            self._drop_link(tx, row, now)
+            return Empty()
+
+    @staticmethod
+    def _has_entries(tx: Tx, ino: int) -> bool:
+        return bool(tx.scalar("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)))
+
+    # ------------------------------------------------------------------ rename
+
+    def _is_ancestor(self, tx: Tx, ancestor: int, ino: int) -> bool:
+        """Whether `ancestor` is `ino` or lies on the path from `ino` up to the root."""
+        seen = set()
+        while ino not in seen:
+            if ino == ancestor:
+                return True
+            seen.add(ino)
+            ino = tx.scalar("SELECT parent FROM inodes WHERE ino = ?", (ino,))
+            if ino is None:
+                return False
+        return False
+
+    def rename(self, req: RenameReq) -> Empty:
+        with self.store.transaction() as tx:
+            now = self.now_ns()
+            self._dir(tx, req.parent)
+            self._dir(tx, req.new_parent, for_create=True)
+            if req.name in _DOTS or req.new_name in _DOTS:
+                raise FsError(errno.EBUSY, "cannot rename . or ..")
+            src_ino = self._child(tx, req.parent, req.name)
+            if src_ino is None:
+                raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
+            dst_ino = self._child(tx, req.new_parent, req.new_name)
+            if req.flags & RENAME_NOREPLACE and dst_ino is not None:
+                raise FsError(errno.EEXIST, f"{req.new_name!r} exists in {req.new_parent}")
+            if req.flags & RENAME_EXCHANGE and dst_ino is None:
+                raise FsError(errno.ENOENT, f"no entry {req.new_name!r} in {req.new_parent}")
+            if src_ino == dst_ino:
+                return Empty()  # two names of one inode: rename(2) does nothing
+            src = self._inode(tx, src_ino)
+            dst = self._inode(tx, dst_ino) if dst_ino is not None else None
+            src_dir = is_dir(src)
+            dst_dir = dst is not None and is_dir(dst)
+            cross = req.parent != req.new_parent
+            # A directory must not end up inside itself.
+            if src_dir and cross and self._is_ancestor(tx, src_ino, req.new_parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+            if req.flags & RENAME_EXCHANGE:
+                if dst_dir and cross and self._is_ancestor(tx, dst_ino, req.parent):
+                    raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+                self._exchange(tx, req, src, dst, now)
+                return Empty()
+            if dst is not None:
+                if src_dir and not dst_dir:
+                    raise FsError(errno.ENOTDIR, f"{req.new_name!r} is not a directory")
+                if not src_dir and dst_dir:
+                    raise FsError(errno.EISDIR, f"{req.new_name!r} is a directory")
+                if dst_dir and self._has_entries(tx, dst_ino):
+                    raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} is not empty")
+                tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.new_parent, req.new_name))
+            tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
+            # A new row, so a new cookie: a listing in progress sees the moved entry at
+            # most once more, never skips others.
+            tx.run(
+                "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                (req.new_parent, req.new_name, src_ino),
+            )
+            src_delta = -1 if src_dir and cross else 0
+            dst_delta = (1 if src_dir and cross else 0) - (1 if dst_dir else 0)
+            if src_dir:
+                tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.new_parent, src_ino))
+            tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, src_ino))
+            self._touch_dir(tx, req.parent, now, nlink_delta=src_delta if cross else 0)
+            if cross:
+                self._touch_dir(tx, req.new_parent, now, nlink_delta=dst_delta)
+            elif dst_dir:
+                self._touch_dir(tx, req.new_parent, now, nlink_delta=-1)
+            if dst is not None:
+                self._drop_link(tx, dst, now)
+            return Empty()
+
+    def _exchange(self, tx: Tx, req: RenameReq, src, dst, now: int) -> None:
+        src_dir, dst_dir = is_dir(src), is_dir(dst)
+        tx.run(
+            "DELETE FROM dentries WHERE (parent = ? AND name = ?) OR (parent = ? AND name = ?)",
+            (req.parent, req.name, req.new_parent, req.new_name),
+        )
+        tx.run_many(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+            [(req.parent, req.name, dst["ino"]), (req.new_parent, req.new_name, src["ino"])],
+        )
+        if req.parent != req.new_parent:
+            if src_dir:
+                tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.new_parent, src["ino"]))
+            if dst_dir:
+                tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.parent, dst["ino"]))
+            moved = int(src_dir) - int(dst_dir)  # subdirectories leaving parent for new_parent
+            self._touch_dir(tx, req.parent, now, nlink_delta=-moved)
+            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved)
+        else:
+            self._touch_dir(tx, req.parent, now)
+        tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino IN (?, ?)", (now, src["ino"], dst["ino"]))

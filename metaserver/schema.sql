@@ -1,0 +1,145 @@
+-- stripefs metadata store: the single source of truth for the namespace, the block maps,
+-- client sessions and the data server registry.
+--
+-- Conventions: times are integer nanoseconds since the epoch (*_ns); sizes are bytes;
+-- names are BLOBs (file names are bytes, not text, and compare with memcmp).
+-- Ids that leave this database (inode numbers, block ids, server ids, session ids) are
+-- never reused: AUTOINCREMENT for rows, the `counters` table for block ids. A reused
+-- inode number would let a client's stale cache alias a new file; a reused block id would
+-- let an old write token or a delayed garbage deletion hit new data.
+--
+-- The store applies this file once to an empty database and records SCHEMA_VERSION
+-- (store.py) in PRAGMA user_version. Change the schema only together with that number.
+
+-- One row per inode (file, directory, symlink, FIFO, socket, device node).
+CREATE TABLE inodes (
+    ino         INTEGER PRIMARY KEY AUTOINCREMENT,  -- inode number; the root is 1
+    mode        INTEGER NOT NULL,   -- S_IFMT type bits | permission bits (07777)
+    uid         INTEGER NOT NULL,   -- owner
+    gid         INTEGER NOT NULL,   -- group
+    rdev        INTEGER NOT NULL DEFAULT 0,  -- device number of S_IFCHR/S_IFBLK nodes
+    nlink       INTEGER NOT NULL,   -- hard links; directories: 2 + subdirectories; 0 while an
+                                    -- unlinked inode is still open by some session
+    size        INTEGER NOT NULL DEFAULT 0,  -- regular files: logical length; symlinks:
+                                             -- length of the target; directories: 4096
+    atime_ns    INTEGER NOT NULL,   -- last access
+    mtime_ns    INTEGER NOT NULL,   -- last content change
+    ctime_ns    INTEGER NOT NULL,   -- last inode change
+    block_size  INTEGER NOT NULL,   -- bytes per block of this file; on a directory, the
+                                    -- block size that files created in it inherit
+    replicas    INTEGER NOT NULL DEFAULT 0,  -- replica count (0 = the cluster default); on a
+                                             -- directory, inherited by new entries
+    generation  INTEGER NOT NULL DEFAULT 0,  -- bumped on every content change (commit,
+                                             -- truncate) so clients can revalidate caches
+    parent      INTEGER REFERENCES inodes(ino),  -- directories only: the directory holding
+                                                 -- it (root: itself); walked to refuse
+                                                 -- rename cycles and to answer ".."
+    target      BLOB                -- symlinks only: the link target, uninterpreted
+);
+
+-- Directory entries. The rowid is the readdir cookie: entries are listed in cookie order
+-- and a listing resumes after a cookie, so it stays correct while the directory changes
+-- (a new entry gets a larger cookie; a removed one simply is not there any more).
+CREATE TABLE dentries (
+    cookie  INTEGER PRIMARY KEY AUTOINCREMENT,  -- readdir offset; never reused
+    parent  INTEGER NOT NULL REFERENCES inodes(ino),  -- the directory
+    name    BLOB NOT NULL,                            -- entry name, 1..255 bytes
+    ino     INTEGER NOT NULL REFERENCES inodes(ino),  -- the inode it names
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_by_ino ON dentries(ino);
+
+-- Extended attributes (user.*, trusted.*, security.*). The virtual layout attributes
+-- (stripefs.block_size, stripefs.replicas) are columns of inodes, not rows here.
+CREATE TABLE xattrs (
+    ino    INTEGER NOT NULL REFERENCES inodes(ino) ON DELETE CASCADE,  -- owner inode
+    name   BLOB NOT NULL,   -- full name with its namespace prefix
+    value  BLOB NOT NULL,   -- value, up to 64 KiB
+    PRIMARY KEY (ino, name)
+);
+
+-- The data server registry. A server keeps its id across restarts (matched by node_id,
+-- the stable id of its data directory) while its address may change.
+CREATE TABLE servers (
+    server_id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- id handed out by register
+    node_id            TEXT NOT NULL UNIQUE,  -- stable id of the server's data directory
+    address            TEXT NOT NULL,         -- host:port clients reach it at (latest)
+    capacity_bytes     INTEGER NOT NULL DEFAULT 0,  -- size of its file system
+    free_bytes         INTEGER NOT NULL DEFAULT 0,  -- free there
+    used_bytes         INTEGER NOT NULL DEFAULT 0,  -- taken by stored blocks
+    blocks             INTEGER NOT NULL DEFAULT 0,  -- blocks stored
+    last_heartbeat_ns  INTEGER NOT NULL             -- when we last heard from it
+);
+
+-- Block maps: which stored block holds each block-sized piece of a file. A stored block
+-- is immutable; rewriting a piece commits a new block id and sends the old one to garbage.
+CREATE TABLE blocks (
+    ino       INTEGER NOT NULL REFERENCES inodes(ino) ON DELETE CASCADE,  -- the file
+    idx       INTEGER NOT NULL,  -- position in the file, in blocks
+    block_id  INTEGER NOT NULL UNIQUE,  -- id of the stored block
+    length    INTEGER NOT NULL,  -- valid bytes in it; bytes past it (up to the file size)
+                                 -- read as zeros, which is how truncate+extend reads clean
+    PRIMARY KEY (ino, idx)
+);
+
+-- Where the replicas of each committed block live.
+CREATE TABLE replicas (
+    block_id   INTEGER NOT NULL REFERENCES blocks(block_id) ON DELETE CASCADE,
+    server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    PRIMARY KEY (block_id, server_id)
+);
+
+-- Client sessions (one per mount or library client). Open files hang off a session, so
+-- a client that dies without closing releases them when its lease runs out.
+CREATE TABLE sessions (
+    session_id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- id handed out by open_session
+    host           TEXT NOT NULL,     -- client host name (status, logs)
+    mountpoint     TEXT NOT NULL,     -- mount point or label
+    created_ns     INTEGER NOT NULL,  -- when it was opened
+    last_renew_ns  INTEGER NOT NULL   -- last open/renew; expired after 3 leases of silence
+);
+
+-- Open files per session. An inode whose nlink dropped to 0 lives on while any row here
+-- names it, and is purged by the last release (or the close of the last session).
+CREATE TABLE opens (
+    session_id  INTEGER NOT NULL REFERENCES sessions(session_id),
+    ino         INTEGER NOT NULL REFERENCES inodes(ino),
+    count       INTEGER NOT NULL,  -- open handles of this session on this inode (> 0)
+    PRIMARY KEY (session_id, ino)
+);
+CREATE INDEX opens_by_ino ON opens(ino);
+
+-- Blocks allocated to a writer and not committed yet. Deliberately no foreign key to
+-- inodes: a file may be purged while its writer is still writing, and then these rows
+-- are how its blocks reach garbage (at commit, or by the sweep after an hour).
+CREATE TABLE pending (
+    block_id    INTEGER PRIMARY KEY,  -- the allocated id
+    ino         INTEGER NOT NULL,     -- file it was allocated for
+    idx         INTEGER NOT NULL,     -- position it was allocated for
+    session_id  INTEGER NOT NULL,     -- writer's session (for logs; not a lease)
+    created_ns  INTEGER NOT NULL      -- allocation time; stale after an hour
+);
+
+-- The data servers chosen for each pending block (the writer may write any of them).
+CREATE TABLE pending_servers (
+    block_id   INTEGER NOT NULL REFERENCES pending(block_id) ON DELETE CASCADE,
+    server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    PRIMARY KEY (block_id, server_id)
+);
+
+-- Block replicas to delete: returned to their data server in heartbeat replies once
+-- not_before has passed (a grace period, so readers holding an older block map can
+-- finish), and removed when the server reports them deleted.
+CREATE TABLE garbage (
+    block_id       INTEGER NOT NULL,
+    server_id      INTEGER NOT NULL REFERENCES servers(server_id),
+    not_before_ns  INTEGER NOT NULL,  -- do not hand it out for deletion before this time
+    PRIMARY KEY (server_id, block_id)
+);
+
+-- Monotonic counters. next_block_id: the next block id to hand out (never reused).
+CREATE TABLE counters (
+    name   TEXT PRIMARY KEY,
+    value  INTEGER NOT NULL
+);
+INSERT INTO counters (name, value) VALUES ('next_block_id', 1);

@@ -1,0 +1,111 @@
+"""The metadata server process: command line, gRPC serving, the sweep thread, signals.
+
+All state is under --dir: the database (meta.db) and, unless --secret-file says
+otherwise, the cluster secret (cluster.secret, created on first start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from proto.auth import load_secret
+from proto.logsetup import setup_logging
+from proto.rpc import serve
+from proto.services import META_METHODS, META_SERVICE
+
+from .core import MetaCore
+
+log = logging.getLogger("stripefs.metaserver")
+
+DB_NAME = "meta.db"
+SECRET_NAME = "cluster.secret"
+#: How often the sweep (session expiry, abandoned allocations) runs.
+SWEEP_INTERVAL_S = 1.0
+#: How long in-flight calls may finish after SIGTERM.
+STOP_GRACE_S = 2.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m metaserver", description="stripefs metadata server")
+    p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--dir", required=True, help="state directory (created if missing); the database is DIR/meta.db")
+    p.add_argument("--secret-file", help="cluster secret (default DIR/cluster.secret, created if missing)")
+    p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
+    p.add_argument("--log-file", help="log here instead of stderr")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--server-dead-after-s", type=float, default=10.0,
+                   help="a data server silent this long gets no new blocks and shows as down")
+    p.add_argument("--session-lease-s", type=float, default=30.0,
+                   help="client session lease; sessions silent for 3 leases are closed")
+    p.add_argument("--gc-grace-s", type=float, default=30.0,
+                   help="delay before a replaced or deleted block is handed out for deletion")
+    return p.parse_args(argv)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sweep_loop(core: MetaCore, stop: threading.Event) -> None:
+    while not stop.wait(SWEEP_INTERVAL_S):
+        try:
+            done = core.sweep()
+        except Exception:  # noqa: BLE001 - housekeeping must keep running
+            log.exception("sweep failed")
+            continue
+        if any(done.values()):
+            log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_file, args.log_level)
+    state = Path(args.dir)
+    state.mkdir(parents=True, exist_ok=True)
+    secret = load_secret(args.secret_file or state / SECRET_NAME, create=True)
+    core = MetaCore(
+        str(state / DB_NAME),
+        secret,
+        server_dead_after_s=args.server_dead_after_s,
+        session_lease_s=args.session_lease_s,
+        gc_grace_s=args.gc_grace_s,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server, port = serve(META_SERVICE, META_METHODS, core, secret, args.listen)
+    except BaseException:
+        core.close()
+        raise
+    host = args.listen.rsplit(":", 1)[0]
+    if args.ready_file:
+        _write_atomically(args.ready_file, f"{host}:{port}\n")
+    log.info("metaserver serving on %s:%d, state in %s", host, port, state)
+    sweeper = threading.Thread(target=_sweep_loop, args=(core, stop), name="sweep", daemon=True)
+    sweeper.start()
+    # Wait in short slices so the main thread gets to run the signal handler promptly.
+    while not stop.wait(0.5):
+        pass
+    server.stop(STOP_GRACE_S).wait()
+    sweeper.join()
+    core.close()
+    log.info("metaserver stopped")
+    return 0

@@ -1,0 +1,107 @@
+"""The metadata store: one SQLite database, reached only through `Store.transaction()`.
+
+This is the seam where a replicated database could replace the embedded one: the core
+speaks plain SQL through a `Tx` and never touches the connection itself. The schema is
+metaserver/schema.sql.
+
+Concurrency: gRPC calls the core from a thread pool. There is one connection and one
+lock; a transaction holds the lock from BEGIN IMMEDIATE to COMMIT, so operations are
+serialized and each is atomic. The database is in WAL mode with synchronous=FULL, so a
+committed operation survives a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+#: Version of schema.sql, kept in PRAGMA user_version.
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+#: How long to wait for another process holding the database (there should be none).
+BUSY_TIMEOUT_MS = 5000
+
+
+class Tx:
+    """One open transaction: the only way the core reads or writes the store."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Optional[sqlite3.Row]:
+        return self._conn.execute(sql, args).fetchone()
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, args).fetchall()
+
+    def scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Execute a write; the cursor gives rowcount and lastrowid."""
+        return self._conn.execute(sql, args)
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves. The connection is shared
+        # by the gRPC worker threads, always under self._lock.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise RuntimeError(f"{path}: cannot switch to WAL mode (got {mode})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._init_schema(path)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _init_schema(self, path: str) -> None:
+        version = self.schema_version()
+        if version == 0:
+            script = SCHEMA_PATH.read_text()
+            # executescript runs outside our transaction discipline; wrap it so a crash
+            # half way leaves an empty database rather than half a schema.
+            self._conn.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            )
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path}: schema version {version}, this metaserver knows {SCHEMA_VERSION}"
+            )
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """Run the body as one transaction: committed if it returns, rolled back if it raises."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
