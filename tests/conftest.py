@@ -1,0 +1,111 @@
+"""Fixtures for tests that run real stripefs processes, and the rule that a test fails
+when a server or a mount logged a traceback during it.
+
+- `cluster`: a fresh metaserver and three data servers for one test.
+- `module_cluster`: the same, shared by the tests of one module that do not interfere.
+- `mount`, `two_mounts`: mounted paths on `cluster`. Mount tests need root and /dev/fuse
+  and are skipped otherwise; mark them `mount`.
+- `@pytest.mark.allow_tracebacks`: the test expects tracebacks in the logs (it kills
+  processes, say); they do not fail it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster import Cluster, Mount, new_log_text  # noqa: E402
+
+#: What a log must not contain after a test: an exception nobody expected.
+TRACEBACK_MARK = "Traceback"
+
+# Offsets up to which each harness log has been checked for tracebacks.
+_checked: dict[Path, int] = {}
+
+
+def mount_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "FUSE mount tests need root (allow_other, other uids)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_tracebacks: tracebacks in server or mount logs do not fail the test"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("mount") is not None:
+        reason = mount_skip_reason()
+        if reason:
+            pytest.skip(reason)
+
+
+def check_logs(allow: bool = False) -> None:
+    """Fails if a harness log got a traceback since the last check."""
+    found = {
+        path: text for path, text in new_log_text(_checked).items() if TRACEBACK_MARK in text
+    }
+    if found and not allow:
+        report = []
+        for path, text in found.items():
+            start = text.index(TRACEBACK_MARK)
+            report.append(f"---- {path} ----\n{text[max(0, start - 500): start + 3000]}")
+        pytest.fail("unexpected traceback in logs:\n" + "\n".join(report), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracebacks_in_logs(request: pytest.FixtureRequest):
+    # Set up before, so torn down after, the function-scoped cluster: a traceback logged
+    # while the cluster shuts down counts too.
+    yield
+    check_logs(allow=request.node.get_closest_marker("allow_tracebacks") is not None)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path / "cluster", dataservers=3)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory: pytest.TempPathFactory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), dataservers=3)
+    try:
+        yield c
+    finally:
+        c.close()
+        check_logs()
+
+
+def _require_mount() -> None:
+    reason = mount_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def mount(cluster: Cluster) -> Mount:
+    _require_mount()
+    return cluster.mount()
+
+
+@pytest.fixture
+def two_mounts(cluster: Cluster) -> tuple[Mount, Mount]:
+    _require_mount()
+    return cluster.mount(), cluster.mount()
