@@ -1,0 +1,905 @@
+"""MetaCore in-process (no gRPC) on a temporary database, with an injectable clock and
+fake data servers that exist only as register/heartbeat calls."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+
+import pytest
+
+from metaserver.core import MetaCore
+from metaserver.store import SCHEMA_VERSION
+from proto.auth import check_block_token
+from proto.errors import FsError
+from proto.messages import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    AllocReq,
+    BlockMapReq,
+    BlockRef,
+    CommitReq,
+    Ctx,
+    DeletedReq,
+    Empty,
+    HeartbeatReq,
+    InodeReq,
+    LinkReq,
+    LookupReq,
+    MkdirReq,
+    MknodReq,
+    OpenReq,
+    ReaddirReq,
+    RegisterReq,
+    ReleaseReq,
+    RemoveReq,
+    RenameReq,
+    SessionOpenReq,
+    SessionReq,
+    SetattrReq,
+    SymlinkReq,
+    XattrReq,
+)
+from proto.types import (
+    DEFAULT_BLOCK_SIZE_BYTES,
+    LAYOUT_XATTR_BLOCK_SIZE,
+    LAYOUT_XATTR_REPLICAS,
+    ROOT_INODE,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+GiB = 1024**3
+ROOT = Ctx(uid=0, gid=0)
+USER = Ctx(uid=1000, gid=1000)
+OTHER = Ctx(uid=2000, gid=2000)
+SMALL_BS = 64 * 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class Env:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.clock = Clock()
+        self.core = self.open()
+
+    def open(self) -> MetaCore:
+        return MetaCore(
+            self.path, SECRET, clock=self.clock, server_dead_after_s=10.0,
+            session_lease_s=30.0, gc_grace_s=30.0,
+        )
+
+    def reopen(self) -> None:
+        self.core.close()
+        self.core = self.open()
+
+    # namespace helpers -------------------------------------------------------
+    def mkdir(self, parent: int, name: bytes, mode: int = 0o755, ctx: Ctx = ROOT):
+        return self.core.mkdir(MkdirReq(parent=parent, name=name, mode=mode, ctx=ctx)).attr
+
+    def create(self, parent: int, name: bytes, mode: int = stat.S_IFREG | 0o644, ctx: Ctx = ROOT, session: int = 0):
+        return self.core.mknod(MknodReq(parent=parent, name=name, mode=mode, ctx=ctx, session=session)).attr
+
+    def lookup(self, parent: int, name: bytes):
+        return self.core.lookup(LookupReq(parent=parent, name=name)).attr
+
+    def getattr(self, ino: int):
+        return self.core.getattr(InodeReq(ino=ino)).attr
+
+    def names(self, ino: int) -> list[bytes]:
+        return [e.name for e in self.core.readdir(ReaddirReq(ino=ino)).entries]
+
+    def session(self) -> int:
+        return self.core.open_session(SessionOpenReq(host="h", mountpoint="/m")).session
+
+    # data server helpers ------------------------------------------------------
+    def add_server(self, n: int, free: int = 100 * GiB) -> int:
+        return self.core.register(
+            RegisterReq(address=f"10.0.0.{n}:7000", node_id=f"node-{n}", capacity_bytes=200 * GiB,
+                        free_bytes=free, blocks=0)
+        ).server_id
+
+    def beat(self, server_id: int, free: int = 100 * GiB):
+        return self.core.heartbeat(
+            HeartbeatReq(server_id=server_id, capacity_bytes=200 * GiB, free_bytes=free, blocks=0)
+        )
+
+    def write(self, ino: int, session: int, index: int, length: int, size: int | None = None):
+        """Allocate and commit one block, as a client would after writing it everywhere."""
+        (a,) = self.core.alloc_blocks(AllocReq(ino=ino, session=session, indexes=[index])).allocations
+        bs = self.getattr(ino).block_size
+        ref = BlockRef(index=index, block_id=a.block_id, length=length, servers=a.servers)
+        attr = self.core.commit_blocks(
+            CommitReq(ino=ino, session=session, blocks=[ref],
+                      size=index * bs + length if size is None else size, mtime_ns=123)
+        ).attr
+        return a, attr
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(str(tmp_path / "meta.db"))
+    yield e
+    e.core.close()
+
+
+def fails(code: int, fn, req) -> FsError:
+    with pytest.raises(FsError) as info:
+        fn(req)
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
+    return info.value
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_root_and_store(env):
+    root = env.getattr(ROOT_INODE)
+    assert root.mode == stat.S_IFDIR | 0o755 and root.uid == 0 and root.gid == 0 and root.nlink == 2
+    assert root.block_size == DEFAULT_BLOCK_SIZE_BYTES and root.replicas == 0
+    assert env.core.store.schema_version() == SCHEMA_VERSION
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("PRAGMA journal_mode") == "wal"
+        assert tx.scalar("PRAGMA foreign_keys") == 1
+        assert tx.scalar("PRAGMA synchronous") == 2  # FULL
+
+
+def test_failed_operation_rolls_back(env):
+    env.create(ROOT_INODE, b"f")
+    with pytest.raises(RuntimeError):
+        with env.core.store.transaction() as tx:
+            tx.run("DELETE FROM dentries")
+            raise RuntimeError("boom")
+    assert env.names(ROOT_INODE) == [b"f"]
+
+
+def test_lookup_errors(env):
+    f = env.create(ROOT_INODE, b"file")
+    assert env.lookup(ROOT_INODE, b"file").ino == f.ino
+    fails(errno.ENOENT, env.core.lookup, LookupReq(parent=ROOT_INODE, name=b"nope"))
+    fails(errno.ENOTDIR, env.core.lookup, LookupReq(parent=f.ino, name=b"x"))
+    fails(errno.ENOENT, env.core.lookup, LookupReq(parent=999, name=b"x"))
+    d = env.mkdir(ROOT_INODE, b"d")
+    assert env.lookup(d.ino, b"..").ino == ROOT_INODE
+    assert env.lookup(d.ino, b".").ino == d.ino
+
+
+def test_getattr_gone(env):
+    f = env.create(ROOT_INODE, b"f")
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=12345))
+
+
+# --------------------------------------------------------------------------- creation
+
+
+@pytest.mark.parametrize("kind", [stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK])
+def test_mknod_types(env, kind):
+    a = env.core.mknod(MknodReq(parent=ROOT_INODE, name=b"n", mode=kind | 0o640, ctx=USER, rdev=0x0801)).attr
+    assert a.mode == kind | 0o640 and a.nlink == 1 and a.uid == 1000 and a.gid == 1000
+    assert a.rdev == (0x0801 if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+
+
+@pytest.mark.parametrize("kind", [stat.S_IFDIR, stat.S_IFLNK])
+def test_mknod_bad_type(env, kind):
+    fails(errno.EINVAL, env.core.mknod, MknodReq(parent=ROOT_INODE, name=b"n", mode=kind | 0o644, ctx=ROOT))
+
+
+def test_create_errors(env):
+    f = env.create(ROOT_INODE, b"f")
+    d = env.mkdir(ROOT_INODE, b"d")
+    for req_fn, mk in [
+        (env.core.mknod, lambda p, n: MknodReq(parent=p, name=n, mode=stat.S_IFREG | 0o644, ctx=ROOT)),
+        (env.core.mkdir, lambda p, n: MkdirReq(parent=p, name=n, mode=0o755, ctx=ROOT)),
+        (env.core.symlink, lambda p, n: SymlinkReq(parent=p, name=n, target=b"t", ctx=ROOT)),
+    ]:
+        fails(errno.EEXIST, req_fn, mk(ROOT_INODE, b"f"))
+        fails(errno.EEXIST, req_fn, mk(ROOT_INODE, b"d"))
+        fails(errno.ENOTDIR, req_fn, mk(f.ino, b"x"))
+        fails(errno.ENOENT, req_fn, mk(4242, b"x"))
+    # A directory that was removed while someone still refers to it by inode.
+    env.core.rmdir(RemoveReq(parent=ROOT_INODE, name=b"d"))
+    fails(errno.ENOENT, env.core.mkdir, MkdirReq(parent=d.ino, name=b"x", mode=0o755, ctx=ROOT))
+
+
+def test_create_in_removed_dir_kept_by_nlink0(env):
+    # A directory row with nlink 0 (as an unlinked-but-held inode would be) refuses entries.
+    d = env.mkdir(ROOT_INODE, b"d")
+    with env.core.store.transaction() as tx:
+        tx.run("UPDATE inodes SET nlink = 0 WHERE ino = ?", (d.ino,))
+    fails(errno.ENOENT, env.core.mknod, MknodReq(parent=d.ino, name=b"x", mode=stat.S_IFREG, ctx=ROOT))
+
+
+def test_ownership_and_setgid(env):
+    d = env.mkdir(ROOT_INODE, b"d", mode=0o2775, ctx=Ctx(uid=0, gid=50))
+    assert d.mode == stat.S_IFDIR | 0o2775 and d.gid == 50
+    f = env.create(d.ino, b"f", ctx=USER)
+    assert f.uid == 1000 and f.gid == 50
+    sub = env.mkdir(d.ino, b"sub", mode=0o755, ctx=USER)
+    assert sub.gid == 50 and sub.mode & stat.S_ISGID
+    plain = env.mkdir(ROOT_INODE, b"plain", ctx=USER)
+    assert plain.gid == 1000 and not plain.mode & stat.S_ISGID
+
+
+def test_dir_nlink_and_times(env):
+    before = env.getattr(ROOT_INODE)
+    env.clock.advance(5)
+    a = env.mkdir(ROOT_INODE, b"a")
+    assert a.nlink == 2
+    root = env.getattr(ROOT_INODE)
+    assert root.nlink == 3 and root.mtime_ns > before.mtime_ns and root.ctime_ns == root.mtime_ns
+    env.mkdir(a.ino, b"b")
+    env.create(a.ino, b"f")
+    assert env.getattr(a.ino).nlink == 3
+    env.core.rmdir(RemoveReq(parent=a.ino, name=b"b"))
+    assert env.getattr(a.ino).nlink == 2
+    env.clock.advance(5)
+    env.core.unlink(RemoveReq(parent=a.ino, name=b"f"))
+    assert env.getattr(a.ino).mtime_ns == int(env.clock.t * 1e9)
+    env.core.rmdir(RemoveReq(parent=ROOT_INODE, name=b"a"))
+    assert env.getattr(ROOT_INODE).nlink == 2
+
+
+def test_symlink_readlink(env):
+    s = env.core.symlink(SymlinkReq(parent=ROOT_INODE, name=b"s", target=b"../x/y", ctx=USER)).attr
+    assert stat.S_ISLNK(s.mode) and s.size == 6 and s.uid == 1000
+    assert env.core.readlink(InodeReq(ino=s.ino)).target == b"../x/y"
+    f = env.create(ROOT_INODE, b"f")
+    fails(errno.EINVAL, env.core.readlink, InodeReq(ino=f.ino))
+
+
+# --------------------------------------------------------------------------- removal
+
+
+def test_unlink_rmdir_errors(env):
+    d = env.mkdir(ROOT_INODE, b"d")
+    f = env.create(d.ino, b"f")
+    fails(errno.ENOENT, env.core.unlink, RemoveReq(parent=ROOT_INODE, name=b"nope"))
+    fails(errno.EISDIR, env.core.unlink, RemoveReq(parent=ROOT_INODE, name=b"d"))
+    fails(errno.ENOTDIR, env.core.rmdir, RemoveReq(parent=d.ino, name=b"f"))
+    fails(errno.ENOTEMPTY, env.core.rmdir, RemoveReq(parent=ROOT_INODE, name=b"d"))
+    fails(errno.ENOENT, env.core.rmdir, RemoveReq(parent=ROOT_INODE, name=b"nope"))
+    fails(errno.ENOTDIR, env.core.unlink, RemoveReq(parent=f.ino, name=b"x"))
+    fails(errno.EINVAL, env.core.rmdir, RemoveReq(parent=ROOT_INODE, name=b"."))
+    fails(errno.ENOTEMPTY, env.core.rmdir, RemoveReq(parent=d.ino, name=b".."))
+
+
+def test_unlink_ctime_and_hard_links(env):
+    f = env.create(ROOT_INODE, b"f")
+    d = env.mkdir(ROOT_INODE, b"d")
+    env.clock.advance(3)
+    linked = env.core.link(LinkReq(ino=f.ino, new_parent=d.ino, new_name=b"g")).attr
+    assert linked.nlink == 2 and linked.ctime_ns > f.ctime_ns
+    assert env.getattr(d.ino).mtime_ns == linked.ctime_ns
+    env.clock.advance(3)
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    a = env.lookup(d.ino, b"g")
+    assert a.nlink == 1 and a.ctime_ns > linked.ctime_ns
+
+
+def test_link_errors(env):
+    f = env.create(ROOT_INODE, b"f")
+    d = env.mkdir(ROOT_INODE, b"d")
+    fails(errno.EPERM, env.core.link, LinkReq(ino=d.ino, new_parent=ROOT_INODE, new_name=b"d2"))
+    fails(errno.EEXIST, env.core.link, LinkReq(ino=f.ino, new_parent=ROOT_INODE, new_name=b"d"))
+    fails(errno.ENOTDIR, env.core.link, LinkReq(ino=f.ino, new_parent=f.ino, new_name=b"x"))
+    fails(errno.ENOENT, env.core.link, LinkReq(ino=9999, new_parent=ROOT_INODE, new_name=b"x"))
+    # An unlinked file still open somewhere cannot get a name back.
+    s = env.session()
+    env.core.open(OpenReq(ino=f.ino, session=s))
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    fails(errno.ENOENT, env.core.link, LinkReq(ino=f.ino, new_parent=ROOT_INODE, new_name=b"back"))
+
+
+# --------------------------------------------------------------------------- rename
+
+
+def rename(env, parent, name, new_parent, new_name, flags=0):
+    return env.core.rename(RenameReq(parent=parent, name=name, new_parent=new_parent, new_name=new_name, flags=flags))
+
+
+def test_rename_errors(env):
+    a = env.mkdir(ROOT_INODE, b"a")
+    b = env.mkdir(a.ino, b"b")
+    env.create(ROOT_INODE, b"f")
+    env.mkdir(ROOT_INODE, b"full")
+    env.create(env.lookup(ROOT_INODE, b"full").ino, b"x")
+    env.mkdir(ROOT_INODE, b"empty")
+    R = RenameReq
+    fails(errno.ENOENT, env.core.rename, R(parent=ROOT_INODE, name=b"nope", new_parent=ROOT_INODE, new_name=b"z"))
+    fails(errno.EEXIST, env.core.rename,
+          R(parent=ROOT_INODE, name=b"f", new_parent=ROOT_INODE, new_name=b"a", flags=RENAME_NOREPLACE))
+    fails(errno.ENOENT, env.core.rename,
+          R(parent=ROOT_INODE, name=b"f", new_parent=ROOT_INODE, new_name=b"z", flags=RENAME_EXCHANGE))
+    fails(errno.EINVAL, env.core.rename, R(parent=ROOT_INODE, name=b"a", new_parent=a.ino, new_name=b"z"))
+    fails(errno.EINVAL, env.core.rename, R(parent=ROOT_INODE, name=b"a", new_parent=b.ino, new_name=b"z"))
+    fails(errno.ENOTDIR, env.core.rename, R(parent=ROOT_INODE, name=b"empty", new_parent=ROOT_INODE, new_name=b"f"))
+    fails(errno.EISDIR, env.core.rename, R(parent=ROOT_INODE, name=b"f", new_parent=ROOT_INODE, new_name=b"empty"))
+    fails(errno.ENOTEMPTY, env.core.rename, R(parent=ROOT_INODE, name=b"empty", new_parent=ROOT_INODE, new_name=b"full"))
+    # Exchanging a directory with an entry inside it would also make a cycle.
+    fails(errno.EINVAL, env.core.rename,
+          R(parent=ROOT_INODE, name=b"a", new_parent=a.ino, new_name=b"b", flags=RENAME_EXCHANGE))
+    assert sorted(env.names(ROOT_INODE)) == [b"a", b"empty", b"f", b"full"]
+
+
+def test_rename_same_inode_is_noop(env):
+    f = env.create(ROOT_INODE, b"f")
+    env.core.link(LinkReq(ino=f.ino, new_parent=ROOT_INODE, new_name=b"g"))
+    before = env.getattr(f.ino)
+    env.clock.advance(1)
+    rename(env, ROOT_INODE, b"f", ROOT_INODE, b"g")
+    assert sorted(env.names(ROOT_INODE)) == [b"f", b"g"]
+    assert env.getattr(f.ino) == before
+    rename(env, ROOT_INODE, b"f", ROOT_INODE, b"f")
+    assert sorted(env.names(ROOT_INODE)) == [b"f", b"g"]
+
+
+def test_rename_file_replaces_and_purges(env):
+    f = env.create(ROOT_INODE, b"f")
+    g = env.create(ROOT_INODE, b"g")
+    cookie_before = env.core.readdir(ReaddirReq(ino=ROOT_INODE)).entries[0].cookie
+    env.clock.advance(2)
+    rename(env, ROOT_INODE, b"f", ROOT_INODE, b"g")
+    (entry,) = env.core.readdir(ReaddirReq(ino=ROOT_INODE)).entries
+    assert entry.name == b"g" and entry.attr.ino == f.ino and entry.cookie > cookie_before
+    assert entry.attr.ctime_ns > f.ctime_ns
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=g.ino))
+
+
+def test_rename_dir_across_parents(env):
+    a = env.mkdir(ROOT_INODE, b"a")
+    b = env.mkdir(ROOT_INODE, b"b")
+    c = env.mkdir(a.ino, b"c")
+    env.clock.advance(2)
+    rename(env, a.ino, b"c", b.ino, b"c2")
+    assert env.getattr(a.ino).nlink == 2 and env.getattr(b.ino).nlink == 3
+    assert env.lookup(c.ino, b"..").ino == b.ino
+    now = int(env.clock.t * 1e9)
+    assert env.getattr(a.ino).mtime_ns == now and env.getattr(b.ino).ctime_ns == now
+    assert env.getattr(c.ino).ctime_ns == now
+    # Over an empty directory: the replaced one is gone, nlinks stay right.
+    e = env.mkdir(a.ino, b"e")
+    rename(env, b.ino, b"c2", a.ino, b"e")
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=e.ino))
+    assert env.getattr(a.ino).nlink == 3 and env.getattr(b.ino).nlink == 2
+    assert env.getattr(ROOT_INODE).nlink == 4
+    # Moving a directory down elsewhere is fine; only into its own subtree is not.
+    rename(env, ROOT_INODE, b"b", a.ino, b"b")
+    assert env.lookup(b.ino, b"..").ino == a.ino and env.getattr(ROOT_INODE).nlink == 3
+
+
+def test_rename_exchange(env):
+    a = env.mkdir(ROOT_INODE, b"a")
+    b = env.mkdir(ROOT_INODE, b"b")
+    f = env.create(a.ino, b"x")
+    d = env.mkdir(b.ino, b"y")
+    rename(env, a.ino, b"x", b.ino, b"y", RENAME_EXCHANGE)
+    assert env.lookup(a.ino, b"x").ino == d.ino and env.lookup(b.ino, b"y").ino == f.ino
+    assert env.lookup(d.ino, b"..").ino == a.ino
+    assert env.getattr(a.ino).nlink == 3 and env.getattr(b.ino).nlink == 2
+    # Same directory exchange.
+    env.create(a.ino, b"z")
+    z = env.lookup(a.ino, b"z")
+    rename(env, a.ino, b"x", a.ino, b"z", RENAME_EXCHANGE)
+    assert env.lookup(a.ino, b"z").ino == d.ino and env.lookup(a.ino, b"x").ino == z.ino
+    assert env.getattr(a.ino).nlink == 3
+
+
+def test_rename_noreplace_ok_when_free(env):
+    env.create(ROOT_INODE, b"f")
+    rename(env, ROOT_INODE, b"f", ROOT_INODE, b"g", RENAME_NOREPLACE)
+    assert env.names(ROOT_INODE) == [b"g"]
+
+
+# --------------------------------------------------------------------------- setattr
+
+
+def test_setattr_mode_owner(env):
+    f = env.create(ROOT_INODE, b"f", ctx=USER)
+    env.clock.advance(1)
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, mode=0o4600)).attr
+    assert a.mode == stat.S_IFREG | 0o4600 and a.ctime_ns > f.ctime_ns
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, mode=0o777))
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=USER, uid=2000))
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, gid=2000))
+    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, uid=1000)).attr.uid == 1000  # no change: fine
+    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, gid=77)).attr.gid == 77
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, uid=5, gid=6)).attr
+    assert (a.uid, a.gid) == (5, 6)
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, atime_ns=10, mtime_ns=20)).attr
+    assert (a.atime_ns, a.mtime_ns) == (10, 20)
+    env.clock.advance(1)
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, atime_now=True, mtime_now=True)).attr
+    assert a.atime_ns == a.mtime_ns == a.ctime_ns == int(env.clock.t * 1e9)
+    fails(errno.ENOENT, env.core.setattr, SetattrReq(ino=999, ctx=ROOT, mode=0o644))
+
+
+def test_setattr_size_errors(env):
+    d = env.mkdir(ROOT_INODE, b"d")
+    p = env.create(ROOT_INODE, b"p", mode=stat.S_IFIFO | 0o644)
+    fails(errno.EISDIR, env.core.setattr, SetattrReq(ino=d.ino, ctx=ROOT, size=0))
+    fails(errno.EINVAL, env.core.setattr, SetattrReq(ino=p.ino, ctx=ROOT, size=0))
+    f = env.create(ROOT_INODE, b"f")
+    fails(errno.EFBIG, env.core.setattr, SetattrReq(ino=f.ino, ctx=ROOT, size=1 << 60))
+
+
+def test_truncate_clamps_and_garbage(env):
+    sids = [env.add_server(i) for i in range(3)]
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    env.core.setxattr(XattrReq(ino=f.ino, name=LAYOUT_XATTR_BLOCK_SIZE, value=str(SMALL_BS).encode()))
+    blocks = [env.write(f.ino, s, i, SMALL_BS)[0] for i in range(3)]
+    assert env.getattr(f.ino).size == 3 * SMALL_BS
+    gen = env.getattr(f.ino).generation
+    env.clock.advance(1)
+    new_size = SMALL_BS + 100
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, size=new_size)).attr
+    assert a.size == new_size and a.generation > gen
+    assert a.mtime_ns == a.ctime_ns == int(env.clock.t * 1e9)
+    m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
+    assert [(r.index, r.block_id, r.length) for r in m] == [
+        (0, blocks[0].block_id, SMALL_BS), (1, blocks[1].block_id, 100)]
+    # Extending keeps the clamp: the bytes past 100 in block 1 read as zeros.
+    env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, size=3 * SMALL_BS))
+    m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
+    assert [(r.index, r.length) for r in m] == [(0, SMALL_BS), (1, 100)]
+    # Truncating at a block boundary drops that block entirely.
+    env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, size=SMALL_BS))
+    assert [r.index for r in env.core.block_map(BlockMapReq(ino=f.ino)).blocks] == [0]
+    # The dropped blocks reach their servers' delete lists after the grace period.
+    env.clock.advance(31)
+    deleted = set()
+    for sid in sids:
+        deleted |= set(env.beat(sid).delete)
+    assert deleted == {blocks[1].block_id, blocks[2].block_id}
+    # An explicit mtime wins over the truncation's now.
+    a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, size=10, mtime_ns=77)).attr
+    assert a.mtime_ns == 77 and a.size == 10
+
+
+# --------------------------------------------------------------------------- readdir
+
+
+def test_readdir_errors_and_paging(env):
+    f = env.create(ROOT_INODE, b"f")
+    fails(errno.ENOTDIR, env.core.readdir, ReaddirReq(ino=f.ino))
+    fails(errno.ENOENT, env.core.readdir, ReaddirReq(ino=999))
+    d = env.mkdir(ROOT_INODE, b"d")
+    assert env.core.readdir(ReaddirReq(ino=d.ino)).entries == []
+    for i in range(10):
+        env.create(d.ino, b"n%d" % i)
+    page = env.core.readdir(ReaddirReq(ino=d.ino, limit=4))
+    assert [e.name for e in page.entries] == [b"n0", b"n1", b"n2", b"n3"] and page.more
+    assert page.entries[0].attr.ino == env.lookup(d.ino, b"n0").ino
+    last = env.core.readdir(ReaddirReq(ino=d.ino, offset=page.entries[-1].cookie, limit=6))
+    assert len(last.entries) == 6 and not last.more
+
+
+def test_readdir_cookies_stable_while_changing(env):
+    d = env.mkdir(ROOT_INODE, b"d")
+    for i in range(10):
+        env.create(d.ino, b"n%d" % i)
+    page = env.core.readdir(ReaddirReq(ino=d.ino, limit=5))
+    seen = [e.name for e in page.entries]
+    # Mid-listing: remove one already listed, one not yet listed, add a new one.
+    env.core.unlink(RemoveReq(parent=d.ino, name=b"n1"))
+    env.core.unlink(RemoveReq(parent=d.ino, name=b"n7"))
+    env.create(d.ino, b"new")
+    offset = page.entries[-1].cookie
+    while True:
+        page = env.core.readdir(ReaddirReq(ino=d.ino, offset=offset, limit=2))
+        seen += [e.name for e in page.entries]
+        if not page.more:
+            break
+        offset = page.entries[-1].cookie
+    assert seen == [b"n0", b"n1", b"n2", b"n3", b"n4", b"n5", b"n6", b"n8", b"n9", b"new"]
+
+
+# --------------------------------------------------------------------------- xattrs
+
+
+def test_xattrs(env):
+    f = env.create(ROOT_INODE, b"f", ctx=USER)
+    X = XattrReq
+    env.core.setxattr(X(ino=f.ino, name=b"user.label", value=b"cat", ctx=USER))
+    assert env.core.getxattr(X(ino=f.ino, name=b"user.label")).value == b"cat"
+    fails(errno.EEXIST, env.core.setxattr, X(ino=f.ino, name=b"user.label", value=b"dog", flags=1))
+    fails(errno.ENODATA, env.core.setxattr, X(ino=f.ino, name=b"user.none", value=b"x", flags=2))
+    env.core.setxattr(X(ino=f.ino, name=b"user.label", value=b"dog", flags=2))
+    assert env.core.getxattr(X(ino=f.ino, name=b"user.label")).value == b"dog"
+    env.core.setxattr(X(ino=f.ino, name=b"user.empty", value=b""))
+    assert env.core.getxattr(X(ino=f.ino, name=b"user.empty")).value == b""
+    fails(errno.ENODATA, env.core.getxattr, X(ino=f.ino, name=b"user.none"))
+    fails(errno.ENODATA, env.core.removexattr, X(ino=f.ino, name=b"user.none"))
+    fails(errno.EOPNOTSUPP, env.core.setxattr, X(ino=f.ino, name=b"bogus.x", value=b"1"))
+    fails(errno.EOPNOTSUPP, env.core.getxattr, X(ino=f.ino, name=b"bogus.x"))
+    fails(errno.ENODATA, env.core.getxattr, X(ino=f.ino, name=b"system.posix_acl_access"))
+    fails(errno.EOPNOTSUPP, env.core.setxattr, X(ino=f.ino, name=b"system.posix_acl_default", value=b"x"))
+    fails(errno.EPERM, env.core.setxattr, X(ino=f.ino, name=b"trusted.t", value=b"1", ctx=USER))
+    fails(errno.EPERM, env.core.setxattr, X(ino=f.ino, name=b"security.s", value=b"1", ctx=USER))
+    env.core.setxattr(X(ino=f.ino, name=b"trusted.t", value=b"1", ctx=ROOT))
+    fails(errno.EPERM, env.core.removexattr, X(ino=f.ino, name=b"trusted.t", ctx=USER))
+    assert sorted(env.core.listxattr(InodeReq(ino=f.ino)).names) == [b"trusted.t", b"user.empty", b"user.label"]
+    env.clock.advance(1)
+    env.core.removexattr(X(ino=f.ino, name=b"user.label"))
+    assert env.getattr(f.ino).ctime_ns == int(env.clock.t * 1e9)
+    assert b"user.label" not in env.core.listxattr(InodeReq(ino=f.ino)).names
+    fails(errno.ENOENT, env.core.listxattr, InodeReq(ino=999))
+
+
+def test_xattr_user_on_special_files(env):
+    s = env.core.symlink(SymlinkReq(parent=ROOT_INODE, name=b"s", target=b"t", ctx=ROOT)).attr
+    p = env.create(ROOT_INODE, b"p", mode=stat.S_IFIFO | 0o644)
+    for ino in (s.ino, p.ino):
+        fails(errno.EPERM, env.core.setxattr, XattrReq(ino=ino, name=b"user.x", value=b"1"))
+    env.core.setxattr(XattrReq(ino=s.ino, name=b"trusted.x", value=b"1", ctx=ROOT))
+    d = env.mkdir(ROOT_INODE, b"d")
+    env.core.setxattr(XattrReq(ino=d.ino, name=b"user.x", value=b"1"))
+
+
+def test_xattr_total_cap(env):
+    f = env.create(ROOT_INODE, b"f")
+    value = b"v" * 65536
+    for i in range(15):
+        env.core.setxattr(XattrReq(ino=f.ino, name=b"user.%d" % i, value=value))
+    fails(errno.ENOSPC, env.core.setxattr, XattrReq(ino=f.ino, name=b"user.big", value=value))
+    # Replacing one with a same-size value still fits.
+    env.core.setxattr(XattrReq(ino=f.ino, name=b"user.0", value=value))
+
+
+def test_layout_xattrs(env):
+    d = env.mkdir(ROOT_INODE, b"d")
+    X = XattrReq
+    assert env.core.getxattr(X(ino=d.ino, name=LAYOUT_XATTR_BLOCK_SIZE)).value == str(DEFAULT_BLOCK_SIZE_BYTES).encode()
+    env.core.setxattr(X(ino=d.ino, name=LAYOUT_XATTR_BLOCK_SIZE, value=b"1048576"))
+    env.core.setxattr(X(ino=d.ino, name=LAYOUT_XATTR_REPLICAS, value=b"3"))
+    for bad in (b"1000000", b"1024", b"abc", b"", b"-4", str(128 * 1024 * 1024).encode()):
+        fails(errno.EINVAL, env.core.setxattr, X(ino=d.ino, name=LAYOUT_XATTR_BLOCK_SIZE, value=bad))
+    fails(errno.EINVAL, env.core.setxattr, X(ino=d.ino, name=LAYOUT_XATTR_REPLICAS, value=b"9"))
+    assert env.core.getxattr(X(ino=d.ino, name=LAYOUT_XATTR_REPLICAS)).value == b"3"
+    assert env.core.listxattr(InodeReq(ino=d.ino)).names == []
+    f = env.create(d.ino, b"f")
+    sub = env.mkdir(d.ino, b"sub")
+    assert (f.block_size, f.replicas) == (1048576, 3) and (sub.block_size, sub.replicas) == (1048576, 3)
+    # A file without blocks may still change its layout; one with blocks may not.
+    env.core.setxattr(X(ino=f.ino, name=LAYOUT_XATTR_BLOCK_SIZE, value=b"65536"))
+    assert env.getattr(f.ino).block_size == 65536
+    env.add_server(1)
+    env.write(f.ino, env.session(), 0, 10)
+    fails(errno.EBUSY, env.core.setxattr, X(ino=f.ino, name=LAYOUT_XATTR_BLOCK_SIZE, value=b"131072"))
+    fails(errno.EPERM, env.core.setxattr, X(ino=d.ino, name=LAYOUT_XATTR_REPLICAS, value=b"1", ctx=USER))
+
+
+# --------------------------------------------------------------------------- statfs, status
+
+
+def test_statfs(env):
+    assert env.core.statfs(Empty()).total_bytes == 0
+    env.add_server(1)
+    st = env.core.statfs(Empty())
+    assert st.total_bytes == 200 * GiB and st.free_bytes == 100 * GiB  # one server: one replica
+    env.add_server(2)
+    env.add_server(3)
+    st = env.core.statfs(Empty())
+    assert st.total_bytes == 300 * GiB and st.free_bytes == 150 * GiB
+    assert st.block_size == 4096 and st.name_max == 255 and st.files == 1 and st.files_free > 0
+
+
+def test_status(env):
+    a = env.add_server(1)
+    env.add_server(2)
+    env.clock.advance(5)
+    env.beat(a)
+    env.clock.advance(6)
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    env.mkdir(ROOT_INODE, b"d")
+    env.write(f.ino, s, 0, 1000)
+    st = env.core.status(Empty())
+    states = {x.server_id: (x.state, round(x.last_heartbeat_s)) for x in st.servers}
+    assert states == {a: ("up", 6), a + 1: ("down", 11)}
+    assert (st.inodes, st.files, st.directories, st.bytes, st.blocks, st.sessions) == (3, 1, 2, 1000, 1, 1)
+
+
+# --------------------------------------------------------------------------- open, sessions
+
+
+def test_open_errors_and_trunc(env):
+    s = env.session()
+    d = env.mkdir(ROOT_INODE, b"d")
+    fails(errno.EISDIR, env.core.open, OpenReq(ino=d.ino, session=s))
+    fails(errno.ENOENT, env.core.open, OpenReq(ino=999, session=s))
+    f = env.create(ROOT_INODE, b"f")
+    fails(errno.ESTALE, env.core.open, OpenReq(ino=f.ino, session=s + 100))
+    env.add_server(1)
+    env.write(f.ino, s, 0, 500)
+    reply = env.core.open(OpenReq(ino=f.ino, session=s))
+    assert reply.attr.size == 500 and [b.length for b in reply.blocks] == [500]
+    assert reply.blocks[0].servers == ["10.0.0.1:7000"]
+    reply = env.core.open(OpenReq(ino=f.ino, session=s, flags=os.O_WRONLY | os.O_TRUNC))
+    assert reply.attr.size == 0 and reply.blocks == []
+
+
+def test_create_and_open(env):
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f", session=s)
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    assert env.getattr(f.ino).nlink == 0
+    env.core.release(ReleaseReq(ino=f.ino, session=s))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
+    fails(errno.ESTALE, env.core.mknod,
+          MknodReq(parent=ROOT_INODE, name=b"g", mode=stat.S_IFREG | 0o644, ctx=ROOT, session=s + 9))
+    assert env.names(ROOT_INODE) == []
+
+
+def test_unlink_while_open_two_sessions(env):
+    env.add_server(1)
+    s1, s2 = env.session(), env.session()
+    f = env.create(ROOT_INODE, b"f")
+    a, _ = env.write(f.ino, s1, 0, 1000)
+    env.core.open(OpenReq(ino=f.ino, session=s1))
+    env.core.open(OpenReq(ino=f.ino, session=s2))
+    env.core.open(OpenReq(ino=f.ino, session=s2))
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    assert env.getattr(f.ino).nlink == 0
+    # Still readable and even writable through the open handles.
+    assert env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].block_id == a.block_id
+    env.write(f.ino, s2, 1, 10, size=f.block_size + 10)
+    env.core.release(ReleaseReq(ino=f.ino, session=s1))
+    env.core.release(ReleaseReq(ino=f.ino, session=s2))
+    assert env.getattr(f.ino).nlink == 0  # s2 still has one open
+    env.core.release(ReleaseReq(ino=f.ino, session=s2))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
+    env.core.release(ReleaseReq(ino=f.ino, session=s2))  # a stray release is harmless
+    env.clock.advance(31)
+    assert len(env.beat(1).delete) == 2
+
+
+def test_purge_on_session_close_and_expiry(env):
+    s1, s2 = env.session(), env.session()
+    f = env.create(ROOT_INODE, b"f")
+    g = env.create(ROOT_INODE, b"g")
+    env.core.open(OpenReq(ino=f.ino, session=s1))
+    env.core.open(OpenReq(ino=g.ino, session=s2))
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"g"))
+    env.core.close_session(SessionReq(session=s1))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
+    fails(errno.ESTALE, env.core.renew_session, SessionReq(session=s1))
+    fails(errno.ESTALE, env.core.close_session, SessionReq(session=s1))
+    # s2 goes silent: renewals keep a session alive, silence for 3 leases ends it.
+    env.clock.advance(60)
+    env.core.renew_session(SessionReq(session=s2))
+    env.clock.advance(60)
+    env.core.sweep()
+    assert env.getattr(g.ino).nlink == 0
+    env.clock.advance(31)
+    assert env.core.sweep()["sessions_expired"] == 1
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=g.ino))
+    fails(errno.ESTALE, env.core.renew_session, SessionReq(session=s2))
+    assert env.core.status(Empty()).sessions == 0
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def test_alloc_no_servers(env):
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    fails(errno.EIO, env.core.alloc_blocks, AllocReq(ino=f.ino, session=s, indexes=[0]))
+    sid = env.add_server(1, free=DEFAULT_BLOCK_SIZE_BYTES)  # too full for a 4 MiB block
+    fails(errno.ENOSPC, env.core.alloc_blocks, AllocReq(ino=f.ino, session=s, indexes=[0]))
+    env.beat(sid, free=100 * GiB)
+    env.clock.advance(11)  # silent too long: dead
+    fails(errno.EIO, env.core.alloc_blocks, AllocReq(ino=f.ino, session=s, indexes=[0]))
+    d = env.mkdir(ROOT_INODE, b"d")
+    fails(errno.EISDIR, env.core.alloc_blocks, AllocReq(ino=d.ino, session=s, indexes=[0]))
+    fails(errno.ESTALE, env.core.alloc_blocks, AllocReq(ino=f.ino, session=s + 1, indexes=[0]))
+    fails(errno.ENOENT, env.core.alloc_blocks, AllocReq(ino=999, session=s, indexes=[0]))
+
+
+def test_alloc_striping_and_replicas(env):
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    env.add_server(1)
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
+    assert len(a.servers) == 1  # min(2, 1)
+    assert check_block_token(SECRET, a.block_id, a.token)
+    for n in (2, 3, 4):
+        env.add_server(n)
+    allocs = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=list(range(8)))).allocations
+    assert all(len(x.servers) == 2 and len(set(x.servers)) == 2 for x in allocs)
+    starts = [x.servers[0] for x in allocs]
+    assert all(starts[i] != starts[i + 1] for i in range(7))
+    assert len(set(starts)) == 4  # every server leads some block
+    ids = [x.block_id for x in allocs]
+    assert len(set(ids)) == 8 and min(ids) > a.block_id
+    # A per-file replica count, capped at the usable servers; full and dead servers are skipped.
+    g = env.create(ROOT_INODE, b"g")
+    env.core.setxattr(XattrReq(ino=g.ino, name=LAYOUT_XATTR_REPLICAS, value=b"8"))
+    (x,) = env.core.alloc_blocks(AllocReq(ino=g.ino, session=s, indexes=[0])).allocations
+    assert len(x.servers) == 4
+    env.beat(1, free=0)
+    env.clock.advance(8)
+    env.beat(1, free=0)
+    env.beat(2)
+    env.beat(3)
+    env.clock.advance(3)  # server 4 now silent for 11 s
+    (x,) = env.core.alloc_blocks(AllocReq(ino=g.ino, session=s, indexes=[0])).allocations
+    assert sorted(x.servers) == ["10.0.0.2:7000", "10.0.0.3:7000"]
+
+
+# --------------------------------------------------------------------------- commit and GC
+
+
+def test_commit_and_gc(env):
+    sids = [env.add_server(i) for i in range(1, 3)]
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    a1, attr = env.write(f.ino, s, 0, 4096)
+    assert attr.size == 4096 and attr.mtime_ns == 123 and attr.generation == 1
+    m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
+    assert m[0].block_id == a1.block_id and sorted(m[0].servers) == sorted(a1.servers)
+    # Overwrite block 0: the old id becomes garbage on both servers, after the grace period.
+    a2, attr = env.write(f.ino, s, 0, 100, size=100)
+    assert attr.size == 4096 and attr.generation == 2  # a commit never shrinks
+    for sid in sids:
+        assert env.beat(sid).delete == []
+    env.clock.advance(31)
+    for sid in sids:
+        assert env.beat(sid).delete == [a1.block_id]
+    env.core.blocks_deleted(DeletedReq(server_id=sids[0], block_ids=[a1.block_id]))
+    assert env.beat(sids[0]).delete == []
+    assert env.beat(sids[1]).delete == [a1.block_id]
+
+
+def test_commit_errors(env):
+    env.add_server(1)
+    env.add_server(2)
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    g = env.create(ROOT_INODE, b"g")
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[3])).allocations
+
+    def commit(ino=f.ino, **kw):
+        ref = dict(index=3, block_id=a.block_id, length=10, servers=a.servers)
+        ref.update(kw)
+        return CommitReq(ino=ino, session=s, blocks=[BlockRef(**ref)], size=10, mtime_ns=1)
+
+    fails(errno.EINVAL, env.core.commit_blocks, commit(block_id=a.block_id + 100))
+    fails(errno.EINVAL, env.core.commit_blocks, commit(ino=g.ino))
+    fails(errno.EINVAL, env.core.commit_blocks, commit(index=4))
+    fails(errno.EINVAL, env.core.commit_blocks, commit(servers=[]))
+    fails(errno.EINVAL, env.core.commit_blocks, commit(servers=["10.9.9.9:1"]))
+    fails(errno.EINVAL, env.core.commit_blocks, commit(length=f.block_size + 1))
+    # Written to one of the two: committed with one replica, the other gets cleaned up.
+    attr = env.core.commit_blocks(commit(servers=a.servers[:1])).attr
+    assert attr.size == 10
+    assert env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].servers == a.servers[:1]
+    fails(errno.EINVAL, env.core.commit_blocks, commit())  # no longer pending
+    env.clock.advance(31)
+    other = 1 if a.servers[1].startswith("10.0.0.1") else 2
+    assert env.beat(other).delete == [a.block_id]
+
+
+def test_commit_after_purge(env):
+    sid = env.add_server(1)
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    ref = BlockRef(index=0, block_id=a.block_id, length=5, servers=a.servers)
+    fails(errno.ENOENT, env.core.commit_blocks, CommitReq(ino=f.ino, session=s, blocks=[ref], size=5, mtime_ns=1))
+    env.clock.advance(31)
+    assert env.beat(sid).delete == [a.block_id]
+
+
+def test_abandoned_allocations_swept(env):
+    sid = env.add_server(1)
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
+    env.clock.advance(1800)
+    env.beat(sid)
+    env.core.renew_session(SessionReq(session=s))
+    assert env.core.sweep()["allocations_abandoned"] == 0
+    env.clock.advance(1801)
+    env.beat(sid)
+    env.core.renew_session(SessionReq(session=s))
+    assert env.core.sweep()["allocations_abandoned"] == 1
+    env.clock.advance(31)
+    assert env.beat(sid).delete == [a.block_id]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_register_and_heartbeat(env):
+    sid = env.add_server(1)
+    assert env.add_server(2) != sid
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    env.write(f.ino, s, 0, 10)
+    # Restarted on a new port: same id, and block maps point at the new address.
+    reply = env.core.register(RegisterReq(address="10.0.0.1:7999", node_id="node-1",
+                                          capacity_bytes=1, free_bytes=1, blocks=0))
+    assert reply.server_id == sid and reply.heartbeat_interval_s > 0
+    servers = env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].servers
+    assert "10.0.0.1:7999" in servers and "10.0.0.1:7000" not in servers
+    hb = env.core.heartbeat(HeartbeatReq(server_id=4242, capacity_bytes=1, free_bytes=1, blocks=0))
+    assert hb.reregister and hb.delete == []
+    assert not env.beat(sid).reregister
+
+
+def test_heartbeat_delete_list_is_capped(env):
+    sid = env.add_server(1)
+    with env.core.store.transaction() as tx:
+        tx.run_many("INSERT INTO garbage (block_id, server_id, not_before_ns) VALUES (?, ?, 0)",
+                    [(i, sid) for i in range(1, 1500)])
+    first = env.beat(sid).delete
+    assert len(first) == 1000
+    env.core.blocks_deleted(DeletedReq(server_id=sid, block_ids=first))
+    assert len(env.beat(sid).delete) == 499
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_reopen_keeps_everything_and_never_reuses_ids(env):
+    sid = env.add_server(1)
+    s = env.session()
+    d = env.mkdir(ROOT_INODE, b"d")
+    f = env.create(d.ino, b"f")
+    env.core.setxattr(XattrReq(ino=f.ino, name=b"user.k", value=b"v"))
+    a, _ = env.write(f.ino, s, 0, 42)
+    tmp = env.create(ROOT_INODE, b"tmp")
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"tmp"))
+    env.reopen()
+    assert env.lookup(d.ino, b"f").ino == f.ino
+    assert env.core.getxattr(XattrReq(ino=f.ino, name=b"user.k")).value == b"v"
+    m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
+    assert [(r.block_id, r.length) for r in m] == [(a.block_id, 42)]
+    assert env.getattr(ROOT_INODE).nlink == 3
+    env.core.renew_session(SessionReq(session=s))
+    assert env.beat(sid).reregister is False
+    # The highest inode was deleted before the reopen; its number is still not handed out.
+    new = env.create(ROOT_INODE, b"new")
+    assert new.ino > tmp.ino
+    (b,) = env.core.alloc_blocks(AllocReq(ino=new.ino, session=s, indexes=[0])).allocations
+    assert b.block_id > a.block_id
+    assert env.session() > s
+
+
+def test_concurrent_calls(env):
+    errors = []
+
+    def worker(k):
+        try:
+            d = env.mkdir(ROOT_INODE, b"w%d" % k)
+            for i in range(20):
+                env.create(d.ino, b"f%d" % i)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert env.getattr(ROOT_INODE).nlink == 10
+    assert env.core.status(Empty()).inodes == 1 + 8 + 160
