@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from sqlite3 import Row
 
 from proto.auth import block_token
 from proto.errors import FsError
@@ -29,10 +30,8 @@ from proto.messages import (
 )
 from proto.types import DEFAULT_REPLICAS, FILE_SIZE_MAX_BYTES
 
-from sqlite3 import Row
-
-from .store import Tx
 from .base import NEAR_FULL_BLOCKS, CoreBase, is_dir, is_reg
+from .store import Tx
 
 
 class FileOps(CoreBase):
@@ -168,8 +167,8 @@ class FileOps(CoreBase):
                 (ino, ref.index, ref.block_id, ref.length),
             )
             tx.run_many(
-                "INSERT INTO replicas (block_id, server_id) VALUES (?, ?)",
-                [(ref.block_id, allocated[a]) for a in sorted(written)],
+                "INSERT INTO replicas (block_id, server_id, rank) VALUES (?, ?, ?)",
+                [(ref.block_id, allocated[a], rank) for rank, a in enumerate(dict.fromkeys(ref.servers))],
             )
             # Servers that were allocated but not written may hold a partial copy.
             unwritten = [sid for a, sid in allocated.items() if a not in written]

@@ -86,6 +86,9 @@ CREATE TABLE blocks (
 CREATE TABLE replicas (
     block_id   INTEGER NOT NULL REFERENCES blocks(block_id) ON DELETE CASCADE,
     server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    rank       INTEGER NOT NULL DEFAULT 0,  -- placement order: 0 is the primary, which readers
+                                            -- try first, so consecutive blocks read from
+                                            -- different servers (striping)
     PRIMARY KEY (block_id, server_id)
 );
 
@@ -124,6 +127,9 @@ CREATE TABLE pending (
 CREATE TABLE pending_servers (
     block_id   INTEGER NOT NULL REFERENCES pending(block_id) ON DELETE CASCADE,
     server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    rank       INTEGER NOT NULL DEFAULT 0,  -- placement order: 0 is the primary, which readers
+                                            -- try first, so consecutive blocks read from
+                                            -- different servers (striping)
     PRIMARY KEY (block_id, server_id)
 );
 
