@@ -155,8 +155,9 @@ class Client:
         mtime_now: bool = False,
     ) -> m.Attr:
         f = self._files.get(ino)
-        if f is not None and size is not None:
-            # A truncate must not race with uploads of blocks it removes: settle them first.
+        if f is not None and (size is not None or mtime_ns is not None or mtime_now):
+            # Settle buffered writes first: a truncate must not race with uploads of blocks
+            # it removes, and a later commit would overwrite an explicit mtime (cp -a, touch).
             await self._fsync_state(f)
         req = m.SetattrReq(ino, ctx, mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now)
         attr = (await self._meta("setattr", req)).attr
@@ -229,6 +230,9 @@ class Client:
         dh = next(self._next_fh)
         self._dirs[dh] = DirHandle(ino)
         return dh
+
+    def dir_inode(self, dh: int) -> int:
+        return self._dirs[dh].ino
 
     async def readdir(self, dh: int, offset: int) -> tuple[list[m.DirEntry], bool]:
         """Entries after cookie `offset` (0: from the start), and whether more follow.

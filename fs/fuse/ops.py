@@ -21,6 +21,8 @@ log = logging.getLogger("stripefs.fuse")
 #: How long the kernel may trust attributes and directory entries (DESIGN.md: about 1 s).
 ATTR_TIMEOUT_S = 1.0
 ENTRY_TIMEOUT_S = 1.0
+#: "." and ".." come first in a listing, at offsets 0 and 1.
+DOT_ENTRIES = 2
 
 
 def errno_boundary(fn: Callable) -> Callable:
@@ -139,11 +141,18 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
-        offset = start_id
+        # Offsets: 1 after ".", 2 after "..", then the metaserver's entry cookie + 2.
+        if start_id < 2:
+            attr = entry(await self.client.getattr(self.client.dir_inode(fh)))
+            for name, next_id in ((b".", 1), (b"..", 2))[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, attr, next_id):
+                    return
+            start_id = 2
+        offset = start_id - DOT_ENTRIES
         while True:
             entries, more = await self.client.readdir(fh, offset)
             for e in entries:
-                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr), e.cookie):
+                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr), e.cookie + DOT_ENTRIES):
                     return
                 offset = e.cookie
             if not more or not entries:
