@@ -106,8 +106,8 @@ class FileOps(CoreBase):
                     (block_id, req.ino, index, req.session, now),
                 )
                 tx.run_many(
-                    "INSERT INTO pending_servers (block_id, server_id) VALUES (?, ?)",
-                    [(block_id, s["server_id"]) for s in chosen],
+                    "INSERT INTO pending_servers (block_id, server_id, rank) VALUES (?, ?, ?)",
+                    [(block_id, s["server_id"], rank) for rank, s in enumerate(chosen)],
                 )
                 allocations.append(
                     Allocation(
@@ -147,9 +147,9 @@ class FileOps(CoreBase):
             if not 0 <= ref.length <= bs:
                 raise FsError(errno.EINVAL, f"block {ref.block_id}: length {ref.length} out of range")
             allocated = {
-                r["address"]: r["server_id"]
+                r["address"]: (r["server_id"], r["rank"])
                 for r in tx.all(
-                    "SELECT s.server_id, s.address FROM pending_servers p"
+                    "SELECT s.server_id, s.address, p.rank FROM pending_servers p"
                     " JOIN servers s ON s.server_id = p.server_id WHERE p.block_id = ?",
                     (ref.block_id,),
                 )
@@ -166,12 +166,14 @@ class FileOps(CoreBase):
                 "INSERT INTO blocks (ino, idx, block_id, length) VALUES (?, ?, ?, ?)",
                 (ino, ref.index, ref.block_id, ref.length),
             )
+            # The allocation's placement order, not the order the client reports: the
+            # metaserver owns placement, and it is what stripes reads over the servers.
             tx.run_many(
                 "INSERT INTO replicas (block_id, server_id, rank) VALUES (?, ?, ?)",
-                [(ref.block_id, allocated[a], rank) for rank, a in enumerate(dict.fromkeys(ref.servers))],
+                [(ref.block_id, *allocated[a]) for a in written],
             )
             # Servers that were allocated but not written may hold a partial copy.
-            unwritten = [sid for a, sid in allocated.items() if a not in written]
+            unwritten = [sid for a, (sid, _) in allocated.items() if a not in written]
             self._garbage(tx, ref.block_id, unwritten, now)
             tx.run("DELETE FROM pending WHERE block_id = ?", (ref.block_id,))
         tx.run(

@@ -86,9 +86,9 @@ CREATE TABLE blocks (
 CREATE TABLE replicas (
     block_id   INTEGER NOT NULL REFERENCES blocks(block_id) ON DELETE CASCADE,
     server_id  INTEGER NOT NULL REFERENCES servers(server_id),
-    rank       INTEGER NOT NULL DEFAULT 0,  -- placement order: 0 is the primary, which readers
-                                            -- try first, so consecutive blocks read from
-                                            -- different servers (striping)
+    rank       INTEGER NOT NULL,  -- placement order from the allocation: 0 is the primary,
+                                  -- which readers try first, so consecutive blocks read from
+                                  -- different servers (striping)
     PRIMARY KEY (block_id, server_id)
 );
 
@@ -127,9 +127,8 @@ CREATE TABLE pending (
 CREATE TABLE pending_servers (
     block_id   INTEGER NOT NULL REFERENCES pending(block_id) ON DELETE CASCADE,
     server_id  INTEGER NOT NULL REFERENCES servers(server_id),
-    rank       INTEGER NOT NULL DEFAULT 0,  -- placement order: 0 is the primary, which readers
-                                            -- try first, so consecutive blocks read from
-                                            -- different servers (striping)
+    rank       INTEGER NOT NULL,  -- placement order chosen by alloc_blocks (0 = primary);
+                                  -- carried over to replicas at commit
     PRIMARY KEY (block_id, server_id)
 );
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from sqlite3 import Row
 
 from proto.errors import FsError
 from proto.messages import Empty, InodeReq, XattrListReply, XattrReply, XattrReq
@@ -20,8 +21,6 @@ from proto.types import (
     MAX_REPLICAS,
     MIN_BLOCK_SIZE_BYTES,
 )
-from sqlite3 import Row
-
 from .base import CoreBase, is_dir, is_reg
 from .store import Tx
 

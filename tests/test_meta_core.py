@@ -728,6 +728,12 @@ def test_alloc_striping_and_replicas(env):
     assert len(set(starts)) == 4  # every server leads some block
     ids = [x.block_id for x in allocs]
     assert len(set(ids)) == 8 and min(ids) > a.block_id
+    # Committed, the block map keeps the placement order (whatever order the client
+    # reports), so readers of consecutive blocks start on different servers too.
+    refs = [BlockRef(index=x.index, block_id=x.block_id, length=10, servers=x.servers[::-1]) for x in allocs]
+    env.core.commit_blocks(CommitReq(ino=f.ino, session=s, blocks=refs, size=7 * f.block_size + 10, mtime_ns=1))
+    m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
+    assert [r.servers for r in m] == [x.servers for x in allocs]
     # A per-file replica count, capped at the usable servers; full and dead servers are skipped.
     g = env.create(ROOT_INODE, b"g")
     env.core.setxattr(XattrReq(ino=g.ino, name=LAYOUT_XATTR_REPLICAS, value=b"8"))
@@ -753,7 +759,7 @@ def test_commit_and_gc(env):
     a1, attr = env.write(f.ino, s, 0, 4096)
     assert attr.size == 4096 and attr.mtime_ns == 123 and attr.generation == 1
     m = env.core.block_map(BlockMapReq(ino=f.ino)).blocks
-    assert m[0].block_id == a1.block_id and sorted(m[0].servers) == sorted(a1.servers)
+    assert m[0].block_id == a1.block_id and m[0].servers == a1.servers
     # Overwrite block 0: the old id becomes garbage on both servers, after the grace period.
     a2, attr = env.write(f.ino, s, 0, 100, size=100)
     assert attr.size == 4096 and attr.generation == 2  # a commit never shrinks
