@@ -142,11 +142,9 @@ class NamespaceOps(CoreBase):
                     raise FsError(errno.EINVAL, "only regular files have a size to set")
                 self._truncate(tx, row, req.size, now)
                 sets.setdefault("mtime_ns", now)
-            changed = req.mode is not None or req.uid is not None or req.gid is not None or (
-                req.size is not None or req.atime_now or req.mtime_now
-                or req.atime_ns is not None or req.mtime_ns is not None
-            )
-            if changed:
+            given = (req.mode, req.uid, req.gid, req.size, req.atime_ns, req.mtime_ns)
+            # Any setattr changes ctime, even one that sets a field to its current value.
+            if any(v is not None for v in given) or req.atime_now or req.mtime_now:
                 sets["ctime_ns"] = now
             if sets:
                 cols = ", ".join(f"{k} = ?" for k in sets)
