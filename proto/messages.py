@@ -456,6 +456,7 @@ class AllocReq(Message):
     ino: int  # the file
     session: int  # writer's session (for cleaning up after a crashed writer)
     indexes: list[int]  # block positions about to be written
+    exclude: list[str] = field(default_factory=list)  # servers that just failed this writer: place elsewhere
 
     def _check(self) -> Optional[str]:
         if not 1 <= len(self.indexes) <= 4096 or any(i < 0 for i in self.indexes):
@@ -519,12 +520,68 @@ class HeartbeatReq(Message):
     free_bytes: int
     blocks: int
     used_bytes: int = 0  # bytes taken by stored blocks
+    corrupt: list[int] = field(default_factory=list)  # blocks found corrupt since the last beat (copy removed)
+
+
+@dataclass
+class ReplicateTask(Message):
+    """Make a copy of a block on the server that receives this task."""
+
+    block_id: int  # block to copy
+    sources: list[str]  # servers holding a good copy, best first
+    token: bytes  # authorizes storing block_id
 
 
 @dataclass
 class HeartbeatReply(Message):
     delete: list[int]  # block ids this server should delete (garbage)
     reregister: bool = False  # the metaserver does not know this server: register again
+    replicate: list[ReplicateTask] = field(default_factory=list)  # copies to make (re-replication)
+    block_report: bool = False  # send a full block report (block_report) before the next beat
+
+
+@dataclass
+class ReplicatedReq(Message):
+    server_id: int
+    block_ids: list[int]  # copies made for ReplicateTasks, now stored and verified
+    failed: list[int] = field(default_factory=list)  # tasks that could not be done
+
+
+@dataclass
+class BlockReportReq(Message):
+    """Every block a data server stores, in chunks; reconciled against the block maps."""
+
+    server_id: int
+    block_ids: list[int]  # one chunk of the server's block ids
+    first: bool = True  # first chunk of a full report
+    last: bool = True  # last chunk: the report is complete
+
+    def _check(self) -> Optional[str]:
+        return None if len(self.block_ids) <= 100_000 else "block_ids: chunk too large"
+
+
+@dataclass
+class BadReplicaReq(Message):
+    """A client found a replica unreadable: checksum failure, missing, or unreachable."""
+
+    block_id: int
+    address: str  # the data server whose copy failed
+    reason: str  # "corrupt", "missing" or "unreachable"
+
+
+@dataclass
+class FsckReq(Message):
+    repair: bool = False  # fix what can be fixed (default: report only)
+
+
+@dataclass
+class FsckReply(Message):
+    problems: list[str]  # one line per problem found
+    repaired: list[str]  # one line per repair made (repair=True only)
+    inodes: int  # inodes checked
+    blocks: int  # blocks checked
+    under_replicated: int  # blocks with fewer live replicas than their file asks for
+    lost: int  # blocks with no live replica
 
 
 @dataclass
@@ -537,7 +594,7 @@ class DeletedReq(Message):
 class ServerStatus(Message):
     server_id: int
     address: str
-    state: str  # "up" or "down"
+    state: str  # "up", "suspect" (missed heartbeats) or "dead"
     capacity_bytes: int
     free_bytes: int
     used_bytes: int
@@ -554,6 +611,8 @@ class StatusReply(Message):
     bytes: int  # logical bytes in regular files
     blocks: int  # stored blocks referenced by files
     sessions: int  # live client sessions
+    under_replicated: int = 0  # blocks with fewer live replicas than their file asks for
+    lost: int = 0  # blocks with no live replica
 
 
 @dataclass

@@ -38,9 +38,11 @@ CHANNEL_OPTIONS = [
 
 
 def _handler(method: Method, impl: Any, secret: bytes) -> Callable[[bytes, Any], bytes]:
-    fn = getattr(impl, method.name)
+    fn = getattr(impl, method.name, None)
 
     def handle(frame: bytes, context: grpc.ServicerContext) -> bytes:
+        if fn is None:  # a server older than the contract: say so instead of failing
+            return codec.encode_reply(None, errno.ENOSYS, f"{method.name} not implemented")
         presented = dict(context.invocation_metadata()).get(AUTH_METADATA_KEY)
         if not check_credential(secret, presented):
             return codec.encode_reply(None, errno.EACCES, "bad or missing cluster credential")

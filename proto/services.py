@@ -56,8 +56,12 @@ META_METHODS = _table(
     Method("register", m.RegisterReq, m.RegisterReply),
     Method("heartbeat", m.HeartbeatReq, m.HeartbeatReply),
     Method("blocks_deleted", m.DeletedReq, m.Empty),
+    Method("replicated", m.ReplicatedReq, m.Empty),
+    Method("block_report", m.BlockReportReq, m.Empty),
+    Method("report_bad_replica", m.BadReplicaReq, m.Empty),
     # operators
     Method("status", m.Empty, m.StatusReply),
+    Method("fsck", m.FsckReq, m.FsckReply),
 )
 
 DATA_SERVICE = "stripefs.Data"
