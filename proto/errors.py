@@ -27,5 +27,13 @@ class FsError(Exception):
         return f"[{name}] {self.message or os.strerror(self.errno)}"
 
 
+class TransportError(FsError):
+    """EIO because the server could not be reached or did not answer in time (as opposed
+    to a server that answered with an error). Safe to retry only for idempotent calls."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EIO, message)
+
+
 def errno_name(code: int) -> str:
     return _errno.errorcode.get(code, str(code))

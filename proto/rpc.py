@@ -20,7 +20,7 @@ import grpc
 
 from . import codec
 from .auth import AUTH_METADATA_KEY, call_credential, check_credential
-from .errors import FsError
+from .errors import FsError, TransportError
 from .messages import Message
 from .services import Method
 
@@ -97,8 +97,14 @@ def serve(
 class Stub:
     """A client of one service on one address."""
 
-    def __init__(self, address: str, secret: bytes, service: str, methods: dict[str, Method]) -> None:
+    def __init__(
+        self, address: str, secret: bytes, service: str, methods: dict[str, Method], wait_for_ready: bool = False
+    ) -> None:
+        """wait_for_ready=True: a call made while the server is unreachable waits (up to its
+        deadline) for it to come back instead of failing at once; the request is only sent
+        once connected, so even a non-idempotent call is never half-sent by this wait."""
         self.address = address
+        self.wait_for_ready = wait_for_ready
         self.service = service
         self.methods = methods
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -115,7 +121,8 @@ class Stub:
         meth = self.methods[name]
         try:
             frame = self._callables[name](
-                codec.encode_request(req), timeout=timeout, metadata=self._metadata
+                codec.encode_request(req), timeout=timeout, metadata=self._metadata,
+                wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as exc:
             raise transport_error(self.address, name, exc) from None
@@ -124,7 +131,8 @@ class Stub:
     def future(self, name: str, req: Message, timeout: Optional[float] = 30.0) -> grpc.Future:
         """Start a call without blocking; finish it with `result(name, future)`."""
         return self._callables[name].future(
-            codec.encode_request(req), timeout=timeout, metadata=self._metadata
+            codec.encode_request(req), timeout=timeout, metadata=self._metadata,
+            wait_for_ready=self.wait_for_ready,
         )
 
     def result(self, name: str, fut: grpc.Future) -> Any:
@@ -138,7 +146,7 @@ class Stub:
         return codec.decode_reply(self.methods[name].reply, frame)
 
 
-def transport_error(address: str, name: str, exc: grpc.RpcError) -> FsError:
+def transport_error(address: str, name: str, exc: grpc.RpcError) -> TransportError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return FsError(errno.EIO, f"{name} to {address}: {code.name if code else 'transport'}: {details}")
+    return TransportError(f"{name} to {address}: {code.name if code else 'transport'}: {details}")

@@ -1,7 +1,7 @@
 """Level 1: pieces of the client library as pure functions (no servers)."""
 
 from fs.client.data import BlockCache
-from fs.client.files import DirtyBlock, FileState
+from fs.client.files import DirtyBlock, FileState, WritebackBudget
 from proto.messages import Attr
 
 
@@ -22,7 +22,7 @@ def test_block_cache_is_bounded_lru():
 
 
 def test_overlay_applies_local_writes_only_while_dirty():
-    f = FileState(9, attr(), 4096)
+    f = FileState(9, attr(), 4096, WritebackBudget(1 << 20))
     f.dirty[1] = DirtyBlock(bytearray(b"x" * 100))
     f.size = 4096 + 100
     f.mtime_ns = 50
@@ -34,7 +34,18 @@ def test_overlay_applies_local_writes_only_while_dirty():
 
 
 def test_set_map_keeps_dirty_extent():
-    f = FileState(9, attr(), 4096)
+    f = FileState(9, attr(), 4096, WritebackBudget(1 << 20))
     f.dirty[3] = DirtyBlock(bytearray(10))
     f.set_map(attr(size=100), [])
     assert f.size == 3 * 4096 + 10
+
+
+def test_budget_counts_dirty_bytes():
+    budget = WritebackBudget(100)
+    f = FileState(9, attr(), 4096, budget)
+    d = f.new_dirty(0, b"x" * 10)
+    f.write_into(d, 50, memoryview(b"y" * 60))  # zero-fills 10..50, then 60 bytes
+    assert budget.used_bytes == 110 and budget.over() and d.version == 1
+    assert bytes(d.data[10:50]) == bytes(40)
+    f.drop_dirty(0)
+    assert budget.used_bytes == 0 and not f.busy()

@@ -26,12 +26,13 @@ from typing import AsyncIterator, Optional
 import trio
 
 from proto import messages as m
-from proto.errors import FsError
+from proto.errors import FsError, TransportError
+from proto.types import FILE_SIZE_MAX_BYTES
 from proto.rpc import Stub
 from proto.services import META_METHODS, META_SERVICE
 
 from .data import DataPath
-from .files import DirtyBlock, FileState
+from .files import DirtyBlock, FileState, HandleState, WritebackBudget
 from .rpc import call
 
 log = logging.getLogger("stripefs.client")
@@ -41,11 +42,28 @@ DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
 #: Memory for cached blocks per client.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Block uploads in flight at once per client (write-behind of full blocks).
-MAX_FLUSHES_IN_FLIGHT = 8
-#: Blocks fetched ahead of a sequential reader.
-READAHEAD_BLOCKS = 4
-#: Metadata RPC deadline.
+MAX_UPLOADS_IN_FLIGHT = 8
+#: Uploaded blocks are committed in batches of this many (and at every fsync/close).
+COMMIT_BATCH_BLOCKS = 16
+#: Placements tried for a block whose replica servers fail during the write.
+WRITE_PLACEMENT_ATTEMPTS = 4
+#: Largest readahead window of a sequential reader.
+READAHEAD_MAX_BYTES = 64 * 1024 * 1024
+#: Whole-block prefetches in flight at once per client.
+MAX_PREFETCHES_IN_FLIGHT = 16
+#: A read starting this close to where the handle's last read ended counts as sequential
+#: (the kernel issues readahead requests concurrently, slightly out of order).
+SEQUENTIAL_SLACK_BYTES = 1024 * 1024
+#: Metadata RPC deadline. Calls made while the metaserver is unreachable wait this long
+#: for it to come back (gRPC wait_for_ready) before failing with EIO.
 META_TIMEOUT_S = 30.0
+#: Metadata calls that may be repeated after a transport failure mid-call.
+IDEMPOTENT_META_CALLS = frozenset({
+    "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
+    "status", "renew_session", "open", "release", "alloc_blocks",
+})
+#: Extended attribute the kernel asks for before every write (file capabilities).
+CAPABILITY_XATTR = b"security.capability"
 #: Entries fetched from the metaserver per readdir round trip.
 READDIR_BATCH = 1000
 
@@ -74,20 +92,22 @@ class Client:
         writeback_bytes: int = DEFAULT_WRITEBACK_BYTES,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        self.meta = Stub(meta_address, secret, META_SERVICE, META_METHODS)
+        self.meta = Stub(meta_address, secret, META_SERVICE, META_METHODS, wait_for_ready=True)
         self.data = DataPath(secret, cache_bytes)
+        self.data.on_bad_replica = self._report_bad_replica
         self.mountpoint = mountpoint
-        self.writeback_bytes = writeback_bytes
         self.session = 0
         self.lease_s = 30.0
         self._files: dict[int, FileState] = {}  # open inodes of this client
-        self._handles: dict[int, int] = {}  # file handle -> inode
+        self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
+        self._budget = WritebackBudget(writeback_bytes)
+        self._prefetches = 0
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
         self._next_fh = itertools.count(1)
         # inode -> block-map generation the kernel page cache holds (fs/fuse keep_cache)
         self._cached_generation: dict[int, int] = {}
         self._nursery: Optional[trio.Nursery] = None
-        self._flush_slots = trio.Semaphore(MAX_FLUSHES_IN_FLIGHT)
+        self._upload_slots = trio.Semaphore(MAX_UPLOADS_IN_FLIGHT)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,6 +134,8 @@ class Client:
 
     async def aclose(self) -> None:
         for ino, f in list(self._files.items()):
+            if not f.busy():
+                continue
             try:
                 await self._fsync_state(f)
             except FsError as exc:
@@ -126,7 +148,29 @@ class Client:
         self.meta.close()
 
     async def _meta(self, name: str, req: m.Message):
-        return await call(self.meta, name, req, META_TIMEOUT_S)
+        deadline = time.monotonic() + META_TIMEOUT_S
+        delay = 0.1
+        while True:
+            try:
+                return await call(self.meta, name, req, META_TIMEOUT_S)
+            except TransportError as exc:
+                # The call may or may not have run; repeat it only if that is harmless.
+                if name not in IDEMPOTENT_META_CALLS or time.monotonic() + delay > deadline:
+                    log.error("metaserver %s: %s failed: %s", self.meta.address, name, exc)
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _report_bad_replica(self, block_id: int, address: str, reason: str) -> None:
+        assert self._nursery is not None
+
+        async def report() -> None:
+            try:
+                await call(self.meta, "report_bad_replica", m.BadReplicaReq(block_id, address, reason), 5.0)
+            except FsError:
+                pass  # best effort: heartbeats and scrubbing find it too
+
+        self._nursery.start_soon(report)
 
     # ------------------------------------------------------------------ attributes
 
@@ -187,10 +231,9 @@ class Client:
         """Create a regular file and open it, in one metadata round trip."""
         req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session)
         attr = (await self._meta("mknod", req)).attr
-        f = self._files.get(attr.ino)
-        if f is None:
-            f = self._files[attr.ino] = FileState(attr.ino, attr, attr.block_size)
+        f = self._file_state(attr)
         f.set_map(attr, [])
+        f.no_capability = True  # a new file has no xattrs
         f.handles += 1
         self._cached_generation[attr.ino] = attr.generation
         return self._new_handle(attr.ino), attr
@@ -270,9 +313,22 @@ class Client:
     # ------------------------------------------------------------------ xattrs
 
     async def getxattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> bytes:
-        return (await self._meta("getxattr", m.XattrReq(ino, name, ctx))).value
+        f = self._files.get(ino)
+        if name == CAPABILITY_XATTR and f is not None and f.no_capability:
+            # The kernel asks before every write; while the file is open here, the answer
+            # only changes through this client (setxattr below), so one round trip will do.
+            raise FsError(errno.ENODATA)
+        try:
+            return (await self._meta("getxattr", m.XattrReq(ino, name, ctx))).value
+        except FsError as exc:
+            if exc.errno == errno.ENODATA and name == CAPABILITY_XATTR and f is not None:
+                f.no_capability = True
+            raise
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()) -> None:
+        f = self._files.get(ino)
+        if f is not None and name == CAPABILITY_XATTR:
+            f.no_capability = False
         await self._meta("setxattr", m.XattrReq(ino, name, ctx, value, flags))
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -285,23 +341,28 @@ class Client:
 
     def _new_handle(self, ino: int) -> int:
         fh = next(self._next_fh)
-        self._handles[fh] = ino
+        self._handles[fh] = HandleState(ino)
         return fh
 
-    def _state(self, fh: int) -> FileState:
+    def _handle(self, fh: int) -> tuple[HandleState, FileState]:
         try:
-            return self._files[self._handles[fh]]
+            h = self._handles[fh]
+            return h, self._files[h.ino]
         except KeyError:
             raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
+
+    def _file_state(self, attr: m.Attr) -> FileState:
+        f = self._files.get(attr.ino)
+        if f is None:
+            f = self._files[attr.ino] = FileState(attr.ino, attr, attr.block_size, self._budget)
+        return f
 
     async def open(self, ino: int, flags: int, ctx: m.Ctx = m.Ctx()) -> tuple[int, bool]:
         """Open a file; returns (handle, whether the kernel may keep its page cache)."""
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             await self.setattr(ino, ctx, size=0)
         reply = await self._meta("open", m.OpenReq(ino, self.session, ctx, flags & ~os.O_TRUNC))
-        f = self._files.get(ino)
-        if f is None:
-            f = self._files[ino] = FileState(ino, reply.attr, reply.attr.block_size)
+        f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks)
         f.handles += 1
         keep = self._cached_generation.get(ino) == reply.attr.generation
@@ -309,24 +370,32 @@ class Client:
         return self._new_handle(ino), keep
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        f = self._state(fh)
+        h, f = self._handle(fh)
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
+        # Sequential (from the start, or near where this handle's last read ended): whole
+        # blocks, cached, with a readahead window that doubles up to READAHEAD_MAX_BYTES.
+        # Otherwise only the bytes asked for: random readers must not pay for whole blocks.
+        sequential = offset == 0 or abs(offset - h.last_read_end) <= SEQUENTIAL_SLACK_BYTES
         parts: list[bytes] = []
         pos = offset
         bs = f.block_size
         while pos < end:
             i, boff = divmod(pos, bs)
             n = min(end - pos, bs - boff)
-            parts.append(await self._read_piece(f, i, boff, n))
+            parts.append(await self._read_piece(f, i, boff, n, sequential))
             pos += n
-        if offset == f.last_read_end or offset == 0:
-            self._readahead(f, end)
-        f.last_read_end = end
+        h.last_read_end = end
+        if sequential:
+            limit = max(1, READAHEAD_MAX_BYTES // bs)
+            h.readahead_blocks = min(limit, max(1, h.readahead_blocks * 2))
+            self._readahead(f, end, h.readahead_blocks)
+        else:
+            h.readahead_blocks = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_piece(self, f: FileState, index: int, boff: int, n: int) -> bytes:
+    async def _read_piece(self, f: FileState, index: int, boff: int, n: int, whole: bool) -> bytes:
         d = f.dirty.get(index)
         if d is not None:
             chunk = bytes(d.data[boff : boff + n])
@@ -335,25 +404,30 @@ class Client:
             if ref is None:
                 return bytes(n)
             try:
-                data = await self.data.read_block(ref)
+                if whole:
+                    chunk = (await self.data.read_block(ref))[boff : boff + n]
+                else:
+                    chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
                 # The block was replaced and collected since our map was fetched: refresh.
                 reply = await self._meta("block_map", m.BlockMapReq(f.ino))
+                if reply.blocks and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}:
+                    raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
                 f.set_map(reply.attr, reply.blocks)
-                return await self._read_piece(f, index, boff, n)
-            chunk = data[boff : boff + n]
+                return await self._read_piece(f, index, boff, n, whole)
         return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
 
-    def _readahead(self, f: FileState, end: int) -> None:
+    def _readahead(self, f: FileState, end: int, window: int) -> None:
         assert self._nursery is not None
         first = end // f.block_size
-        for index in range(first, first + READAHEAD_BLOCKS):
+        for index in range(first, first + window):
             ref = f.blocks.get(index)
-            if ref is None or index in f.dirty:
+            if ref is None or index in f.dirty or self._prefetches >= MAX_PREFETCHES_IN_FLIGHT:
                 continue
             if self.data.cache.get(ref.block_id) is None and ref.block_id not in self.data._fetching:
+                self._prefetches += 1
                 self._nursery.start_soon(self._prefetch, ref)
 
     async def _prefetch(self, ref: m.BlockRef) -> None:
@@ -361,10 +435,12 @@ class Client:
             await self.data.read_block(ref)
         except FsError:
             pass  # the reader will see the error itself if it gets there
+        finally:
+            self._prefetches -= 1
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        f = self._state(fh)
-        if offset + len(data) > 16 * 1024**4:
+        _, f = self._handle(fh)
+        if offset + len(data) > FILE_SIZE_MAX_BYTES:
             raise FsError(errno.EFBIG, "file too large")
         bs = f.block_size
         view = memoryview(data)
@@ -375,21 +451,34 @@ class Client:
             d = f.dirty.get(i)
             if d is None:
                 d = await self._start_dirty(f, i, covers=boff == 0 and pos + n >= min((i + 1) * bs, f.size))
-            buf = d.data
-            if len(buf) < boff:
-                buf.extend(bytes(boff - len(buf)))
-            buf[boff : boff + n] = view[:n]
-            d.version += 1
+            f.write_into(d, boff, view[:n])
             pos += n
             view = view[n:]
             if pos > f.size:
                 f.size = pos
-            if len(buf) == bs and i not in f.flushing:
-                self._flush_in_background(f, i)
+            if len(d.data) == bs and i not in f.flushing:
+                self._upload_in_background(f, i)
         f.mtime_ns = now_ns()
-        if f.dirty_bytes() > self.writeback_bytes:
-            await self._fsync_state(f)
+        if self._budget.over():
+            await self._relieve(f)
         return len(data)
+
+    async def _relieve(self, f: FileState) -> None:
+        """Back-pressure: a writer that finds the write-back budget spent waits while its
+        own file's buffers drain (commits free them), keeping uploads in flight meanwhile.
+        Other files' buffers are drained by their own writers, so the budget is exceeded by
+        at most one write per concurrent writer."""
+        while self._budget.over() and f.busy():
+            if f.uploaded and not f.commit_lock.locked():
+                await self._commit(f)
+            elif f.flushing:
+                await next(iter(f.flushing.values())).wait()
+            else:
+                stale = sorted(i for i in f.dirty if not f.uploaded_current(i))
+                if not stale:
+                    await self._commit(f)
+                else:
+                    await self._upload(f, stale[:COMMIT_BATCH_BLOCKS])
 
     async def _start_dirty(self, f: FileState, index: int, covers: bool) -> DirtyBlock:
         """A write buffer for block `index`, holding its current content unless the write
@@ -399,90 +488,126 @@ class Client:
         if ref is not None and not covers:
             base = await self.data.read_block(ref)
         d = f.dirty.get(index)  # re-check: another task may have started one while we read
-        if d is None:
-            d = f.dirty[index] = DirtyBlock(bytearray(base))
-        return d
+        return d if d is not None else f.new_dirty(index, base)
 
-    def _flush_in_background(self, f: FileState, index: int) -> None:
+    def _upload_in_background(self, f: FileState, index: int) -> None:
+        """Write-behind of a full block; its commit waits for a batch, fsync or close."""
         assert self._nursery is not None
 
         async def run() -> None:
-            async with self._flush_slots:
+            async with self._upload_slots:
                 try:
-                    await self._flush_blocks(f, [index])
+                    await self._upload(f, [index])
+                    if len(f.uploaded) >= COMMIT_BATCH_BLOCKS:
+                        await self._commit(f)
                 except FsError as exc:
                     log.error("inode %d: write-behind of block %d failed: %s", f.ino, index, exc)
                     f.error = f.error or exc.errno
 
         self._nursery.start_soon(run)
 
-    async def _flush_blocks(self, f: FileState, indexes: list[int]) -> None:
+    async def _upload(self, f: FileState, indexes: list[int]) -> None:
+        """Store the current content of dirty blocks as new blocks on their replica
+        servers; they become part of the file at the next _commit. A server that fails is
+        excluded and the block placed again, while live servers remain."""
         for i in indexes:
             while i in f.flushing:
                 await f.flushing[i].wait()
-        # Re-check after the waits: the blocks may have been flushed meanwhile.
-        indexes = [i for i in indexes if i in f.dirty and i not in f.flushing]
+        # Re-check after the waits: the blocks may have been uploaded meanwhile.
+        indexes = [i for i in indexes if i in f.dirty and i not in f.flushing and not f.uploaded_current(i)]
         if not indexes:
             return
         for i in indexes:
             f.flushing[i] = trio.Event()
         try:
             snaps = {i: (bytes(f.dirty[i].data), f.dirty[i].version) for i in indexes}
-            mtime = f.mtime_ns or now_ns()
-            alloc = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, indexes))
-            refs: list[m.BlockRef] = []
+            todo, exclude = indexes, []
+            errors: dict[str, FsError] = {}
+            for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
+                alloc = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, todo, exclude))
+                retry: list[int] = []
 
-            async def put(a: m.Allocation) -> None:
-                data = snaps[a.index][0]
-                servers = await self.data.write_block(a.block_id, a.token, a.servers, data)
-                refs.append(m.BlockRef(a.index, a.block_id, len(data), servers))
+                async def put(a: m.Allocation) -> None:
+                    data, version = snaps[a.index]
+                    written, failed = await self.data.write_block(a.block_id, a.token, a.servers, data)
+                    if failed:
+                        retry.append(a.index)
+                        errors.update(failed)
+                        exclude.extend(s for s in failed if s not in exclude)
+                    else:
+                        f.uploaded[a.index] = (m.BlockRef(a.index, a.block_id, len(data), written), version)
 
-            async with trio.open_nursery() as nursery:
-                for a in alloc.allocations:
-                    nursery.start_soon(put, a)
-            size = max(r.index * f.block_size + r.length for r in refs)
-            reply = await self._meta("commit_blocks", m.CommitReq(f.ino, self.session, refs, size, mtime))
-            for r in refs:
-                f.blocks[r.index] = r
-                d = f.dirty.get(r.index)
-                if d is not None and d.version == snaps[r.index][1]:
-                    del f.dirty[r.index]
-            f.attr = reply.attr
-            self._note_generation(f.ino, reply.attr.generation)
+                async with trio.open_nursery() as nursery:
+                    for a in alloc.allocations:
+                        nursery.start_soon(put, a)
+                if not retry:
+                    return
+                log.warning("inode %d: blocks %s: replica writes failed (%s); placing them elsewhere",
+                            f.ino, retry, "; ".join(f"{a}: {e}" for a, e in errors.items()))
+                todo = sorted(retry)
+            if all(e.errno == errno.ENOSPC for e in errors.values()):
+                raise FsError(errno.ENOSPC, "data servers are full")
+            raise FsError(errno.EIO, f"inode {f.ino}: blocks {todo} could not be written")
         finally:
             for i in indexes:
                 f.flushing.pop(i).set()
 
+    async def _commit(self, f: FileState) -> None:
+        """Make every finished upload part of the file, in one metadata transaction."""
+        async with f.commit_lock:
+            batch = dict(f.uploaded)
+            if not batch:
+                return
+            refs = [ref for ref, _ in batch.values()]
+            size = max(r.index * f.block_size + r.length for r in refs)
+            mtime = f.mtime_ns or now_ns()
+            reply = await self._meta("commit_blocks", m.CommitReq(f.ino, self.session, refs, size, mtime))
+            for i, entry in batch.items():
+                ref, version = entry
+                f.blocks[i] = ref
+                if f.uploaded.get(i) is entry:
+                    del f.uploaded[i]
+                d = f.dirty.get(i)
+                if d is not None and d.version == version:
+                    f.drop_dirty(i)
+            f.attr = reply.attr
+            self._note_generation(f.ino, reply.attr.generation)
+
     async def _fsync_state(self, f: FileState) -> None:
-        while f.dirty or f.flushing:
+        """Upload and commit everything this client holds for the file."""
+        while f.busy():
             for pending in list(f.flushing.values()):
                 await pending.wait()
-            if f.dirty:
-                await self._flush_blocks(f, sorted(f.dirty))
+            stale = sorted(i for i in f.dirty if not f.uploaded_current(i) and i not in f.flushing)
+            if stale:
+                await self._upload(f, stale)
+            elif f.uploaded and not f.flushing:
+                await self._commit(f)
         if f.error:
             code, f.error = f.error, None
             raise FsError(code, "an earlier write-behind failed")
 
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: durable on return (close-to-open)."""
-        await self._fsync_state(self._state(fh))
+        await self._fsync_state(self._handle(fh)[1])
 
     async def fsync(self, fh: int) -> None:
-        await self._fsync_state(self._state(fh))
+        await self._fsync_state(self._handle(fh)[1])
 
     async def release(self, fh: int) -> None:
-        ino = self._handles.pop(fh, None)
-        if ino is None:
+        h = self._handles.pop(fh, None)
+        if h is None:
             return
-        f = self._files[ino]
+        f = self._files[h.ino]
         try:
-            if f.handles == 1 and (f.dirty or f.flushing):
+            if f.handles == 1 and f.busy():
                 await self._fsync_state(f)
         finally:
             f.handles -= 1
             if f.handles == 0:
-                del self._files[ino]
-            await self._meta("release", m.ReleaseReq(ino, self.session))
+                del self._files[h.ino]
+                f.drop_all()  # only left over when the last flush failed: that data is lost
+            await self._meta("release", m.ReleaseReq(h.ino, self.session))
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 import trio
 
@@ -29,6 +29,8 @@ log = logging.getLogger("stripefs.client")
 BLOCK_RPC_TIMEOUT_S = 30.0
 #: A data server that failed is not asked first again for this long.
 SERVER_PENALTY_S = 5.0
+#: Deadline of a block read when another replica is left to try (a hung server).
+FAILOVER_DEADLINE_S = 5.0
 
 
 class BlockCache:
@@ -73,6 +75,8 @@ class DataPath:
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
         self._fetching: dict[int, trio.Event] = {}
+        #: called (block_id, address, reason) when a replica fails a read; set by the client
+        self.on_bad_replica: Optional[Callable[[int, str, str], None]] = None
 
     def stub(self, address: str) -> Stub:
         stub = self._stubs.get(address)
@@ -95,7 +99,8 @@ class DataPath:
         self._penalised_until[address] = time.monotonic() + SERVER_PENALTY_S
 
     async def read_block(self, ref: BlockRef) -> bytes:
-        """The stored bytes of a block (its first ref.length bytes), from the cache or a replica."""
+        """The whole stored block (its first ref.length bytes), from the cache or a replica.
+        For sequential readers: the block is cached and shared with concurrent readers."""
         while True:
             data = self.cache.get(ref.block_id)
             if data is not None:
@@ -108,40 +113,68 @@ class DataPath:
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
         done = self._fetching[ref.block_id] = trio.Event()
         try:
-            data = await self._fetch(ref)
+            data = await self._fetch(ref, 0, ref.length)
             self.cache.put(ref.block_id, data)
-            return data[: ref.length]
+            return data
         finally:
             del self._fetching[ref.block_id]
             done.set()
 
-    async def _fetch(self, ref: BlockRef) -> bytes:
+    async def read_range(self, ref: BlockRef, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of a block, clipped to ref.length, without fetching
+        or caching the rest of it: random readers must not pay for whole blocks."""
+        length = max(0, min(length, ref.length - offset))
+        data = self.cache.get(ref.block_id)
+        if data is not None:
+            return data[offset : offset + length]
+        if length == 0:
+            return b""
+        return await self._fetch(ref, offset, length)
+
+    async def _fetch(self, ref: BlockRef, offset: int, length: int) -> bytes:
+        """Read from the replicas in turn. Every attempt but the last has a short deadline,
+        so a hung (not dead) server costs seconds, not the full RPC timeout."""
         last: Optional[FsError] = None
-        for address in self._order(ref.servers):
+        all_missing = bool(ref.servers)
+        order = self._order(ref.servers)
+        for n, address in enumerate(order):
+            deadline = BLOCK_RPC_TIMEOUT_S if n == len(order) - 1 else FAILOVER_DEADLINE_S
             try:
                 reply = await call(
-                    self.stub(address), "get_block",
-                    GetBlockReq(ref.block_id, 0, ref.length), BLOCK_RPC_TIMEOUT_S,
+                    self.stub(address), "get_block", GetBlockReq(ref.block_id, offset, length), deadline
                 )
             except FsError as exc:
                 self._penalise(address, exc)
+                self._report(ref.block_id, address, exc)
                 last = exc
+                all_missing = all_missing and exc.errno == errno.ENOENT
                 continue
-            if len(reply.data) < ref.length:
+            if len(reply.data) != length:
                 last = FsError(errno.EIO, f"block {ref.block_id} on {address} is short")
                 self._penalise(address, last)
+                self._report(ref.block_id, address, last)
+                all_missing = False
                 continue
             return reply.data
-        if last is not None and last.errno == errno.ENOENT:
-            raise last
+        if all_missing:  # typically a block replaced and collected since our map was fetched
+            raise FsError(errno.ENOENT, f"block {ref.block_id}: on none of its servers")
         log.error("block %d: no replica readable (%s): %s", ref.block_id, ref.servers, last)
         raise FsError(errno.EIO, f"block {ref.block_id}: no replica readable")
 
-    async def write_block(self, block_id: int, token: bytes, servers: list[str], data: bytes) -> list[str]:
-        """Store one block on every server in parallel; returns the servers that hold it.
-        Raises EIO (ENOSPC when servers were full) unless every one of them does."""
-        written: list[str] = []
-        errors: list[FsError] = []
+    def _report(self, block_id: int, address: str, exc: FsError) -> None:
+        if self.on_bad_replica is not None:
+            reason = {errno.ENOENT: "missing", errno.EIO: "corrupt"}.get(exc.errno, "unreachable")
+            if "DEADLINE" in exc.message or "UNAVAILABLE" in exc.message:
+                reason = "unreachable"
+            self.on_bad_replica(block_id, address, reason)
+
+    async def write_block(
+        self, block_id: int, token: bytes, servers: list[str], data: bytes
+    ) -> tuple[list[str], dict[str, FsError]]:
+        """Store one block on every server in parallel. Returns the servers that hold it
+        (in the given order) and the errors of those that failed."""
+        written: set[str] = set()
+        failed: dict[str, FsError] = {}
         req = PutBlockReq(block_id, token, data)
 
         async def put(address: str) -> None:
@@ -149,19 +182,13 @@ class DataPath:
                 await call(self.stub(address), "put_block", req, BLOCK_RPC_TIMEOUT_S)
             except FsError as exc:
                 self._penalise(address, exc)
-                errors.append(exc)
+                failed[address] = exc
             else:
-                written.append(address)
+                written.add(address)
 
         async with trio.open_nursery() as nursery:
             for address in servers:
                 nursery.start_soon(put, address)
-        if len(written) == len(servers):
+        if not failed:
             self.cache.put(block_id, data)
-            return list(servers)
-        # Fewer than R copies is not durable: the caller gets the error, nothing is committed,
-        # and the stray copies become garbage with the uncommitted allocation.
-        if errors and all(e.errno == errno.ENOSPC for e in errors):
-            raise FsError(errno.ENOSPC, f"block {block_id}: data servers full")
-        log.error("block %d: replica write failed on %s: %s", block_id, servers, errors)
-        raise FsError(errno.EIO, f"block {block_id}: replica write failed")
+        return [a for a in servers if a in written], failed

@@ -1,14 +1,18 @@
-"""Per-inode state of open files in one client: the block map, write-back buffers and the
-locally known size.
+"""Per-inode state of open files in one client: the block map, write-back buffers, uploads
+waiting for their commit, and the locally known size; and the per-handle read state.
 
 Concurrency protocol (one trio thread, see DESIGN.md):
 - `dirty[i]` is the newest content of block i that is not yet committed. A writer mutates
-  it in place and bumps its version; a flush takes a snapshot (bytes) and, after the commit,
-  drops the entry only if the version is unchanged, so writes during a flush are never lost.
-- At most one flush of a given block is in flight (`flushing[i]`): commits of one block
-  therefore land in the order they were written, and an older snapshot can never overwrite
-  a newer one.
+  it in place and bumps its version. An upload snapshots it (bytes) into a new stored
+  block and records `uploaded[i] = (ref, version)`; the commit that makes the upload part
+  of the file drops `dirty[i]` only if its version is still that one, so a write during an
+  upload or commit is never lost.
+- At most one upload of a given block is in flight (`flushing[i]`), and commits of a file
+  are serialized by `commit_lock` and take whatever `uploaded` holds when they start: so
+  the versions of a block become visible in the order they were written, and an older
+  snapshot can never replace a newer one.
 - `size` is the file size as this client sees it: the server's size, grown by local writes.
+- Dirty bytes of every file count against one `WritebackBudget` per client.
 """
 
 from __future__ import annotations
@@ -22,9 +26,27 @@ from proto.messages import Attr, BlockRef
 
 
 @dataclass
+class WritebackBudget:
+    """Bytes held in dirty blocks across all files of one client."""
+
+    limit_bytes: int
+    used_bytes: int = 0
+
+    def over(self) -> bool:
+        return self.used_bytes > self.limit_bytes
+
+
+@dataclass
 class DirtyBlock:
     data: bytearray  # block content from the block's start; shorter than block_size near EOF
     version: int = 0  # bumped by every write into it
+
+
+@dataclass
+class HandleState:
+    ino: int
+    last_read_end: int = -1  # where this handle's previous read ended
+    readahead_blocks: int = 0  # current readahead window; grows while reads stay sequential
 
 
 @dataclass
@@ -32,14 +54,17 @@ class FileState:
     ino: int
     attr: Attr  # last attributes from the metaserver (size/mtime overlaid by local writes)
     block_size: int
+    budget: WritebackBudget
     blocks: dict[int, BlockRef] = field(default_factory=dict)
     dirty: dict[int, DirtyBlock] = field(default_factory=dict)
+    uploaded: dict[int, tuple[BlockRef, int]] = field(default_factory=dict)  # index -> (ref, version)
     flushing: dict[int, trio.Event] = field(default_factory=dict)
+    commit_lock: trio.Lock = field(default_factory=trio.Lock)
     size: int = 0
     mtime_ns: Optional[int] = None  # time of the newest local write not yet committed
     handles: int = 0  # open handles of this client on the inode
-    error: Optional[int] = None  # errno of a failed background flush, reported by fsync/close
-    last_read_end: int = -1  # for sequential-read detection (readahead)
+    error: Optional[int] = None  # errno of a failed background upload, reported by fsync/close
+    no_capability: bool = False  # security.capability known absent (the kernel asks on every write)
 
     def set_map(self, attr: Attr, blocks: list[BlockRef]) -> None:
         """Take a fresh attr and block map from the server; local dirty data stays on top."""
@@ -54,13 +79,45 @@ class FileState:
     def dirty_bytes(self) -> int:
         return sum(len(d.data) for d in self.dirty.values())
 
+    def uploaded_current(self, index: int) -> bool:
+        """The upload waiting for commit holds the newest content of block `index`."""
+        up = self.uploaded.get(index)
+        return up is not None and index in self.dirty and up[1] == self.dirty[index].version
+
+    def busy(self) -> bool:
+        """Anything not yet committed."""
+        return bool(self.dirty or self.flushing or self.uploaded)
+
+    def new_dirty(self, index: int, base: bytes) -> DirtyBlock:
+        d = self.dirty[index] = DirtyBlock(bytearray(base))
+        self.budget.used_bytes += len(base)
+        return d
+
+    def write_into(self, d: DirtyBlock, offset: int, data: memoryview) -> None:
+        before = len(d.data)
+        if before < offset:
+            d.data.extend(bytes(offset - before))
+        d.data[offset : offset + len(data)] = data
+        d.version += 1
+        self.budget.used_bytes += len(d.data) - before
+
+    def drop_dirty(self, index: int) -> None:
+        d = self.dirty.pop(index)
+        self.budget.used_bytes -= len(d.data)
+
+    def drop_all(self) -> None:
+        for index in list(self.dirty):
+            self.drop_dirty(index)
+        self.uploaded.clear()
+
     def overlay(self, attr: Attr) -> Attr:
-        """attr with this client's unflushed size and mtime applied."""
+        """attr with this client's uncommitted size and mtime applied."""
         self.attr = attr
-        size = max(attr.size, self.size) if self.dirty or self.flushing else attr.size
-        if not (self.dirty or self.flushing):
+        if not self.busy():
             self.size = attr.size
-        mtime = self.mtime_ns if self.mtime_ns is not None and self.dirty else attr.mtime_ns
+            return attr
+        size = max(attr.size, self.size)
+        mtime = self.mtime_ns if self.mtime_ns is not None else attr.mtime_ns
         if size == attr.size and mtime == attr.mtime_ns:
             return attr
         return Attr(**{**attr.__dict__, "size": size, "mtime_ns": mtime, "ctime_ns": max(attr.ctime_ns, mtime)})

@@ -7,7 +7,9 @@ closes its session, and the mount point is unmounted before the process exits.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 
 import pyfuse3
 import trio
@@ -34,6 +36,8 @@ async def _serve(meta: str, mountpoint: str, secret: bytes, extra_options: list[
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                # stat() of our own mount point is answered by the loop started below: in a thread.
+                nursery.start_soon(trio.to_thread.run_sync, tune_connection, mountpoint)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
@@ -47,6 +51,38 @@ async def _terminate_on_signal() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+#: FUSE requests the kernel keeps in flight in the background (readahead, async reads);
+#: the kernel default is 12. Only root can raise it.
+MAX_BACKGROUND = 64
+CONGESTION_THRESHOLD = 48
+#: Kernel readahead for the mount (the default 128 KiB makes every buffered read a
+#: 128 KiB request; DESIGN.md measured +10% cold read with 1 MiB).
+READ_AHEAD_KB = 1024
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def tune_connection(mountpoint: str) -> None:
+    """Raise the connection's background limit and readahead through fusectl and the
+    bdi, when we are root. Best effort: a mount that cannot be tuned works the same."""
+    if os.geteuid() != 0:
+        return
+    try:
+        minor = os.minor(os.stat(mountpoint).st_dev)
+        if not os.path.isdir(f"{FUSECTL}/{minor}"):
+            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, timeout=10)
+        settings = {
+            f"{FUSECTL}/{minor}/max_background": MAX_BACKGROUND,
+            f"{FUSECTL}/{minor}/congestion_threshold": CONGESTION_THRESHOLD,
+            f"/sys/class/bdi/0:{minor}/read_ahead_kb": READ_AHEAD_KB,
+        }
+        for path, value in settings.items():
+            with open(path, "w") as f:
+                f.write(f"{value}\n")
+        log.info("connection %d: max_background %d, read_ahead_kb %d", minor, MAX_BACKGROUND, READ_AHEAD_KB)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not tune the FUSE connection: %s", exc)
 
 
 def run_mount(meta: str, mountpoint: str, secret: bytes, extra_options: list[str] | None = None, **client_options) -> None:
