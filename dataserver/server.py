@@ -1,11 +1,15 @@
 """The data server process: command line, gRPC server, and the registration/heartbeat
-loop with the metaserver.
+loop with the metaserver; the scrubber (scrub.py) and the re-replication workers
+(replicate.py) run beside it.
 
 The heartbeat loop runs on one background thread. It registers (retrying with backoff
-until the metaserver answers), then heartbeats every interval with the store's counters.
-A heartbeat reply names garbage blocks; they are deleted and reported back, and a report
-that fails is retried with the next beat so the metaserver eventually hears of every
-deletion. A metaserver outage is logged once when it starts and once when it ends.
+until the metaserver answers), then heartbeats every interval with the store's counters
+and the blocks found corrupt since the last beat. A heartbeat reply names garbage blocks
+(deleted and reported back), replication tasks (handed to the Replicator, whose results
+go back with the next beat) and may ask for a full block report (sent in chunks). Every
+report that fails is retried with the next beat, so the metaserver eventually hears of
+every deletion, copy and corrupt block. A metaserver outage is logged once when it
+starts and once when it ends.
 
 Signals: SIGTERM and SIGINT are blocked in every thread and taken synchronously by the
 main thread with sigwait, so no handler ever runs in the middle of a lock.
@@ -26,10 +30,12 @@ from typing import Optional
 from proto.auth import load_secret
 from proto.errors import FsError
 from proto.logsetup import setup_logging
-from proto.messages import DeletedReq, HeartbeatReq, RegisterReq
+from proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
 from proto.rpc import Stub, serve
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
+from .replicate import DEFAULT_REPLICATION_WORKERS, Replicator
+from .scrub import DEFAULT_SCRUB_INTERVAL_S, DEFAULT_SCRUB_RATE_MIB_S, Scrubber
 from .service import DataService
 from .store import BlockStore
 
@@ -42,6 +48,8 @@ FALLBACK_HEARTBEAT_INTERVAL_S = 3.0
 META_CALL_TIMEOUT_S = 5.0
 #: In-flight block reads and writes get this long to finish on SIGTERM.
 STOP_GRACE_S = 5.0
+#: Block ids per block_report call.
+BLOCK_REPORT_CHUNK = 50_000
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
@@ -81,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between heartbeats (default: what the metaserver says at registration)",
     )
+    p.add_argument(
+        "--scrub-rate-mib-s",
+        type=float,
+        default=DEFAULT_SCRUB_RATE_MIB_S,
+        help="re-verify stored blocks at most this fast in the background (0: no scrubbing)",
+    )
+    p.add_argument(
+        "--scrub-interval-s",
+        type=float,
+        default=DEFAULT_SCRUB_INTERVAL_S,
+        help="least time between the starts of two full scrub passes",
+    )
+    p.add_argument(
+        "--replication-workers",
+        type=int,
+        default=DEFAULT_REPLICATION_WORKERS,
+        help="blocks copied at once for re-replication",
+    )
     return p
 
 
@@ -114,8 +140,10 @@ class Heartbeater:
         address: str,
         stop: threading.Event,
         interval_s: Optional[float] = None,
+        replicator: Optional[Replicator] = None,
     ) -> None:
         self.store = store
+        self.replicator = replicator
         self.meta = meta
         self.address = address
         self.stop = stop
@@ -188,16 +216,19 @@ class Heartbeater:
     def _beat(self) -> None:
         assert self.server_id is not None
         st = self.store.stats()
+        corrupt = self.store.take_corrupt()
         req = HeartbeatReq(
             server_id=self.server_id,
             capacity_bytes=st.capacity_bytes,
             free_bytes=st.free_bytes,
             blocks=st.blocks,
             used_bytes=st.used_bytes,
+            corrupt=corrupt,
         )
         try:
             reply = self._call("heartbeat", req)
         except FsError as exc:
+            self.store.return_corrupt(corrupt)
             # EIO is the transport (or a metaserver fault): keep beating. Any other errno
             # means the metaserver answered and refused us, so introduce ourselves again.
             if exc.errno != errno.EIO:
@@ -205,17 +236,30 @@ class Heartbeater:
             return
         problem = reply.valid()
         if problem:
+            self.store.return_corrupt(corrupt)
             log.warning("ignoring malformed heartbeat reply: %s", problem)
             return
-        for block_id in reply.delete:
+        self._delete_garbage(reply.delete)
+        if self.replicator is not None:
+            if reply.replicate:
+                self.replicator.submit(reply.replicate)
+            self._report_copies()
+        if reply.block_report:
+            self._send_block_report()
+        if reply.reregister:
+            log.info("metaserver asks this server to register again")
+            self.server_id = None
+
+    def _delete_garbage(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
             try:
                 self.store.delete(block_id)
             except FsError as exc:
                 log.warning("cannot delete garbage block %r: %s", block_id, exc)
                 continue
             self._unreported.append(block_id)
-        if reply.delete:
-            log.info("deleted %d garbage blocks", len(reply.delete))
+        if block_ids:
+            log.info("deleted %d garbage blocks", len(block_ids))
         if self._unreported:
             try:
                 self._call("blocks_deleted", DeletedReq(server_id=self.server_id, block_ids=self._unreported))
@@ -223,9 +267,31 @@ class Heartbeater:
                 pass  # kept in _unreported: the next beat tries again
             else:
                 self._unreported = []
-        if reply.reregister:
-            log.info("metaserver asks this server to register again")
-            self.server_id = None
+
+    def _report_copies(self) -> None:
+        assert self.replicator is not None
+        done, failed = self.replicator.take_results()
+        if not done and not failed:
+            return
+        try:
+            self._call("replicated", ReplicatedReq(server_id=self.server_id, block_ids=done, failed=failed))
+        except FsError:
+            self.replicator.give_back(done, failed)
+            return
+        log.info("re-replication: %d blocks copied, %d failed", len(done), len(failed))
+
+    def _send_block_report(self) -> None:
+        ids = sorted(self.store.block_ids())
+        chunks = [ids[i : i + BLOCK_REPORT_CHUNK] for i in range(0, len(ids), BLOCK_REPORT_CHUNK)] or [[]]
+        for k, chunk in enumerate(chunks):
+            req = BlockReportReq(
+                server_id=self.server_id, block_ids=chunk, first=k == 0, last=k == len(chunks) - 1
+            )
+            try:
+                self._call("block_report", req)
+            except FsError:
+                return  # the metaserver asks again with a later beat
+        log.info("sent a block report of %d blocks", len(ids))
 
 
 def main(argv: list[str]) -> int:
@@ -241,6 +307,7 @@ def main(argv: list[str]) -> int:
         log.error("cannot start: %s", exc)
         return 1
     service = DataService(store, secret)
+    replicator = Replicator(store, secret, max(1, args.replication_workers))
     try:
         server, port = serve(DATA_SERVICE, DATA_METHODS, service, secret, args.listen)
     except (OSError, RuntimeError) as exc:
@@ -249,7 +316,10 @@ def main(argv: list[str]) -> int:
     address = advertised_address(args.listen, port, args.advertise)
     stop = threading.Event()
     meta = Stub(args.meta, secret, META_SERVICE, META_METHODS)
-    heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s)
+    heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator)
+    scrubber = None
+    if args.scrub_rate_mib_s > 0:
+        scrubber = Scrubber(store, stop, args.scrub_rate_mib_s * 1024 * 1024, args.scrub_interval_s)
     try:
         if args.ready_file:
             write_ready_file(args.ready_file, address)
@@ -259,12 +329,17 @@ def main(argv: list[str]) -> int:
             address, args.listen, args.meta, store.root, store.node_id, st.blocks,
         )
         heartbeater.start()
+        if scrubber is not None:
+            scrubber.start()
         signum = signal.sigwait(_STOP_SIGNALS)
         log.info("got %s, stopping", signal.Signals(signum).name)
     finally:
         stop.set()
         server.stop(STOP_GRACE_S).wait()
         heartbeater.join(META_CALL_TIMEOUT_S)
+        if scrubber is not None:
+            scrubber.join(META_CALL_TIMEOUT_S)
+        replicator.close()
         meta.close()
     log.info("stopped")
     return 0

@@ -30,7 +30,14 @@ class DataService:
         return Empty()
 
     def get_block(self, req: GetBlockReq) -> BlockData:
-        return BlockData(data=self.store.get(req.block_id, req.offset, req.length))
+        try:
+            return BlockData(data=self.store.get(req.block_id, req.offset, req.length))
+        except FsError as exc:
+            # A checksum failure: the copy leaves service now (the reader tries another
+            # replica) and the metaserver hears of it with the next heartbeat.
+            if exc.errno == errno.EIO and self.store.is_corrupt(req.block_id):
+                self.store.quarantine(req.block_id)
+            raise
 
     def status(self, req: Empty) -> DataStatusReply:
         st = self.store.stats()

@@ -5,6 +5,8 @@ Layout under `root`:
     node_id                  uuid hex naming this data directory, made on first start
     blocks/<hh>/<id>         one file per block; hh = id % 256 as two lowercase hex digits
     tmp/                     blocks being written; anything here at start is a leftover
+    corrupt/<id>.<ns>        blocks that failed their checksums, moved aside for forensics
+                             (never read again; an operator may delete them at will)
 
 A block file is a header then the data. The header is FIXED_HEADER (magic, format
 version, flags, data length) followed by one CRC32C per SUB_BLOCK_BYTES of data (the last
@@ -32,6 +34,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +111,14 @@ class BlockStore:
         self.root = Path(root)
         self._blocks_dir = self.root / "blocks"
         self._tmp_dir = self.root / "tmp"
+        self._corrupt_dir = self.root / "corrupt"
         self._lock = threading.Lock()
         self._used_bytes = 0
         self._blocks = 0
         self._corrupt: set[int] = set()
+        self._unreported: set[int] = set()  # moved aside, not yet reported to the metaserver
 
-        for d in (self.root, self._blocks_dir, self._tmp_dir):
+        for d in (self.root, self._blocks_dir, self._tmp_dir, self._corrupt_dir):
             d.mkdir(parents=True, exist_ok=True)
         for i in range(256):
             (self._blocks_dir / f"{i:02x}").mkdir(exist_ok=True)
@@ -227,6 +232,8 @@ class BlockStore:
                 with self._lock:
                     self._blocks += 1
                     self._used_bytes += size
+                    # Stored again after being moved aside: the copy is not missing any more.
+                    self._unreported.discard(block_id)
                 return
             try:
                 if self._same_content(block_id, data):
@@ -320,6 +327,49 @@ class BlockStore:
         with self._lock:
             self._corrupt.add(block_id)
         log.error("block %d in %s is corrupt: %s", block_id, self.root, why)
+
+    def verify(self, block_id: int) -> int:
+        """Read and check a whole block; returns its data length. FsError(EIO) if corrupt
+        (see is_corrupt), ENOENT if it is gone."""
+        return len(self.get(block_id))
+
+    def is_corrupt(self, block_id: int) -> bool:
+        """Whether reads of this block found a checksum mismatch (and it was not rewritten)."""
+        with self._lock:
+            return block_id in self._corrupt
+
+    def quarantine(self, block_id: int) -> bool:
+        """Move a corrupt block out of blocks/ into corrupt/, so it is never served again
+        and the metaserver re-replicates it from a good copy; queue it for the next
+        report. True if it was there to move."""
+        path = self._path(block_id)
+        dest = self._corrupt_dir / f"{block_id}.{time.time_ns()}"
+        # Under the lock so the counters follow the file exactly; a rename is metadata only.
+        with self._lock:
+            try:
+                size = os.stat(path).st_size
+                os.rename(path, dest)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                log.error("cannot move corrupt block %d aside: %s", block_id, exc)
+                return False
+            self._blocks -= 1
+            self._used_bytes -= size
+            self._unreported.add(block_id)
+        log.error("block %d is corrupt: moved aside to %s", block_id, dest)
+        return True
+
+    def take_corrupt(self) -> list[int]:
+        """Blocks moved aside since the last call (for HeartbeatReq.corrupt)."""
+        with self._lock:
+            ids, self._unreported = sorted(self._unreported), set()
+        return ids
+
+    def return_corrupt(self, block_ids: list[int]) -> None:
+        """A report that did not reach the metaserver: send these again next time."""
+        with self._lock:
+            self._unreported.update(block_ids)
 
     # ----------------------------------------------------------------------- delete, list, stats
 

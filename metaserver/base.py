@@ -1,6 +1,6 @@
 """The state and the shared mechanisms of the metadata core: the store, the clock, inode
-rows and their Attr, link counting and purging, garbage, block maps, truncation and the
-choice of live data servers. The operations themselves live in namespace.py, files.py
+rows and their Attr, link counting and purging, garbage, block maps, truncation, the
+state of each data server (up, suspect, dead) and the count of replicas on live ones. The operations themselves live in namespace.py, files.py
 and registry.py; core.py puts them together as MetaCore.
 
 Every helper here takes the open transaction `tx` and runs inside the caller's
@@ -27,6 +27,12 @@ DIR_SIZE_BYTES = 4096
 #: A data server with less free space than this many blocks gets no new blocks.
 NEAR_FULL_BLOCKS = 2
 
+#: Data server states, from the age of the last heartbeat.
+UP = "up"  # heard from recently: gets new blocks and replication tasks
+SUSPECT = "suspect"  # missed heartbeats: no new blocks, but its replicas still count
+DEAD = "dead"  # silent too long: its replicas do not count and are re-made elsewhere
+_STATE_ORDER = {UP: 0, SUSPECT: 1, DEAD: 2}
+
 _INODE_COLUMNS = (
     "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
     "block_size, replicas, generation, parent, target"
@@ -39,6 +45,16 @@ def is_dir(row: Row) -> bool:
 
 def is_reg(row: Row) -> bool:
     return stat.S_ISREG(row["mode"])
+
+
+def id_list(ids: list[int]) -> str:
+    """An SQL list literal of integer ids, for `x IN (...)`; ints only, never text."""
+    return "(" + ",".join(str(int(i)) for i in ids) + ")" if ids else "(NULL)"
+
+
+def want_replicas(replicas_column: int) -> int:
+    """A file's replica count R from its inode column (0: the cluster default)."""
+    return replicas_column or DEFAULT_REPLICAS
 
 
 def attr_of(row: Row) -> Attr:
@@ -66,15 +82,29 @@ class CoreBase:
         secret: bytes,
         *,
         clock: Callable[[], float] = time.time,
+        server_suspect_after_s: float = 3.0,
         server_dead_after_s: float = 10.0,
         session_lease_s: float = 30.0,
         gc_grace_s: float = 30.0,
+        pending_timeout_s: float = 600.0,
+        reserve_bytes: int = 0,
+        replication_per_heartbeat: int = 8,
+        replication_timeout_s: float = 60.0,
     ) -> None:
         self.secret = secret
         self.clock = clock
+        self.server_suspect_after_s = min(server_suspect_after_s, server_dead_after_s)
         self.server_dead_after_s = server_dead_after_s
         self.session_lease_s = session_lease_s
         self.gc_grace_s = gc_grace_s
+        self.pending_timeout_s = pending_timeout_s
+        self.reserve_bytes = reserve_bytes
+        self.replication_per_heartbeat = replication_per_heartbeat
+        self.replication_timeout_s = replication_timeout_s
+        # A server cannot be judged silent by a metaserver that was not listening: after a
+        # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
+        # is re-replicated) before the data servers had their chance to beat.
+        self.started_ns = self.now_ns()
         self.store = Store(db_path)
         try:
             self._init_root()
@@ -181,25 +211,29 @@ class CoreBase:
 
     # ------------------------------------------------------------------ block maps
 
-    def _live_cutoff_ns(self, now: int) -> int:
-        return now - int(self.server_dead_after_s * NS_PER_S)
-
     def _block_map(self, tx: Tx, ino: int, now: int) -> list[BlockRef]:
         # Resolve replicas by server id, so a data server that restarted on a new port is
-        # found at its current address; live servers first, so readers try them first.
+        # found at its current address; up servers first, then suspect, then dead, each
+        # in placement order, so readers try the likely ones first and stripe.
+        states = self._server_states(tx, now)
         rows = tx.all(
-            "SELECT b.idx, b.block_id, b.length, s.address FROM blocks b"
+            "SELECT b.idx, b.block_id, b.length, s.server_id, s.address FROM blocks b"
             " LEFT JOIN replicas r ON r.block_id = b.block_id"
             " LEFT JOIN servers s ON s.server_id = r.server_id"
-            " WHERE b.ino = ? ORDER BY b.idx, s.last_heartbeat_ns < ?, r.rank",
-            (ino, self._live_cutoff_ns(now)),
+            " WHERE b.ino = ? ORDER BY b.idx, r.rank",
+            (ino,),
         )
         refs: list[BlockRef] = []
+        order: list[list[tuple[int, str]]] = []
         for row in rows:
             if not refs or refs[-1].index != row["idx"]:
                 refs.append(BlockRef(index=row["idx"], block_id=row["block_id"], length=row["length"]))
+                order.append([])
             if row["address"] is not None:
-                refs[-1].servers.append(row["address"])
+                order[-1].append((_STATE_ORDER[states.get(row["server_id"], DEAD)], row["address"]))
+        for ref, replicas in zip(refs, order):
+            # sorted() is stable: rank order is kept within a state.
+            ref.servers = [address for _, address in sorted(replicas, key=lambda x: x[0])]
         return refs
 
     def _truncate(self, tx: Tx, row: Row, size: int, now: int) -> None:
@@ -225,15 +259,52 @@ class CoreBase:
 
     # ------------------------------------------------------------------ data servers
 
+    def _state_of(self, row: Row, now: int) -> str:
+        age_ns = now - max(row["last_heartbeat_ns"], self.started_ns)
+        if age_ns <= self.server_suspect_after_s * NS_PER_S:
+            return UP
+        if age_ns <= self.server_dead_after_s * NS_PER_S:
+            return SUSPECT
+        return DEAD
+
+    def _servers(self, tx: Tx, now: int) -> list[tuple[Row, str]]:
+        """Every registered server with its state, by server id."""
+        return [(row, self._state_of(row, now)) for row in tx.all("SELECT * FROM servers ORDER BY server_id")]
+
+    def _server_states(self, tx: Tx, now: int) -> dict[int, str]:
+        return {row["server_id"]: state for row, state in self._servers(tx, now)}
+
     def _live_servers(self, tx: Tx, now: int) -> list[Row]:
-        return tx.all(
-            "SELECT * FROM servers WHERE last_heartbeat_ns >= ? ORDER BY server_id",
-            (self._live_cutoff_ns(now),),
-        )
+        """Servers that get new blocks and replication tasks: the up ones."""
+        return [row for row, state in self._servers(tx, now) if state == UP]
+
+    def _has_room(self, server: Row, block_size: int) -> bool:
+        # A server close to full would fail the write; it gets nothing new.
+        return server["free_bytes"] >= max(self.reserve_bytes, NEAR_FULL_BLOCKS * block_size)
 
     @staticmethod
     def _default_replicas(live: int) -> int:
         return max(1, min(DEFAULT_REPLICAS, live))
+
+    def _replica_health(self, tx: Tx, now: int) -> tuple[int, int, int]:
+        """(blocks, under-replicated, lost) over every committed block.
+
+        A replica counts when its server is not dead (suspect ones may just be slow). A
+        block is under-replicated when it has fewer counted replicas than
+        min(R, non-dead servers), R being its file's replica count; it is lost when it has
+        none. Lost blocks are under-replicated too while any server is alive.
+        """
+        states = self._server_states(tx, now)
+        alive = [sid for sid, st in states.items() if st != DEAD]
+        row = tx.one(
+            "SELECT COUNT(*) AS blocks,"
+            " COALESCE(SUM(live < MIN(want, ?)), 0) AS under, COALESCE(SUM(live = 0), 0) AS lost FROM ("
+            "  SELECT CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
+            f"  (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
+            "   AS live FROM blocks b JOIN inodes i ON i.ino = b.ino)",
+            (len(alive), DEFAULT_REPLICAS),
+        )
+        return row["blocks"], row["under"], row["lost"]
 
     # ------------------------------------------------------------------ sessions
 

@@ -28,9 +28,9 @@ from proto.messages import (
     OpenReq,
     ReleaseReq,
 )
-from proto.types import DEFAULT_REPLICAS, FILE_SIZE_MAX_BYTES
+from proto.types import FILE_SIZE_MAX_BYTES
 
-from .base import NEAR_FULL_BLOCKS, CoreBase, is_dir, is_reg
+from .base import CoreBase, is_dir, is_reg, want_replicas
 from .store import Tx
 
 
@@ -80,15 +80,17 @@ class FileOps(CoreBase):
             bs = row["block_size"]
             if any(i * bs >= FILE_SIZE_MAX_BYTES for i in req.indexes):
                 raise FsError(errno.EFBIG, "block index past the largest file")
-            live = self._live_servers(tx, now)
-            if not live:
-                raise FsError(errno.EIO, "no live data server")
-            # A server close to full would fail the write; leave it out while others have room.
-            usable = [s for s in live if s["free_bytes"] >= NEAR_FULL_BLOCKS * bs]
+            # Only up servers get new blocks; a writer's exclusions (servers that just
+            # failed it) come off next. Fewer than R left: place what can be placed.
+            excluded = set(req.exclude)
+            candidates = [s for s in self._live_servers(tx, now) if s["address"] not in excluded]
+            if not candidates:
+                raise FsError(errno.EIO, "no live data server" + (" left after exclusions" if excluded else ""))
+            usable = [s for s in candidates if self._has_room(s, bs)]
             if not usable:
                 raise FsError(errno.ENOSPC, "every live data server is full")
             n = len(usable)
-            r = min(row["replicas"] or DEFAULT_REPLICAS, n)
+            r = min(want_replicas(row["replicas"]), n)
             first_id = tx.scalar("SELECT value FROM counters WHERE name = 'next_block_id'")
             tx.run(
                 "UPDATE counters SET value = value + ? WHERE name = 'next_block_id'",
@@ -169,8 +171,8 @@ class FileOps(CoreBase):
             # The allocation's placement order, not the order the client reports: the
             # metaserver owns placement, and it is what stripes reads over the servers.
             tx.run_many(
-                "INSERT INTO replicas (block_id, server_id, rank) VALUES (?, ?, ?)",
-                [(ref.block_id, *allocated[a]) for a in written],
+                "INSERT INTO replicas (block_id, server_id, rank, created_ns) VALUES (?, ?, ?, ?)",
+                [(ref.block_id, *allocated[a], now) for a in written],
             )
             # Servers that were allocated but not written may hold a partial copy.
             unwritten = [sid for a, (sid, _) in allocated.items() if a not in written]

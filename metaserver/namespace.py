@@ -34,7 +34,7 @@ from proto.messages import (
 )
 from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
-from .base import DIR_SIZE_BYTES, CoreBase, attr_of, is_dir, is_reg
+from .base import DEAD, DIR_SIZE_BYTES, CoreBase, attr_of, is_dir, is_reg
 from .store import Tx
 
 #: statfs block size: what df multiplies block counts by.
@@ -90,7 +90,7 @@ class NamespaceOps(CoreBase):
 
     def statfs(self, req: Empty) -> StatfsReply:
         with self.store.transaction() as tx:
-            live = self._live_servers(tx, self.now_ns())
+            live = [row for row, state in self._servers(tx, self.now_ns()) if state != DEAD]
             r = self._default_replicas(len(live))
             total = sum(s["capacity_bytes"] for s in live) // r
             free = sum(s["free_bytes"] for s in live) // r

@@ -1,14 +1,18 @@
-"""Client sessions, the data server registry, garbage hand-out and the status report.
+"""Client sessions, the data server registry, heartbeats (garbage and replication tasks
+out, corrupt copies in), the sweep and the status report.
 
 A session is a lease: a client renews it, and one silent for 3 leases is closed by the
-sweep as if the client had closed it, releasing its open files. A data server is "up"
-while its last heartbeat is younger than server_dead_after_s; only up servers get new
-blocks. Garbage goes back to each server in its heartbeat replies.
+sweep as if the client had closed it, releasing its open files and abandoning its
+uncommitted allocations. A data server is "up" while its last heartbeat is at most
+server_suspect_after_s old, "suspect" up to server_dead_after_s, then "dead"; only up
+servers get new blocks and replication tasks, and only dead servers' replicas stop
+counting (see repair.py). Garbage goes back to each server in its heartbeat replies.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 
 from proto.errors import FsError
@@ -26,8 +30,11 @@ from proto.messages import (
     StatusReply,
 )
 
-from .base import NS_PER_S, CoreBase
+from .base import DEAD, NS_PER_S
+from .repair import RepairOps
 from .store import Tx
+
+log = logging.getLogger("stripefs.metaserver.registry")
 
 #: How often data servers should send heartbeats.
 HEARTBEAT_INTERVAL_S = 1.0
@@ -35,13 +42,11 @@ HEARTBEAT_INTERVAL_S = 1.0
 GARBAGE_PER_HEARTBEAT = 1000
 #: A session silent for this many leases is closed.
 SESSION_EXPIRY_LEASES = 3
-#: An allocation not committed within this long is abandoned (its writer is gone).
-PENDING_EXPIRY_S = 3600.0
 
 _S_IFMT = 0o170000  # the type bits of st_mode
 
 
-class RegistryOps(CoreBase):
+class RegistryOps(RepairOps):
     # ------------------------------------------------------------------ sessions
 
     def open_session(self, req: SessionOpenReq) -> SessionReply:
@@ -68,16 +73,25 @@ class RegistryOps(CoreBase):
             self._close_session(tx, req.session, self.now_ns())
             return Empty()
 
-    def _close_session(self, tx: Tx, session: int, now: int) -> None:
+    def _close_session(self, tx: Tx, session: int, now: int) -> int:
+        """End a session: release its opens, abandon its allocations; returns how many
+        allocations went to garbage."""
         inos = [r[0] for r in tx.all("SELECT ino FROM opens WHERE session_id = ?", (session,))]
         tx.run("DELETE FROM opens WHERE session_id = ?", (session,))
         for ino in inos:
             self._maybe_purge(tx, ino, now)
+        # A closed or expired session commits nothing any more (commit needs the pending
+        # row): whatever it wrote and did not commit is garbage now, not after the timeout.
+        pending = [r[0] for r in tx.all("SELECT block_id FROM pending WHERE session_id = ?", (session,))]
+        for block_id in pending:
+            self._garbage_pending(tx, block_id, now)
         tx.run("DELETE FROM sessions WHERE session_id = ?", (session,))
+        return len(pending)
 
     def sweep(self) -> dict[str, int]:
-        """Periodic housekeeping: expire silent sessions and abandoned allocations.
-        Returns what it did, for the caller to log."""
+        """Periodic housekeeping: expire silent sessions and abandoned allocations, forget
+        stale replication tasks and plan new ones. Returns what it did, for the caller
+        to log."""
         with self.store.transaction() as tx:
             now = self.now_ns()
             expired = [
@@ -87,18 +101,26 @@ class RegistryOps(CoreBase):
                     (now - int(SESSION_EXPIRY_LEASES * self.session_lease_s * NS_PER_S),),
                 )
             ]
-            for session in expired:
-                self._close_session(tx, session, now)
+            abandoned = sum(self._close_session(tx, session, now) for session in expired)
             stale = [
                 r[0]
                 for r in tx.all(
                     "SELECT block_id FROM pending WHERE created_ns < ?",
-                    (now - int(PENDING_EXPIRY_S * NS_PER_S),),
+                    (now - int(self.pending_timeout_s * NS_PER_S),),
                 )
             ]
             for block_id in stale:
                 self._garbage_pending(tx, block_id, now)
-            return {"sessions_expired": len(expired), "allocations_abandoned": len(stale)}
+            timed_out = self._expire_tasks(tx, now)
+        # Planning is its own transaction: it can be the longest step, and the expiries
+        # above need not wait for it.
+        planned = self.plan_replication()
+        return {
+            "sessions_expired": len(expired),
+            "allocations_abandoned": abandoned + len(stale),
+            "replication_tasks_timed_out": timed_out,
+            "replication_tasks_planned": planned,
+        }
 
     # ------------------------------------------------------------------ data servers
 
@@ -107,33 +129,51 @@ class RegistryOps(CoreBase):
             now = self.now_ns()
             # The same data directory keeps its id, so the replicas recorded for it stay
             # valid; only its address (a new port after a restart) changes.
+            # A (re)registering server may hold anything (it was away, or its disk was
+            # swapped): ask for a block report. The earliest ask is kept; see _reconcile.
             tx.run(
-                "INSERT INTO servers (node_id, address, capacity_bytes, free_bytes, blocks, last_heartbeat_ns)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                "INSERT INTO servers (node_id, address, capacity_bytes, free_bytes, blocks, last_heartbeat_ns,"
+                " report_wanted_ns) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
                 " address = excluded.address, capacity_bytes = excluded.capacity_bytes,"
                 " free_bytes = excluded.free_bytes, blocks = excluded.blocks,"
-                " last_heartbeat_ns = excluded.last_heartbeat_ns",
-                (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now),
+                " last_heartbeat_ns = excluded.last_heartbeat_ns,"
+                " report_wanted_ns = COALESCE(report_wanted_ns, excluded.report_wanted_ns)",
+                (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now, now),
             )
             server_id = tx.scalar("SELECT server_id FROM servers WHERE node_id = ?", (req.node_id,))
+            # A restarted server lost the tasks it had been handed.
+            tx.run("DELETE FROM replication WHERE server_id = ? AND sent_ns IS NOT NULL", (server_id,))
             return RegisterReply(server_id=server_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
 
     def heartbeat(self, req: HeartbeatReq) -> HeartbeatReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            cur = tx.run(
-                "UPDATE servers SET capacity_bytes = ?, free_bytes = ?, used_bytes = ?, blocks = ?,"
-                " last_heartbeat_ns = ? WHERE server_id = ?",
-                (req.capacity_bytes, req.free_bytes, req.used_bytes, req.blocks, now, req.server_id),
-            )
-            if cur.rowcount == 0:
+            row = tx.one("SELECT * FROM servers WHERE server_id = ?", (req.server_id,))
+            if row is None:
                 return HeartbeatReply(delete=[], reregister=True)
+            # Back from the dead without a restart (a partition, a long stall): what it
+            # holds may have been re-made elsewhere meanwhile, so reconcile it too.
+            back = self._state_of(row, now) == DEAD
+            tx.run(
+                "UPDATE servers SET capacity_bytes = ?, free_bytes = ?, used_bytes = ?, blocks = ?,"
+                " last_heartbeat_ns = ?, report_wanted_ns = CASE WHEN ? THEN COALESCE(report_wanted_ns, ?)"
+                " ELSE report_wanted_ns END WHERE server_id = ?",
+                (req.capacity_bytes, req.free_bytes, req.used_bytes, req.blocks, now, back, now, req.server_id),
+            )
+            if back:
+                log.info("data server %d (%s) is back", req.server_id, row["address"])
+            self._drop_corrupt(tx, req.server_id, req.corrupt, now)
             rows = tx.all(
                 "SELECT block_id FROM garbage WHERE server_id = ? AND not_before_ns <= ?"
                 " ORDER BY block_id LIMIT ?",
                 (req.server_id, now, GARBAGE_PER_HEARTBEAT),
             )
-            return HeartbeatReply(delete=[r[0] for r in rows])
+            wanted = tx.scalar("SELECT report_wanted_ns FROM servers WHERE server_id = ?", (req.server_id,))
+            return HeartbeatReply(
+                delete=[r[0] for r in rows],
+                replicate=self._hand_out_tasks(tx, req.server_id, now),
+                block_report=wanted is not None,
+            )
 
     def blocks_deleted(self, req: DeletedReq) -> Empty:
         with self.store.transaction() as tx:
@@ -148,20 +188,20 @@ class RegistryOps(CoreBase):
     def status(self, req: Empty) -> StatusReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            cutoff = self._live_cutoff_ns(now)
             servers = [
                 ServerStatus(
                     server_id=s["server_id"],
                     address=s["address"],
-                    state="up" if s["last_heartbeat_ns"] >= cutoff else "down",
+                    state=state,
                     capacity_bytes=s["capacity_bytes"],
                     free_bytes=s["free_bytes"],
                     used_bytes=s["used_bytes"],
                     blocks=s["blocks"],
                     last_heartbeat_s=max(0.0, (now - s["last_heartbeat_ns"]) / NS_PER_S),
                 )
-                for s in tx.all("SELECT * FROM servers ORDER BY server_id")
+                for s, state in self._servers(tx, now)
             ]
+            blocks, under, lost = self._replica_health(tx, now)
             counts = tx.one(
                 "SELECT COUNT(*) AS inodes,"
                 " COALESCE(SUM((mode & ?) = ?), 0) AS files,"
@@ -176,6 +216,8 @@ class RegistryOps(CoreBase):
                 files=counts["files"],
                 directories=counts["dirs"],
                 bytes=counts["bytes"],
-                blocks=tx.scalar("SELECT COUNT(*) FROM blocks"),
+                blocks=blocks,
                 sessions=tx.scalar("SELECT COUNT(*) FROM sessions"),
+                under_replicated=under,
+                lost=lost,
             )

@@ -68,7 +68,10 @@ CREATE TABLE servers (
     free_bytes         INTEGER NOT NULL DEFAULT 0,  -- free there
     used_bytes         INTEGER NOT NULL DEFAULT 0,  -- taken by stored blocks
     blocks             INTEGER NOT NULL DEFAULT 0,  -- blocks stored
-    last_heartbeat_ns  INTEGER NOT NULL             -- when we last heard from it
+    last_heartbeat_ns  INTEGER NOT NULL,            -- when we last heard from it
+    report_wanted_ns   INTEGER                      -- set at (re)register: a full block report
+                                                    -- is wanted; the time it was first asked
+                                                    -- for (NULL: none wanted)
 );
 
 -- Block maps: which stored block holds each block-sized piece of a file. A stored block
@@ -89,6 +92,9 @@ CREATE TABLE replicas (
     rank       INTEGER NOT NULL,  -- placement order from the allocation: 0 is the primary,
                                   -- which readers try first, so consecutive blocks read from
                                   -- different servers (striping)
+    created_ns INTEGER NOT NULL DEFAULT 0,  -- when the row was added; a block report only
+                                            -- drops rows older than its request, so a copy
+                                            -- stored while the server was listing is kept
     PRIMARY KEY (block_id, server_id)
 );
 
@@ -114,14 +120,16 @@ CREATE INDEX opens_by_ino ON opens(ino);
 
 -- Blocks allocated to a writer and not committed yet. Deliberately no foreign key to
 -- inodes: a file may be purged while its writer is still writing, and then these rows
--- are how its blocks reach garbage (at commit, or by the sweep after an hour).
+-- are how its blocks reach garbage (at commit, when the writer's session ends, or by the
+-- sweep after the pending timeout).
 CREATE TABLE pending (
     block_id    INTEGER PRIMARY KEY,  -- the allocated id
     ino         INTEGER NOT NULL,     -- file it was allocated for
     idx         INTEGER NOT NULL,     -- position it was allocated for
     session_id  INTEGER NOT NULL,     -- writer's session (for logs; not a lease)
-    created_ns  INTEGER NOT NULL      -- allocation time; stale after an hour
+    created_ns  INTEGER NOT NULL      -- allocation time; stale after the pending timeout
 );
+CREATE INDEX pending_by_session ON pending(session_id);
 
 -- The data servers chosen for each pending block (the writer may write any of them).
 CREATE TABLE pending_servers (
@@ -139,6 +147,28 @@ CREATE TABLE garbage (
     block_id       INTEGER NOT NULL,
     server_id      INTEGER NOT NULL REFERENCES servers(server_id),
     not_before_ns  INTEGER NOT NULL,  -- do not hand it out for deletion before this time
+    PRIMARY KEY (server_id, block_id)
+);
+
+-- Re-replication tasks: a copy of a block being made on a target server. A row is
+-- queued by the planner (sweep), handed to the target in a heartbeat reply (sent_ns),
+-- and removed when the target reports it done or failed, or after the task timeout.
+-- While a row exists the same (block, target) is not planned again.
+CREATE TABLE replication (
+    block_id    INTEGER NOT NULL,  -- block to copy (no foreign key: the block may be
+                                   -- deleted meanwhile; the copy then becomes garbage)
+    server_id   INTEGER NOT NULL REFERENCES servers(server_id),  -- the target
+    created_ns  INTEGER NOT NULL,  -- when it was planned
+    sent_ns     INTEGER,           -- when it was handed to the target (NULL: queued)
+    PRIMARY KEY (block_id, server_id)
+);
+CREATE INDEX replication_by_server ON replication(server_id);
+
+-- One data server's block report in progress: the ids it listed, chunk by chunk; the
+-- last chunk reconciles them against the block maps and clears the rows.
+CREATE TABLE reported (
+    server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    block_id   INTEGER NOT NULL,
     PRIMARY KEY (server_id, block_id)
 );
 

@@ -26,7 +26,7 @@ log = logging.getLogger("stripefs.metaserver")
 
 DB_NAME = "meta.db"
 SECRET_NAME = "cluster.secret"
-#: How often the sweep (session expiry, abandoned allocations) runs.
+#: How often the sweep (session expiry, abandoned allocations, re-replication planning) runs.
 SWEEP_INTERVAL_S = 1.0
 #: How long in-flight calls may finish after SIGTERM.
 STOP_GRACE_S = 2.0
@@ -40,12 +40,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--server-suspect-after-s", type=float, default=3.0,
+                   help="a data server silent this long is suspect: no new blocks, its replicas still count")
     p.add_argument("--server-dead-after-s", type=float, default=10.0,
-                   help="a data server silent this long gets no new blocks and shows as down")
+                   help="a data server silent this long is dead: its blocks are re-replicated elsewhere")
     p.add_argument("--session-lease-s", type=float, default=30.0,
                    help="client session lease; sessions silent for 3 leases are closed")
     p.add_argument("--gc-grace-s", type=float, default=30.0,
                    help="delay before a replaced or deleted block is handed out for deletion")
+    p.add_argument("--pending-timeout-s", type=float, default=600.0,
+                   help="an allocation not committed within this long is abandoned (its blocks become garbage)")
+    p.add_argument("--reserve-bytes", type=int, default=0,
+                   help="a data server with less free space than this (and never less than 2 blocks) gets no new blocks")
+    p.add_argument("--replication-per-heartbeat", type=int, default=8,
+                   help="re-replication tasks in flight per target data server (the repair rate bound)")
+    p.add_argument("--replication-timeout-s", type=float, default=60.0,
+                   help="a re-replication task not reported within this long is planned again")
     return p.parse_args(argv)
 
 
@@ -78,9 +88,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     core = MetaCore(
         str(state / DB_NAME),
         secret,
+        server_suspect_after_s=args.server_suspect_after_s,
         server_dead_after_s=args.server_dead_after_s,
         session_lease_s=args.session_lease_s,
         gc_grace_s=args.gc_grace_s,
+        pending_timeout_s=args.pending_timeout_s,
+        reserve_bytes=args.reserve_bytes,
+        replication_per_heartbeat=args.replication_per_heartbeat,
+        replication_timeout_s=args.replication_timeout_s,
     )
     stop = threading.Event()
 

@@ -19,7 +19,22 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
+MIGRATIONS = {
+    1: """
+        ALTER TABLE servers ADD COLUMN report_wanted_ns INTEGER;
+        ALTER TABLE replicas ADD COLUMN created_ns INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX pending_by_session ON pending(session_id);
+        CREATE TABLE replication (
+            block_id INTEGER NOT NULL, server_id INTEGER NOT NULL REFERENCES servers(server_id),
+            created_ns INTEGER NOT NULL, sent_ns INTEGER, PRIMARY KEY (block_id, server_id));
+        CREATE INDEX replication_by_server ON replication(server_id);
+        CREATE TABLE reported (
+            server_id INTEGER NOT NULL REFERENCES servers(server_id), block_id INTEGER NOT NULL,
+            PRIMARY KEY (server_id, block_id));
+    """,
+}
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 #: How long to wait for another process holding the database (there should be none).
 BUSY_TIMEOUT_MS = 5000
@@ -77,7 +92,13 @@ class Store:
             self._conn.executescript(
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
             )
-        elif version != SCHEMA_VERSION:
+            return
+        while version in MIGRATIONS and version < SCHEMA_VERSION:
+            self._conn.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[version]}\nPRAGMA user_version={version + 1};\nCOMMIT;"
+            )
+            version += 1
+        if version != SCHEMA_VERSION:
             raise RuntimeError(
                 f"{path}: schema version {version}, this metaserver knows {SCHEMA_VERSION}"
             )

@@ -602,17 +602,22 @@ def test_statfs(env):
 def test_status(env):
     a = env.add_server(1)
     env.add_server(2)
+    c = env.add_server(3)
     env.clock.advance(5)
     env.beat(a)
     env.clock.advance(6)
+    env.beat(c)
     s = env.session()
     f = env.create(ROOT_INODE, b"f")
     env.mkdir(ROOT_INODE, b"d")
     env.write(f.ino, s, 0, 1000)
     st = env.core.status(Empty())
     states = {x.server_id: (x.state, round(x.last_heartbeat_s)) for x in st.servers}
-    assert states == {a: ("up", 6), a + 1: ("down", 11)}
+    # Silent > 3 s: suspect; > 10 s: dead.
+    assert states == {a: ("suspect", 6), a + 1: ("dead", 11), c: ("up", 0)}
     assert (st.inodes, st.files, st.directories, st.bytes, st.blocks, st.sessions) == (3, 1, 2, 1000, 1, 1)
+    # One replica (only c is up to take it) of a block that wants min(2, 2 alive) = 2.
+    assert (st.under_replicated, st.lost) == (1, 0)
 
 
 # --------------------------------------------------------------------------- open, sessions
@@ -819,16 +824,33 @@ def test_abandoned_allocations_swept(env):
     s = env.session()
     f = env.create(ROOT_INODE, b"f")
     (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
-    env.clock.advance(1800)
+    env.clock.advance(300)
     env.beat(sid)
     env.core.renew_session(SessionReq(session=s))
     assert env.core.sweep()["allocations_abandoned"] == 0
-    env.clock.advance(1801)
+    env.clock.advance(301)  # past the 600 s pending timeout
     env.beat(sid)
     env.core.renew_session(SessionReq(session=s))
     assert env.core.sweep()["allocations_abandoned"] == 1
     env.clock.advance(31)
     assert env.beat(sid).delete == [a.block_id]
+
+
+def test_allocations_abandoned_with_their_session(env):
+    sid = env.add_server(1)
+    s1, s2 = env.session(), env.session()
+    f = env.create(ROOT_INODE, b"f")
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s1, indexes=[0])).allocations
+    (b,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s2, indexes=[1])).allocations
+    env.core.close_session(SessionReq(session=s1))
+    # s2 expires (3 leases of silence): its allocation goes too, without waiting 10 min.
+    env.clock.advance(91)
+    env.beat(sid)
+    assert env.core.sweep()["allocations_abandoned"] == 1
+    env.clock.advance(31)
+    assert sorted(env.beat(sid).delete) == [a.block_id, b.block_id]
+    ref = BlockRef(index=0, block_id=a.block_id, length=5, servers=a.servers)
+    fails(errno.EINVAL, env.core.commit_blocks, CommitReq(ino=f.ino, session=s1, blocks=[ref], size=5, mtime_ns=1))
 
 
 # --------------------------------------------------------------------------- registry
