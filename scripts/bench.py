@@ -1,0 +1,1119 @@
+"""The stripefs benchmark: the workloads of AI training, side by side in one run, on the raw
+local disk, a stripefs mount, the stripefs client library without FUSE, and (optionally)
+a MooseFS mount, on this machine.
+
+It owns the whole life of what it measures: a fresh stripefs cluster (one metaserver, three
+data servers, a FUSE mount) and, with `--peer moosefs`, a MooseFS cluster (one master, three
+chunk servers, mfsmount) inside a network namespace it creates, all under one temporary
+work directory on the same file system as the raw-disk scratch directory. Everything is
+torn down on the way out, whatever happened (see `Bench.close`).
+
+Replication R is a property of a directory: `stripefs.replicas` on stripefs, the goal
+(`mfssetgoal`) on MooseFS. Each R in `--replicas` gets its own directory on each system.
+
+Ratios are speed ratios: target / reference for rates, reference / target for times, so
+more than 1 always means "faster than the reference". Reported figures are the median of
+`--runs` runs. Run it through `scripts/bench`; `docs/benchmark.md` describes the workloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
+MiB = 1 << 20
+KiB = 1 << 10
+
+#: How long a MooseFS daemon may take to come up, or all chunk servers to register.
+peer_start_timeout_s = 30.0
+#: How long a MooseFS daemon may take to exit after SIGTERM (the master saves metadata).
+peer_stop_grace_s = 30.0
+#: Mount and unmount deadlines.
+mount_timeout_s = 30.0
+#: The file name the checkpoint workloads share (workloads 1, 2 and 6).
+CKPT_NAME = "ckpt.bin"
+#: Seed of the shuffled read order and the random offsets, the same for every target.
+SHUFFLE_SEED = 20240611
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The size of every workload; `QUICK` is for the smoke test."""
+
+    ckpt_bytes: int = 1 << 30
+    io_bytes: int = 1 * MiB
+    shards: int = 4
+    shard_bytes: int = 256 * MiB
+    dataset_files: int = 10_000
+    dataset_dirs: int = 100
+    sample_bytes: int = 16 * KiB
+    meta_files: int = 10_000
+    random_io_bytes: int = 4 * KiB
+    random_reads: int = 20_000  # at most this many random reads ...
+    random_read_s: float = 10.0  # ... or for at most this long, whichever comes first
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    ckpt_bytes=8 * MiB, shard_bytes=2 * MiB, dataset_files=200, dataset_dirs=10,
+    meta_files=200, random_reads=500, random_read_s=2.0,
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    workload: int
+    lower_is_better: bool = False
+
+
+METRICS = [
+    Metric("ckpt_write", "checkpoint write", "MB/s", 1),
+    Metric("mount_peak_rss", "mount peak RSS during checkpoint write", "MiB", 1, lower_is_better=True),
+    Metric("ckpt_read", "checkpoint read, cold", "MB/s", 2),
+    Metric("shard_write", "sharded write, aggregate", "MB/s", 3),
+    Metric("shard_write_slowest", "sharded write, slowest rank", "MB/s", 3),
+    Metric("shard_read", "sharded read cold, aggregate", "MB/s", 3),
+    Metric("shard_read_slowest", "sharded read cold, slowest rank", "MB/s", 3),
+    Metric("dataset_write", "dataset write", "files/s", 4),
+    Metric("dataset_read", "dataset read, cold, shuffled", "files/s", 4),
+    Metric("create", "create", "ops/s", 5),
+    Metric("stat", "stat, cold", "ops/s", 5),
+    Metric("unlink", "unlink", "ops/s", 5),
+    Metric("ls_l", "ls -l, cold", "s", 5, lower_is_better=True),
+    Metric("random_read", "random 4 KiB reads, cold", "IOPS", 6),
+]
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+ALL_WORKLOADS = (1, 2, 3, 4, 5, 6)
+#: Workloads the client library runs (it has no processes, directories of samples or ls).
+LIB_WORKLOADS = (1, 2)
+
+RAW, STRIPEFS, LIB, PEER = "raw", "stripefs", "stripefs-lib", "moosefs"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs could not be set up; the message says what."""
+
+
+# ---------------------------------------------------------------------- machine helpers
+
+
+def drop_caches() -> bool:
+    """Writes dirty pages back and empties the page, dentry and inode caches; False when
+    not allowed (not root), which the report then says."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def mount_points_under(base: Path) -> list[str]:
+    base_s = os.path.abspath(base).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split(" ")[4].replace("\\040", " ")
+            if point.startswith(base_s):
+                found.append(point)
+    return found
+
+
+def wait_mounted(path: Path, alive: Callable[[], bool], what: str, logs: str = "") -> None:
+    deadline = time.monotonic() + mount_timeout_s
+    while not os.path.ismount(path):
+        if not alive():
+            raise BenchError(f"{what} exited before {path} was mounted\n{logs}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{path} not mounted after {mount_timeout_s}s\n{logs}")
+        time.sleep(0.05)
+
+
+def fuse_unmount(path: Path) -> None:
+    """fusermount3 -u, retried while busy, then a lazy unmount as the last resort. Reads
+    the kernel's mount table: a mount whose process died cannot be stat'ed."""
+    for _ in range(50):
+        if os.path.abspath(path) not in mount_points_under(path.parent):
+            return
+        if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
+def peak_rss_reset(pid: int) -> None:
+    # "5" resets VmHWM to the current RSS (Linux >= 4.0), so the peak read afterwards
+    # belongs to the workload, not to the mount's whole life.
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib(pid: int) -> Optional[float]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(work_dir: Path) -> dict:
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usage = shutil.disk_usage(work_dir)
+    fs_dev = subprocess.run(["df", "--output=source,fstype", str(work_dir)], capture_output=True,
+                            text=True).stdout.splitlines()[-1].split()
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": socket.gethostname(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "work_dir": str(work_dir),
+        "file_system": " ".join(fs_dev),
+        "disk_free_gib": round(usage.free / (1 << 30), 1),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "stripefs_commit": commit,
+    }
+
+
+# ---------------------------------------------------------------------- workloads on paths
+#
+# Each function does one timed thing on a path and returns seconds (or a small dict);
+# the caller turns it into a rate. They run in the bench process or in spawned worker
+# processes, so they import nothing heavy.
+
+
+def write_file(path: str, size: int, io_bytes: int, fsync: bool = True) -> float:
+    buf = memoryview(os.urandom(io_bytes))
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            n = os.write(fd, buf[: min(io_bytes, left)])
+            left -= n
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def read_file(path: str, io_bytes: int, expect: int) -> float:
+    buf = bytearray(io_bytes)
+    got = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            got += n
+    elapsed = time.perf_counter() - t0
+    if got != expect:
+        raise BenchError(f"{path}: read {got} bytes, expected {expect}")
+    return elapsed
+
+
+def shard_worker(kind: str, path: str, final: str, size: int, io_bytes: int, barrier, results) -> None:
+    """One rank of the sharded checkpoint: waits for the others, then writes (fsync,
+    rename into place) or reads its shard; reports (start, end) on the monotonic clock,
+    which is the same for every process of the machine."""
+    try:
+        barrier.wait()
+        start = time.monotonic()
+        if kind == "write":
+            write_file(path, size, io_bytes)
+            os.rename(path, final)
+        else:
+            read_file(final, io_bytes, size)
+        results.put(("ok", start, time.monotonic()))
+    except BaseException as exc:  # reported to the parent, which fails the workload
+        results.put(("error", repr(exc), 0.0))
+
+
+def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
+    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(sizes.shards)
+    results = ctx.Queue()
+    procs = []
+    for rank in range(sizes.shards):
+        tmp = str(directory / f"shard-{rank}.tmp")
+        final = str(directory / f"shard-{rank}.pt")
+        p = ctx.Process(target=shard_worker,
+                        args=(kind, tmp, final, sizes.shard_bytes, sizes.io_bytes, barrier, results))
+        p.start()
+        procs.append(p)
+    try:
+        spans = [results.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = [s[1] for s in spans if s[0] != "ok"]
+    if errors:
+        raise BenchError(f"sharded {kind} failed: {errors[0]}")
+    wall = max(s[2] for s in spans) - min(s[1] for s in spans)
+    slowest = max(s[2] - s[1] for s in spans)
+    total = sizes.shards * sizes.shard_bytes
+    return total / wall / MB, sizes.shard_bytes / slowest / MB
+
+
+def dataset_paths(directory: Path, sizes: Sizes) -> list[Path]:
+    per_dir = -(-sizes.dataset_files // sizes.dataset_dirs)
+    return [directory / f"d{i // per_dir:03d}" / f"sample-{i:05d}.bin" for i in range(sizes.dataset_files)]
+
+
+def dataset_write(directory: Path, sizes: Sizes) -> float:
+    sample = os.urandom(sizes.sample_bytes)
+    paths = dataset_paths(directory, sizes)
+    t0 = time.perf_counter()
+    directory.mkdir()
+    made: set[Path] = set()
+    for p in paths:
+        if p.parent not in made:
+            p.parent.mkdir()
+            made.add(p.parent)
+        with open(p, "wb") as f:
+            f.write(sample)
+    return time.perf_counter() - t0
+
+
+def dataset_read(directory: Path, sizes: Sizes) -> float:
+    paths = dataset_paths(directory, sizes)
+    random.Random(SHUFFLE_SEED).shuffle(paths)
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            if len(f.read()) != sizes.sample_bytes:
+                raise BenchError(f"{p}: short sample")
+    return time.perf_counter() - t0
+
+
+def random_reads(path: Path, sizes: Sizes, file_bytes: int) -> float:
+    """IOPS of single-threaded 4 KiB preads at aligned random offsets."""
+    rng = random.Random(SHUFFLE_SEED)
+    slots = file_bytes // sizes.random_io_bytes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # Kernel readahead would turn each 4 KiB read into a bigger one; this workload is
+        # about the latency of one small read, on every target alike.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        done = 0
+        t0 = time.perf_counter()
+        deadline = t0 + sizes.random_read_s
+        while done < sizes.random_reads:
+            os.pread(fd, sizes.random_io_bytes, rng.randrange(slots) * sizes.random_io_bytes)
+            done += 1
+            if done % 64 == 0 and time.perf_counter() > deadline:
+                break
+        return done / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- client library
+
+
+def lib_job(kind: str, meta_addr: str, secret_file: str, dir_names: list[str], name: str,
+            size: int, io_bytes: int, results) -> None:
+    """Workload 1 or 2 through fs.client in trio, in a process of its own (a fresh client,
+    and no gRPC threads left in the bench process that spawns the shard workers)."""
+    try:
+        sys.path.insert(0, str(REPO_ROOT))
+        import errno
+
+        import trio
+
+        from fs.client import Ctx, FsError, open_client
+        from proto.auth import load_secret
+        from proto.types import ROOT_INODE
+
+        root = Ctx(0, 0, 0)
+
+        async def main() -> float:
+            async with open_client(meta_addr, load_secret(secret_file)) as client:
+                ino = ROOT_INODE
+                for d in dir_names:
+                    ino = (await client.lookup(ino, d.encode())).ino
+                if kind == "write":
+                    try:
+                        await client.unlink(ino, name.encode(), root)
+                    except FsError as exc:
+                        if exc.errno != errno.ENOENT:
+                            raise
+                    buf = os.urandom(io_bytes)
+                    t0 = time.perf_counter()
+                    fh, _ = await client.create(ino, name.encode(), 0o644, os.O_WRONLY, root)
+                    for off in range(0, size, io_bytes):
+                        await client.write(fh, off, buf[: min(io_bytes, size - off)])
+                    await client.flush(fh)
+                    await client.release(fh)
+                    return time.perf_counter() - t0
+                t0 = time.perf_counter()
+                file_ino = (await client.lookup(ino, name.encode())).ino
+                fh, _ = await client.open(file_ino, os.O_RDONLY)
+                got = 0
+                while piece := await client.read(fh, got, io_bytes):
+                    got += len(piece)
+                await client.release(fh)
+                elapsed = time.perf_counter() - t0
+                if got != size:
+                    raise BenchError(f"library read {got} bytes, expected {size}")
+                return elapsed
+
+        results.put(("ok", trio.run(main)))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
+
+
+def run_lib(kind: str, meta_addr: str, secret_file: Path, dir_names: list[str], name: str,
+            sizes: Sizes) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=lib_job, args=(kind, meta_addr, str(secret_file), dir_names, name,
+                                          sizes.ckpt_bytes, sizes.io_bytes, results))
+    p.start()
+    try:
+        status, value = results.get(timeout=3600)
+    finally:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if status != "ok":
+        raise BenchError(f"client library {kind} failed: {value}")
+    return value
+
+
+# ---------------------------------------------------------------------- targets
+
+
+class Target:
+    """A place the workloads run: a directory per R, and a way to make the next read cold."""
+
+    name = ""
+
+    def directory(self, replicas: int) -> Path:
+        raise NotImplementedError
+
+    def cold(self) -> None:
+        """Empties every cache between the workload and the disk."""
+        drop_caches()
+
+    def mount_pid(self) -> Optional[int]:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class RawTarget(Target):
+    name = RAW
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        base.mkdir()
+
+    def directory(self, replicas: int) -> Path:
+        return self.base  # a local disk has one copy whatever R is
+
+
+class StripefsTarget(Target):
+    """A fresh local cluster (tests/cluster.py starts the real CLI's processes) and its mount."""
+
+    name = STRIPEFS
+
+    def __init__(self, base: Path, replicas: list[int]) -> None:
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from cluster import Cluster  # the harness the end-to-end tests use
+
+        self.cluster = Cluster(base, dataservers=3)
+        try:
+            self.mnt = base / "mnt"
+            self.mount = self.cluster.mount(self.mnt, timeout=mount_timeout_s)
+            for r in replicas:
+                d = self.mnt / f"r{r}"
+                d.mkdir()
+                os.setxattr(d, "stripefs.replicas", str(r).encode())
+                got = os.getxattr(d, "stripefs.replicas")
+                if got != str(r).encode():
+                    raise BenchError(f"{d}: stripefs.replicas reads back {got!r}, set {r}")
+        except BaseException:
+            self.cluster.close()
+            raise
+
+    def directory(self, replicas: int) -> Path:
+        return self.mnt / f"r{replicas}"
+
+    def cold(self) -> None:
+        # A new mount process: no client block cache, no kernel page or attribute cache.
+        self.mount.close()
+        self.cluster.mounts.remove(self.mount)
+        drop_caches()
+        self.mount = self.cluster.mount(self.mnt, timeout=mount_timeout_s)
+
+    def mount_pid(self) -> Optional[int]:
+        return self.mount.proc.pid
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+class MooseFSTarget(Target):
+    """1 master, 3 chunk servers and mfsmount, all in a network namespace created here.
+
+    MooseFS refuses chunk servers on loopback addresses, so the namespace gets a veth end
+    with an address from TEST-NET-1 (192.0.2.0/24, documentation only, never routed). Every
+    MooseFS process runs with `nsenter --net` only: it shares the mount namespace, so the
+    FUSE mount is visible to the benchmark, while its sockets live in the namespace, where
+    traffic to its own address goes over the namespace's loopback, as stripefs's does on the
+    host's. The host end of the veth has no address: nothing changes in the host's routes.
+    """
+
+    name = PEER
+    master_port = 9421
+    cs_port_base = 9422
+
+    def __init__(self, base: Path, replicas: list[int]) -> None:
+        self.base = base
+        base.mkdir()
+        tag = f"{os.getpid() % 100000}"
+        self.netns = f"sfbench{tag}"
+        self.veth_host, self.veth_ns = f"sfb{tag}h", f"sfb{tag}n"
+        self.ip = "192.0.2.2"
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.mount_proc: Optional[subprocess.Popen] = None
+        self.mnt = base / "mnt"
+        self.netns_made = False
+        self.veth_made = False
+        try:
+            self._check_installed()
+            self._make_netns()
+            self._start_master()
+            for i in range(3):
+                self._start_chunkserver(i)
+            self._wait_chunkservers(3)
+            self._mount()
+            for r in replicas:
+                d = self.mnt / f"r{r}"
+                d.mkdir()
+                self._in_ns(["mfssetgoal", "-r", str(r), str(d)])
+                # Deleted files would otherwise sit in the trash for a day, holding space.
+                self._in_ns(["mfssettrashtime", "-r", "0", str(d)])
+                out = self._in_ns(["mfsgetgoal", str(d)])
+                if not out.strip().endswith(f": {r}"):
+                    raise BenchError(f"mfsgetgoal {d} says {out.strip()!r}, wanted goal {r}")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup
+
+    @staticmethod
+    def ensure_installed() -> None:
+        """Installs Debian's MooseFS packages when a program is missing (root, apt-get)."""
+        needed = {"mfsmaster": "moosefs-master", "mfschunkserver": "moosefs-chunkserver",
+                  "mfsmount": "moosefs-client"}
+        missing = sorted({pkg for prog, pkg in needed.items() if shutil.which(prog) is None})
+        if not missing:
+            return
+        if shutil.which("apt-get") is None:
+            raise BenchError(f"--peer moosefs needs {', '.join(missing)} and this is not a Debian system")
+        if os.geteuid() != 0:
+            raise BenchError(f"--peer moosefs needs {', '.join(missing)}: run as root to install them")
+        log(f"installing {' '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
+            res = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{res.stdout}{res.stderr}")
+
+    def _check_installed(self) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("--peer moosefs needs root (network namespace, FUSE mount)")
+        for prog in ("ip", "nsenter", "mfsmaster", "mfschunkserver", "mfsmount", "mfssetgoal"):
+            if shutil.which(prog) is None:
+                raise BenchError(f"--peer moosefs: {prog} is not installed")
+        if not Path("/var/lib/mfs/metadata.mfs.empty").exists():
+            raise BenchError("--peer moosefs: /var/lib/mfs/metadata.mfs.empty is missing "
+                             "(it comes with moosefs-master)")
+
+    def _ip(self, *args: str) -> None:
+        res = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BenchError(f"ip {' '.join(args)} failed: {res.stderr.strip()}")
+
+    def _make_netns(self) -> None:
+        self._ip("netns", "add", self.netns)
+        self.netns_made = True
+        self._ip("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+        self.veth_made = True
+        self._ip("link", "set", self.veth_ns, "netns", self.netns)
+        self._ip("link", "set", self.veth_host, "up")
+        self._ip("-n", self.netns, "link", "set", "lo", "up")
+        self._ip("-n", self.netns, "addr", "add", f"{self.ip}/30", "dev", self.veth_ns)
+        self._ip("-n", self.netns, "link", "set", self.veth_ns, "up")
+
+    def _ns_argv(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/var/run/netns/{self.netns}", *argv]
+
+    def _in_ns(self, argv: list[str]) -> str:
+        res = subprocess.run(self._ns_argv(argv), capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} failed ({res.returncode}): {res.stdout}{res.stderr}")
+        return res.stdout
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        out = self.base / f"{name}.out"
+        with open(out, "ab") as f:
+            # nsenter execs the daemon, so the pid is the daemon's.
+            p = subprocess.Popen(self._ns_argv(argv), stdin=subprocess.DEVNULL, stdout=f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, p, out))
+        return p
+
+    def _tail(self, path: Path, lines: int = 30) -> str:
+        try:
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            text = ["(missing)"]
+        return f"---- {path} ----\n" + "\n".join(text)
+
+    def _wait_for_text(self, proc: subprocess.Popen, out: Path, text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + peer_start_timeout_s
+        while True:
+            try:
+                seen = out.read_text(errors="replace").count(text)
+            except FileNotFoundError:
+                seen = 0
+            if seen >= count:
+                return
+            if proc.poll() is not None:
+                raise BenchError(f"MooseFS daemon exited with {proc.returncode}\n{self._tail(out)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"MooseFS: no {text!r} after {peer_start_timeout_s}s\n{self._tail(out)}")
+            time.sleep(0.1)
+
+    def _start_master(self) -> None:
+        d = self.base / "master"
+        d.mkdir()
+        shutil.copy("/var/lib/mfs/metadata.mfs.empty", d / "metadata.mfs")
+        exports = self.base / "mfsexports.cfg"
+        exports.write_text("* / rw,alldirs,admin,maproot=0:0\n")
+        cfg = self.base / "mfsmaster.cfg"
+        # NICE_LEVEL 0 (MooseFS defaults to -19): both systems compete for the CPU on the
+        # same terms as the benchmark itself and whatever else runs on the machine.
+        cfg.write_text(
+            "WORKING_USER = root\nWORKING_GROUP = root\n"
+            f"DATA_PATH = {d}\nEXPORTS_FILENAME = {exports}\nNICE_LEVEL = 0\n"
+            f"MATOML_LISTEN_HOST = {self.ip}\nMATOCS_LISTEN_HOST = {self.ip}\n"
+            f"MATOCL_LISTEN_HOST = {self.ip}\nMATOCL_LISTEN_PORT = {self.master_port}\n"
+        )
+        p = self._spawn("mfsmaster", ["mfsmaster", "-c", str(cfg), "-f"])
+        self._wait_for_text(p, self.base / "mfsmaster.out", "mfsmaster daemon initialized properly")
+
+    def _start_chunkserver(self, i: int) -> None:
+        d = self.base / f"cs{i}"
+        (d / "data").mkdir(parents=True)
+        (d / "hdd").mkdir()
+        hdd = d / "mfshdd.cfg"
+        hdd.write_text(f"{d / 'hdd'}\n")
+        cfg = d / "mfschunkserver.cfg"
+        cfg.write_text(
+            "WORKING_USER = root\nWORKING_GROUP = root\n"
+            f"DATA_PATH = {d / 'data'}\nHDD_CONF_FILENAME = {hdd}\nNICE_LEVEL = 0\n"
+            f"MASTER_HOST = {self.ip}\nBIND_HOST = {self.ip}\nMASTER_RECONNECTION_DELAY = 1\n"
+            f"CSSERV_LISTEN_HOST = {self.ip}\nCSSERV_LISTEN_PORT = {self.cs_port_base + i}\n"
+        )
+        self._spawn(f"mfschunkserver-{i}", ["mfschunkserver", "-c", str(cfg), "-f"])
+
+    def _wait_chunkservers(self, n: int) -> None:
+        name, master, out = self.procs[0]
+        try:
+            self._wait_for_text(master, out, "chunkserver register end", n)
+        except BenchError as exc:
+            tails = "\n".join(self._tail(o) for _, _, o in self.procs[1:])
+            raise BenchError(f"{exc}\n{tails}") from None
+
+    def _mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        out = self.base / "mfsmount.out"
+        with open(out, "ab") as f:
+            self.mount_proc = subprocess.Popen(
+                self._ns_argv(["mfsmount", str(self.mnt), "-f", "-H", self.ip,
+                               "-P", str(self.master_port), "-o", "mfsnice=0"]),
+                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        p = self.mount_proc
+        wait_mounted(self.mnt, lambda: p.poll() is None, "mfsmount", self._tail(out))
+
+    def _unmount(self) -> None:
+        if self.mount_proc is None:
+            return
+        fuse_unmount(self.mnt)
+        try:
+            self.mount_proc.wait(timeout=mount_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.mount_proc.kill()
+            self.mount_proc.wait()
+        self.mount_proc = None
+
+    # -- Target
+
+    def directory(self, replicas: int) -> Path:
+        return self.mnt / f"r{replicas}"
+
+    def cold(self) -> None:
+        # mfsmount keeps its own read buffers: a new mount process starts with none.
+        self._unmount()
+        drop_caches()
+        self._mount()
+
+    def mount_pid(self) -> Optional[int]:
+        return self.mount_proc.pid if self.mount_proc else None
+
+    def close(self) -> None:
+        errors = []
+        try:
+            self._unmount()
+        except Exception as exc:
+            errors.append(exc)
+        # Chunk servers first, the master last: it saves its metadata on the way out.
+        for name, p, _ in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + peer_stop_grace_s
+        for name, p, _ in reversed(self.procs):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{name} still running after {peer_stop_grace_s}s: killing it")
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        if self.veth_made:
+            # Deleting one end deletes the pair; it may already be gone with the namespace.
+            subprocess.run(["ip", "link", "del", self.veth_host], capture_output=True)
+            self.veth_made = False
+        if self.netns_made:
+            res = subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, text=True)
+            if res.returncode != 0:
+                errors.append(BenchError(f"ip netns del {self.netns}: {res.stderr.strip()}"))
+            self.netns_made = False
+        if errors:
+            raise errors[0]
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass
+class Sample:
+    run: int
+    replicas: int
+    target: str
+    metric: str
+    value: float
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = QUICK if args.quick else FULL
+        self.replicas: list[int] = args.replicas
+        self.workloads: list[int] = args.only
+        self.samples: list[Sample] = []
+        self.caches_dropped = True
+        parent = Path(args.work_dir) if args.work_dir else Path("/var/tmp")
+        parent.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="stripefs-bench-", dir=parent))
+        self.targets: list[Target] = []
+        self.raw: Optional[RawTarget] = None
+        self.sfs: Optional[StripefsTarget] = None
+        self.peer: Optional[MooseFSTarget] = None
+
+    # -- setup and teardown
+
+    def start(self) -> None:
+        self.raw = RawTarget(self.work / "raw")
+        log(f"starting a stripefs cluster (1 metaserver, 3 data servers, a mount) in {self.work / 'stripefs'}")
+        self.sfs = StripefsTarget(self.work / "stripefs", self.replicas)
+        self.targets = [self.raw, self.sfs]
+        if self.args.peer == "moosefs":
+            log(f"starting a MooseFS cluster (1 master, 3 chunk servers, mfsmount) in {self.work / 'moosefs'}")
+            self.peer = MooseFSTarget(self.work / "moosefs", self.replicas)
+            self.targets.append(self.peer)
+
+    def close(self) -> None:
+        """Unmounts and stops everything, then removes the work directory, never crossing
+        into a mount that could not be removed."""
+        for t in reversed(self.targets):
+            try:
+                t.close()
+            except Exception as exc:
+                log(f"teardown of {t.name}: {exc}")
+        self.targets = []
+        left = mount_points_under(self.work)
+        if left:
+            log(f"still mounted, so {self.work} is left in place: {', '.join(left)}")
+        elif self.args.keep:
+            log(f"kept {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- measuring
+
+    def record(self, run: int, r: int, target: str, metric: str, value: float) -> None:
+        if target == RAW:
+            r = self.replicas[0]  # R means nothing to a local disk; results() looks it up here
+        self.samples.append(Sample(run, r, target, metric, value))
+        m = METRIC_BY_KEY[metric]
+        log(f"  run {run + 1} R={r} {m.label:<40} {target:<13} {fmt(value)} {m.unit}")
+
+    def cold(self, target: Target) -> None:
+        target.cold()
+        if not drop_caches():
+            self.caches_dropped = False
+
+    def fs_targets(self, r: int, first_r: bool) -> list[Target]:
+        # The raw disk does not depend on R: it is measured once per run.
+        return [t for t in self.targets if first_r or t is not self.raw]
+
+    def ensure_ckpt(self, target: Target, r: int) -> Path:
+        path = target.directory(r) / CKPT_NAME
+        if not path.exists() or path.stat().st_size != self.sizes.ckpt_bytes:
+            write_file(str(path), self.sizes.ckpt_bytes, self.sizes.io_bytes)
+        return path
+
+    def run_once(self, run: int) -> None:
+        s = self.sizes
+        # Workload 5 makes empty files, which have no blocks and so no replicas: once per run.
+        meta_r = max(self.replicas)
+        for i, r in enumerate(self.replicas):
+            first_r = i == 0
+            targets = self.fs_targets(r, first_r)
+            if 1 in self.workloads:
+                for t in targets:
+                    path = t.directory(r) / CKPT_NAME
+                    pid = t.mount_pid()
+                    if pid:
+                        peak_rss_reset(pid)
+                    secs = write_file(str(path), s.ckpt_bytes, s.io_bytes)
+                    self.record(run, r, t.name, "ckpt_write", s.ckpt_bytes / secs / MB)
+                    if pid and (peak := peak_rss_mib(pid)) is not None:
+                        self.record(run, r, t.name, "mount_peak_rss", peak)
+                secs = self.lib("write", r)
+                self.record(run, r, LIB, "ckpt_write", s.ckpt_bytes / secs / MB)
+            if 2 in self.workloads:
+                for t in targets:
+                    path = self.ensure_ckpt(t, r)
+                    self.cold(t)
+                    secs = read_file(str(path), s.io_bytes, s.ckpt_bytes)
+                    self.record(run, r, t.name, "ckpt_read", s.ckpt_bytes / secs / MB)
+                if 1 not in self.workloads:
+                    self.lib("write", r)
+                self.cold(self.raw)  # a fresh client process below; only the page cache to drop
+                secs = self.lib("read", r)
+                self.record(run, r, LIB, "ckpt_read", s.ckpt_bytes / secs / MB)
+            if 6 in self.workloads:
+                for t in targets:
+                    path = self.ensure_ckpt(t, r)
+                    self.cold(t)
+                    self.record(run, r, t.name, "random_read", random_reads(path, s, s.ckpt_bytes))
+            for t in targets:  # checkpoints are big: make room before the next workloads
+                (t.directory(r) / CKPT_NAME).unlink(missing_ok=True)
+            if 3 in self.workloads:
+                for t in targets:
+                    d = t.directory(r) / f"shards-{run}"
+                    d.mkdir()
+                    agg, slow = run_shards("write", d, s)
+                    self.record(run, r, t.name, "shard_write", agg)
+                    self.record(run, r, t.name, "shard_write_slowest", slow)
+                    self.cold(t)
+                    agg, slow = run_shards("read", t.directory(r) / f"shards-{run}", s)
+                    self.record(run, r, t.name, "shard_read", agg)
+                    self.record(run, r, t.name, "shard_read_slowest", slow)
+                    shutil.rmtree(t.directory(r) / f"shards-{run}")
+            if 4 in self.workloads:
+                for t in targets:
+                    # Left in place after: removing 10,000 files is not what is measured.
+                    d = t.directory(r) / f"dataset-{run}"
+                    secs = dataset_write(d, s)
+                    self.record(run, r, t.name, "dataset_write", s.dataset_files / secs)
+                    self.cold(t)
+                    secs = dataset_read(t.directory(r) / f"dataset-{run}", s)
+                    self.record(run, r, t.name, "dataset_read", s.dataset_files / secs)
+            if 5 in self.workloads and r == meta_r:
+                for t in self.targets:
+                    self.metadata(run, r, t)
+
+    def metadata(self, run: int, r: int, t: Target) -> None:
+        n = self.sizes.meta_files
+        d = t.directory(r) / f"meta-{run}"
+        d.mkdir()
+        names = [str(d / f"f{i:05d}") for i in range(n)]
+        t0 = time.perf_counter()
+        for p in names:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        self.record(run, r, t.name, "create", n / (time.perf_counter() - t0))
+        self.cold(t)
+        t0 = time.perf_counter()
+        for p in names:
+            os.stat(p)
+        self.record(run, r, t.name, "stat", n / (time.perf_counter() - t0))
+        self.cold(t)
+        t0 = time.perf_counter()
+        res = subprocess.run(["ls", "-l", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        secs = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise BenchError(f"ls -l {d} failed: {res.stderr.decode(errors='replace')}")
+        self.record(run, r, t.name, "ls_l", secs)
+        t0 = time.perf_counter()
+        for p in names:
+            os.unlink(p)
+        self.record(run, r, t.name, "unlink", n / (time.perf_counter() - t0))
+        os.rmdir(d)
+
+    def lib(self, kind: str, r: int) -> float:
+        assert self.sfs is not None
+        return run_lib(kind, self.sfs.cluster.meta_addr, self.sfs.cluster.secret_file,
+                       [f"r{r}"], "lib-" + CKPT_NAME, self.sizes)
+
+    # -- reporting
+
+    def results(self) -> list[dict]:
+        """One row per (R, metric, target) with the median; the raw disk, measured once per
+        run (under the first R), is repeated in each R's block as the reference."""
+        groups: dict[tuple[int, str, str], list[float]] = {}
+        for smp in self.samples:
+            groups.setdefault((smp.replicas, smp.metric, smp.target), []).append(smp.value)
+        first_r = self.replicas[0]
+        rows = []
+        for r in self.replicas:
+            for m in METRICS:
+                def runs_of(target: str) -> Optional[list[float]]:
+                    return groups.get((first_r if target == RAW else r, m.key, target))
+
+                if not any(runs_of(t) for t in (STRIPEFS, LIB, PEER)):
+                    continue  # e.g. workload 5, which runs under one R only
+                raw, peer = runs_of(RAW), runs_of(PEER)
+                raw_med = statistics.median(raw) if raw else None
+                peer_med = statistics.median(peer) if peer else None
+                for target in (RAW, STRIPEFS, LIB, PEER):
+                    runs = runs_of(target)
+                    if not runs:
+                        continue
+                    value = statistics.median(runs)
+                    comparable = m.key != "mount_peak_rss"
+                    rows.append({
+                        "workload": m.workload, "metric": m.key, "label": m.label, "unit": m.unit,
+                        "replicas": r, "target": target, "value": value, "runs": runs,
+                        "ratio_raw": ratio(m, value, raw_med) if comparable and target != RAW else None,
+                        "ratio_peer": ratio(m, value, peer_med) if comparable and target != PEER else None,
+                    })
+        return rows
+
+    def writeback_limit_mib(self) -> Optional[float]:
+        try:
+            sys.path.insert(0, str(REPO_ROOT))
+            from fs.client import client as client_mod
+
+            return getattr(client_mod, "DEFAULT_WRITEBACK_BYTES") / MiB
+        except Exception:
+            return None
+
+    def report(self, machine: dict, elapsed_s: float) -> dict:
+        doc = {
+            "machine": machine,
+            "config": {
+                "quick": self.args.quick, "runs": self.args.runs, "replicas": self.replicas,
+                "workloads": self.workloads, "peer": self.args.peer,
+                "sizes": dataclasses.asdict(self.sizes),
+                "caches_dropped": self.caches_dropped,
+                "stripefs_writeback_limit_mib": self.writeback_limit_mib(),
+                "elapsed_s": round(elapsed_s, 1),
+            },
+            "results": self.results(),
+        }
+        if self.peer is not None or self.args.peer:
+            res = subprocess.run(["mfsmaster", "-v"], capture_output=True, text=True)
+            doc["config"]["peer_version"] = (res.stdout or res.stderr).strip()
+        return doc
+
+
+def ratio(m: Metric, value: float, ref: Optional[float]) -> Optional[float]:
+    if ref is None or value <= 0 or ref <= 0:
+        return None
+    return ref / value if m.lower_is_better else value / ref
+
+
+def fmt(x: Optional[float]) -> str:
+    if x is None:
+        return ""
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def machine_lines(machine: dict) -> list[str]:
+    return [
+        f"date {machine['date']}, host {machine['host']}, stripefs {machine['stripefs_commit']}",
+        f"{machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB memory, "
+        f"kernel {machine['kernel']}, Python {machine['python']}",
+        f"work dir {machine['work_dir']} on {machine['file_system']}, {machine['disk_free_gib']} GiB free, "
+        f"load average {' '.join(map(str, machine['load_avg']))}",
+    ]
+
+
+def table(doc: dict) -> str:
+    cfg = doc["config"]
+    peer = cfg["peer"]
+    lines = [
+        f"| workload | R | target | value | unit | × raw | × {peer or 'peer'} |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for row in doc["results"]:
+        lines.append(
+            f"| {row['workload']} {row['label']} | {row['replicas']} | {row['target']} | {fmt(row['value'])} "
+            f"| {row['unit']} | {fmt(row['ratio_raw'])} | {fmt(row['ratio_peer'])} |"
+        )
+    notes = [
+        f"median of {cfg['runs']} run(s); ratios are speed ratios (>1: faster than the reference; "
+        "inverted for seconds); MB = 10^6 bytes",
+    ]
+    if cfg.get("stripefs_writeback_limit_mib"):
+        notes.append(f"stripefs write-back limit {cfg['stripefs_writeback_limit_mib']:.0f} MiB")
+    if cfg.get("peer_version"):
+        notes.append(cfg["peer_version"])
+    if cfg["quick"]:
+        notes.append("QUICK sizes: not a measurement")
+    if not cfg["caches_dropped"]:
+        notes.append("page cache NOT dropped (not root): cold reads are not cold")
+    notes.append(f"took {cfg['elapsed_s']:.0f} s")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + "\n"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmark stripefs against the raw local disk and, optionally, MooseFS.",
+    )
+    p.add_argument("--peer", choices=["moosefs"], help="also run every workload on a local MooseFS cluster")
+    p.add_argument("--runs", type=int, help="runs of every workload; the median is reported (default 3, 1 with --quick)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test, not a measurement")
+    p.add_argument("--only", default=",".join(map(str, ALL_WORKLOADS)), metavar="WORKLOADS",
+                   help="comma-separated workload numbers 1-6 (default: all)")
+    p.add_argument("--replicas", default="1,2", metavar="R,...", help="replication factors to run (default 1,2)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
+    args = p.parse_args(argv)
+    try:
+        args.only = sorted({int(x) for x in args.only.split(",") if x.strip()})
+        args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
+    except ValueError:
+        p.error("--only and --replicas take comma-separated numbers")
+    if not args.only or any(w not in ALL_WORKLOADS for w in args.only):
+        p.error("--only takes workload numbers 1-6")
+    if not args.replicas or any(not 1 <= r <= 3 for r in args.replicas):
+        p.error("--replicas takes numbers 1-3 (there are 3 data servers)")
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("note: not root: the page cache cannot be dropped and FUSE mounts may fail")
+    if args.peer == "moosefs":
+        MooseFSTarget.ensure_installed()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(args)
+    machine = machine_info(bench.work)
+    print("\n".join(machine_lines(machine)), flush=True)
+    t0 = time.monotonic()
+    try:
+        bench.start()
+        for run in range(args.runs):
+            log(f"run {run + 1} of {args.runs}")
+            bench.run_once(run)
+        doc = bench.report(machine, time.monotonic() - t0)
+    finally:
+        bench.close()
+    print()
+    print(table(doc), end="", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        log(f"error: {exc}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log("interrupted; everything was torn down")
+        sys.exit(130)

@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark (scripts/bench.py): with --quick sizes it brings up a real
+cluster, runs every workload once and tears everything down, and its table and JSON have
+the promised shape. Never asserts a speed: only that figures exist and are positive."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = REPO_ROOT / "scripts" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("stripefs_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(10)
+def test_arguments():
+    bench = load_bench()
+    args = bench.parse_args(["--quick", "--only", "2,1", "--replicas", "2"])
+    assert (args.runs, args.only, args.replicas) == (1, [1, 2], [2])
+    assert bench.parse_args([]).runs == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "7"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--replicas", "4"])
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_run_prints_table_and_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--replicas", "1", "--json", str(out_json),
+         "--work-dir", str(work)],
+        capture_output=True, text=True, timeout=230, cwd=REPO_ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+
+    # The machine comes first, then the table.
+    assert "CPUs" in res.stdout and "GiB free" in res.stdout
+    assert "| workload | R | target | value | unit | × raw | × peer |" in res.stdout
+
+    doc = json.loads(out_json.read_text())
+    for key in ("nproc", "memory_gib", "kernel", "disk_free_gib", "date"):
+        assert key in doc["machine"]
+    assert doc["config"]["quick"] is True and doc["config"]["runs"] == 1
+    rows = doc["results"]
+    for row in rows:
+        assert set(row) >= {"workload", "metric", "label", "unit", "replicas", "target", "value",
+                            "runs", "ratio_raw", "ratio_peer"}
+        assert row["replicas"] == 1 and len(row["runs"]) == 1
+        assert math.isfinite(row["value"]) and row["value"] > 0
+        assert row["ratio_peer"] is None  # no peer in this run
+    got = {(row["metric"], row["target"]) for row in rows}
+    mount_metrics = ["ckpt_write", "ckpt_read", "shard_write", "shard_write_slowest", "shard_read",
+                     "shard_read_slowest", "dataset_write", "dataset_read", "create", "stat",
+                     "unlink", "ls_l", "random_read"]
+    expected = {(m, t) for m in mount_metrics for t in ("raw", "stripefs")}
+    expected |= {("ckpt_write", "stripefs-lib"), ("ckpt_read", "stripefs-lib"),
+                 ("mount_peak_rss", "stripefs")}
+    assert got == expected
+    for row in rows:
+        if row["target"] != "raw" and row["metric"] != "mount_peak_rss":
+            assert row["ratio_raw"] is not None and row["ratio_raw"] > 0
+
+    # Torn down: no mount left under the work directory, and the directory removed.
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    assert not any(work.iterdir())
