@@ -77,7 +77,18 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def lookup(self, parent_inode, name, ctx):
-        return entry(await self.client.lookup(parent_inode, name))
+        try:
+            return entry(await self.client.lookup(parent_inode, name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel may cache for ENTRY_TIMEOUT_S: create-heavy
+            # workloads look every new name up first. A create through this mount replaces
+            # it at once; another mount's create is seen within the timeout.
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = ENTRY_TIMEOUT_S
+            return negative
 
     @errno_boundary
     async def getattr(self, inode, ctx):

@@ -1,0 +1,97 @@
+"""Every client cache is invalidated as close-to-open promises: a second mount sees a
+change made and closed in the first within the attribute/entry timeout (about 1 s)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture(scope="module")
+def mounted_pair(module_cluster):
+    from conftest import mount_skip_reason
+
+    if mount_skip_reason():
+        pytest.skip(mount_skip_reason())
+    return module_cluster.mount(), module_cluster.mount()
+
+
+@pytest.fixture
+def two_mounts(mounted_pair, request):
+    """Two mounts of one cluster, seen through a fresh directory per test."""
+    a, b = mounted_pair
+    name = request.node.name
+    os.mkdir(a / name)
+    return a / name, b / name
+
+#: The kernel's attribute and entry timeout (fs/fuse/ops.py) plus scheduling slack.
+TIMEOUT_S = 1.0 + 2.0
+
+
+def eventually(check, timeout_s: float = TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+        except FileNotFoundError:
+            result = False
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+
+
+def test_negative_entry_cache_expires(two_mounts):
+    a, b = two_mounts
+    assert not os.path.exists(b / "late")  # b caches the negative entry
+    (a / "late").write_bytes(b"here")
+    assert eventually(lambda: (b / "late").read_bytes() == b"here")
+
+
+def test_page_cache_dropped_when_another_mount_rewrites(two_mounts):
+    a, b = two_mounts
+    (a / "f").write_bytes(b"1" * 100_000)
+    assert (b / "f").read_bytes() == b"1" * 100_000  # b's page cache now holds it
+    assert (b / "f").read_bytes() == b"1" * 100_000  # kept across opens: unchanged
+    (a / "f").write_bytes(b"2" * 100_000)  # same size, new content
+    assert eventually(lambda: (b / "f").read_bytes() == b"2" * 100_000)
+
+
+def test_page_cache_kept_for_own_writes(two_mounts):
+    a, _ = two_mounts
+    with open(a / "g", "wb") as f:
+        f.write(b"x" * 10_000)
+    with open(a / "g", "r+b") as f:
+        f.seek(5000)
+        f.write(b"y")
+    data = (a / "g").read_bytes()
+    assert data[5000:5001] == b"y" and len(data) == 10_000
+
+
+def test_append_seen_by_other_mount(two_mounts):
+    a, b = two_mounts
+    (a / "log").write_bytes(b"first\n")
+    assert (b / "log").read_bytes() == b"first\n"
+    with open(a / "log", "ab") as f:
+        f.write(b"second\n")
+    assert eventually(lambda: (b / "log").read_bytes() == b"first\nsecond\n")
+
+
+def test_recreate_after_delete_seen_by_other_mount(two_mounts):
+    a, b = two_mounts
+    (a / "r").write_bytes(b"old")
+    assert (b / "r").read_bytes() == b"old"
+    os.unlink(a / "r")
+    (a / "r").write_bytes(b"new!")
+    assert eventually(lambda: (b / "r").read_bytes() == b"new!")
+
+
+def test_attributes_follow_other_mount(two_mounts):
+    a, b = two_mounts
+    (a / "m").write_bytes(b"z")
+    assert os.stat(b / "m").st_mode & 0o777 == 0o644
+    os.chmod(a / "m", 0o600)
+    assert eventually(lambda: os.stat(b / "m").st_mode & 0o777 == 0o600)
