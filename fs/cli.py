@@ -4,7 +4,8 @@
   stripefs data   --listen HOST:PORT --meta HOST:PORT --dir DIR   a data server
   stripefs mount  META_HOST:PORT MOUNTPOINT                mount (returns when ready)
   stripefs umount MOUNTPOINT
-  stripefs status [--json]                                 data servers and namespace totals
+  stripefs status [--json]                                 data servers, their states, replication health
+  stripefs fsck   [--repair] [--json]                      check (and repair) the metadata
 
 The server roles are imported only when their subcommand runs: this module is the
 composition root, the one place that knows every role.
@@ -108,34 +109,73 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return subprocess.run(["fusermount3", "-u", "-z", mountpoint]).returncode
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _meta_call(args: argparse.Namespace, cmd: str, name: str, req, timeout: float):
+    """One call to the metaserver named by args; exits with a message if it fails."""
     from proto.auth import load_secret
     from proto.errors import FsError
-    from proto.messages import Empty
     from proto.rpc import Stub
     from proto.services import META_METHODS, META_SERVICE
 
     meta, secret_file = _resolve_meta_and_secret(args)
     stub = Stub(meta, load_secret(secret_file), META_SERVICE, META_METHODS)
     try:
-        st = stub.call("status", Empty(), timeout=10)
+        return meta, stub.call(name, req, timeout=timeout)
     except FsError as exc:
-        sys.exit(f"stripefs status: {meta}: {exc}")
+        sys.exit(f"stripefs {cmd}: {meta}: {exc}")
     finally:
         stub.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proto.messages import Empty
+
+    meta, st = _meta_call(args, "status", "status", Empty(), timeout=10)
     if args.json:
         out = st.to_wire()
         out["meta"] = meta
         print(json.dumps(out, indent=2))
         return 0
     print(f"metaserver {meta}")
-    print(f"{'id':>3} {'address':<22} {'state':<6} {'used':>10} {'free':>10} {'capacity':>10} {'blocks':>8} {'beat':>6}")
+    print(f"{'id':>3} {'address':<22} {'state':<7} {'used':>10} {'free':>10} {'capacity':>10} {'blocks':>8} {'beat':>6}")
     for s in st.servers:
-        print(f"{s.server_id:>3} {s.address:<22} {s.state:<6} {_human(s.used_bytes):>10} "
+        print(f"{s.server_id:>3} {s.address:<22} {s.state:<7} {_human(s.used_bytes):>10} "
               f"{_human(s.free_bytes):>10} {_human(s.capacity_bytes):>10} {s.blocks:>8} {s.last_heartbeat_s:>5.1f}s")
     print(f"namespace: {st.inodes} inodes, {st.files} files, {st.directories} directories, "
           f"{_human(st.bytes)} in files, {st.blocks} blocks, {st.sessions} client sessions")
+    print(f"replication: {st.under_replicated} blocks under-replicated, {st.lost} lost")
     return 0
+
+
+#: fsck reads the whole store in one transaction: give a large one time.
+FSCK_TIMEOUT_S = 600.0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Exit 0 when clean (or everything found was repaired), 1 otherwise."""
+    from proto.messages import FsckReq
+
+    meta, rep = _meta_call(args, "fsck", "fsck", FsckReq(repair=args.repair), timeout=FSCK_TIMEOUT_S)
+    unrepaired = len(rep.problems) - len(rep.repaired)
+    if args.json:
+        out = rep.to_wire()
+        out["meta"] = meta
+        out["clean"] = not rep.problems
+        out["unrepaired"] = unrepaired
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"metaserver {meta}: {rep.inodes} inodes, {rep.blocks} blocks checked; "
+              f"{rep.under_replicated} under-replicated, {rep.lost} lost")
+        for line in rep.problems:
+            print(f"problem: {line}")
+        for line in rep.repaired:
+            print(f"repaired: {line}")
+        if not rep.problems:
+            print("clean")
+        elif args.repair:
+            print(f"{len(rep.problems)} problems, {len(rep.repaired)} repaired")
+        else:
+            print(f"{len(rep.problems)} problems (run with --repair to fix what can be fixed)")
+    return 0 if unrepaired <= 0 and (args.repair or not rep.problems) else 1
 
 
 def _human(n: int) -> str:
@@ -184,12 +224,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("status", help="data servers and namespace totals")
+    p = sub.add_parser("status", help="data servers, their states and replication health")
     p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
     p.add_argument("--secret-file")
     p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fsck", help="check the metadata (read-only unless --repair); exit 1 if not clean")
+    p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
+    p.add_argument("--secret-file")
+    p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)
 
     args = parser.parse_args(argv)
     return args.func(args)

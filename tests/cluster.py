@@ -231,6 +231,8 @@ class Cluster:
     data: list[Proc] = field(default_factory=list)
     mounts: list[Mount] = field(default_factory=list)
     meta_addr: str = ""
+    meta_args: list[str] = field(default_factory=list)  # extra flags for the metaserver
+    data_args: list[str] = field(default_factory=list)  # extra flags for every data server
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -261,7 +263,7 @@ class Cluster:
         argv = cli(
             "meta", "--listen", listen, "--dir", str(self.base / "meta"),
             "--secret-file", str(self.secret_file), "--ready-file", str(ready),
-            "--log-file", str(self.logs_dir / "meta.log"),
+            "--log-file", str(self.logs_dir / "meta.log"), *self.meta_args,
         )
         self.meta = Proc("meta", argv, self.logs_dir / "meta.log", self.logs_dir / "meta.out")
         self.meta.start()
@@ -287,7 +289,7 @@ class Cluster:
             "data", "--listen", listen, "--meta", self.meta_addr, "--dir", str(d),
             "--secret-file", str(self.secret_file),
             "--ready-file", str(self.run_dir / f"data-{i}.ready"),
-            "--log-file", str(self.logs_dir / f"data-{i}.log"),
+            "--log-file", str(self.logs_dir / f"data-{i}.log"), *self.data_args,
         )
 
     def start_data(self, i: int, listen: str = "127.0.0.1:0") -> Proc:
