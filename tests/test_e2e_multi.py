@@ -1,0 +1,155 @@
+"""End to end with two mounts of one cluster: close-to-open consistency between them,
+renames seen by the other mount, an unlinked file still readable through a handle open
+on the other mount, and many processes writing and reading large files at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+
+from cluster import Mount, sha256_file
+
+pytestmark = [pytest.mark.mount]
+
+#: How long another mount may take to see a rename (its entry cache times out).
+visibility_timeout_s = 2.5
+chunk_bytes = 1024 * 1024
+writers = 8
+writer_file_bytes = 20 * 1024 * 1024
+readers = 4
+shared_file_bytes = 50 * 1024 * 1024
+
+
+def _chunks(seed: int, size: int):
+    """Deterministic pseudo-random content, produced a chunk at a time."""
+    rng = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(chunk_bytes, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+def write_file(path: str, seed: int, size: int) -> str:
+    """Writes the content for `seed` to path; returns its sha256. Runs in a child process."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in _chunks(seed, size):
+            f.write(chunk)
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_sha256(seed: int, size: int) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(seed, size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def read_sha256(path: str) -> str:
+    return sha256_file(path)
+
+
+def _pool(n: int) -> ProcessPoolExecutor:
+    # Fork: the children need nothing but the functions above.
+    return ProcessPoolExecutor(max_workers=n, mp_context=get_context("fork"))
+
+
+def wait_for(predicate, timeout: float = visibility_timeout_s, what: str = "") -> None:
+    """Polls predicate; an OSError counts as not yet (within the entry cache timeout the
+    other mount may still hold a name for an inode that is gone)."""
+    deadline = time.monotonic() + timeout
+    last_error: OSError | None = None
+    while True:
+        try:
+            if predicate():
+                return
+        except OSError as e:
+            last_error = e
+        if time.monotonic() > deadline:
+            pytest.fail(f"not seen within {timeout}s: {what} (last error: {last_error})")
+        time.sleep(0.05)
+
+
+def test_file_closed_in_one_mount_reads_whole_in_the_other(two_mounts: tuple[Mount, Mount]):
+    a, b = two_mounts
+    for size in (0, 1, 100_000, 9 * 1024 * 1024 + 17):
+        name = f"f{size}"
+        digest = write_file(os.fspath(a / name), seed=size, size=size)
+        assert sha256_file(b / name) == digest, f"{name}: content differs in the other mount"
+        assert os.stat(b / name).st_size == size
+
+
+def test_overwrite_in_one_mount_is_seen_after_reopen_in_the_other(two_mounts: tuple[Mount, Mount]):
+    a, b = two_mounts
+    (a / "v").write_bytes(b"version 1")
+    assert (b / "v").read_bytes() == b"version 1"
+    # A checkpoint-style publish: write a temporary file, fsync, rename over the old one.
+    with open(a / "v.tmp", "wb") as f:
+        f.write(b"version 2, longer than the first")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(a / "v.tmp", a / "v")
+    wait_for(lambda: (b / "v").read_bytes() == b"version 2, longer than the first",
+             what="the renamed checkpoint in the other mount")
+
+
+def test_rename_in_one_mount_is_seen_by_the_other(two_mounts: tuple[Mount, Mount]):
+    a, b = two_mounts
+    (a / "dir").mkdir()
+    (a / "dir" / "old").write_bytes(b"payload")
+    # The other mount looks first, so that it has the old names cached.
+    assert (b / "dir" / "old").read_bytes() == b"payload"
+    assert not (b / "dir" / "new").exists()
+    os.rename(a / "dir" / "old", a / "dir" / "new")
+    wait_for(lambda: not (b / "dir" / "old").exists() and (b / "dir" / "new").exists(),
+             what="rename dir/old -> dir/new")
+    assert (b / "dir" / "new").read_bytes() == b"payload"
+    assert sorted(os.listdir(b / "dir")) == ["new"]
+
+
+def test_unlinked_file_stays_readable_through_a_handle_in_the_other_mount(
+    two_mounts: tuple[Mount, Mount],
+):
+    a, b = two_mounts
+    size = 6 * 1024 * 1024 + 5
+    digest = write_file(os.fspath(a / "doomed"), seed=7, size=size)
+    with open(b / "doomed", "rb") as reader:
+        first = reader.read(1000)
+        os.unlink(a / "doomed")
+        wait_for(lambda: not (b / "doomed").exists(), what="unlink in the other mount")
+        rest = reader.read()
+    assert hashlib.sha256(first + rest).hexdigest() == digest
+    assert not (a / "doomed").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_parallel_writers_and_readers(two_mounts: tuple[Mount, Mount]):
+    a, b = two_mounts
+    (a / "par").mkdir()
+    paths = [os.fspath(a / "par" / f"w{i}") for i in range(writers)]
+    with _pool(writers) as pool:
+        digests = list(pool.map(write_file, paths, range(writers), [writer_file_bytes] * writers))
+    for i, digest in enumerate(digests):
+        assert digest == expected_sha256(i, writer_file_bytes)
+    # Verified through the other mount, which saw none of the writes.
+    with _pool(writers) as pool:
+        read_back = list(pool.map(read_sha256, [os.fspath(b / "par" / f"w{i}") for i in range(writers)]))
+    assert read_back == digests
+
+    shared = os.fspath(a / "par" / "shared")
+    digest = write_file(shared, seed=1000, size=shared_file_bytes)
+    # Readers on both mounts at once.
+    sources = [os.fspath((a if i % 2 == 0 else b) / "par" / "shared") for i in range(readers)]
+    with _pool(readers) as pool:
+        assert list(pool.map(read_sha256, sources)) == [digest] * readers
