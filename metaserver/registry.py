@@ -112,6 +112,7 @@ class RegistryOps(RepairOps):
             for block_id in stale:
                 self._garbage_pending(tx, block_id, now)
             timed_out = self._expire_tasks(tx, now)
+            self._log_state_changes(tx, now)
         # Planning is its own transaction: it can be the longest step, and the expiries
         # above need not wait for it.
         planned = self.plan_replication()
@@ -121,6 +122,16 @@ class RegistryOps(RepairOps):
             "replication_tasks_timed_out": timed_out,
             "replication_tasks_planned": planned,
         }
+
+    def _log_state_changes(self, tx: Tx, now: int) -> None:
+        # Remembered only to log transitions; nothing depends on it (a restart logs anew).
+        seen = self.__dict__.setdefault("_states_seen", {})
+        for row, state in self._servers(tx, now):
+            before = seen.get(row["server_id"])
+            if before is not None and before != state:
+                level = logging.INFO if state == "up" else logging.WARNING
+                log.log(level, "data server %d (%s): %s -> %s", row["server_id"], row["address"], before, state)
+            seen[row["server_id"]] = state
 
     # ------------------------------------------------------------------ data servers
 
