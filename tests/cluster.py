@@ -233,6 +233,14 @@ class Cluster:
     meta_addr: str = ""
     meta_args: list[str] = field(default_factory=list)  # extra flags for the metaserver
     data_args: list[str] = field(default_factory=list)  # extra flags for every data server
+    meta_listen: str = "127.0.0.1:0"  # where the metaserver listens at its first start
+    # Per data server index: a command prefix (e.g. `ip netns exec NS`), and the host it
+    # reaches the metaserver at (the metaserver's port is appended), for servers that
+    # cannot reach the metaserver's listen address (another network namespace).
+    data_prefix: dict[int, list[str]] = field(default_factory=dict)
+    data_meta_host: dict[int, str] = field(default_factory=dict)
+    data_listen: dict[int, str] = field(default_factory=dict)  # per index; default 127.0.0.1:0
+    mount_args: list[str] = field(default_factory=list)  # extra flags for every mount
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -254,8 +262,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ metaserver
 
-    def start_meta(self, listen: str = "127.0.0.1:0") -> str:
+    def start_meta(self, listen: str | None = None) -> str:
         """Starts the metaserver and returns its bound address."""
+        listen = listen or self.meta_listen
         assert self.meta is None or not self.meta.running(), "metaserver already running"
         ready = self.run_dir / "meta.ready"
         ready.unlink(missing_ok=True)
@@ -278,22 +287,26 @@ class Cluster:
         """Stops the metaserver and starts it again on the same address, so data servers
         and mounts that know it can reconnect."""
         self.stop_meta()
-        return self.start_meta(listen=self.meta_addr or "127.0.0.1:0")
+        return self.start_meta(listen=self.meta_addr or None)
 
     # ------------------------------------------------------------------ data servers
 
     def _data_argv(self, i: int, listen: str) -> list[str]:
         d = self.base / f"data-{i}"
         d.mkdir(exist_ok=True)
-        return cli(
-            "data", "--listen", listen, "--meta", self.meta_addr, "--dir", str(d),
+        meta = self.meta_addr
+        if i in self.data_meta_host:
+            meta = f"{self.data_meta_host[i]}:{meta.rsplit(':', 1)[1]}"
+        return self.data_prefix.get(i, []) + cli(
+            "data", "--listen", listen, "--meta", meta, "--dir", str(d),
             "--secret-file", str(self.secret_file),
             "--ready-file", str(self.run_dir / f"data-{i}.ready"),
             "--log-file", str(self.logs_dir / f"data-{i}.log"), *self.data_args,
         )
 
-    def start_data(self, i: int, listen: str = "127.0.0.1:0") -> Proc:
+    def start_data(self, i: int, listen: str | None = None) -> Proc:
         """Starts data server `i` (0-based); a stopped one comes back on its data directory."""
+        listen = listen or self.data_listen.get(i, "127.0.0.1:0")
         ready = self.run_dir / f"data-{i}.ready"
         ready.unlink(missing_ok=True)
         proc = Proc(f"data-{i}", self._data_argv(i, listen),
@@ -361,7 +374,7 @@ class Cluster:
         name = f"mount-{n}"
         argv = cli(
             "mount", self.meta_addr, str(path), "--secret-file", str(self.secret_file),
-            "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"),
+            "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"), *self.mount_args,
         )
         proc = Proc(name, argv, self.logs_dir / f"{name}.log", self.logs_dir / f"{name}.out")
         proc.start()

@@ -1,0 +1,428 @@
+"""Fault injection for the real-process harness (tests/cluster.py), shared by the
+fault-injection tests (tests/test_faults_*.py) and the soak run (scripts/soak.py).
+
+What is here: a cluster with short failure timeouts, pausing and killing processes,
+flipping bytes in a stored block file, cutting a data server off in a network namespace,
+the ledger of acknowledged writes (path -> sha256) and its verification, disk usage of
+the data servers, `stripefs fsck --json` and waiting for R replicas to be back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from cluster import REPO_ROOT, Cluster, HarnessError, Proc, cli
+
+#: Metaserver flags for quick failure handling: suspect after 1 s, dead after 3 s, garbage
+#: handed out 1 s after it appears, sessions of a killed mount gone after 3 x 2 s; an
+#: allocation outlives the 30 s block RPC deadline of a hung server (else its commit fails).
+FAST_META_FLAGS = [
+    "--server-suspect-after-s", "1", "--server-dead-after-s", "3", "--gc-grace-s", "1",
+    "--session-lease-s", "2", "--pending-timeout-s", "90",
+]
+#: Data server flags: heartbeats three times a second, so state changes are seen quickly.
+FAST_DATA_FLAGS = ["--heartbeat-interval-s", "0.3"]
+#: What the fault tests promise: R copies back on live servers within this long after
+#: the failed server is declared dead (3 s after its last heartbeat).
+REPAIR_WITHIN_S = 30.0
+
+MiB = 1024 * 1024
+
+
+def fast_cluster(base: Path, dataservers: int = 3, meta_flags: list[str] | None = None,
+                 data_flags: list[str] | None = None, **kwargs) -> Cluster:
+    return Cluster(base, dataservers=dataservers,
+                   meta_args=FAST_META_FLAGS + list(meta_flags or []),
+                   data_args=FAST_DATA_FLAGS + list(data_flags or []), **kwargs)
+
+
+# ---------------------------------------------------------------------------- waiting
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2):
+    """The first truthy value of `predicate()` within `timeout_s`, else AssertionError."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while True:
+        try:
+            last = predicate()
+        except (HarnessError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            last = exc  # a server coming or going
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what} (last: {last!r})")
+        time.sleep(interval_s)
+
+
+def replication_healthy(cluster: Cluster) -> bool:
+    st = cluster.status()
+    return st["under_replicated"] == 0 and st["lost"] == 0
+
+
+def wait_replicated(cluster: Cluster, timeout_s: float = REPAIR_WITHIN_S) -> float:
+    """Waits until status shows no under-replicated and no lost block; returns the seconds taken."""
+    t0 = time.monotonic()
+    wait_for(lambda: replication_healthy(cluster), timeout_s, "under_replicated == 0 and lost == 0",
+             interval_s=0.3)
+    return time.monotonic() - t0
+
+
+def server_states(cluster: Cluster) -> dict[str, str]:
+    return {s["address"]: s["state"] for s in cluster.status()["servers"]}
+
+
+def wait_state(cluster: Cluster, address: str, state: str, timeout_s: float = 20.0) -> None:
+    wait_for(lambda: server_states(cluster).get(address) == state, timeout_s, f"{address} {state}")
+
+
+# ---------------------------------------------------------------------------- fsck
+
+
+def fsck(cluster: Cluster, *flags: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli("fsck", "--meta", cluster.meta_addr, "--secret-file", str(cluster.secret_file), *flags),
+        capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT,
+    )
+
+
+def fsck_json(cluster: Cluster) -> tuple[int, dict]:
+    res = fsck(cluster, "--json")
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError:
+        doc = {"unparsed": res.stdout, "stderr": res.stderr}
+    return res.returncode, doc
+
+
+def wait_fsck_clean(cluster: Cluster, timeout_s: float = REPAIR_WITHIN_S) -> dict:
+    """fsck is clean within `timeout_s` (repair may still be running at the first try)."""
+    last: dict = {}
+
+    def clean() -> bool:
+        nonlocal last
+        rc, last = fsck_json(cluster)
+        return rc == 0
+
+    try:
+        wait_for(clean, timeout_s, "fsck clean", interval_s=1.0)
+    except AssertionError:
+        raise AssertionError(f"fsck not clean within {timeout_s} s: {json.dumps(last)[:4000]}") from None
+    return last
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def pause(proc: Proc) -> None:
+    """SIGSTOP: the process hangs, its sockets stay open (a hung server, not a dead one)."""
+    proc.signal(signal.SIGSTOP)
+
+
+def resume(proc: Proc) -> None:
+    proc.signal(signal.SIGCONT)
+
+
+def data_index(cluster: Cluster, address: str) -> int:
+    return next(i for i, p in enumerate(cluster.data) if p.address == address)
+
+
+# ---------------------------------------------------------------------------- block files
+
+
+def block_files(data_dir: Path) -> dict[int, Path]:
+    """Block id -> file of every block stored in a data directory."""
+    out = {}
+    for p in (data_dir / "blocks").glob("*/*"):
+        if p.name.isdigit():
+            out[int(p.name)] = p
+    return out
+
+
+def disk_usage(cluster: Cluster) -> int:
+    """Bytes of block files (and leftovers under tmp/) of every data server of `cluster`."""
+    total = 0
+    for d in cluster.base.glob("data-*"):
+        for sub in ("blocks", "tmp"):
+            for p in (d / sub).rglob("*"):
+                try:
+                    if p.is_file():
+                        total += p.stat().st_size
+                except FileNotFoundError:
+                    pass  # deleted while we walked
+    return total
+
+
+def flip_byte(path: Path, rng: random.Random | None = None) -> int:
+    """Flips one bit of a byte in the data part of a stored block file (past the header,
+    whose CRC table is at most a few KiB), in place; returns the offset."""
+    rng = rng or random.Random()
+    size = path.stat().st_size
+    lo = min(size - 1, 8192)
+    offset = rng.randrange(lo, size)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ (1 << rng.randrange(8))]))
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def flip_random_block(cluster: Cluster, rng: random.Random, min_size: int = 16384) -> Optional[tuple[int, int]]:
+    """Flips a byte in a random stored block of a random data server; (server index, block id)."""
+    order = list(range(len(cluster.data)))
+    rng.shuffle(order)
+    for i in order:
+        files = [(b, p) for b, p in block_files(cluster.base / f"data-{i}").items()]
+        rng.shuffle(files)
+        for block_id, path in files[:20]:
+            try:
+                if path.stat().st_size < min_size:
+                    continue
+                flip_byte(path, rng)
+            except (FileNotFoundError, ValueError):
+                continue  # deleted meanwhile
+            return i, block_id
+    return None
+
+
+# ---------------------------------------------------------------------------- content
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic incompressible-enough bytes for a file (fast: repeats a random MiB
+    shifted by the seed, so every file differs)."""
+    rng = random.Random(seed)
+    chunk = rng.randbytes(min(size, MiB) or 1)
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += seed.to_bytes(8, "little") + i.to_bytes(8, "little") + chunk
+        i += 1
+    return bytes(out[:size])
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_path(path: os.PathLike | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_file(path: Path, data: bytes, chunk: int = MiB, fsync: bool = True) -> None:
+    """Writes `data` in `chunk`-sized writes, fsyncs (optionally) and closes; raises OSError
+    from any of them. Success means the content is acknowledged."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        for off in range(0, len(data), chunk):
+            os.write(fd, view[off: off + chunk])
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+@dataclass
+class Ledger:
+    """Acknowledged state: relative path -> sha256 of what must be there, and paths that
+    must be gone. Thread safe enough for appends from several threads (dict assignment)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
+
+    def wrote(self, rel: str, data: bytes) -> None:
+        self.files[rel] = sha256(data)
+        self.sizes[rel] = len(data)
+        self.gone.discard(rel)
+
+    def renamed(self, old: str, new: str) -> None:
+        self.files[new] = self.files.pop(old)
+        self.sizes[new] = self.sizes.pop(old)
+        self.gone.add(old)
+        self.gone.discard(new)
+
+    def removed(self, rel: str) -> None:
+        self.files.pop(rel, None)
+        self.sizes.pop(rel, None)
+        self.gone.add(rel)
+
+    def verify(self, root: Path) -> tuple[int, list[str]]:
+        """(bytes verified, problems) of every acknowledged file under `root`."""
+        problems: list[str] = []
+        verified = 0
+        for rel, digest in sorted(self.files.items()):
+            try:
+                got = sha256_path(root / rel)
+            except OSError as exc:
+                problems.append(f"{rel}: {exc!r}")
+                continue
+            if got != digest:
+                problems.append(f"{rel}: sha256 {got} != {digest}")
+            else:
+                verified += self.sizes[rel]
+        for rel in sorted(self.gone):
+            if os.path.lexists(root / rel):
+                problems.append(f"{rel}: removed or renamed away, but still there")
+        return verified, problems
+
+
+# ---------------------------------------------------------------------------- network namespaces
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=20)
+
+
+@dataclass
+class NetNamespaces:
+    """One network namespace per data server, each joined to the host by a veth pair:
+    host side HOST_NET.i.1/24, namespace side HOST_NET.i.2/24 (198.18.0.0/15 is reserved
+    for benchmarking, so it collides with nothing real). `cut(i)` sets the host end down:
+    the server keeps running but neither the metaserver nor the clients reach it."""
+
+    count: int
+    tag: str = field(default_factory=lambda: f"sf{os.getpid() % 100000}")
+    net: str = "198.18"
+    made: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+    def name(self, i: int) -> str:
+        return f"{self.tag}n{i}"
+
+    def link(self, i: int) -> str:
+        return f"{self.tag}v{i}"  # host end; the namespace end is ...p{i}
+
+    def host_addr(self, i: int) -> str:
+        return f"{self.net}.{100 + i}.1"
+
+    def ns_addr(self, i: int) -> str:
+        return f"{self.net}.{100 + i}.2"
+
+    def setup(self) -> None:
+        try:
+            for i in range(self.count):
+                ns, host, peer = self.name(i), self.link(i), f"{self.tag}p{i}"
+                ip("netns", "add", ns)
+                self.made.append(ns)
+                ip("link", "add", host, "type", "veth", "peer", "name", peer)
+                self.links.append(host)
+                ip("link", "set", peer, "netns", ns)
+                ip("addr", "add", f"{self.host_addr(i)}/24", "dev", host)
+                ip("link", "set", host, "up")
+                ip("netns", "exec", ns, "ip", "addr", "add", f"{self.ns_addr(i)}/24", "dev", peer)
+                ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
+                ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.name(i)]
+
+    def cut(self, i: int) -> None:
+        ip("link", "set", self.link(i), "down")
+
+    def heal(self, i: int) -> None:
+        ip("link", "set", self.link(i), "up")
+
+    def cleanup(self) -> None:
+        for link in self.links:
+            ip("link", "del", link, check=False)  # deletes the peer too
+        for ns in self.made:
+            ip("netns", "del", ns, check=False)
+        self.links.clear()
+        self.made.clear()
+
+
+def netns_skip_reason() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"sfprobe{os.getpid() % 100000}"
+    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"cannot create a network namespace: {res.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+# ---------------------------------------------------------------------------- block maps
+
+
+class Inspector:
+    """Looks at a file's block map and every stored replica through the wire contract
+    (what the client library would see), to check that each copy holds the right bytes."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        from proto.auth import load_secret
+        from proto.rpc import Stub
+        from proto.services import META_METHODS, META_SERVICE
+
+        self._secret = load_secret(cluster.secret_file)
+        self.meta = Stub(cluster.meta_addr, self._secret, META_SERVICE, META_METHODS)
+        self._data: dict = {}
+
+    def close(self) -> None:
+        for stub in [self.meta, *self._data.values()]:
+            stub.close()
+
+    def _stub(self, address: str):
+        from proto.rpc import Stub
+        from proto.services import DATA_METHODS, DATA_SERVICE
+
+        if address not in self._data:
+            self._data[address] = Stub(address, self._secret, DATA_SERVICE, DATA_METHODS)
+        return self._data[address]
+
+    def block_map(self, rel: str):
+        from proto.messages import BlockMapReq, LookupReq
+        from proto.types import ROOT_INODE
+
+        ino = ROOT_INODE
+        for part in Path(rel).parts:
+            ino = self.meta.call("lookup", LookupReq(ino, os.fsencode(part))).attr.ino
+        return self.meta.call("block_map", BlockMapReq(ino)).blocks
+
+    def replica_problems(self, rel: str, data: bytes, block_bytes: int, want_replicas: int) -> list[str]:
+        """Every replica of every block of `rel` holds its slice of `data`, with
+        `want_replicas` replicas listed per block."""
+        from proto.errors import FsError
+        from proto.messages import GetBlockReq
+
+        problems = []
+        for ref in self.block_map(rel):
+            want = data[ref.index * block_bytes: ref.index * block_bytes + ref.length]
+            if len(ref.servers) != want_replicas:
+                problems.append(f"block {ref.block_id} (index {ref.index}): servers {ref.servers}")
+            for server in ref.servers:
+                try:
+                    got = self._stub(server).call("get_block", GetBlockReq(block_id=ref.block_id)).data
+                except FsError as exc:
+                    problems.append(f"block {ref.block_id} on {server}: {exc}")
+                    continue
+                if sha256(got) != sha256(want):
+                    problems.append(f"block {ref.block_id} on {server}: wrong content")
+        return problems
