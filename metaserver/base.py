@@ -105,6 +105,11 @@ class CoreBase:
         # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
         # is re-replicated) before the data servers had their chance to beat.
         self.started_ns = self.now_ns()
+        # A hint that re-replication planning may find work (see repair.py): set by
+        # whatever can leave a block short of replicas, cleared by the planner. Only a
+        # hint: the planner also runs every FULL_PLAN_INTERVAL_S, and after a restart.
+        self.replan = True
+        self.next_full_plan_ns = 0
         self.store = Store(db_path)
         try:
             self._init_root()

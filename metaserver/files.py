@@ -174,6 +174,8 @@ class FileOps(CoreBase):
                 "INSERT INTO replicas (block_id, server_id, rank, created_ns) VALUES (?, ?, ?, ?)",
                 [(ref.block_id, *allocated[a], now) for a in written],
             )
+            if len(written) < want_replicas(row["replicas"]):
+                self.replan = True  # committed short of R (a server failed the writer)
             # Servers that were allocated but not written may hold a partial copy.
             unwritten = [sid for a, (sid, _) in allocated.items() if a not in written]
             self._garbage(tx, ref.block_id, unwritten, now)

@@ -115,7 +115,7 @@ class RegistryOps(RepairOps):
             self._log_state_changes(tx, now)
         # Planning is its own transaction: it can be the longest step, and the expiries
         # above need not wait for it.
-        planned = self.plan_replication()
+        planned = self.plan_replication(force=False)
         return {
             "sessions_expired": len(expired),
             "allocations_abandoned": abandoned + len(stale),
@@ -128,6 +128,8 @@ class RegistryOps(RepairOps):
         seen = self.__dict__.setdefault("_states_seen", {})
         for row, state in self._servers(tx, now):
             before = seen.get(row["server_id"])
+            if before != state:
+                self.replan = True
             if before is not None and before != state:
                 level = logging.INFO if state == "up" else logging.WARNING
                 log.log(level, "data server %d (%s): %s -> %s", row["server_id"], row["address"], before, state)
@@ -152,6 +154,7 @@ class RegistryOps(RepairOps):
                 (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now, now),
             )
             server_id = tx.scalar("SELECT server_id FROM servers WHERE node_id = ?", (req.node_id,))
+            self.replan = True  # a new server can take copies; a returning one may hold some
             # A restarted server lost the tasks it had been handed.
             tx.run("DELETE FROM replication WHERE server_id = ? AND sent_ns IS NOT NULL", (server_id,))
             return RegisterReply(server_id=server_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)

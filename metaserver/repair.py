@@ -43,6 +43,10 @@ log = logging.getLogger("stripefs.metaserver.repair")
 BAD_REPLICA_REASONS = ("corrupt", "missing", "unreachable")
 #: How many candidate blocks the planner looks at per free task slot (some find no target).
 PLAN_LOOKAHEAD = 4
+#: Planning scans every block (~0.5 s per 100k blocks), so the sweep plans only when
+#: something may have left a block short (a server's state changed, a copy was dropped,
+#: a task ended, a commit placed fewer than R), and otherwise at this interval.
+FULL_PLAN_INTERVAL_S = 30.0
 
 
 class RepairOps(CoreBase):
@@ -98,10 +102,18 @@ class RepairOps(CoreBase):
 
     # ------------------------------------------------------------------ planning
 
-    def plan_replication(self) -> int:
-        """Queue re-replication tasks for blocks short of replicas; returns how many."""
+    def plan_replication(self, force: bool = True) -> int:
+        """Queue re-replication tasks for blocks short of replicas; returns how many.
+        force=False: only if something may have changed (the sweep's way)."""
         with self.store.transaction() as tx:
-            return self._plan(tx, self.now_ns())
+            now = self.now_ns()
+            if not force and not self.replan and now < self.next_full_plan_ns:
+                return 0
+            # Cleared under the store lock, before planning: a trigger that comes later
+            # (in a later transaction) sets it again.
+            self.replan = False
+            self.next_full_plan_ns = now + int(FULL_PLAN_INTERVAL_S * NS_PER_S)
+            return self._plan(tx, now)
 
     def _plan(self, tx: Tx, now: int) -> int:
         servers = self._servers(tx, now)
@@ -169,9 +181,10 @@ class RepairOps(CoreBase):
     def _expire_tasks(self, tx: Tx, now: int) -> int:
         """Forget tasks nobody reported on in time (the target died or lost them)."""
         cutoff = now - int(self.replication_timeout_s * NS_PER_S)
-        return tx.run(
-            "DELETE FROM replication WHERE COALESCE(sent_ns, created_ns) < ?", (cutoff,)
-        ).rowcount
+        n = tx.run("DELETE FROM replication WHERE COALESCE(sent_ns, created_ns) < ?", (cutoff,)).rowcount
+        if n:
+            self.replan = True
+        return n
 
     def _hand_out_tasks(self, tx: Tx, server_id: int, now: int) -> list[ReplicateTask]:
         """The queued tasks of a server that just beat, with their sources."""
@@ -197,6 +210,7 @@ class RepairOps(CoreBase):
             sources = [(a, st, rank) for a, st, rank in sources if st != DEAD]
             if not sources or self._block_want(tx, block_id) is None:
                 tx.run("DELETE FROM replication WHERE block_id = ? AND server_id = ?", (block_id, server_id))
+                self.replan = True
                 continue
             sources.sort(key=lambda x: (x[1] != UP, x[2]))
             tx.run(
@@ -222,6 +236,8 @@ class RepairOps(CoreBase):
             now = self.now_ns()
             self._server_row(tx, req.server_id)
             sid = req.server_id
+            # A slot freed, or a copy still missing: plan again.
+            self.replan = True
             for block_id in req.block_ids:
                 tx.run("DELETE FROM replication WHERE block_id = ? AND server_id = ?", (block_id, sid))
                 if self._block_want(tx, block_id) is None:
@@ -242,6 +258,8 @@ class RepairOps(CoreBase):
     def _drop_corrupt(self, tx: Tx, server_id: int, block_ids: list[int], now: int) -> None:
         """A data server found these copies corrupt and moved them aside."""
         dropped = sum(self._drop_replica(tx, b, server_id) for b in block_ids)
+        if dropped:
+            self.replan = True
         if block_ids:
             log.warning(
                 "server %d found %d corrupt blocks (%d were replicas): re-replicating from good copies",
@@ -271,6 +289,7 @@ class RepairOps(CoreBase):
                 log.error("block %d: the only replica (on %s) is %s", req.block_id, req.address, req.reason)
                 return Empty()
             self._drop_replica(tx, req.block_id, sid)
+            self.replan = True
             # Whatever is left of that copy goes; re-replication makes a good one.
             self._garbage(tx, req.block_id, [sid], now)
             log.warning("block %d: replica on %s is %s: dropped", req.block_id, req.address, req.reason)
@@ -309,6 +328,8 @@ class RepairOps(CoreBase):
             )
         ]
         tx.run_many("DELETE FROM replicas WHERE block_id = ? AND server_id = ?", [(b, sid) for b in missing])
+        if missing:
+            self.replan = True
         extra = tx.all(
             "SELECT p.block_id, b.block_id IS NOT NULL AS referenced,"
             " EXISTS (SELECT 1 FROM pending_servers q WHERE q.block_id = p.block_id AND q.server_id = p.server_id)"
