@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 from typing import Any, Callable
 
 import pyfuse3
@@ -174,8 +173,8 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def open(self, inode, flags, ctx):
-        # The kernel has already truncated for O_TRUNC (we do not ask for atomic_o_trunc).
-        fh, keep = await self.client.open(inode, flags & ~os.O_TRUNC, ctx_of(ctx))
+        # libfuse asks for atomic_o_trunc: O_TRUNC arrives here, not as a separate setattr.
+        fh, keep = await self.client.open(inode, flags, ctx_of(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @errno_boundary
