@@ -122,7 +122,8 @@ class FileOps(CoreBase):
             return AllocReply(allocations=allocations)
 
     def commit_blocks(self, req: CommitReq) -> AttrReply:
-        with self.store.transaction() as tx:
+        # Durable: this is what a client's fsync and close wait for.
+        with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
             row = tx.one("SELECT * FROM inodes WHERE ino = ?", (req.ino,))
             if row is None:

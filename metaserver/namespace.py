@@ -299,7 +299,8 @@ class NamespaceOps(CoreBase):
         return False
 
     def rename(self, req: RenameReq) -> Empty:
-        with self.store.transaction() as tx:
+        # Durable: "write tmp, fsync, rename" is how checkpoints are published.
+        with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
             self._dir(tx, req.parent)
             self._dir(tx, req.new_parent, for_create=True)

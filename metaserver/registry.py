@@ -88,6 +88,11 @@ class RegistryOps(RepairOps):
         tx.run("DELETE FROM sessions WHERE session_id = ?", (session,))
         return len(pending)
 
+    def sync(self, req: Empty) -> Empty:
+        """Make every committed operation durable (a client's fsync with nothing to commit)."""
+        self.store.sync()
+        return Empty()
+
     def sweep(self) -> dict[str, int]:
         """Periodic housekeeping: expire silent sessions and abandoned allocations, forget
         stale replication tasks and plan new ones. Returns what it did, for the caller

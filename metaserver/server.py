@@ -17,6 +17,7 @@ from typing import Optional
 
 from proto.auth import load_secret
 from proto.logsetup import setup_logging
+from proto.messages import Empty
 from proto.rpc import serve
 from proto.services import META_METHODS, META_SERVICE
 
@@ -71,6 +72,9 @@ def _write_atomically(path: str, text: str) -> None:
 def _sweep_loop(core: MetaCore, stop: threading.Event) -> None:
     while not stop.wait(SWEEP_INTERVAL_S):
         try:
+            # Operations that are not durable on return become durable here, within
+            # SWEEP_INTERVAL_S (see Store: the journal-commit interval of the metadata).
+            core.sync(Empty())
             done = core.sweep()
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("sweep failed")

@@ -61,6 +61,7 @@ META_METHODS = _table(
     Method("report_bad_replica", m.BadReplicaReq, m.Empty),
     # operators
     Method("status", m.Empty, m.StatusReply),
+    Method("sync", m.Empty, m.Empty),  # make every committed operation durable
     Method("fsck", m.FsckReq, m.FsckReply),
 )
 

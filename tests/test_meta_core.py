@@ -154,7 +154,7 @@ def test_root_and_store(env):
     with env.core.store.transaction() as tx:
         assert tx.scalar("PRAGMA journal_mode") == "wal"
         assert tx.scalar("PRAGMA foreign_keys") == 1
-        assert tx.scalar("PRAGMA synchronous") == 2  # FULL
+        assert tx.scalar("PRAGMA synchronous") == 1  # NORMAL: durability comes from Store.sync
 
 
 def test_failed_operation_rolls_back(env):
@@ -931,3 +931,15 @@ def test_concurrent_calls(env):
     assert errors == []
     assert env.getattr(ROOT_INODE).nlink == 10
     assert env.core.status(Empty()).inodes == 1 + 8 + 160
+
+
+def test_durable_transactions_are_synced_and_others_wait_for_sync(env):
+    store = env.core.store
+    with store.transaction() as tx:
+        tx.run("UPDATE inodes SET atime_ns = atime_ns WHERE ino = 1")
+    assert store._synced < store._commits  # crash-safe (in the WAL), not yet fsynced
+    with store.transaction(durable=True) as tx:
+        tx.run("UPDATE inodes SET atime_ns = atime_ns WHERE ino = 1")
+    assert store._synced == store._commits  # one fsync covered both
+    store.sync()  # nothing new: no fsync needed
+    assert store._synced == store._commits

@@ -60,7 +60,7 @@ META_TIMEOUT_S = 30.0
 #: Metadata calls that may be repeated after a transport failure mid-call.
 IDEMPOTENT_META_CALLS = frozenset({
     "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
-    "status", "renew_session", "open", "release", "alloc_blocks",
+    "status", "renew_session", "open", "release", "alloc_blocks", "sync",
 })
 #: Extended attribute the kernel asks for before every write (file capabilities).
 CAPABILITY_XATTR = b"security.capability"
@@ -571,6 +571,7 @@ class Client:
                 if d is not None and d.version == version:
                     f.drop_dirty(i)
             f.attr = reply.attr
+            f.commits += 1
             self._note_generation(f.ino, reply.attr.generation)
 
     async def _fsync_state(self, f: FileState) -> None:
@@ -592,7 +593,13 @@ class Client:
         await self._fsync_state(self._handle(fh)[1])
 
     async def fsync(self, fh: int) -> None:
-        await self._fsync_state(self._handle(fh)[1])
+        f = self._handle(fh)[1]
+        commits = f.commits
+        await self._fsync_state(f)
+        if f.commits == commits:
+            # Nothing to commit, but metadata changes (create, truncate, chmod) may still be
+            # only crash-safe on the metaserver: make them durable as fsync promises.
+            await self._meta("sync", m.Empty())
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
