@@ -95,3 +95,15 @@ def test_attributes_follow_other_mount(two_mounts):
     assert os.stat(b / "m").st_mode & 0o777 == 0o644
     os.chmod(a / "m", 0o600)
     assert eventually(lambda: os.stat(b / "m").st_mode & 0o777 == 0o600)
+
+
+def test_replaced_file_opens_at_once_in_other_mount(two_mounts):
+    """A rename over a file in one mount: the other mount's cached entry points at the
+    removed inode; ESTALE makes its kernel look the name up again instead of failing."""
+    a, b = two_mounts
+    (a / "v").write_bytes(b"v1")
+    assert (b / "v").read_bytes() == b"v1"  # b caches the entry v -> old inode
+    (a / "v.tmp").write_bytes(b"v2")
+    os.rename(a / "v.tmp", a / "v")  # the old inode is purged
+    assert (b / "v").read_bytes() == b"v2"  # at once, not after the entry timeout
+    assert os.stat(b / "v").st_size == 2

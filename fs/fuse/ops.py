@@ -42,6 +42,13 @@ def errno_boundary(fn: Callable) -> Callable:
     return wrapper
 
 
+def stale_if_gone(exc: FsError) -> FsError:
+    """An inode the kernel reached through a cached entry is gone (another mount removed
+    or replaced it). ESTALE makes the kernel look the name up again and retry, so the
+    caller sees the new file, or ENOENT, instead of a spurious error."""
+    return FsError(errno.ESTALE, exc.message) if exc.errno == errno.ENOENT else exc
+
+
 def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
@@ -91,7 +98,10 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def getattr(self, inode, ctx):
-        return entry(await self.client.getattr(inode))
+        try:
+            return entry(await self.client.getattr(inode))
+        except FsError as exc:
+            raise stale_if_gone(exc) from None
 
     @errno_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -174,7 +184,10 @@ class StripeOperations(pyfuse3.Operations):
     @errno_boundary
     async def open(self, inode, flags, ctx):
         # libfuse asks for atomic_o_trunc: O_TRUNC arrives here, not as a separate setattr.
-        fh, keep = await self.client.open(inode, flags, ctx_of(ctx))
+        try:
+            fh, keep = await self.client.open(inode, flags, ctx_of(ctx))
+        except FsError as exc:
+            raise stale_if_gone(exc) from None
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @errno_boundary
