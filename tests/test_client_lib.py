@@ -171,3 +171,31 @@ def test_write_back_stays_within_budget(lib_cluster):
 
     peak = run(lib_cluster, body, writeback_bytes=4 * 1024 * 1024)
     assert peak <= 4 * 1024 * 1024 + 1024 * 1024
+
+
+def test_expired_session_is_replaced(lib_cluster):
+    """After the metaserver drops our session (as when it did not hear from us for several
+    leases), the next call opens a new session, registers the open files again, retries."""
+    from proto.messages import SessionReq
+    from proto.rpc import Stub
+    from proto.services import META_METHODS, META_SERVICE
+
+    data = random.randbytes(50_000)
+
+    async def body(client):
+        d = await fresh_dir(client, b"sess")
+        ino = await write_file(client, d, b"keep", data)
+        fh, _ = await client.open(ino, os.O_RDONLY)
+        old = client.session
+        stub = Stub(lib_cluster.meta_addr, load_secret(lib_cluster.secret_file), META_SERVICE, META_METHODS)
+        stub.call("close_session", SessionReq(old))
+        stub.close()
+        fh2, attr = await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT)  # needs a session
+        assert client.session != old
+        await client.write(fh2, 0, b"x")
+        await client.flush(fh2)
+        await client.release(fh2)
+        assert await client.read(fh, 0, len(data)) == data  # the open file still reads
+        await client.release(fh)
+
+    run(lib_cluster, body)

@@ -13,6 +13,7 @@ the metaserver committed the new block map.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -108,6 +109,7 @@ class Client:
         self._cached_generation: dict[int, int] = {}
         self._nursery: Optional[trio.Nursery] = None
         self._upload_slots = trio.Semaphore(MAX_UPLOADS_IN_FLIGHT)
+        self._session_lock = trio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,10 +129,26 @@ class Client:
                 await self._meta("renew_session", m.SessionReq(self.session))
             except FsError as exc:
                 if exc.errno == errno.ESTALE:
-                    log.warning("session %d expired; opening a new one", self.session)
-                    await self._open_session()
+                    await self._replace_session(self.session)
                 else:
                     log.warning("session renewal failed: %s", exc)
+
+    async def _replace_session(self, expired: int) -> None:
+        """Our session expired (the metaserver did not hear from us for several leases):
+        open a new one and register again the files we hold open, so that their unlinked
+        inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT."""
+        if self.session != expired:
+            return  # another task already replaced it
+        async with self._session_lock:
+            if self.session != expired:
+                return
+            log.warning("session %d expired; opening a new one", expired)
+            await self._open_session()
+            for ino in list(self._files):
+                try:
+                    await self._meta("open", m.OpenReq(ino, self.session))
+                except FsError as exc:
+                    log.error("inode %d could not be reopened in session %d: %s", ino, self.session, exc)
 
     async def aclose(self) -> None:
         for ino, f in list(self._files.items()):
@@ -160,6 +178,15 @@ class Client:
                     raise
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except FsError as exc:
+                session = getattr(req, "session", None)
+                if not (exc.errno == errno.ESTALE and session and name not in ("renew_session", "close_session")):
+                    raise
+                # The session expired under us (a long metaserver outage): replace it, retry.
+                await self._replace_session(session)
+                if self.session == session:
+                    raise
+                req = dataclasses.replace(req, session=self.session)  # type: ignore[type-var]
 
     def _report_bad_replica(self, block_id: int, address: str, reason: str) -> None:
         assert self._nursery is not None
