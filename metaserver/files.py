@@ -70,56 +70,59 @@ class FileOps(CoreBase):
 
     def alloc_blocks(self, req: AllocReq) -> AllocReply:
         with self.store.transaction() as tx:
-            now = self.now_ns()
             row = self._inode(tx, req.ino)
             if is_dir(row):
                 raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
             if not is_reg(row):
                 raise FsError(errno.EINVAL, f"inode {req.ino} is not a regular file")
             self._session_exists(tx, req.session)
-            bs = row["block_size"]
-            if any(i * bs >= FILE_SIZE_MAX_BYTES for i in req.indexes):
-                raise FsError(errno.EFBIG, "block index past the largest file")
-            # Only up servers get new blocks; a writer's exclusions (servers that just
-            # failed it) come off next. Fewer than R left: place what can be placed.
-            excluded = set(req.exclude)
-            candidates = [s for s in self._live_servers(tx, now) if s["address"] not in excluded]
-            if not candidates:
-                raise FsError(errno.EIO, "no live data server" + (" left after exclusions" if excluded else ""))
-            usable = [s for s in candidates if self._has_room(s, bs)]
-            if not usable:
-                raise FsError(errno.ENOSPC, "every live data server is full")
-            n = len(usable)
-            r = min(want_replicas(row["replicas"]), n)
-            first_id = tx.scalar("SELECT value FROM counters WHERE name = 'next_block_id'")
+            return AllocReply(self._allocate(tx, row, req.session, req.indexes, req.exclude, self.now_ns()))
+
+    def _allocate(
+        self, tx: Tx, row: Row, session: int, indexes: list[int], exclude: list[str], now: int
+    ) -> list[Allocation]:
+        """New block ids for positions of a regular file, with their replica servers and
+        write tokens, recorded as pending until committed (or abandoned)."""
+        bs = row["block_size"]
+        if any(i * bs >= FILE_SIZE_MAX_BYTES for i in indexes):
+            raise FsError(errno.EFBIG, "block index past the largest file")
+        # Only up servers get new blocks; a writer's exclusions (servers that just
+        # failed it) come off next. Fewer than R left: place what can be placed.
+        excluded = set(exclude)
+        candidates = [s for s in self._live_servers(tx, now) if s["address"] not in excluded]
+        if not candidates:
+            raise FsError(errno.EIO, "no live data server" + (" left after exclusions" if excluded else ""))
+        usable = [s for s in candidates if self._has_room(s, bs)]
+        if not usable:
+            raise FsError(errno.ENOSPC, "every live data server is full")
+        n = len(usable)
+        r = min(want_replicas(row["replicas"]), n)
+        first_id = tx.scalar("SELECT value FROM counters WHERE name = 'next_block_id'")
+        tx.run("UPDATE counters SET value = value + ? WHERE name = 'next_block_id'", (len(indexes),))
+        allocations = []
+        for k, index in enumerate(indexes):
+            block_id = first_id + k
+            # Striping: consecutive blocks start on consecutive servers, so a large
+            # sequential read or write keeps every server busy.
+            start = (row["ino"] + index) % n
+            chosen = [usable[(start + j) % n] for j in range(r)]
             tx.run(
-                "UPDATE counters SET value = value + ? WHERE name = 'next_block_id'",
-                (len(req.indexes),),
+                "INSERT INTO pending (block_id, ino, idx, session_id, created_ns) VALUES (?, ?, ?, ?, ?)",
+                (block_id, row["ino"], index, session, now),
             )
-            allocations = []
-            for k, index in enumerate(req.indexes):
-                block_id = first_id + k
-                # Striping: consecutive blocks start on consecutive servers, so a large
-                # sequential read or write keeps every server busy.
-                start = (req.ino + index) % n
-                chosen = [usable[(start + j) % n] for j in range(r)]
-                tx.run(
-                    "INSERT INTO pending (block_id, ino, idx, session_id, created_ns) VALUES (?, ?, ?, ?, ?)",
-                    (block_id, req.ino, index, req.session, now),
+            tx.run_many(
+                "INSERT INTO pending_servers (block_id, server_id, rank) VALUES (?, ?, ?)",
+                [(block_id, s["server_id"], rank) for rank, s in enumerate(chosen)],
+            )
+            allocations.append(
+                Allocation(
+                    index=index,
+                    block_id=block_id,
+                    servers=[s["address"] for s in chosen],
+                    token=block_token(self.secret, block_id),
                 )
-                tx.run_many(
-                    "INSERT INTO pending_servers (block_id, server_id, rank) VALUES (?, ?, ?)",
-                    [(block_id, s["server_id"], rank) for rank, s in enumerate(chosen)],
-                )
-                allocations.append(
-                    Allocation(
-                        index=index,
-                        block_id=block_id,
-                        servers=[s["address"] for s in chosen],
-                        token=block_token(self.secret, block_id),
-                    )
-                )
-            return AllocReply(allocations=allocations)
+            )
+        return allocations
 
     def commit_blocks(self, req: CommitReq) -> AttrReply:
         # Durable: this is what a client's fsync and close wait for.

@@ -198,9 +198,17 @@ class NamespaceOps(CoreBase):
                 tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx.uid, req.ctx.gid,
                 now, rdev=rdev,
             )
+            allocations = []
             if req.session:
                 self._record_open(tx, req.session, row["ino"])
-            return CreateReply(attr=attr_of(row))
+                if req.prealloc_blocks and stat.S_ISREG(row["mode"]):
+                    try:
+                        allocations = self._allocate(
+                            tx, row, req.session, list(range(req.prealloc_blocks)), [], now
+                        )
+                    except FsError:
+                        pass  # no server can take blocks now: the writer will ask (and be told) later
+            return CreateReply(attr=attr_of(row), allocations=allocations)
 
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:

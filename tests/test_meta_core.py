@@ -800,6 +800,10 @@ def test_commit_errors(env):
     # Written to one of the two: committed with one replica, the other gets cleaned up.
     attr = env.core.commit_blocks(commit(servers=a.servers[:1])).attr
     assert attr.size == 10
+    # No live server: the create still succeeds, without allocations.
+    env.clock.advance(3600)
+    reply = core.mknod(MknodReq(1, b"pre2", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
+    assert reply.allocations == []
     assert env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].servers == a.servers[:1]
     fails(errno.EINVAL, env.core.commit_blocks, commit())  # no longer pending
     env.clock.advance(31)
@@ -943,3 +947,22 @@ def test_durable_transactions_are_synced_and_others_wait_for_sync(env):
     assert store._synced == store._commits  # one fsync covered both
     store.sync()  # nothing new: no fsync needed
     assert store._synced == store._commits
+
+
+def test_create_can_preallocate_blocks(env):
+    """A create with prealloc_blocks returns allocations usable by commit_blocks."""
+    from proto.messages import BlockRef, CommitReq, MknodReq, SessionOpenReq
+
+    core = env.core
+    for n in range(3):
+        env.add_server(n)
+    session = core.open_session(SessionOpenReq("h", "m")).session
+    reply = core.mknod(MknodReq(1, b"pre", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
+    (a,) = reply.allocations
+    assert a.index == 0 and a.servers and a.token
+    attr = core.commit_blocks(CommitReq(reply.attr.ino, session, [BlockRef(0, a.block_id, 10, a.servers)], 10, 1)).attr
+    assert attr.size == 10
+    # No live server: the create still succeeds, without allocations.
+    env.clock.advance(3600)
+    reply = core.mknod(MknodReq(1, b"pre2", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
+    assert reply.allocations == []

@@ -48,6 +48,8 @@ MAX_UPLOADS_IN_FLIGHT = 8
 COMMIT_BATCH_BLOCKS = 16
 #: Placements tried for a block whose replica servers fail during the write.
 WRITE_PLACEMENT_ATTEMPTS = 4
+#: Blocks allocated together with a create: a small file's close then needs no allocation trip.
+PREALLOC_BLOCKS_AT_CREATE = 1
 #: Largest readahead window of a sequential reader.
 READAHEAD_MAX_BYTES = 64 * 1024 * 1024
 #: Whole-block prefetches in flight at once per client.
@@ -256,10 +258,12 @@ class Client:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
-        req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session)
-        attr = (await self._meta("mknod", req)).attr
+        req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session, PREALLOC_BLOCKS_AT_CREATE)
+        reply = await self._meta("mknod", req)
+        attr = reply.attr
         f = self._file_state(attr)
         f.set_map(attr, [])
+        f.spare = {a.index: a for a in reply.allocations}
         f.no_capability = True  # a new file has no xattrs
         f.handles += 1
         self._cached_generation[attr.ino] = attr.generation
@@ -551,7 +555,12 @@ class Client:
             todo, exclude = indexes, []
             errors: dict[str, FsError] = {}
             for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
-                alloc = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, todo, exclude))
+                # Blocks preallocated at create need no allocation round trip.
+                allocations = [f.spare.pop(i) for i in todo if i in f.spare and not exclude]
+                rest = [i for i in todo if i not in {a.index for a in allocations}]
+                if rest:
+                    reply = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, rest, exclude))
+                    allocations += reply.allocations
                 retry: list[int] = []
 
                 async def put(a: m.Allocation) -> None:
@@ -565,7 +574,7 @@ class Client:
                         f.uploaded[a.index] = (m.BlockRef(a.index, a.block_id, len(data), written), version)
 
                 async with trio.open_nursery() as nursery:
-                    for a in alloc.allocations:
+                    for a in allocations:
                         nursery.start_soon(put, a)
                 if not retry:
                     return

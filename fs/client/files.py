@@ -22,7 +22,7 @@ from typing import Optional
 
 import trio
 
-from proto.messages import Attr, BlockRef
+from proto.messages import Allocation, Attr, BlockRef
 
 
 @dataclass
@@ -58,6 +58,7 @@ class FileState:
     blocks: dict[int, BlockRef] = field(default_factory=dict)
     dirty: dict[int, DirtyBlock] = field(default_factory=dict)
     uploaded: dict[int, tuple[BlockRef, int]] = field(default_factory=dict)  # index -> (ref, version)
+    spare: dict[int, Allocation] = field(default_factory=dict)  # preallocated at create, unused yet
     flushing: dict[int, trio.Event] = field(default_factory=dict)
     commit_lock: trio.Lock = field(default_factory=trio.Lock)
     size: int = 0
