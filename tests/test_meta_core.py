@@ -800,10 +800,6 @@ def test_commit_errors(env):
     # Written to one of the two: committed with one replica, the other gets cleaned up.
     attr = env.core.commit_blocks(commit(servers=a.servers[:1])).attr
     assert attr.size == 10
-    # No live server: the create still succeeds, without allocations.
-    env.clock.advance(3600)
-    reply = core.mknod(MknodReq(1, b"pre2", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
-    assert reply.allocations == []
     assert env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].servers == a.servers[:1]
     fails(errno.EINVAL, env.core.commit_blocks, commit())  # no longer pending
     env.clock.advance(31)
