@@ -9,6 +9,7 @@ the data servers, `stripefs fsck --json` and waiting for R replicas to be back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -426,3 +427,165 @@ class Inspector:
                 if sha256(got) != sha256(want):
                     problems.append(f"block {ref.block_id} on {server}: wrong content")
         return problems
+
+
+# ---------------------------------------------------------------------------- workload
+
+
+class Workload:
+    """A mixed file workload under `root`: small files, checkpoint-style large writes
+    (write a temporary, fsync, rename over the previous checkpoint), renames, unlinks,
+    mkdirs and reads that check content against the ledger. What succeeded goes into the
+    ledger; what failed with an unknown outcome is forgotten (neither must-exist nor
+    must-be-gone). A read that returns wrong bytes is a corruption, never tolerated.
+
+    Run it in a process of its own (`python tests/faults.py workload ...`): a process that
+    holds files open on a mount must not start the metaserver, since exec closes those
+    files and each close is a FUSE flush that waits for the metaserver."""
+
+    WEIGHTS = {"small": 6, "ckpt": 1, "rename": 3, "unlink": 2, "mkdir": 1, "read": 3}
+
+    def __init__(self, root: Path, seed: int, big_bytes: int = 4 * MiB,
+                 weights: Optional[dict[str, int]] = None) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.big_bytes = big_bytes
+        self.weights = weights or self.WEIGHTS
+        self.ledger = Ledger()
+        self.ops: dict[str, int] = {}
+        self.failed: dict[str, int] = {}  # errno name -> count
+        self.corrupt: list[str] = []
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self.n = 0
+
+    def _forget(self, *paths: str) -> None:
+        for p in paths:
+            self.ledger.files.pop(p, None)
+            self.ledger.sizes.pop(p, None)
+            self.ledger.gone.discard(p)
+
+    def _fail(self, exc: OSError, *paths: str) -> None:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.failed[name] = self.failed.get(name, 0) + 1
+        self._forget(*paths)
+
+    def _data(self, size: int) -> bytes:
+        return pattern(self.seed * 1_000_003 + self.n, size)
+
+    def step(self) -> None:
+        rng, led = self.rng, self.ledger
+        self.n += 1
+        kind = rng.choices(list(self.weights), list(self.weights.values()))[0]
+        existing = sorted(p for p in led.files if not p.endswith("/.keep"))
+        if kind in ("rename", "unlink", "read") and not existing:
+            kind = "small"
+        dirs = ["", *sorted({str(Path(p).parent) for p in led.files if "/" in p})]
+        try:
+            if kind == "small":
+                rel = f"{rng.choice(dirs)}/f{self.n}".lstrip("/")
+                data = self._data(rng.randrange(200_000))
+                try:
+                    write_file(self.root / rel, data, fsync=rng.random() < 0.5)
+                except OSError as exc:
+                    return self._fail(exc, rel)
+                led.wrote(rel, data)
+                self.bytes_written += len(data)
+            elif kind == "ckpt":
+                slot = f"ckpt{rng.randrange(3)}"
+                tmp = f"{slot}.tmp{self.n}"
+                data = self._data(self.big_bytes + rng.randrange(MiB))
+                try:
+                    write_file(self.root / tmp, data, fsync=True)
+                except OSError as exc:
+                    return self._fail(exc, tmp)
+                led.wrote(tmp, data)
+                self.bytes_written += len(data)
+                try:
+                    os.rename(self.root / tmp, self.root / slot)
+                except OSError as exc:
+                    return self._fail(exc, tmp, slot)
+                led.renamed(tmp, slot)
+            elif kind == "rename":
+                old = rng.choice(existing)
+                new = f"{rng.choice(dirs)}/r{self.n}".lstrip("/")
+                try:
+                    os.rename(self.root / old, self.root / new)
+                except OSError as exc:
+                    return self._fail(exc, old, new)
+                led.renamed(old, new)
+            elif kind == "unlink":
+                victim = rng.choice(existing)
+                try:
+                    os.unlink(self.root / victim)
+                except OSError as exc:
+                    return self._fail(exc, victim)
+                led.removed(victim)
+            elif kind == "mkdir":
+                rel = f"d{self.n}"
+                try:
+                    os.mkdir(self.root / rel)
+                    write_file(self.root / rel / ".keep", b"")
+                except OSError as exc:
+                    return self._fail(exc, f"{rel}/.keep")
+                led.wrote(f"{rel}/.keep", b"")
+            elif kind == "read":
+                rel = rng.choice(existing)
+                want = led.files[rel]
+                try:
+                    got = sha256_path(self.root / rel)
+                except OSError as exc:
+                    return self._fail(exc)
+                if got != want:
+                    self.corrupt.append(f"{rel}: read {got}, acknowledged {want}")
+                self.bytes_read += led.sizes.get(rel, 0)
+        finally:
+            self.ops[kind] = self.ops.get(kind, 0) + 1
+
+    def report(self) -> dict:
+        return {"files": self.ledger.files, "sizes": self.ledger.sizes, "gone": sorted(self.ledger.gone),
+                "ops": self.ops, "failed": self.failed, "corrupt": self.corrupt,
+                "bytes_written": self.bytes_written, "bytes_read": self.bytes_read}
+
+
+def load_report(path: Path) -> tuple[Ledger, dict]:
+    doc = json.loads(Path(path).read_text())
+    return Ledger(files=doc["files"], sizes=doc["sizes"], gone=set(doc["gone"])), doc
+
+
+def _workload_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="faults.py workload")
+    p.add_argument("--root", required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True, help="JSON report written here at the end")
+    p.add_argument("--stop-file", required=True, help="stop once this file exists")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="stop by then in any case")
+    p.add_argument("--big-mib", type=float, default=4.0)
+    p.add_argument("--weights", default="", help="kind=weight,... (default: the built-in mix)")
+    args = p.parse_args(argv)
+    weights = None
+    if args.weights:
+        weights = {k: int(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    w = Workload(root, args.seed, int(args.big_mib * MiB), weights)
+    stop = Path(args.stop_file)
+    deadline = time.monotonic() + args.max_seconds
+    signal.signal(signal.SIGTERM, lambda *_: stop.touch())
+    while not stop.exists() and time.monotonic() < deadline:
+        w.step()
+    tmp = Path(f"{args.out}.tmp")
+    tmp.write_text(json.dumps(w.report()))
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "workload":
+        sys.exit(_workload_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} workload --root DIR --out FILE --stop-file FILE")
