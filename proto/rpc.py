@@ -116,12 +116,14 @@ class Stub:
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, name: str, req: Message, timeout: Optional[float] = 30.0) -> Any:
-        """Blocking call: returns the reply message or raises FsError."""
+    def call(self, name: str, req: Message | bytes, timeout: Optional[float] = 30.0) -> Any:
+        """Blocking call: returns the reply message or raises FsError. `req` may be a frame
+        already encoded with codec.encode_request (to send one block to several servers)."""
         meth = self.methods[name]
         try:
             frame = self._callables[name](
-                codec.encode_request(req), timeout=timeout, metadata=self._metadata,
+                req if isinstance(req, bytes) else codec.encode_request(req),
+                timeout=timeout, metadata=self._metadata,
                 wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as exc:

@@ -41,9 +41,9 @@ log = logging.getLogger("stripefs.client")
 #: Memory for unflushed writes per client; a writer past it waits for its own flushes.
 DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
 #: Memory for cached blocks per client.
-DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
-#: Block uploads in flight at once per client (write-behind of full blocks).
-MAX_UPLOADS_IN_FLIGHT = 8
+DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+#: Block uploads in flight at once per client (each holds a frame and gRPC's copies).
+MAX_UPLOADS_IN_FLIGHT = 4
 #: Uploaded blocks are committed in batches of this many (and at every fsync/close).
 COMMIT_BATCH_BLOCKS = 16
 #: Placements tried for a block whose replica servers fail during the write.
@@ -526,14 +526,13 @@ class Client:
         assert self._nursery is not None
 
         async def run() -> None:
-            async with self._upload_slots:
-                try:
-                    await self._upload(f, [index])
-                    if len(f.uploaded) >= COMMIT_BATCH_BLOCKS:
-                        await self._commit(f)
-                except FsError as exc:
-                    log.error("inode %d: write-behind of block %d failed: %s", f.ino, index, exc)
-                    f.error = f.error or exc.errno
+            try:
+                await self._upload(f, [index])
+                if len(f.uploaded) >= COMMIT_BATCH_BLOCKS:
+                    await self._commit(f)
+            except FsError as exc:
+                log.error("inode %d: write-behind of block %d failed: %s", f.ino, index, exc)
+                f.error = f.error or exc.errno
 
         self._nursery.start_soon(run)
 
@@ -551,7 +550,9 @@ class Client:
         for i in indexes:
             f.flushing[i] = trio.Event()
         try:
-            snaps = {i: (bytes(f.dirty[i].data), f.dirty[i].version) for i in indexes}
+            snaps = {i: (f.dirty[i].data, f.dirty[i].version) for i in indexes}
+            for i in indexes:
+                f.dirty[i].frozen = True
             todo, exclude = indexes, []
             errors: dict[str, FsError] = {}
             for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
@@ -565,7 +566,16 @@ class Client:
 
                 async def put(a: m.Allocation) -> None:
                     data, version = snaps[a.index]
-                    written, failed = await self.data.write_block(a.block_id, a.token, a.servers, data)
+                    # The request frame and gRPC's copy per replica count against the
+                    # write-back budget while in flight, so the budget bounds the mount's
+                    # memory, not only its dirty buffers.
+                    in_flight = len(data) * (1 + len(a.servers))
+                    async with self._upload_slots:
+                        self._budget.used_bytes += in_flight
+                        try:
+                            written, failed = await self.data.write_block(a.block_id, a.token, a.servers, data)
+                        finally:
+                            self._budget.used_bytes -= in_flight
                     if failed:
                         retry.append(a.index)
                         errors.update(failed)
@@ -586,6 +596,9 @@ class Client:
             raise FsError(errno.EIO, f"inode {f.ino}: blocks {todo} could not be written")
         finally:
             for i in indexes:
+                d = f.dirty.get(i)
+                if d is not None and d.data is snaps[i][0]:
+                    d.frozen = False
                 f.flushing.pop(i).set()
 
     async def _commit(self, f: FileState) -> None:

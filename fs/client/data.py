@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import trio
 
+from proto import codec
 from proto.errors import FsError
 from proto.messages import BlockRef, GetBlockReq, PutBlockReq
 from proto.rpc import Stub
@@ -169,17 +170,18 @@ class DataPath:
             self.on_bad_replica(block_id, address, reason)
 
     async def write_block(
-        self, block_id: int, token: bytes, servers: list[str], data: bytes
+        self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray
     ) -> tuple[list[str], dict[str, FsError]]:
         """Store one block on every server in parallel. Returns the servers that hold it
         (in the given order) and the errors of those that failed."""
         written: set[str] = set()
         failed: dict[str, FsError] = {}
-        req = PutBlockReq(block_id, token, data)
+        # Encoded once for every replica, off the trio thread: a frame is a block-sized copy.
+        frame = await trio.to_thread.run_sync(codec.encode_request, PutBlockReq(block_id, token, data))
 
         async def put(address: str) -> None:
             try:
-                await call(self.stub(address), "put_block", req, BLOCK_RPC_TIMEOUT_S)
+                await call(self.stub(address), "put_block", frame, BLOCK_RPC_TIMEOUT_S)
             except FsError as exc:
                 self._penalise(address, exc)
                 failed[address] = exc
@@ -189,6 +191,6 @@ class DataPath:
         async with trio.open_nursery() as nursery:
             for address in servers:
                 nursery.start_soon(put, address)
-        if not failed:
-            self.cache.put(block_id, data)
+        # Written blocks are not cached: a writer rarely reads back, and the cache would
+        # hold a second copy of everything written (the kernel page cache has it anyway).
         return [a for a in servers if a in written], failed

@@ -3,8 +3,9 @@ waiting for their commit, and the locally known size; and the per-handle read st
 
 Concurrency protocol (one trio thread, see DESIGN.md):
 - `dirty[i]` is the newest content of block i that is not yet committed. A writer mutates
-  it in place and bumps its version. An upload snapshots it (bytes) into a new stored
-  block and records `uploaded[i] = (ref, version)`; the commit that makes the upload part
+  it in place and bumps its version. An upload freezes the buffer (a writer then copies it
+  before writing: copy-on-write), stores it as a new block and records
+  `uploaded[i] = (ref, version)`; the commit that makes the upload part
   of the file drops `dirty[i]` only if its version is still that one, so a write during an
   upload or commit is never lost.
 - At most one upload of a given block is in flight (`flushing[i]`), and commits of a file
@@ -40,6 +41,7 @@ class WritebackBudget:
 class DirtyBlock:
     data: bytearray  # block content from the block's start; shorter than block_size near EOF
     version: int = 0  # bumped by every write into it
+    frozen: bool = False  # an upload is reading `data`: a write must copy it first
 
 
 @dataclass
@@ -96,6 +98,11 @@ class FileState:
         return d
 
     def write_into(self, d: DirtyBlock, offset: int, data: memoryview) -> None:
+        if d.frozen:
+            # Copy-on-write: the upload in flight keeps the old buffer, so uploads need no
+            # snapshot copy and a block costs its memory twice only while both exist.
+            d.data = bytearray(d.data)
+            d.frozen = False
         before = len(d.data)
         if before < offset:
             d.data.extend(bytes(offset - before))

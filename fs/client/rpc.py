@@ -34,7 +34,7 @@ def _get_limiter() -> trio.CapacityLimiter:
         return limiter
 
 
-async def call(stub: Stub, name: str, req: Message, timeout_s: Optional[float] = 30.0) -> Any:
+async def call(stub: Stub, name: str, req: Message | bytes, timeout_s: Optional[float] = 30.0) -> Any:
     """Call `name` on `stub` without blocking the trio thread; returns the reply or raises FsError."""
     return await trio.to_thread.run_sync(
         stub.call, name, req, timeout_s, abandon_on_cancel=True, limiter=_get_limiter()
