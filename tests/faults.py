@@ -470,6 +470,7 @@ class Workload:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         self.failed[name] = self.failed.get(name, 0) + 1
         self._forget(*paths)
+        time.sleep(0.05)  # a fault in progress: do not spin on it
 
     def _data(self, size: int) -> bytes:
         return pattern(self.seed * 1_000_003 + self.n, size)
@@ -565,6 +566,9 @@ def _workload_main(argv: list[str]) -> int:
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop by then in any case")
     p.add_argument("--big-mib", type=float, default=4.0)
     p.add_argument("--weights", default="", help="kind=weight,... (default: the built-in mix)")
+    p.add_argument("--dataset-files", type=int, default=0,
+                   help="first write this many files of --dataset-mib each (retried until acknowledged)")
+    p.add_argument("--dataset-mib", type=float, default=8.0)
     args = p.parse_args(argv)
     weights = None
     if args.weights:
@@ -575,6 +579,17 @@ def _workload_main(argv: list[str]) -> int:
     stop = Path(args.stop_file)
     deadline = time.monotonic() + args.max_seconds
     signal.signal(signal.SIGTERM, lambda *_: stop.touch())
+    for i in range(args.dataset_files):
+        rel, data = f"data{i}", pattern(args.seed * 7919 + i, int(args.dataset_mib * MiB))
+        while not stop.exists() and time.monotonic() < deadline:
+            try:
+                write_file(root / rel, data)
+            except OSError:
+                time.sleep(0.5)  # a fault in progress: try again
+                continue
+            w.ledger.wrote(rel, data)
+            w.bytes_written += len(data)
+            break
     while not stop.exists() and time.monotonic() < deadline:
         w.step()
     tmp = Path(f"{args.out}.tmp")
