@@ -11,7 +11,7 @@ import errno
 
 from proto.auth import check_block_token
 from proto.errors import FsError
-from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq
+from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq, SyncBlocksReq
 
 from .store import BlockStore
 
@@ -26,7 +26,11 @@ class DataService:
         # with ids never reused, overwrite) a block it was not allocated.
         if not check_block_token(self._secret, req.block_id, req.token):
             raise FsError(errno.EACCES, f"bad write token for block {req.block_id}")
-        self.store.put(req.block_id, req.data)
+        self.store.put(req.block_id, req.data, sync=req.sync)
+        return Empty()
+
+    def sync_blocks(self, req: SyncBlocksReq) -> Empty:
+        self.store.sync_blocks(req.block_ids)
         return Empty()
 
     def get_block(self, req: GetBlockReq) -> BlockData:

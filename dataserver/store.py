@@ -181,9 +181,11 @@ class BlockStore:
 
     # ----------------------------------------------------------------------- write
 
-    def put(self, block_id: int, data: bytes) -> None:
-        """Store a block durably. Storing the same content again succeeds (a retried write);
-        different content under an existing id is EEXIST."""
+    def put(self, block_id: int, data: bytes, sync: bool = True) -> None:
+        """Store a block; with sync, durably (file and directory fsynced) before returning,
+        else crash-safe for this process only until `sync_blocks` or the kernel's writeback.
+        Storing the same content again succeeds (a retried write); different content under
+        an existing id is EEXIST."""
         path = self._path(block_id)
         if len(data) > MAX_BLOCK_SIZE_BYTES:
             raise FsError(errno.EFBIG, f"block {block_id}: {len(data)} bytes is over {MAX_BLOCK_SIZE_BYTES}")
@@ -204,11 +206,12 @@ class BlockStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 _write_all(fd, header, view)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             size = len(header) + len(view)
-            self._link_into_place(block_id, tmp, path, data, size)
+            self._link_into_place(block_id, tmp, path, data, size, sync)
         except OSError as exc:
             code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
             log.error("cannot store block %d: %s", block_id, exc)
@@ -219,7 +222,32 @@ class BlockStore:
             except FileNotFoundError:
                 pass
 
-    def _link_into_place(self, block_id: int, tmp: Path, path: Path, data: bytes, size: int) -> None:
+    def sync_blocks(self, block_ids: list[int]) -> None:
+        """Make stored blocks durable: fsync each block file and, once, each directory
+        holding one (blocks stored with sync=False). A block that is gone is skipped: it
+        was deleted as garbage, or quarantined and reported."""
+        dirs = set()
+        try:
+            for block_id in block_ids:
+                path = self._path(block_id)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dirs.add(path.parent)
+            for d in dirs:
+                self._fsync_dir(d)
+        except OSError as exc:
+            log.error("cannot sync blocks: %s", exc)
+            raise FsError(errno.EIO, f"sync: {exc.strerror or exc}") from None
+
+    def _link_into_place(
+        self, block_id: int, tmp: Path, path: Path, data: bytes, size: int, sync: bool = True
+    ) -> None:
         # A few rounds only because a concurrent delete can remove the name between our
         # failed link and our look at what holds it.
         for _ in range(3):
@@ -228,7 +256,8 @@ class BlockStore:
             except FileExistsError:
                 pass
             else:
-                self._fsync_dir(path.parent)
+                if sync:
+                    self._fsync_dir(path.parent)
                 with self._lock:
                     self._blocks += 1
                     self._used_bytes += size

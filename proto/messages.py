@@ -666,9 +666,20 @@ class PutBlockReq(Message):
     block_id: int  # id allocated by the metaserver
     token: bytes  # the metaserver's authorization for block_id
     data: bytes = b""  # the block's bytes
+    sync: bool = True  # durable (fsynced) before the reply; False: written, synced by sync_blocks later
 
     def _check(self) -> Optional[str]:
         return None if self.block_id > 0 else "block_id: not positive"
+
+
+@dataclass
+class SyncBlocksReq(Message):
+    """Make blocks stored with sync=False durable (a client's fsync)."""
+
+    block_ids: list[int]
+
+    def _check(self) -> Optional[str]:
+        return None if len(self.block_ids) <= 100_000 else "block_ids: too many"
 
 
 @dataclass

@@ -68,6 +68,7 @@ META_METHODS = _table(
 DATA_SERVICE = "stripefs.Data"
 DATA_METHODS = _table(
     Method("put_block", m.PutBlockReq, m.Empty),
+    Method("sync_blocks", m.SyncBlocksReq, m.Empty),
     Method("get_block", m.GetBlockReq, m.BlockData),
     Method("status", m.Empty, m.DataStatusReply),
 )

@@ -199,3 +199,24 @@ def test_expired_session_is_replaced(lib_cluster):
         await client.release(fh)
 
     run(lib_cluster, body)
+
+
+def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
+    """close: data on its servers (written), metadata committed; fsync: the servers have
+    also synced every block the client wrote to the file."""
+    data = random.randbytes(3 * 65536 + 10)
+
+    async def body(client):
+        d = await fresh_dir(client, b"sync", block_size=65536)
+        fh, attr = await client.create(d, b"f", 0o644, os.O_WRONLY, ROOT)
+        await client.write(fh, 0, data)
+        await client.flush(fh)
+        f = client._files[attr.ino]
+        written = {b for ids in f.unsynced.values() for b in ids}
+        assert len(written) == 4  # 4 blocks written, none synced by close
+        await client.fsync(fh)
+        assert f.unsynced == {}
+        await client.release(fh)
+        assert await read_file(client, attr.ino) == data
+
+    run(lib_cluster, body)

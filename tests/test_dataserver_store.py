@@ -237,3 +237,17 @@ def test_enospc_becomes_fserror_and_leaves_nothing(store, monkeypatch):
     assert store.stats().blocks == 0
     store.put(4, pattern(100))
     assert store.get(4) == pattern(100)
+
+
+def test_unsynced_put_then_sync_blocks(store, monkeypatch):
+    """put(sync=False) does no fsync; sync_blocks fsyncs the blocks and their directories
+    once each, and skips blocks that are gone."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store.put(1, b"a" * 100, sync=False)
+    store.put(257, b"b" * 100, sync=False)  # same directory as block 1 (1 % 256 == 257 % 256)
+    assert synced == []
+    assert store.get(1) == b"a" * 100
+    store.sync_blocks([1, 257, 999])
+    assert len(synced) == 3  # two files, one directory

@@ -573,7 +573,9 @@ class Client:
                     async with self._upload_slots:
                         self._budget.used_bytes += in_flight
                         try:
-                            written, failed = await self.data.write_block(a.block_id, a.token, a.servers, data)
+                            written, failed = await self.data.write_block(
+                                a.block_id, a.token, a.servers, data, sync=False
+                            )
                         finally:
                             self._budget.used_bytes -= in_flight
                     if failed:
@@ -582,6 +584,8 @@ class Client:
                         exclude.extend(s for s in failed if s not in exclude)
                     else:
                         f.uploaded[a.index] = (m.BlockRef(a.index, a.block_id, len(data), written), version)
+                        for address in written:
+                            f.unsynced.setdefault(address, set()).add(a.block_id)
 
                 async with trio.open_nursery() as nursery:
                     for a in allocations:
@@ -623,8 +627,11 @@ class Client:
             f.commits += 1
             self._note_generation(f.ino, reply.attr.generation)
 
-    async def _fsync_state(self, f: FileState) -> None:
-        """Upload and commit everything this client holds for the file."""
+    async def _fsync_state(self, f: FileState, durable: bool = False) -> None:
+        """Upload and commit everything this client holds for the file (close: the data is
+        on all its replica servers, the commit durable). durable=True (fsync): the data
+        servers have also synced every block this client wrote to the file, before the
+        commit that makes the last of them visible."""
         while f.busy():
             for pending in list(f.flushing.values()):
                 await pending.wait()
@@ -632,10 +639,25 @@ class Client:
             if stale:
                 await self._upload(f, stale)
             elif f.uploaded and not f.flushing:
+                if durable:
+                    await self._sync_data(f)
                 await self._commit(f)
+        if durable:
+            await self._sync_data(f)  # blocks committed earlier by write-behind batches
         if f.error:
             code, f.error = f.error, None
             raise FsError(code, "an earlier write-behind failed")
+
+    async def _sync_data(self, f: FileState) -> None:
+        pending, f.unsynced = f.unsynced, {}
+        if not pending:
+            return
+        try:
+            await self.data.sync_blocks(pending)
+        except FsError:
+            for address, ids in pending.items():
+                f.unsynced.setdefault(address, set()).update(ids)
+            raise
 
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: durable on return (close-to-open)."""
@@ -644,7 +666,7 @@ class Client:
     async def fsync(self, fh: int) -> None:
         f = self._handle(fh)[1]
         commits = f.commits
-        await self._fsync_state(f)
+        await self._fsync_state(f, durable=True)
         if f.commits == commits:
             # Nothing to commit, but metadata changes (create, truncate, chmod) may still be
             # only crash-safe on the metaserver: make them durable as fsync promises.

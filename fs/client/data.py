@@ -18,7 +18,7 @@ import trio
 
 from proto import codec
 from proto.errors import FsError
-from proto.messages import BlockRef, GetBlockReq, PutBlockReq
+from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
 from proto.rpc import Stub
 from proto.services import DATA_METHODS, DATA_SERVICE
 
@@ -169,15 +169,33 @@ class DataPath:
                 reason = "unreachable"
             self.on_bad_replica(block_id, address, reason)
 
+    async def sync_blocks(self, by_server: dict[str, set[int]]) -> None:
+        """Make blocks written with sync=False durable on their servers, in parallel."""
+        errors: list[FsError] = []
+
+        async def sync(address: str, ids: set[int]) -> None:
+            try:
+                await call(self.stub(address), "sync_blocks", SyncBlocksReq(sorted(ids)), BLOCK_RPC_TIMEOUT_S)
+            except FsError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for address, ids in by_server.items():
+                nursery.start_soon(sync, address, ids)
+        if errors:
+            log.error("syncing blocks failed: %s", errors)
+            raise FsError(errno.EIO, f"sync of written blocks failed: {errors[0]}")
+
     async def write_block(
-        self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray
+        self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray, sync: bool = True
     ) -> tuple[list[str], dict[str, FsError]]:
         """Store one block on every server in parallel. Returns the servers that hold it
-        (in the given order) and the errors of those that failed."""
+        (in the given order) and the errors of those that failed. sync=False: the servers
+        have it (in their page cache) on return; sync_blocks makes it durable."""
         written: set[str] = set()
         failed: dict[str, FsError] = {}
         # Encoded once for every replica, off the trio thread: a frame is a block-sized copy.
-        frame = await trio.to_thread.run_sync(codec.encode_request, PutBlockReq(block_id, token, data))
+        frame = await trio.to_thread.run_sync(codec.encode_request, PutBlockReq(block_id, token, data, sync))
 
         async def put(address: str) -> None:
             try:

@@ -61,6 +61,7 @@ class FileState:
     dirty: dict[int, DirtyBlock] = field(default_factory=dict)
     uploaded: dict[int, tuple[BlockRef, int]] = field(default_factory=dict)  # index -> (ref, version)
     spare: dict[int, Allocation] = field(default_factory=dict)  # preallocated at create, unused yet
+    unsynced: dict[str, set[int]] = field(default_factory=dict)  # server -> blocks written without fsync
     flushing: dict[int, trio.Event] = field(default_factory=dict)
     commit_lock: trio.Lock = field(default_factory=trio.Lock)
     size: int = 0
