@@ -35,7 +35,7 @@ _STATE_ORDER = {UP: 0, SUSPECT: 1, DEAD: 2}
 
 _INODE_COLUMNS = (
     "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-    "block_size, replicas, generation, parent, target"
+    "block_size, replicas, generation, parent, target, xattrs"
 )
 
 
@@ -72,6 +72,7 @@ def attr_of(row: Row) -> Attr:
         block_size=row["block_size"],
         replicas=row["replicas"],
         generation=row["generation"],
+        xattrs=row["xattrs"],
     )
 
 

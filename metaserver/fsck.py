@@ -65,6 +65,7 @@ class FsckOps(RepairOps):
             self._fsck_dentries(tx, rep)
             self._fsck_dirs(tx, rep)
             self._fsck_nlink(tx, rep, now)
+            self._fsck_xattr_counts(tx, rep)
             self._fsck_orphans(tx, rep, now)
             self._fsck_blocks(tx, rep, now)
             blocks, under, lost = self._replica_health(tx, now)
@@ -182,6 +183,19 @@ class FsckOps(RepairOps):
                 tx.run("UPDATE inodes SET nlink = ? WHERE ino = ?", (want, ino))
                 fix = f"inode {ino}: nlink set to {want}"
             rep.problem("links", f"inode {ino} has nlink {r['nlink']}, expected {want}", fix)
+
+    def _fsck_xattr_counts(self, tx: Tx, rep: _Report) -> None:
+        # Clients answer getxattr from this count when it is 0: a wrong count hides xattrs.
+        rows = tx.all(
+            "SELECT i.ino, i.xattrs, (SELECT COUNT(*) FROM xattrs x WHERE x.ino = i.ino) AS actual"
+            " FROM inodes i WHERE i.xattrs != (SELECT COUNT(*) FROM xattrs x WHERE x.ino = i.ino)"
+        )
+        for r in rows:
+            fix = None
+            if rep.repair:
+                tx.run("UPDATE inodes SET xattrs = ? WHERE ino = ?", (r["actual"], r["ino"]))
+                fix = f"inode {r['ino']}: xattr count set to {r['actual']}"
+            rep.problem("xattrs", f"inode {r['ino']} counts {r['xattrs']} xattrs, has {r['actual']}", fix)
 
     def _fsck_orphans(self, tx: Tx, rep: _Report, now: int) -> None:
         stale_opens = tx.all(

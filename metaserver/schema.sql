@@ -31,6 +31,9 @@ CREATE TABLE inodes (
                                              -- directory, inherited by new entries
     generation  INTEGER NOT NULL DEFAULT 0,  -- bumped on every content change (commit,
                                              -- truncate) so clients can revalidate caches
+    xattrs      INTEGER NOT NULL DEFAULT 0,  -- rows in xattrs for this inode: a client that
+                                             -- sees 0 answers getxattr without a round trip
+                                             -- (ls -l asks for ACLs and SELinux labels)
     parent      INTEGER REFERENCES inodes(ino),  -- directories only: the directory holding
                                                  -- it (root: itself); walked to refuse
                                                  -- rename cycles and to answer ".."

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -34,6 +34,10 @@ MIGRATIONS = {
         CREATE TABLE reported (
             server_id INTEGER NOT NULL REFERENCES servers(server_id), block_id INTEGER NOT NULL,
             PRIMARY KEY (server_id, block_id));
+    """,
+    2: """
+        ALTER TABLE inodes ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;
+        UPDATE inodes SET xattrs = (SELECT COUNT(*) FROM xattrs x WHERE x.ino = inodes.ino);
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -121,6 +121,8 @@ class XattrOps(CoreBase):
                     " ON CONFLICT (ino, name) DO UPDATE SET value = excluded.value",
                     (req.ino, req.name, req.value),
                 )
+                if old is None:
+                    tx.run("UPDATE inodes SET xattrs = xattrs + 1 WHERE ino = ?", (req.ino,))
             tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, req.ino))
             return Empty()
 
@@ -134,7 +136,7 @@ class XattrOps(CoreBase):
             cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (req.ino, req.name))
             if cur.rowcount == 0:
                 raise FsError(errno.ENODATA, f"no attribute {req.name!r}")
-            tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (self.now_ns(), req.ino))
+            tx.run("UPDATE inodes SET ctime_ns = ?, xattrs = xattrs - 1 WHERE ino = ?", (self.now_ns(), req.ino))
             return Empty()
 
     def _set_layout(self, tx: Tx, row: Row, field: str, req: XattrReq) -> None:

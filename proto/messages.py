@@ -216,6 +216,7 @@ class Attr(Message):
     block_size: int  # bytes per block of this file (or of files created in this directory)
     replicas: int  # replica count of this file (directories: for new files; 0 = default)
     generation: int = 0  # bumped on every content commit; lets clients revalidate caches
+    xattrs: int = 0  # extended attributes stored (0: getxattr can be answered ENODATA locally)
 
 
 @dataclass

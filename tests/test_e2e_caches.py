@@ -107,3 +107,23 @@ def test_replaced_file_opens_at_once_in_other_mount(two_mounts):
     os.rename(a / "v.tmp", a / "v")  # the old inode is purged
     assert (b / "v").read_bytes() == b"v2"  # at once, not after the entry timeout
     assert os.stat(b / "v").st_size == 2
+
+
+def test_xattr_set_in_other_mount_seen_within_timeout(two_mounts):
+    """getxattr is answered locally while the inode's attributes (fresh for about 1 s) say
+    it has no xattrs: a label set by another mount shows up once they expire."""
+    a, b = two_mounts
+    (a / "x").write_bytes(b"")
+    assert os.listxattr(b / "x") == []  # b now knows x as having no xattrs
+    os.setxattr(a / "x", "user.label", b"cat")
+    assert eventually(lambda: os.getxattr(b / "x", "user.label") == b"cat" if _has(b / "x") else False)
+    os.setxattr(b / "x", "user.more", b"1")  # and through b itself, at once
+    assert os.getxattr(b / "x", "user.more") == b"1"
+
+
+def _has(path) -> bool:
+    try:
+        os.getxattr(path, "user.label")
+        return True
+    except OSError:
+        return False

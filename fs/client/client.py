@@ -65,8 +65,15 @@ IDEMPOTENT_META_CALLS = frozenset({
     "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
     "status", "renew_session", "open", "release", "alloc_blocks", "sync",
 })
+#: How long attributes from the metaserver answer a getxattr locally when they say the
+#: inode has no xattrs (the kernel trusts attributes as long: fs/fuse ATTR_TIMEOUT_S).
+ATTR_CACHE_S = 1.0
+#: Inodes whose attributes are remembered for that; expired ones are dropped past it.
+ATTR_CACHE_ENTRIES = 100_000
 #: Extended attribute the kernel asks for before every write (file capabilities).
 CAPABILITY_XATTR = b"security.capability"
+#: Virtual layout attributes (stripefs.block_size, ...) always go to the metaserver.
+VIRTUAL_XATTR_PREFIX = b"stripefs."
 #: Entries fetched from the metaserver per readdir round trip.
 READDIR_BATCH = 1000
 
@@ -109,6 +116,8 @@ class Client:
         self._next_fh = itertools.count(1)
         # inode -> block-map generation the kernel page cache holds (fs/fuse keep_cache)
         self._cached_generation: dict[int, int] = {}
+        # inode -> (attributes, monotonic time seen): answers getxattr of inodes with no xattrs
+        self._attrs: dict[int, tuple[m.Attr, float]] = {}
         self._nursery: Optional[trio.Nursery] = None
         self._upload_slots = trio.Semaphore(MAX_UPLOADS_IN_FLIGHT)
         self._session_lock = trio.Lock()
@@ -204,8 +213,22 @@ class Client:
     # ------------------------------------------------------------------ attributes
 
     def _overlay(self, attr: m.Attr) -> m.Attr:
+        self._seen(attr)
         f = self._files.get(attr.ino)
         return f.overlay(attr) if f is not None else attr
+
+    def _seen(self, attr: m.Attr) -> m.Attr:
+        now = time.monotonic()
+        if len(self._attrs) >= ATTR_CACHE_ENTRIES:
+            self._attrs = {i: e for i, e in self._attrs.items() if now - e[1] < ATTR_CACHE_S}
+            if len(self._attrs) >= ATTR_CACHE_ENTRIES:
+                self._attrs.clear()
+        self._attrs[attr.ino] = (attr, now)
+        return attr
+
+    def _known_without_xattrs(self, ino: int) -> bool:
+        entry = self._attrs.get(ino)
+        return entry is not None and entry[0].xattrs == 0 and time.monotonic() - entry[1] < ATTR_CACHE_S
 
     async def lookup(self, parent: int, name: bytes) -> m.Attr:
         return self._overlay((await self._meta("lookup", m.LookupReq(parent, name))).attr)
@@ -254,13 +277,13 @@ class Client:
     # ------------------------------------------------------------------ namespace
 
     async def mknod(self, parent: int, name: bytes, mode: int, ctx: m.Ctx, rdev: int = 0) -> m.Attr:
-        return (await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))).attr
+        return self._seen((await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))).attr)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
         req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session, PREALLOC_BLOCKS_AT_CREATE)
         reply = await self._meta("mknod", req)
-        attr = reply.attr
+        attr = self._seen(reply.attr)
         f = self._file_state(attr)
         f.set_map(attr, [])
         f.spare = {a.index: a for a in reply.allocations}
@@ -270,10 +293,10 @@ class Client:
         return self._new_handle(attr.ino), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: m.Ctx) -> m.Attr:
-        return (await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))).attr
+        return self._seen((await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))).attr)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, ctx: m.Ctx) -> m.Attr:
-        return (await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))).attr
+        return self._seen((await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))).attr)
 
     async def readlink(self, ino: int) -> bytes:
         return (await self._meta("readlink", m.InodeReq(ino))).target
@@ -322,6 +345,7 @@ class Client:
         return [self._overlay_entry(e) for e in reply.entries], reply.more
 
     def _overlay_entry(self, e: m.DirEntry) -> m.DirEntry:
+        self._seen(e.attr)
         if e.attr.ino in self._files:
             return m.DirEntry(e.name, e.cookie, self._overlay(e.attr))
         return e
@@ -344,6 +368,10 @@ class Client:
     # ------------------------------------------------------------------ xattrs
 
     async def getxattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> bytes:
+        if not name.startswith(VIRTUAL_XATTR_PREFIX) and self._known_without_xattrs(ino):
+            # ls -l asks every entry for ACLs and security labels: answered here, a listing
+            # of 10,000 entries does not cost 20,000 round trips.
+            raise FsError(errno.ENODATA)
         f = self._files.get(ino)
         if name == CAPABILITY_XATTR and f is not None and f.no_capability:
             # The kernel asks before every write; while the file is open here, the answer
@@ -357,15 +385,19 @@ class Client:
             raise
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()) -> None:
+        self._attrs.pop(ino, None)
         f = self._files.get(ino)
         if f is not None and name == CAPABILITY_XATTR:
             f.no_capability = False
         await self._meta("setxattr", m.XattrReq(ino, name, ctx, value, flags))
 
     async def listxattr(self, ino: int) -> list[bytes]:
+        if self._known_without_xattrs(ino):
+            return []
         return (await self._meta("listxattr", m.InodeReq(ino))).names
 
     async def removexattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+        self._attrs.pop(ino, None)
         await self._meta("removexattr", m.XattrReq(ino, name, ctx))
 
     # ------------------------------------------------------------------ open files
