@@ -585,15 +585,15 @@ class Client:
             snaps = {i: (f.dirty[i].data, f.dirty[i].version) for i in indexes}
             for i in indexes:
                 f.dirty[i].frozen = True
-            todo, exclude = indexes, []
+            # Servers that just failed this client are avoided from the start.
+            todo, exclude = indexes, self.data.penalised()
             errors: dict[str, FsError] = {}
             for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
                 # Blocks preallocated at create need no allocation round trip.
                 allocations = [f.spare.pop(i) for i in todo if i in f.spare and not exclude]
                 rest = [i for i in todo if i not in {a.index for a in allocations}]
                 if rest:
-                    reply = await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, rest, exclude))
-                    allocations += reply.allocations
+                    allocations += await self._allocate(f, rest, exclude, errors)
                 retry: list[int] = []
 
                 async def put(a: m.Allocation) -> None:
@@ -636,6 +636,30 @@ class Client:
                 if d is not None and d.data is snaps[i][0]:
                     d.frozen = False
                 f.flushing.pop(i).set()
+
+    async def _allocate(
+        self, f: FileState, indexes: list[int], exclude: list[str], errors: dict[str, FsError]
+    ) -> list[m.Allocation]:
+        try:
+            return (await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, indexes, exclude))).allocations
+        except FsError as exc:
+            if exc.errno != errno.EIO or not exclude:
+                raise
+            # Nothing left but servers that just failed us. If they failed for want of
+            # space, that is what the application must hear (the metaserver's view of free
+            # space lags by a heartbeat), not EIO.
+            if self.data.all_full(exclude):
+                raise FsError(errno.ENOSPC, "data servers are full") from None
+            if errors:
+                raise
+            # Only servers penalised for earlier failures were excluded: they may have
+            # recovered, so try them.
+            try:
+                return (await self._meta("alloc_blocks", m.AllocReq(f.ino, self.session, indexes, []))).allocations
+            except FsError as again:
+                if again.errno == errno.EIO and self.data.all_full(self.data.penalised()):
+                    raise FsError(errno.ENOSPC, "data servers are full") from None
+                raise
 
     async def _commit(self, f: FileState) -> None:
         """Make every finished upload part of the file, in one metadata transaction."""
@@ -681,15 +705,28 @@ class Client:
             raise FsError(code, "an earlier write-behind failed")
 
     async def _sync_data(self, f: FileState) -> None:
+        """fsync's data half: every block this client wrote to the file, synced on the
+        servers that hold it. A server that died or hung since the write loses its copies:
+        they are reported, and the metaserver re-replicates them from the survivors; the
+        fsync fails (EIO) only for a block with no surviving copy."""
         pending, f.unsynced = f.unsynced, {}
         if not pending:
             return
-        try:
-            await self.data.sync_blocks(pending)
-        except FsError:
-            for address, ids in pending.items():
-                f.unsynced.setdefault(address, set()).update(ids)
-            raise
+        failed = await self.data.sync_blocks(pending)
+        if not failed:
+            return
+        survivors: dict[int, int] = {}
+        for address, ids in pending.items():
+            for block_id in ids:
+                survivors[block_id] = survivors.get(block_id, 0) + (address not in failed)
+        lost = sorted(b for b, n in survivors.items() if n == 0)
+        for address in failed:
+            for block_id in pending[address]:
+                self._report_bad_replica(block_id, address, "unreachable")
+        log.warning("inode %d: sync failed on %s; %d blocks left to re-replication",
+                    f.ino, ", ".join(failed), sum(len(pending[a]) for a in failed))
+        if lost:
+            raise FsError(errno.EIO, f"inode {f.ino}: blocks {lost[:5]} have no durable copy")
 
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: durable on return (close-to-open)."""

@@ -32,6 +32,12 @@ BLOCK_RPC_TIMEOUT_S = 30.0
 SERVER_PENALTY_S = 5.0
 #: Deadline of a block read when another replica is left to try (a hung server).
 FAILOVER_DEADLINE_S = 5.0
+#: Deadline of a block write: a fixed part plus the block at a slow transfer rate, so a
+#: hung server costs seconds and the block is placed elsewhere.
+PUT_DEADLINE_BASE_S = 8.0
+PUT_DEADLINE_BYTES_PER_S = 8 * 1024 * 1024
+#: Deadline of a sync_blocks call (an fsync of everything a client wrote to one server).
+SYNC_RPC_TIMEOUT_S = 20.0
 
 
 class BlockCache:
@@ -72,6 +78,7 @@ class DataPath:
         self._secret = secret
         self._stubs: dict[str, Stub] = {}
         self._penalised_until: dict[str, float] = {}
+        self._last_error: dict[str, FsError] = {}
         self.cache = BlockCache(cache_bytes)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
@@ -98,6 +105,13 @@ class DataPath:
         if self._penalised_until.get(address, 0.0) <= time.monotonic():
             log.warning("data server %s failed: %s", address, exc)
         self._penalised_until[address] = time.monotonic() + SERVER_PENALTY_S
+        self._last_error[address] = exc
+
+    def all_full(self, addresses: list[str]) -> bool:
+        """The last failure of each of these servers was ENOSPC."""
+        return bool(addresses) and all(
+            getattr(self._last_error.get(a), "errno", None) == errno.ENOSPC for a in addresses
+        )
 
     async def read_block(self, ref: BlockRef) -> bytes:
         """The whole stored block (its first ref.length bytes), from the cache or a replica.
@@ -169,22 +183,27 @@ class DataPath:
                 reason = "unreachable"
             self.on_bad_replica(block_id, address, reason)
 
-    async def sync_blocks(self, by_server: dict[str, set[int]]) -> None:
-        """Make blocks written with sync=False durable on their servers, in parallel."""
-        errors: list[FsError] = []
+    async def sync_blocks(self, by_server: dict[str, set[int]]) -> dict[str, FsError]:
+        """Make blocks written with sync=False durable on their servers, in parallel.
+        Returns the servers that failed (dead or hung since the write), with their errors."""
+        failed: dict[str, FsError] = {}
 
         async def sync(address: str, ids: set[int]) -> None:
             try:
-                await call(self.stub(address), "sync_blocks", SyncBlocksReq(sorted(ids)), BLOCK_RPC_TIMEOUT_S)
+                await call(self.stub(address), "sync_blocks", SyncBlocksReq(sorted(ids)), SYNC_RPC_TIMEOUT_S)
             except FsError as exc:
-                errors.append(exc)
+                self._penalise(address, exc)
+                failed[address] = exc
 
         async with trio.open_nursery() as nursery:
             for address, ids in by_server.items():
                 nursery.start_soon(sync, address, ids)
-        if errors:
-            log.error("syncing blocks failed: %s", errors)
-            raise FsError(errno.EIO, f"sync of written blocks failed: {errors[0]}")
+        return failed
+
+    def penalised(self) -> list[str]:
+        """Servers that failed a call in the last SERVER_PENALTY_S: new blocks avoid them."""
+        now = time.monotonic()
+        return [a for a, until in self._penalised_until.items() if until > now]
 
     async def write_block(
         self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray, sync: bool = True
@@ -196,10 +215,11 @@ class DataPath:
         failed: dict[str, FsError] = {}
         # Encoded once for every replica, off the trio thread: a frame is a block-sized copy.
         frame = await trio.to_thread.run_sync(codec.encode_request, PutBlockReq(block_id, token, data, sync))
+        deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
 
         async def put(address: str) -> None:
             try:
-                await call(self.stub(address), "put_block", frame, BLOCK_RPC_TIMEOUT_S)
+                await call(self.stub(address), "put_block", frame, deadline)
             except FsError as exc:
                 self._penalise(address, exc)
                 failed[address] = exc
