@@ -49,6 +49,8 @@ from proto.types import (
     ROOT_INODE,
 )
 
+from fakeclock import Clock
+
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -57,17 +59,6 @@ ROOT = Ctx(uid=0, gid=0)
 USER = Ctx(uid=1000, gid=1000)
 OTHER = Ctx(uid=2000, gid=2000)
 SMALL_BS = 64 * 1024
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Env:

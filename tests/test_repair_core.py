@@ -31,22 +31,13 @@ from proto.messages import (
 )
 from proto.types import ROOT_INODE
 
+from fakeclock import Clock
+
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 GiB = 1024**3
 ROOT = Ctx(uid=0, gid=0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Env:
