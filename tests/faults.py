@@ -300,10 +300,12 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @dataclass
 class NetNamespaces:
-    """One network namespace per data server, each joined to the host by a veth pair:
-    host side HOST_NET.i.1/24, namespace side HOST_NET.i.2/24 (198.18.0.0/15 is reserved
-    for benchmarking, so it collides with nothing real). `cut(i)` sets the host end down:
-    the server keeps running but neither the metaserver nor the clients reach it."""
+    """One network namespace per data server, each joined by a veth pair to a bridge on
+    the host: the bridge has NET.100.1/24, namespace i has NET.100.(10+i) (198.18.0.0/15
+    is reserved for benchmarking, so it collides with nothing real). Servers reach each
+    other (re-replication) across the bridge and the host (metaserver, mounts) through it.
+    `cut(i)` sets namespace i's bridge port down: the server keeps running, but nothing
+    reaches it and it reaches nothing; packets vanish (a pulled cable, not a refusal)."""
 
     count: int
     tag: str = field(default_factory=lambda: f"sf{os.getpid() % 100000}")
@@ -315,16 +317,24 @@ class NetNamespaces:
         return f"{self.tag}n{i}"
 
     def link(self, i: int) -> str:
-        return f"{self.tag}v{i}"  # host end; the namespace end is ...p{i}
+        return f"{self.tag}v{i}"  # host end, a bridge port; the namespace end is ...p{i}
 
-    def host_addr(self, i: int) -> str:
-        return f"{self.net}.{100 + i}.1"
+    @property
+    def bridge(self) -> str:
+        return f"{self.tag}br"
+
+    def host_addr(self, i: int = 0) -> str:
+        return f"{self.net}.100.1"
 
     def ns_addr(self, i: int) -> str:
-        return f"{self.net}.{100 + i}.2"
+        return f"{self.net}.100.{10 + i}"
 
     def setup(self) -> None:
         try:
+            ip("link", "add", self.bridge, "type", "bridge")
+            self.links.append(self.bridge)
+            ip("addr", "add", f"{self.host_addr()}/24", "dev", self.bridge)
+            ip("link", "set", self.bridge, "up")
             for i in range(self.count):
                 ns, host, peer = self.name(i), self.link(i), f"{self.tag}p{i}"
                 ip("netns", "add", ns)
@@ -332,7 +342,7 @@ class NetNamespaces:
                 ip("link", "add", host, "type", "veth", "peer", "name", peer)
                 self.links.append(host)
                 ip("link", "set", peer, "netns", ns)
-                ip("addr", "add", f"{self.host_addr(i)}/24", "dev", host)
+                ip("link", "set", host, "master", self.bridge)
                 ip("link", "set", host, "up")
                 ip("netns", "exec", ns, "ip", "addr", "add", f"{self.ns_addr(i)}/24", "dev", peer)
                 ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
@@ -351,8 +361,8 @@ class NetNamespaces:
         ip("link", "set", self.link(i), "up")
 
     def cleanup(self) -> None:
-        for link in self.links:
-            ip("link", "del", link, check=False)  # deletes the peer too
+        for link in reversed(self.links):
+            ip("link", "del", link, check=False)  # a veth takes its peer along
         for ns in self.made:
             ip("netns", "del", ns, check=False)
         self.links.clear()
