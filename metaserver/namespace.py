@@ -16,6 +16,7 @@ from proto.messages import (
     RENAME_NOREPLACE,
     AttrReply,
     CreateReply,
+    DirChangeReply,
     DirEntry,
     Empty,
     InodeReq,
@@ -208,7 +209,7 @@ class NamespaceOps(CoreBase):
                         )
                     except FsError:
                         pass  # no server can take blocks now: the writer will ask (and be told) later
-            return CreateReply(attr=attr_of(row), allocations=allocations)
+            return CreateReply(attr=attr_of(row), allocations=allocations, parent=self._attr(tx, req.parent))
 
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:
@@ -216,7 +217,7 @@ class NamespaceOps(CoreBase):
                 tx, req.parent, req.name, stat.S_IFDIR | (req.mode & 0o7777), req.ctx.uid,
                 req.ctx.gid, self.now_ns(),
             )
-            return AttrReply(attr=attr_of(row))
+            return AttrReply(attr=attr_of(row), parent=self._attr(tx, req.parent))
 
     def symlink(self, req: SymlinkReq) -> AttrReply:
         with self.store.transaction() as tx:
@@ -224,7 +225,7 @@ class NamespaceOps(CoreBase):
                 tx, req.parent, req.name, stat.S_IFLNK | 0o777, req.ctx.uid, req.ctx.gid,
                 self.now_ns(), target=req.target,
             )
-            return AttrReply(attr=attr_of(row))
+            return AttrReply(attr=attr_of(row), parent=self._attr(tx, req.parent))
 
     def link(self, req: LinkReq) -> AttrReply:
         with self.store.transaction() as tx:
@@ -244,11 +245,11 @@ class NamespaceOps(CoreBase):
             )
             tx.run("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", (now, req.ino))
             self._touch_dir(tx, req.new_parent, now)
-            return AttrReply(attr=self._attr(tx, req.ino))
+            return AttrReply(attr=self._attr(tx, req.ino), parent=self._attr(tx, req.new_parent))
 
     # ------------------------------------------------------------------ removal
 
-    def unlink(self, req: RemoveReq) -> Empty:
+    def unlink(self, req: RemoveReq) -> DirChangeReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
             self._dir(tx, req.parent)
@@ -263,9 +264,9 @@ class NamespaceOps(CoreBase):
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now)
             self._drop_link(tx, row, now)
-            return Empty()
+            return DirChangeReply(parent=self._attr(tx, req.parent))
 
-    def rmdir(self, req: RemoveReq) -> Empty:
+    def rmdir(self, req: RemoveReq) -> DirChangeReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
             self._dir(tx, req.parent)
@@ -286,7 +287,7 @@ class NamespaceOps(CoreBase):
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now, nlink_delta=-1)
             self._drop_link(tx, row, now)
-            return Empty()
+            return DirChangeReply(parent=self._attr(tx, req.parent))
 
     @staticmethod
     def _has_entries(tx: Tx, ino: int) -> bool:

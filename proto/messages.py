@@ -258,6 +258,12 @@ class Empty(Message):
 @dataclass
 class AttrReply(Message):
     attr: Attr  # attributes after the operation
+    parent: Optional[Attr] = None  # entry changes: the directory's attributes after it
+
+
+@dataclass
+class DirChangeReply(Message):
+    parent: Optional[Attr] = None  # the directory's attributes after the change
 
 
 # --------------------------------------------------------------------------- sessions
@@ -339,6 +345,7 @@ class MknodReq(Message):
 class CreateReply(Message):
     attr: Attr  # the new inode
     allocations: list[Allocation] = field(default_factory=list)  # preallocated blocks (prealloc_blocks)
+    parent: Optional[Attr] = None  # the directory's attributes after the create
 
 
 @dataclass

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -234,7 +235,23 @@ class Client:
         return self._overlay((await self._meta("lookup", m.LookupReq(parent, name))).attr)
 
     async def getattr(self, ino: int) -> m.Attr:
+        entry = self._attrs.get(ino)
+        if entry is not None and stat.S_ISDIR(entry[0].mode) and time.monotonic() - entry[1] < ATTR_CACHE_S:
+            # With default_permissions the kernel checks the parent directory before every
+            # create and unlink, and it drops its cached attributes of a directory whenever
+            # an entry changes: without this, each create costs a getattr round trip. Every
+            # change this client makes to a directory refreshes or drops its entry here.
+            return entry[0]
         return self._overlay((await self._meta("getattr", m.InodeReq(ino))).attr)
+
+    def _dir_changed(self, parent: Optional[m.Attr], *dirs: int) -> None:
+        """An entry change made by this client: take the directory's new attributes from
+        the reply, or forget what we knew of the directories involved."""
+        if parent is not None:
+            self._seen(parent)
+        for ino in dirs:
+            if parent is None or ino != parent.ino:
+                self._attrs.pop(ino, None)
 
     async def setattr(
         self,
@@ -256,6 +273,7 @@ class Client:
             # it removes, and a later commit would overwrite an explicit mtime (cp -a, touch).
             await self._fsync_state(f)
         req = m.SetattrReq(ino, ctx, mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now)
+        self._attrs.pop(ino, None)
         attr = (await self._meta("setattr", req)).attr
         if size is not None:
             self._note_generation(ino, attr.generation)
@@ -277,12 +295,15 @@ class Client:
     # ------------------------------------------------------------------ namespace
 
     async def mknod(self, parent: int, name: bytes, mode: int, ctx: m.Ctx, rdev: int = 0) -> m.Attr:
-        return self._seen((await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))).attr)
+        reply = await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))
+        self._dir_changed(reply.parent, parent)
+        return self._seen(reply.attr)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
         req = m.MknodReq(parent, name, (mode & 0o7777) | 0o100000, ctx, 0, self.session, PREALLOC_BLOCKS_AT_CREATE)
         reply = await self._meta("mknod", req)
+        self._dir_changed(reply.parent, parent)
         attr = self._seen(reply.attr)
         f = self._file_state(attr)
         f.set_map(attr, [])
@@ -293,27 +314,38 @@ class Client:
         return self._new_handle(attr.ino), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: m.Ctx) -> m.Attr:
-        return self._seen((await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))).attr)
+        reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))
+        self._dir_changed(reply.parent, parent)
+        return self._seen(reply.attr)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, ctx: m.Ctx) -> m.Attr:
-        return self._seen((await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))).attr)
+        reply = await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))
+        self._dir_changed(reply.parent, parent)
+        return self._seen(reply.attr)
 
     async def readlink(self, ino: int) -> bytes:
         return (await self._meta("readlink", m.InodeReq(ino))).target
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> m.Attr:
-        return self._overlay((await self._meta("link", m.LinkReq(ino, new_parent, new_name))).attr)
+        reply = await self._meta("link", m.LinkReq(ino, new_parent, new_name))
+        self._dir_changed(reply.parent, new_parent)
+        return self._overlay(reply.attr)
 
     async def unlink(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
-        await self._meta("unlink", m.RemoveReq(parent, name, ctx))
+        reply = await self._meta("unlink", m.RemoveReq(parent, name, ctx))
+        self._dir_changed(reply.parent, parent)
 
     async def rmdir(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
-        await self._meta("rmdir", m.RemoveReq(parent, name, ctx))
+        reply = await self._meta("rmdir", m.RemoveReq(parent, name, ctx))
+        self._dir_changed(reply.parent, parent)
 
     async def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()
     ) -> None:
-        await self._meta("rename", m.RenameReq(parent, name, new_parent, new_name, flags, ctx))
+        try:
+            await self._meta("rename", m.RenameReq(parent, name, new_parent, new_name, flags, ctx))
+        finally:
+            self._dir_changed(None, parent, new_parent)
 
     async def statfs(self) -> m.StatfsReply:
         return await self._meta("statfs", m.Empty())
