@@ -62,6 +62,7 @@ def namespaces():
     ns = NetNamespaces(3)
     ns.setup()
     try:
+        ns.wait_connected()
         yield ns
     finally:
         ns.cleanup()
@@ -131,9 +132,6 @@ def test_data_server_cut_off_by_link_down(tmp_path, namespaces):
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a write in progress when a data server's link goes down hangs: "
-                   "the close does not return within 60 s (put_block calls to the unreachable server stay "
-                   "blocked in grpc past their deadline; seen for 10+ minutes with gdb)")
 def test_write_while_a_data_server_is_cut_off(tmp_path, namespaces):
     ns = namespaces
     c = cut_cluster(tmp_path, ns)

@@ -16,11 +16,14 @@ from typing import Any, Optional
 
 import trio
 
+from proto.errors import TransportError
 from proto.messages import Message
 from proto.rpc import Stub
 
 #: Worker threads that may be inside a gRPC call at once (per trio run).
 MAX_CALLS_IN_FLIGHT = 64
+#: How long past its deadline a call is given up on by the caller if gRPC has not ended it.
+DEADLINE_BACKSTOP_S = 2.0
 
 _limiter: trio.lowlevel.RunVar = trio.lowlevel.RunVar("stripefs_rpc_limiter")
 
@@ -36,6 +39,15 @@ def _get_limiter() -> trio.CapacityLimiter:
 
 async def call(stub: Stub, name: str, req: Message | bytes, timeout_s: Optional[float] = 30.0) -> Any:
     """Call `name` on `stub` without blocking the trio thread; returns the reply or raises FsError."""
-    return await trio.to_thread.run_sync(
-        stub.call, name, req, timeout_s, abandon_on_cancel=True, limiter=_get_limiter()
-    )
+    if timeout_s is None:
+        return await trio.to_thread.run_sync(
+            stub.call, name, req, None, abandon_on_cancel=True, limiter=_get_limiter()
+        )
+    # gRPC enforces the deadline itself; this is the backstop for when it does not (seen:
+    # calls to a server whose link went down stayed blocked past their deadline). The
+    # worker thread is abandoned and ends whenever gRPC lets it go.
+    with trio.move_on_after(timeout_s + DEADLINE_BACKSTOP_S):
+        return await trio.to_thread.run_sync(
+            stub.call, name, req, timeout_s, abandon_on_cancel=True, limiter=_get_limiter()
+        )
+    raise TransportError(f"{name} to {stub.address}: no answer within {timeout_s:.0f} s")
