@@ -301,15 +301,16 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @dataclass
 class NetNamespaces:
     """One network namespace per data server, each joined by a veth pair to a bridge on
-    the host: the bridge has NET.100.1/24, namespace i has NET.100.(10+i) (198.18.0.0/15
-    is reserved for benchmarking, so it collides with nothing real). Servers reach each
+    the host: the bridge has NET.1/24, namespace i has NET.(10+i), NET a /24 of
+    198.18.0.0/15 (reserved for benchmarking, so it collides with nothing real) that no
+    interface of the host uses yet, so concurrent runs do not collide. Servers reach each
     other (re-replication) across the bridge and the host (metaserver, mounts) through it.
     `cut(i)` sets namespace i's bridge port down: the server keeps running, but nothing
     reaches it and it reaches nothing; packets vanish (a pulled cable, not a refusal)."""
 
     count: int
     tag: str = field(default_factory=lambda: f"sf{os.getpid() % 100000}")
-    net: str = "198.18"
+    net: str = ""  # first three octets, chosen by setup()
     made: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
 
@@ -319,17 +320,27 @@ class NetNamespaces:
     def link(self, i: int) -> str:
         return f"{self.tag}v{i}"  # host end, a bridge port; the namespace end is ...p{i}
 
+    def _free_net(self) -> str:
+        used = ip("-o", "addr", "show").stdout
+        for k in range(512):
+            idx = (os.getpid() + k) % 512
+            net = f"198.{18 + idx // 256}.{idx % 256}"
+            if f" {net}." not in used:
+                return net
+        raise AssertionError("no free /24 in 198.18.0.0/15")
+
     @property
     def bridge(self) -> str:
         return f"{self.tag}br"
 
     def host_addr(self, i: int = 0) -> str:
-        return f"{self.net}.100.1"
+        return f"{self.net}.1"
 
     def ns_addr(self, i: int) -> str:
-        return f"{self.net}.100.{10 + i}"
+        return f"{self.net}.{10 + i}"
 
     def setup(self) -> None:
+        self.net = self.net or self._free_net()
         try:
             ip("link", "add", self.bridge, "type", "bridge")
             self.links.append(self.bridge)
@@ -353,6 +364,25 @@ class NetNamespaces:
 
     def prefix(self, i: int) -> list[str]:
         return ["ip", "netns", "exec", self.name(i)]
+
+    def wait_connected(self, timeout_s: float = 20.0) -> None:
+        """Until every namespace can open a TCP connection to the host across the bridge
+        (a new bridge may take a moment to forward)."""
+        import socket
+        import sys
+
+        with socket.socket() as listener:
+            listener.bind((self.host_addr(), 0))
+            listener.listen(16)
+            port = listener.getsockname()[1]
+            probe = f"import socket; socket.create_connection(('{self.host_addr()}', {port}), 1).close()"
+            deadline = time.monotonic() + timeout_s
+            for i in range(self.count):
+                while subprocess.run([*self.prefix(i), sys.executable, "-c", probe],
+                                     capture_output=True, timeout=30).returncode != 0:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"namespace {self.name(i)} cannot reach {self.host_addr()}")
+                    time.sleep(0.5)
 
     def cut(self, i: int) -> None:
         ip("link", "set", self.link(i), "down")
@@ -418,15 +448,15 @@ class Inspector:
         return self.meta.call("block_map", BlockMapReq(ino)).blocks
 
     def replica_problems(self, rel: str, data: bytes, block_bytes: int, want_replicas: int) -> list[str]:
-        """Every replica of every block of `rel` holds its slice of `data`, with
-        `want_replicas` replicas listed per block."""
+        """Every replica of every block of `rel` holds its slice of `data`, with at least
+        `want_replicas` replicas listed per block (excess replicas are kept, not trimmed)."""
         from proto.errors import FsError
         from proto.messages import GetBlockReq
 
         problems = []
         for ref in self.block_map(rel):
             want = data[ref.index * block_bytes: ref.index * block_bytes + ref.length]
-            if len(ref.servers) != want_replicas:
+            if len(ref.servers) < want_replicas:
                 problems.append(f"block {ref.block_id} (index {ref.index}): servers {ref.servers}")
             for server in ref.servers:
                 try:
