@@ -220,3 +220,25 @@ def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
         assert await read_file(client, attr.ino) == data
 
     run(lib_cluster, body)
+
+
+def test_upload_whose_allocation_expired_is_uploaded_again(tmp_path):
+    """A write stalled past the metaserver's pending timeout (its allocations collected)
+    still lands: the refused commit makes the client upload the blocks again."""
+    data = random.randbytes(65536 * 2)
+    with Cluster(tmp_path / "c", dataservers=2, meta_args=["--pending-timeout-s", "1"]) as c:
+
+        async def body(client):
+            d = await fresh_dir(client, b"exp", block_size=65536)
+            fh, attr = await client.create(d, b"f", 0o644, os.O_WRONLY, ROOT)
+            await client.write(fh, 0, data)  # two full blocks: uploaded in the background
+            f = client._files[attr.ino]
+            while f.flushing or len(f.uploaded) < 2:
+                await trio.sleep(0.05)
+            await trio.sleep(3.0)  # the sweep (every second) drops allocations older than 1 s
+            await client.flush(fh)
+            assert f.expired_commits == 1
+            await client.release(fh)
+            assert await read_file(client, attr.ino) == data
+
+        run(c, body)

@@ -49,6 +49,8 @@ MAX_UPLOADS_IN_FLIGHT = 4
 COMMIT_BATCH_BLOCKS = 16
 #: Placements tried for a block whose replica servers fail during the write.
 WRITE_PLACEMENT_ATTEMPTS = 4
+#: Commits refused because their allocations expired that are retried (per open file).
+MAX_EXPIRED_COMMITS = 3
 #: Blocks allocated together with a create: a small file's close then needs no allocation trip.
 PREALLOC_BLOCKS_AT_CREATE = 1
 #: Largest readahead window of a sequential reader.
@@ -703,7 +705,20 @@ class Client:
             refs = [ref for ref, _ in batch.values()]
             size = max(r.index * f.block_size + r.length for r in refs)
             mtime = f.mtime_ns or now_ns()
-            reply = await self._meta("commit_blocks", m.CommitReq(f.ino, self.session, refs, size, mtime))
+            try:
+                reply = await self._meta("commit_blocks", m.CommitReq(f.ino, self.session, refs, size, mtime))
+            except FsError as exc:
+                if exc.errno != errno.EINVAL or f.expired_commits >= MAX_EXPIRED_COMMITS:
+                    raise
+                # The allocations expired (the write was stalled past --pending-timeout-s,
+                # say by a hung server) and were collected: upload the blocks again. Their
+                # content is still in the dirty buffers, which only a commit drops.
+                f.expired_commits += 1
+                log.warning("inode %d: commit refused (%s); uploading its blocks again", f.ino, exc)
+                for i, entry in batch.items():
+                    if f.uploaded.get(i) is entry:
+                        del f.uploaded[i]
+                return
             for i, entry in batch.items():
                 ref, version = entry
                 f.blocks[i] = ref

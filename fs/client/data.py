@@ -38,6 +38,8 @@ PUT_DEADLINE_BASE_S = 8.0
 PUT_DEADLINE_BYTES_PER_S = 8 * 1024 * 1024
 #: Deadline of a sync_blocks call (an fsync of everything a client wrote to one server).
 SYNC_RPC_TIMEOUT_S = 20.0
+#: A server that failed a call this recently is not asked to sync: its copies count as lost.
+SYNC_SKIP_AFTER_FAILURE_S = 30.0
 
 
 class BlockCache:
@@ -79,6 +81,7 @@ class DataPath:
         self._stubs: dict[str, Stub] = {}
         self._penalised_until: dict[str, float] = {}
         self._last_error: dict[str, FsError] = {}
+        self._failed_at: dict[str, float] = {}
         self.cache = BlockCache(cache_bytes)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
@@ -106,6 +109,7 @@ class DataPath:
             log.warning("data server %s failed: %s", address, exc)
         self._penalised_until[address] = time.monotonic() + SERVER_PENALTY_S
         self._last_error[address] = exc
+        self._failed_at[address] = time.monotonic()
 
     def all_full(self, addresses: list[str]) -> bool:
         """The last failure of each of these servers was ENOSPC."""
@@ -189,6 +193,12 @@ class DataPath:
         failed: dict[str, FsError] = {}
 
         async def sync(address: str, ids: set[int]) -> None:
+            failed_at = self._failed_at.get(address)
+            if failed_at is not None and time.monotonic() - failed_at < SYNC_SKIP_AFTER_FAILURE_S:
+                # It failed us moments ago (dead or hung): waiting out a deadline again would
+                # only delay the fsync; its copies are treated as lost and re-replicated.
+                failed[address] = self._last_error[address]
+                return
             try:
                 await call(self.stub(address), "sync_blocks", SyncBlocksReq(sorted(ids)), SYNC_RPC_TIMEOUT_S)
             except FsError as exc:

@@ -69,6 +69,7 @@ class FileState:
     handles: int = 0  # open handles of this client on the inode
     error: Optional[int] = None  # errno of a failed background upload, reported by fsync/close
     commits: int = 0  # commits made by this client (fsync tells whether it made one)
+    expired_commits: int = 0  # commits refused for expired allocations, then retried
     no_capability: bool = False  # security.capability known absent (the kernel asks on every write)
 
     def set_map(self, attr: Attr, blocks: list[BlockRef]) -> None:
