@@ -228,6 +228,11 @@ class DataPath:
         deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
 
         async def put(address: str) -> None:
+            if self._penalised_until.get(address, 0.0) > time.monotonic():
+                # It failed a call moments ago (this block may have been placed on it before
+                # that): do not wait out another deadline, have the block placed elsewhere.
+                failed[address] = self._last_error[address]
+                return
             try:
                 await call(self.stub(address), "put_block", frame, deadline)
             except FsError as exc:
