@@ -89,13 +89,16 @@ class Writer:
     def block_map(self, ino: int) -> list[BlockRef]:
         return self.meta.call("block_map", BlockMapReq(ino=ino)).blocks
 
-    def check_every_replica(self, ino: int, content: bytes) -> None:
-        """Every listed replica of every block holds the right bytes."""
+    def check_every_replica(self, ino: int, content: bytes) -> bool:
+        """Every listed replica of every block holds the right bytes. A copy that is missing
+        raises FsError (the block map lags a data server's report by up to one heartbeat:
+        callers wait); a copy with wrong bytes fails at once."""
         for ref in self.block_map(ino):
             want = content[ref.index * BLOCK_BYTES : ref.index * BLOCK_BYTES + ref.length]
             for server in ref.servers:
                 got = self.data(server).call("get_block", GetBlockReq(block_id=ref.block_id)).data
                 assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), (ref, server)
+        return True
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -155,14 +158,14 @@ def test_sigkilled_server_rereplicated_and_its_stale_copies_deleted_on_return(fa
     wait_for(lambda: any(s["state"] == "dead" for s in c.status()["servers"]), 10, "server seen dead")
     wait_for(lambda: c.status()["under_replicated"] == 0 and fully_replicated(c, w, ino, avoid=dead),
              REPAIR_WITHIN_S, "R=2 live copies of every block")
-    w.check_every_replica(ino, content)
+    wait_for(lambda: w.check_every_replica(ino, content), REPAIR_WITHIN_S, "every listed replica right")
     assert fsck(c).returncode == 0
     # Back on its old directory: its copies were re-made elsewhere, so they are garbage.
     c.start_data(0)
     data_dir = c.base / "data-0"
     wait_for(lambda: not (set(block_files(data_dir)) & set(on_dead)), REPAIR_WITHIN_S, "stale copies deleted")
     assert fully_replicated(c, w, ino)
-    w.check_every_replica(ino, content)
+    wait_for(lambda: w.check_every_replica(ino, content), REPAIR_WITHIN_S, "every listed replica right")
 
 
 def test_scrub_replaces_a_flipped_byte(tmp_path):
@@ -180,9 +183,14 @@ def test_scrub_replaces_a_flipped_byte(tmp_path):
         raw[-1000] ^= 0x10  # in the data, far from the header
         path.write_bytes(bytes(raw))
         wait_for(lambda: list((data_dir / "corrupt").glob(f"{ref.block_id}.*")), 20, "corrupt copy moved aside")
-        wait_for(lambda: fully_replicated(c, w, ino), REPAIR_WITHIN_S, "block re-replicated")
-        w.check_every_replica(ino, content)
-        assert fsck(c).returncode == 0
+
+        # The metaserver hears of the bad copy with the victim's next heartbeat: until then
+        # the block still looks fully replicated. Wait for the whole repair to be visible.
+        def repaired() -> bool:
+            return (fully_replicated(c, w, ino) and w.check_every_replica(ino, content)
+                    and fsck(c).returncode == 0)
+
+        wait_for(repaired, REPAIR_WITHIN_S, "block re-replicated, every replica right, fsck clean")
     finally:
         if w is not None:
             w.close()
@@ -204,7 +212,7 @@ def test_block_report_reconciles_a_restarted_server(fast_cluster):
     c.start_data(1)
     wait_for(lambda: not stray.exists(), REPAIR_WITHIN_S, "stray block deleted")
     wait_for(lambda: fully_replicated(c, w, ino), REPAIR_WITHIN_S, "lost copy re-made")
-    w.check_every_replica(ino, content)
+    wait_for(lambda: w.check_every_replica(ino, content), REPAIR_WITHIN_S, "every listed replica right")
     assert fsck(c).returncode == 0
 
 
