@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import trio
 
 from proto import codec
-from proto.errors import FsError
+from proto.errors import FsError, TransportError
 from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
 from proto.rpc import Stub
 from proto.services import DATA_METHODS, DATA_SERVICE
@@ -38,7 +38,7 @@ PUT_DEADLINE_BASE_S = 8.0
 PUT_DEADLINE_BYTES_PER_S = 8 * 1024 * 1024
 #: Deadline of a sync_blocks call (an fsync of everything a client wrote to one server).
 SYNC_RPC_TIMEOUT_S = 20.0
-#: A server that failed a call this recently is not asked to sync: its copies count as lost.
+#: A server unreachable this recently is not asked to sync: its copies count as lost.
 SYNC_SKIP_AFTER_FAILURE_S = 30.0
 
 
@@ -81,7 +81,7 @@ class DataPath:
         self._stubs: dict[str, Stub] = {}
         self._penalised_until: dict[str, float] = {}
         self._last_error: dict[str, FsError] = {}
-        self._failed_at: dict[str, float] = {}
+        self._unreachable_at: dict[str, float] = {}
         self.cache = BlockCache(cache_bytes)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
@@ -109,7 +109,8 @@ class DataPath:
             log.warning("data server %s failed: %s", address, exc)
         self._penalised_until[address] = time.monotonic() + SERVER_PENALTY_S
         self._last_error[address] = exc
-        self._failed_at[address] = time.monotonic()
+        if isinstance(exc, TransportError):  # dead or hung, not a server that answered (full, say)
+            self._unreachable_at[address] = time.monotonic()
 
     def all_full(self, addresses: list[str]) -> bool:
         """The last failure of each of these servers was ENOSPC."""
@@ -193,9 +194,9 @@ class DataPath:
         failed: dict[str, FsError] = {}
 
         async def sync(address: str, ids: set[int]) -> None:
-            failed_at = self._failed_at.get(address)
+            failed_at = self._unreachable_at.get(address)
             if failed_at is not None and time.monotonic() - failed_at < SYNC_SKIP_AFTER_FAILURE_S:
-                # It failed us moments ago (dead or hung): waiting out a deadline again would
+                # Unreachable moments ago (dead or hung): waiting out a deadline again would
                 # only delay the fsync; its copies are treated as lost and re-replicated.
                 failed[address] = self._last_error[address]
                 return
