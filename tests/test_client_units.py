@@ -15,6 +15,7 @@ def test_block_cache_is_bounded_lru():
     c.put(2, b"bbbb")
     assert c.get(1) == b"aaaa"  # 1 is now most recent
     c.put(3, b"cccc")  # evicts 2
+    assert 2 not in c and 1 in c and 3 in c  # membership does not count as a use
     assert c.get(2) is None and c.get(1) == b"aaaa" and c.get(3) == b"cccc"
     assert c.used_bytes == 8
     c.put(4, b"x" * 11)  # larger than the whole cache: not cached

@@ -523,7 +523,7 @@ class Client:
             ref = f.blocks.get(index)
             if ref is None or index in f.dirty or self._prefetches >= MAX_PREFETCHES_IN_FLIGHT:
                 continue
-            if self.data.cache.get(ref.block_id) is None and ref.block_id not in self.data._fetching:
+            if not self.data.has_or_fetching(ref.block_id):
                 self._prefetches += 1
                 self._nursery.start_soon(self._prefetch, ref)
 

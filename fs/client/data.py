@@ -68,9 +68,9 @@ class BlockCache:
             _, evicted = self._blocks.popitem(last=False)
             self.used_bytes -= len(evicted)
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.used_bytes = 0
+    def __contains__(self, block_id: int) -> bool:
+        """Membership without counting as a use (unlike get)."""
+        return block_id in self._blocks
 
 
 class DataPath:
@@ -100,12 +100,14 @@ class DataPath:
             stub.close()
         self._stubs.clear()
 
+    def _is_penalised(self, address: str) -> bool:
+        return self._penalised_until.get(address, 0.0) > time.monotonic()
+
     def _order(self, servers: list[str]) -> list[str]:
-        now = time.monotonic()
-        return sorted(servers, key=lambda a: self._penalised_until.get(a, 0.0) > now)
+        return sorted(servers, key=self._is_penalised)
 
     def _penalise(self, address: str, exc: FsError) -> None:
-        if self._penalised_until.get(address, 0.0) <= time.monotonic():
+        if not self._is_penalised(address):
             log.warning("data server %s failed: %s", address, exc)
         self._penalised_until[address] = time.monotonic() + SERVER_PENALTY_S
         self._last_error[address] = exc
@@ -183,9 +185,10 @@ class DataPath:
 
     def _report(self, block_id: int, address: str, exc: FsError) -> None:
         if self.on_bad_replica is not None:
-            reason = {errno.ENOENT: "missing", errno.EIO: "corrupt"}.get(exc.errno, "unreachable")
-            if "DEADLINE" in exc.message or "UNAVAILABLE" in exc.message:
+            if isinstance(exc, TransportError):
                 reason = "unreachable"
+            else:
+                reason = {errno.ENOENT: "missing", errno.EIO: "corrupt"}.get(exc.errno, "unreachable")
             self.on_bad_replica(block_id, address, reason)
 
     async def sync_blocks(self, by_server: dict[str, set[int]]) -> dict[str, FsError]:
@@ -213,8 +216,11 @@ class DataPath:
 
     def penalised(self) -> list[str]:
         """Servers that failed a call in the last SERVER_PENALTY_S: new blocks avoid them."""
-        now = time.monotonic()
-        return [a for a, until in self._penalised_until.items() if until > now]
+        return [a for a in self._penalised_until if self._is_penalised(a)]
+
+    def has_or_fetching(self, block_id: int) -> bool:
+        """The block is cached or a fetch of it is under way (readahead need not start one)."""
+        return block_id in self.cache or block_id in self._fetching
 
     async def write_block(
         self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray, sync: bool = True
@@ -229,7 +235,7 @@ class DataPath:
         deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
 
         async def put(address: str) -> None:
-            if self._penalised_until.get(address, 0.0) > time.monotonic():
+            if self._is_penalised(address):
                 # It failed a call moments ago (this block may have been placed on it before
                 # that): do not wait out another deadline, have the block placed elsewhere.
                 failed[address] = self._last_error[address]
