@@ -335,7 +335,7 @@ def main(argv: list[str]) -> int:
         log.info("got %s, stopping", signal.Signals(signum).name)
     finally:
         stop.set()
-        server.stop(STOP_GRACE_S).wait()
+        server.stop(STOP_GRACE_S)
         heartbeater.join(META_CALL_TIMEOUT_S)
         if scrubber is not None:
             scrubber.join(META_CALL_TIMEOUT_S)

@@ -1,7 +1,8 @@
 """The state and the shared mechanisms of the metadata core: the store, the clock, inode
-rows and their Attr, link counting and purging, garbage, block maps, truncation, the
-state of each data server (up, suspect, dead) and the count of replicas on live ones. The operations themselves live in namespace.py, files.py
-and registry.py; core.py puts them together as MetaCore.
+rows and their Attr, link counting and purging, garbage, block maps and inline block 0s,
+truncation, the state of each data server (up, suspect, dead) and the count of replicas
+on live ones. The operations themselves live in namespace.py, files.py and registry.py;
+core.py puts them together as MetaCore.
 
 Every helper here takes the open transaction `tx` and runs inside the caller's
 operation, so an operation is still exactly one transaction.
@@ -10,16 +11,27 @@ operation, so an operation is still exactly one transaction.
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 from sqlite3 import Row
 from typing import Callable, Optional
 
+import crc32c
+
 from proto.errors import FsError
 from proto.messages import Attr, BlockRef
-from proto.types import DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_REPLICAS, FILE_SIZE_MAX_BYTES, ROOT_INODE
+from proto.types import (
+    DEFAULT_BLOCK_SIZE_BYTES,
+    DEFAULT_INLINE_MAX_BYTES,
+    DEFAULT_REPLICAS,
+    FILE_SIZE_MAX_BYTES,
+    ROOT_INODE,
+)
 
 from .store import Store, Tx
+
+log = logging.getLogger("stripefs.metaserver")
 
 NS_PER_S = 1_000_000_000
 #: Size reported for a directory, as ext4 reports for a small one.
@@ -35,7 +47,7 @@ _STATE_ORDER = {UP: 0, SUSPECT: 1, DEAD: 2}
 
 _INODE_COLUMNS = (
     "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-    "block_size, replicas, generation, parent, target, xattrs"
+    "block_size, replicas, generation, parent, target, xattrs, inline_max"
 )
 
 
@@ -73,7 +85,14 @@ def attr_of(row: Row) -> Attr:
         replicas=row["replicas"],
         generation=row["generation"],
         xattrs=row["xattrs"],
+        inline_max=row["inline_max"],
     )
+
+
+def inline_limit(row: Row) -> int:
+    """The most bytes block 0 of this file may hold inline: its inline_max, never more than
+    a block (the inline bytes are block 0)."""
+    return min(row["inline_max"], row["block_size"])
 
 
 class CoreBase:
@@ -135,9 +154,10 @@ class CoreBase:
             now = self.now_ns()
             tx.run(
                 "INSERT INTO inodes (ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns,"
-                " ctime_ns, block_size, replicas, parent) VALUES (?, ?, 0, 0, 2, ?, ?, ?, ?, ?, 0, ?)",
+                " ctime_ns, block_size, replicas, parent, inline_max)"
+                " VALUES (?, ?, 0, 0, 2, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (ROOT_INODE, stat.S_IFDIR | 0o755, DIR_SIZE_BYTES, now, now, now,
-                 DEFAULT_BLOCK_SIZE_BYTES, ROOT_INODE),
+                 DEFAULT_BLOCK_SIZE_BYTES, ROOT_INODE, DEFAULT_INLINE_MAX_BYTES),
             )
 
     # ------------------------------------------------------------------ inode rows
@@ -164,8 +184,12 @@ class CoreBase:
         return tx.scalar("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name))
 
     def _touch_dir(self, tx: Tx, ino: int, now: int, nlink_delta: int = 0) -> None:
+        """An entry of directory `ino` was added, removed or renamed. The generation moves
+        with every such change: a client holding the whole listing keeps answering
+        negative lookups from it only while the generation says nobody else changed it."""
         tx.run(
-            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? WHERE ino = ?",
+            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ?, generation = generation + 1"
+            " WHERE ino = ?",
             (now, now, nlink_delta, ino),
         )
 
@@ -217,6 +241,29 @@ class CoreBase:
 
     # ------------------------------------------------------------------ block maps
 
+    def _inline(self, tx: Tx, ino: int) -> Optional[tuple[bytes, int]]:
+        """(bytes, crc32c) of the file's inline block 0, or None. A copy whose checksum does
+        not match is EIO: there is no other copy to fall back on (fsck reports it)."""
+        row = tx.one("SELECT data, crc32c FROM inline_data WHERE ino = ?", (ino,))
+        if row is None:
+            return None
+        data = bytes(row["data"])
+        if crc32c.crc32c(data) != row["crc32c"]:
+            log.error("inode %d: inline data fails its checksum", ino)
+            raise FsError(errno.EIO, f"inode {ino}: inline data is corrupt")
+        return data, row["crc32c"]
+
+    def _set_inline(self, tx: Tx, ino: int, data: bytes) -> None:
+        """Make `data` the file's inline block 0 (empty: none)."""
+        if data:
+            tx.run(
+                "INSERT INTO inline_data (ino, data, crc32c) VALUES (?, ?, ?)"
+                " ON CONFLICT (ino) DO UPDATE SET data = excluded.data, crc32c = excluded.crc32c",
+                (ino, data, crc32c.crc32c(data)),
+            )
+        else:
+            tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
+
     def _block_map(self, tx: Tx, ino: int, now: int) -> list[BlockRef]:
         # Resolve replicas by server id, so a data server that restarted on a new port is
         # found at its current address; up servers first, then suspect, then dead, each
@@ -250,6 +297,10 @@ class CoreBase:
             raise FsError(errno.EFBIG, f"size {size} exceeds the largest file")
         ino, bs = row["ino"], row["block_size"]
         if size < row["size"]:
+            inline = tx.scalar("SELECT length(data) FROM inline_data WHERE ino = ?", (ino,))
+            if inline is not None and size < inline:
+                kept = self._inline(tx, ino) if size else None
+                self._set_inline(tx, ino, kept[0][:size] if kept else b"")
             first_gone = -(-size // bs)  # ceil: the first block with no byte below size
             for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_gone)):
                 self._garbage_committed(tx, b["block_id"], now)

@@ -1,10 +1,15 @@
 """File data operations of the metadata core: open/release (which keep unlinked files
-alive), block maps, and the two-step write protocol.
+alive), block maps, the two-step write protocol, and inline block 0s.
 
 A writer first asks alloc_blocks for new block ids, replica servers and write tokens,
 writes the blocks to the data servers itself, then commit_blocks makes them part of the
 file in one transaction. Stored blocks are immutable: a rewrite allocates a new id and
 the commit sends the old one to garbage, so a reader never sees a torn block.
+
+A small file's block 0 is kept in the store instead (inline_data): commit_inline writes it
+in the one transaction of the writer's close, open returns it with the block map. A
+commit of a stored block 0 replaces an inline one and the other way round, so a file moves
+to data servers when it grows past its inline_max and back when it is rewritten small.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import errno
 import os
 from sqlite3 import Row
+
+import crc32c
 
 from proto.auth import block_token
 from proto.errors import FsError
@@ -24,13 +31,14 @@ from proto.messages import (
     BlockMapReq,
     CommitReq,
     Empty,
+    InlineCommitReq,
     OpenReply,
     OpenReq,
     ReleaseReq,
 )
 from proto.types import FILE_SIZE_MAX_BYTES
 
-from .base import CoreBase, is_dir, is_reg, want_replicas
+from .base import CoreBase, inline_limit, is_dir, is_reg, want_replicas
 from .store import Tx
 
 
@@ -48,7 +56,12 @@ class FileOps(CoreBase):
             self._record_open(tx, req.session, req.ino)
             # An open proves the session alive as well as a renew would.
             tx.run("UPDATE sessions SET last_renew_ns = ? WHERE session_id = ?", (now, req.session))
-            return OpenReply(attr=self._attr(tx, req.ino), blocks=self._block_map(tx, req.ino, now))
+            inline = self._inline(tx, req.ino) if is_reg(row) else None
+            return OpenReply(
+                attr=self._attr(tx, req.ino), blocks=self._block_map(tx, req.ino, now),
+                inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
+                data=inline[0] if inline else b"",
+            )
 
     def release(self, req: ReleaseReq) -> Empty:
         # Lenient on purpose: a release after the session expired (and closed its opens)
@@ -66,7 +79,12 @@ class FileOps(CoreBase):
     def block_map(self, req: BlockMapReq) -> BlockMapReply:
         with self.store.transaction() as tx:
             attr = self._attr(tx, req.ino)
-            return BlockMapReply(attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns()))
+            inline = self._inline(tx, req.ino)
+            return BlockMapReply(
+                attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns()),
+                inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
+                data=inline[0] if inline else b"",
+            )
 
     def alloc_blocks(self, req: AllocReq) -> AllocReply:
         with self.store.transaction() as tx:
@@ -140,6 +158,36 @@ class FileOps(CoreBase):
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
 
+    def commit_inline(self, req: InlineCommitReq) -> AttrReply:
+        # Durable like commit_blocks: what a client's close and fsync wait for.
+        with self.store.transaction(durable=True) as tx:
+            now = self.now_ns()
+            row = self._inode(tx, req.ino)
+            if not is_reg(row):
+                raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
+            self._session_exists(tx, req.session)
+            if len(req.data) > inline_limit(row):
+                raise FsError(errno.EFBIG, f"inode {req.ino}: {len(req.data)} bytes do not fit inline")
+            if req.size > FILE_SIZE_MAX_BYTES:
+                raise FsError(errno.EFBIG, f"size {req.size} exceeds the largest file")
+            if crc32c.crc32c(req.data) != req.crc32c:
+                raise FsError(errno.EIO, f"inode {req.ino}: inline data damaged on the way")
+            old = tx.scalar("SELECT block_id FROM blocks WHERE ino = ? AND idx = 0", (req.ino,))
+            if old is not None:
+                self._garbage_committed(tx, old, now)
+            self._set_inline(tx, req.ino, req.data)
+            self._bump_content(tx, req.ino, req.size, req.mtime_ns, now)
+            return AttrReply(attr=self._attr(tx, req.ino))
+
+    def _bump_content(self, tx: Tx, ino: int, size: int, mtime_ns: int, now: int) -> None:
+        """A content commit: the size grows to `size` (a commit never shrinks a file), the
+        times move, and the generation tells caches the content changed."""
+        tx.run(
+            "UPDATE inodes SET size = MAX(size, ?), mtime_ns = ?, ctime_ns = ?,"
+            " generation = generation + 1 WHERE ino = ?",
+            (size, mtime_ns, now, ino),
+        )
+
     def _commit(self, tx: Tx, row: Row, req: CommitReq, now: int) -> None:
         ino, bs = row["ino"], row["block_size"]
         if not is_reg(row):
@@ -168,6 +216,8 @@ class FileOps(CoreBase):
             old = tx.scalar("SELECT block_id FROM blocks WHERE ino = ? AND idx = ?", (ino, ref.index))
             if old is not None:
                 self._garbage_committed(tx, old, now)
+            if ref.index == 0:
+                self._set_inline(tx, ino, b"")  # a stored block 0 replaces an inline one
             tx.run(
                 "INSERT INTO blocks (ino, idx, block_id, length) VALUES (?, ?, ?, ?)",
                 (ino, ref.index, ref.block_id, ref.length),
@@ -184,8 +234,4 @@ class FileOps(CoreBase):
             unwritten = [sid for a, (sid, _) in allocated.items() if a not in written]
             self._garbage(tx, ref.block_id, unwritten, now)
             tx.run("DELETE FROM pending WHERE block_id = ?", (ref.block_id,))
-        tx.run(
-            "UPDATE inodes SET size = MAX(size, ?), mtime_ns = ?, ctime_ns = ?,"
-            " generation = generation + 1 WHERE ino = ?",
-            (req.size, req.mtime_ns, now, ino),
-        )
+        self._bump_content(tx, ino, req.size, req.mtime_ns, now)

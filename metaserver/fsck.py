@@ -10,6 +10,8 @@ The checks, in order (a repair made by one is seen by the next):
 - orphans: nlink 0 and open by no session (purged: its blocks become garbage);
 - opens of unknown sessions;
 - block maps: blocks of missing inodes, replicas on unknown servers;
+- inline block 0s: on a file that also has a stored block 0 or is not a regular file,
+  longer than a block, or failing their checksum (lost: there is no other copy);
 - replication: under-replicated blocks (re-replication is scheduled) and lost ones
   (nothing to copy from: not repairable here);
 - allocations pending past the pending timeout; garbage for unknown servers.
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import logging
 
+import crc32c
+
 from proto.messages import FsckReply, FsckReq
 from proto.types import ROOT_INODE
 
-from .base import NS_PER_S, is_dir
+from .base import NS_PER_S, is_dir, is_reg
 from .repair import RepairOps
 from .store import Tx
 
@@ -68,6 +72,7 @@ class FsckOps(RepairOps):
             self._fsck_xattr_counts(tx, rep)
             self._fsck_orphans(tx, rep, now)
             self._fsck_blocks(tx, rep, now)
+            self._fsck_inline(tx, rep)
             blocks, under, lost = self._replica_health(tx, now)
             if under or lost:
                 queued = tx.scalar("SELECT COUNT(*) FROM replication")
@@ -252,3 +257,26 @@ class FsckOps(RepairOps):
             rep.problem(
                 "pending", f"block {r['block_id']} allocated to inode {r['ino']} past the pending timeout", fix
             )
+
+    def _fsck_inline(self, tx: Tx, rep: _Report) -> None:
+        rows = tx.all(
+            "SELECT n.ino, n.data, n.crc32c, i.mode, i.block_size,"
+            " EXISTS (SELECT 1 FROM blocks b WHERE b.ino = n.ino AND b.idx = 0) AS has_block0"
+            " FROM inline_data n JOIN inodes i ON i.ino = n.ino"
+        )
+        for r in rows:
+            ino, data = r["ino"], bytes(r["data"])
+            if not is_reg(r) or r["has_block0"] or not data:
+                why = ("is not a regular file" if not is_reg(r) else
+                       "also has a stored block 0" if r["has_block0"] else "is empty")
+                fix = None
+                if rep.repair:
+                    # A stored block 0 is replicated and checked: it is the one to keep.
+                    tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
+                    fix = f"inode {ino}: inline block 0 dropped"
+                rep.problem("inline", f"inode {ino} has an inline block 0 but {why}", fix)
+                continue
+            if len(data) > r["block_size"]:
+                rep.problem("inline", f"inode {ino}: inline block 0 of {len(data)} bytes exceeds its block size")
+            if crc32c.crc32c(data) != r["crc32c"]:
+                rep.problem("inline", f"inode {ino}: inline block 0 fails its checksum (lost: no other copy)")

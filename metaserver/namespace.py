@@ -28,6 +28,7 @@ from proto.messages import (
     ReaddirReq,
     ReadlinkReply,
     RemoveReq,
+    RenameReply,
     RenameReq,
     SetattrReq,
     StatfsReply,
@@ -57,10 +58,10 @@ class NamespaceOps(CoreBase):
                 return AttrReply(attr=attr_of(d))
             if req.name == b"..":
                 return AttrReply(attr=self._attr(tx, d["parent"]))
-            ino = self._child(tx, req.parent, req.name)
-            if ino is None:
+            row = tx.one("SELECT ino, cookie FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
+            if row is None:
                 raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
-            return AttrReply(attr=self._attr(tx, ino))
+            return AttrReply(attr=self._attr(tx, row["ino"]), cookie=row["cookie"])
 
     def getattr(self, req: InodeReq) -> AttrReply:
         with self.store.transaction() as tx:
@@ -75,7 +76,7 @@ class NamespaceOps(CoreBase):
 
     def readdir(self, req: ReaddirReq) -> ReaddirReply:
         with self.store.transaction() as tx:
-            self._dir(tx, req.ino)
+            d = self._dir(tx, req.ino)
             # Cookies are dentry rowids, never reused: resuming "after cookie X" is right
             # whatever was added or removed since the previous page.
             rows = tx.all(
@@ -87,7 +88,7 @@ class NamespaceOps(CoreBase):
                 DirEntry(name=bytes(r["name"]), cookie=r["cookie"], attr=attr_of(r))
                 for r in rows[: req.limit]
             ]
-            return ReaddirReply(entries=entries, more=len(rows) > req.limit)
+            return ReaddirReply(entries=entries, more=len(rows) > req.limit, generation=d["generation"])
 
     def statfs(self, req: Empty) -> StatfsReply:
         with self.store.transaction() as tx:
@@ -177,9 +178,10 @@ class NamespaceOps(CoreBase):
             size = 0
         cur = tx.run(
             "INSERT INTO inodes (mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns,"
-            " block_size, replicas, parent, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " block_size, replicas, parent, target, inline_max)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mode, uid, gid, rdev, 2 if new_dir else 1, size, now, now, now,
-             d["block_size"], d["replicas"], parent if new_dir else None, target),
+             d["block_size"], d["replicas"], parent if new_dir else None, target, d["inline_max"]),
         )
         ino = cur.lastrowid
         tx.run("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
@@ -202,7 +204,9 @@ class NamespaceOps(CoreBase):
             allocations = []
             if req.session:
                 self._record_open(tx, req.session, row["ino"])
-                if req.prealloc_blocks and stat.S_ISREG(row["mode"]):
+                # A file that may go inline gets none: most small files never use them, and
+                # an allocation nobody commits costs garbage bookkeeping.
+                if req.prealloc_blocks and stat.S_ISREG(row["mode"]) and row["inline_max"] == 0:
                     try:
                         allocations = self._allocate(
                             tx, row, req.session, list(range(req.prealloc_blocks)), [], now
@@ -264,7 +268,7 @@ class NamespaceOps(CoreBase):
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now)
             self._drop_link(tx, row, now)
-            return DirChangeReply(parent=self._attr(tx, req.parent))
+            return DirChangeReply(parent=self._attr(tx, req.parent), ino=ino)
 
     def rmdir(self, req: RemoveReq) -> DirChangeReply:
         with self.store.transaction() as tx:
@@ -287,7 +291,7 @@ class NamespaceOps(CoreBase):
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now, nlink_delta=-1)
             self._drop_link(tx, row, now)
-            return DirChangeReply(parent=self._attr(tx, req.parent))
+            return DirChangeReply(parent=self._attr(tx, req.parent), ino=ino)
 
     @staticmethod
     def _has_entries(tx: Tx, ino: int) -> bool:
@@ -307,7 +311,7 @@ class NamespaceOps(CoreBase):
                 return False
         return False
 
-    def rename(self, req: RenameReq) -> Empty:
+    def rename(self, req: RenameReq) -> RenameReply:
         # Durable: "write tmp, fsync, rename" is how checkpoints are published.
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
@@ -324,7 +328,7 @@ class NamespaceOps(CoreBase):
             if req.flags & RENAME_EXCHANGE and dst_ino is None:
                 raise FsError(errno.ENOENT, f"no entry {req.new_name!r} in {req.new_parent}")
             if src_ino == dst_ino:
-                return Empty()  # two names of one inode: rename(2) does nothing
+                return RenameReply()  # two names of one inode: rename(2) does nothing
             src = self._inode(tx, src_ino)
             dst = self._inode(tx, dst_ino) if dst_ino is not None else None
             src_dir = is_dir(src)
@@ -337,35 +341,46 @@ class NamespaceOps(CoreBase):
                 if dst_dir and cross and self._is_ancestor(tx, dst_ino, req.parent):
                     raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
                 self._exchange(tx, req, src, dst, now)
-                return Empty()
-            if dst is not None:
-                if src_dir and not dst_dir:
-                    raise FsError(errno.ENOTDIR, f"{req.new_name!r} is not a directory")
-                if not src_dir and dst_dir:
-                    raise FsError(errno.EISDIR, f"{req.new_name!r} is a directory")
-                if dst_dir and self._has_entries(tx, dst_ino):
-                    raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} is not empty")
-                tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.new_parent, req.new_name))
-            tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
-            # A new row, so a new cookie: a listing in progress sees the moved entry at
-            # most once more, never skips others.
-            tx.run(
-                "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
-                (req.new_parent, req.new_name, src_ino),
+            else:
+                self._move(tx, req, src, dst, now)
+            return RenameReply(
+                parent=self._attr(tx, req.parent),
+                new_parent=self._attr(tx, req.new_parent) if cross else None,
+                moved=src_ino, replaced=dst_ino or 0,
             )
-            src_delta = -1 if src_dir and cross else 0
-            dst_delta = (1 if src_dir and cross else 0) - (1 if dst_dir else 0)
-            if src_dir:
-                tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.new_parent, src_ino))
-            tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, src_ino))
-            self._touch_dir(tx, req.parent, now, nlink_delta=src_delta if cross else 0)
-            if cross:
-                self._touch_dir(tx, req.new_parent, now, nlink_delta=dst_delta)
-            elif dst_dir:
-                self._touch_dir(tx, req.new_parent, now, nlink_delta=-1)
-            if dst is not None:
-                self._drop_link(tx, dst, now)
-            return Empty()
+
+    def _move(self, tx: Tx, req: RenameReq, src, dst, now: int) -> None:
+        src_ino, src_dir = src["ino"], is_dir(src)
+        dst_dir = dst is not None and is_dir(dst)
+        cross = req.parent != req.new_parent
+        if dst is not None:
+            if src_dir and not dst_dir:
+                raise FsError(errno.ENOTDIR, f"{req.new_name!r} is not a directory")
+            if not src_dir and dst_dir:
+                raise FsError(errno.EISDIR, f"{req.new_name!r} is a directory")
+            if dst_dir and self._has_entries(tx, dst["ino"]):
+                raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} is not empty")
+            tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.new_parent, req.new_name))
+        tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
+        # A new row, so a new cookie: a listing in progress sees the moved entry at
+        # most once more, never skips others.
+        tx.run(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+            (req.new_parent, req.new_name, src_ino),
+        )
+        if src_dir:
+            tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.new_parent, src_ino))
+        tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, src_ino))
+        # Each directory is touched once (one generation step): the source loses a
+        # subdirectory if one moves out, the destination gains it and loses a replaced one.
+        moved_out = 1 if src_dir and cross else 0
+        if cross:
+            self._touch_dir(tx, req.parent, now, nlink_delta=-moved_out)
+            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved_out - (1 if dst_dir else 0))
+        else:
+            self._touch_dir(tx, req.parent, now, nlink_delta=-(1 if dst_dir else 0))
+        if dst is not None:
+            self._drop_link(tx, dst, now)
 
     def _exchange(self, tx: Tx, req: RenameReq, src, dst, now: int) -> None:
         src_dir, dst_dir = is_dir(src), is_dir(dst)

@@ -90,7 +90,7 @@ class RegistryOps(RepairOps):
 
     def sync(self, req: Empty) -> Empty:
         """Make every committed operation durable (a client's fsync with nothing to commit)."""
-        self.store.sync()
+        self.store.make_durable()
         return Empty()
 
     def sweep(self) -> dict[str, int]:
@@ -229,6 +229,7 @@ class RegistryOps(RepairOps):
                 " FROM inodes",
                 (_S_IFMT, stat.S_IFREG, _S_IFMT, stat.S_IFDIR, _S_IFMT, stat.S_IFREG),
             )
+            inline = tx.one("SELECT COUNT(*) AS files, COALESCE(SUM(length(data)), 0) AS bytes FROM inline_data")
             return StatusReply(
                 servers=servers,
                 inodes=counts["inodes"],
@@ -239,4 +240,6 @@ class RegistryOps(RepairOps):
                 sessions=tx.scalar("SELECT COUNT(*) FROM sessions"),
                 under_replicated=under,
                 lost=lost,
+                inline_files=inline["files"],
+                inline_bytes=inline["bytes"],
             )

@@ -29,11 +29,16 @@ CREATE TABLE inodes (
                                     -- block size that files created in it inherit
     replicas    INTEGER NOT NULL DEFAULT 0,  -- replica count (0 = the cluster default); on a
                                              -- directory, inherited by new entries
-    generation  INTEGER NOT NULL DEFAULT 0,  -- bumped on every content change (commit,
-                                             -- truncate) so clients can revalidate caches
+    generation  INTEGER NOT NULL DEFAULT 0,  -- files: bumped on every content change
+                                             -- (commit, truncate); directories: on every
+                                             -- entry change (add, remove, rename). Clients
+                                             -- revalidate page caches and listings by it
     xattrs      INTEGER NOT NULL DEFAULT 0,  -- rows in xattrs for this inode: a client that
                                              -- sees 0 answers getxattr without a round trip
                                              -- (ls -l asks for ACLs and SELinux labels)
+    inline_max  INTEGER NOT NULL DEFAULT 65536,  -- files: block 0 is kept in inline_data when
+                                                 -- it holds at most this many bytes (0: never);
+                                                 -- directories: inherited by new entries
     parent      INTEGER REFERENCES inodes(ino),  -- directories only: the directory holding
                                                  -- it (root: itself); walked to refuse
                                                  -- rename cycles and to answer ".."
@@ -51,6 +56,18 @@ CREATE TABLE dentries (
     UNIQUE (parent, name)
 );
 CREATE INDEX dentries_by_ino ON dentries(ino);
+
+-- Block 0 of small files, kept here instead of on data servers (Lustre's data-on-MDT):
+-- writing a small file is a create and a commit, reading it one open. A file has either
+-- a row here or a block 0 in `blocks`, never both; its other blocks (if it was extended
+-- past block 0 without rewriting it) are ordinary blocks. Like a stored block, bytes
+-- past `data` up to the file size read as zeros.
+CREATE TABLE inline_data (
+    ino     INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,  -- the file
+    data    BLOB NOT NULL,       -- block 0's bytes, at most the file's inline_max (and never
+                                 -- more than its block size); never empty (no row instead)
+    crc32c  INTEGER NOT NULL     -- CRC32C of data, checked on every open and by fsck
+);
 
 -- Extended attributes (user.*, trusted.*, security.*). The virtual layout attributes
 -- (stripefs.block_size, stripefs.replicas) are columns of inodes, not rows here.

@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Wait in short slices so the main thread gets to run the signal handler promptly.
     while not stop.wait(0.5):
         pass
-    server.stop(STOP_GRACE_S).wait()
+    server.stop(STOP_GRACE_S)
     sweeper.join()
     core.close()
     log.info("metaserver stopped")

@@ -4,10 +4,21 @@ This is the seam where a replicated database could replace the embedded one: the
 speaks plain SQL through a `Tx` and never touches the connection itself. The schema is
 metaserver/schema.sql.
 
-Concurrency: gRPC calls the core from a thread pool. There is one connection and one
+Concurrency: the core runs on the RPC server's event-loop thread (batches from clients'
+streams) and on worker threads (unary calls, the sweep). There is one connection and one
 lock; a transaction holds the lock from BEGIN IMMEDIATE to COMMIT, so operations are
-serialized and each is atomic. The database is in WAL mode with synchronous=FULL, so a
-committed operation survives a power cut.
+serialized and each is atomic.
+
+Batches: `batch()` opens one transaction for many operations (a client's stream sends
+what it has queued together). Inside it, each operation's own `transaction()` is a
+savepoint, so an operation that fails undoes only itself; the batch commits once.
+
+Durability: the database is in WAL mode with synchronous=NORMAL: a commit is in the WAL
+(it survives a crash of this process) but not fsynced. An operation that promises
+durability asks for it with `transaction(durable=True)` or `make_durable()`: outside a
+batch the WAL is fsynced before it returns; inside one, the batch records the wish and
+its caller runs `sync()` before that operation's reply leaves. Concurrent syncs share one
+fsync (group commit), and the server syncs every second for everything else.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -38,6 +49,12 @@ MIGRATIONS = {
     2: """
         ALTER TABLE inodes ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;
         UPDATE inodes SET xattrs = (SELECT COUNT(*) FROM xattrs x WHERE x.ino = inodes.ino);
+    """,
+    3: """
+        ALTER TABLE inodes ADD COLUMN inline_max INTEGER NOT NULL DEFAULT 65536;
+        CREATE TABLE inline_data (
+            ino INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
+            data BLOB NOT NULL, crc32c INTEGER NOT NULL);
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
@@ -69,9 +86,19 @@ class Tx:
         self._conn.executemany(sql, rows)
 
 
+class Batch:
+    """A transaction holding many operations (see `Store.batch`)."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        #: the operation running now asked for durability (reset by the caller per operation)
+        self.durable = False
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
+        self._batch: Optional[Batch] = None  # the open batch; set and read under _lock
         self._wal_path = f"{path}-wal"
         # Group commit: commits are numbered; sync() fsyncs the WAL once for every commit
         # made before it started, so concurrent durable operations share one fsync.
@@ -122,10 +149,28 @@ class Store:
     def schema_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
+    def _in_batch(self) -> Optional[Batch]:
+        batch = self._batch
+        # Only the thread that opened the batch holds the lock; any other waits for it.
+        return batch if batch is not None and batch.thread == threading.get_ident() else None
+
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[Tx]:
         """Run the body as one transaction: committed if it returns, rolled back if it
-        raises. durable=True: on disk (fsynced) when this returns, not only crash-safe."""
+        raises. durable=True: on disk (fsynced) when this returns, not only crash-safe;
+        inside a batch, before the batch's caller replies (see the module docstring)."""
+        batch = self._in_batch()
+        if batch is not None:
+            self._conn.execute("SAVEPOINT op")
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK TO op")
+                self._conn.execute("RELEASE op")
+                raise
+            self._conn.execute("RELEASE op")
+            batch.durable = batch.durable or durable
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -133,14 +178,41 @@ class Store:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            try:
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            self._commits += 1
+            self._commit()
         if durable:
+            self.sync()
+
+    @contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """One transaction for the operations run in the body (on this thread), each of
+        them a savepoint. Committed when the body returns; a commit that fails raises."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._batch = Batch()
+            try:
+                yield self._batch
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._batch = None
+            self._commit()
+
+    def _commit(self) -> None:
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        self._commits += 1
+
+    def make_durable(self) -> None:
+        """What has been committed becomes durable before the current operation answers."""
+        batch = self._in_batch()
+        if batch is not None:
+            batch.durable = True
+        else:
             self.sync()
 
     def sync(self) -> None:

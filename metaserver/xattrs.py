@@ -2,8 +2,9 @@
 
 Namespaces follow Linux: user.* only on regular files and directories, trusted.* and
 security.* written by root only, system.posix_acl_* not supported yet (no ACLs). The
-layout attributes (stripefs.block_size, stripefs.replicas) are views of inode columns:
-set on a directory they decide the layout of files created under it later.
+layout attributes (stripefs.block_size, stripefs.replicas, stripefs.inline_max) are views
+of inode columns: set on a directory they decide the layout of files created under it
+later.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from proto.errors import FsError
 from proto.messages import Empty, InodeReq, XattrListReply, XattrReply, XattrReq
 from proto.types import (
     LAYOUT_XATTR_BLOCK_SIZE,
+    LAYOUT_XATTR_INLINE_MAX,
     LAYOUT_XATTR_REPLICAS,
     MAX_BLOCK_SIZE_BYTES,
+    MAX_INLINE_BYTES,
     MAX_REPLICAS,
     MIN_BLOCK_SIZE_BYTES,
 )
@@ -32,7 +35,13 @@ XATTR_REPLACE = 2
 
 _NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
-_LAYOUT = {LAYOUT_XATTR_BLOCK_SIZE: "block_size", LAYOUT_XATTR_REPLICAS: "replicas"}
+_LAYOUT = {
+    LAYOUT_XATTR_BLOCK_SIZE: "block_size",
+    LAYOUT_XATTR_REPLICAS: "replicas",
+    LAYOUT_XATTR_INLINE_MAX: "inline_max",
+}
+#: Layout fields that describe stored blocks, so cannot change on a file that has some.
+_BLOCK_LAYOUT = ("block_size", "replicas")
 
 
 def _check_access(row: Row, name: bytes, uid: int, write: bool) -> None:
@@ -68,6 +77,9 @@ def _parse_layout(field: str, value: bytes) -> int:
                 errno.EINVAL,
                 f"block_size: a power of two in [{MIN_BLOCK_SIZE_BYTES}, {MAX_BLOCK_SIZE_BYTES}]",
             )
+    elif field == "inline_max":
+        if not 0 <= n <= MAX_INLINE_BYTES:
+            raise FsError(errno.EINVAL, f"inline_max: 0..{MAX_INLINE_BYTES}")
     elif not 0 <= n <= MAX_REPLICAS:
         raise FsError(errno.EINVAL, f"replicas: 0..{MAX_REPLICAS}")
     return n
@@ -144,8 +156,9 @@ class XattrOps(CoreBase):
         if req.ctx.uid != 0 and req.ctx.uid != row["uid"]:
             raise FsError(errno.EPERM, "only the owner or root may change the layout")
         if is_reg(row):
-            # The layout of stored blocks cannot change under them.
-            if tx.scalar("SELECT 1 FROM blocks WHERE ino = ? LIMIT 1", (ino,)):
+            # The layout of stored blocks cannot change under them (inline_max only decides
+            # where later commits put block 0).
+            if field in _BLOCK_LAYOUT and tx.scalar("SELECT 1 FROM blocks WHERE ino = ? LIMIT 1", (ino,)):
                 raise FsError(errno.EBUSY, f"inode {ino} already has blocks")
         elif not stat.S_ISDIR(row["mode"]):
             raise FsError(errno.EINVAL, "layout applies to directories and regular files")

@@ -85,3 +85,47 @@ def decode_reply(cls: type[M], frame: bytes) -> M:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed reply is an I/O error
         raise FsError(_errno.EIO, f"malformed {cls.__name__} reply: {exc}") from exc
+
+
+# ------------------------------------------------------------------ multiplexed streams
+#
+# A stream message carries a batch: the client packs every request queued at the time
+# into one message, `[[id, method, request frame], ...]`, and the server answers with
+# `[[id, reply frame], ...]` (a reply batch may hold any subset of the requests in flight,
+# in any order). Ids are the caller's own; the frames are the unary frames above, so one
+# request means the same thing on a unary call and in a batch.
+
+#: Most requests (or replies) in one stream message.
+MAX_BATCH = 1024
+
+
+def encode_batch(entries: list) -> bytes:
+    return msgpack.packb(entries, use_bin_type=True)
+
+
+def decode_request_batch(message: bytes) -> list[tuple[int, str, bytes]]:
+    """[(id, method, frame)]; ValueError if the message is not a well-formed batch."""
+    return _decode_batch(message, 3)  # type: ignore[return-value]
+
+
+def decode_reply_batch(message: bytes) -> list[tuple[int, bytes]]:
+    """[(id, frame)]; ValueError if the message is not a well-formed batch."""
+    return _decode_batch(message, 2)  # type: ignore[return-value]
+
+
+def _decode_batch(message: bytes, width: int) -> list[tuple]:
+    try:
+        entries = msgpack.unpackb(message, raw=False, strict_map_key=False, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+        raise ValueError(f"malformed batch: {exc}") from exc
+    if not isinstance(entries, list) or len(entries) > MAX_BATCH:
+        raise ValueError("malformed batch: not a list of at most %d entries" % MAX_BATCH)
+    out = []
+    for entry in entries:
+        if (
+            not isinstance(entry, list) or len(entry) != width or type(entry[0]) is not int
+            or not isinstance(entry[-1], bytes) or (width == 3 and not isinstance(entry[1], str))
+        ):
+            raise ValueError("malformed batch entry")
+        out.append(tuple(entry))
+    return out

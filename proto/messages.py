@@ -215,8 +215,11 @@ class Attr(Message):
     ctime_ns: int  # last change of the inode
     block_size: int  # bytes per block of this file (or of files created in this directory)
     replicas: int  # replica count of this file (directories: for new files; 0 = default)
-    generation: int = 0  # bumped on every content commit; lets clients revalidate caches
+    generation: int = 0  # files: bumped on every content commit or truncate; directories: on
+    #                      every entry change (add, remove, rename). Lets clients revalidate caches.
     xattrs: int = 0  # extended attributes stored (0: getxattr can be answered ENODATA locally)
+    inline_max: int = 0  # files: block 0 is kept inline when it holds at most this many bytes;
+    #                      directories: the value files created in them inherit
 
 
 @dataclass
@@ -259,11 +262,13 @@ class Empty(Message):
 class AttrReply(Message):
     attr: Attr  # attributes after the operation
     parent: Optional[Attr] = None  # entry changes: the directory's attributes after it
+    cookie: int = 0  # lookup: the entry's readdir cookie (where a listing of it resumes)
 
 
 @dataclass
 class DirChangeReply(Message):
     parent: Optional[Attr] = None  # the directory's attributes after the change
+    ino: int = 0  # unlink, rmdir: the inode the removed entry named
 
 
 # --------------------------------------------------------------------------- sessions
@@ -418,6 +423,14 @@ class RenameReq(Message):
 
 
 @dataclass
+class RenameReply(Message):
+    parent: Optional[Attr] = None  # the source directory's attributes after the rename
+    new_parent: Optional[Attr] = None  # the destination directory's (None: the same directory)
+    moved: int = 0  # the inode that moved (0: nothing happened, the names were one inode)
+    replaced: int = 0  # the inode the destination named before (exchange: now at the source)
+
+
+@dataclass
 class ReaddirReq(Message):
     ino: int  # directory inode
     offset: int = 0  # resume after the entry with this cookie (0 = from the start)
@@ -431,6 +444,7 @@ class ReaddirReq(Message):
 class ReaddirReply(Message):
     entries: list[DirEntry]  # in cookie order
     more: bool  # False when the listing reached the end
+    generation: int = 0  # the directory's generation when this page was read
 
 
 @dataclass
@@ -488,8 +502,13 @@ class OpenReq(Message):
 
 @dataclass
 class OpenReply(Message):
+    """What reading the file needs, so that a small file is read in this one round trip."""
+
     attr: Attr  # attributes at open (close-to-open revalidation)
     blocks: list[BlockRef]  # the whole block map
+    inline: bool = False  # block 0 is inline: its bytes are `data`
+    inline_crc32c: int = 0  # CRC32C of `data`, as committed
+    data: bytes = b""  # the inline block 0 (travels raw)
 
 
 @dataclass
@@ -507,6 +526,9 @@ class BlockMapReq(Message):
 class BlockMapReply(Message):
     attr: Attr  # attributes now
     blocks: list[BlockRef]  # the whole block map
+    inline: bool = False  # block 0 is inline: its bytes are `data`
+    inline_crc32c: int = 0  # CRC32C of `data`, as committed
+    data: bytes = b""  # the inline block 0 (travels raw)
 
 
 @dataclass
@@ -544,6 +566,26 @@ class CommitReq(Message):
             return "size: negative"
         if len(self.blocks) > 4096:
             return "blocks: too many"
+        return None
+
+
+@dataclass
+class InlineCommitReq(Message):
+    """Make `data` the file's block 0, kept in the metadata store (inline), atomically: the
+    close of a small file. A stored block 0 it replaces becomes garbage."""
+
+    ino: int  # the file
+    session: int  # writer's session
+    size: int  # file size after this write (the commit never shrinks a file)
+    mtime_ns: int  # time of the last write
+    crc32c: int  # CRC32C of `data`, checked before it is stored
+    data: bytes = b""  # block 0's bytes; at most the file's inline_max (travels raw)
+
+    def _check(self) -> Optional[str]:
+        if self.size < 0:
+            return "size: negative"
+        if not 0 <= self.crc32c < 1 << 32:
+            return "crc32c: out of range"
         return None
 
 
@@ -665,6 +707,8 @@ class StatusReply(Message):
     sessions: int  # live client sessions
     under_replicated: int = 0  # blocks with fewer live replicas than their file asks for
     lost: int = 0  # blocks with no live replica
+    inline_files: int = 0  # files whose block 0 is kept in the metadata store
+    inline_bytes: int = 0  # bytes kept so
 
 
 @dataclass

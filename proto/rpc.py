@@ -1,18 +1,42 @@
-"""gRPC glue: generic handlers on the server side, a thin stub on the client side. No protoc.
+"""gRPC glue: the server side of every service, and a blocking stub. No protoc.
 
-Server: `serve(service_name, methods, impl, ...)` binds each method of a table to
-`impl.<name>(request)`. The handler decodes and checks the request (`valid()`), so an
-implementation only ever sees well-formed messages; FsError becomes an errno reply, any
-other exception is logged and becomes EIO. A server never dies on what a client sends.
+Server: `serve(service, methods, impl, secret, listen)` starts a grpc.aio server on a
+thread of its own and binds each method of the table to `impl.<name>(request)`, two ways:
 
-Client: `Stub(address, secret)` has `call()` (blocking) and `future()` (non-blocking, for
-the trio bridge in fs/client). Transport failures become FsError(EIO).
+- as a unary method `/<service>/<name>` (one frame in, one frame out), run on a worker
+  thread: data servers, operators' commands and bulk block transfers use these;
+- inside one long-lived bidirectional stream, `/<service>/stream`, which carries batches
+  of requests with ids one way and batches of replies the other (codec.py). A client keeps
+  many calls in flight on it without a thread per call: the round trip costs what the wire
+  costs (docs/client.md has the figures). The server greets every new stream with an empty
+  batch, so a client knows the stream is up before it sends anything on it.
+
+Either way a request is decoded and checked (`valid()`) before the implementation sees
+it; FsError becomes an errno reply, any other exception is logged and becomes EIO, an
+unknown method ENOSYS. A server never dies on what a client sends.
+
+How the requests of a stream batch run is the implementation's choice:
+- `impl.apply_batch(calls)` (the metaserver): the whole batch, on the server's event-loop
+  thread, in one store transaction; it returns for each call the reply (or FsError) and an
+  optional barrier, a blocking function to run before that reply may leave (the fsync of a
+  durable operation). Barriers run on a worker thread while the stream goes on, so replies
+  of later calls are not held behind another call's fsync (group commit).
+- otherwise (data servers): each call on a worker thread, replies as they finish.
+
+Credentials: a unary call carries the cluster credential on itself; a stream carries it
+once, when it opens, and every request in it is the stream's caller's.
+
+Client: `Stub(address, secret, service, methods).call(name, req)` is a blocking unary call
+(the trio client has its own transport in fs/client/transport.py). Transport failures
+become TransportError (EIO).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import threading
 from concurrent import futures
 from typing import Any, Callable, Optional
 
@@ -34,18 +58,55 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.min_reconnect_backoff_ms", 200),
+    # A long-lived stream over a connection whose peer vanished (host down, link cut)
+    # would wait for TCP's retransmission timeout (minutes): pings find it in seconds.
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Accept the clients' keepalive pings (the default allows one per 5 minutes).
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+#: The name of the multiplexed stream method of every service.
+STREAM_METHOD = "stream"
+#: Calls of one stream that may wait for or run on worker threads at once; past it the
+#: server reads no more from that stream until some finish.
+STREAM_CALLS_IN_FLIGHT = 256
+#: Worker threads of a server (unary calls, stream calls of data servers, barriers).
+DEFAULT_WORKERS = 16
+#: How long a server may take to bind and start.
+START_TIMEOUT_S = 30.0
+
+#: (reply or FsError, barrier) for each call of a batch, from `impl.apply_batch`.
+BatchResult = tuple[Any, Optional[Callable[[], None]]]
 
 
-def _handler(method: Method, impl: Any, secret: bytes) -> Callable[[bytes, Any], bytes]:
-    fn = getattr(impl, method.name, None)
+def _reply_frame(name: str, result: Any, req: Any = None) -> bytes:
+    if isinstance(result, FsError):
+        return codec.encode_reply(None, result.errno, result.message)
+    try:
+        return codec.encode_reply(result)
+    except Exception:  # noqa: BLE001 - a reply we cannot encode is a server bug, not a crash
+        log.exception("%s: cannot encode the reply to %r", name, req)
+        return codec.encode_reply(None, errno.EIO, f"internal error in {name}")
 
-    def handle(frame: bytes, context: grpc.ServicerContext) -> bytes:
-        if fn is None:  # a server older than the contract: say so instead of failing
-            return codec.encode_reply(None, errno.ENOSYS, f"{method.name} not implemented")
-        presented = dict(context.invocation_metadata()).get(AUTH_METADATA_KEY)
-        if not check_credential(secret, presented):
-            return codec.encode_reply(None, errno.EACCES, "bad or missing cluster credential")
+
+class _Dispatch:
+    """Decoding, checking and running the calls of one service, for both ways in."""
+
+    def __init__(self, methods: dict[str, Method], impl: Any) -> None:
+        self.methods = methods
+        self.impl = impl
+
+    def decode(self, name: str, frame: bytes) -> Message | bytes:
+        """The checked request, or the error reply frame to send instead."""
+        method = self.methods.get(name)
+        if method is None or getattr(self.impl, name, None) is None or name == STREAM_METHOD:
+            return codec.encode_reply(None, errno.ENOSYS, f"{name} not implemented")
         try:
             req = codec.decode_request(method.request, frame)
             problem = req.valid()
@@ -53,49 +114,200 @@ def _handler(method: Method, impl: Any, secret: bytes) -> Callable[[bytes, Any],
             return codec.encode_reply(None, errno.EINVAL, str(exc))
         if problem:
             return codec.encode_reply(None, errno.EINVAL, problem)
+        return req
+
+    def run(self, name: str, frame: bytes) -> bytes:
+        """Decode, check and run one call; the reply frame. Any thread."""
+        req = self.decode(name, frame)
+        if isinstance(req, bytes):
+            return req
         try:
-            reply = fn(req)
+            result = getattr(self.impl, name)(req)
         except FsError as exc:
-            return codec.encode_reply(None, exc.errno, exc.message)
+            result = exc
         except Exception:  # noqa: BLE001 - a handler bug must not take the server down
-            log.exception("%s failed on %r", method.name, req)
-            return codec.encode_reply(None, errno.EIO, f"internal error in {method.name}")
-        return codec.encode_reply(reply)
+            log.exception("%s failed on %r", name, req)
+            result = FsError(errno.EIO, f"internal error in {name}")
+        return _reply_frame(name, result, req)
+
+
+def _authorised(context: Any, secret: bytes) -> bool:
+    return check_credential(secret, dict(context.invocation_metadata()).get(AUTH_METADATA_KEY))
+
+
+class _StreamHandler:
+    """Serves `/<service>/stream` (see the module docstring)."""
+
+    def __init__(self, dispatch: _Dispatch, secret: bytes, pool: futures.ThreadPoolExecutor) -> None:
+        self.dispatch = dispatch
+        self.secret = secret
+        self.pool = pool
+        self.apply_batch: Optional[Callable[[list[tuple[str, Message]]], list[BatchResult]]] = getattr(
+            dispatch.impl, "apply_batch", None
+        )
+
+    async def serve(self, request_iterator: Any, context: Any) -> None:
+        if not _authorised(context, self.secret):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing cluster credential")
+        out = _Replies(context)
+        slots = asyncio.Semaphore(STREAM_CALLS_IN_FLIGHT)
+        tasks: set[asyncio.Task] = set()
+        try:
+            await out.send([])  # the greeting: the stream is up
+            async for message in request_iterator:
+                try:
+                    calls = codec.decode_request_batch(message)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if self.apply_batch is not None:
+                    await self._apply(calls, out, tasks)
+                else:
+                    for call_id, name, frame in calls:
+                        await slots.acquire()
+                        self._spawn(tasks, self._run_one(call_id, name, frame, out, slots))
+            # The client half-closed: answer what is still running, then end the stream.
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @staticmethod
+    def _spawn(tasks: set, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _run_one(self, call_id: int, name: str, frame: bytes, out: "_Replies",
+                       slots: asyncio.Semaphore) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame)
+            await out.send([[call_id, reply]])
+        finally:
+            slots.release()
+
+    async def _apply(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set) -> None:
+        """Run a batch in one store transaction, here on the event-loop thread: a metadata
+        call is tens of microseconds of work, less than a hand-off to a worker thread."""
+        assert self.apply_batch is not None
+        checked: list[tuple[int, str, Message]] = []
+        now: list[list] = []  # replies that may leave at once
+        for call_id, name, frame in calls:
+            req = self.dispatch.decode(name, frame)
+            if isinstance(req, bytes):
+                now.append([call_id, req])
+            else:
+                checked.append((call_id, name, req))
+        if not checked:
+            await out.send(now)
+            return
+        try:
+            results = self.apply_batch([(name, req) for _, name, req in checked])
+        except Exception:  # noqa: BLE001 - the whole batch failed (the store, say)
+            log.exception("a batch of %d calls failed", len(checked))
+            results = [(FsError(errno.EIO, "internal error"), None)] * len(checked)
+        held: dict[Callable[[], None], list[list]] = {}
+        for (call_id, name, req), (result, barrier) in zip(checked, results):
+            entry = [call_id, _reply_frame(name, result, req)]
+            if barrier is None:
+                now.append(entry)
+            else:
+                held.setdefault(barrier, []).append(entry)
+        for barrier, entries in held.items():
+            self._spawn(tasks, self._release_after(barrier, entries, out))
+        if now:
+            await out.send(now)
+
+    async def _release_after(self, barrier: Callable[[], None], entries: list[list], out: "_Replies") -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, barrier)
+        except Exception:  # noqa: BLE001 - not durable: the callers must not hear success
+            log.exception("barrier %r failed", barrier)
+            entries = [[call_id, codec.encode_reply(None, errno.EIO, "not made durable")]
+                       for call_id, _ in entries]
+        await out.send(entries)
+
+
+class _Replies:
+    """The reply side of one stream: one message per send, one send at a time."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._lock = asyncio.Lock()
+
+    async def send(self, entries: list[list]) -> None:
+        for i in range(0, max(len(entries), 1), codec.MAX_BATCH):
+            async with self._lock:
+                await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
+
+
+def _unary_handler(dispatch: _Dispatch, name: str, secret: bytes) -> Callable[[bytes, Any], bytes]:
+    def handle(frame: bytes, context: Any) -> bytes:
+        if not _authorised(context, secret):
+            return codec.encode_reply(None, errno.EACCES, "bad or missing cluster credential")
+        return dispatch.run(name, frame)
 
     return handle
 
 
-def generic_handler(service: str, methods: dict[str, Method], impl: Any, secret: bytes):
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(_handler(meth, impl, secret))
-        for name, meth in methods.items()
-    }
-    return grpc.method_handlers_generic_handler(service, handlers)
+class Server:
+    """A running server: `port` is the bound port; `stop()` ends it."""
+
+    def __init__(self, service: str, methods: dict[str, Method], impl: Any, secret: bytes,
+                 listen: str, workers: int) -> None:
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-rpc", daemon=True)
+        self.thread.start()
+        dispatch = _Dispatch(methods, impl)
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, secret))
+            for name in methods
+        }
+        # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
+        handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
+            _StreamHandler(dispatch, secret, self.pool).serve
+        )
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(migration_thread_pool=self.pool, options=SERVER_OPTIONS)
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+            port = server.add_insecure_port(listen)
+            if port == 0:
+                raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}")
+            await server.start()
+            return server, port
+
+        try:
+            self._server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(START_TIMEOUT_S)
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def stop(self, grace_s: Optional[float]) -> None:
+        """Refuse new calls, give running ones `grace_s` to finish, then end them."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self.loop).result()
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def serve(
-    service: str,
-    methods: dict[str, Method],
-    impl: Any,
-    secret: bytes,
-    listen: str,
-    workers: int = 16,
-) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for one service; returns (server, bound port). Port 0 picks one."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service),
-        options=CHANNEL_OPTIONS,
-    )
-    server.add_generic_rpc_handlers((generic_handler(service, methods, impl, secret),))
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}")
-    server.start()
-    return server, port
+def serve(service: str, methods: dict[str, Method], impl: Any, secret: bytes, listen: str,
+          workers: int = DEFAULT_WORKERS) -> tuple[Server, int]:
+    """Start serving one service; returns (server, bound port). Port 0 picks one."""
+    server = Server(service, methods, impl, secret, listen, workers)
+    return server, server.port
 
 
 class Stub:
-    """A client of one service on one address."""
+    """A blocking client of one service on one address (unary calls)."""
 
     def __init__(
         self, address: str, secret: bytes, service: str, methods: dict[str, Method], wait_for_ready: bool = False
@@ -129,23 +341,6 @@ class Stub:
         except grpc.RpcError as exc:
             raise transport_error(self.address, name, exc) from None
         return codec.decode_reply(meth.reply, frame)
-
-    def future(self, name: str, req: Message, timeout: Optional[float] = 30.0) -> grpc.Future:
-        """Start a call without blocking; finish it with `result(name, future)`."""
-        return self._callables[name].future(
-            codec.encode_request(req), timeout=timeout, metadata=self._metadata,
-            wait_for_ready=self.wait_for_ready,
-        )
-
-    def result(self, name: str, fut: grpc.Future) -> Any:
-        """The reply of a finished future(), or FsError. Does not block if fut is done."""
-        try:
-            frame = fut.result()
-        except grpc.RpcError as exc:
-            raise transport_error(self.address, name, exc) from None
-        except grpc.FutureCancelledError:
-            raise FsError(errno.EINTR, f"{name} to {self.address} cancelled") from None
-        return codec.decode_reply(self.methods[name].reply, frame)
 
 
 def transport_error(address: str, name: str, exc: grpc.RpcError) -> TransportError:

@@ -39,7 +39,7 @@ META_METHODS = _table(
     Method("link", m.LinkReq, m.AttrReply),
     Method("unlink", m.RemoveReq, m.DirChangeReply),
     Method("rmdir", m.RemoveReq, m.DirChangeReply),
-    Method("rename", m.RenameReq, m.Empty),
+    Method("rename", m.RenameReq, m.RenameReply),
     Method("readdir", m.ReaddirReq, m.ReaddirReply),
     Method("getxattr", m.XattrReq, m.XattrReply),
     Method("setxattr", m.XattrReq, m.Empty),
@@ -52,6 +52,7 @@ META_METHODS = _table(
     Method("block_map", m.BlockMapReq, m.BlockMapReply),
     Method("alloc_blocks", m.AllocReq, m.AllocReply),
     Method("commit_blocks", m.CommitReq, m.AttrReply),
+    Method("commit_inline", m.InlineCommitReq, m.AttrReply),
     # data server registry
     Method("register", m.RegisterReq, m.RegisterReply),
     Method("heartbeat", m.HeartbeatReq, m.HeartbeatReply),

@@ -27,6 +27,13 @@ MAX_BLOCK_SIZE_BYTES = 64 * 1024 * 1024
 DEFAULT_REPLICAS = 2
 MAX_REPLICAS = 8
 
+#: Files whose first block holds at most this many bytes keep that block in the metadata
+#: store instead of on data servers ("inline", as Lustre's data-on-MDT), so writing a small
+#: file is a create and a commit and reading it is one open. Set per directory like the
+#: layout above (0: never inline), inherited at create; never more than the block size.
+DEFAULT_INLINE_MAX_BYTES = 64 * 1024
+MAX_INLINE_BYTES = 1024 * 1024
+
 #: Checksum granularity of a stored block: one CRC32C per this many bytes.
 SUB_BLOCK_BYTES = 64 * 1024
 
@@ -34,3 +41,4 @@ SUB_BLOCK_BYTES = 64 * 1024
 #: They are not listed by listxattr, so copying tools do not carry them around.
 LAYOUT_XATTR_BLOCK_SIZE = b"stripefs.block_size"
 LAYOUT_XATTR_REPLICAS = b"stripefs.replicas"
+LAYOUT_XATTR_INLINE_MAX = b"stripefs.inline_max"

@@ -118,4 +118,4 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
         check.close()
     finally:
         rep.close()
-        server.stop(0).wait()
+        server.stop(0)

@@ -45,7 +45,7 @@ def data_server(tmp_path):
     stub = Stub(f"127.0.0.1:{port}", SECRET, DATA_SERVICE, DATA_METHODS)
     yield store, stub, port
     stub.close()
-    server.stop(0).wait()
+    server.stop(0)
 
 
 def test_put_get_status(data_server):
@@ -215,7 +215,7 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        meta_server.stop(0).wait()
+        meta_server.stop(0)
     log_text = log_file.read_text()
     assert "node_id " + node_id in log_text and address in log_text
     assert "Traceback" not in log_text
@@ -260,7 +260,7 @@ def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path):
             proc.kill()
             proc.wait()
         if meta_server is not None:
-            meta_server.stop(0).wait()
+            meta_server.stop(0)
     log_text = log_file.read_text()
     assert log_text.count("register failed") == 1
     assert "answers again" in log_text

@@ -44,7 +44,9 @@ from proto.messages import (
 )
 from proto.types import (
     DEFAULT_BLOCK_SIZE_BYTES,
+    DEFAULT_INLINE_MAX_BYTES,
     LAYOUT_XATTR_BLOCK_SIZE,
+    LAYOUT_XATTR_INLINE_MAX,
     LAYOUT_XATTR_REPLICAS,
     ROOT_INODE,
 )
@@ -937,12 +939,14 @@ def test_durable_transactions_are_synced_and_others_wait_for_sync(env):
 
 
 def test_create_can_preallocate_blocks(env):
-    """A create with prealloc_blocks returns allocations usable by commit_blocks."""
+    """A create with prealloc_blocks returns allocations usable by commit_blocks, in a
+    directory whose files do not go inline (those need none: see the next test)."""
     from proto.messages import BlockRef, CommitReq, MknodReq, SessionOpenReq
 
     core = env.core
     for n in range(3):
         env.add_server(n)
+    core.setxattr(XattrReq(ino=ROOT_INODE, name=LAYOUT_XATTR_INLINE_MAX, value=b"0"))
     session = core.open_session(SessionOpenReq("h", "m")).session
     reply = core.mknod(MknodReq(1, b"pre", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
     (a,) = reply.allocations
@@ -953,3 +957,123 @@ def test_create_can_preallocate_blocks(env):
     env.clock.advance(3600)
     reply = core.mknod(MknodReq(1, b"pre2", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
     assert reply.allocations == []
+
+
+def test_create_in_an_inline_directory_preallocates_nothing(env):
+    for n in range(3):
+        env.add_server(n)
+    session = env.session()
+    reply = env.core.mknod(MknodReq(1, b"small", 0o100644, ROOT, 0, session, prealloc_blocks=1))
+    assert reply.allocations == [] and reply.attr.inline_max == DEFAULT_INLINE_MAX_BYTES
+
+
+# ---------------------------------------------------------------------------- inline block 0
+
+
+def inline_commit(env, ino: int, session: int, data: bytes, size: int | None = None):
+    import crc32c
+
+    from proto.messages import InlineCommitReq
+
+    return env.core.commit_inline(InlineCommitReq(ino, session, len(data) if size is None else size, 1,
+                                                  crc32c.crc32c(data), data)).attr
+
+
+def test_inline_commit_open_and_truncate(env):
+    session = env.session()
+    f = env.create(ROOT_INODE, b"small", session=session)
+    attr = inline_commit(env, f.ino, session, b"hello world")
+    assert attr.size == 11 and attr.generation == f.generation + 1
+    opened = env.core.open(OpenReq(f.ino, session))
+    assert opened.inline and opened.data == b"hello world" and opened.blocks == []
+    env.core.setattr(SetattrReq(f.ino, ROOT, size=5))
+    assert env.core.block_map(BlockMapReq(f.ino)).data == b"hello"
+    env.core.setattr(SetattrReq(f.ino, ROOT, size=0))
+    reply = env.core.block_map(BlockMapReq(f.ino))
+    assert not reply.inline and reply.attr.size == 0
+    assert env.core.status(Empty()).inline_files == 0
+
+
+def test_inline_commit_checks_limit_and_checksum(env):
+    import crc32c
+
+    from proto.messages import InlineCommitReq
+
+    session = env.session()
+    f = env.create(ROOT_INODE, b"f", session=session)
+    too_big = bytes(DEFAULT_INLINE_MAX_BYTES + 1)
+    with pytest.raises(FsError) as exc:
+        inline_commit(env, f.ino, session, too_big)
+    assert exc.value.errno == errno.EFBIG
+    with pytest.raises(FsError) as exc:
+        env.core.commit_inline(InlineCommitReq(f.ino, session, 3, 1, crc32c.crc32c(b"abc") ^ 1, b"abc"))
+    assert exc.value.errno == errno.EIO
+    d = env.mkdir(ROOT_INODE, b"d")
+    with pytest.raises(FsError) as exc:
+        inline_commit(env, d.ino, session, b"x")
+    assert exc.value.errno == errno.EISDIR
+
+
+def test_stored_block_0_and_inline_replace_each_other(env):
+    for n in range(3):
+        env.add_server(n)
+    session = env.session()
+    f = env.create(ROOT_INODE, b"f", session=session)
+    inline_commit(env, f.ino, session, b"x" * 100)
+    (a,) = env.core.alloc_blocks(AllocReq(f.ino, session, [0])).allocations
+    env.core.commit_blocks(CommitReq(f.ino, session, [BlockRef(0, a.block_id, 200_000, a.servers)], 200_000, 2))
+    reply = env.core.block_map(BlockMapReq(f.ino))
+    assert not reply.inline and [b.block_id for b in reply.blocks] == [a.block_id]
+    inline_commit(env, f.ino, session, b"y" * 10)
+    reply = env.core.block_map(BlockMapReq(f.ino))
+    assert reply.inline and reply.data == b"y" * 10 and reply.blocks == []
+    # the stored block went to garbage, on each of its servers
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("SELECT COUNT(*) FROM garbage WHERE block_id = ?", (a.block_id,)) == len(a.servers)
+
+
+def test_fsck_finds_corrupt_inline_data(env):
+    from proto.messages import FsckReq
+
+    session = env.session()
+    f = env.create(ROOT_INODE, b"f", session=session)
+    inline_commit(env, f.ino, session, b"precious")
+    assert env.core.fsck(FsckReq()).problems == []
+    with env.core.store.transaction() as tx:
+        tx.run("UPDATE inline_data SET data = ? WHERE ino = ?", (b"Precious", f.ino))
+    problems = env.core.fsck(FsckReq()).problems
+    assert len(problems) == 1 and "checksum" in problems[0]
+    with pytest.raises(FsError) as exc:
+        env.core.open(OpenReq(f.ino, session))
+    assert exc.value.errno == errno.EIO
+
+
+def test_directory_generation_moves_with_every_entry_change(env):
+    d = env.mkdir(ROOT_INODE, b"d")
+    g0 = env.getattr(d.ino).generation
+    env.create(d.ino, b"a")
+    env.core.rename(RenameReq(d.ino, b"a", d.ino, b"b"))
+    env.core.link(LinkReq(env.lookup(d.ino, b"b").ino, d.ino, b"c"))
+    env.core.unlink(RemoveReq(d.ino, b"c"))
+    env.core.setattr(SetattrReq(d.ino, ROOT, mode=0o700))  # not an entry change
+    assert env.getattr(d.ino).generation == g0 + 4
+    listing = env.core.readdir(ReaddirReq(d.ino))
+    assert listing.generation == g0 + 4
+    assert env.core.lookup(LookupReq(d.ino, b"b")).cookie == listing.entries[0].cookie
+
+
+def test_batch_runs_calls_in_one_transaction_each_undone_alone(env):
+    commits = env.core.store._commits
+    results = env.core.apply_batch([
+        ("mkdir", MkdirReq(ROOT_INODE, b"a", 0o755, ROOT)),
+        ("mkdir", MkdirReq(ROOT_INODE, b"a", 0o755, ROOT)),  # EEXIST: undoes only itself
+        ("rename", RenameReq(ROOT_INODE, b"a", ROOT_INODE, b"b")),  # durable
+        ("lookup", LookupReq(ROOT_INODE, b"b")),
+    ])
+    assert env.core.store._commits == commits + 1
+    (made, b1), (err, b2), (_, b3), (found, b4) = results
+    assert isinstance(err, FsError) and err.errno == errno.EEXIST
+    assert found.attr.ino == made.attr.ino
+    assert b1 is None and b2 is None and b4 is None and b3 is not None  # only the rename waits for an fsync
+    b3()
+    assert env.core.store._synced == env.core.store._commits
