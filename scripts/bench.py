@@ -67,6 +67,8 @@ class Sizes:
     dataset_dirs: int = 100
     sample_bytes: int = 16 * KiB
     meta_files: int = 10_000
+    meta_procs: int = 8  # the parallel variant: this many processes, one directory each,
+    #                      meta_files / meta_procs files each
     random_io_bytes: int = 4 * KiB
     random_reads: int = 20_000  # at most this many random reads ...
     random_read_s: float = 10.0  # ... or for at most this long, whichever comes first
@@ -102,6 +104,9 @@ METRICS = [
     Metric("stat", "stat, cold", "ops/s", 5),
     Metric("unlink", "unlink", "ops/s", 5),
     Metric("ls_l", "ls -l, cold", "s", 5, lower_is_better=True),
+    Metric("create_par", "create, 8 processes", "ops/s", 5),
+    Metric("stat_par", "stat, cold, 8 processes", "ops/s", 5),
+    Metric("unlink_par", "unlink, 8 processes", "ops/s", 5),
     Metric("random_read", "random 4 KiB reads, cold", "IOPS", 6),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
@@ -306,6 +311,45 @@ def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
     slowest = max(s[2] - s[1] for s in spans)
     total = sizes.shards * sizes.shard_bytes
     return total / wall / MB, sizes.shard_bytes / slowest / MB
+
+
+def meta_worker(phase: str, names: list[str], barrier, results) -> None:
+    """One process of the parallel metadata workload: one phase over its own names."""
+    try:
+        barrier.wait()
+        start = time.monotonic()
+        for p in names:
+            if phase == "create":
+                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            elif phase == "stat":
+                os.stat(p)
+            else:
+                os.unlink(p)
+        results.put(("ok", start, time.monotonic()))
+    except BaseException as exc:  # reported to the parent, which fails the workload
+        results.put(("error", repr(exc), 0.0))
+
+
+def run_parallel(phase: str, groups: list[list[str]]) -> float:
+    """Aggregate ops/s of one phase run by one process per group of names, started together."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(groups))
+    results = ctx.Queue()
+    procs = [ctx.Process(target=meta_worker, args=(phase, names, barrier, results)) for names in groups]
+    for p in procs:
+        p.start()
+    try:
+        spans = [results.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    errors = [s[1] for s in spans if s[0] != "ok"]
+    if errors:
+        raise BenchError(f"parallel {phase} failed: {errors[0]}")
+    wall = max(s[2] for s in spans) - min(s[1] for s in spans)
+    return sum(len(g) for g in groups) / wall
 
 
 def dataset_paths(directory: Path, sizes: Sizes) -> list[Path]:
@@ -924,6 +968,19 @@ class Bench:
             os.unlink(p)
         self.record(run, r, t.name, "unlink", n / (time.perf_counter() - t0))
         os.rmdir(d)
+        # The same from several processes at once, each in a directory of its own.
+        procs = self.sizes.meta_procs
+        groups = []
+        for k in range(procs):
+            dk = t.directory(r) / f"meta-{run}-p{k}"
+            dk.mkdir()
+            groups.append([str(dk / f"f{i:05d}") for i in range(n // procs)])
+        self.record(run, r, t.name, "create_par", run_parallel("create", groups))
+        self.cold(t)
+        self.record(run, r, t.name, "stat_par", run_parallel("stat", groups))
+        self.record(run, r, t.name, "unlink_par", run_parallel("unlink", groups))
+        for k in range(procs):
+            os.rmdir(t.directory(r) / f"meta-{run}-p{k}")
 
     def lib(self, kind: str, r: int) -> float:
         assert self.sfs is not None

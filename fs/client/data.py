@@ -4,6 +4,11 @@ and the cache of immutable blocks.
 Stored blocks never change: a rewrite makes a new block id. So a cached block is valid for
 as long as anyone holds its id, and the cache needs no invalidation; close-to-open
 consistency comes from refreshing the block map (ids) on open, not from the cache.
+
+Each data server is reached through one Transport (transport.py): small reads (random
+reads, a few KiB) go on its multiplexed stream, so they cost one cheap round trip; whole
+blocks and uploads go as unary calls on worker threads (`bulk`), so that megabytes in
+flight do not hold up small calls behind them.
 """
 
 from __future__ import annotations
@@ -19,10 +24,8 @@ import trio
 from proto import codec
 from proto.errors import FsError, TransportError
 from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
-from proto.rpc import Stub
-from proto.services import DATA_METHODS, DATA_SERVICE
 
-from .rpc import call
+from .transport import Transport
 
 log = logging.getLogger("stripefs.client")
 
@@ -40,6 +43,8 @@ PUT_DEADLINE_BYTES_PER_S = 8 * 1024 * 1024
 SYNC_RPC_TIMEOUT_S = 20.0
 #: A server unreachable this recently is not asked to sync: its copies count as lost.
 SYNC_SKIP_AFTER_FAILURE_S = 30.0
+#: Reads of at most this many bytes go on a server's stream; larger ones are bulk calls.
+STREAM_READ_MAX_BYTES = 1024 * 1024
 
 
 class BlockCache:
@@ -74,11 +79,11 @@ class BlockCache:
 
 
 class DataPath:
-    """Talks to data servers. One gRPC channel per server address, reused."""
+    """Talks to data servers: one Transport per server address, made by `connect`."""
 
-    def __init__(self, secret: bytes, cache_bytes: int) -> None:
-        self._secret = secret
-        self._stubs: dict[str, Stub] = {}
+    def __init__(self, connect: Callable[[str], Transport], cache_bytes: int) -> None:
+        self._connect = connect
+        self._conns: dict[str, Transport] = {}
         self._penalised_until: dict[str, float] = {}
         self._last_error: dict[str, FsError] = {}
         self._unreachable_at: dict[str, float] = {}
@@ -89,16 +94,16 @@ class DataPath:
         #: called (block_id, address, reason) when a replica fails a read; set by the client
         self.on_bad_replica: Optional[Callable[[int, str, str], None]] = None
 
-    def stub(self, address: str) -> Stub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = Stub(address, self._secret, DATA_SERVICE, DATA_METHODS)
-        return stub
+    def conn(self, address: str) -> Transport:
+        conn = self._conns.get(address)
+        if conn is None:
+            conn = self._conns[address] = self._connect(address)
+        return conn
 
     def close(self) -> None:
-        for stub in self._stubs.values():
-            stub.close()
-        self._stubs.clear()
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
 
     def _is_penalised(self, address: str) -> bool:
         return self._penalised_until.get(address, 0.0) > time.monotonic()
@@ -161,10 +166,10 @@ class DataPath:
         order = self._order(ref.servers)
         for n, address in enumerate(order):
             deadline = BLOCK_RPC_TIMEOUT_S if n == len(order) - 1 else FAILOVER_DEADLINE_S
+            conn = self.conn(address)
+            send = conn.call if length <= STREAM_READ_MAX_BYTES else conn.bulk
             try:
-                reply = await call(
-                    self.stub(address), "get_block", GetBlockReq(ref.block_id, offset, length), deadline
-                )
+                reply = await send("get_block", GetBlockReq(ref.block_id, offset, length), deadline)
             except FsError as exc:
                 self._penalise(address, exc)
                 self._report(ref.block_id, address, exc)
@@ -184,11 +189,15 @@ class DataPath:
         raise FsError(errno.EIO, f"block {ref.block_id}: no replica readable")
 
     def _report(self, block_id: int, address: str, exc: FsError) -> None:
+        if isinstance(exc, TransportError):
+            reason = "unreachable"
+        else:
+            reason = {errno.ENOENT: "missing", errno.EIO: "corrupt"}.get(exc.errno, "unreachable")
+        self.report(block_id, address, reason)
+
+    def report(self, block_id: int, address: str, reason: str) -> None:
+        """Tell the metaserver (through on_bad_replica) that a replica failed us."""
         if self.on_bad_replica is not None:
-            if isinstance(exc, TransportError):
-                reason = "unreachable"
-            else:
-                reason = {errno.ENOENT: "missing", errno.EIO: "corrupt"}.get(exc.errno, "unreachable")
             self.on_bad_replica(block_id, address, reason)
 
     async def sync_blocks(self, by_server: dict[str, set[int]]) -> dict[str, FsError]:
@@ -204,7 +213,7 @@ class DataPath:
                 failed[address] = self._last_error[address]
                 return
             try:
-                await call(self.stub(address), "sync_blocks", SyncBlocksReq(sorted(ids)), SYNC_RPC_TIMEOUT_S)
+                await self.conn(address).call("sync_blocks", SyncBlocksReq(sorted(ids)), SYNC_RPC_TIMEOUT_S)
             except FsError as exc:
                 self._penalise(address, exc)
                 failed[address] = exc
@@ -241,7 +250,7 @@ class DataPath:
                 failed[address] = self._last_error[address]
                 return
             try:
-                await call(self.stub(address), "put_block", frame, deadline)
+                await self.conn(address).bulk("put_block", frame, deadline)
             except FsError as exc:
                 self._penalise(address, exc)
                 failed[address] = exc

@@ -13,17 +13,23 @@ Concurrency protocol (one trio thread, see DESIGN.md):
   the versions of a block become visible in the order they were written, and an older
   snapshot can never replace a newer one.
 - `size` is the file size as this client sees it: the server's size, grown by local writes.
+- `inline` is block 0's content when the metaserver keeps it inline (small files); a write
+  into block 0 starts from it, and a close whose only dirty block is block 0, short enough,
+  commits it inline again (writer.py).
 - Dirty bytes of every file count against one `WritebackBudget` per client.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Optional
 
+import crc32c
 import trio
 
-from proto.messages import Allocation, Attr, BlockRef
+from proto.errors import FsError
+from proto.messages import Allocation, Attr, BlockMapReply, BlockRef, OpenReply
 
 
 @dataclass
@@ -71,13 +77,22 @@ class FileState:
     commits: int = 0  # commits made by this client (fsync tells whether it made one)
     expired_commits: int = 0  # commits refused for expired allocations, then retried
     no_capability: bool = False  # security.capability known absent (the kernel asks on every write)
+    inline: Optional[bytes] = None  # block 0's bytes when the metaserver keeps it inline
+    inline_refused: bool = False  # the metaserver refused an inline commit: use blocks
 
-    def set_map(self, attr: Attr, blocks: list[BlockRef]) -> None:
-        """Take a fresh attr and block map from the server; local dirty data stays on top."""
+    def set_map(self, attr: Attr, blocks: list[BlockRef], with_inline: OpenReply | BlockMapReply | None = None) -> None:
+        """Take a fresh attr and block map (and inline block 0) from the server; local dirty
+        data stays on top."""
         self.attr = attr
         self.block_size = attr.block_size
         self.blocks = {b.index: b for b in blocks}
+        self.inline = inline_of(with_inline) if with_inline is not None else None
         self.size = max([attr.size] + [self.dirty_end(i) for i in self.dirty])
+
+    @property
+    def inline_limit(self) -> int:
+        """The most bytes block 0 may hold and still be committed inline."""
+        return 0 if self.inline_refused else min(self.attr.inline_max, self.block_size)
 
     def dirty_end(self, index: int) -> int:
         return index * self.block_size + len(self.dirty[index].data)
@@ -132,3 +147,13 @@ class FileState:
         if size == attr.size and mtime == attr.mtime_ns:
             return attr
         return Attr(**{**attr.__dict__, "size": size, "mtime_ns": mtime, "ctime_ns": max(attr.ctime_ns, mtime)})
+
+
+def inline_of(reply: OpenReply | BlockMapReply) -> Optional[bytes]:
+    """The inline block 0 of an open or block-map reply, checked against the checksum the
+    metaserver committed (no server's word is taken for bytes)."""
+    if not reply.inline:
+        return None
+    if crc32c.crc32c(reply.data) != reply.inline_crc32c:
+        raise FsError(errno.EIO, f"inode {reply.attr.ino}: inline data fails its checksum")
+    return reply.data

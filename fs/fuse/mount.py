@@ -34,7 +34,7 @@ async def _serve(meta: str, mountpoint: str, secret: bytes, extra_options: list[
     async with open_client(meta, secret, mountpoint=mountpoint, **client_options) as client:
         ops = StripeOperations(client)
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
-        log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session)
+        log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session.id)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)

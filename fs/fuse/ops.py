@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import pyfuse3
 
-from fs.client import Attr, Client, Ctx, FsError
+from fs.client import ATTR_TTL_S, ENTRY_TTL_S, Attr, Client, Ctx, Entry, FsError
 
 log = logging.getLogger("stripefs.fuse")
 
-#: How long the kernel may trust attributes and directory entries (DESIGN.md: about 1 s).
-ATTR_TIMEOUT_S = 1.0
-ENTRY_TIMEOUT_S = 1.0
+#: How long the kernel may trust attributes and directory entries: the client's own
+#: lifetimes (fs/client/cache.py), so nothing is trusted longer here than there.
+ATTR_TIMEOUT_S = ATTR_TTL_S
+ENTRY_TIMEOUT_S = ENTRY_TTL_S
 #: "." and ".." come first in a listing, at offsets 0 and 1.
 DOT_ENTRIES = 2
 
@@ -49,12 +50,12 @@ def stale_if_gone(exc: FsError) -> FsError:
     return FsError(errno.ESTALE, exc.message) if exc.errno == errno.ENOENT else exc
 
 
-def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+def entry(attr: Attr, entry_timeout: float = ENTRY_TIMEOUT_S, attr_timeout: float = ATTR_TIMEOUT_S) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
     e.generation = 0
-    e.entry_timeout = ENTRY_TIMEOUT_S
-    e.attr_timeout = ATTR_TIMEOUT_S
+    e.entry_timeout = entry_timeout
+    e.attr_timeout = attr_timeout
     e.st_mode = attr.mode
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
@@ -83,25 +84,25 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def lookup(self, parent_inode, name, ctx):
-        try:
-            return entry(await self.client.lookup(parent_inode, name))
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            # A negative entry the kernel may cache for ENTRY_TIMEOUT_S: create-heavy
-            # workloads look every new name up first. A create through this mount replaces
-            # it at once; another mount's create is seen within the timeout.
-            negative = pyfuse3.EntryAttributes()
-            negative.st_ino = 0
-            negative.entry_timeout = ENTRY_TIMEOUT_S
-            return negative
+        e: Entry = await self.client.lookup_entry(parent_inode, name)
+        if e.attr is not None:
+            return entry(e.attr, e.entry_ttl, e.attr_ttl)
+        # A negative entry the kernel may cache for what is left of its lifetime: create-
+        # heavy workloads look every new name up first. A create through this mount
+        # replaces it at once; another mount's create is seen within ENTRY_TIMEOUT_S.
+        negative = pyfuse3.EntryAttributes()
+        negative.st_ino = 0
+        negative.entry_timeout = e.entry_ttl
+        return negative
 
     @errno_boundary
     async def getattr(self, inode, ctx):
         try:
-            return entry(await self.client.getattr(inode))
+            e: Entry = await self.client.getattr_entry(inode)
         except FsError as exc:
             raise stale_if_gone(exc) from None
+        assert e.attr is not None
+        return entry(e.attr, attr_timeout=e.attr_ttl)
 
     @errno_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):

@@ -1,0 +1,110 @@
+"""The read path of the client: pieces of blocks from the write-back buffers, the inline
+block 0, the block cache or the data servers, and readahead for sequential readers.
+
+A sequential reader (from the start, or near where the handle's last read ended) gets
+whole blocks, cached and shared with concurrent readers, and a readahead window that
+doubles up to READAHEAD_MAX_BYTES. Any other read fetches only the bytes asked for:
+random readers must not pay for whole blocks. A block id that has been garbage-collected
+(ENOENT) makes the reader refresh the block map once and retry.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, Awaitable, Callable
+
+from proto import messages as m
+from proto.errors import FsError
+
+from .data import DataPath
+from .files import FileState, HandleState
+
+#: Largest readahead window of a sequential reader.
+READAHEAD_MAX_BYTES = 64 * 1024 * 1024
+#: Whole-block prefetches in flight at once per client.
+MAX_PREFETCHES_IN_FLIGHT = 16
+#: A read starting this close to where the handle's last read ended counts as sequential
+#: (the kernel issues readahead requests concurrently, slightly out of order).
+SEQUENTIAL_SLACK_BYTES = 1024 * 1024
+
+
+class Reader:
+    def __init__(self, data: DataPath, call: Callable[[str, m.Message], Awaitable[Any]],
+                 spawn: Callable[..., None]) -> None:
+        self.data = data
+        self._call = call
+        self._spawn = spawn
+        self._prefetches = 0
+
+    async def read(self, h: HandleState, f: FileState, offset: int, size: int) -> bytes:
+        end = min(offset + size, f.size)
+        if offset >= end:
+            return b""
+        sequential = offset == 0 or abs(offset - h.last_read_end) <= SEQUENTIAL_SLACK_BYTES
+        parts: list[bytes] = []
+        pos = offset
+        bs = f.block_size
+        while pos < end:
+            i, boff = divmod(pos, bs)
+            n = min(end - pos, bs - boff)
+            parts.append(await self._piece(f, i, boff, n, sequential))
+            pos += n
+        h.last_read_end = end
+        if sequential:
+            limit = max(1, READAHEAD_MAX_BYTES // bs)
+            h.readahead_blocks = min(limit, max(1, h.readahead_blocks * 2))
+            self._readahead(f, end, h.readahead_blocks)
+        else:
+            h.readahead_blocks = 0
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool) -> bytes:
+        d = f.dirty.get(index)
+        if d is not None:
+            chunk = bytes(d.data[boff : boff + n])
+        elif index == 0 and f.inline is not None:
+            chunk = f.inline[boff : boff + n]
+        else:
+            ref = f.blocks.get(index)
+            if ref is None:
+                return bytes(n)
+            try:
+                if whole:
+                    chunk = (await self.data.read_block(ref))[boff : boff + n]
+                else:
+                    chunk = await self.data.read_range(ref, boff, n)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                # The block was replaced and collected since our map was fetched: refresh.
+                reply = await self._call("block_map", m.BlockMapReq(f.ino))
+                if reply.blocks and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}:
+                    raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
+                f.set_map(reply.attr, reply.blocks, reply)
+                return await self._piece(f, index, boff, n, whole)
+        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
+
+    def _readahead(self, f: FileState, end: int, window: int) -> None:
+        first = end // f.block_size
+        for index in range(first, first + window):
+            ref = f.blocks.get(index)
+            if ref is None or index in f.dirty or self._prefetches >= MAX_PREFETCHES_IN_FLIGHT:
+                continue
+            if not self.data.has_or_fetching(ref.block_id):
+                self._prefetches += 1
+                self._spawn(self._prefetch, ref)
+
+    async def _prefetch(self, ref: m.BlockRef) -> None:
+        try:
+            await self.data.read_block(ref)
+        except FsError:
+            pass  # the reader will see the error itself if it gets there
+        finally:
+            self._prefetches -= 1
+
+    async def fill_base(self, f: FileState, index: int) -> bytes:
+        """The current content of block `index`, for a write that covers only part of it."""
+        if index == 0 and f.inline is not None:
+            return f.inline
+        ref = f.blocks.get(index)
+        return b"" if ref is None else await self.data.read_block(ref)

@@ -1,0 +1,186 @@
+"""The client's session with the metaserver, and the retry rules of every metadata call.
+
+A session is a lease: open files hang off it, so that an unlinked file stays readable
+while any session holds it, and a client that dies releases what it held when its lease
+runs out. `MetaSession` opens it, renews it, replaces it when it expired under us (a long
+metaserver outage) and closes it. Every metadata call of the client goes through
+`MetaSession.call`, which:
+- repeats a call that failed in transport only if repeating it is harmless
+  (IDEMPOTENT_META_CALLS), with backoff, within META_TIMEOUT_S;
+- replaces an expired session (ESTALE) and repeats the call in the new one.
+
+Releases do not make the caller wait: `release_soon` queues them and one background task
+sends whatever is queued together (one message, one metaserver transaction). Until it is
+sent the metaserver counts the file as still open, which only delays the purge of an
+unlinked file; a client that dies with releases queued is cleaned up by its session's
+expiry, as one that dies with files open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import math
+import socket
+import time
+from typing import Any, Awaitable, Callable, Optional
+
+import trio
+
+from proto import messages as m
+from proto.errors import FsError, TransportError
+
+from .transport import Transport
+
+log = logging.getLogger("stripefs.client")
+
+#: Metadata RPC deadline. Calls made while the metaserver is unreachable wait this long
+#: for it to come back before failing with EIO.
+META_TIMEOUT_S = 30.0
+#: Metadata calls that may be repeated after a transport failure mid-call.
+IDEMPOTENT_META_CALLS = frozenset({
+    "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
+    "status", "renew_session", "open", "release", "alloc_blocks", "sync",
+})
+#: Calls that name the session itself and must not trigger its replacement.
+_SESSION_CALLS = frozenset({"renew_session", "close_session"})
+#: Deadline of a bad-replica report (best effort).
+REPORT_TIMEOUT_S = 5.0
+
+
+class MetaSession:
+    """The session and the metadata calls of one client (module docstring)."""
+
+    def __init__(self, transport: Transport, mountpoint: str) -> None:
+        self.transport = transport
+        self.mountpoint = mountpoint
+        self.id = 0  # the session id; open files and leases hang off it
+        self.lease_s = 30.0
+        self._replace_lock = trio.Lock()
+        # Unbounded: one small record per closed file, drained as fast as the metaserver
+        # answers; a close never waits on it.
+        self._release_in, self._release_out = trio.open_memory_channel[int](math.inf)
+        self._releases_queued = 0
+        self._releases_sent = 0
+        self._release_progress = trio.Event()
+        #: called after a replacement, to register open files again
+        self.on_replaced: Optional[Callable[[], Awaitable[None]]] = None
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await self._open()
+        nursery.start_soon(self._renew_loop)
+        nursery.start_soon(self._send_releases)
+
+    async def _open(self) -> None:
+        reply = await self.call("open_session", m.SessionOpenReq(socket.gethostname(), self.mountpoint))
+        self.id, self.lease_s = reply.session, reply.lease_s
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            try:
+                await self.call("renew_session", m.SessionReq(self.id))
+            except FsError as exc:
+                if exc.errno == errno.ESTALE:
+                    await self._replace(self.id)
+                else:
+                    log.warning("session renewal failed: %s", exc)
+
+    async def _replace(self, expired: int) -> None:
+        """Our session expired (the metaserver did not hear from us for several leases):
+        open a new one and let the client register again the files it holds open."""
+        if self.id != expired:
+            return  # another task already replaced it
+        async with self._replace_lock:
+            if self.id != expired:
+                return
+            log.warning("session %d expired; opening a new one", expired)
+            await self._open()
+            if self.on_replaced is not None:
+                await self.on_replaced()
+
+    async def close(self) -> None:
+        await self.flush_releases()
+        try:
+            await self.call("close_session", m.SessionReq(self.id))
+        except FsError as exc:
+            log.warning("closing session %d failed: %s", self.id, exc)
+
+    async def call(self, name: str, req: m.Message) -> Any:
+        """One metadata call with the retry rules of the module docstring."""
+        deadline = time.monotonic() + META_TIMEOUT_S
+        delay = 0.1
+        while True:
+            try:
+                return await self.transport.call(name, req, max(0.0, deadline - time.monotonic()))
+            except TransportError as exc:
+                # The call may or may not have run; repeat it only if that is harmless.
+                if name not in IDEMPOTENT_META_CALLS or time.monotonic() + delay > deadline:
+                    log.error("metaserver %s: %s failed: %s", self.address, name, exc)
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except FsError as exc:
+                session = getattr(req, "session", None)
+                if not (exc.errno == errno.ESTALE and session and name not in _SESSION_CALLS):
+                    raise
+                # The session expired under us (a long metaserver outage): replace it, retry.
+                await self._replace(session)
+                if self.id == session:
+                    raise
+                req = dataclasses.replace(req, session=self.id)  # type: ignore[type-var]
+
+    # ------------------------------------------------------------------ releases
+
+    def release_soon(self, ino: int) -> None:
+        """The last handle of `ino` in this client closed: tell the metaserver soon."""
+        self._releases_queued += 1
+        self._release_in.send_nowait(ino)
+
+    async def flush_releases(self) -> None:
+        """Wait until every release queued so far has been sent."""
+        target = self._releases_queued
+        while self._releases_sent < target:
+            await self._release_progress.wait()
+
+    async def _send_releases(self) -> None:
+        async for first in self._release_out:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._release_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            async with trio.open_nursery() as nursery:
+                # Started together, they leave in one stream message.
+                for ino in batch:
+                    nursery.start_soon(self._release, ino)
+            self._releases_sent += len(batch)
+            self._release_progress.set()
+            self._release_progress = trio.Event()
+
+    async def _release(self, ino: int) -> None:
+        try:
+            await self.call("release", m.ReleaseReq(ino, self.id))
+        except FsError as exc:
+            # The metaserver drops our opens with the session anyway; an unlinked file is
+            # purged then instead of now.
+            log.warning("release of inode %d failed: %s", ino, exc)
+
+    # ------------------------------------------------------------------ reports
+
+    def report_soon(self, nursery: trio.Nursery, name: str, req: m.Message) -> None:
+        """A best-effort call nobody waits for (bad-replica reports)."""
+
+        async def send() -> None:
+            try:
+                await self.transport.call(name, req, REPORT_TIMEOUT_S)
+            except FsError:
+                pass  # heartbeats and scrubbing find it too
+
+        nursery.start_soon(send)

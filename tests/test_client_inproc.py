@@ -1,0 +1,225 @@
+"""Level 2: the client library against in-process servers (a MetaCore and data services on
+temporary directories) through `LocalTransport`: the read and write paths, inline files,
+and how many metadata calls the caches save, without processes or a network."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections import Counter
+
+import pytest
+import trio
+
+from dataserver.service import DataService
+from dataserver.store import BlockStore
+from fs.client import Ctx, FsError
+from fs.client.client import Client
+from fs.client.transport import LocalTransport
+from metaserver.core import MetaCore
+from proto.messages import Empty, RegisterReq
+from proto.services import DATA_METHODS, META_METHODS
+from proto.types import LAYOUT_XATTR_BLOCK_SIZE, LAYOUT_XATTR_INLINE_MAX, ROOT_INODE
+
+pytestmark = pytest.mark.timeout(120)
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+ROOT = Ctx(0, 0, 0)
+SMALL_BS = 64 * 1024
+
+
+class Counting(LocalTransport):
+    """A LocalTransport that counts calls by name."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[str] = Counter()
+
+    async def call(self, name, req, timeout_s):
+        self.calls[name] += 1
+        return await super().call(name, req, timeout_s)
+
+
+class World:
+    """One metaserver core and three data services, in this process."""
+
+    def __init__(self, tmp_path) -> None:
+        self.core = MetaCore(str(tmp_path / "meta.db"), SECRET)
+        self.data = {}
+        for i in range(3):
+            address = f"data-{i}"
+            store = BlockStore(tmp_path / address)
+            self.data[address] = DataService(store, SECRET)
+            self.core.register(RegisterReq(address, uuid.uuid4().hex, 1 << 40, 1 << 40, 0))
+
+    def client(self) -> tuple[Client, Counting]:
+        meta = Counting(self.core, META_METHODS, "meta")
+        client = Client("meta", SECRET, meta_transport=meta,
+                        data_connect=lambda a: LocalTransport(self.data[a], DATA_METHODS, a))
+        return client, meta
+
+    def close(self) -> None:
+        self.core.close()
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    w.close()
+
+
+def run(world: World, *bodies):
+    """Run each body(client, counter) with a client of its own, one after the other."""
+
+    async def main():
+        out = []
+        for body in bodies:
+            client, counter = world.client()
+            async with trio.open_nursery() as nursery:
+                await client._start(nursery)
+                try:
+                    out.append(await body(client, counter.calls))
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await client.aclose()
+                    nursery.cancel_scope.cancel()
+        return out
+
+    return trio.run(main)
+
+
+async def write(client: Client, parent: int, name: bytes, data: bytes) -> int:
+    fh, attr = await client.create(parent, name, 0o644, os.O_WRONLY, ROOT)
+    for off in range(0, len(data), 1 << 20):
+        await client.write(fh, off, data[off : off + (1 << 20)])
+    await client.flush(fh)
+    await client.release(fh)
+    return attr.ino
+
+
+async def read(client: Client, ino: int) -> bytes:
+    fh, _ = await client.open(ino, os.O_RDONLY)
+    out = bytearray()
+    while piece := await client.read(fh, len(out), 128 * 1024):
+        out += piece
+    await client.release(fh)
+    return bytes(out)
+
+
+def test_small_file_is_inline_and_read_in_one_open(world):
+    data = os.urandom(16 * 1024)
+
+    async def writer(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"ds", 0o755, ROOT)).ino
+        ino = await write(client, d, b"sample", data)
+        assert calls["commit_inline"] == 1
+        assert calls["alloc_blocks"] == calls["commit_blocks"] == 0  # no data server involved
+        return d, ino
+
+    async def reader(client, calls):
+        ino = (await client.lookup(d, b"sample")).ino
+        before = sum(calls.values())
+        assert await read(client, ino) == data
+        await client.session.flush_releases()
+        # open (with the bytes) and the release: nothing else
+        assert sum(calls.values()) - before == 2 and calls["open"] == 1
+        return ino
+
+    [(d, ino)] = run(world, writer)
+    run(world, reader)
+    status = world.core.status(Empty())
+    assert status.inline_files == 1 and status.inline_bytes == len(data) and status.blocks == 0
+
+
+def test_inline_file_grows_to_blocks_and_back(world):
+    small, big = os.urandom(1000), os.urandom(200_000)
+
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"grow", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode())
+        ino = await write(client, d, b"f", small)
+        assert world.core.status(Empty()).inline_files == 1
+        fh, _ = await client.open(ino, os.O_WRONLY)
+        await client.write(fh, len(small), big)  # appends: block 0 rewritten as a stored block
+        await client.flush(fh)
+        await client.release(fh)
+        assert await read(client, ino) == small + big
+        st = world.core.status(Empty())
+        assert st.inline_files == 0 and st.blocks == 4
+        fh, _ = await client.open(ino, os.O_WRONLY | os.O_TRUNC)
+        await client.write(fh, 0, small)
+        await client.flush(fh)
+        await client.release(fh)
+        assert await read(client, ino) == small
+        st = world.core.status(Empty())
+        assert st.inline_files == 1 and st.blocks == 0
+        # A truncate down inside the inline bytes, and up again: the cut part reads as zeros.
+        await client.setattr(ino, ROOT, size=10)
+        await client.setattr(ino, ROOT, size=20)
+        assert await read(client, ino) == small[:10] + bytes(10)
+
+    run(world, body)
+
+
+def test_inline_limit_is_per_directory(world):
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"noinline", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_INLINE_MAX, b"0")
+        assert await client.getxattr(d, LAYOUT_XATTR_INLINE_MAX) == b"0"
+        ino = await write(client, d, b"f", b"tiny")
+        assert calls["commit_inline"] == 0 and calls["commit_blocks"] == 1
+        assert (await client.getattr(ino)).inline_max == 0
+        with pytest.raises(FsError) as exc:
+            await client.setxattr(d, LAYOUT_XATTR_INLINE_MAX, b"99999999")
+        assert exc.value.errno == errno.EINVAL
+
+    run(world, body)
+
+
+def test_large_file_round_trip(world):
+    data = os.urandom(3 * SMALL_BS + 123)
+
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"big", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode())
+        ino = await write(client, d, b"f", data)
+        assert await read(client, ino) == data
+        assert calls["commit_inline"] == 0
+
+    run(world, body)
+
+
+def test_creates_in_a_directory_being_filled_are_one_call_each(world):
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"fill", 0o755, ROOT)).ino
+        for i in range(200):
+            name = b"f%03d" % i
+            assert (await client.lookup_entry(d, name)).attr is None  # what the kernel asks first
+            fh, _ = await client.create(d, name, 0o644, os.O_WRONLY, ROOT)
+            await client.flush(fh)
+            await client.release(fh)
+        # no lookup reached the metaserver: the listing of a directory we made is complete
+        assert calls["lookup"] == 0 and calls["mknod"] == 200
+        e = await client.lookup_entry(d, b"f007")
+        assert e.attr is not None and calls["lookup"] == 0
+
+    run(world, body)
+
+
+def test_statahead_fetches_entries_in_batches(world):
+    async def fill(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"many", 0o755, ROOT)).ino
+        for i in range(3000):
+            await client.mknod(d, b"e%05d" % i, 0o100644, ROOT)
+        return d
+
+    async def scan(client, calls):
+        for i in range(3000):
+            assert (await client.lookup(d, b"e%05d" % i)).size == 0
+        return calls["lookup"], calls["readdir"]
+
+    [d] = run(world, fill)
+    [(lookups, readdirs)] = run(world, scan)
+    assert lookups <= 10 and readdirs <= 6, (lookups, readdirs)
