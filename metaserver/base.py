@@ -268,7 +268,6 @@ class CoreBase:
         # Resolve replicas by server id, so a data server that restarted on a new port is
         # found at its current address; up servers first, then suspect, then dead, each
         # in placement order, so readers try the likely ones first and stripe.
-        states = self._server_states(tx, now)
         rows = tx.all(
             "SELECT b.idx, b.block_id, b.length, s.server_id, s.address FROM blocks b"
             " LEFT JOIN replicas r ON r.block_id = b.block_id"
@@ -276,6 +275,9 @@ class CoreBase:
             " WHERE b.ino = ? ORDER BY b.idx, r.rank",
             (ino,),
         )
+        if not rows:
+            return []  # most small files: no need for the servers' states
+        states = self._server_states(tx, now)
         refs: list[BlockRef] = []
         order: list[list[tuple[int, str]]] = []
         for row in rows:

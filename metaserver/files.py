@@ -38,7 +38,7 @@ from proto.messages import (
 )
 from proto.types import FILE_SIZE_MAX_BYTES
 
-from .base import CoreBase, inline_limit, is_dir, is_reg, want_replicas
+from .base import CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
 from .store import Tx
 
 
@@ -54,11 +54,10 @@ class FileOps(CoreBase):
                 self._truncate(tx, row, 0, now)
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
             self._record_open(tx, req.session, req.ino)
-            # An open proves the session alive as well as a renew would.
-            tx.run("UPDATE sessions SET last_renew_ns = ? WHERE session_id = ?", (now, req.session))
             inline = self._inline(tx, req.ino) if is_reg(row) else None
+            attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
             return OpenReply(
-                attr=self._attr(tx, req.ino), blocks=self._block_map(tx, req.ino, now),
+                attr=attr, blocks=self._block_map(tx, req.ino, now),
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"",
             )

@@ -17,7 +17,6 @@ from typing import Optional
 
 from proto.auth import load_secret
 from proto.logsetup import setup_logging
-from proto.messages import Empty
 from proto.rpc import serve
 from proto.services import META_METHODS, META_SERVICE
 
@@ -74,7 +73,7 @@ def _sweep_loop(core: MetaCore, stop: threading.Event) -> None:
         try:
             # Operations that are not durable on return become durable here, within
             # SWEEP_INTERVAL_S (see Store: the journal-commit interval of the metadata).
-            core.sync(Empty())
+            core.store.checkpoint()
             done = core.sweep()
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("sweep failed")

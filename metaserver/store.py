@@ -60,6 +60,11 @@ MIGRATIONS = {
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 #: How long to wait for another process holding the database (there should be none).
 BUSY_TIMEOUT_MS = 5000
+#: WAL pages after which a commit checkpoints the WAL into the database itself. SQLite's
+#: default (1000) made every ~150th commit of a create pay a checkpoint, +130 us a create
+#: on average (mknod 286 -> 158 us in-process); the server checkpoints every second instead
+#: (`checkpoint`), and this only bounds the WAL if that falls behind.
+WAL_AUTOCHECKPOINT_PAGES = 16384
 
 
 class Tx:
@@ -119,6 +124,7 @@ class Store:
             # way a journalling file system commits every few seconds). Checkpoints still
             # fsync the database before the WAL is reused.
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._init_schema(path)
@@ -233,6 +239,16 @@ class Store:
                 finally:
                     os.close(fd)
             self._synced = upto
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database, off the path of any operation. The WAL is fsynced
+        first (synchronous=NORMAL does that before a checkpoint), so every commit made so
+        far is durable afterwards too."""
+        with self._lock:
+            upto = self._commits
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with self._sync_lock:
+            self._synced = max(self._synced, upto)
 
     def close(self) -> None:
         with self._lock:

@@ -21,7 +21,10 @@ How the requests of a stream batch run is the implementation's choice:
   optional barrier, a blocking function to run before that reply may leave (the fsync of a
   durable operation). Barriers run on a worker thread while the stream goes on, so replies
   of later calls are not held behind another call's fsync (group commit).
-- otherwise (data servers): each call on a worker thread, replies as they finish.
+- otherwise (data servers): each call on a worker thread, replies as they finish; a call
+  of a `quick` method (a small block read) runs on the event loop itself when no other call
+  of the server is running, which saves a round trip through a worker thread when one
+  client reads at random, and keeps the worker threads for parallel work otherwise.
 
 Credentials: a unary call carries the cluster credential on itself; a stream carries it
 once, when it opens, and every request in it is the stream's caller's.
@@ -142,6 +145,7 @@ class _StreamHandler:
         self.dispatch = dispatch
         self.secret = secret
         self.pool = pool
+        self.running = 0  # stream calls on worker threads now, over every stream
         self.apply_batch: Optional[Callable[[list[tuple[str, Message]]], list[BatchResult]]] = getattr(
             dispatch.impl, "apply_batch", None
         )
@@ -163,7 +167,12 @@ class _StreamHandler:
                     await self._apply(calls, out, tasks)
                 else:
                     for call_id, name, frame in calls:
+                        method = self.dispatch.methods.get(name)
+                        if method is not None and method.quick and self.running == 0 and len(calls) == 1:
+                            await out.send([[call_id, self.dispatch.run(name, frame)]])
+                            continue
                         await slots.acquire()
+                        self.running += 1
                         self._spawn(tasks, self._run_one(call_id, name, frame, out, slots))
             # The client half-closed: answer what is still running, then end the stream.
             if tasks:
@@ -182,7 +191,10 @@ class _StreamHandler:
                        slots: asyncio.Semaphore) -> None:
         try:
             loop = asyncio.get_running_loop()
-            reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame)
+            try:
+                reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame)
+            finally:
+                self.running -= 1
             await out.send([[call_id, reply]])
         finally:
             slots.release()

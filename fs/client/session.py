@@ -47,6 +47,9 @@ IDEMPOTENT_META_CALLS = frozenset({
 _SESSION_CALLS = frozenset({"renew_session", "close_session"})
 #: Deadline of a bad-replica report (best effort).
 REPORT_TIMEOUT_S = 5.0
+#: How long a release waits for others to go with it: a reader of many small files closes
+#: one every millisecond or so, and releases sent together cost one metaserver transaction.
+RELEASE_LINGER_S = 0.005
 
 
 class MetaSession:
@@ -150,6 +153,7 @@ class MetaSession:
 
     async def _send_releases(self) -> None:
         async for first in self._release_out:
+            await trio.sleep(RELEASE_LINGER_S)
             batch = [first]
             while True:
                 try:

@@ -198,7 +198,8 @@ class StreamTransport:
         with trio.move_on_after(timeout_s):
             while True:
                 stream = self._current()
-                await stream.up.wait()
+                if not stream.up.is_set():  # (waiting on a set event would still yield)
+                    await stream.up.wait()
                 if stream.broken is None:
                     break
                 if not isinstance(stream.broken, TransportError):
