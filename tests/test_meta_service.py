@@ -126,3 +126,68 @@ def test_sigterm_exits_cleanly_and_state_persists(metaserver, tmp_path):
     finally:
         core.close()
     assert os.stat(tmp_path / "meta" / "cluster.secret").st_mode & 0o077 == 0
+
+
+def test_stream_batches_and_errors(metaserver):
+    """The multiplexed stream: many calls in flight on one stream, each with its own
+    reply or errno, and a stream with the wrong credential refused as EACCES."""
+    import trio
+
+    from fs.client.transport import StreamTransport
+
+    _, address, secret, _ = metaserver
+
+    async def main():
+        t = StreamTransport(address, secret, META_SERVICE, META_METHODS)
+        try:
+            made = await t.call("mkdir", MkdirReq(ROOT_INODE, b"s", 0o755, Ctx()), 10)
+            results = {}
+
+            async def lookup(name: bytes) -> None:
+                try:
+                    results[name] = (await t.call("lookup", LookupReq(ROOT_INODE, name), 10)).attr.ino
+                except FsError as exc:
+                    results[name] = exc.errno
+
+            async with trio.open_nursery() as n:
+                for i in range(200):
+                    n.start_soon(lookup, b"s" if i % 2 else b"missing%d" % i)
+            assert {v for k, v in results.items() if k == b"s"} == {made.attr.ino}
+            assert {v for k, v in results.items() if k != b"s"} == {errno.ENOENT}
+            with pytest.raises(FsError) as info:
+                await t.call("mkdir", MkdirReq(ROOT_INODE, b"a/b", 0o755, Ctx()), 10)
+            assert info.value.errno == errno.EINVAL
+        finally:
+            t.close()
+        bad = StreamTransport(address, b"not-the-cluster-secret", META_SERVICE, META_METHODS)
+        try:
+            with pytest.raises(FsError) as info:
+                await bad.call("readdir", ReaddirReq(ino=ROOT_INODE), 10)
+            assert info.value.errno == errno.EACCES
+        finally:
+            bad.close()
+
+    trio.run(main)
+
+
+def test_malformed_stream_message_ends_that_stream_only(metaserver):
+    _, address, secret, _ = metaserver
+    import grpc
+
+    from proto.auth import AUTH_METADATA_KEY, call_credential
+
+    channel = grpc.insecure_channel(address)
+    try:
+        call = channel.stream_stream(f"/{META_SERVICE}/stream")(
+            iter([b"\xc1 not msgpack"]), metadata=((AUTH_METADATA_KEY, call_credential(secret)),), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        channel.close()
+    stub = Stub(address, secret, META_SERVICE, META_METHODS)
+    try:
+        assert stub.call("readdir", ReaddirReq(ino=ROOT_INODE)).entries == []  # still serving
+    finally:
+        stub.close()
