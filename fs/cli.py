@@ -207,6 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("meta", help="run the metadata server (see: stripefs meta --help)")
     sub.add_parser("data", help="run a data server (see: stripefs data --help)")
 
+    from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
+
     p = sub.add_parser("mount", help="mount a cluster")
     p.add_argument("meta", help="metaserver HOST:PORT")
     p.add_argument("mountpoint")
@@ -216,8 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--pid-file")
     p.add_argument("-o", dest="options", help="extra FUSE mount options, comma separated")
-    p.add_argument("--writeback-mib", type=int, default=256, help="memory for unflushed writes (MiB)")
-    p.add_argument("--cache-mib", type=int, default=256, help="memory for cached blocks (MiB)")
+    p.add_argument("--writeback-mib", type=int, default=DEFAULT_WRITEBACK_BYTES >> 20,
+                   help="memory for unflushed writes (MiB)")
+    p.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="memory for cached blocks (MiB)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount")

@@ -44,6 +44,10 @@ CREATE TABLE inodes (
                                                  -- rename cycles and to answer ".."
     target      BLOB                -- symlinks only: the link target, uninterpreted
 );
+-- Deleting an inode makes SQLite check that no directory names it as `parent`: without an
+-- index that check scanned every inode (an unlink cost 2.2 ms with 30,000 inodes, 0.1 ms
+-- with it). Partial: only directories have a parent, files add nothing to it.
+CREATE INDEX inodes_by_parent ON inodes(parent) WHERE parent IS NOT NULL;
 
 -- Directory entries. The rowid is the readdir cookie: entries are listed in cookie order
 -- and a listing resumes after a cookie, so it stays correct while the directory changes

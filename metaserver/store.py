@@ -55,6 +55,7 @@ MIGRATIONS = {
         CREATE TABLE inline_data (
             ino INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
             data BLOB NOT NULL, crc32c INTEGER NOT NULL);
+        CREATE INDEX inodes_by_parent ON inodes(parent) WHERE parent IS NOT NULL;
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -150,6 +150,24 @@ def test_root_and_store(env):
         assert tx.scalar("PRAGMA synchronous") == 1  # NORMAL: durability comes from Store.sync
 
 
+def test_version_3_database_is_migrated(env):
+    """A database of the previous schema (no inline data, no inline_max, no parent index)
+    opens as the current one with everything in it kept."""
+    f = env.create(ROOT_INODE, b"kept")
+    with env.core.store.transaction() as tx:
+        tx.run("DROP TABLE inline_data")
+        tx.run("DROP INDEX inodes_by_parent")
+        tx.run("ALTER TABLE inodes DROP COLUMN inline_max")
+    env.core.store._conn.execute("PRAGMA user_version=3")
+    env.reopen()
+    assert env.core.store.schema_version() == SCHEMA_VERSION
+    assert env.lookup(ROOT_INODE, b"kept").ino == f.ino
+    assert env.getattr(f.ino).inline_max == DEFAULT_INLINE_MAX_BYTES
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("SELECT COUNT(*) FROM inline_data") == 0
+        assert tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inodes_by_parent'") == 1
+
+
 def test_failed_operation_rolls_back(env):
     env.create(ROOT_INODE, b"f")
     with pytest.raises(RuntimeError):
