@@ -60,6 +60,9 @@ CREATE TABLE dentries (
     UNIQUE (parent, name)
 );
 CREATE INDEX dentries_by_ino ON dentries(ino);
+-- (parent, cookie) order: a readdir page is a range scan from the cookie it resumes after.
+-- Without it each page sorted the whole directory (a listing of N entries cost N^2 / page).
+CREATE INDEX dentries_by_parent ON dentries(parent);
 
 -- Block 0 of small files, kept here instead of on data servers (Lustre's data-on-MDT):
 -- writing a small file is a create and a commit, reading it one open. A file has either

@@ -56,6 +56,7 @@ MIGRATIONS = {
             ino INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
             data BLOB NOT NULL, crc32c INTEGER NOT NULL);
         CREATE INDEX inodes_by_parent ON inodes(parent) WHERE parent IS NOT NULL;
+        CREATE INDEX dentries_by_parent ON dentries(parent);
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -157,6 +157,7 @@ def test_version_3_database_is_migrated(env):
     with env.core.store.transaction() as tx:
         tx.run("DROP TABLE inline_data")
         tx.run("DROP INDEX inodes_by_parent")
+        tx.run("DROP INDEX dentries_by_parent")
         tx.run("ALTER TABLE inodes DROP COLUMN inline_max")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
@@ -165,7 +166,17 @@ def test_version_3_database_is_migrated(env):
     assert env.getattr(f.ino).inline_max == DEFAULT_INLINE_MAX_BYTES
     with env.core.store.transaction() as tx:
         assert tx.scalar("SELECT COUNT(*) FROM inline_data") == 0
-        assert tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inodes_by_parent'") == 1
+        assert tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('inodes_by_parent',"
+                         " 'dentries_by_parent')") == 2
+
+
+def test_readdir_pages_are_range_scans(env):
+    """A page of a listing must not cost the whole directory (huge directories stream)."""
+    with env.core.store.transaction() as tx:
+        plan = " ".join(r[3] for r in tx.all(
+            "EXPLAIN QUERY PLAN SELECT d.cookie FROM dentries d WHERE d.parent = ? AND d.cookie > ?"
+            " ORDER BY d.cookie LIMIT 10", (1, 0)))
+    assert "TEMP B-TREE" not in plan and "dentries_by_parent" in plan, plan
 
 
 def test_failed_operation_rolls_back(env):
