@@ -40,7 +40,7 @@ async def _serve(meta: str, mountpoint: str, secret: bytes, extra_options: list[
                 nursery.start_soon(_terminate_on_signal)
                 # stat() of our own mount point is answered by the loop started below: in a thread.
                 nursery.start_soon(trio.to_thread.run_sync, tune_connection, mountpoint)
-                await pyfuse3.main()
+                await pyfuse3.main(min_tasks=MIN_WORKER_TASKS, max_tasks=MAX_WORKER_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
@@ -55,6 +55,12 @@ async def _terminate_on_signal() -> None:
             return
 
 
+#: pyfuse3 worker tasks kept waiting for requests, and the most it starts. Its default (1)
+#: ends a worker after every burst and starts another for the next: with 8 processes
+#: creating files, 16 standing workers took ~10% less CPU per create (1,018-1,180 ->
+#: 1,219-1,278 creates/s on this 2-core machine).
+MIN_WORKER_TASKS = 16
+MAX_WORKER_TASKS = 64
 #: FUSE requests the kernel keeps in flight in the background (readahead, async reads);
 #: the kernel default is 12. Only root can raise it.
 MAX_BACKGROUND = 64
