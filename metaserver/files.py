@@ -174,6 +174,10 @@ class FileOps(CoreBase):
             old = tx.scalar("SELECT block_id FROM blocks WHERE ino = ? AND idx = 0", (req.ino,))
             if old is not None:
                 self._garbage_committed(tx, old, now)
+            # A block 0 this writer was allocated (at create) and did not use is garbage now.
+            for r in tx.all("SELECT block_id FROM pending WHERE ino = ? AND idx = 0 AND session_id = ?",
+                            (req.ino, req.session)):
+                self._garbage_pending(tx, r[0], now)
             self._set_inline(tx, req.ino, req.data)
             self._bump_content(tx, req.ino, req.size, req.mtime_ns, now)
             return AttrReply(attr=self._attr(tx, req.ino))

@@ -204,9 +204,7 @@ class NamespaceOps(CoreBase):
             allocations = []
             if req.session:
                 self._record_open(tx, req.session, row["ino"])
-                # A file that may go inline gets none: most small files never use them, and
-                # an allocation nobody commits costs garbage bookkeeping.
-                if req.prealloc_blocks and stat.S_ISREG(row["mode"]) and row["inline_max"] == 0:
+                if req.prealloc_blocks and stat.S_ISREG(row["mode"]):
                     try:
                         allocations = self._allocate(
                             tx, row, req.session, list(range(req.prealloc_blocks)), [], now

@@ -223,3 +223,21 @@ def test_statahead_fetches_entries_in_batches(world):
     [d] = run(world, fill)
     [(lookups, readdirs)] = run(world, scan)
     assert lookups <= 10 and readdirs <= 6, (lookups, readdirs)
+
+
+def test_blocks_are_allocated_with_creates_only_where_files_outgrow_inline(world):
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"medium", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS * 4).encode())
+        await write(client, d, b"a", os.urandom(150_000))  # first one: allocates at close
+        assert calls["alloc_blocks"] == 1
+        for i in range(5):
+            await write(client, d, b"m%d" % i, os.urandom(150_000))  # allocated with the create
+        assert calls["alloc_blocks"] == 1 and calls["commit_blocks"] == 6
+        for i in range(5):
+            await write(client, d, b"s%d" % i, b"small")  # the first small one drops its allocation
+        assert calls["commit_inline"] == 5
+        with world.core.store.transaction() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM pending") == 0
+
+    run(world, body)

@@ -968,14 +968,12 @@ def test_durable_transactions_are_synced_and_others_wait_for_sync(env):
 
 
 def test_create_can_preallocate_blocks(env):
-    """A create with prealloc_blocks returns allocations usable by commit_blocks, in a
-    directory whose files do not go inline (those need none: see the next test)."""
+    """A create with prealloc_blocks returns allocations usable by commit_blocks."""
     from proto.messages import BlockRef, CommitReq, MknodReq, SessionOpenReq
 
     core = env.core
     for n in range(3):
         env.add_server(n)
-    core.setxattr(XattrReq(ino=ROOT_INODE, name=LAYOUT_XATTR_INLINE_MAX, value=b"0"))
     session = core.open_session(SessionOpenReq("h", "m")).session
     reply = core.mknod(MknodReq(1, b"pre", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
     (a,) = reply.allocations
@@ -988,12 +986,16 @@ def test_create_can_preallocate_blocks(env):
     assert reply.allocations == []
 
 
-def test_create_in_an_inline_directory_preallocates_nothing(env):
+def test_inline_commit_drops_an_unused_preallocation(env):
     for n in range(3):
         env.add_server(n)
     session = env.session()
     reply = env.core.mknod(MknodReq(1, b"small", 0o100644, ROOT, 0, session, prealloc_blocks=1))
-    assert reply.allocations == [] and reply.attr.inline_max == DEFAULT_INLINE_MAX_BYTES
+    (a,) = reply.allocations
+    inline_commit(env, reply.attr.ino, session, b"tiny")
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("SELECT COUNT(*) FROM pending WHERE block_id = ?", (a.block_id,)) == 0
+        assert tx.scalar("SELECT COUNT(*) FROM garbage WHERE block_id = ?", (a.block_id,)) == len(a.servers)
 
 
 # ---------------------------------------------------------------------------- inline block 0

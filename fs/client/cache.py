@@ -129,6 +129,7 @@ class Listing:
     confirmed_at: float = 0.0  # when completeness was last confirmed
     own: dict[int, float] = field(default_factory=dict)  # generations of our changes not yet contiguous
     filling_until: float = 0.0  # this client changed an entry here recently: negatives are answered
+    files_need_blocks: bool = False  # the last file this client created here outgrew inline storage
     # a fetch of pages from the start: complete if it reaches the end at one generation
     run_generation: Optional[int] = None
     run_started: float = 0.0
@@ -401,6 +402,15 @@ class NameCache:
         if listing is not None:
             self.listings.forget(listing, name)
         self._changed(parent, listing, parent_attr, at)
+
+    def new_files_need_blocks(self, parent: int) -> bool:
+        """Did the last file this client created in `parent` need a stored block 0? Then the
+        next create there asks for one to be allocated with it."""
+        listing = self.listings.get(parent)
+        return listing is not None and listing.files_need_blocks
+
+    def note_new_file(self, parent: int, needs_blocks: bool) -> None:
+        self.listings.of(parent).files_need_blocks = needs_blocks
 
     def renamed(self, parent: int, name: bytes, new_parent: int, new_name: bytes, reply: RenameReply,
                 exchange: bool, at: float) -> None:

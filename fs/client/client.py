@@ -51,8 +51,9 @@ log = logging.getLogger("stripefs.client")
 DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
 #: Memory for cached blocks per client.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
-#: Blocks allocated together with a create: a file that outgrows inline storage then needs
-#: no allocation round trip (the metaserver allocates only for files that cannot go inline).
+#: Blocks allocated together with a create, in a directory where this client's last new
+#: file outgrew inline storage: its close then needs no allocation round trip. Elsewhere
+#: none: most small files never use one, and an unused allocation is garbage to collect.
 PREALLOC_BLOCKS_AT_CREATE = 1
 #: Extended attribute the kernel asks for before every write (file capabilities).
 CAPABILITY_XATTR = b"security.capability"
@@ -157,6 +158,8 @@ class Client:
     def _committed(self, f: FileState, attr: m.Attr) -> None:
         self.names.attrs.put(attr)
         self._note_generation(f.ino, attr.generation)
+        if f.created_in:
+            self.names.note_new_file(f.created_in, needs_blocks=f.inline is None)
 
     async def lookup_entry(self, parent: int, name: bytes) -> Entry:
         """The entry and how long it stays right (attr None: no such entry)."""
@@ -255,8 +258,8 @@ class Client:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
-        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id,
-                         PREALLOC_BLOCKS_AT_CREATE)
+        prealloc = PREALLOC_BLOCKS_AT_CREATE if self.names.new_files_need_blocks(parent) else 0
+        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc)
         t = now()
         try:
             reply = await self._meta("mknod", req)
@@ -269,6 +272,7 @@ class Client:
         f = self._file_state(attr)
         f.set_map(attr, [])
         f.spare = {a.index: a for a in reply.allocations}
+        f.created_in = parent
         f.no_capability = True  # a new file has no xattrs
         f.handles += 1
         self._cached_generation[attr.ino] = attr.generation

@@ -79,6 +79,7 @@ class FileState:
     no_capability: bool = False  # security.capability known absent (the kernel asks on every write)
     inline: Optional[bytes] = None  # block 0's bytes when the metaserver keeps it inline
     inline_refused: bool = False  # the metaserver refused an inline commit: use blocks
+    created_in: int = 0  # the directory this client created it in (0: opened, not created)
 
     def set_map(self, attr: Attr, blocks: list[BlockRef], with_inline: OpenReply | BlockMapReply | None = None) -> None:
         """Take a fresh attr and block map (and inline block 0) from the server; local dirty
