@@ -19,8 +19,11 @@ How the requests of a stream batch run is the implementation's choice:
 - `impl.apply_batch(calls)` (the metaserver): the whole batch, on the server's event-loop
   thread, in one store transaction; it returns for each call the reply (or FsError) and an
   optional barrier, a blocking function to run before that reply may leave (the fsync of a
-  durable operation). Barriers run on a worker thread while the stream goes on, so replies
-  of later calls are not held behind another call's fsync (group commit).
+  durable operation). A barrier runs on a worker thread while the streams go on, so replies
+  of later calls are not held behind another call's fsync (group commit); when no other
+  barrier is running it runs right there on the loop, where an fsync (~0.1 ms here) costs
+  less than the hand-off to a thread and back (a lone writer of small files: 208-255 ->
+  309-327 files/s).
 - otherwise (data servers): each call on a worker thread, replies as they finish; a call
   of a `quick` method (a small block read) runs on the event loop itself when no other call
   of the server is running, which saves a round trip through a worker thread when one
@@ -226,14 +229,31 @@ class _StreamHandler:
                 now.append(entry)
             else:
                 held.setdefault(barrier, []).append(entry)
-        for barrier, entries in held.items():
-            self._spawn(tasks, self._release_after(barrier, entries, out))
         if now:
             await out.send(now)
+        for barrier, entries in held.items():
+            if self.running == 0:
+                # Nothing else is waiting on a worker thread: an fsync here (~0.1 ms)
+                # costs less than the hand-off to one and back.
+                self.running += 1
+                try:
+                    await self._release_after(barrier, entries, out, inline=True)
+                finally:
+                    self.running -= 1
+            else:
+                self.running += 1
+                self._spawn(tasks, self._release_after(barrier, entries, out))
 
-    async def _release_after(self, barrier: Callable[[], None], entries: list[list], out: "_Replies") -> None:
+    async def _release_after(self, barrier: Callable[[], None], entries: list[list], out: "_Replies",
+                             inline: bool = False) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, barrier)
+            if inline:
+                barrier()
+            else:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self.pool, barrier)
+                finally:
+                    self.running -= 1
         except Exception:  # noqa: BLE001 - not durable: the callers must not hear success
             log.exception("barrier %r failed", barrier)
             entries = [[call_id, codec.encode_reply(None, errno.EIO, "not made durable")]
