@@ -67,6 +67,11 @@ BUSY_TIMEOUT_MS = 5000
 #: on average (mknod 286 -> 158 us in-process); the server checkpoints every second instead
 #: (`checkpoint`), and this only bounds the WAL if that falls behind.
 WAL_AUTOCHECKPOINT_PAGES = 16384
+#: SQLite's own page cache (SQLite's default is 2 MiB). Metadata pages that stay in the
+#: process do not depend on the kernel's page cache: like MooseFS's master, which keeps
+#: all metadata in memory, a metaserver answers for its recently used inodes without disk
+#: reads.
+PAGE_CACHE_KIB = 64 * 1024
 
 
 class Tx:
@@ -127,6 +132,7 @@ class Store:
             # fsync the database before the WAL is reused.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            self._conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._init_schema(path)
