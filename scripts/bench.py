@@ -283,19 +283,16 @@ def shard_worker(kind: str, path: str, final: str, size: int, io_bytes: int, bar
         results.put(("error", repr(exc), 0.0))
 
 
-def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
-    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s."""
+def run_together(target: Callable, arg_lists: list[tuple]) -> list[tuple[float, float]]:
+    """Runs target(*args, barrier, results) in one process per entry of arg_lists, started
+    together behind a barrier; returns each process's (start, end) on the monotonic clock.
+    A process that failed fails the workload."""
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(sizes.shards)
+    barrier = ctx.Barrier(len(arg_lists))
     results = ctx.Queue()
-    procs = []
-    for rank in range(sizes.shards):
-        tmp = str(directory / f"shard-{rank}.tmp")
-        final = str(directory / f"shard-{rank}.pt")
-        p = ctx.Process(target=shard_worker,
-                        args=(kind, tmp, final, sizes.shard_bytes, sizes.io_bytes, barrier, results))
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for args in arg_lists]
+    for p in procs:
         p.start()
-        procs.append(p)
     try:
         spans = [results.get(timeout=3600) for _ in procs]
     finally:
@@ -306,9 +303,19 @@ def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
                 p.join()
     errors = [s[1] for s in spans if s[0] != "ok"]
     if errors:
-        raise BenchError(f"sharded {kind} failed: {errors[0]}")
-    wall = max(s[2] for s in spans) - min(s[1] for s in spans)
-    slowest = max(s[2] - s[1] for s in spans)
+        raise BenchError(f"{target.__name__} failed: {errors[0]}")
+    return [(s[1], s[2]) for s in spans]
+
+
+def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
+    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s."""
+    spans = run_together(shard_worker, [
+        (kind, str(directory / f"shard-{rank}.tmp"), str(directory / f"shard-{rank}.pt"),
+         sizes.shard_bytes, sizes.io_bytes)
+        for rank in range(sizes.shards)
+    ])
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    slowest = max(end - start for start, end in spans)
     total = sizes.shards * sizes.shard_bytes
     return total / wall / MB, sizes.shard_bytes / slowest / MB
 
@@ -332,23 +339,8 @@ def meta_worker(phase: str, names: list[str], barrier, results) -> None:
 
 def run_parallel(phase: str, groups: list[list[str]]) -> float:
     """Aggregate ops/s of one phase run by one process per group of names, started together."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(groups))
-    results = ctx.Queue()
-    procs = [ctx.Process(target=meta_worker, args=(phase, names, barrier, results)) for names in groups]
-    for p in procs:
-        p.start()
-    try:
-        spans = [results.get(timeout=3600) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    errors = [s[1] for s in spans if s[0] != "ok"]
-    if errors:
-        raise BenchError(f"parallel {phase} failed: {errors[0]}")
-    wall = max(s[2] for s in spans) - min(s[1] for s in spans)
+    spans = run_together(meta_worker, [(phase, names) for names in groups])
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return sum(len(g) for g in groups) / wall
 
 

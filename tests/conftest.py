@@ -5,6 +5,8 @@ when a server or a mount logged a traceback during it.
 - `module_cluster`: the same, shared by the tests of one module that do not interfere.
 - `mount`, `two_mounts`: mounted paths on `cluster`. Mount tests need root and /dev/fuse
   and are skipped otherwise; mark them `mount`.
+- `mount_pair_dirs`: two mounts of `module_cluster` (shared by a module's tests), seen
+  through a fresh directory per test.
 - `@pytest.mark.allow_tracebacks`: the test expects tracebacks in the logs (it kills
   processes, say); they do not fail it.
 """
@@ -109,3 +111,17 @@ def mount(cluster: Cluster) -> Mount:
 def two_mounts(cluster: Cluster) -> tuple[Mount, Mount]:
     _require_mount()
     return cluster.mount(), cluster.mount()
+
+
+@pytest.fixture(scope="module")
+def _module_mount_pair(module_cluster: Cluster) -> tuple[Mount, Mount]:
+    _require_mount()
+    return module_cluster.mount(), module_cluster.mount()
+
+
+@pytest.fixture
+def mount_pair_dirs(_module_mount_pair, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """One directory per test, as seen through each of two mounts of one cluster."""
+    a, b = _module_mount_pair
+    os.mkdir(a / request.node.name)
+    return a / request.node.name, b / request.node.name

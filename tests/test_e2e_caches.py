@@ -11,23 +11,6 @@ import pytest
 pytestmark = pytest.mark.mount
 
 
-@pytest.fixture(scope="module")
-def mounted_pair(module_cluster):
-    from conftest import mount_skip_reason
-
-    if mount_skip_reason():
-        pytest.skip(mount_skip_reason())
-    return module_cluster.mount(), module_cluster.mount()
-
-
-@pytest.fixture
-def two_mounts(mounted_pair, request):
-    """Two mounts of one cluster, seen through a fresh directory per test."""
-    a, b = mounted_pair
-    name = request.node.name
-    os.mkdir(a / name)
-    return a / name, b / name
-
 #: The kernel's attribute and entry timeout (fs/fuse/ops.py) plus scheduling slack.
 TIMEOUT_S = 1.0 + 2.0
 
@@ -44,15 +27,15 @@ def eventually(check, timeout_s: float = TIMEOUT_S):
         time.sleep(0.05)
 
 
-def test_negative_entry_cache_expires(two_mounts):
-    a, b = two_mounts
+def test_negative_entry_cache_expires(mount_pair_dirs):
+    a, b = mount_pair_dirs
     assert not os.path.exists(b / "late")  # b caches the negative entry
     (a / "late").write_bytes(b"here")
     assert eventually(lambda: (b / "late").read_bytes() == b"here")
 
 
-def test_page_cache_dropped_when_another_mount_rewrites(two_mounts):
-    a, b = two_mounts
+def test_page_cache_dropped_when_another_mount_rewrites(mount_pair_dirs):
+    a, b = mount_pair_dirs
     (a / "f").write_bytes(b"1" * 100_000)
     assert (b / "f").read_bytes() == b"1" * 100_000  # b's page cache now holds it
     assert (b / "f").read_bytes() == b"1" * 100_000  # kept across opens: unchanged
@@ -60,8 +43,8 @@ def test_page_cache_dropped_when_another_mount_rewrites(two_mounts):
     assert eventually(lambda: (b / "f").read_bytes() == b"2" * 100_000)
 
 
-def test_page_cache_kept_for_own_writes(two_mounts):
-    a, _ = two_mounts
+def test_page_cache_kept_for_own_writes(mount_pair_dirs):
+    a, _ = mount_pair_dirs
     with open(a / "g", "wb") as f:
         f.write(b"x" * 10_000)
     with open(a / "g", "r+b") as f:
@@ -71,8 +54,8 @@ def test_page_cache_kept_for_own_writes(two_mounts):
     assert data[5000:5001] == b"y" and len(data) == 10_000
 
 
-def test_append_seen_by_other_mount(two_mounts):
-    a, b = two_mounts
+def test_append_seen_by_other_mount(mount_pair_dirs):
+    a, b = mount_pair_dirs
     (a / "log").write_bytes(b"first\n")
     assert (b / "log").read_bytes() == b"first\n"
     with open(a / "log", "ab") as f:
@@ -80,8 +63,8 @@ def test_append_seen_by_other_mount(two_mounts):
     assert eventually(lambda: (b / "log").read_bytes() == b"first\nsecond\n")
 
 
-def test_recreate_after_delete_seen_by_other_mount(two_mounts):
-    a, b = two_mounts
+def test_recreate_after_delete_seen_by_other_mount(mount_pair_dirs):
+    a, b = mount_pair_dirs
     (a / "r").write_bytes(b"old")
     assert (b / "r").read_bytes() == b"old"
     os.unlink(a / "r")
@@ -89,18 +72,18 @@ def test_recreate_after_delete_seen_by_other_mount(two_mounts):
     assert eventually(lambda: (b / "r").read_bytes() == b"new!")
 
 
-def test_attributes_follow_other_mount(two_mounts):
-    a, b = two_mounts
+def test_attributes_follow_other_mount(mount_pair_dirs):
+    a, b = mount_pair_dirs
     (a / "m").write_bytes(b"z")
     assert os.stat(b / "m").st_mode & 0o777 == 0o644
     os.chmod(a / "m", 0o600)
     assert eventually(lambda: os.stat(b / "m").st_mode & 0o777 == 0o600)
 
 
-def test_replaced_file_opens_at_once_in_other_mount(two_mounts):
+def test_replaced_file_opens_at_once_in_other_mount(mount_pair_dirs):
     """A rename over a file in one mount: the other mount's cached entry points at the
     removed inode; ESTALE makes its kernel look the name up again instead of failing."""
-    a, b = two_mounts
+    a, b = mount_pair_dirs
     (a / "v").write_bytes(b"v1")
     assert (b / "v").read_bytes() == b"v1"  # b caches the entry v -> old inode
     (a / "v.tmp").write_bytes(b"v2")
@@ -109,10 +92,10 @@ def test_replaced_file_opens_at_once_in_other_mount(two_mounts):
     assert os.stat(b / "v").st_size == 2
 
 
-def test_xattr_set_in_other_mount_seen_within_timeout(two_mounts):
+def test_xattr_set_in_other_mount_seen_within_timeout(mount_pair_dirs):
     """getxattr is answered locally while the inode's attributes (fresh for about 1 s) say
     it has no xattrs: a label set by another mount shows up once they expire."""
-    a, b = two_mounts
+    a, b = mount_pair_dirs
     (a / "x").write_bytes(b"")
     assert os.listxattr(b / "x") == []  # b now knows x as having no xattrs
     os.setxattr(a / "x", "user.label", b"cat")

@@ -22,23 +22,6 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 SLACK_S = 0.5
 
 
-@pytest.fixture(scope="module")
-def mounted_pair(module_cluster):
-    from conftest import mount_skip_reason
-
-    if mount_skip_reason():
-        pytest.skip(mount_skip_reason())
-    return module_cluster.mount(), module_cluster.mount()
-
-
-@pytest.fixture
-def pair(mounted_pair, request):
-    a, b = mounted_pair
-    name = request.node.name
-    os.mkdir(a / name)
-    return a / name, b / name
-
-
 def poll_until(check, deadline: float) -> None:
     """Waits until check() holds; fails if it still does not at `deadline` (monotonic)."""
     while True:
@@ -52,8 +35,8 @@ def poll_until(check, deadline: float) -> None:
         time.sleep(0.02)
 
 
-def test_statahead_never_serves_attributes_older_than_the_timeout(pair):
-    a, b = pair
+def test_statahead_never_serves_attributes_older_than_the_timeout(mount_pair_dirs):
+    a, b = mount_pair_dirs
     for i in range(300):
         (a / f"e{i:03d}").write_bytes(b"x")
     # b stats the entries in order: statahead fetches them in batches.
@@ -71,8 +54,8 @@ def test_statahead_never_serves_attributes_older_than_the_timeout(pair):
     assert all(os.stat(b / f"e{i:03d}").st_size == (3 if i % 10 == 0 else 1) for i in range(300))
 
 
-def test_negative_answers_while_filling_never_hide_another_mounts_file_past_the_timeout(pair):
-    a, b = pair
+def test_negative_answers_while_filling_never_hide_another_mounts_file_past_the_timeout(mount_pair_dirs):
+    a, b = mount_pair_dirs
     # b fills the directory (a complete listing answers its lookups of new names) ...
     for i in range(50):
         (b / f"b{i:03d}").write_bytes(b"")
@@ -89,10 +72,10 @@ def test_negative_answers_while_filling_never_hide_another_mounts_file_past_the_
     assert len(os.listdir(a)) == i + 1
 
 
-def test_a_reader_sees_a_new_file_at_once(pair):
+def test_a_reader_sees_a_new_file_at_once(mount_pair_dirs):
     """Only a mount that is filling a directory answers negative lookups from its listing:
     one that just reads it asks, so it sees another mount's new file at once."""
-    a, b = pair
+    a, b = mount_pair_dirs
     for i in range(20):
         (a / f"f{i}").write_bytes(b"")
     assert sorted(os.listdir(b)) == sorted(f"f{i}" for i in range(20))  # b holds the listing
@@ -102,8 +85,8 @@ def test_a_reader_sees_a_new_file_at_once(pair):
     assert (b / "new").read_bytes() == b"now"
 
 
-def test_created_renamed_removed_rewritten_seen_on_the_other_mount(pair):
-    a, b = pair
+def test_created_renamed_removed_rewritten_seen_on_the_other_mount(mount_pair_dirs):
+    a, b = mount_pair_dirs
     (a / "f").write_bytes(b"one")
     assert (b / "f").read_bytes() == b"one"
     os.rename(a / "f", a / "g")
@@ -115,8 +98,8 @@ def test_created_renamed_removed_rewritten_seen_on_the_other_mount(pair):
     poll_until(lambda: not os.path.exists(b / "g"), time.monotonic() + ENTRY_TTL_S + SLACK_S)
 
 
-def test_inline_file_across_mounts_grows_and_shrinks(pair):
-    a, b = pair
+def test_inline_file_across_mounts_grows_and_shrinks(mount_pair_dirs):
+    a, b = mount_pair_dirs
     small = os.urandom(20_000)
     (a / "s").write_bytes(small)
     assert (b / "s").read_bytes() == small
@@ -135,8 +118,8 @@ def test_inline_file_across_mounts_grows_and_shrinks(pair):
     assert (a / "s").read_bytes() == small[:500] + b"tail"
 
 
-def test_release_in_the_background_keeps_unlinked_files_readable(pair):
-    a, b = pair
+def test_release_in_the_background_keeps_unlinked_files_readable(mount_pair_dirs):
+    a, b = mount_pair_dirs
     data = os.urandom(30_000)
     (a / "u").write_bytes(data)
     with open(b / "u", "rb") as held:
