@@ -37,7 +37,7 @@ from proto import messages as m
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
-from .cache import ATTR_TTL_S, ENTRY_TTL_S, Entry, NameCache, now
+from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
 from .files import FileState, HandleState, WritebackBudget
 from .reader import Reader
@@ -59,8 +59,6 @@ PREALLOC_BLOCKS_AT_CREATE = 1
 CAPABILITY_XATTR = b"security.capability"
 #: Virtual layout attributes (stripefs.block_size, ...) always go to the metaserver.
 VIRTUAL_XATTR_PREFIX = b"stripefs."
-#: Entries fetched from the metaserver per readdir round trip.
-READDIR_BATCH = 1000
 
 
 @dataclass
@@ -136,10 +134,6 @@ class Client:
         await self.session.close()
         self.data.close()
         self.session.transport.close()
-
-    @property
-    def session_id(self) -> int:
-        return self.session.id
 
     async def _meta(self, name: str, req: m.Message):
         return await self.session.call(name, req)
