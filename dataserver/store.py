@@ -9,9 +9,11 @@ Layout under `root`:
                              (never read again; an operator may delete them at will)
 
 A block file is a header then the data. The header is FIXED_HEADER (magic, format
-version, flags, data length) followed by one CRC32C per SUB_BLOCK_BYTES of data (the last
-one covers the short tail). A read fetches and verifies only the sub-blocks covering the
-requested range, so a 128 KiB read of a 4 MiB block costs 128 KiB of disk and CRC work.
+version, sub-block size in KiB, data length) followed by one CRC32C per sub-block of data
+(the last one covers the short tail). A read fetches and verifies only the sub-blocks
+covering the requested range, so a 4 KiB read of a 4 MiB block costs 4 KiB of disk and CRC
+work. New blocks use SUB_BLOCK_BYTES (4 KiB); files of the format's first version (a
+flags field, always 0, where the size is now, and 64 KiB sub-blocks) are still read.
 
 Crash behaviour: a block is written to tmp/, fsynced, then hard-linked into blocks/ and the
 directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
@@ -48,9 +50,12 @@ from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 log = logging.getLogger("stripefs.dataserver.store")
 
 MAGIC = b"SFBK"
-FORMAT_VERSION = 1
-#: magic, format version, flags (none yet), data length in bytes; little-endian.
+FORMAT_VERSION = 2
+#: magic, format version, sub-block size in KiB (version 1: flags, always 0), data length
+#: in bytes; little-endian.
 FIXED_HEADER = struct.Struct("<4sHHQ")
+#: The sub-block size of version 1 files.
+V1_SUB_BLOCK_BYTES = 64 * 1024
 _CRC = struct.Struct("<I")
 _MAX_BLOCK_ID = (1 << 64) - 1
 #: OS errors a writer should see as they are; any other failure to store is EIO.
@@ -73,15 +78,16 @@ def check_block_id(block_id: object) -> BlockId:
     return BlockId(block_id)
 
 
-def _sub_blocks(length: int) -> int:
-    return (length + SUB_BLOCK_BYTES - 1) // SUB_BLOCK_BYTES
+def _sub_blocks(length: int, sub: int) -> int:
+    return (length + sub - 1) // sub
 
 
 def _header(data: memoryview) -> bytes:
     crcs = [
         crc32c.crc32c(data[i : i + SUB_BLOCK_BYTES]) for i in range(0, len(data), SUB_BLOCK_BYTES)
     ]
-    return FIXED_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(data)) + struct.pack(f"<{len(crcs)}I", *crcs)
+    return (FIXED_HEADER.pack(MAGIC, FORMAT_VERSION, SUB_BLOCK_BYTES // 1024, len(data))
+            + struct.pack(f"<{len(crcs)}I", *crcs))
 
 
 def _write_all(fd: int, *parts: bytes | memoryview) -> None:
@@ -324,29 +330,32 @@ class BlockStore:
 
     @staticmethod
     def _read_range(fd: int, offset: int, length: int) -> bytes:
-        magic, version, _flags, data_len = FIXED_HEADER.unpack(_pread_exact(fd, FIXED_HEADER.size, 0))
-        if magic != MAGIC or version != FORMAT_VERSION:
+        magic, version, sub_kib, data_len = FIXED_HEADER.unpack(_pread_exact(fd, FIXED_HEADER.size, 0))
+        if magic != MAGIC or version not in (1, FORMAT_VERSION):
             raise _Corrupt(f"bad magic {magic!r} or format version {version}")
+        sub = V1_SUB_BLOCK_BYTES if version == 1 else sub_kib * 1024
+        if not 0 < sub <= MAX_BLOCK_SIZE_BYTES or sub & (sub - 1):
+            raise _Corrupt(f"sub-block size {sub} out of range")
         if data_len > MAX_BLOCK_SIZE_BYTES:
             raise _Corrupt(f"data length {data_len} out of range")
-        data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(data_len)
+        data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(data_len, sub)
         # A truncated or extended file fails here even when the asked range looks intact.
         if os.fstat(fd).st_size != data_start + data_len:
             raise _Corrupt(f"file size does not match data length {data_len}")
         end = data_len if length == -1 else min(data_len, offset + length)
         if offset >= end:
             return b""
-        first, last = offset // SUB_BLOCK_BYTES, (end - 1) // SUB_BLOCK_BYTES
+        first, last = offset // sub, (end - 1) // sub
         count = last - first + 1
         crcs = struct.unpack(
             f"<{count}I", _pread_exact(fd, _CRC.size * count, FIXED_HEADER.size + _CRC.size * first)
         )
-        span_start = first * SUB_BLOCK_BYTES
-        span_end = min(data_len, (last + 1) * SUB_BLOCK_BYTES)
+        span_start = first * sub
+        span_end = min(data_len, (last + 1) * sub)
         buf = _pread_exact(fd, span_end - span_start, data_start + span_start)
         view = memoryview(buf)
         for i, expected in enumerate(crcs):
-            piece = view[i * SUB_BLOCK_BYTES : (i + 1) * SUB_BLOCK_BYTES]
+            piece = view[i * sub : (i + 1) * sub]
             if crc32c.crc32c(piece) != expected:
                 raise _Corrupt(f"checksum mismatch in sub-block {first + i}")
         lo, hi = offset - span_start, end - span_start

@@ -34,8 +34,11 @@ MAX_REPLICAS = 8
 DEFAULT_INLINE_MAX_BYTES = 64 * 1024
 MAX_INLINE_BYTES = 1024 * 1024
 
-#: Checksum granularity of a stored block: one CRC32C per this many bytes.
-SUB_BLOCK_BYTES = 64 * 1024
+#: Checksum granularity of a stored block: one CRC32C per this many bytes, so a read
+#: touches (and verifies) about what it asks for. 4 KiB: cold random 4 KiB reads of a
+#: 1 GiB file went from ~570-860 to ~650-1,190 a second against 64 KiB (the size of the
+#: format's first version, still read).
+SUB_BLOCK_BYTES = 4 * 1024
 
 #: Virtual xattrs of a directory that set the layout of files created under it.
 #: They are not listed by listxattr, so copying tools do not carry them around.

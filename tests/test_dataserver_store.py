@@ -251,3 +251,29 @@ def test_unsynced_put_then_sync_blocks(store, monkeypatch):
     assert store.get(1) == b"a" * 100
     store.sync_blocks([1, 257, 999])
     assert len(synced) == 3  # two files, one directory
+
+
+def test_version_1_blocks_are_still_read_and_checked(store, tmp_path):
+    """Blocks stored by the first format (64 KiB sub-blocks, a zero flags field) read and
+    verify as before; new blocks use the current sub-block size."""
+    import struct
+
+    import crc32c
+
+    from dataserver.store import V1_SUB_BLOCK_BYTES
+
+    data = pattern(2 * V1_SUB_BLOCK_BYTES + 77)
+    crcs = [crc32c.crc32c(data[i : i + V1_SUB_BLOCK_BYTES]) for i in range(0, len(data), V1_SUB_BLOCK_BYTES)]
+    path = block_file(tmp_path, 77)
+    path.write_bytes(FIXED_HEADER.pack(b"SFBK", 1, 0, len(data)) + struct.pack(f"<{len(crcs)}I", *crcs) + data)
+    assert store.get(77) == data
+    assert store.get(77, V1_SUB_BLOCK_BYTES + 5, 10) == data[V1_SUB_BLOCK_BYTES + 5 : V1_SUB_BLOCK_BYTES + 15]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FsError) as exc:
+        store.get(77, len(data) - 1, 1)
+    assert exc.value.errno == errno.EIO
+    store.put(78, data)
+    _, version, sub_kib, _ = FIXED_HEADER.unpack(block_file(tmp_path, 78).read_bytes()[: FIXED_HEADER.size])
+    assert (version, sub_kib * 1024) == (2, SUB)
