@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from proto.auth import check_block_token
+from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub
@@ -32,9 +34,11 @@ FETCH_TIMEOUT_S = 30.0
 
 
 class Replicator:
-    def __init__(self, store: BlockStore, secret: bytes, workers: int = DEFAULT_REPLICATION_WORKERS) -> None:
+    def __init__(self, store: BlockStore, creds: Credentials, token_key: Callable[[], bytes],
+                 workers: int = DEFAULT_REPLICATION_WORKERS) -> None:
         self.store = store
-        self._secret = secret
+        self._creds = creds
+        self._token_key = token_key  # known once registered
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="replicate")
         self._lock = threading.Lock()
         self._active: set[int] = set()
@@ -78,7 +82,7 @@ class Replicator:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                stub = self._stubs[address] = Stub(address, self._secret, DATA_SERVICE, DATA_METHODS)
+                stub = self._stubs[address] = Stub(address, self._creds, DATA_SERVICE, DATA_METHODS)
             return stub
 
     def _copy(self, task: ReplicateTask) -> None:
@@ -93,7 +97,7 @@ class Replicator:
                 (self._done if ok else self._failed).append(task.block_id)
 
     def _fetch_and_store(self, task: ReplicateTask) -> bool:
-        if not check_block_token(self._secret, task.block_id, task.token):
+        if not check_block_token(self._token_key(), task.block_id, task.token):
             log.warning("replication task for block %d has a bad token: ignored", task.block_id)
             return False
         for source in task.sources:

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from proto.auth import load_secret
+from proto.credentials import load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
 from proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", required=True, type=parse_address, help="HOST:PORT to serve on (port 0 picks one)")
     p.add_argument("--meta", required=True, type=parse_address, help="metaserver HOST:PORT")
     p.add_argument("--dir", required=True, help="data directory")
-    p.add_argument("--secret-file", default=None, help="cluster secret (default: $STRIPEFS_SECRET_FILE)")
+    p.add_argument("--credentials", required=True,
+                   help="credential bundle of this data server (stripefs credential new --role data)")
+    p.add_argument("--revoked", default=None, help="file of revoked credential names to refuse")
     p.add_argument(
         "--advertise",
         type=parse_address,
@@ -141,8 +143,10 @@ class Heartbeater:
         stop: threading.Event,
         interval_s: Optional[float] = None,
         replicator: Optional[Replicator] = None,
+        service: Optional[DataService] = None,
     ) -> None:
         self.store = store
+        self.service = service  # gets the token key the metaserver answers registration with
         self.replicator = replicator
         self.meta = meta
         self.address = address
@@ -203,6 +207,8 @@ class Heartbeater:
                 delay_s = min(delay_s * 2, REGISTER_BACKOFF_MAX_S)
                 continue
             self.server_id = reply.server_id
+            if self.service is not None and reply.token_key:
+                self.service.token_key = reply.token_key
             if self._interval_override_s is None:
                 given = reply.heartbeat_interval_s
                 ok = isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0
@@ -301,22 +307,25 @@ def main(argv: list[str]) -> int:
     # sigwait below ever receives these signals.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        secret = load_secret(args.secret_file)
+        creds = load_credentials(args.credentials)
         store = BlockStore(Path(args.dir))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, FsError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    service = DataService(store, secret)
-    replicator = Replicator(store, secret, max(1, args.replication_workers))
+    if creds.role != "data":
+        log.error("cannot start: %s holds a %s credential, not a data server's", args.credentials, creds.role)
+        return 1
+    service = DataService(store)
+    replicator = Replicator(store, creds, lambda: service.token_key, max(1, args.replication_workers))
     try:
-        server, port = serve(DATA_SERVICE, DATA_METHODS, service, secret, args.listen)
+        server, port = serve(DATA_SERVICE, DATA_METHODS, service, creds, args.listen, revoked=args.revoked)
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
     address = advertised_address(args.listen, port, args.advertise)
     stop = threading.Event()
-    meta = Stub(args.meta, secret, META_SERVICE, META_METHODS)
-    heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator)
+    meta = Stub(args.meta, creds, META_SERVICE, META_METHODS)
+    heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator, service)
     scrubber = None
     if args.scrub_rate_mib_s > 0:
         scrubber = Scrubber(store, stop, args.scrub_rate_mib_s * 1024 * 1024, args.scrub_interval_s)

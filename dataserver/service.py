@@ -1,8 +1,10 @@
 """The data server's RPC methods (proto.services.DATA_METHODS) over a BlockStore.
 
-proto.rpc has already checked the caller's cluster credential and the request's `valid()`
+proto.rpc has already checked the caller's credential and role and the request's `valid()`
 before a method runs; what is left here is the per-block write authorization and the
 translation between wire messages and store calls. Methods run on gRPC worker threads.
+The token key that write tokens are checked with comes from the metaserver when this
+server registers (server.py); until then no block is stored (EAGAIN).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from .store import BlockStore
 
 
 class DataService:
-    def __init__(self, store: BlockStore, secret: bytes) -> None:
+    def __init__(self, store: BlockStore) -> None:
         self.store = store
-        self._secret = secret
+        self.token_key = b""  # set when the metaserver answers our registration
 
     def put_block(self, req: PutBlockReq) -> Empty:
+        if not self.token_key:
+            raise FsError(errno.EAGAIN, "not registered with the metaserver yet")
         # Only the metaserver can mint a token for an id, so a client cannot store (or,
         # with ids never reused, overwrite) a block it was not allocated.
-        if not check_block_token(self._secret, req.block_id, req.token):
+        if not check_block_token(self.token_key, req.block_id, req.token):
             raise FsError(errno.EACCES, f"bad write token for block {req.block_id}")
         self.store.put(req.block_id, req.data, sync=req.sync)
         return Empty()

@@ -209,7 +209,7 @@ class BlockStore:
         tmp = self._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
         try:
             header = _header(view)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, header, view)
                 if sync:

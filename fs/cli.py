@@ -6,6 +6,9 @@
   stripefs umount MOUNTPOINT
   stripefs status [--json]                                 data servers, their states, replication health
   stripefs fsck   [--repair] [--json]                      check (and repair) the metadata
+  stripefs ca init DIR                                     make the cluster's CA
+  stripefs credential new --ca DIR --role ROLE --name NAME --out DIR   issue a credential
+  stripefs credential revoke --ca DIR NAME                 refuse a credential from now on
 
 The server roles are imported only when their subcommand runs: this module is the
 composition root, the one place that knows every role.
@@ -31,8 +34,15 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state or os.environ.get("STRIPEFS_STATE", DEFAULT_STATE_DIR))
 
 
-def _resolve_meta_and_secret(args: argparse.Namespace) -> tuple[str, Optional[str]]:
-    """--meta/--secret-file if given, else the local cluster's files under the state dir."""
+#: Where scripts/up keeps a local cluster's CA and credential bundles, under the state dir.
+CREDENTIALS_SUBDIR = "credentials"
+#: Environment variable naming a credential bundle when --credentials is not given.
+CREDENTIALS_ENV = "STRIPEFS_CREDENTIALS"
+
+
+def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """--meta/--credentials if given, else $STRIPEFS_META/$STRIPEFS_CREDENTIALS, else the
+    local cluster's address and admin bundle under the state dir."""
     state = _state_dir(args)
     meta = args.meta or os.environ.get("STRIPEFS_META")
     if meta is None:
@@ -40,12 +50,18 @@ def _resolve_meta_and_secret(args: argparse.Namespace) -> tuple[str, Optional[st
         if not addr_file.exists():
             sys.exit(f"stripefs: no --meta given and no {addr_file} (is the cluster up?)")
         meta = addr_file.read_text().strip()
-    secret_file = args.secret_file
-    if secret_file is None and not os.environ.get("STRIPEFS_SECRET_FILE"):
-        candidate = state / "cluster.secret"
-        if candidate.exists():
-            secret_file = str(candidate)
-    return meta, secret_file
+    creds = args.credentials or os.environ.get(CREDENTIALS_ENV) or str(state / CREDENTIALS_SUBDIR / "admin")
+    return meta, creds
+
+
+def _load_credentials(path: str, cmd: str):
+    from proto.credentials import load_credentials
+    from proto.errors import FsError
+
+    try:
+        return load_credentials(path)
+    except FsError as exc:
+        sys.exit(f"stripefs {cmd}: {exc.message}")
 
 
 def cmd_role(module: str, argv: list[str]) -> int:
@@ -53,7 +69,6 @@ def cmd_role(module: str, argv: list[str]) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from proto.auth import load_secret
     from proto.logsetup import setup_logging
 
     mountpoint = os.path.abspath(args.mountpoint)
@@ -61,7 +76,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         sys.exit(f"stripefs mount: {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         sys.exit(f"stripefs mount: {mountpoint} is already a mount point")
-    secret = load_secret(args.secret_file)
+    creds = _load_credentials(args.credentials, "mount")
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
@@ -71,7 +86,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     options = [o for o in (args.options or "").split(",") if o]
     run_mount(
-        args.meta, mountpoint, secret, options,
+        args.meta, mountpoint, creds, options,
         writeback_bytes=args.writeback_mib * 1024 * 1024,
         cache_bytes=args.cache_mib * 1024 * 1024,
     )
@@ -82,7 +97,7 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
     argv = [sys.executable, "-m", "fs.cli", "mount", "--foreground", args.meta, mountpoint,
             "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
             "--log-level", args.log_level]
-    for flag, value in (("--secret-file", args.secret_file), ("--log-file", args.log_file),
+    for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
                         ("--pid-file", args.pid_file), ("-o", args.options)):
         if value:
             argv += [flag, os.path.abspath(value) if flag != "-o" else value]
@@ -101,6 +116,30 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
     sys.exit(f"stripefs mount: {mountpoint} not mounted after {MOUNT_READY_TIMEOUT_S:.0f} s")
 
 
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from proto.credentials import init_ca
+
+    print(init_ca(args.dir))
+    return 0
+
+
+def cmd_credential_new(args: argparse.Namespace) -> int:
+    from proto.credentials import issue
+
+    try:
+        print(issue(args.ca, args.role, args.name, args.out))
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"stripefs credential new: {exc}")
+    return 0
+
+
+def cmd_credential_revoke(args: argparse.Namespace) -> int:
+    from proto.credentials import revoke
+
+    print(revoke(args.ca, args.name))
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if subprocess.run(["fusermount3", "-u", mountpoint]).returncode == 0:
@@ -111,13 +150,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _meta_call(args: argparse.Namespace, cmd: str, name: str, req, timeout: float):
     """One call to the metaserver named by args; exits with a message if it fails."""
-    from proto.auth import load_secret
     from proto.errors import FsError
     from proto.rpc import Stub
     from proto.services import META_METHODS, META_SERVICE
 
-    meta, secret_file = _resolve_meta_and_secret(args)
-    stub = Stub(meta, load_secret(secret_file), META_SERVICE, META_METHODS)
+    meta, creds = _resolve_meta_and_credentials(args)
+    stub = Stub(meta, _load_credentials(creds, cmd), META_SERVICE, META_METHODS)
     try:
         return meta, stub.call(name, req, timeout=timeout)
     except FsError as exc:
@@ -212,7 +250,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = sub.add_parser("mount", help="mount a cluster")
     p.add_argument("meta", help="metaserver HOST:PORT")
     p.add_argument("mountpoint")
-    p.add_argument("--secret-file", help="cluster secret (default: $STRIPEFS_SECRET_FILE)")
+    p.add_argument("--credentials", default=os.environ.get(CREDENTIALS_ENV),
+                   required=CREDENTIALS_ENV not in os.environ,
+                   help=f"client credential bundle (stripefs credential new --role client; default ${CREDENTIALS_ENV})")
     p.add_argument("--foreground", action="store_true", help="run in the foreground until unmounted")
     p.add_argument("--log-file")
     p.add_argument("--log-level", default="INFO")
@@ -223,20 +263,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="memory for cached blocks (MiB)")
     p.set_defaults(func=cmd_mount)
 
+    p = sub.add_parser("ca", help="the cluster's certificate authority")
+    ca_sub = p.add_subparsers(dest="ca_cmd", required=True)
+    q = ca_sub.add_parser("init", help="make a CA in DIR (ca.crt, ca.key 0600) unless one is there")
+    q.add_argument("dir")
+    q.set_defaults(func=cmd_ca_init)
+
+    p = sub.add_parser("credential", help="issue or revoke a credential of the cluster's CA")
+    cred_sub = p.add_subparsers(dest="cred_cmd", required=True)
+    q = cred_sub.add_parser("new", help="issue a credential bundle (ca.crt, cert.pem, key.pem) into --out")
+    q.add_argument("--ca", required=True, help="the CA directory (stripefs ca init)")
+    q.add_argument("--role", required=True, choices=["meta", "data", "client", "admin"])
+    q.add_argument("--name", required=True, help="who holds it: a host, a user, a data directory")
+    q.add_argument("--out", required=True, help="directory to write the bundle to (0700)")
+    q.set_defaults(func=cmd_credential_new)
+    q = cred_sub.add_parser("revoke", help="list NAME in the CA's revocation file (servers given --revoked refuse it)")
+    q.add_argument("--ca", required=True)
+    q.add_argument("name", help="NAME or ROLE:NAME")
+    q.set_defaults(func=cmd_credential_revoke)
+
     p = sub.add_parser("umount", help="unmount")
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("status", help="data servers, their states and replication health")
     p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
-    p.add_argument("--secret-file")
+    p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
     p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fsck", help="check the metadata (read-only unless --repair); exit 1 if not clean")
     p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
-    p.add_argument("--secret-file")
+    p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
     p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
     p.add_argument("--repair", action="store_true", help="fix what can be fixed")
     p.add_argument("--json", action="store_true")

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import crc32c
 
+from proto.credentials import ADMIN, LOCAL, Caller
 from proto.errors import FsError
 from proto.messages import Attr, BlockRef
 from proto.types import (
@@ -99,7 +100,7 @@ class CoreBase:
     def __init__(
         self,
         db_path: str,
-        secret: bytes,
+        token_key: bytes,
         *,
         clock: Callable[[], float] = time.time,
         server_suspect_after_s: float = 3.0,
@@ -111,7 +112,7 @@ class CoreBase:
         replication_per_heartbeat: int = 8,
         replication_timeout_s: float = 60.0,
     ) -> None:
-        self.secret = secret
+        self.token_key = token_key  # signs block write tokens (proto/auth.py)
         self.clock = clock
         self.server_suspect_after_s = min(server_suspect_after_s, server_dead_after_s)
         self.server_dead_after_s = server_dead_after_s
@@ -367,9 +368,14 @@ class CoreBase:
 
     # ------------------------------------------------------------------ sessions
 
-    def _session_exists(self, tx: Tx, session: int) -> None:
-        if not tx.scalar("SELECT 1 FROM sessions WHERE session_id = ?", (session,)):
+    def _session_exists(self, tx: Tx, session: int, caller: Caller = LOCAL) -> None:
+        """The session is there (ESTALE otherwise) and the caller's (EPERM otherwise): a
+        client works only in the sessions it opened; an admin in any."""
+        row = tx.one("SELECT owner FROM sessions WHERE session_id = ?", (session,))
+        if row is None:
             raise FsError(errno.ESTALE, f"session {session} is unknown or expired")
+        if caller.role != ADMIN and row["owner"] != str(caller):
+            raise FsError(errno.EPERM, f"session {session} is not {caller}'s")
 
     def _record_open(self, tx: Tx, session: int, ino: int) -> None:
         tx.run(

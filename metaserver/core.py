@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
+from typing import Any, Callable, Optional
 
 from proto.errors import FsError
 from proto.messages import Message
-from proto.rpc import BatchResult
+from proto.rpc import BatchResult, summary
 
 from .files import FileOps
 from .fsck import FsckOps
@@ -31,28 +31,34 @@ log = logging.getLogger("stripefs.metaserver")
 class MetaCore(NamespaceOps, XattrOps, FileOps, RegistryOps, FsckOps):
     """The metadata service. Thread-safe: the store serializes transactions.
 
-    MetaCore(db_path, secret, *, clock=time.time, server_suspect_after_s=3.0,
+    MetaCore(db_path, token_key, *, clock=time.time, server_suspect_after_s=3.0,
              server_dead_after_s=10.0, session_lease_s=30.0, gc_grace_s=30.0,
              pending_timeout_s=600.0, reserve_bytes=0, replication_per_heartbeat=8,
              replication_timeout_s=60.0)
     """
 
-    def apply_batch(self, calls: list[tuple[str, Message]]) -> list[BatchResult]:
+    def apply_batch(self, calls: list[tuple[str, Message]],
+                    run: Optional[Callable[[str, Message], Any]] = None) -> list[BatchResult]:
         """Run checked calls in order in one transaction, each a savepoint of it (a call
-        that fails undoes only itself). For each: its reply or FsError, and the barrier
-        to pass before the reply may leave (`store.sync` for a durable one). One commit
-        and at most one fsync for the lot, where one per call cost both per call."""
+        that fails undoes only itself); `run(name, req)` runs one (the RPC glue's, which
+        passes the caller to the methods that take it; default: the method itself). For
+        each: its reply or FsError, and the barrier to pass before the reply may leave
+        (`store.sync` for a durable one). One commit and at most one fsync for the lot,
+        where one per call cost both per call."""
+        if run is None:
+            def run(name: str, req: Message) -> Any:
+                return getattr(self, name)(req)
         results: list[tuple[Any, bool]] = []
         try:
             with self.store.batch() as batch:
                 for name, req in calls:
                     batch.durable = False
                     try:
-                        result: Any = getattr(self, name)(req)
+                        result: Any = run(name, req)
                     except FsError as exc:
                         result = exc
                     except Exception:  # noqa: BLE001 - one call's bug fails that call only
-                        log.exception("%s failed on %r", name, req)
+                        log.exception("%s failed on %s", name, summary(req))
                         result = FsError(errno.EIO, f"internal error in {name}")
                     results.append((result, batch.durable))
         except Exception:  # noqa: BLE001 - the commit failed: nothing of the batch happened

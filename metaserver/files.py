@@ -38,18 +38,18 @@ from proto.messages import (
 )
 from proto.types import FILE_SIZE_MAX_BYTES
 
-from .base import CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
+from .base import ADMIN, LOCAL, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
 from .store import Tx
 
 
 class FileOps(CoreBase):
-    def open(self, req: OpenReq) -> OpenReply:
+    def open(self, req: OpenReq, caller: Caller = LOCAL) -> OpenReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
             row = self._inode(tx, req.ino)
             if is_dir(row):
                 raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
-            self._session_exists(tx, req.session)
+            self._session_exists(tx, req.session, caller)
             if req.flags & os.O_TRUNC and is_reg(row):
                 self._truncate(tx, row, 0, now)
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
@@ -62,10 +62,13 @@ class FileOps(CoreBase):
                 data=inline[0] if inline else b"",
             )
 
-    def release(self, req: ReleaseReq) -> Empty:
+    def release(self, req: ReleaseReq, caller: Caller = LOCAL) -> Empty:
         # Lenient on purpose: a release after the session expired (and closed its opens)
         # has nothing left to do, and must not fail the close(2) that sent it.
         with self.store.transaction() as tx:
+            owner = tx.scalar("SELECT owner FROM sessions WHERE session_id = ?", (req.session,))
+            if owner is not None and caller.role != ADMIN and owner != str(caller):
+                raise FsError(errno.EPERM, f"session {req.session} is not {caller}'s")
             cur = tx.run(
                 "UPDATE opens SET count = count - 1 WHERE session_id = ? AND ino = ?",
                 (req.session, req.ino),
@@ -85,14 +88,14 @@ class FileOps(CoreBase):
                 data=inline[0] if inline else b"",
             )
 
-    def alloc_blocks(self, req: AllocReq) -> AllocReply:
+    def alloc_blocks(self, req: AllocReq, caller: Caller = LOCAL) -> AllocReply:
         with self.store.transaction() as tx:
             row = self._inode(tx, req.ino)
             if is_dir(row):
                 raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
             if not is_reg(row):
                 raise FsError(errno.EINVAL, f"inode {req.ino} is not a regular file")
-            self._session_exists(tx, req.session)
+            self._session_exists(tx, req.session, caller)
             return AllocReply(self._allocate(tx, row, req.session, req.indexes, req.exclude, self.now_ns()))
 
     def _allocate(
@@ -136,15 +139,16 @@ class FileOps(CoreBase):
                     index=index,
                     block_id=block_id,
                     servers=[s["address"] for s in chosen],
-                    token=block_token(self.secret, block_id),
+                    token=block_token(self.token_key, block_id),
                 )
             )
         return allocations
 
-    def commit_blocks(self, req: CommitReq) -> AttrReply:
+    def commit_blocks(self, req: CommitReq, caller: Caller = LOCAL) -> AttrReply:
         # Durable: this is what a client's fsync and close wait for.
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
+            self._session_exists(tx, req.session, caller)
             row = tx.one("SELECT * FROM inodes WHERE ino = ?", (req.ino,))
             if row is None:
                 # The file was purged while being written: its new blocks are garbage.
@@ -157,14 +161,14 @@ class FileOps(CoreBase):
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
 
-    def commit_inline(self, req: InlineCommitReq) -> AttrReply:
+    def commit_inline(self, req: InlineCommitReq, caller: Caller = LOCAL) -> AttrReply:
         # Durable like commit_blocks: what a client's close and fsync wait for.
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
             row = self._inode(tx, req.ino)
             if not is_reg(row):
                 raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
-            self._session_exists(tx, req.session)
+            self._session_exists(tx, req.session, caller)
             if len(req.data) > inline_limit(row):
                 raise FsError(errno.EFBIG, f"inode {req.ino}: {len(req.data)} bytes do not fit inline")
             if req.size > FILE_SIZE_MAX_BYTES:
@@ -198,8 +202,8 @@ class FileOps(CoreBase):
         if req.size > FILE_SIZE_MAX_BYTES:
             raise FsError(errno.EFBIG, f"size {req.size} exceeds the largest file")
         for ref in req.blocks:
-            pend = tx.one("SELECT ino, idx FROM pending WHERE block_id = ?", (ref.block_id,))
-            if pend is None or pend["ino"] != ino or pend["idx"] != ref.index:
+            pend = tx.one("SELECT ino, idx, session_id FROM pending WHERE block_id = ?", (ref.block_id,))
+            if pend is None or pend["ino"] != ino or pend["idx"] != ref.index or pend["session_id"] != req.session:
                 raise FsError(errno.EINVAL, f"block {ref.block_id} is not allocated to {ino}[{ref.index}]")
             if not 0 <= ref.length <= bs:
                 raise FsError(errno.EINVAL, f"block {ref.block_id}: length {ref.length} out of range")

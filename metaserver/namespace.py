@@ -36,7 +36,7 @@ from proto.messages import (
 )
 from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
-from .base import DEAD, DIR_SIZE_BYTES, CoreBase, attr_of, is_dir, is_reg
+from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
 from .store import Tx
 
 #: statfs block size: what df multiplies block counts by.
@@ -188,7 +188,7 @@ class NamespaceOps(CoreBase):
         self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0)
         return self._inode(tx, ino)
 
-    def mknod(self, req: MknodReq) -> CreateReply:
+    def mknod(self, req: MknodReq, caller: Caller = LOCAL) -> CreateReply:
         kind = stat.S_IFMT(req.mode) or stat.S_IFREG  # mknod(2): type 0 means a regular file
         if kind not in _MKNOD_TYPES:
             raise FsError(errno.EINVAL, f"mknod cannot create type {kind:o}")
@@ -196,7 +196,7 @@ class NamespaceOps(CoreBase):
         with self.store.transaction() as tx:
             now = self.now_ns()
             if req.session:
-                self._session_exists(tx, req.session)
+                self._session_exists(tx, req.session, caller)
             row = self._new_inode(
                 tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx.uid, req.ctx.gid,
                 now, rdev=rdev,

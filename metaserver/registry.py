@@ -30,7 +30,7 @@ from proto.messages import (
     StatusReply,
 )
 
-from .base import DEAD, NS_PER_S
+from .base import ADMIN, DEAD, LOCAL, NS_PER_S, Caller
 from .repair import RepairOps
 from .store import Tx
 
@@ -49,27 +49,24 @@ _S_IFMT = 0o170000  # the type bits of st_mode
 class RegistryOps(RepairOps):
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, req: SessionOpenReq) -> SessionReply:
+    def open_session(self, req: SessionOpenReq, caller: Caller = LOCAL) -> SessionReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
             cur = tx.run(
-                "INSERT INTO sessions (host, mountpoint, created_ns, last_renew_ns) VALUES (?, ?, ?, ?)",
-                (req.host, req.mountpoint, now, now),
+                "INSERT INTO sessions (host, mountpoint, created_ns, last_renew_ns, owner) VALUES (?, ?, ?, ?, ?)",
+                (req.host, req.mountpoint, now, now, str(caller)),
             )
             return SessionReply(session=cur.lastrowid, lease_s=self.session_lease_s)
 
-    def renew_session(self, req: SessionReq) -> Empty:
+    def renew_session(self, req: SessionReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
-            cur = tx.run(
-                "UPDATE sessions SET last_renew_ns = ? WHERE session_id = ?", (self.now_ns(), req.session)
-            )
-            if cur.rowcount == 0:
-                raise FsError(errno.ESTALE, f"session {req.session} is unknown or expired")
+            self._session_exists(tx, req.session, caller)
+            tx.run("UPDATE sessions SET last_renew_ns = ? WHERE session_id = ?", (self.now_ns(), req.session))
             return Empty()
 
-    def close_session(self, req: SessionReq) -> Empty:
+    def close_session(self, req: SessionReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
-            self._session_exists(tx, req.session)
+            self._session_exists(tx, req.session, caller)
             self._close_session(tx, req.session, self.now_ns())
             return Empty()
 
@@ -142,34 +139,46 @@ class RegistryOps(RepairOps):
 
     # ------------------------------------------------------------------ data servers
 
-    def register(self, req: RegisterReq) -> RegisterReply:
+    def register(self, req: RegisterReq, caller: Caller = LOCAL) -> RegisterReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
+            # A data directory is bound to the credential that registered it first: nobody
+            # else can take its place (its blocks would be served by them), and one
+            # credential cannot register as several servers.
+            bound = tx.scalar("SELECT identity FROM servers WHERE node_id = ?", (req.node_id,))
+            if bound is not None and bound != str(caller) and caller.role != ADMIN:
+                raise FsError(errno.EPERM, f"data server {req.node_id} belongs to another credential")
+            if bound is None and caller.role != ADMIN and tx.scalar(
+                "SELECT 1 FROM servers WHERE identity = ? AND node_id != ?", (str(caller), req.node_id)
+            ):
+                raise FsError(errno.EPERM, f"{caller} already registered another data directory")
             # The same data directory keeps its id, so the replicas recorded for it stay
             # valid; only its address (a new port after a restart) changes.
             # A (re)registering server may hold anything (it was away, or its disk was
             # swapped): ask for a block report. The earliest ask is kept; see _reconcile.
             tx.run(
                 "INSERT INTO servers (node_id, address, capacity_bytes, free_bytes, blocks, last_heartbeat_ns,"
-                " report_wanted_ns) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                " report_wanted_ns, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
                 " address = excluded.address, capacity_bytes = excluded.capacity_bytes,"
                 " free_bytes = excluded.free_bytes, blocks = excluded.blocks,"
                 " last_heartbeat_ns = excluded.last_heartbeat_ns,"
-                " report_wanted_ns = COALESCE(report_wanted_ns, excluded.report_wanted_ns)",
-                (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now, now),
+                " report_wanted_ns = COALESCE(report_wanted_ns, excluded.report_wanted_ns),"
+                " identity = COALESCE(identity, excluded.identity)",
+                (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now, now, str(caller)),
             )
             server_id = tx.scalar("SELECT server_id FROM servers WHERE node_id = ?", (req.node_id,))
             self.replan = True  # a new server can take copies; a returning one may hold some
             # A restarted server lost the tasks it had been handed.
             tx.run("DELETE FROM replication WHERE server_id = ? AND sent_ns IS NOT NULL", (server_id,))
-            return RegisterReply(server_id=server_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+            return RegisterReply(server_id=server_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                                 token_key=self.token_key)
 
-    def heartbeat(self, req: HeartbeatReq) -> HeartbeatReply:
+    def heartbeat(self, req: HeartbeatReq, caller: Caller = LOCAL) -> HeartbeatReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            row = tx.one("SELECT * FROM servers WHERE server_id = ?", (req.server_id,))
-            if row is None:
+            if not tx.scalar("SELECT 1 FROM servers WHERE server_id = ?", (req.server_id,)):
                 return HeartbeatReply(delete=[], reregister=True)
+            row = self._server_row(tx, req.server_id, caller)
             # Back from the dead without a restart (a partition, a long stall): what it
             # holds may have been re-made elsewhere meanwhile, so reconcile it too.
             back = self._state_of(row, now) == DEAD
@@ -194,8 +203,9 @@ class RegistryOps(RepairOps):
                 block_report=wanted is not None,
             )
 
-    def blocks_deleted(self, req: DeletedReq) -> Empty:
+    def blocks_deleted(self, req: DeletedReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
+            self._server_row(tx, req.server_id, caller)
             tx.run_many(
                 "DELETE FROM garbage WHERE server_id = ? AND block_id = ?",
                 [(req.server_id, b) for b in req.block_ids],

@@ -34,7 +34,7 @@ from proto.auth import block_token
 from proto.errors import FsError
 from proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
 
-from .base import DEAD, NS_PER_S, UP, CoreBase, id_list, want_replicas
+from .base import ADMIN, DEAD, LOCAL, NS_PER_S, UP, Caller, CoreBase, id_list, want_replicas
 from .store import Tx
 
 log = logging.getLogger("stripefs.metaserver.repair")
@@ -218,23 +218,27 @@ class RepairOps(CoreBase):
             )
             tasks.append(
                 ReplicateTask(
-                    block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.secret, block_id)
+                    block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.token_key, block_id)
                 )
             )
         return tasks
 
     # ------------------------------------------------------------------ reports from data servers
 
-    def _server_row(self, tx: Tx, server_id: int) -> Row:
+    def _server_row(self, tx: Tx, server_id: int, caller: Caller = LOCAL) -> Row:
+        """A registered data server, acting as itself: a data server credential speaks only
+        for the server it registered (EPERM otherwise)."""
         row = tx.one("SELECT * FROM servers WHERE server_id = ?", (server_id,))
         if row is None:
             raise FsError(errno.ENOENT, f"unknown data server {server_id}")
+        if caller.role != ADMIN and row["identity"] != str(caller):
+            raise FsError(errno.EPERM, f"{caller} is not data server {server_id}")
         return row
 
-    def replicated(self, req: ReplicatedReq) -> Empty:
+    def replicated(self, req: ReplicatedReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            self._server_row(tx, req.server_id)
+            self._server_row(tx, req.server_id, caller)
             sid = req.server_id
             # A slot freed, or a copy still missing: plan again.
             self.replan = True
@@ -295,10 +299,10 @@ class RepairOps(CoreBase):
             log.warning("block %d: replica on %s is %s: dropped", req.block_id, req.address, req.reason)
             return Empty()
 
-    def block_report(self, req: BlockReportReq) -> Empty:
+    def block_report(self, req: BlockReportReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            server = self._server_row(tx, req.server_id)
+            server = self._server_row(tx, req.server_id, caller)
             sid = req.server_id
             if req.first:
                 tx.run("DELETE FROM reported WHERE server_id = ?", (sid,))

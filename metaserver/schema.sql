@@ -96,9 +96,11 @@ CREATE TABLE servers (
     used_bytes         INTEGER NOT NULL DEFAULT 0,  -- taken by stored blocks
     blocks             INTEGER NOT NULL DEFAULT 0,  -- blocks stored
     last_heartbeat_ns  INTEGER NOT NULL,            -- when we last heard from it
-    report_wanted_ns   INTEGER                      -- set at (re)register: a full block report
+    report_wanted_ns   INTEGER,                     -- set at (re)register: a full block report
                                                     -- is wanted; the time it was first asked
                                                     -- for (NULL: none wanted)
+    identity           TEXT                         -- the credential (role:name) that registered
+                                                    -- it first: only that one may act as it
 );
 
 -- Block maps: which stored block holds each block-sized piece of a file. A stored block
@@ -132,7 +134,9 @@ CREATE TABLE sessions (
     host           TEXT NOT NULL,     -- client host name (status, logs)
     mountpoint     TEXT NOT NULL,     -- mount point or label
     created_ns     INTEGER NOT NULL,  -- when it was opened
-    last_renew_ns  INTEGER NOT NULL   -- last open/renew; expired after 3 leases of silence
+    last_renew_ns  INTEGER NOT NULL,  -- last renew; expired after 3 leases of silence
+    owner          TEXT               -- the credential (role:name) that opened it: only it
+                                      -- (or an admin) may use, renew or close it
 );
 
 -- Open files per session. An inode whose nlink dropped to 0 lives on while any row here

@@ -1,7 +1,8 @@
 """The metadata server process: command line, gRPC serving, the sweep thread, signals.
 
-All state is under --dir: the database (meta.db) and, unless --secret-file says
-otherwise, the cluster secret (cluster.secret, created on first start).
+All state is under --dir: the database (meta.db) and the key of block write tokens
+(token.key, made on first start, handed to data servers when they register). The process
+holds a meta credential (--credentials, proto/credentials.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from proto.auth import load_secret
+from proto.auth import load_token_key
+from proto.credentials import META, load_credentials
+from proto.errors import FsError
 from proto.logsetup import setup_logging
 from proto.rpc import serve
 from proto.services import META_METHODS, META_SERVICE
@@ -25,7 +28,7 @@ from .core import MetaCore
 log = logging.getLogger("stripefs.metaserver")
 
 DB_NAME = "meta.db"
-SECRET_NAME = "cluster.secret"
+TOKEN_KEY_NAME = "token.key"
 #: How often the sweep (session expiry, abandoned allocations, re-replication planning) runs.
 SWEEP_INTERVAL_S = 1.0
 #: How long in-flight calls may finish after SIGTERM.
@@ -36,7 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m metaserver", description="stripefs metadata server")
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to serve on (port 0: any free port)")
     p.add_argument("--dir", required=True, help="state directory (created if missing); the database is DIR/meta.db")
-    p.add_argument("--secret-file", help="cluster secret (default DIR/cluster.secret, created if missing)")
+    p.add_argument("--credentials", required=True,
+                   help="credential bundle of this metaserver (stripefs credential new --role meta)")
+    p.add_argument("--revoked", help="file of revoked credential names to refuse (stripefs credential revoke)")
     p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
@@ -87,10 +92,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(args.log_file, args.log_level)
     state = Path(args.dir)
     state.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(args.secret_file or state / SECRET_NAME, create=True)
+    try:
+        creds = load_credentials(args.credentials)
+    except FsError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 1
+    if creds.role != META:
+        log.error("cannot start: %s holds a %s credential, not a metaserver's", args.credentials, creds.role)
+        return 1
+    token_key = load_token_key(state / TOKEN_KEY_NAME, create=True)
     core = MetaCore(
         str(state / DB_NAME),
-        secret,
+        token_key,
         server_suspect_after_s=args.server_suspect_after_s,
         server_dead_after_s=args.server_dead_after_s,
         session_lease_s=args.session_lease_s,
@@ -109,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server, port = serve(META_SERVICE, META_METHODS, core, secret, args.listen)
+        server, port = serve(META_SERVICE, META_METHODS, core, creds, args.listen, revoked=args.revoked)
     except BaseException:
         core.close()
         raise

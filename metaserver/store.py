@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -57,6 +57,10 @@ MIGRATIONS = {
             data BLOB NOT NULL, crc32c INTEGER NOT NULL);
         CREATE INDEX inodes_by_parent ON inodes(parent) WHERE parent IS NOT NULL;
         CREATE INDEX dentries_by_parent ON dentries(parent);
+    """,
+    4: """
+        ALTER TABLE servers ADD COLUMN identity TEXT;
+        ALTER TABLE sessions ADD COLUMN owner TEXT;
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -1,13 +1,29 @@
-"""One logging setup for every process: to a file when given, else stderr."""
+"""One setup for every process: files it makes are its user's only, and it logs to a
+rotating file when given one, else stderr."""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 from typing import Optional
+
+#: Files and directories a process makes (state, blocks, database, logs) are readable by
+#: the service user only: another local user of a server must not read a cluster's data.
+PRIVATE_UMASK = 0o077
+#: A log file is rotated at this size, keeping this many old ones: a caller must not be
+#: able to fill a server's disk with what it makes the server log.
+LOG_FILE_MAX_BYTES = 64 * 1024 * 1024
+LOG_FILES_KEPT = 4
 
 
 def setup_logging(path: Optional[str], level: str = "INFO") -> None:
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler()
+    os.umask(PRIVATE_UMASK)
+    handler: logging.Handler
+    if path:
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILES_KEPT)
+    else:
+        handler = logging.StreamHandler()
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     )

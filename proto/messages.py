@@ -25,8 +25,12 @@ from .types import (
     XATTR_SIZE_MAX_BYTES,
 )
 
-_U64 = (1 << 64) - 1
+#: Every integer on the wire fits a signed 64-bit column (SQLite's INTEGER): a larger one
+#: (a block id of 2^64-1, say) would be refused by the store later, or worse, half-way.
+_I64_MAX = (1 << 63) - 1
 _I64_MIN = -(1 << 63)
+#: uids and gids are 32-bit, as the kernel's.
+ID_MAX = (1 << 32) - 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +86,7 @@ def _checker(tp: Any) -> Checker:
         def check_int(value: Any, path: str) -> Optional[str]:
             if type(value) is not int:
                 return f"{path}: expected an integer"
-            return None if _I64_MIN <= value <= _U64 else f"{path}: integer out of range"
+            return None if _I64_MIN <= value <= _I64_MAX else f"{path}: integer out of range"
 
         return check_int
     if tp is float:
@@ -197,6 +201,11 @@ class Ctx(Message):
     uid: int = 0  # effective uid of the calling process
     gid: int = 0  # effective gid of the calling process
     pid: int = 0  # calling process id (for logs only)
+
+    def _check(self) -> Optional[str]:
+        if not (0 <= self.uid <= ID_MAX and 0 <= self.gid <= ID_MAX):
+            return "uid/gid: not a 32-bit id"
+        return None
 
 
 @dataclass
@@ -326,6 +335,8 @@ class SetattrReq(Message):
             return "size: negative"
         if self.mode is not None and not 0 <= self.mode <= 0o7777:
             return "mode: not permission bits"
+        if any(v is not None and not 0 <= v <= ID_MAX for v in (self.uid, self.gid)):
+            return "uid/gid: not a 32-bit id"
         return None
 
 
@@ -605,6 +616,7 @@ class RegisterReq(Message):
 class RegisterReply(Message):
     server_id: int  # this server's id in the registry
     heartbeat_interval_s: float  # send heartbeats this often
+    token_key: bytes = b""  # the key of block write tokens (proto/auth.py): to data servers only
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """gRPC glue: the server side of every service, and a blocking stub. No protoc.
 
-Server: `serve(service, methods, impl, secret, listen)` starts a grpc.aio server on a
+Server: `serve(service, methods, impl, credentials, listen)` starts a grpc.aio server on a
 thread of its own and binds each method of the table to `impl.<name>(request)`, two ways:
 
 - as a unary method `/<service>/<name>` (one frame in, one frame out), run on a worker
@@ -29,11 +29,14 @@ How the requests of a stream batch run is the implementation's choice:
   of the server is running, which saves a round trip through a worker thread when one
   client reads at random, and keeps the worker threads for parallel work otherwise.
 
-Credentials: a unary call carries the cluster credential on itself; a stream carries it
-once, when it opens, and every request in it is the stream's caller's.
+Who calls: every channel is mutual TLS (proto/credentials.py); the caller's role and name
+come from its certificate, a stream's once when it opens. Each call is checked against its
+method's roles (proto/services.py) before it runs: EACCES otherwise. A method that needs
+to know the caller (sessions, data servers' reports) declares a `caller` parameter and gets
+it passed. A revoked name (`--revoked FILE`) is refused like a stranger.
 
-Client: `Stub(address, secret, service, methods).call(name, req)` is a blocking unary call
-(the trio client has its own transport in fs/client/transport.py). Transport failures
+Client: `Stub(address, credentials, service, methods).call(name, req)` is a blocking unary
+call (the trio client has its own transport in fs/client/transport.py). Transport failures
 become TransportError (EIO).
 """
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import threading
 from concurrent import futures
@@ -49,10 +53,11 @@ from typing import Any, Callable, Optional
 import grpc
 
 from . import codec
-from .auth import AUTH_METADATA_KEY, call_credential, check_credential
+from .credentials import Caller, Credentials, Revocations, caller_of, channel_credentials, channel_options
+from .credentials import server_credentials
 from .errors import FsError, TransportError
 from .messages import Message
-from .services import Method
+from .services import SERVER_ROLE, Method
 
 log = logging.getLogger("stripefs.rpc")
 
@@ -76,6 +81,10 @@ SERVER_OPTIONS = [
     # Accept the clients' keepalive pings (the default allows one per 5 minutes).
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
     ("grpc.http2.max_ping_strikes", 0),
+    # A peer that opens a connection and never finishes the TLS handshake is dropped.
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    # Connections nobody uses go away instead of holding descriptors for ever.
+    ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
 ]
 #: The name of the multiplexed stream method of every service.
 STREAM_METHOD = "stream"
@@ -89,6 +98,15 @@ START_TIMEOUT_S = 30.0
 
 #: (reply or FsError, barrier) for each call of a batch, from `impl.apply_batch`.
 BatchResult = tuple[Any, Optional[Callable[[], None]]]
+#: How much of a request a log line about it shows.
+LOGGED_REQUEST_CHARS = 300
+
+
+def summary(req: Any) -> str:
+    """A bounded description of a request for a log line: a caller must not be able to make
+    the server write as many bytes as it sends."""
+    text = repr(req)
+    return text if len(text) <= LOGGED_REQUEST_CHARS else text[:LOGGED_REQUEST_CHARS] + "...(truncated)"
 
 
 def _reply_frame(name: str, result: Any, req: Any = None) -> bytes:
@@ -97,22 +115,30 @@ def _reply_frame(name: str, result: Any, req: Any = None) -> bytes:
     try:
         return codec.encode_reply(result)
     except Exception:  # noqa: BLE001 - a reply we cannot encode is a server bug, not a crash
-        log.exception("%s: cannot encode the reply to %r", name, req)
+        log.exception("%s: cannot encode the reply to %s", name, summary(req))
         return codec.encode_reply(None, errno.EIO, f"internal error in {name}")
 
 
-class _Dispatch:
-    """Decoding, checking and running the calls of one service, for both ways in."""
+class Dispatch:
+    """Decoding, checking (roles, `valid()`) and running the calls of one service, for both
+    ways in, and for the in-process twin of a server (fs/client/transport.LocalTransport)."""
 
     def __init__(self, methods: dict[str, Method], impl: Any) -> None:
         self.methods = methods
         self.impl = impl
+        #: methods of impl that take the caller
+        self.wants_caller = {
+            name for name in methods
+            if callable(getattr(impl, name, None)) and "caller" in inspect.signature(getattr(impl, name)).parameters
+        }
 
-    def decode(self, name: str, frame: bytes) -> Message | bytes:
+    def decode(self, name: str, frame: bytes, caller: Caller) -> Message | bytes:
         """The checked request, or the error reply frame to send instead."""
         method = self.methods.get(name)
         if method is None or getattr(self.impl, name, None) is None or name == STREAM_METHOD:
             return codec.encode_reply(None, errno.ENOSYS, f"{name} not implemented")
+        if caller.role not in method.roles:
+            return codec.encode_reply(None, errno.EACCES, f"{name} is not for a {caller.role} credential")
         try:
             req = codec.decode_request(method.request, frame)
             problem = req.valid()
@@ -122,40 +148,45 @@ class _Dispatch:
             return codec.encode_reply(None, errno.EINVAL, problem)
         return req
 
-    def run(self, name: str, frame: bytes) -> bytes:
+    def call(self, name: str, req: Message, caller: Caller) -> Any:
+        """Run one checked call; its reply, or raises."""
+        fn = getattr(self.impl, name)
+        return fn(req, caller=caller) if name in self.wants_caller else fn(req)
+
+    def run(self, name: str, frame: bytes, caller: Caller) -> bytes:
         """Decode, check and run one call; the reply frame. Any thread."""
-        req = self.decode(name, frame)
+        req = self.decode(name, frame, caller)
         if isinstance(req, bytes):
             return req
         try:
-            result = getattr(self.impl, name)(req)
+            result = self.call(name, req, caller)
         except FsError as exc:
             result = exc
         except Exception:  # noqa: BLE001 - a handler bug must not take the server down
-            log.exception("%s failed on %r", name, req)
+            log.exception("%s failed on %s", name, summary(req))
             result = FsError(errno.EIO, f"internal error in {name}")
         return _reply_frame(name, result, req)
 
 
-def _authorised(context: Any, secret: bytes) -> bool:
-    return check_credential(secret, dict(context.invocation_metadata()).get(AUTH_METADATA_KEY))
+def _authenticate(context: Any, revocations: Revocations) -> Optional[Caller]:
+    caller = caller_of(context)
+    return None if caller is None or revocations.revoked(caller) else caller
 
 
 class _StreamHandler:
     """Serves `/<service>/stream` (see the module docstring)."""
 
-    def __init__(self, dispatch: _Dispatch, secret: bytes, pool: futures.ThreadPoolExecutor) -> None:
+    def __init__(self, dispatch: Dispatch, revocations: Revocations, pool: futures.ThreadPoolExecutor) -> None:
         self.dispatch = dispatch
-        self.secret = secret
+        self.revocations = revocations
         self.pool = pool
         self.running = 0  # stream calls on worker threads now, over every stream
-        self.apply_batch: Optional[Callable[[list[tuple[str, Message]]], list[BatchResult]]] = getattr(
-            dispatch.impl, "apply_batch", None
-        )
+        self.apply_batch: Optional[Callable[..., list[BatchResult]]] = getattr(dispatch.impl, "apply_batch", None)
 
     async def serve(self, request_iterator: Any, context: Any) -> None:
-        if not _authorised(context, self.secret):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing cluster credential")
+        caller = _authenticate(context, self.revocations)
+        if caller is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid stripefs credential")
         out = _Replies(context)
         slots = asyncio.Semaphore(STREAM_CALLS_IN_FLIGHT)
         tasks: set[asyncio.Task] = set()
@@ -167,16 +198,16 @@ class _StreamHandler:
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 if self.apply_batch is not None:
-                    await self._apply(calls, out, tasks)
+                    await self._apply(calls, out, tasks, caller)
                 else:
                     for call_id, name, frame in calls:
                         method = self.dispatch.methods.get(name)
                         if method is not None and method.quick and self.running == 0 and len(calls) == 1:
-                            await out.send([[call_id, self.dispatch.run(name, frame)]])
+                            await out.send([[call_id, self.dispatch.run(name, frame, caller)]])
                             continue
                         await slots.acquire()
                         self.running += 1
-                        self._spawn(tasks, self._run_one(call_id, name, frame, out, slots))
+                        self._spawn(tasks, self._run_one(call_id, name, frame, caller, out, slots))
             # The client half-closed: answer what is still running, then end the stream.
             if tasks:
                 await asyncio.gather(*tasks)
@@ -190,26 +221,26 @@ class _StreamHandler:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _run_one(self, call_id: int, name: str, frame: bytes, out: "_Replies",
+    async def _run_one(self, call_id: int, name: str, frame: bytes, caller: Caller, out: "_Replies",
                        slots: asyncio.Semaphore) -> None:
         try:
             loop = asyncio.get_running_loop()
             try:
-                reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame)
+                reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame, caller)
             finally:
                 self.running -= 1
             await out.send([[call_id, reply]])
         finally:
             slots.release()
 
-    async def _apply(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set) -> None:
+    async def _apply(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set, caller: Caller) -> None:
         """Run a batch in one store transaction, here on the event-loop thread: a metadata
         call is tens of microseconds of work, less than a hand-off to a worker thread."""
         assert self.apply_batch is not None
         checked: list[tuple[int, str, Message]] = []
         now: list[list] = []  # replies that may leave at once
         for call_id, name, frame in calls:
-            req = self.dispatch.decode(name, frame)
+            req = self.dispatch.decode(name, frame, caller)
             if isinstance(req, bytes):
                 now.append([call_id, req])
             else:
@@ -218,7 +249,10 @@ class _StreamHandler:
             await out.send(now)
             return
         try:
-            results = self.apply_batch([(name, req) for _, name, req in checked])
+            results = self.apply_batch(
+                [(name, req) for _, name, req in checked],
+                lambda name, req: self.dispatch.call(name, req, caller),
+            )
         except Exception:  # noqa: BLE001 - the whole batch failed (the store, say)
             log.exception("a batch of %d calls failed", len(checked))
             results = [(FsError(errno.EIO, "internal error"), None)] * len(checked)
@@ -274,11 +308,12 @@ class _Replies:
                 await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
 
 
-def _unary_handler(dispatch: _Dispatch, name: str, secret: bytes) -> Callable[[bytes, Any], bytes]:
+def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable[[bytes, Any], bytes]:
     def handle(frame: bytes, context: Any) -> bytes:
-        if not _authorised(context, secret):
-            return codec.encode_reply(None, errno.EACCES, "bad or missing cluster credential")
-        return dispatch.run(name, frame)
+        caller = _authenticate(context, revocations)
+        if caller is None:
+            return codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
+        return dispatch.run(name, frame, caller)
 
     return handle
 
@@ -286,26 +321,27 @@ def _unary_handler(dispatch: _Dispatch, name: str, secret: bytes) -> Callable[[b
 class Server:
     """A running server: `port` is the bound port; `stop()` ends it."""
 
-    def __init__(self, service: str, methods: dict[str, Method], impl: Any, secret: bytes,
-                 listen: str, workers: int) -> None:
+    def __init__(self, service: str, methods: dict[str, Method], impl: Any, creds: Credentials,
+                 listen: str, workers: int, revoked: Optional[str] = None) -> None:
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-rpc", daemon=True)
         self.thread.start()
-        dispatch = _Dispatch(methods, impl)
+        dispatch = Dispatch(methods, impl)
+        revocations = Revocations(revoked)
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, secret))
+            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, revocations))
             for name in methods
         }
         # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
         handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
-            _StreamHandler(dispatch, secret, self.pool).serve
+            _StreamHandler(dispatch, revocations, self.pool).serve
         )
 
         async def start() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(migration_thread_pool=self.pool, options=SERVER_OPTIONS)
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-            port = server.add_insecure_port(listen)
+            port = server.add_secure_port(listen, server_credentials(creds))
             if port == 0:
                 raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}")
             await server.start()
@@ -331,18 +367,25 @@ class Server:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def serve(service: str, methods: dict[str, Method], impl: Any, secret: bytes, listen: str,
-          workers: int = DEFAULT_WORKERS) -> tuple[Server, int]:
-    """Start serving one service; returns (server, bound port). Port 0 picks one."""
-    server = Server(service, methods, impl, secret, listen, workers)
+def serve(service: str, methods: dict[str, Method], impl: Any, creds: Credentials, listen: str,
+          workers: int = DEFAULT_WORKERS, revoked: Optional[str] = None) -> tuple[Server, int]:
+    """Start serving one service over mutual TLS; returns (server, bound port). Port 0 picks
+    one. `revoked`: a file of names to refuse (proto/credentials.py)."""
+    server = Server(service, methods, impl, creds, listen, workers, revoked)
     return server, server.port
+
+
+def secure_channel(address: str, creds: Credentials, service: str) -> grpc.Channel:
+    """A channel to a server of `service`, whose certificate must be of that service's role."""
+    return grpc.secure_channel(address, channel_credentials(creds),
+                               options=CHANNEL_OPTIONS + channel_options(SERVER_ROLE[service]))
 
 
 class Stub:
     """A blocking client of one service on one address (unary calls)."""
 
     def __init__(
-        self, address: str, secret: bytes, service: str, methods: dict[str, Method], wait_for_ready: bool = False
+        self, address: str, creds: Credentials, service: str, methods: dict[str, Method], wait_for_ready: bool = False
     ) -> None:
         """wait_for_ready=True: a call made while the server is unreachable waits (up to its
         deadline) for it to come back instead of failing at once; the request is only sent
@@ -351,8 +394,7 @@ class Stub:
         self.wait_for_ready = wait_for_ready
         self.service = service
         self.methods = methods
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._metadata = ((AUTH_METADATA_KEY, call_credential(secret)),)
+        self.channel = secure_channel(address, creds, service)
         self._callables = {
             name: self.channel.unary_unary(f"/{service}/{name}") for name in methods
         }
@@ -367,8 +409,7 @@ class Stub:
         try:
             frame = self._callables[name](
                 req if isinstance(req, bytes) else codec.encode_request(req),
-                timeout=timeout, metadata=self._metadata,
-                wait_for_ready=self.wait_for_ready,
+                timeout=timeout, wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as exc:
             raise transport_error(self.address, name, exc) from None

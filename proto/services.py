@@ -1,7 +1,10 @@
-"""Service method tables: for each RPC, its request and reply types.
+"""Service method tables: for each RPC, its request and reply types, and the roles that
+may call it.
 
-A server implements a method as `def <name>(self, req) -> reply` on its service object;
-proto.rpc binds the table to gRPC. The client calls `<service>.<name>`.
+A server implements a method as `def <name>(self, req) -> reply` on its service object (a
+method that needs to know who calls takes `caller` too); proto.rpc binds the table to
+gRPC and refuses a call from a role the table does not list (EACCES) before the method
+runs. The client calls `<service>.<name>`.
 """
 
 from __future__ import annotations
@@ -9,6 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import messages as m
+from .credentials import ADMIN, CLIENT, DATA, META, ROLES
+
+#: Who may call what: file system calls are clients' (and admins'); what only a data
+#: server knows (its registration, its blocks) is data servers'; repairs are admins'.
+CLIENTS = frozenset({CLIENT, ADMIN})
+DATA_SERVERS = frozenset({DATA})
+ADMINS = frozenset({ADMIN})
+ANYONE = frozenset(ROLES)
 
 
 @dataclass(frozen=True)
@@ -16,6 +27,7 @@ class Method:
     name: str
     request: type
     reply: type
+    roles: frozenset[str] = CLIENTS
     #: cheap (no fsync, little I/O): a server may run it on its event loop when nothing else
     #: is running, saving the hand-off to a worker thread (~0.1 ms); see proto/rpc.py
     quick: bool = False
@@ -57,22 +69,27 @@ META_METHODS = _table(
     Method("commit_blocks", m.CommitReq, m.AttrReply),
     Method("commit_inline", m.InlineCommitReq, m.AttrReply),
     # data server registry
-    Method("register", m.RegisterReq, m.RegisterReply),
-    Method("heartbeat", m.HeartbeatReq, m.HeartbeatReply),
-    Method("blocks_deleted", m.DeletedReq, m.Empty),
-    Method("replicated", m.ReplicatedReq, m.Empty),
-    Method("block_report", m.BlockReportReq, m.Empty),
+    Method("register", m.RegisterReq, m.RegisterReply, DATA_SERVERS),
+    Method("heartbeat", m.HeartbeatReq, m.HeartbeatReply, DATA_SERVERS),
+    Method("blocks_deleted", m.DeletedReq, m.Empty, DATA_SERVERS),
+    Method("replicated", m.ReplicatedReq, m.Empty, DATA_SERVERS),
+    Method("block_report", m.BlockReportReq, m.Empty, DATA_SERVERS),
     Method("report_bad_replica", m.BadReplicaReq, m.Empty),
     # operators
-    Method("status", m.Empty, m.StatusReply),
+    Method("status", m.Empty, m.StatusReply, ANYONE),
     Method("sync", m.Empty, m.Empty),  # make every committed operation durable
-    Method("fsck", m.FsckReq, m.FsckReply),
+    Method("fsck", m.FsckReq, m.FsckReply, ADMINS),
 )
 
 DATA_SERVICE = "stripefs.Data"
 DATA_METHODS = _table(
-    Method("put_block", m.PutBlockReq, m.Empty),
-    Method("sync_blocks", m.SyncBlocksReq, m.Empty),
-    Method("get_block", m.GetBlockReq, m.BlockData, quick=True),
-    Method("status", m.Empty, m.DataStatusReply, quick=True),
+    Method("put_block", m.PutBlockReq, m.Empty, frozenset({CLIENT})),
+    Method("sync_blocks", m.SyncBlocksReq, m.Empty, frozenset({CLIENT})),
+    # data servers read from each other to re-replicate; admins to check copies
+    Method("get_block", m.GetBlockReq, m.BlockData, frozenset({CLIENT, DATA, ADMIN}), quick=True),
+    Method("status", m.Empty, m.DataStatusReply, ANYONE, quick=True),
 )
+
+
+#: The role whose credential answers for each service (clients check it in the handshake).
+SERVER_ROLE = {META_SERVICE: META, DATA_SERVICE: DATA}

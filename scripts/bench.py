@@ -400,7 +400,7 @@ def random_reads(path: Path, sizes: Sizes, file_bytes: int) -> float:
 # ---------------------------------------------------------------------- client library
 
 
-def lib_job(kind: str, meta_addr: str, secret_file: str, dir_names: list[str], name: str,
+def lib_job(kind: str, meta_addr: str, credentials: str, dir_names: list[str], name: str,
             size: int, io_bytes: int, results) -> None:
     """Workload 1 or 2 through fs.client in trio, in a process of its own (a fresh client,
     and no gRPC threads left in the bench process that spawns the shard workers)."""
@@ -411,13 +411,13 @@ def lib_job(kind: str, meta_addr: str, secret_file: str, dir_names: list[str], n
         import trio
 
         from fs.client import Ctx, FsError, open_client
-        from proto.auth import load_secret
+        from proto.credentials import load_credentials
         from proto.types import ROOT_INODE
 
         root = Ctx(0, 0, 0)
 
         async def main() -> float:
-            async with open_client(meta_addr, load_secret(secret_file)) as client:
+            async with open_client(meta_addr, load_credentials(credentials)) as client:
                 ino = ROOT_INODE
                 for d in dir_names:
                     ino = (await client.lookup(ino, d.encode())).ino
@@ -452,11 +452,11 @@ def lib_job(kind: str, meta_addr: str, secret_file: str, dir_names: list[str], n
         results.put(("error", repr(exc)))
 
 
-def run_lib(kind: str, meta_addr: str, secret_file: Path, dir_names: list[str], name: str,
+def run_lib(kind: str, meta_addr: str, credentials: Path, dir_names: list[str], name: str,
             sizes: Sizes) -> float:
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    p = ctx.Process(target=lib_job, args=(kind, meta_addr, str(secret_file), dir_names, name,
+    p = ctx.Process(target=lib_job, args=(kind, meta_addr, str(credentials), dir_names, name,
                                           sizes.ckpt_bytes, sizes.io_bytes, results))
     p.start()
     try:
@@ -976,7 +976,7 @@ class Bench:
 
     def lib(self, kind: str, r: int) -> float:
         assert self.sfs is not None
-        return run_lib(kind, self.sfs.cluster.meta_addr, self.sfs.cluster.secret_file,
+        return run_lib(kind, self.sfs.cluster.meta_addr, self.sfs.cluster.client,
                        [f"r{r}"], "lib-" + CKPT_NAME, self.sizes)
 
     # -- reporting

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fs.client import open_client  # noqa: E402
-from proto.auth import load_secret  # noqa: E402
+from proto.credentials import init_ca, issue, load_credentials  # noqa: E402
 from proto.messages import InodeReq  # noqa: E402
 from proto.types import ROOT_INODE  # noqa: E402
 
@@ -36,9 +36,11 @@ START_TIMEOUT_S = 30.0
 
 def start_metaserver(state: Path) -> tuple[subprocess.Popen, str]:
     ready = state / "ready"
+    ca = init_ca(state / "ca")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fs.cli", "meta", "--listen", "127.0.0.1:0", "--dir", str(state / "meta"),
-         "--ready-file", str(ready), "--log-file", str(state / "meta.log")],
+         "--ready-file", str(ready), "--log-file", str(state / "meta.log"),
+         "--credentials", str(issue(ca, "meta", "meta", state / "meta-credentials"))],
         cwd=REPO, stdin=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -50,8 +52,8 @@ def start_metaserver(state: Path) -> tuple[subprocess.Popen, str]:
     return proc, ready.read_text().strip()
 
 
-async def measure(address: str, secret: bytes, calls: int, callers: int) -> dict:
-    async with open_client(address, secret, mountpoint="bench-rpc") as client:
+async def measure(address: str, creds, calls: int, callers: int) -> dict:
+    async with open_client(address, creds, mountpoint="bench-rpc") as client:
         call = client.session.call
         req = InodeReq(ROOT_INODE)
         for _ in range(200):  # warm up: connection, stream, caches
@@ -92,7 +94,8 @@ def main() -> int:
         state = Path(tmp)
         proc, address = start_metaserver(state)
         try:
-            result = trio.run(measure, address, load_secret(state / "meta" / "cluster.secret"),
+            client = load_credentials(issue(state / "ca", "client", "bench-rpc", state / "client-credentials"))
+            result = trio.run(measure, address, client,
                               args.calls, args.callers)
         finally:
             proc.terminate()

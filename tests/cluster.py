@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pki import Pki
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: How long a server may take to write its ready file, or a mount to appear.
@@ -103,7 +105,8 @@ class Proc:
         for path in (self.log, self.out):
             if path not in LOGS:
                 LOGS.append(path)
-        with open(self.out, "ab") as out:
+        # The process's own stdout and stderr: its user's only, like everything it writes.
+        with os.fdopen(os.open(self.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             # A session of its own: a Ctrl-C on pytest reaches the harness, not the servers,
             # so teardown still runs in order.
             self.popen = subprocess.Popen(
@@ -246,7 +249,8 @@ class Cluster:
         self.base = Path(self.base)
         self.logs_dir = self.base / "logs"
         self.run_dir = self.base / "run"
-        self.secret_file = self.base / "cluster.secret"
+        # The cluster's CA and a credential bundle per process, as an operator makes them.
+        self.pki = Pki(self.base / "credentials")
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._mount_count = 0
@@ -260,6 +264,16 @@ class Cluster:
                 self.close()
                 raise
 
+    @property
+    def admin(self) -> Path:
+        """The admin credential bundle (status, fsck, direct calls in tests)."""
+        return self.pki.bundle("admin")
+
+    @property
+    def client(self) -> Path:
+        """A client credential bundle for library users in tests."""
+        return self.pki.bundle("client", "library")
+
     # ------------------------------------------------------------------ metaserver
 
     def start_meta(self, listen: str | None = None) -> str:
@@ -271,7 +285,7 @@ class Cluster:
         (self.base / "meta").mkdir(exist_ok=True)
         argv = cli(
             "meta", "--listen", listen, "--dir", str(self.base / "meta"),
-            "--secret-file", str(self.secret_file), "--ready-file", str(ready),
+            "--credentials", str(self.pki.bundle("meta")), "--ready-file", str(ready),
             "--log-file", str(self.logs_dir / "meta.log"), *self.meta_args,
         )
         self.meta = Proc("meta", argv, self.logs_dir / "meta.log", self.logs_dir / "meta.out")
@@ -299,7 +313,7 @@ class Cluster:
             meta = f"{self.data_meta_host[i]}:{meta.rsplit(':', 1)[1]}"
         return self.data_prefix.get(i, []) + cli(
             "data", "--listen", listen, "--meta", meta, "--dir", str(d),
-            "--secret-file", str(self.secret_file),
+            "--credentials", str(self.pki.bundle("data", f"data-{i}")),
             "--ready-file", str(self.run_dir / f"data-{i}.ready"),
             "--log-file", str(self.logs_dir / f"data-{i}.log"), *self.data_args,
         )
@@ -338,7 +352,7 @@ class Cluster:
     def status(self) -> dict:
         """`stripefs status --json` of the running metaserver."""
         res = subprocess.run(
-            cli("status", "--meta", self.meta_addr, "--secret-file", str(self.secret_file), "--json"),
+            cli("status", "--meta", self.meta_addr, "--credentials", str(self.admin), "--json"),
             capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
         )
         if res.returncode != 0:
@@ -373,7 +387,7 @@ class Cluster:
         path.mkdir(parents=True, exist_ok=True)
         name = f"mount-{n}"
         argv = cli(
-            "mount", self.meta_addr, str(path), "--secret-file", str(self.secret_file),
+            "mount", self.meta_addr, str(path), "--credentials", str(self.pki.bundle("client", name)),
             "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"), *self.mount_args,
         )
         proc = Proc(name, argv, self.logs_dir / f"{name}.log", self.logs_dir / f"{name}.out")

@@ -92,7 +92,7 @@ def wait_state(cluster: Cluster, address: str, state: str, timeout_s: float = 20
 
 def fsck(cluster: Cluster, *flags: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cli("fsck", "--meta", cluster.meta_addr, "--secret-file", str(cluster.secret_file), *flags),
+        cli("fsck", "--meta", cluster.meta_addr, "--credentials", str(cluster.admin), *flags),
         capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT,
     )
 
@@ -418,12 +418,12 @@ class Inspector:
     (what the client library would see), to check that each copy holds the right bytes."""
 
     def __init__(self, cluster: Cluster) -> None:
-        from proto.auth import load_secret
+        from proto.credentials import load_credentials
         from proto.rpc import Stub
         from proto.services import META_METHODS, META_SERVICE
 
-        self._secret = load_secret(cluster.secret_file)
-        self.meta = Stub(cluster.meta_addr, self._secret, META_SERVICE, META_METHODS)
+        self._creds = load_credentials(cluster.admin)
+        self.meta = Stub(cluster.meta_addr, self._creds, META_SERVICE, META_METHODS)
         self._data: dict = {}
 
     def close(self) -> None:
@@ -435,7 +435,7 @@ class Inspector:
         from proto.services import DATA_METHODS, DATA_SERVICE
 
         if address not in self._data:
-            self._data[address] = Stub(address, self._secret, DATA_SERVICE, DATA_METHODS)
+            self._data[address] = Stub(address, self._creds, DATA_SERVICE, DATA_METHODS)
         return self._data[address]
 
     def block_map(self, rel: str):

@@ -50,12 +50,13 @@ class World:
         for i in range(3):
             address = f"data-{i}"
             store = BlockStore(tmp_path / address)
-            self.data[address] = DataService(store, SECRET)
+            self.data[address] = DataService(store)
+            self.data[address].token_key = SECRET  # as after registering
             self.core.register(RegisterReq(address, uuid.uuid4().hex, 1 << 40, 1 << 40, 0))
 
     def client(self) -> tuple[Client, Counting]:
         meta = Counting(self.core, META_METHODS, "meta")
-        client = Client("meta", SECRET, meta_transport=meta,
+        client = Client("meta", None, meta_transport=meta,
                         data_connect=lambda a: LocalTransport(self.data[a], DATA_METHODS, a))
         return client, meta
 

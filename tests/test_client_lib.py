@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from fs.client import Ctx, FsError, open_client
-from proto.auth import load_secret
+from proto.credentials import load_credentials
 from proto.messages import BlockMapReq
 from proto.types import ROOT_INODE
 
@@ -29,7 +29,7 @@ def run(cluster, fn, **options):
     """Run `fn(client)` in a fresh trio run with a fresh client."""
 
     async def main():
-        async with open_client(cluster.meta_addr, load_secret(cluster.secret_file), **options) as client:
+        async with open_client(cluster.meta_addr, load_credentials(cluster.client), **options) as client:
             return await fn(client)
 
     return trio.run(main)
@@ -189,7 +189,8 @@ def test_expired_session_is_replaced(lib_cluster):
         ino = await write_file(client, d, b"keep", data)
         fh, _ = await client.open(ino, os.O_RDONLY)
         old = client.session.id
-        stub = Stub(lib_cluster.meta_addr, load_secret(lib_cluster.secret_file), META_SERVICE, META_METHODS)
+        # The same credential as the client's: a session is closed by whom it belongs to.
+        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
         stub.call("close_session", SessionReq(old))
         stub.close()
         fh2, attr = await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT)  # needs a session

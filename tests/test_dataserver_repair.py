@@ -21,7 +21,7 @@ from proto.services import DATA_METHODS, DATA_SERVICE
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"test-cluster-secret-0123456789"
+SECRET = b"test-token-key-0123456789abcdef"  # the token key a metaserver would hand out
 
 
 def flip(store: BlockStore, block_id: int, at: int = -10) -> None:
@@ -79,7 +79,7 @@ def test_scrubber_finds_corruption_at_a_bounded_rate(tmp_path):
 
 def test_get_block_of_a_corrupt_copy_moves_it_aside(tmp_path):
     store = BlockStore(tmp_path)
-    service = DataService(store, SECRET)
+    service = DataService(store)
     store.put(9, b"z" * 200_000)
     flip(store, 9)
     with pytest.raises(FsError):
@@ -89,12 +89,15 @@ def test_get_block_of_a_corrupt_copy_moves_it_aside(tmp_path):
 
 
 def test_replicator_copies_from_a_source_and_reports(tmp_path):
+    from pki import Pki
+
+    pki = Pki(tmp_path / "credentials")
     source = BlockStore(tmp_path / "src")
     data = bytes(range(256)) * 1000
     source.put(11, data)
-    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(source, SECRET), SECRET, "127.0.0.1:0")
+    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(source), pki.creds("data", "src"), "127.0.0.1:0")
     target = BlockStore(tmp_path / "dst")
-    rep = Replicator(target, SECRET, workers=2)
+    rep = Replicator(target, pki.creds("data", "dst"), lambda: SECRET, workers=2)
     try:
         good = f"127.0.0.1:{port}"
         rep.submit([
@@ -113,7 +116,7 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
             time.sleep(0.05)
         assert done == [11] and sorted(failed) == [12, 13]
         assert target.get(11) == data
-        check = Stub(good, SECRET, DATA_SERVICE, DATA_METHODS)
+        check = Stub(good, pki.creds("admin"), DATA_SERVICE, DATA_METHODS)
         assert check.call("get_block", GetBlockReq(block_id=11)).data == data
         check.close()
     finally:

@@ -34,15 +34,24 @@ from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVIC
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"test-cluster-secret-0123456789"
+SECRET = b"test-token-key-0123456789abcdef"  # the token key a metaserver would hand out
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def data_server(tmp_path):
+def pki(tmp_path):
+    from pki import Pki
+
+    return Pki(tmp_path / "credentials")
+
+
+@pytest.fixture
+def data_server(tmp_path, pki):
     store = BlockStore(tmp_path / "data")
-    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(store, SECRET), SECRET, "127.0.0.1:0")
-    stub = Stub(f"127.0.0.1:{port}", SECRET, DATA_SERVICE, DATA_METHODS)
+    service = DataService(store)
+    service.token_key = SECRET  # as after its registration
+    server, port = serve(DATA_SERVICE, DATA_METHODS, service, pki.creds("data", "d0"), "127.0.0.1:0")
+    stub = Stub(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE, DATA_METHODS)
     yield store, stub, port
     stub.close()
     server.stop(0)
@@ -75,25 +84,45 @@ def test_bad_token_is_eacces(data_server):
     assert store.stats().blocks == 0
 
 
-def test_wrong_cluster_secret_is_eacces(data_server):
+def test_strangers_and_wrong_roles_are_refused(data_server, pki, tmp_path):
+    """A credential of another CA does not get past the handshake; a data server's own
+    credential may read (to re-replicate) but not write; no token makes up for either."""
+    from pki import Pki
+
     store, _, port = data_server
-    other = Stub(f"127.0.0.1:{port}", b"wrong-cluster-secret-000000", DATA_SERVICE, DATA_METHODS)
+    stranger = Stub(f"127.0.0.1:{port}", Pki(tmp_path / "other").creds("client"), DATA_SERVICE, DATA_METHODS)
+    peer = Stub(f"127.0.0.1:{port}", pki.creds("data", "d1"), DATA_SERVICE, DATA_METHODS)
     try:
-        for name, req in [
-            ("put_block", PutBlockReq(block_id=5, token=block_token(SECRET, 5), data=b"x")),
-            ("get_block", GetBlockReq(block_id=5)),
-        ]:
+        put = PutBlockReq(block_id=5, token=block_token(SECRET, 5), data=b"x")
+        for name, req in [("put_block", put), ("get_block", GetBlockReq(block_id=5))]:
             with pytest.raises(FsError) as info:
-                other.call(name, req)
-            assert info.value.errno == errno.EACCES
+                stranger.call(name, req, timeout=5)
+            assert info.value.errno == errno.EIO  # no handshake, no call
+        with pytest.raises(FsError) as info:
+            peer.call("put_block", put)
+        assert info.value.errno == errno.EACCES
     finally:
-        other.close()
+        stranger.close()
+        peer.close()
     assert store.stats().blocks == 0
+
+
+def test_no_block_is_stored_before_the_token_key_is_known(tmp_path, pki):
+    store = BlockStore(tmp_path / "data")
+    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(store), pki.creds("data", "d0"), "127.0.0.1:0")
+    stub = Stub(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE, DATA_METHODS)
+    try:
+        with pytest.raises(FsError) as info:
+            stub.call("put_block", PutBlockReq(block_id=5, token=block_token(b"", 5), data=b"x"))
+        assert info.value.errno == errno.EAGAIN
+    finally:
+        stub.close()
+        server.stop(0)
 
 
 def test_malformed_frame_is_einval(data_server):
     _, stub, _ = data_server
-    frame = stub._callables["get_block"](b"garbage", metadata=stub._metadata, timeout=10)
+    frame = stub._callables["get_block"](b"garbage", timeout=10)
     with pytest.raises(FsError) as info:
         codec.decode_reply(BlockData, frame)
     assert info.value.errno == errno.EINVAL
@@ -123,7 +152,7 @@ class FakeMeta:
     def register(self, req):
         with self.lock:
             self.registers.append(req)
-            return RegisterReply(server_id=len(self.registers), heartbeat_interval_s=0.05)
+            return RegisterReply(server_id=len(self.registers), heartbeat_interval_s=0.05, token_key=SECRET)
 
     def heartbeat(self, req):
         with self.lock:
@@ -159,7 +188,7 @@ def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
+def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path, pki):
     data_dir = tmp_path / "data"
     store = BlockStore(data_dir)
     store.put(1000, b"garbage block")
@@ -167,10 +196,8 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
     node_id = store.node_id
     del store
 
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET.decode() + "\n")
     meta = FakeMeta(garbage=[1000])
-    meta_server, meta_port = serve(META_SERVICE, META_METHODS, meta, SECRET, "127.0.0.1:0")
+    meta_server, meta_port = serve(META_SERVICE, META_METHODS, meta, pki.creds("meta"), "127.0.0.1:0")
     ready = tmp_path / "ready"
     log_file = tmp_path / "dataserver.log"
     proc = subprocess.Popen(
@@ -179,7 +206,7 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
             "--listen", "127.0.0.1:0",
             "--meta", f"127.0.0.1:{meta_port}",
             "--dir", str(data_dir),
-            "--secret-file", str(secret_file),
+            "--credentials", str(pki.bundle("data", "d0")),
             "--ready-file", str(ready),
             "--log-file", str(log_file),
         ],
@@ -191,7 +218,7 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
     try:
         address = wait_for(lambda: ready.exists() and ready.read_text(), what="ready file").strip()
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-        stub = Stub(address, SECRET, DATA_SERVICE, DATA_METHODS)
+        stub = Stub(address, pki.creds("client"), DATA_SERVICE, DATA_METHODS)
 
         wait_for(lambda: meta.deleted, what="blocks_deleted")
         first = meta.registers[0]
@@ -221,29 +248,26 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path):
     assert "Traceback" not in log_text
 
 
-def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path):
+def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path, pki):
     """The data server starts before its metaserver, keeps retrying, logs the outage once."""
     # Reserve a port for the metaserver-to-be; nothing listens there yet.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         meta_port = s.getsockname()[1]
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET.decode())
     ready = tmp_path / "ready"
     log_file = tmp_path / "dataserver.log"
-    env = dict(os.environ, STRIPEFS_SECRET_FILE=str(secret_file))  # the default for --secret-file
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "dataserver",
             "--listen", "127.0.0.1:0",
             "--meta", f"127.0.0.1:{meta_port}",
             "--dir", str(tmp_path / "data"),
+            "--credentials", str(pki.bundle("data", "d0")),
             "--ready-file", str(ready),
             "--log-file", str(log_file),
             "--heartbeat-interval-s", "0.05",
         ],
         cwd=REPO,
-        env=env,
     )
     meta_server = None
     try:
@@ -251,7 +275,7 @@ def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path):
         wait_for(lambda: "register failed" in log_file.read_text(), what="outage logged")
         time.sleep(1.0)  # several retries at 0.2-0.8 s backoff
         meta = FakeMeta(garbage=[])
-        meta_server, port = serve(META_SERVICE, META_METHODS, meta, SECRET, f"127.0.0.1:{meta_port}")
+        meta_server, port = serve(META_SERVICE, META_METHODS, meta, pki.creds("meta"), f"127.0.0.1:{meta_port}")
         wait_for(lambda: len(meta.heartbeats) >= 2, what="heartbeats after the metaserver came up")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0

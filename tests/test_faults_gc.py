@@ -89,11 +89,11 @@ def test_usage_returns_after_an_application_killed_mid_file(gc_cluster):
 LIBRARY_WRITER = """
 import sys, trio
 from fs.client import open_client
-from proto.auth import load_secret
+from proto.credentials import load_credentials
 from proto.messages import Ctx
 
-async def main(meta, secret_file, blocks):
-    async with open_client(meta, load_secret(secret_file)) as c:
+async def main(meta, credentials, blocks):
+    async with open_client(meta, load_credentials(credentials)) as c:
         fh, attr = await c.create(1, b"uncommitted", 0o644, 0, Ctx())
         piece = bytes(range(256)) * 4096  # 1 MiB
         for i in range(blocks * 4):
@@ -114,7 +114,7 @@ def test_uncommitted_blocks_of_a_sigkilled_writer_are_collected(gc_cluster):
     baseline = disk_usage(c)
     # 4 MiB blocks (the default) x 10, fewer than a commit batch: uploaded, not committed.
     writer = subprocess.Popen(
-        [sys.executable, "-c", LIBRARY_WRITER, c.meta_addr, str(c.secret_file), "10"],
+        [sys.executable, "-c", LIBRARY_WRITER, c.meta_addr, str(c.client), "10"],
         stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
     )
     try:

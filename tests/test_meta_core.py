@@ -151,14 +151,16 @@ def test_root_and_store(env):
 
 
 def test_version_3_database_is_migrated(env):
-    """A database of the previous schema (no inline data, no inline_max, no parent index)
-    opens as the current one with everything in it kept."""
+    """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
+    of sessions and servers) opens as the current one with everything in it kept."""
     f = env.create(ROOT_INODE, b"kept")
     with env.core.store.transaction() as tx:
         tx.run("DROP TABLE inline_data")
         tx.run("DROP INDEX inodes_by_parent")
         tx.run("DROP INDEX dentries_by_parent")
         tx.run("ALTER TABLE inodes DROP COLUMN inline_max")
+        tx.run("ALTER TABLE servers DROP COLUMN identity")
+        tx.run("ALTER TABLE sessions DROP COLUMN owner")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -872,7 +874,10 @@ def test_allocations_abandoned_with_their_session(env):
     env.clock.advance(31)
     assert sorted(env.beat(sid).delete) == [a.block_id, b.block_id]
     ref = BlockRef(index=0, block_id=a.block_id, length=5, servers=a.servers)
-    fails(errno.EINVAL, env.core.commit_blocks, CommitReq(ino=f.ino, session=s1, blocks=[ref], size=5, mtime_ns=1))
+    fails(errno.ESTALE, env.core.commit_blocks, CommitReq(ino=f.ino, session=s1, blocks=[ref], size=5, mtime_ns=1))
+    # Nor can another session commit it (the client then uploads its blocks again).
+    fails(errno.EINVAL, env.core.commit_blocks,
+          CommitReq(ino=f.ino, session=env.session(), blocks=[ref], size=5, mtime_ns=1))
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,4 +1,5 @@
-"""The real metaserver process (`python -m metaserver`) on loopback, through proto.rpc.Stub."""
+"""The real metaserver process (`python -m metaserver`) on loopback, through proto.rpc.Stub
+and the client's stream transport, over mutual TLS with credentials of a test CA."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.auth import load_secret
+from proto.auth import load_token_key
 from proto.errors import FsError
 from proto.messages import Ctx, Empty, LookupReq, MkdirReq, ReaddirReq, SessionOpenReq
 from proto.rpc import Stub
@@ -26,13 +27,20 @@ START_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
-def metaserver(tmp_path):
+def pki(tmp_path):
+    from pki import Pki
+
+    return Pki(tmp_path / "credentials")
+
+
+@pytest.fixture
+def metaserver(tmp_path, pki):
     state = tmp_path / "meta"
     ready = tmp_path / "ready"
     log = tmp_path / "meta.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "metaserver", "--listen", "127.0.0.1:0", "--dir", str(state),
-         "--ready-file", str(ready), "--log-file", str(log)],
+         "--ready-file", str(ready), "--log-file", str(log), "--credentials", str(pki.bundle("meta"))],
         cwd=REPO,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -43,17 +51,16 @@ def metaserver(tmp_path):
             pytest.fail(f"metaserver did not start:\n{log.read_text() if log.exists() else ''}")
         time.sleep(0.05)
     address = ready.read_text().strip()
-    secret = load_secret(state / "cluster.secret")
-    yield proc, address, secret, log
+    yield proc, address, pki.creds("client"), log
     if proc.poll() is None:
         proc.kill()
         proc.wait()
 
 
 def test_round_trip(metaserver):
-    proc, address, secret, log = metaserver
+    proc, address, creds, log = metaserver
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-    stub = Stub(address, secret, META_SERVICE, META_METHODS)
+    stub = Stub(address, creds, META_SERVICE, META_METHODS)
     try:
         made = stub.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"data", mode=0o755, ctx=Ctx(uid=7, gid=8))).attr
         found = stub.call("lookup", LookupReq(parent=ROOT_INODE, name=b"data")).attr
@@ -71,8 +78,8 @@ def test_round_trip(metaserver):
 
 
 def test_malformed_request_is_einval(metaserver):
-    _, address, secret, _ = metaserver
-    stub = Stub(address, secret, META_SERVICE, META_METHODS)
+    _, address, creds, _ = metaserver
+    stub = Stub(address, creds, META_SERVICE, META_METHODS)
     try:
         with pytest.raises(FsError) as info:
             stub.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"a/b", mode=0o755, ctx=Ctx()))
@@ -83,10 +90,8 @@ def test_malformed_request_is_einval(metaserver):
         # Raw garbage on the wire.
         raw = stub.channel.unary_unary(f"/{META_SERVICE}/lookup")
         from proto import codec
-        from proto.auth import AUTH_METADATA_KEY, call_credential
 
-        frame = raw(b"\x00\x00\x00\x05garbage", timeout=10,
-                    metadata=((AUTH_METADATA_KEY, call_credential(secret)),))
+        frame = raw(b"\x00\x00\x00\x05garbage", timeout=10)
         with pytest.raises(FsError) as info:
             codec.decode_reply(Empty, frame)
         assert info.value.errno == errno.EINVAL
@@ -96,20 +101,46 @@ def test_malformed_request_is_einval(metaserver):
         stub.close()
 
 
-def test_wrong_secret_is_eacces(metaserver):
+def test_credential_of_another_ca_gets_nowhere(metaserver, tmp_path):
+    from pki import Pki
+
     _, address, _, _ = metaserver
-    stub = Stub(address, b"not-the-cluster-secret", META_SERVICE, META_METHODS)
+    stranger = Pki(tmp_path / "other-ca").creds("admin")
+    stub = Stub(address, stranger, META_SERVICE, META_METHODS)
     try:
         with pytest.raises(FsError) as info:
-            stub.call("readdir", ReaddirReq(ino=ROOT_INODE))
-        assert info.value.errno == errno.EACCES
+            stub.call("readdir", ReaddirReq(ino=ROOT_INODE), timeout=5)
+        assert info.value.errno == errno.EIO  # the TLS handshake fails: no call is made
     finally:
         stub.close()
 
 
+def test_roles_decide_what_may_be_called(metaserver, pki):
+    """A client credential cannot act as a data server or run fsck; a data credential
+    cannot touch the namespace (EACCES, before the method runs)."""
+    from proto.messages import FsckReq, HeartbeatReq, RegisterReq
+
+    _, address, client, _ = metaserver
+    as_client = Stub(address, client, META_SERVICE, META_METHODS)
+    as_data = Stub(address, pki.creds("data", "d1"), META_SERVICE, META_METHODS)
+    try:
+        for name, req in (("register", RegisterReq("h:1", "0" * 32, 1, 1, 0)),
+                          ("heartbeat", HeartbeatReq(1, 1, 1, 0)), ("fsck", FsckReq(repair=True))):
+            with pytest.raises(FsError) as info:
+                as_client.call(name, req)
+            assert info.value.errno == errno.EACCES, name
+        with pytest.raises(FsError) as info:
+            as_data.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"x", mode=0o755, ctx=Ctx()))
+        assert info.value.errno == errno.EACCES
+        assert as_data.call("status", Empty()).inodes == 1  # status is for anyone
+    finally:
+        as_client.close()
+        as_data.close()
+
+
 def test_sigterm_exits_cleanly_and_state_persists(metaserver, tmp_path):
-    proc, address, secret, log = metaserver
-    stub = Stub(address, secret, META_SERVICE, META_METHODS)
+    proc, address, creds, log = metaserver
+    stub = Stub(address, creds, META_SERVICE, META_METHODS)
     try:
         stub.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"kept", mode=0o755, ctx=Ctx()))
     finally:
@@ -120,25 +151,25 @@ def test_sigterm_exits_cleanly_and_state_persists(metaserver, tmp_path):
     # The database is there and readable by a fresh core in this process.
     from metaserver.core import MetaCore
 
-    core = MetaCore(str(tmp_path / "meta" / "meta.db"), secret)
+    core = MetaCore(str(tmp_path / "meta" / "meta.db"), load_token_key(tmp_path / "meta" / "token.key"))
     try:
         assert core.lookup(LookupReq(parent=ROOT_INODE, name=b"kept")).attr.nlink == 2
     finally:
         core.close()
-    assert os.stat(tmp_path / "meta" / "cluster.secret").st_mode & 0o077 == 0
+    assert os.stat(tmp_path / "meta" / "token.key").st_mode & 0o077 == 0
 
 
-def test_stream_batches_and_errors(metaserver):
+def test_stream_batches_and_errors(metaserver, pki):
     """The multiplexed stream: many calls in flight on one stream, each with its own
-    reply or errno, and a stream with the wrong credential refused as EACCES."""
+    reply or errno, and a call its credential's role may not make refused as EACCES."""
     import trio
 
     from fs.client.transport import StreamTransport
 
-    _, address, secret, _ = metaserver
+    _, address, creds, _ = metaserver
 
     async def main():
-        t = StreamTransport(address, secret, META_SERVICE, META_METHODS)
+        t = StreamTransport(address, creds, META_SERVICE, META_METHODS)
         try:
             made = await t.call("mkdir", MkdirReq(ROOT_INODE, b"s", 0o755, Ctx()), 10)
             results = {}
@@ -159,34 +190,32 @@ def test_stream_batches_and_errors(metaserver):
             assert info.value.errno == errno.EINVAL
         finally:
             t.close()
-        bad = StreamTransport(address, b"not-the-cluster-secret", META_SERVICE, META_METHODS)
+        data = StreamTransport(address, pki.creds("data", "d1"), META_SERVICE, META_METHODS)
         try:
             with pytest.raises(FsError) as info:
-                await bad.call("readdir", ReaddirReq(ino=ROOT_INODE), 10)
+                await data.call("readdir", ReaddirReq(ino=ROOT_INODE), 10)
             assert info.value.errno == errno.EACCES
         finally:
-            bad.close()
+            data.close()
 
     trio.run(main)
 
 
 def test_malformed_stream_message_ends_that_stream_only(metaserver):
-    _, address, secret, _ = metaserver
+    _, address, creds, _ = metaserver
     import grpc
 
-    from proto.auth import AUTH_METADATA_KEY, call_credential
+    from proto.rpc import secure_channel
 
-    channel = grpc.insecure_channel(address)
+    channel = secure_channel(address, creds, META_SERVICE)
     try:
-        call = channel.stream_stream(f"/{META_SERVICE}/stream")(
-            iter([b"\xc1 not msgpack"]), metadata=((AUTH_METADATA_KEY, call_credential(secret)),), timeout=10
-        )
+        call = channel.stream_stream(f"/{META_SERVICE}/stream")(iter([b"\xc1 not msgpack"]), timeout=10)
         with pytest.raises(grpc.RpcError) as info:
             list(call)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         channel.close()
-    stub = Stub(address, secret, META_SERVICE, META_METHODS)
+    stub = Stub(address, creds, META_SERVICE, META_METHODS)
     try:
         assert stub.call("readdir", ReaddirReq(ino=ROOT_INODE)).entries == []  # still serving
     finally:

@@ -7,7 +7,7 @@ import pytest
 
 from proto import codec
 from proto import messages as m
-from proto.auth import block_token, call_credential, check_block_token, check_credential
+from proto.auth import block_token, check_block_token
 from proto.errors import FsError
 from proto.services import DATA_METHODS, META_METHODS
 
@@ -71,10 +71,33 @@ def test_malformed_reply_is_eio():
     assert exc.value.errno == errno.EIO
 
 
-def test_credentials_and_tokens():
-    secret = b"s" * 32
-    assert check_credential(secret, call_credential(secret))
-    assert not check_credential(secret, call_credential(b"t" * 32))
-    assert not check_credential(secret, None)
-    assert check_block_token(secret, 42, block_token(secret, 42))
-    assert not check_block_token(secret, 43, block_token(secret, 42))
+def test_tokens():
+    key = b"s" * 32
+    assert check_block_token(key, 42, block_token(key, 42))
+    assert not check_block_token(key, 43, block_token(key, 42))
+    assert not check_block_token(b"t" * 32, 42, block_token(key, 42))
+    assert not check_block_token(b"", 42, block_token(b"", 42))  # no key yet: nothing passes
+
+
+def test_credentials_carry_role_and_name(tmp_path):
+    from proto.credentials import init_ca, issue, load_credentials, parse_common_name
+
+    ca = init_ca(tmp_path / "ca")
+    creds = load_credentials(issue(ca, "data", "node-7", tmp_path / "b"))
+    assert (creds.role, creds.name) == ("data", "node-7")
+    assert (tmp_path / "b" / "key.pem").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    for bad in ("client", "root:x", "client:", "client:a:b", "data:a/b"):
+        assert parse_common_name(bad) is None
+    with pytest.raises(ValueError):
+        issue(ca, "god", "x", tmp_path / "c")
+    with pytest.raises(ValueError):
+        issue(ca, "client", "a:b", tmp_path / "c")
+
+
+def test_ids_beyond_their_width_are_invalid():
+    assert m.Ctx(uid=(1 << 32) - 1, gid=0).valid() is None
+    assert m.Ctx(uid=1 << 32, gid=0).valid() is not None
+    assert m.SetattrReq(1, m.Ctx(), gid=-1).valid() is not None
+    assert m.InodeReq((1 << 63) - 1).valid() is None
+    assert m.InodeReq(1 << 63).valid() is not None

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from cluster import REPO_ROOT, Cluster, cli
 
-from proto.auth import load_secret
+from proto.credentials import load_credentials
 from proto.errors import FsError
 from proto.messages import (
     AllocReq,
@@ -53,8 +53,8 @@ class Writer:
     """Writes and reads files as the client library does, through the wire contract."""
 
     def __init__(self, cluster: Cluster) -> None:
-        self.secret = load_secret(cluster.secret_file)
-        self.meta = Stub(cluster.meta_addr, self.secret, META_SERVICE, META_METHODS)
+        self.creds = load_credentials(cluster.client)
+        self.meta = Stub(cluster.meta_addr, self.creds, META_SERVICE, META_METHODS)
         self.session = self.meta.call("open_session", SessionOpenReq(host="test", mountpoint="-")).session
         self._data: dict[str, Stub] = {}
         d = self.meta.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"small", mode=0o755, ctx=Ctx())).attr
@@ -67,7 +67,7 @@ class Writer:
 
     def data(self, address: str) -> Stub:
         if address not in self._data:
-            self._data[address] = Stub(address, self.secret, DATA_SERVICE, DATA_METHODS)
+            self._data[address] = Stub(address, self.creds, DATA_SERVICE, DATA_METHODS)
         return self._data[address]
 
     def write_file(self, name: bytes, nblocks: int) -> tuple[int, bytes]:
@@ -122,7 +122,7 @@ def block_files(data_dir: Path) -> dict[int, Path]:
 
 def fsck(cluster: Cluster, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cli("fsck", "--meta", cluster.meta_addr, "--secret-file", str(cluster.secret_file), *flags),
+        cli("fsck", "--meta", cluster.meta_addr, "--credentials", str(cluster.admin), *flags),
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )
 

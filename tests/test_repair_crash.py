@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.auth import load_secret
+from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.messages import (
     AllocReq,
@@ -53,6 +53,9 @@ GiB = 1024**3
 
 class Meta:
     def __init__(self, tmp: Path) -> None:
+        from pki import Pki
+
+        self.pki = Pki(tmp / "credentials")
         self.state = tmp / "meta"
         self.ready = tmp / "ready"
         self.log = tmp / "meta.log"
@@ -64,7 +67,8 @@ class Meta:
         self.ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "metaserver", "--listen", self.listen, "--dir", str(self.state),
-             "--ready-file", str(self.ready), "--log-file", str(self.log)],
+             "--ready-file", str(self.ready), "--log-file", str(self.log),
+             "--credentials", str(self.pki.bundle("meta"))],
             cwd=REPO,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -129,18 +133,19 @@ class Workload(threading.Thread):
                 self.unlinked.add(final)
 
 
-def beat_forever(address_of, secret: bytes, ids: dict[str, int], stop: threading.Event) -> None:
-    """Fake data servers: register and heartbeat, riding out metaserver restarts."""
-    stub = None
+def beat_forever(address_of, creds: dict[str, Credentials], ids: dict[str, int], stop: threading.Event) -> None:
+    """Fake data servers: heartbeat, each with its own credential, riding out metaserver
+    restarts."""
+    stubs: dict[str, Stub] = {}
     current = ""
     while not stop.wait(0.3):
         try:
             if address_of() != current:
                 current = address_of()
-                stub = Stub(current, secret, META_SERVICE, META_METHODS)
+                stubs = {node: Stub(current, creds[node], META_SERVICE, META_METHODS) for node in ids}
             for node, sid in ids.items():
-                stub.call("heartbeat", HeartbeatReq(server_id=sid, capacity_bytes=200 * GiB,
-                                                    free_bytes=100 * GiB, blocks=0), timeout=2)
+                stubs[node].call("heartbeat", HeartbeatReq(server_id=sid, capacity_bytes=200 * GiB,
+                                                           free_bytes=100 * GiB, blocks=0), timeout=2)
         except FsError:
             pass
 
@@ -148,19 +153,22 @@ def beat_forever(address_of, secret: bytes, ids: dict[str, int], stop: threading
 def test_sigkill_metaserver_mid_workload(tmp_path):
     meta = Meta(tmp_path)
     meta.start()
-    secret = load_secret(meta.state / "cluster.secret")
-    stub = Stub(meta.address, secret, META_SERVICE, META_METHODS)
+    stub = Stub(meta.address, meta.pki.creds("client"), META_SERVICE, META_METHODS)
     # The checker waits for the restarted metaserver; the workload fails fast and goes on.
-    checker = Stub(meta.address, secret, META_SERVICE, META_METHODS, wait_for_ready=True)
+    checker = Stub(meta.address, meta.pki.creds("admin"), META_SERVICE, META_METHODS, wait_for_ready=True)
     stop_beats = threading.Event()
     workload = None
     try:
-        ids = {}
+        ids, creds = {}, {}
         for n in (1, 2):
-            ids[f"node-{n}"] = stub.call("register", RegisterReq(
-                address=f"10.0.0.{n}:7000", node_id=f"node-{n}", capacity_bytes=200 * GiB,
+            node = f"node-{n}"
+            creds[node] = meta.pki.creds("data", node)
+            registrar = Stub(meta.address, creds[node], META_SERVICE, META_METHODS)
+            ids[node] = registrar.call("register", RegisterReq(
+                address=f"10.0.0.{n}:7000", node_id=node, capacity_bytes=200 * GiB,
                 free_bytes=100 * GiB, blocks=0)).server_id
-        beats = threading.Thread(target=beat_forever, args=(lambda: meta.address, secret, ids, stop_beats),
+            registrar.close()
+        beats = threading.Thread(target=beat_forever, args=(lambda: meta.address, creds, ids, stop_beats),
                                  daemon=True)
         beats.start()
         d = stub.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"w", mode=0o755, ctx=Ctx())).attr

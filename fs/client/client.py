@@ -34,6 +34,7 @@ from typing import AsyncIterator, Callable, Optional
 import trio
 
 from proto import messages as m
+from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
@@ -77,7 +78,7 @@ class Client:
     def __init__(
         self,
         meta_address: str,
-        secret: bytes,
+        creds: Optional[Credentials],
         *,
         mountpoint: str = "library",
         writeback_bytes: int = DEFAULT_WRITEBACK_BYTES,
@@ -85,8 +86,10 @@ class Client:
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
     ) -> None:
-        meta = meta_transport or StreamTransport(meta_address, secret, META_SERVICE, META_METHODS)
-        connect = data_connect or (lambda address: StreamTransport(address, secret, DATA_SERVICE, DATA_METHODS))
+        if creds is None and (meta_transport is None or data_connect is None):
+            raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
+        meta = meta_transport or StreamTransport(meta_address, creds, META_SERVICE, META_METHODS)
+        connect = data_connect or (lambda address: StreamTransport(address, creds, DATA_SERVICE, DATA_METHODS))
         self.session = MetaSession(meta, mountpoint)
         self.session.on_replaced = self._reopen_files
         self._nursery: Optional[trio.Nursery] = None
@@ -485,9 +488,10 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(meta_address: str, secret: bytes, **options) -> AsyncIterator[Client]:
-    """Connect to a cluster; the client's background tasks live in a nursery owned here."""
-    client = Client(meta_address, secret, **options)
+async def open_client(meta_address: str, creds: Credentials, **options) -> AsyncIterator[Client]:
+    """Connect to a cluster with a client credential bundle (proto.credentials.load_credentials);
+    the client's background tasks live in a nursery owned here."""
+    client = Client(meta_address, creds, **options)
     async with trio.open_nursery() as nursery:
         await client._start(nursery)
         try:

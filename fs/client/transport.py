@@ -34,10 +34,10 @@ import grpc
 import trio
 
 from proto import codec
-from proto.auth import AUTH_METADATA_KEY, call_credential
+from proto.credentials import CLIENT, Caller, Credentials
 from proto.errors import FsError, TransportError
 from proto.messages import Message
-from proto.rpc import CHANNEL_OPTIONS, STREAM_METHOD, Stub, transport_error
+from proto.rpc import STREAM_METHOD, Dispatch, Stub, secure_channel, transport_error
 from proto.services import Method
 
 log = logging.getLogger("stripefs.client")
@@ -78,8 +78,7 @@ class _Pending:
 class _Stream:
     """One gRPC stream call. Lives until it breaks or is closed; never reopened."""
 
-    def __init__(self, channel: grpc.Channel, path: str, metadata: tuple, address: str,
-                 token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, channel: grpc.Channel, path: str, address: str, token: trio.lowlevel.TrioToken) -> None:
         self.address = address
         self._token = token
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -90,7 +89,7 @@ class _Stream:
         self.broken: Optional[FsError] = None
         # wait_for_ready: opening the stream waits for the server instead of failing at
         # once; nothing is queued on it before its greeting, so nothing waits inside gRPC.
-        self._call = channel.stream_stream(path)(self._requests(), metadata=metadata, wait_for_ready=True)
+        self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
         self._reader = threading.Thread(target=self._read, name=f"stream-{address}", daemon=True)
         self._reader.start()
 
@@ -166,15 +165,14 @@ class _Stream:
 class StreamTransport:
     """Calls to one server over one multiplexed stream (module docstring)."""
 
-    def __init__(self, address: str, secret: bytes, service: str, methods: dict[str, Method]) -> None:
+    def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method]) -> None:
         self.address = address
         self.methods = methods
-        self._secret = secret
+        self._creds = creds
         self._service = service
         self._stub: Optional[Stub] = None  # for bulk calls, made on first use
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, creds, service)
         self._path = f"/{service}/{STREAM_METHOD}"
-        self._metadata = ((AUTH_METADATA_KEY, call_credential(secret)),)
         self._stream: Optional[_Stream] = None
         self._ids = itertools.count(1)
         self._closed = False
@@ -184,9 +182,7 @@ class StreamTransport:
         if stream is None or stream.broken is not None:
             if self._closed:
                 raise TransportError(f"connection to {self.address} is closed")
-            stream = self._stream = _Stream(
-                self._channel, self._path, self._metadata, self.address, trio.lowlevel.current_trio_token()
-            )
+            stream = self._stream = _Stream(self._channel, self._path, self.address, trio.lowlevel.current_trio_token())
         return stream
 
     async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
@@ -223,7 +219,7 @@ class StreamTransport:
         if self._stub is None:
             # A channel (connection) of its own: megabytes in flight on it do not queue in
             # front of the stream's small messages.
-            self._stub = Stub(self.address, self._secret, self._service, self.methods)
+            self._stub = Stub(self.address, self._creds, self._service, self.methods)
         return await unary_call(self._stub, name, req, timeout_s)
 
     def close(self) -> None:
@@ -260,24 +256,21 @@ async def unary_call(stub: Stub, name: str, req: Message | bytes, timeout_s: flo
 
 
 class LocalTransport:
-    """The in-process twin of a server: calls `impl.<name>(req)` on the trio thread,
-    through the codec both ways so that what cannot cross the wire fails here too."""
+    """The in-process twin of a server: runs the call on the trio thread through the
+    server glue's own decoding, role checks and encoding (proto.rpc.Dispatch), as `caller`,
+    so that what the server would refuse or what cannot cross the wire fails here too."""
 
-    def __init__(self, impl: Any, methods: dict[str, Method], address: str = "local") -> None:
-        self.impl = impl
+    def __init__(self, impl: Any, methods: dict[str, Method], address: str = "local",
+                 caller: Caller = Caller(CLIENT, "local")) -> None:
         self.methods = methods
         self.address = address
+        self.caller = caller
+        self._dispatch = Dispatch(methods, impl)
 
     async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
-        method = self.methods[name]
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
-        request = codec.decode_request(method.request, frame)
-        problem = request.valid()
-        if problem:
-            raise FsError(errno.EINVAL, problem)  # as the server glue answers
         await trio.lowlevel.checkpoint()
-        reply = getattr(self.impl, name)(request)
-        return codec.decode_reply(method.reply, codec.encode_reply(reply))
+        return codec.decode_reply(self.methods[name].reply, self._dispatch.run(name, frame, self.caller))
 
     bulk = call
 

@@ -16,7 +16,7 @@ import subprocess
 import pyfuse3
 import trio
 
-from fs.client import open_client
+from fs.client import Credentials, open_client
 
 from .ops import StripeOperations
 
@@ -30,8 +30,8 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
     return opts
 
 
-async def _serve(meta: str, mountpoint: str, secret: bytes, extra_options: list[str], client_options: dict) -> None:
-    async with open_client(meta, secret, mountpoint=mountpoint, **client_options) as client:
+async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str], client_options: dict) -> None:
+    async with open_client(meta, creds, mountpoint=mountpoint, **client_options) as client:
         ops = StripeOperations(client)
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
         log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session.id)
@@ -112,6 +112,7 @@ def bound_malloc_caching() -> None:
         log.info("malloc tuning not applied: %s", exc)
 
 
-def run_mount(meta: str, mountpoint: str, secret: bytes, extra_options: list[str] | None = None, **client_options) -> None:
+def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str] | None = None,
+              **client_options) -> None:
     bound_malloc_caching()
-    trio.run(_serve, meta, mountpoint, secret, extra_options or [], client_options)
+    trio.run(_serve, meta, mountpoint, creds, extra_options or [], client_options)

@@ -1,0 +1,265 @@
+"""Who is calling: per-role X.509 credentials issued by the cluster's own CA, and mutual TLS.
+
+Every process of a cluster holds a credential bundle, a directory with `ca.crt` (the
+cluster CA), `cert.pem` and `key.pem` (0600). The certificate's common name is
+`<role>:<name>`: the role is one of ROLES, the name identifies the holder (a data server's
+name is bound to its data directory at its first registration, see metaserver/registry.py;
+a session belongs to the name that opened it). Servers (metaserver, data servers) also
+carry a DNS name of their role (SERVER_NAMES) that clients check, so only a credential
+the CA issued for that role can answer as a metaserver or a data server.
+
+Every channel is TLS with client certificates required: a peer without a certificate of
+the cluster's CA does not get past the handshake, so it can neither send a request nor
+read one off the wire, and the server learns the caller's role and name from the
+certificate, never from the request. proto/services.py says which roles may call each
+method; proto/rpc.py checks it on every call.
+
+`stripefs ca init DIR` makes a CA; `stripefs credential new --ca DIR --role ROLE --name NAME
+--out BUNDLE` issues a bundle; `stripefs credential revoke --ca DIR NAME` lists a name in
+the CA's `revoked` file, which servers given `--revoked FILE` refuse (re-read when it
+changes). Keys are ECDSA P-256.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import FsError
+
+#: The roles a credential can have.
+META, DATA, CLIENT, ADMIN = "meta", "data", "client", "admin"
+ROLES = (META, DATA, CLIENT, ADMIN)
+#: The DNS name a server's certificate carries for its role, and clients expect.
+SERVER_NAMES = {META: "stripefs-meta", DATA: "stripefs-data"}
+#: Files of a bundle and of a CA directory.
+CA_CERT, CERT, KEY = "ca.crt", "cert.pem", "key.pem"
+CA_KEY, REVOKED = "ca.key", "revoked"
+#: Lifetimes of what `stripefs` issues.
+CA_VALID_DAYS = 3650
+CREDENTIAL_VALID_DAYS = 825
+#: Names: printable, no separator of the common name.
+NAME_MAX = 128
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated peer of a call."""
+
+    role: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.role}:{self.name}"
+
+
+#: The caller of in-process calls (tests, tools that open the store themselves).
+LOCAL = Caller(ADMIN, "local")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One process's credential bundle."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    role: str
+    name: str
+    directory: str = ""
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(self.role, self.name)
+
+
+def parse_common_name(cn: str) -> Optional[Caller]:
+    role, sep, name = cn.partition(":")
+    if not sep or role not in ROLES or not valid_name(name):
+        return None
+    return Caller(role, name)
+
+
+def valid_name(name: str) -> bool:
+    return 0 < len(name) <= NAME_MAX and name.isprintable() and ":" not in name and "/" not in name
+
+
+def load_credentials(directory: str | os.PathLike) -> Credentials:
+    """Read a bundle; FsError(EACCES) with a clear message when it is missing or not ours."""
+    from cryptography import x509
+
+    d = Path(directory)
+    try:
+        ca, cert, key = ((d / f).read_bytes() for f in (CA_CERT, CERT, KEY))
+    except FileNotFoundError as exc:
+        raise FsError(errno.EACCES, f"no credential bundle in {d}: {exc.filename} is missing "
+                                    "(make one with `stripefs credential new`)") from None
+    who = parse_common_name(_cn_of(cert))
+    if who is None:
+        subject = x509.load_pem_x509_certificate(cert).subject.rfc4514_string()
+        raise FsError(errno.EACCES, f"{d / CERT}: not a stripefs credential ({subject})")
+    return Credentials(ca, cert, key, who.role, who.name, str(d))
+
+
+def _cn_of(cert_pem: bytes) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    attrs = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+# ---------------------------------------------------------------------------- gRPC glue
+
+
+def channel_credentials(creds: Credentials) -> Any:
+    import grpc
+
+    return grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
+
+
+def channel_options(server_role: str) -> list[tuple[str, str]]:
+    """Check the server's certificate against the name of its role, not its address:
+    addresses change (ports, hosts, namespaces); the CA vouches for roles."""
+    return [("grpc.ssl_target_name_override", SERVER_NAMES[server_role])]
+
+
+def server_credentials(creds: Credentials) -> Any:
+    import grpc
+
+    return grpc.ssl_server_credentials(
+        [(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem, require_client_auth=True
+    )
+
+
+def caller_of(context: Any) -> Optional[Caller]:
+    """The peer of a call, from the certificate it presented in the TLS handshake."""
+    names = context.auth_context().get("x509_common_name") or []
+    return parse_common_name(names[0].decode(errors="replace")) if len(names) == 1 else None
+
+
+class Revocations:
+    """Names refused although their certificate is valid; the file is re-read when it changes."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self._stamp: Optional[tuple[int, int]] = None
+        self._names: frozenset[str] = frozenset()
+
+    def revoked(self, caller: Caller) -> bool:
+        if self.path is None:
+            return False
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                with open(self.path) as f:
+                    self._names = frozenset(line.strip() for line in f if line.strip())
+                self._stamp = stamp
+        except FileNotFoundError:
+            self._names, self._stamp = frozenset(), None
+        return str(caller) in self._names or caller.name in self._names
+
+
+# ---------------------------------------------------------------------------- issuing
+
+
+def _new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def init_ca(directory: str | os.PathLike, name: str = "stripefs cluster CA") -> Path:
+    """Make a CA in `directory` (0700) unless one is there; returns the directory."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    if (d / CA_CERT).exists() and (d / CA_KEY).exists():
+        return d
+    key = _new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(d / CA_KEY, _pem_key(key))
+    (d / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return d
+
+
+def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLike,
+          valid_days: int = CREDENTIAL_VALID_DAYS) -> Path:
+    """Issue a credential bundle for `role:name` into `out` (0700, key 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not valid_name(name):
+        raise ValueError(f"name must be 1..{NAME_MAX} printable characters without ':' or '/'")
+    ca_dir = Path(ca_dir)
+    ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+    ca_pem = (ca_dir / CA_CERT).read_bytes()
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{name}")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if role in SERVER_NAMES:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(SERVER_NAMES[role])]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    (out / CA_CERT).write_bytes(ca_pem)
+    (out / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / KEY, _pem_key(key))
+    return out
+
+
+def revoke(ca_dir: str | os.PathLike, name: str) -> Path:
+    """Add `name` (or `role:name`) to the CA's revocation list; returns the list's path."""
+    path = Path(ca_dir) / REVOKED
+    with open(path, "a") as f:
+        f.write(name.strip() + "\n")
+    return path
+
+
