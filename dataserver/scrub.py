@@ -83,7 +83,7 @@ class Scrubber:
                 if exc.errno == errno.EIO and self.store.is_corrupt(block_id):
                     if self.store.quarantine(block_id):
                         corrupt += 1
-                elif exc.errno != errno.ENOENT:  # ENOENT: deleted meanwhile
+                elif exc.errno != errno.ENOENT:  # ENOENT: deleted meanwhile (garbage), not lost
                     log.warning("scrub: cannot read block %d: %s", block_id, exc)
                 self._verified.pop(block_id, None)
                 continue

@@ -156,6 +156,7 @@ class Heartbeater:
         self.server_id: Optional[int] = None
         self._meta_down = False
         self._unreported: list[int] = []  # deleted blocks the metaserver has not heard of yet
+        self._verified: list[int] = []  # blocks checked on the metaserver's request, not reported yet
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -223,6 +224,7 @@ class Heartbeater:
         assert self.server_id is not None
         st = self.store.stats()
         corrupt = self.store.take_corrupt()
+        verified, self._verified = self._verified, []
         req = HeartbeatReq(
             server_id=self.server_id,
             capacity_bytes=st.capacity_bytes,
@@ -230,11 +232,13 @@ class Heartbeater:
             blocks=st.blocks,
             used_bytes=st.used_bytes,
             corrupt=corrupt,
+            verified=verified,
         )
         try:
             reply = self._call("heartbeat", req)
         except FsError as exc:
             self.store.return_corrupt(corrupt)
+            self._verified = verified + self._verified
             # EIO is the transport (or a metaserver fault): keep beating. Any other errno
             # means the metaserver answered and refused us, so introduce ourselves again.
             if exc.errno != errno.EIO:
@@ -246,6 +250,7 @@ class Heartbeater:
             log.warning("ignoring malformed heartbeat reply: %s", problem)
             return
         self._delete_garbage(reply.delete)
+        self._check(reply.verify)
         if self.replicator is not None:
             if reply.replicate:
                 self.replicator.submit(reply.replicate)
@@ -273,6 +278,19 @@ class Heartbeater:
                 pass  # kept in _unreported: the next beat tries again
             else:
                 self._unreported = []
+
+    def _check(self, block_ids: list[int]) -> None:
+        """Copies a client found bad: check them here (a bad one is moved aside and goes
+        out with the next beat's corrupt list) and say they were checked."""
+        for block_id in block_ids:
+            try:
+                result = self.store.check(block_id)
+            except FsError as exc:  # a malformed id from the metaserver
+                log.warning("cannot check block %r: %s", block_id, exc)
+                continue
+            if result != "good":
+                log.warning("block %d, reported bad by a client: %s here", block_id, result)
+            self._verified.append(block_id)
 
     def _report_copies(self) -> None:
         assert self.replicator is not None

@@ -398,6 +398,24 @@ class BlockStore:
         log.error("block %d is corrupt: moved aside to %s", block_id, dest)
         return True
 
+    def check(self, block_id: int) -> str:
+        """Verify a whole block: "good"; "corrupt" (moved aside, queued for the next report);
+        "missing" (not here: queued too, the metaserver's replica row is wrong); or
+        "unreadable" (an I/O error that is not a checksum: the copy is left alone)."""
+        try:
+            self.verify(block_id)
+            return "good"
+        except FsError as exc:
+            if exc.errno == errno.EIO and self.is_corrupt(block_id):
+                self.quarantine(block_id)
+                return "corrupt"
+            if exc.errno == errno.ENOENT:
+                with self._lock:
+                    self._unreported.add(block_id)
+                return "missing"
+            log.warning("cannot check block %d: %s", block_id, exc)
+            return "unreadable"
+
     def take_corrupt(self) -> list[int]:
         """Blocks moved aside since the last call (for HeartbeatReq.corrupt)."""
         with self._lock:

@@ -111,6 +111,7 @@ class CoreBase:
         reserve_bytes: int = 0,
         replication_per_heartbeat: int = 8,
         replication_timeout_s: float = 60.0,
+        server_forget_after_s: float = 86400.0,
     ) -> None:
         self.token_key = token_key  # signs block write tokens (proto/auth.py)
         self.clock = clock
@@ -122,6 +123,7 @@ class CoreBase:
         self.reserve_bytes = reserve_bytes
         self.replication_per_heartbeat = replication_per_heartbeat
         self.replication_timeout_s = replication_timeout_s
+        self.server_forget_after_s = max(server_forget_after_s, server_dead_after_s)
         # A server cannot be judged silent by a metaserver that was not listening: after a
         # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
         # is re-replicated) before the data servers had their chance to beat.

@@ -114,6 +114,7 @@ class RegistryOps(RepairOps):
             for block_id in stale:
                 self._garbage_pending(tx, block_id, now)
             timed_out = self._expire_tasks(tx, now)
+            forgotten = self._forget_servers(tx, now)
             self._log_state_changes(tx, now)
         # Planning is its own transaction: it can be the longest step, and the expiries
         # above need not wait for it.
@@ -123,7 +124,28 @@ class RegistryOps(RepairOps):
             "allocations_abandoned": abandoned + len(stale),
             "replication_tasks_timed_out": timed_out,
             "replication_tasks_planned": planned,
+            "servers_forgotten": forgotten,
         }
+
+    def _forget_servers(self, tx: Tx, now: int) -> int:
+        """Registrations silent for server_forget_after_s go, with every row naming them:
+        a dead server's copies stopped counting long ago and were re-made elsewhere, and
+        registrations must not pile up (each costs every placement and every block map).
+        A server that comes back registers anew, and its block report sorts out what it
+        holds."""
+        cutoff = now - int(self.server_forget_after_s * NS_PER_S)
+        gone = tx.all("SELECT server_id, address FROM servers WHERE MAX(last_heartbeat_ns, ?) < ?",
+                      (self.started_ns, cutoff))
+        for row in gone:
+            sid = row["server_id"]
+            for table in ("replicas", "garbage", "pending_servers", "replication", "reported", "verify"):
+                tx.run(f"DELETE FROM {table} WHERE server_id = ?", (sid,))
+            tx.run("DELETE FROM servers WHERE server_id = ?", (sid,))
+            log.warning("data server %d (%s) forgotten: silent for more than %.0f s",
+                        sid, row["address"], self.server_forget_after_s)
+        if gone:
+            self.replan = True
+        return len(gone)
 
     def _log_state_changes(self, tx: Tx, now: int) -> None:
         # Remembered only to log transitions; nothing depends on it (a restart logs anew).
@@ -191,6 +213,8 @@ class RegistryOps(RepairOps):
             if back:
                 log.info("data server %d (%s) is back", req.server_id, row["address"])
             self._drop_corrupt(tx, req.server_id, req.corrupt, now)
+            tx.run_many("DELETE FROM verify WHERE server_id = ? AND block_id = ?",
+                        [(req.server_id, b) for b in (*req.corrupt, *req.verified)])
             rows = tx.all(
                 "SELECT block_id FROM garbage WHERE server_id = ? AND not_before_ns <= ?"
                 " ORDER BY block_id LIMIT ?",
@@ -201,6 +225,7 @@ class RegistryOps(RepairOps):
                 delete=[r[0] for r in rows],
                 replicate=self._hand_out_tasks(tx, req.server_id, now),
                 block_report=wanted is not None,
+                verify=self._hand_out_verifications(tx, req.server_id, now),
             )
 
     def blocks_deleted(self, req: DeletedReq, caller: Caller = LOCAL) -> Empty:

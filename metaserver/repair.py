@@ -41,6 +41,8 @@ log = logging.getLogger("stripefs.metaserver.repair")
 
 #: Reasons a client may give for a bad replica.
 BAD_REPLICA_REASONS = ("corrupt", "missing", "unreachable")
+#: Blocks a server is asked to verify per heartbeat (each is a whole-block read).
+VERIFY_PER_HEARTBEAT = 16
 #: How many candidate blocks the planner looks at per free task slot (some find no target).
 PLAN_LOOKAHEAD = 4
 #: Planning scans every block (~0.5 s per 100k blocks), so the sweep plans only when
@@ -260,7 +262,7 @@ class RepairOps(CoreBase):
             return Empty()
 
     def _drop_corrupt(self, tx: Tx, server_id: int, block_ids: list[int], now: int) -> None:
-        """A data server found these copies corrupt and moved them aside."""
+        """A data server found these copies corrupt (or gone) and moved them aside."""
         dropped = sum(self._drop_replica(tx, b, server_id) for b in block_ids)
         if dropped:
             self.replan = True
@@ -271,33 +273,38 @@ class RepairOps(CoreBase):
             )
 
     def report_bad_replica(self, req: BadReplicaReq) -> Empty:
+        """A client could not read a copy. Its word is a hint, never a deletion: an
+        unreachable server is judged by its heartbeats; a corrupt or missing copy is
+        checked by the server that holds it (the `verify` list of its next heartbeat),
+        which moves a bad copy aside and reports it itself."""
         if req.reason not in BAD_REPLICA_REASONS:
             raise FsError(errno.EINVAL, f"unknown reason {req.reason!r}")
         if req.reason == "unreachable":
-            # Heartbeats decide whether a server is dead; one client's view is only a hint.
             self.unreachable_reports += 1
             log.info("client reports %s unreachable for block %d", req.address, req.block_id)
             return Empty()
         with self.store.transaction() as tx:
-            now = self.now_ns()
             sid = tx.scalar("SELECT server_id FROM servers WHERE address = ?", (req.address,))
             if sid is None or not tx.scalar(
                 "SELECT 1 FROM replicas WHERE block_id = ? AND server_id = ?", (req.block_id, sid)
             ):
                 return Empty()  # already dealt with, or the block is gone
-            others = self._counted_replicas(
-                tx, req.block_id, [s for s in self._alive_ids(tx, now) if s != sid]
-            )
-            if others == 0:
-                # The last copy we know of: keep pointing at it; maybe a read will succeed.
-                log.error("block %d: the only replica (on %s) is %s", req.block_id, req.address, req.reason)
-                return Empty()
-            self._drop_replica(tx, req.block_id, sid)
-            self.replan = True
-            # Whatever is left of that copy goes; re-replication makes a good one.
-            self._garbage(tx, req.block_id, [sid], now)
-            log.warning("block %d: replica on %s is %s: dropped", req.block_id, req.address, req.reason)
+            tx.run("INSERT OR IGNORE INTO verify (server_id, block_id) VALUES (?, ?)", (sid, req.block_id))
+            log.warning("block %d: a client reports the copy on %s %s: to be verified there",
+                        req.block_id, req.address, req.reason)
             return Empty()
+
+    def _hand_out_verifications(self, tx: Tx, server_id: int, now: int) -> list[int]:
+        """Blocks this server should check now; one not answered within a task timeout is
+        handed out again."""
+        resend = now - int(self.replication_timeout_s * NS_PER_S)
+        ids = [r[0] for r in tx.all(
+            "SELECT block_id FROM verify WHERE server_id = ? AND (sent_ns IS NULL OR sent_ns < ?)"
+            " ORDER BY block_id LIMIT ?", (server_id, resend, VERIFY_PER_HEARTBEAT),
+        )]
+        tx.run_many("UPDATE verify SET sent_ns = ? WHERE server_id = ? AND block_id = ?",
+                    [(now, server_id, b) for b in ids])
+        return ids
 
     def block_report(self, req: BlockReportReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:

@@ -195,6 +195,16 @@ CREATE TABLE replication (
 );
 CREATE INDEX replication_by_server ON replication(server_id);
 
+-- Copies a client reported bad (corrupt or missing), to be checked by the server that holds
+-- them: a client's word never deletes a copy. Handed out in heartbeat replies; the server
+-- reports a copy that fails as corrupt (and moves it aside), which drops the replica.
+CREATE TABLE verify (
+    server_id  INTEGER NOT NULL REFERENCES servers(server_id),
+    block_id   INTEGER NOT NULL,
+    sent_ns    INTEGER,  -- when it was handed out (NULL: not yet)
+    PRIMARY KEY (server_id, block_id)
+);
+
 -- One data server's block report in progress: the ids it listed, chunk by chunk; the
 -- last chunk reconciles them against the block maps and clears the rows.
 CREATE TABLE reported (

@@ -61,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="re-replication tasks in flight per target data server (the repair rate bound)")
     p.add_argument("--replication-timeout-s", type=float, default=60.0,
                    help="a re-replication task not reported within this long is planned again")
+    p.add_argument("--server-forget-after-s", type=float, default=86400.0,
+                   help="a data server silent this long is removed from the registry (it registers anew if it returns)")
     return p.parse_args(argv)
 
 
@@ -112,6 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         reserve_bytes=args.reserve_bytes,
         replication_per_heartbeat=args.replication_per_heartbeat,
         replication_timeout_s=args.replication_timeout_s,
+        server_forget_after_s=args.server_forget_after_s,
     )
     stop = threading.Event()
 

@@ -61,6 +61,9 @@ MIGRATIONS = {
     4: """
         ALTER TABLE servers ADD COLUMN identity TEXT;
         ALTER TABLE sessions ADD COLUMN owner TEXT;
+        CREATE TABLE verify (
+            server_id INTEGER NOT NULL REFERENCES servers(server_id), block_id INTEGER NOT NULL,
+            sent_ns INTEGER, PRIMARY KEY (server_id, block_id));
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -354,6 +354,10 @@ class MknodReq(Message):
     prealloc_blocks: int = 0  # with session: also allocate blocks 0..n-1 (saves a round trip for small files)
 
     def _check(self) -> Optional[str]:
+        if not 0 <= self.mode <= 0o177777:
+            return "mode: not a file type and permission bits"
+        if self.rdev < 0:
+            return "rdev: negative"
         return None if 0 <= self.prealloc_blocks <= 64 else "prealloc_blocks: out of range"
 
 
@@ -371,6 +375,9 @@ class MkdirReq(Message):
     name: bytes  # new directory name
     mode: int  # permission bits, umask already applied
     ctx: Ctx  # caller: becomes the owner
+
+    def _check(self) -> Optional[str]:
+        return None if 0 <= self.mode <= 0o7777 else "mode: not permission bits"
 
 
 @dataclass
@@ -626,7 +633,8 @@ class HeartbeatReq(Message):
     free_bytes: int
     blocks: int
     used_bytes: int = 0  # bytes taken by stored blocks
-    corrupt: list[int] = field(default_factory=list)  # blocks found corrupt since the last beat (copy removed)
+    corrupt: list[int] = field(default_factory=list)  # blocks found corrupt (copy moved aside) or gone
+    verified: list[int] = field(default_factory=list)  # blocks of HeartbeatReply.verify checked since
 
 
 @dataclass
@@ -644,6 +652,8 @@ class HeartbeatReply(Message):
     reregister: bool = False  # the metaserver does not know this server: register again
     replicate: list[ReplicateTask] = field(default_factory=list)  # copies to make (re-replication)
     block_report: bool = False  # send a full block report (block_report) before the next beat
+    verify: list[int] = field(default_factory=list)  # blocks a client found bad here: check them
+    #                                                  (found bad: moved aside, reported as corrupt)
 
 
 @dataclass

@@ -156,6 +156,7 @@ def test_version_3_database_is_migrated(env):
     f = env.create(ROOT_INODE, b"kept")
     with env.core.store.transaction() as tx:
         tx.run("DROP TABLE inline_data")
+        tx.run("DROP TABLE verify")
         tx.run("DROP INDEX inodes_by_parent")
         tx.run("DROP INDEX dentries_by_parent")
         tx.run("ALTER TABLE inodes DROP COLUMN inline_max")

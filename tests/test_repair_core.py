@@ -63,10 +63,11 @@ class Env:
         self.servers[n] = sid
         return sid
 
-    def beat(self, n: int, free: int = 100 * GiB, corrupt: list[int] | None = None):
+    def beat(self, n: int, free: int = 100 * GiB, corrupt: list[int] | None = None,
+             verified: list[int] | None = None):
         return self.core.heartbeat(
             HeartbeatReq(server_id=self.servers[n], capacity_bytes=200 * GiB, free_bytes=free, blocks=0,
-                         corrupt=corrupt or [])
+                         corrupt=corrupt or [], verified=verified or [])
         )
 
     def beat_all(self, *ns: int):
@@ -267,23 +268,29 @@ def test_corrupt_copy_reported_by_heartbeat_is_replaced(env):
     assert task.block_id == a.block_id and task.sources == [a.servers[1]]
 
 
-def test_bad_replica_reports(env):
+def test_bad_replica_reports_are_verified_by_the_server_that_holds_the_copy(env):
+    """A client's report never deletes a copy: the server holding it is asked to check it
+    (HeartbeatReply.verify); only its own report of a bad copy drops the replica."""
     for n in (1, 2):
         env.add(n)
     f = env.create(b"f")
     (a,) = env.write(f.ino, [0])
+    n0 = 1 if a.servers[0] == addr(1) else 2
+    n1 = 3 - n0
     fails(errno.EINVAL, env.core.report_bad_replica, BadReplicaReq(block_id=a.block_id, address=addr(1), reason="x"))
     env.core.report_bad_replica(BadReplicaReq(block_id=a.block_id, address=addr(1), reason="unreachable"))
-    assert len(env.block_map(f.ino)[0].servers) == 2
     env.core.report_bad_replica(BadReplicaReq(block_id=a.block_id, address=a.servers[0], reason="corrupt"))
-    assert env.block_map(f.ino)[0].servers == [a.servers[1]]
-    # The last replica is kept whatever a client says.
     env.core.report_bad_replica(BadReplicaReq(block_id=a.block_id, address=a.servers[1], reason="missing"))
-    assert env.block_map(f.ino)[0].servers == [a.servers[1]]
     env.core.report_bad_replica(BadReplicaReq(block_id=999, address="nowhere:1", reason="missing"))
-    env.clock.advance(31)
-    n = 1 if a.servers[0] == addr(1) else 2
-    assert env.beat(n).delete == [a.block_id]
+    assert len(env.block_map(f.ino)[0].servers) == 2  # nothing dropped on a client's word
+    assert env.beat(n0).verify == [a.block_id] and env.beat(n1).verify == [a.block_id]
+    assert env.beat(n0).verify == []  # handed out once (again only after a task timeout)
+    # The copy on n1 checks out; the one on n0 is corrupt: n0 says so itself.
+    env.beat(n1, verified=[a.block_id])
+    env.beat(n0, corrupt=[a.block_id])
+    assert env.block_map(f.ino)[0].servers == [a.servers[1]]
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("SELECT COUNT(*) FROM verify") == 0
 
 
 # --------------------------------------------------------------------------- block reports
@@ -400,3 +407,22 @@ def test_fsck_reports_under_replicated_and_lost(env):
     fixed = env.core.fsck(FsckReq(repair=True))
     assert fixed.lost == 0 and fixed.under_replicated >= 1
     assert len(fixed.repaired) == len(fixed.problems) == 1
+
+
+def test_long_dead_servers_are_forgotten(env):
+    for n in (1, 2, 3):
+        env.add(n)
+    f = env.create(b"f")
+    (a,) = env.write(f.ino, [0])
+    dead = next(n for n in (1, 2, 3) if addr(n) in a.servers)
+    alive = [n for n in (1, 2, 3) if n != dead]
+    for _ in range(25):  # a day passes, in hours; the others keep beating
+        env.clock.advance(3600)
+        env.beat_all(*alive)
+        env.core.sweep()
+    assert env.core.sweep()["servers_forgotten"] == 0  # it went in an earlier sweep
+    assert {s.address for s in env.status().servers} == {addr(n) for n in alive}
+    assert addr(dead) not in env.block_map(f.ino)[0].servers
+    # Back: it registers anew (a new id), and is asked what it holds.
+    env.add(dead)
+    assert env.beat(dead).block_report
