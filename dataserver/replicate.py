@@ -103,7 +103,7 @@ class Replicator:
         for source in task.sources:
             try:
                 data = self._stub(source).call(
-                    "get_block", GetBlockReq(block_id=task.block_id), timeout=FETCH_TIMEOUT_S
+                    "get_block", GetBlockReq(block_id=task.block_id, token=task.read_token), timeout=FETCH_TIMEOUT_S
                 ).data
             except FsError as exc:
                 log.warning("block %d: source %s failed: %s", task.block_id, source, exc)

@@ -3,15 +3,17 @@
 proto.rpc has already checked the caller's credential and role and the request's `valid()`
 before a method runs; what is left here is the per-block write authorization and the
 translation between wire messages and store calls. Methods run on gRPC worker threads.
-The token key that write tokens are checked with comes from the metaserver when this
-server registers (server.py); until then no block is stored (EAGAIN).
+The token key that write and read tokens are checked with comes from the metaserver when
+this server registers (server.py); until then no block is stored or served (EAGAIN).
 """
 
 from __future__ import annotations
 
 import errno
+import time
 
-from proto.auth import check_block_token
+from proto.auth import check_block_token, check_read_token
+from proto.credentials import ADMIN, LOCAL, Caller
 from proto.errors import FsError
 from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq, SyncBlocksReq
 
@@ -37,7 +39,14 @@ class DataService:
         self.store.sync_blocks(req.block_ids)
         return Empty()
 
-    def get_block(self, req: GetBlockReq) -> BlockData:
+    def get_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> BlockData:
+        # Only with the metaserver's word: a read token for this block, this caller, still
+        # good. Admins (operators' checks) need none.
+        if caller.role != ADMIN:
+            if not self.token_key:
+                raise FsError(errno.EAGAIN, "not registered with the metaserver yet")
+            if not check_read_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
+                raise FsError(errno.EACCES, f"no valid read token for block {req.block_id}")
         try:
             return BlockData(data=self.store.get(req.block_id, req.offset, req.length))
         except FsError as exc:

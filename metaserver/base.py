@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import crc32c
 
+from proto.auth import READ_TOKEN_TTL_S, read_token
 from proto.credentials import ADMIN, LOCAL, Caller
 from proto.errors import FsError
 from proto.messages import Attr, BlockRef
@@ -267,7 +268,11 @@ class CoreBase:
         else:
             tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
 
-    def _block_map(self, tx: Tx, ino: int, now: int) -> list[BlockRef]:
+    def _read_token(self, block_id: int, holder: str, now: int) -> bytes:
+        return read_token(self.token_key, block_id, holder, now // NS_PER_S + READ_TOKEN_TTL_S)
+
+    def _block_map(self, tx: Tx, ino: int, now: int, holder: str = "") -> list[BlockRef]:
+        """The block map of a file, with read tokens for `holder` (role:name) if given."""
         # Resolve replicas by server id, so a data server that restarted on a new port is
         # found at its current address; up servers first, then suspect, then dead, each
         # in placement order, so readers try the likely ones first and stripe.
@@ -292,6 +297,8 @@ class CoreBase:
         for ref, replicas in zip(refs, order):
             # sorted() is stable: rank order is kept within a state.
             ref.servers = [address for _, address in sorted(replicas, key=lambda x: x[0])]
+            if holder:
+                ref.token = self._read_token(ref.block_id, holder, now)
         return refs
 
     def _truncate(self, tx: Tx, row: Row, size: int, now: int) -> None:

@@ -57,7 +57,7 @@ class FileOps(CoreBase):
             inline = self._inline(tx, req.ino) if is_reg(row) else None
             attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
             return OpenReply(
-                attr=attr, blocks=self._block_map(tx, req.ino, now),
+                attr=attr, blocks=self._block_map(tx, req.ino, now, str(caller)),
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"",
             )
@@ -78,12 +78,12 @@ class FileOps(CoreBase):
                 self._maybe_purge(tx, req.ino, self.now_ns())
             return Empty()
 
-    def block_map(self, req: BlockMapReq) -> BlockMapReply:
+    def block_map(self, req: BlockMapReq, caller: Caller = LOCAL) -> BlockMapReply:
         with self.store.transaction() as tx:
             attr = self._attr(tx, req.ino)
             inline = self._inline(tx, req.ino)
             return BlockMapReply(
-                attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns()),
+                attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns(), str(caller)),
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"",
             )

@@ -198,6 +198,8 @@ class RepairOps(CoreBase):
         if not rows:
             return []
         states = self._server_states(tx, now)
+        # The copying server reads the sources as itself: the read token is for its credential.
+        reader = tx.scalar("SELECT identity FROM servers WHERE server_id = ?", (server_id,)) or ""
         tasks = []
         for r in rows:
             block_id = r["block_id"]
@@ -220,7 +222,8 @@ class RepairOps(CoreBase):
             )
             tasks.append(
                 ReplicateTask(
-                    block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.token_key, block_id)
+                    block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.token_key, block_id),
+                    read_token=self._read_token(block_id, reader, now) if reader else b"",
                 )
             )
         return tasks

@@ -240,6 +240,7 @@ class BlockRef(Message):
     block_id: int  # id of the stored block (immutable; a rewrite makes a new id)
     length: int  # valid bytes in the block; the rest up to the file size reads as zeros
     servers: list[str] = field(default_factory=list)  # data server addresses holding a replica
+    token: bytes = b""  # block maps: the read token of this block for the caller (proto/auth.py)
 
 
 @dataclass
@@ -644,6 +645,7 @@ class ReplicateTask(Message):
     block_id: int  # block to copy
     sources: list[str]  # servers holding a good copy, best first
     token: bytes  # authorizes storing block_id
+    read_token: bytes = b""  # authorizes the copying server to read block_id from the sources
 
 
 @dataclass
@@ -761,6 +763,7 @@ class GetBlockReq(Message):
     block_id: int  # block to read
     offset: int = 0  # first byte
     length: int = -1  # bytes to read (-1: to the end)
+    token: bytes = b""  # the read token from the block map (not needed by admins)
 
     def _check(self) -> Optional[str]:
         if self.block_id <= 0 or self.offset < 0 or self.length < -1:

@@ -13,7 +13,7 @@ from dataserver.replicate import Replicator
 from dataserver.scrub import Scrubber
 from dataserver.service import DataService
 from dataserver.store import FIXED_HEADER, BlockStore
-from proto.auth import block_token
+from proto.auth import block_token, read_token
 from proto.errors import FsError
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub, serve
@@ -88,6 +88,11 @@ def test_get_block_of_a_corrupt_copy_moves_it_aside(tmp_path):
     assert list(store.block_ids()) == []
 
 
+def readable(block_id: int) -> bytes:
+    """The read token the metaserver gives the copying server (data:dst) in a task."""
+    return read_token(SECRET, block_id, "data:dst", int(time.time()) + 600)
+
+
 def test_replicator_copies_from_a_source_and_reports(tmp_path):
     from pki import Pki
 
@@ -95,16 +100,20 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
     source = BlockStore(tmp_path / "src")
     data = bytes(range(256)) * 1000
     source.put(11, data)
-    server, port = serve(DATA_SERVICE, DATA_METHODS, DataService(source), pki.creds("data", "src"), "127.0.0.1:0")
+    service = DataService(source)
+    service.token_key = SECRET
+    server, port = serve(DATA_SERVICE, DATA_METHODS, service, pki.creds("data", "src"), "127.0.0.1:0")
     target = BlockStore(tmp_path / "dst")
     rep = Replicator(target, pki.creds("data", "dst"), lambda: SECRET, workers=2)
     try:
         good = f"127.0.0.1:{port}"
         rep.submit([
             # The first source is down: the next one is tried.
-            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=block_token(SECRET, 11)),
-            ReplicateTask(block_id=12, sources=[good], token=block_token(SECRET, 12)),  # no such block
-            ReplicateTask(block_id=13, sources=[good], token=b"forged"),
+            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=block_token(SECRET, 11),
+                          read_token=readable(11)),
+            ReplicateTask(block_id=12, sources=[good], token=block_token(SECRET, 12),
+                          read_token=readable(12)),  # no such block
+            ReplicateTask(block_id=13, sources=[good], token=b"forged", read_token=readable(13)),
         ])
         deadline = time.monotonic() + 20
         done: list[int] = []

@@ -18,7 +18,7 @@ import pytest
 from dataserver.service import DataService
 from dataserver.store import BlockStore
 from proto import codec
-from proto.auth import block_token
+from proto.auth import block_token, read_token
 from proto.errors import FsError
 from proto.messages import (
     BlockData,
@@ -57,13 +57,18 @@ def data_server(tmp_path, pki):
     server.stop(0)
 
 
+def readable(block_id: int, holder: str = "client:client", ttl_s: int = 600) -> bytes:
+    """A read token as the metaserver would put it in a block map."""
+    return read_token(SECRET, block_id, holder, int(time.time()) + ttl_s)
+
+
 def test_put_get_status(data_server):
     store, stub, _ = data_server
     data = os.urandom(200_000)
     assert stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data)) == Empty()
-    reply = stub.call("get_block", GetBlockReq(block_id=77))
+    reply = stub.call("get_block", GetBlockReq(block_id=77, token=readable(77)))
     assert isinstance(reply, BlockData) and reply.data == data
-    part = stub.call("get_block", GetBlockReq(block_id=77, offset=65_000, length=70_000))
+    part = stub.call("get_block", GetBlockReq(block_id=77, offset=65_000, length=70_000, token=readable(77)))
     assert part.data == data[65_000:135_000]
     # A retried put is fine.
     stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data))
@@ -71,8 +76,19 @@ def test_put_get_status(data_server):
     assert isinstance(status, DataStatusReply)
     assert status.node_id == store.node_id and status.blocks == 1 and status.used_bytes > len(data)
     with pytest.raises(FsError) as info:
-        stub.call("get_block", GetBlockReq(block_id=78))
+        stub.call("get_block", GetBlockReq(block_id=78, token=readable(78)))
     assert info.value.errno == errno.ENOENT
+
+
+def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server):
+    store, stub, _ = data_server
+    stub.call("put_block", PutBlockReq(block_id=80, token=block_token(SECRET, 80), data=b"private"))
+    for token in (b"", readable(81), readable(80, holder="client:someone-else"), readable(80, ttl_s=-3600),
+                  read_token(b"another-key-0123456789abcdef", 80, "client:client", int(time.time()) + 60)):
+        with pytest.raises(FsError) as info:
+            stub.call("get_block", GetBlockReq(block_id=80, token=token))
+        assert info.value.errno == errno.EACCES
+    assert stub.call("get_block", GetBlockReq(block_id=80, token=readable(80))).data == b"private"
 
 
 def test_bad_token_is_eacces(data_server):
@@ -225,9 +241,9 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path, pki):
         assert (first.address, first.node_id, first.blocks) == (address, node_id, 2)
         assert meta.deleted[0].server_id == 1 and meta.deleted[0].block_ids == [1000]
         with pytest.raises(FsError) as info:
-            stub.call("get_block", GetBlockReq(block_id=1000))
+            stub.call("get_block", GetBlockReq(block_id=1000, token=readable(1000)))
         assert info.value.errno == errno.ENOENT
-        assert stub.call("get_block", GetBlockReq(block_id=1001)).data == b"live block"
+        assert stub.call("get_block", GetBlockReq(block_id=1001, token=readable(1001))).data == b"live block"
 
         # reregister=True makes it register again, then heartbeats carry the new id.
         wait_for(lambda: len(meta.registers) >= 2, what="second register")

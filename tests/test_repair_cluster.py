@@ -96,7 +96,7 @@ class Writer:
         for ref in self.block_map(ino):
             want = content[ref.index * BLOCK_BYTES : ref.index * BLOCK_BYTES + ref.length]
             for server in ref.servers:
-                got = self.data(server).call("get_block", GetBlockReq(block_id=ref.block_id)).data
+                got = self.data(server).call("get_block", GetBlockReq(block_id=ref.block_id, token=ref.token)).data
                 assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), (ref, server)
         return True
 

@@ -233,3 +233,33 @@ def test_status_and_fsck_need_the_right_credential(sec_cluster):
     res = subprocess.run(cli("fsck", "--meta", c.meta_addr, "--credentials", str(c.admin)),
                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_block_reads_need_a_token_for_that_reader(sec_cluster):
+    """A data server serves a block only with a read token the metaserver made for the
+    block and the credential asking: none, another reader's, or another block's is EACCES."""
+    from proto.messages import BlockMapReq, LookupReq
+
+    c = sec_cluster
+    m = c.mount()
+    data = os.urandom(5 << 20)  # two blocks, on data servers
+    (m / "tokens").write_bytes(data)
+    alice = meta_stub(c, c.pki.bundle("client", "alice"))
+    bob = meta_stub(c, c.pki.bundle("client", "bob"))
+    try:
+        ino = alice.call("lookup", LookupReq(ROOT_INODE, b"tokens")).attr.ino
+        mine = alice.call("block_map", BlockMapReq(ino)).blocks
+        theirs = bob.call("block_map", BlockMapReq(ino)).blocks
+        server = mine[0].servers[0]
+        as_bob = Stub(server, load_credentials(c.pki.bundle("client", "bob")), DATA_SERVICE, DATA_METHODS)
+        try:
+            for token in (b"", mine[0].token, theirs[1].token):
+                assert errno_of(as_bob.call, "get_block", GetBlockReq(mine[0].block_id, token=token)) == errno.EACCES
+            got = as_bob.call("get_block", GetBlockReq(theirs[0].block_id, token=theirs[0].token)).data
+            assert got == data[: len(got)]
+        finally:
+            as_bob.close()
+    finally:
+        alice.close()
+        bob.close()
+    assert (m / "tokens").read_bytes() == data  # the mount has its own tokens

@@ -169,8 +169,12 @@ class DataPath:
             conn = self.conn(address)
             send = conn.call if length <= STREAM_READ_MAX_BYTES else conn.bulk
             try:
-                reply = await send("get_block", GetBlockReq(ref.block_id, offset, length), deadline)
+                reply = await send("get_block", GetBlockReq(ref.block_id, offset, length, ref.token), deadline)
             except FsError as exc:
+                if exc.errno == errno.EACCES:
+                    # Our read token is missing or too old: no replica will take it. The
+                    # reader asks the metaserver for the map (with fresh tokens) again.
+                    raise FsError(errno.EACCES, f"block {ref.block_id}: read token refused by {address}") from None
                 self._penalise(address, exc)
                 self._report(ref.block_id, address, exc)
                 last = exc

@@ -1,11 +1,14 @@
 """The read path of the client: pieces of blocks from the write-back buffers, the inline
-block 0, the block cache or the data servers, and readahead for sequential readers.
+block 0, the block cache or the data servers (with the read tokens of the block map), and
+readahead for sequential readers.
 
 A sequential reader (from the start, or near where the handle's last read ended) gets
 whole blocks, cached and shared with concurrent readers, and a readahead window that
 doubles up to READAHEAD_MAX_BYTES. Any other read fetches only the bytes asked for:
 random readers must not pay for whole blocks. A block id that has been garbage-collected
-(ENOENT) makes the reader refresh the block map once and retry.
+(ENOENT), or a read token a data server refuses (EACCES: too old, or a block this client
+wrote itself, whose map came without tokens), makes the reader refresh the block map once
+and retry.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Reader:
             h.readahead_blocks = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool) -> bytes:
+    async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool, refreshed: bool = False) -> bytes:
         d = f.dirty.get(index)
         if d is not None:
             chunk = bytes(d.data[boff : boff + n])
@@ -74,14 +77,16 @@ class Reader:
                 else:
                     chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:
-                if exc.errno != errno.ENOENT:
+                if exc.errno not in (errno.ENOENT, errno.EACCES) or refreshed:
                     raise
-                # The block was replaced and collected since our map was fetched: refresh.
+                # The block was replaced and collected since our map was fetched, or the map
+                # was our own (written here, no read tokens) or is old: refresh it, once.
                 reply = await self._call("block_map", m.BlockMapReq(f.ino))
-                if reply.blocks and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}:
+                if (exc.errno == errno.ENOENT and reply.blocks
+                        and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}):
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
                 f.set_map(reply.attr, reply.blocks, reply)
-                return await self._piece(f, index, boff, n, whole)
+                return await self._piece(f, index, boff, n, whole, refreshed=True)
         return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
 
     def _readahead(self, f: FileState, end: int, window: int) -> None:
@@ -107,4 +112,4 @@ class Reader:
         if index == 0 and f.inline is not None:
             return f.inline
         ref = f.blocks.get(index)
-        return b"" if ref is None else await self.data.read_block(ref)
+        return b"" if ref is None else await self._piece(f, index, 0, ref.length, whole=True)
