@@ -7,7 +7,8 @@
   stripefs status [--json]                                 data servers, their states, replication health
   stripefs fsck   [--repair] [--json]                      check (and repair) the metadata
   stripefs ca init DIR                                     make the cluster's CA
-  stripefs credential new --ca DIR --role ROLE --name NAME --out DIR   issue a credential
+  stripefs credential new --ca DIR --role ROLE --name NAME [--squash root|UID:GID] --out DIR
+                                                           issue a credential
   stripefs credential revoke --ca DIR NAME                 refuse a credential from now on
 
 The server roles are imported only when their subcommand runs: this module is the
@@ -127,7 +128,7 @@ def cmd_credential_new(args: argparse.Namespace) -> int:
     from proto.credentials import issue
 
     try:
-        print(issue(args.ca, args.role, args.name, args.out))
+        print(issue(args.ca, args.role, args.name, args.out, squash=args.squash))
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"stripefs credential new: {exc}")
     return 0
@@ -276,6 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     q.add_argument("--role", required=True, choices=["meta", "data", "client", "admin"])
     q.add_argument("--name", required=True, help="who holds it: a host, a user, a data directory")
     q.add_argument("--out", required=True, help="directory to write the bundle to (0700)")
+    q.add_argument("--squash", default="", metavar="root|UID:GID",
+                   help="client only: act as nobody (65534) where callers say root, or always as UID:GID")
     q.set_defaults(func=cmd_credential_new)
     q = cred_sub.add_parser("revoke", help="list NAME in the CA's revocation file (servers given --revoked refuse it)")
     q.add_argument("--ca", required=True)

@@ -386,9 +386,21 @@ class CoreBase:
         if caller.role != ADMIN and row["owner"] != str(caller):
             raise FsError(errno.EPERM, f"session {session} is not {caller}'s")
 
-    def _record_open(self, tx: Tx, session: int, ino: int) -> None:
+    def _record_open(self, tx: Tx, session: int, ino: int, writable: bool = False) -> None:
         tx.run(
-            "INSERT INTO opens (session_id, ino, count) VALUES (?, ?, 1)"
-            " ON CONFLICT (session_id, ino) DO UPDATE SET count = count + 1",
-            (session, ino),
+            "INSERT INTO opens (session_id, ino, count, writable) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT (session_id, ino) DO UPDATE SET count = count + 1,"
+            " writable = MAX(writable, excluded.writable)",
+            (session, ino, int(writable)),
         )
+
+    def _check_open(self, tx: Tx, session: int, ino: int, caller: Caller, *, writable: bool) -> None:
+        """The session has the file open (for writing, if asked): what entitles a client to
+        its read tokens, and to allocate, commit and ftruncate. EBADF otherwise, as a
+        write to a descriptor not open for writing. Admins are not asked."""
+        if caller.role == ADMIN:
+            return
+        row = tx.one("SELECT writable FROM opens WHERE session_id = ? AND ino = ?", (session, ino))
+        if row is None or (writable and not row["writable"]):
+            raise FsError(errno.EBADF, f"inode {ino} is not open{' for writing' if writable else ''}"
+                                       f" in session {session}")

@@ -10,6 +10,11 @@ A small file's block 0 is kept in the store instead (inline_data): commit_inline
 in the one transaction of the writer's close, open returns it with the block map. A
 commit of a stored block 0 replaces an inline one and the other way round, so a file moves
 to data servers when it grows past its inline_max and back when it is rewritten small.
+
+Who may: open checks the caller's permission for its flags (perm.py) and records whether
+the session opened the file for writing; block maps (and the read tokens in them) go only
+to a session that has the file open, allocations and commits only to one that opened it
+for writing (EBADF otherwise; admins are not asked).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from proto.messages import (
 )
 from proto.types import FILE_SIZE_MAX_BYTES
 
+from . import perm
 from .base import ADMIN, LOCAL, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
 from .store import Tx
 
@@ -50,10 +56,12 @@ class FileOps(CoreBase):
             if is_dir(row):
                 raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
             self._session_exists(tx, req.session, caller)
+            want = perm.open_wants(req.flags)
+            perm.check(row, req.ctx, want, " (open)")
             if req.flags & os.O_TRUNC and is_reg(row):
                 self._truncate(tx, row, 0, now)
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
-            self._record_open(tx, req.session, req.ino)
+            self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))
             inline = self._inline(tx, req.ino) if is_reg(row) else None
             attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
             return OpenReply(
@@ -81,6 +89,9 @@ class FileOps(CoreBase):
     def block_map(self, req: BlockMapReq, caller: Caller = LOCAL) -> BlockMapReply:
         with self.store.transaction() as tx:
             attr = self._attr(tx, req.ino)
+            if caller.role != ADMIN:  # admins (fsck, tools) read any file
+                self._session_exists(tx, req.session, caller)
+                self._check_open(tx, req.session, req.ino, caller, writable=False)
             inline = self._inline(tx, req.ino)
             return BlockMapReply(
                 attr=attr, blocks=self._block_map(tx, req.ino, self.now_ns(), str(caller)),
@@ -96,6 +107,7 @@ class FileOps(CoreBase):
             if not is_reg(row):
                 raise FsError(errno.EINVAL, f"inode {req.ino} is not a regular file")
             self._session_exists(tx, req.session, caller)
+            self._check_open(tx, req.session, req.ino, caller, writable=True)
             return AllocReply(self._allocate(tx, row, req.session, req.indexes, req.exclude, self.now_ns()))
 
     def _allocate(
@@ -157,6 +169,7 @@ class FileOps(CoreBase):
                     if tx.scalar("SELECT 1 FROM pending WHERE block_id = ? AND ino = ?", (ref.block_id, req.ino)):
                         self._garbage_pending(tx, ref.block_id, now)
             else:
+                self._check_open(tx, req.session, req.ino, caller, writable=True)
                 self._commit(tx, row, req, now)
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
@@ -169,6 +182,7 @@ class FileOps(CoreBase):
             if not is_reg(row):
                 raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
             self._session_exists(tx, req.session, caller)
+            self._check_open(tx, req.session, req.ino, caller, writable=True)
             if len(req.data) > inline_limit(row):
                 raise FsError(errno.EFBIG, f"inode {req.ino}: {len(req.data)} bytes do not fit inline")
             if req.size > FILE_SIZE_MAX_BYTES:

@@ -1,8 +1,12 @@
 """Namespace operations of the metadata core: lookup, attributes, creation and removal of
 entries, rename, hard links, symlinks, readdir and statfs, with the errno ext4 gives.
 
-Permission bits are checked by the kernel (mounts use default_permissions); what the
-core enforces is what only it can: the tree's shape, link counts, and ownership changes.
+Every operation checks the caller's permission as the kernel would (perm.py), in the
+kernel's order, so that errnos come out as on ext4: search permission on a directory
+before its entries are looked at, write permission to add or remove one, the sticky bit,
+ownership for modes, owners and times. Mounts keep default_permissions too: the kernel
+refuses first, and the checks here hold for every other client (the library used
+directly) and for what a mount's kernel cannot know (another mount's changes).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from proto.messages import (
     RENAME_NOREPLACE,
     AttrReply,
     CreateReply,
+    Ctx,
     DirChangeReply,
     DirEntry,
     Empty,
@@ -36,6 +41,7 @@ from proto.messages import (
 )
 from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
+from . import perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
 from .store import Tx
 
@@ -46,6 +52,9 @@ STATFS_FILES_FREE = 1 << 40
 
 _MKNOD_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 _DOTS = (b".", b"..")
+#: How far from the server's clock a time set by a non-owner may be: such a caller may only
+#: "touch" (set now), and the FUSE layer sends touch's now as the mount host's time.
+TOUCH_SKEW_NS = 300 * 1_000_000_000
 
 
 class NamespaceOps(CoreBase):
@@ -54,6 +63,7 @@ class NamespaceOps(CoreBase):
     def lookup(self, req: LookupReq) -> AttrReply:
         with self.store.transaction() as tx:
             d = self._dir(tx, req.parent)
+            perm.check_search(d, req.ctx)
             if req.name == b".":
                 return AttrReply(attr=attr_of(d))
             if req.name == b"..":
@@ -77,6 +87,9 @@ class NamespaceOps(CoreBase):
     def readdir(self, req: ReaddirReq) -> ReaddirReply:
         with self.store.transaction() as tx:
             d = self._dir(tx, req.ino)
+            # Every page, not only the first: a cookie is no secret. (A listing begun before
+            # a chmod that took read permission away fails where the kernel's would go on.)
+            perm.check(d, req.ctx, perm.READ, " (list)")
             # Cookies are dentry rowids, never reused: resuming "after cookie X" is right
             # whatever was added or removed since the previous page.
             rows = tx.all(
@@ -108,7 +121,7 @@ class NamespaceOps(CoreBase):
 
     # ------------------------------------------------------------------ setattr
 
-    def setattr(self, req: SetattrReq) -> AttrReply:
+    def setattr(self, req: SetattrReq, caller: Caller = LOCAL) -> AttrReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
             row = self._inode(tx, req.ino)
@@ -116,32 +129,54 @@ class NamespaceOps(CoreBase):
             root = ctx.uid == 0
             sets: dict[str, int] = {}
             if req.mode is not None:
-                if not root and ctx.uid != owner:
-                    raise FsError(errno.EPERM, "only the owner or root may change the mode")
-                sets["mode"] = stat.S_IFMT(row["mode"]) | req.mode
+                perm.check_owner(row, ctx, "change the mode")
+                mode = req.mode
+                if not root and not perm.in_group(ctx, row["gid"]):
+                    mode &= ~stat.S_ISGID  # as setattr_prepare: not a member of the group
+                sets["mode"] = stat.S_IFMT(row["mode"]) | mode
+            # As setattr_prepare: the owner may "change" the owner to itself and the group to
+            # one of its own; anything else is root's.
+            if req.uid is not None and not (root or ctx.uid == owner == req.uid):
+                raise FsError(errno.EPERM, "only root may change the owner")
+            if req.gid is not None and not (
+                root or (ctx.uid == owner and (req.gid == row["gid"] or perm.in_group(ctx, req.gid)))
+            ):
+                raise FsError(errno.EPERM, "only root, or the owner to a group of theirs, may change the group")
             if req.uid is not None and req.uid != owner:
-                if not root:
-                    raise FsError(errno.EPERM, "only root may change the owner")
                 sets["uid"] = req.uid
             if req.gid is not None and req.gid != row["gid"]:
-                # We do not know the caller's supplementary groups, so an owner may pick
-                # any group; the kernel has already checked what it can.
-                if not root and ctx.uid != owner:
-                    raise FsError(errno.EPERM, "only the owner or root may change the group")
                 sets["gid"] = req.gid
-            if req.atime_now:
-                sets["atime_ns"] = now
-            elif req.atime_ns is not None:
-                sets["atime_ns"] = req.atime_ns
-            if req.mtime_now:
-                sets["mtime_ns"] = now
-            elif req.mtime_ns is not None:
-                sets["mtime_ns"] = req.mtime_ns
+            if (req.uid is not None or req.gid is not None) and req.mode is None and not is_dir(row):
+                # chown(2) of a file drops set-user-ID, and set-group-ID where it means a
+                # group to run as (group execute) or the caller is not of the group, as
+                # Linux's chown_common and setattr_should_drop_sgid.
+                drop_sgid = row["mode"] & stat.S_IXGRP or not (root or perm.in_group(ctx, row["gid"]))
+                kill = stat.S_ISUID | (stat.S_ISGID if drop_sgid else 0)
+                if row["mode"] & kill:
+                    sets["mode"] = row["mode"] & ~kill
+            times = {"atime_ns": (req.atime_now, req.atime_ns), "mtime_ns": (req.mtime_now, req.mtime_ns)}
+            if not perm.is_owner(row, ctx) and any(t_now or t is not None for t_now, t in times.values()):
+                # Not the owner: only "now" (utimes(NULL), touch: EPERM for explicit times,
+                # give or take the mount host's clock, which the FUSE layer sends as now),
+                # and only with write permission.
+                if any(t is not None and abs(t - now) > TOUCH_SKEW_NS for _, t in times.values()):
+                    raise FsError(errno.EPERM, "only the owner or root may set explicit times")
+                perm.check(row, ctx, perm.WRITE, " (set times)")
+            for column, (t_now, t) in times.items():
+                if t_now:
+                    sets[column] = now
+                elif t is not None:
+                    sets[column] = t
             if req.size is not None:
                 if is_dir(row):
                     raise FsError(errno.EISDIR, "cannot truncate a directory")
                 if not is_reg(row):
                     raise FsError(errno.EINVAL, "only regular files have a size to set")
+                if req.session:
+                    self._session_exists(tx, req.session, caller)
+                    self._check_open(tx, req.session, req.ino, caller, writable=True)
+                else:
+                    perm.check(row, ctx, perm.WRITE, " (truncate)")
                 self._truncate(tx, row, req.size, now)
                 sets.setdefault("mtime_ns", now)
             given = (req.mode, req.uid, req.gid, req.size, req.atime_ns, req.mtime_ns)
@@ -156,13 +191,16 @@ class NamespaceOps(CoreBase):
     # ------------------------------------------------------------------ creation
 
     def _new_inode(
-        self, tx: Tx, parent: int, name: bytes, mode: int, uid: int, gid: int, now: int,
+        self, tx: Tx, parent: int, name: bytes, mode: int, ctx: Ctx, now: int,
         *, rdev: int = 0, target: bytes | None = None,
     ):
-        """Create an inode and its entry in `parent`; returns the new row."""
+        """Create an inode, owned by the caller, and its entry in `parent`; returns the new row."""
         d = self._dir(tx, parent, for_create=True)
+        perm.check_search(d, ctx)
         if name in _DOTS or self._child(tx, parent, name) is not None:
             raise FsError(errno.EEXIST, f"{name!r} exists in {parent}")
+        perm.check_change_dir(d, ctx)
+        uid, gid = ctx.uid, ctx.gid
         if d["mode"] & stat.S_ISGID:
             # BSD group semantics on a setgid directory, as ext4: the group comes from the
             # directory, and subdirectories carry the bit on.
@@ -198,12 +236,12 @@ class NamespaceOps(CoreBase):
             if req.session:
                 self._session_exists(tx, req.session, caller)
             row = self._new_inode(
-                tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx.uid, req.ctx.gid,
-                now, rdev=rdev,
+                tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx, now, rdev=rdev,
             )
             allocations = []
             if req.session:
-                self._record_open(tx, req.session, row["ino"])
+                # Open for writing whatever the new mode says, as open(O_CREAT) is.
+                self._record_open(tx, req.session, row["ino"], writable=True)
                 if req.prealloc_blocks and stat.S_ISREG(row["mode"]):
                     try:
                         allocations = self._allocate(
@@ -216,27 +254,27 @@ class NamespaceOps(CoreBase):
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:
             row = self._new_inode(
-                tx, req.parent, req.name, stat.S_IFDIR | (req.mode & 0o7777), req.ctx.uid,
-                req.ctx.gid, self.now_ns(),
+                tx, req.parent, req.name, stat.S_IFDIR | (req.mode & 0o7777), req.ctx, self.now_ns(),
             )
             return AttrReply(attr=attr_of(row), parent=self._attr(tx, req.parent))
 
     def symlink(self, req: SymlinkReq) -> AttrReply:
         with self.store.transaction() as tx:
             row = self._new_inode(
-                tx, req.parent, req.name, stat.S_IFLNK | 0o777, req.ctx.uid, req.ctx.gid,
-                self.now_ns(), target=req.target,
+                tx, req.parent, req.name, stat.S_IFLNK | 0o777, req.ctx, self.now_ns(), target=req.target,
             )
             return AttrReply(attr=attr_of(row), parent=self._attr(tx, req.parent))
 
     def link(self, req: LinkReq) -> AttrReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            self._dir(tx, req.new_parent, for_create=True)
+            d = self._dir(tx, req.new_parent, for_create=True)
             row = self._inode(tx, req.ino)
+            perm.check_search(d, req.ctx)
             # The order of checks is the kernel's: the name first, then the inode.
             if req.new_name in _DOTS or self._child(tx, req.new_parent, req.new_name) is not None:
                 raise FsError(errno.EEXIST, f"{req.new_name!r} exists in {req.new_parent}")
+            perm.check_change_dir(d, req.ctx)
             if is_dir(row):
                 raise FsError(errno.EPERM, "cannot hard-link a directory")
             if row["nlink"] == 0:
@@ -254,15 +292,15 @@ class NamespaceOps(CoreBase):
     def unlink(self, req: RemoveReq) -> DirChangeReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            self._dir(tx, req.parent)
+            d = self._dir(tx, req.parent)
+            perm.check_search(d, req.ctx)
             if req.name in _DOTS:
                 raise FsError(errno.EISDIR, "cannot unlink . or ..")
             ino = self._child(tx, req.parent, req.name)
             if ino is None:
                 raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
             row = self._inode(tx, ino)
-            if is_dir(row):
-                raise FsError(errno.EISDIR, f"{req.name!r} is a directory")
+            self._may_delete(d, row, req.ctx, isdir=False)
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now)
             self._drop_link(tx, row, now)
@@ -271,7 +309,8 @@ class NamespaceOps(CoreBase):
     def rmdir(self, req: RemoveReq) -> DirChangeReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            self._dir(tx, req.parent)
+            d = self._dir(tx, req.parent)
+            perm.check_search(d, req.ctx)
             if req.name == b".":
                 raise FsError(errno.EINVAL, "cannot remove .")
             if req.name == b"..":
@@ -280,16 +319,27 @@ class NamespaceOps(CoreBase):
             if ino is None:
                 raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
             row = self._inode(tx, ino)
-            if not is_dir(row):
-                raise FsError(errno.ENOTDIR, f"{req.name!r} is not a directory")
-            if ino == ROOT_INODE:
-                raise FsError(errno.EBUSY, "cannot remove the root")
+            self._may_delete(d, row, req.ctx, isdir=True)
             if self._has_entries(tx, ino):
                 raise FsError(errno.ENOTEMPTY, f"{req.name!r} is not empty")
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             self._touch_dir(tx, req.parent, now, nlink_delta=-1)
             self._drop_link(tx, row, now)
             return DirChangeReply(parent=self._attr(tx, req.parent), ino=ino)
+
+    @staticmethod
+    def _may_delete(directory, victim, ctx: Ctx, *, isdir: bool) -> None:
+        """Removing (or replacing) an entry that must be a directory or must not be one:
+        write and search permission on its directory, the sticky bit, then the type, as
+        may_delete."""
+        perm.check_change_dir(directory, ctx)
+        perm.check_sticky(directory, victim, ctx)
+        if isdir and not is_dir(victim):
+            raise FsError(errno.ENOTDIR, f"inode {victim['ino']} is not a directory")
+        if isdir and victim["ino"] == ROOT_INODE:
+            raise FsError(errno.EBUSY, "cannot remove the root")
+        if not isdir and is_dir(victim):
+            raise FsError(errno.EISDIR, f"inode {victim['ino']} is a directory")
 
     @staticmethod
     def _has_entries(tx: Tx, ino: int) -> bool:
@@ -313,8 +363,11 @@ class NamespaceOps(CoreBase):
         # Durable: "write tmp, fsync, rename" is how checkpoints are published.
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
-            self._dir(tx, req.parent)
-            self._dir(tx, req.new_parent, for_create=True)
+            # The kernel walks to the source's directory, then to the destination's.
+            d = self._dir(tx, req.parent)
+            perm.check_search(d, req.ctx)
+            new_d = self._dir(tx, req.new_parent, for_create=True)
+            perm.check_search(new_d, req.ctx)
             if req.name in _DOTS or req.new_name in _DOTS:
                 raise FsError(errno.EBUSY, "cannot rename . or ..")
             src_ino = self._child(tx, req.parent, req.name)
@@ -335,9 +388,25 @@ class NamespaceOps(CoreBase):
             # A directory must not end up inside itself.
             if src_dir and cross and self._is_ancestor(tx, src_ino, req.new_parent):
                 raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
-            if req.flags & RENAME_EXCHANGE:
-                if dst_dir and cross and self._is_ancestor(tx, dst_ino, req.parent):
+            # Nor may the destination be a directory the source lies in (do_renameat2's trap).
+            if dst_dir and cross and self._is_ancestor(tx, dst_ino, req.parent):
+                if req.flags & RENAME_EXCHANGE:
                     raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+                raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} contains the source")
+            # Permissions, as vfs_rename: the source may leave, the destination may be
+            # taken (or replaced), and a directory changing parent may have its ".." changed.
+            self._may_delete(d, src, req.ctx, isdir=src_dir)
+            if dst is None:
+                perm.check_change_dir(new_d, req.ctx)
+            else:
+                # The destination must be of the source's type, unless they swap places.
+                self._may_delete(new_d, dst, req.ctx, isdir=dst_dir if req.flags & RENAME_EXCHANGE else src_dir)
+            if cross:
+                if src_dir:
+                    perm.check(src, req.ctx, perm.WRITE, " (move a directory)")
+                if req.flags & RENAME_EXCHANGE and dst_dir:
+                    perm.check(dst, req.ctx, perm.WRITE, " (move a directory)")
+            if req.flags & RENAME_EXCHANGE:
                 self._exchange(tx, req, src, dst, now)
             else:
                 self._move(tx, req, src, dst, now)
@@ -351,11 +420,7 @@ class NamespaceOps(CoreBase):
         src_ino, src_dir = src["ino"], is_dir(src)
         dst_dir = dst is not None and is_dir(dst)
         cross = req.parent != req.new_parent
-        if dst is not None:
-            if src_dir and not dst_dir:
-                raise FsError(errno.ENOTDIR, f"{req.new_name!r} is not a directory")
-            if not src_dir and dst_dir:
-                raise FsError(errno.EISDIR, f"{req.new_name!r} is a directory")
+        if dst is not None:  # of the source's type: rename checked that (_may_delete)
             if dst_dir and self._has_entries(tx, dst["ino"]):
                 raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} is not empty")
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.new_parent, req.new_name))

@@ -145,6 +145,9 @@ CREATE TABLE opens (
     session_id  INTEGER NOT NULL REFERENCES sessions(session_id),
     ino         INTEGER NOT NULL REFERENCES inodes(ino),
     count       INTEGER NOT NULL,  -- open handles of this session on this inode (> 0)
+    writable    INTEGER NOT NULL DEFAULT 0,  -- 1 once one of them was opened for writing (or
+                                             -- created): only then may the session allocate
+                                             -- and commit the file's data or ftruncate it
     PRIMARY KEY (session_id, ino)
 );
 CREATE INDEX opens_by_ino ON opens(ino);

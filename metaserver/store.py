@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -64,6 +64,10 @@ MIGRATIONS = {
         CREATE TABLE verify (
             server_id INTEGER NOT NULL REFERENCES servers(server_id), block_id INTEGER NOT NULL,
             sent_ns INTEGER, PRIMARY KEY (server_id, block_id));
+    """,
+    5: """
+        ALTER TABLE opens ADD COLUMN writable INTEGER NOT NULL DEFAULT 0;
+        UPDATE opens SET writable = 1;
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -1,7 +1,7 @@
 """Extended attributes of the metadata core, and the virtual layout attributes.
 
-Namespaces follow Linux: user.* only on regular files and directories, trusted.* and
-security.* written by root only, system.posix_acl_* not supported yet (no ACLs). The
+Namespaces follow Linux: user.* only on regular files and directories, read and written
+as the file's mode allows (perm.py), trusted.* and security.* written by root only, system.posix_acl_* not supported yet (no ACLs). The
 layout attributes (stripefs.block_size, stripefs.replicas, stripefs.inline_max) are views
 of inode columns: set on a directory they decide the layout of files created under it
 later.
@@ -14,7 +14,7 @@ import stat
 from sqlite3 import Row
 
 from proto.errors import FsError
-from proto.messages import Empty, InodeReq, XattrListReply, XattrReply, XattrReq
+from proto.messages import Ctx, Empty, InodeReq, XattrListReply, XattrReply, XattrReq
 from proto.types import (
     LAYOUT_XATTR_BLOCK_SIZE,
     LAYOUT_XATTR_INLINE_MAX,
@@ -24,6 +24,7 @@ from proto.types import (
     MAX_REPLICAS,
     MIN_BLOCK_SIZE_BYTES,
 )
+from . import perm
 from .base import CoreBase, is_dir, is_reg
 from .store import Tx
 
@@ -44,8 +45,8 @@ _LAYOUT = {
 _BLOCK_LAYOUT = ("block_size", "replicas")
 
 
-def _check_access(row: Row, name: bytes, uid: int, write: bool) -> None:
-    """Namespace rules for a stored attribute, as Linux's xattr_permission."""
+def _check_access(row: Row, name: bytes, ctx: Ctx, write: bool) -> None:
+    """Namespace and permission rules for a stored attribute, as Linux's xattr_permission."""
     if not name.startswith(_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP, f"unsupported xattr namespace in {name!r}")
     if name.startswith(b"system."):
@@ -53,7 +54,7 @@ def _check_access(row: Row, name: bytes, uid: int, write: bool) -> None:
         if write:
             raise FsError(errno.EOPNOTSUPP, f"{name!r} is not supported")
         raise FsError(errno.ENODATA, f"no attribute {name!r}")
-    if name.startswith((b"trusted.", b"security.")) and uid != 0:
+    if name.startswith((b"trusted.", b"security.")) and ctx.uid != 0:
         if write:
             raise FsError(errno.EPERM, f"only root may change {name!r}")
         if name.startswith(b"trusted."):
@@ -61,6 +62,10 @@ def _check_access(row: Row, name: bytes, uid: int, write: bool) -> None:
     if name.startswith(b"user.") and not (is_reg(row) or is_dir(row)):
         # user.* on symlinks and devices would let anyone label files they cannot write.
         raise FsError(errno.EPERM if write else errno.ENODATA, "user.* only on files and directories")
+    if name.startswith(b"user."):
+        if write and is_dir(row) and row["mode"] & stat.S_ISVTX and not perm.is_owner(row, ctx):
+            raise FsError(errno.EPERM, "user.* of a sticky directory: only its owner or root")
+        perm.check(row, ctx, perm.WRITE if write else perm.READ, f" (attribute {name[:64]!r})")
 
 
 def _parse_layout(field: str, value: bytes) -> int:
@@ -92,7 +97,7 @@ class XattrOps(CoreBase):
             field = _LAYOUT.get(req.name)
             if field is not None:
                 return XattrReply(value=str(row[field]).encode())
-            _check_access(row, req.name, req.ctx.uid, write=False)
+            _check_access(row, req.name, req.ctx, write=False)
             value = tx.scalar("SELECT value FROM xattrs WHERE ino = ? AND name = ?", (req.ino, req.name))
             if value is None:
                 raise FsError(errno.ENODATA, f"no attribute {req.name!r}")
@@ -112,7 +117,7 @@ class XattrOps(CoreBase):
             if field is not None:
                 self._set_layout(tx, row, field, req)
             else:
-                _check_access(row, req.name, req.ctx.uid, write=True)
+                _check_access(row, req.name, req.ctx, write=True)
                 old = tx.one(
                     "SELECT length(name) + length(value) FROM xattrs WHERE ino = ? AND name = ?",
                     (req.ino, req.name),
@@ -144,7 +149,7 @@ class XattrOps(CoreBase):
             if req.name in _LAYOUT:
                 raise FsError(errno.EINVAL, f"{req.name!r} cannot be removed; set it instead")
             # system.* has nothing stored to remove: answer as a read would (ENODATA).
-            _check_access(row, req.name, req.ctx.uid, write=not req.name.startswith(b"system."))
+            _check_access(row, req.name, req.ctx, write=not req.name.startswith(b"system."))
             cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (req.ino, req.name))
             if cur.rowcount == 0:
                 raise FsError(errno.ENODATA, f"no attribute {req.name!r}")
@@ -153,8 +158,7 @@ class XattrOps(CoreBase):
 
     def _set_layout(self, tx: Tx, row: Row, field: str, req: XattrReq) -> None:
         ino = row["ino"]
-        if req.ctx.uid != 0 and req.ctx.uid != row["uid"]:
-            raise FsError(errno.EPERM, "only the owner or root may change the layout")
+        perm.check_owner(row, req.ctx, "change the layout")
         if is_reg(row):
             # The layout of stored blocks cannot change under them (inline_max only decides
             # where later commits put block 0).

@@ -14,17 +14,26 @@ read one off the wire, and the server learns the caller's role and name from the
 certificate, never from the request. proto/services.py says which roles may call each
 method; proto/rpc.py checks it on every call.
 
+A client credential can carry a squash rule (NFS's root_squash and all_squash), in its
+subject's OU as `squash:root` or `squash:UID:GID`: the metaserver maps the uid and groups
+every request states (the requests' Ctx) through it before it checks access
+(metaserver/perm.py), so a host holding such a credential cannot act as root, or as
+anyone but UID:GID. Without one, a client is trusted to state its callers' ids, as an
+NFS client with AUTH_SYS is; see docs/security.md.
+
 `stripefs ca init DIR` makes a CA; `stripefs credential new --ca DIR --role ROLE --name NAME
---out BUNDLE` issues a bundle; `stripefs credential revoke --ca DIR NAME` lists a name in
+[--squash root|UID:GID] --out BUNDLE` issues a bundle; `stripefs credential revoke --ca DIR NAME` lists a name in
 the CA's `revoked` file, which servers given `--revoked FILE` refuse (re-read when it
 changes). Keys are ECDSA P-256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,17 +53,46 @@ CA_VALID_DAYS = 3650
 CREDENTIAL_VALID_DAYS = 825
 #: Names: printable, no separator of the common name.
 NAME_MAX = 128
+#: Who a squashed root becomes: nobody / nogroup.
+SQUASH_ID = 65534
+#: The squash rule in a certificate subject's OU: "squash:root" or "squash:UID:GID".
+_SQUASH_OU = re.compile(r"(?:^|,)OU=squash:(root|\d{1,10}:\d{1,10})(?:,|$)")
+
+
+def parse_squash(rule: str) -> str:
+    """A checked squash rule ("", "root" or "UID:GID"); ValueError when malformed."""
+    if rule in ("", "root"):
+        return rule
+    uid, sep, gid = rule.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit() and int(uid) < 1 << 32 and int(gid) < 1 << 32):
+        raise ValueError(f"squash rule {rule!r}: expected root or UID:GID")
+    return f"{int(uid)}:{int(gid)}"
 
 
 @dataclass(frozen=True)
 class Caller:
-    """The authenticated peer of a call."""
+    """The authenticated peer of a call, and the squash rule its certificate carries."""
 
     role: str
     name: str
+    squash: str = ""  # "" (ids as stated), "root" (uid/gid 0 -> SQUASH_ID), "UID:GID" (everyone)
 
     def __str__(self) -> str:
         return f"{self.role}:{self.name}"
+
+    def identity(self, ctx: Any) -> Any:
+        """The ids a request's Ctx may speak for under this caller's squash rule."""
+        if not self.squash:
+            return ctx
+        if self.squash == "root":
+            if ctx.uid != 0 and ctx.gid != 0 and 0 not in ctx.groups:
+                return ctx
+            return dataclasses.replace(
+                ctx, uid=SQUASH_ID if ctx.uid == 0 else ctx.uid, gid=SQUASH_ID if ctx.gid == 0 else ctx.gid,
+                groups=[g for g in ctx.groups if g != 0],
+            )
+        uid, gid = (int(x) for x in self.squash.split(":"))
+        return dataclasses.replace(ctx, uid=uid, gid=gid, groups=[])
 
 
 #: The caller of in-process calls (tests, tools that open the store themselves).
@@ -138,8 +176,14 @@ def server_credentials(creds: Credentials) -> Any:
 
 def caller_of(context: Any) -> Optional[Caller]:
     """The peer of a call, from the certificate it presented in the TLS handshake."""
-    names = context.auth_context().get("x509_common_name") or []
-    return parse_common_name(names[0].decode(errors="replace")) if len(names) == 1 else None
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    caller = parse_common_name(names[0].decode(errors="replace")) if len(names) == 1 else None
+    if caller is None or caller.role != CLIENT:
+        return caller
+    subjects = auth.get("x509_subject") or []
+    found = _SQUASH_OU.search(subjects[0].decode(errors="replace")) if len(subjects) == 1 else None
+    return dataclasses.replace(caller, squash=found.group(1)) if found else caller
 
 
 class Revocations:
@@ -216,8 +260,9 @@ def init_ca(directory: str | os.PathLike, name: str = "stripefs cluster CA") -> 
 
 
 def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLike,
-          valid_days: int = CREDENTIAL_VALID_DAYS) -> Path:
-    """Issue a credential bundle for `role:name` into `out` (0700, key 0600)."""
+          valid_days: int = CREDENTIAL_VALID_DAYS, squash: str = "") -> Path:
+    """Issue a credential bundle for `role:name` into `out` (0700, key 0600); a client's
+    may carry a squash rule ("root" or "UID:GID", see Caller.identity)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
@@ -226,6 +271,9 @@ def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLik
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if not valid_name(name):
         raise ValueError(f"name must be 1..{NAME_MAX} printable characters without ':' or '/'")
+    squash = parse_squash(squash)
+    if squash and role != CLIENT:
+        raise ValueError("only client credentials carry a squash rule")
     ca_dir = Path(ca_dir)
     ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
     ca_pem = (ca_dir / CA_CERT).read_bytes()
@@ -234,7 +282,10 @@ def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLik
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{name}")]))
+        .subject_name(x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{name}")]
+            + ([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"squash:{squash}")] if squash else [])
+        ))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))

@@ -31,6 +31,8 @@ _I64_MAX = (1 << 63) - 1
 _I64_MIN = -(1 << 63)
 #: uids and gids are 32-bit, as the kernel's.
 ID_MAX = (1 << 32) - 1
+#: Supplementary groups a caller may state (Linux's NGROUPS_MAX).
+GROUPS_MAX = 65536
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,15 +198,20 @@ def _to_wire(value: Any) -> Any:
 
 @dataclass
 class Ctx(Message):
-    """Who is asking: the caller's credentials as the kernel reported them."""
+    """Who is asking: the caller's credentials as the kernel reported them. The metaserver
+    checks access with them (metaserver/perm.py), after the client credential's squash
+    rule (proto/credentials.py) has mapped them."""
 
     uid: int = 0  # effective uid of the calling process
     gid: int = 0  # effective gid of the calling process
     pid: int = 0  # calling process id (for logs only)
+    groups: list[int] = field(default_factory=list)  # supplementary groups of the caller
 
     def _check(self) -> Optional[str]:
         if not (0 <= self.uid <= ID_MAX and 0 <= self.gid <= ID_MAX):
             return "uid/gid: not a 32-bit id"
+        if len(self.groups) > GROUPS_MAX or not all(0 <= g <= ID_MAX for g in self.groups):
+            return "groups: too many, or not 32-bit ids"
         return None
 
 
@@ -309,6 +316,7 @@ class LookupReq(Message):
     NAME_FIELDS = ("name",)
     parent: int  # directory inode
     name: bytes  # entry name
+    ctx: Ctx = field(default_factory=Ctx)  # caller (needs search permission on parent)
 
 
 @dataclass
@@ -330,6 +338,8 @@ class SetattrReq(Message):
     mtime_ns: Optional[int] = None  # explicit modification time
     atime_now: bool = False  # set atime to the server's now
     mtime_now: bool = False  # set mtime to the server's now
+    session: int = 0  # size through a handle this session opened for writing (ftruncate):
+                      # the open's permission counts, not the file's mode now
 
     def _check(self) -> Optional[str]:
         if self.size is not None and self.size < 0:
@@ -406,6 +416,7 @@ class LinkReq(Message):
     ino: int  # existing inode (not a directory)
     new_parent: int  # directory to link into
     new_name: bytes  # new entry name
+    ctx: Ctx = field(default_factory=Ctx)  # caller (needs write permission on new_parent)
 
 
 @dataclass
@@ -415,7 +426,7 @@ class RemoveReq(Message):
     NAME_FIELDS = ("name",)
     parent: int  # directory inode
     name: bytes  # entry to remove
-    ctx: Ctx = field(default_factory=Ctx)  # caller (sticky-bit checks)
+    ctx: Ctx = field(default_factory=Ctx)  # caller (write permission on parent, sticky bit)
 
 
 #: rename flags, as renameat2(2)
@@ -431,7 +442,7 @@ class RenameReq(Message):
     new_parent: int  # destination directory
     new_name: bytes  # destination entry
     flags: int = 0  # RENAME_NOREPLACE | RENAME_EXCHANGE
-    ctx: Ctx = field(default_factory=Ctx)  # caller (sticky-bit checks)
+    ctx: Ctx = field(default_factory=Ctx)  # caller (write permission on both parents, sticky bit)
 
     def _check(self) -> Optional[str]:
         if self.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
@@ -454,6 +465,7 @@ class ReaddirReq(Message):
     ino: int  # directory inode
     offset: int = 0  # resume after the entry with this cookie (0 = from the start)
     limit: int = 1000  # at most this many entries
+    ctx: Ctx = field(default_factory=Ctx)  # caller (needs read permission on the directory)
 
     def _check(self) -> Optional[str]:
         return None if 1 <= self.limit <= 100_000 else "limit: out of range"
@@ -472,7 +484,7 @@ class XattrReq(Message):
 
     ino: int  # the inode
     name: bytes  # attribute name with its namespace prefix (user., trusted., ...)
-    ctx: Ctx = field(default_factory=Ctx)  # caller (trusted.* is root only)
+    ctx: Ctx = field(default_factory=Ctx)  # caller (user.* as the file's mode; trusted.* root only)
     value: bytes = b""  # new value (set only)
     flags: int = 0  # XATTR_CREATE (1) / XATTR_REPLACE (2) (set only)
 
@@ -515,7 +527,7 @@ class StatfsReply(Message):
 class OpenReq(Message):
     ino: int  # file to open
     session: int  # session id: the open is recorded so that unlink keeps the inode
-    ctx: Ctx = field(default_factory=Ctx)  # caller
+    ctx: Ctx = field(default_factory=Ctx)  # caller (read/write permission as flags ask)
     flags: int = 0  # open(2) flags (O_TRUNC is applied here)
 
 
@@ -539,6 +551,7 @@ class ReleaseReq(Message):
 @dataclass
 class BlockMapReq(Message):
     ino: int  # the file
+    session: int = 0  # a session that has the file open (what entitles it to read tokens)
 
 
 @dataclass

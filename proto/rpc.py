@@ -33,7 +33,9 @@ Who calls: every channel is mutual TLS (proto/credentials.py); the caller's role
 come from its certificate, a stream's once when it opens. Each call is checked against its
 method's roles (proto/services.py) before it runs: EACCES otherwise. A method that needs
 to know the caller (sessions, data servers' reports) declares a `caller` parameter and gets
-it passed. A revoked name (`--revoked FILE`) is refused like a stranger.
+it passed. A revoked name (`--revoked FILE`) is refused like a stranger. A request's Ctx
+(the ids it acts for) is mapped through the client credential's squash rule here, before
+any method sees it.
 
 Client: `Stub(address, credentials, service, methods).call(name, req)` is a blocking unary
 call (the trio client has its own transport in fs/client/transport.py). Transport failures
@@ -56,7 +58,7 @@ from . import codec
 from .credentials import Caller, Credentials, Revocations, caller_of, channel_credentials, channel_options
 from .credentials import server_credentials
 from .errors import FsError, TransportError
-from .messages import Message
+from .messages import Ctx, Message
 from .services import SERVER_ROLE, Method
 
 log = logging.getLogger("stripefs.rpc")
@@ -146,6 +148,8 @@ class Dispatch:
             return codec.encode_reply(None, errno.EINVAL, str(exc))
         if problem:
             return codec.encode_reply(None, errno.EINVAL, problem)
+        if caller.squash and isinstance(getattr(req, "ctx", None), Ctx):
+            req.ctx = caller.identity(req.ctx)  # the ids this credential may speak for
         return req
 
     def call(self, name: str, req: Message, caller: Caller) -> Any:

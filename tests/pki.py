@@ -13,13 +13,14 @@ class Pki:
         self.base = Path(base)
         self.ca = init_ca(self.base / "ca")
 
-    def bundle(self, role: str, name: str | None = None) -> Path:
-        """The bundle of role:name (name defaults to the role), issued the first time."""
+    def bundle(self, role: str, name: str | None = None, squash: str = "") -> Path:
+        """The bundle of role:name (name defaults to the role), issued the first time (with
+        the client squash rule `squash`, see proto/credentials.py)."""
         name = name or role
         out = self.base / f"{role}-{name}"
         if not (out / "cert.pem").exists():
-            issue(self.ca, role, name, out)
+            issue(self.ca, role, name, out, squash=squash)
         return out
 
-    def creds(self, role: str, name: str | None = None) -> Credentials:
-        return load_credentials(self.bundle(role, name))
+    def creds(self, role: str, name: str | None = None, squash: str = "") -> Credentials:
+        return load_credentials(self.bundle(role, name, squash))

@@ -72,7 +72,7 @@ def test_write_read_striped_across_servers(lib_cluster):
         assert (await client.getattr(ino)).size == len(data)
         assert await read_file(client, ino) == data
         fh, _ = await client.open(ino, os.O_RDONLY)
-        rep = await client._meta("block_map", BlockMapReq(ino))
+        rep = await client._meta("block_map", BlockMapReq(ino, client.session.id))
         await client.release(fh)
         return rep.blocks
 

@@ -95,6 +95,10 @@ class Env:
     def names(self, ino: int) -> list[bytes]:
         return [e.name for e in self.core.readdir(ReaddirReq(ino=ino)).entries]
 
+    def open_root(self) -> None:
+        """Let every uid create entries in the root (mode 0777)."""
+        self.core.setattr(SetattrReq(ino=ROOT_INODE, ctx=ROOT, mode=0o777))
+
     def session(self) -> int:
         return self.core.open_session(SessionOpenReq(host="h", mountpoint="/m")).session
 
@@ -152,8 +156,11 @@ def test_root_and_store(env):
 
 def test_version_3_database_is_migrated(env):
     """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
-    of sessions and servers) opens as the current one with everything in it kept."""
+    of sessions and servers, no writable opens) opens as the current one with everything
+    in it kept; opens made before are taken as writable (they may have been)."""
     f = env.create(ROOT_INODE, b"kept")
+    s = env.session()
+    env.core.open(OpenReq(ino=f.ino, session=s))
     with env.core.store.transaction() as tx:
         tx.run("DROP TABLE inline_data")
         tx.run("DROP TABLE verify")
@@ -162,6 +169,7 @@ def test_version_3_database_is_migrated(env):
         tx.run("ALTER TABLE inodes DROP COLUMN inline_max")
         tx.run("ALTER TABLE servers DROP COLUMN identity")
         tx.run("ALTER TABLE sessions DROP COLUMN owner")
+        tx.run("ALTER TABLE opens DROP COLUMN writable")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -171,6 +179,7 @@ def test_version_3_database_is_migrated(env):
         assert tx.scalar("SELECT COUNT(*) FROM inline_data") == 0
         assert tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('inodes_by_parent',"
                          " 'dentries_by_parent')") == 2
+        assert tx.scalar("SELECT writable FROM opens WHERE ino = ?", (f.ino,)) == 1
 
 
 def test_readdir_pages_are_range_scans(env):
@@ -214,6 +223,7 @@ def test_getattr_gone(env):
 
 @pytest.mark.parametrize("kind", [stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK])
 def test_mknod_types(env, kind):
+    env.open_root()
     a = env.core.mknod(MknodReq(parent=ROOT_INODE, name=b"n", mode=kind | 0o640, ctx=USER, rdev=0x0801)).attr
     assert a.mode == kind | 0o640 and a.nlink == 1 and a.uid == 1000 and a.gid == 1000
     assert a.rdev == (0x0801 if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
@@ -250,11 +260,14 @@ def test_create_in_removed_dir_kept_by_nlink0(env):
 
 
 def test_ownership_and_setgid(env):
+    env.open_root()
     d = env.mkdir(ROOT_INODE, b"d", mode=0o2775, ctx=Ctx(uid=0, gid=50))
     assert d.mode == stat.S_IFDIR | 0o2775 and d.gid == 50
-    f = env.create(d.ino, b"f", ctx=USER)
+    member = Ctx(uid=1000, gid=1000, groups=[50])
+    fails(errno.EACCES, env.core.mknod, MknodReq(parent=d.ino, name=b"f", mode=stat.S_IFREG | 0o644, ctx=USER))
+    f = env.create(d.ino, b"f", ctx=member)
     assert f.uid == 1000 and f.gid == 50
-    sub = env.mkdir(d.ino, b"sub", mode=0o755, ctx=USER)
+    sub = env.mkdir(d.ino, b"sub", mode=0o755, ctx=member)
     assert sub.gid == 50 and sub.mode & stat.S_ISGID
     plain = env.mkdir(ROOT_INODE, b"plain", ctx=USER)
     assert plain.gid == 1000 and not plain.mode & stat.S_ISGID
@@ -280,6 +293,7 @@ def test_dir_nlink_and_times(env):
 
 
 def test_symlink_readlink(env):
+    env.open_root()
     s = env.core.symlink(SymlinkReq(parent=ROOT_INODE, name=b"s", target=b"../x/y", ctx=USER)).attr
     assert stat.S_ISLNK(s.mode) and s.size == 6 and s.uid == 1000
     assert env.core.readlink(InodeReq(ino=s.ino)).target == b"../x/y"
@@ -434,6 +448,7 @@ def test_rename_noreplace_ok_when_free(env):
 
 
 def test_setattr_mode_owner(env):
+    env.open_root()
     f = env.create(ROOT_INODE, b"f", ctx=USER)
     env.clock.advance(1)
     a = env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, mode=0o4600)).attr
@@ -442,7 +457,9 @@ def test_setattr_mode_owner(env):
     fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=USER, uid=2000))
     fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, gid=2000))
     assert env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, uid=1000)).attr.uid == 1000  # no change: fine
-    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, gid=77)).attr.gid == 77
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=USER, gid=77))  # not a member of 77
+    in_77 = Ctx(uid=1000, gid=1000, groups=[77])
+    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=in_77, gid=77)).attr.gid == 77
     a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, uid=5, gid=6)).attr
     assert (a.uid, a.gid) == (5, 6)
     a = env.core.setattr(SetattrReq(ino=f.ino, ctx=ROOT, atime_ns=10, mtime_ns=20)).attr
@@ -538,6 +555,7 @@ def test_readdir_cookies_stable_while_changing(env):
 
 
 def test_xattrs(env):
+    env.open_root()
     f = env.create(ROOT_INODE, b"f", ctx=USER)
     X = XattrReq
     env.core.setxattr(X(ino=f.ino, name=b"user.label", value=b"cat", ctx=USER))

@@ -15,7 +15,7 @@ import pytest
 
 from proto.auth import load_token_key
 from proto.errors import FsError
-from proto.messages import Ctx, Empty, LookupReq, MkdirReq, ReaddirReq, SessionOpenReq
+from proto.messages import Ctx, Empty, LookupReq, MkdirReq, ReaddirReq, SessionOpenReq, SetattrReq
 from proto.rpc import Stub
 from proto.services import META_METHODS, META_SERVICE
 from proto.types import ROOT_INODE
@@ -62,6 +62,8 @@ def test_round_trip(metaserver):
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
     stub = Stub(address, creds, META_SERVICE, META_METHODS)
     try:
+        # uid 7 may create in the root once root made it writable for all.
+        stub.call("setattr", SetattrReq(ino=ROOT_INODE, ctx=Ctx(), mode=0o777))
         made = stub.call("mkdir", MkdirReq(parent=ROOT_INODE, name=b"data", mode=0o755, ctx=Ctx(uid=7, gid=8))).attr
         found = stub.call("lookup", LookupReq(parent=ROOT_INODE, name=b"data")).attr
         assert found == made and found.uid == 7

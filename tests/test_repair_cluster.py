@@ -71,7 +71,10 @@ class Writer:
         return self._data[address]
 
     def write_file(self, name: bytes, nblocks: int) -> tuple[int, bytes]:
-        attr = self.meta.call("mknod", MknodReq(parent=self.dir, name=name, mode=0o100644, ctx=Ctx())).attr
+        # Created open for writing in our session, as a client's create: what lets the
+        # session allocate and commit blocks, and read the map, of the file.
+        attr = self.meta.call("mknod", MknodReq(parent=self.dir, name=name, mode=0o100644, ctx=Ctx(),
+                                                session=self.session)).attr
         content = os.urandom(nblocks * BLOCK_BYTES - 100)
         allocs = self.meta.call(
             "alloc_blocks", AllocReq(ino=attr.ino, session=self.session, indexes=list(range(nblocks)))
@@ -87,7 +90,7 @@ class Writer:
         return attr.ino, content
 
     def block_map(self, ino: int) -> list[BlockRef]:
-        return self.meta.call("block_map", BlockMapReq(ino=ino)).blocks
+        return self.meta.call("block_map", BlockMapReq(ino=ino, session=self.session)).blocks
 
     def check_every_replica(self, ino: int, content: bytes) -> bool:
         """Every listed replica of every block holds the right bytes. A copy that is missing

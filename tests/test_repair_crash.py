@@ -115,7 +115,8 @@ class Workload(threading.Thread):
 
     def one(self, k: int) -> None:
         tmp, final = b"tmp-%d" % k, b"file-%d" % k
-        attr = self.call("mknod", MknodReq(parent=self.dir, name=tmp, mode=0o100644, ctx=Ctx())).attr
+        attr = self.call("mknod", MknodReq(parent=self.dir, name=tmp, mode=0o100644, ctx=Ctx(),
+                                           session=self.session)).attr
         n = 1 + k % 3
         allocs = self.call("alloc_blocks", AllocReq(ino=attr.ino, session=self.session,
                                                     indexes=list(range(n)))).allocations

@@ -39,6 +39,7 @@ import trio
 from proto.errors import FsError
 from proto.messages import (
     Attr,
+    Ctx,
     InodeReq,
     LookupReq,
     Message,
@@ -211,16 +212,17 @@ class NameCache:
 
     # ------------------------------------------------------------------ lookups
 
-    async def lookup(self, parent: int, name: bytes) -> Entry:
+    async def lookup(self, parent: int, name: bytes, ctx: Ctx) -> Entry:
         """The entry `name` of directory `parent` (attr None: there is none), from what is
-        known if it is fresh, else from the metaserver."""
+        known if it is fresh, else from the metaserver, asked as `ctx` (whose lookups
+        also start statahead as `ctx`: pages it may not read are not fetched)."""
         if name in (b".", b"..") or check_name(name) is not None:
-            return await self._lookup_remote(parent, name)  # the metaserver's answer or errno
+            return await self._lookup_remote(parent, name, ctx)  # the metaserver's answer or errno
         for _ in range(2):
             listing = self.listings.get(parent)
             if listing is None:
                 break
-            known = self._known(listing, parent, name)
+            known = self._known(listing, parent, name, ctx)
             if known is not None:
                 return known
             if listing.fetching is None:
@@ -232,9 +234,9 @@ class NameCache:
                 and now() <= listing.filling_until and listing.negative_ttl() <= 0):
             if await self._confirm(parent, listing) and name not in listing.names:
                 return Entry(None, listing.negative_ttl(), 0.0)
-        return await self._lookup_remote(parent, name)
+        return await self._lookup_remote(parent, name, ctx)
 
-    def _known(self, listing: Listing, parent: int, name: bytes) -> Optional[Entry]:
+    def _known(self, listing: Listing, parent: int, name: bytes, ctx: Ctx) -> Optional[Entry]:
         t = now()
         hit = listing.names.get(name)
         if hit is None:
@@ -247,7 +249,7 @@ class NameCache:
             return None
         listing.ahead_used += 1
         if listing.ahead_active and listing.ahead_more and cookie >= listing.ahead_mark and listing.fetching is None:
-            self._begin(self._ahead, parent, listing, listing.ahead_next)
+            self._begin(self._ahead, parent, listing, ctx, listing.ahead_next)
         return Entry(got[0], entry_ttl, got[1])
 
     async def _confirm(self, parent: int, listing: Listing) -> bool:
@@ -264,22 +266,22 @@ class NameCache:
         listing.complete = False
         return False
 
-    async def _lookup_remote(self, parent: int, name: bytes) -> Entry:
+    async def _lookup_remote(self, parent: int, name: bytes, ctx: Ctx) -> Entry:
         t = now()
         listing = self.listings.of(parent)
         try:
-            reply = await self._call("lookup", LookupReq(parent, name))
+            reply = await self._call("lookup", LookupReq(parent, name, ctx))
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 self.listings.forget(listing, name)
-                self._served(parent, listing, t, None)
+                self._served(parent, listing, t, None, ctx)
             raise
         self.attrs.put(reply.attr, t)
         self.listings.learn(listing, name, reply.attr.ino, t, reply.cookie)
-        self._served(parent, listing, t, reply.cookie)
+        self._served(parent, listing, t, reply.cookie, ctx)
         return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
 
-    def _served(self, parent: int, listing: Listing, t: float, cookie: Optional[int]) -> None:
+    def _served(self, parent: int, listing: Listing, t: float, cookie: Optional[int], ctx: Ctx) -> None:
         """A lookup the metaserver answered: the cue for statahead and listings."""
         listing.served = [s for s in listing.served if t - s < ENTRY_TTL_S] + [t]
         if len(listing.served) < STATAHEAD_TRIGGER or listing.fetching is not None:
@@ -288,7 +290,7 @@ class NameCache:
             # Names that are not there: a directory being filled. Its whole listing answers
             # the next ones locally, if it is not too large to hold.
             if not listing.complete and t >= listing.listing_after:
-                self._begin(self._list_all, parent, listing)
+                self._begin(self._list_all, parent, listing, ctx)
             return
         if t < listing.ahead_off_until:
             return
@@ -301,7 +303,7 @@ class NameCache:
             return
         else:
             start = 0 if listing.ahead_small else cookie - 1
-        self._begin(self._ahead, parent, listing, start)
+        self._begin(self._ahead, parent, listing, ctx, start)
 
     # ------------------------------------------------------------------ fetching pages
 
@@ -322,9 +324,9 @@ class NameCache:
 
         self._spawn(run)
 
-    async def _ahead(self, parent: int, listing: Listing, offset: int) -> None:
+    async def _ahead(self, parent: int, listing: Listing, ctx: Ctx, offset: int) -> None:
         """One statahead batch, starting after cookie `offset`."""
-        reply = await self._page(parent, listing, offset)
+        reply = await self._page(parent, listing, offset, ctx)
         if reply is None:
             return
         listing.ahead_fetched += len(reply.entries)
@@ -335,11 +337,11 @@ class NameCache:
             listing.ahead_next = reply.entries[-1].cookie
             listing.ahead_mark = reply.entries[len(reply.entries) // 2].cookie
 
-    async def _list_all(self, parent: int, listing: Listing) -> None:
+    async def _list_all(self, parent: int, listing: Listing, ctx: Ctx) -> None:
         """Fetch every entry of a directory (up to LISTING_FETCH_MAX) to make it complete."""
         offset = 0
         while True:
-            reply = await self._page(parent, listing, offset)
+            reply = await self._page(parent, listing, offset, ctx)
             if reply is None or not reply.more or not reply.entries:
                 return
             if listing.run_entries >= LISTING_FETCH_MAX:
@@ -347,10 +349,10 @@ class NameCache:
                 return
             offset = reply.entries[-1].cookie
 
-    async def _page(self, parent: int, listing: Listing, offset: int) -> Optional[ReaddirReply]:
+    async def _page(self, parent: int, listing: Listing, offset: int, ctx: Ctx) -> Optional[ReaddirReply]:
         t = now()
         try:
-            reply = await self._call("readdir", ReaddirReq(parent, offset, READDIR_BATCH))
+            reply = await self._call("readdir", ReaddirReq(parent, offset, READDIR_BATCH, ctx))
         except FsError:
             return None  # statahead is a hint: the lookups ask for themselves
         self.listed(parent, offset, reply, t)

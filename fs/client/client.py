@@ -15,6 +15,10 @@ that programs using the library directly get them too; fs/fuse only translates.
 and keeps the tables of what is open: files (files.py `FileState`), handles, directory
 handles.
 
+Who: every call that the metaserver checks permissions for carries a Ctx, the ids of the
+caller; a method's `ctx` left None is the client's `identity`, by default this process's
+own (effective uid and gid, supplementary groups). fs/fuse passes each request's.
+
 Consistency: close-to-open. `open` fetches the attributes, the whole block map and an
 inline block 0; a `flush` (close) or `fsync` returns only after every dirty block is on
 all its replicas (or inline) and the metaserver committed the new block map.
@@ -62,9 +66,15 @@ CAPABILITY_XATTR = b"security.capability"
 VIRTUAL_XATTR_PREFIX = b"stripefs."
 
 
+def process_identity() -> m.Ctx:
+    """The ids of this process, as the kernel would check them."""
+    return m.Ctx(os.geteuid(), os.getegid(), os.getpid(), sorted(set(os.getgroups())))
+
+
 @dataclass
 class DirHandle:
     ino: int
+    ctx: m.Ctx  # who opened it: its pages are read as them
     start: int = -1  # cookie the last batch was fetched after (-1: none yet)
     entries: list[m.DirEntry] = field(default_factory=list)  # last batch fetched
     more: bool = True  # the metaserver has entries after the last batch
@@ -85,11 +95,14 @@ class Client:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
+        identity: Optional[m.Ctx] = None,
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
         meta = meta_transport or StreamTransport(meta_address, creds, META_SERVICE, META_METHODS)
         connect = data_connect or (lambda address: StreamTransport(address, creds, DATA_SERVICE, DATA_METHODS))
+        #: who calls that do not say are made as (default: this process)
+        self.identity = identity or process_identity()
         self.session = MetaSession(meta, mountpoint)
         self.session.on_replaced = self._reopen_files
         self._nursery: Optional[trio.Nursery] = None
@@ -97,7 +110,7 @@ class Client:
         self.data = DataPath(connect, cache_bytes)
         self.data.on_bad_replica = self._report_bad_replica
         self._budget = WritebackBudget(writeback_bytes)
-        self.reader = Reader(self.data, self.session.call, self._spawn)
+        self.reader = Reader(self.data, self.session.call, self._spawn, lambda: self.session.id)
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
                              self._budget, self._spawn, self._committed)
         self._files: dict[int, FileState] = {}  # open inodes of this client
@@ -120,9 +133,10 @@ class Client:
     async def _reopen_files(self) -> None:
         """A new session: register again the files we hold open, so that their unlinked
         inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT."""
-        for ino in list(self._files):
+        for ino, f in list(self._files.items()):
+            flags = os.O_RDWR if f.writable else os.O_RDONLY
             try:
-                await self.session.call("open", m.OpenReq(ino, self.session.id))
+                await self.session.call("open", m.OpenReq(ino, self.session.id, f.opener or self.identity, flags))
             except FsError as exc:
                 log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
 
@@ -158,10 +172,13 @@ class Client:
         if f.created_in:
             self.names.note_new_file(f.created_in, needs_blocks=f.inline is None)
 
-    async def lookup_entry(self, parent: int, name: bytes) -> Entry:
+    def _ctx(self, ctx: Optional[m.Ctx]) -> m.Ctx:
+        return self.identity if ctx is None else ctx
+
+    async def lookup_entry(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> Entry:
         """The entry and how long it stays right (attr None: no such entry)."""
         try:
-            e = await self.names.lookup(parent, name)
+            e = await self.names.lookup(parent, name, self._ctx(ctx))
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -170,8 +187,8 @@ class Client:
             return Entry(self._overlay(e.attr), e.entry_ttl, e.attr_ttl)
         return e
 
-    async def lookup(self, parent: int, name: bytes) -> m.Attr:
-        e = await self.lookup_entry(parent, name)
+    async def lookup(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> m.Attr:
+        e = await self.lookup_entry(parent, name, ctx)
         if e.attr is None:
             raise FsError(errno.ENOENT, f"no entry {name!r} in {parent}")
         return e.attr
@@ -207,7 +224,7 @@ class Client:
     async def setattr(
         self,
         ino: int,
-        ctx: m.Ctx,
+        ctx: Optional[m.Ctx],
         *,
         mode: Optional[int] = None,
         uid: Optional[int] = None,
@@ -217,13 +234,19 @@ class Client:
         mtime_ns: Optional[int] = None,
         atime_now: bool = False,
         mtime_now: bool = False,
+        fh: Optional[int] = None,
     ) -> m.Attr:
+        """Change attributes; `fh`: through this open handle (ftruncate: its open's
+        permission counts, not the file's mode now)."""
         f = self._files.get(ino)
         if f is not None and (size is not None or mtime_ns is not None or mtime_now):
             # Settle buffered writes first: a truncate must not race with uploads of blocks
             # it removes, and a later commit would overwrite an explicit mtime (cp -a, touch).
             await self.writer.settle(f)
-        req = m.SetattrReq(ino, ctx, mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now)
+        h = self._handles.get(fh) if fh is not None else None
+        session = self.session.id if size is not None and h is not None and h.writable else 0
+        req = m.SetattrReq(ino, self._ctx(ctx), mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now,
+                           session)
         self.names.attrs.drop(ino)
         t = now()
         attr = (await self._meta("setattr", req)).attr
@@ -231,7 +254,7 @@ class Client:
             self._note_generation(ino, attr.generation)
             f = self._files.get(ino)
             if f is not None:
-                reply = await self._meta("block_map", m.BlockMapReq(ino))
+                reply = await self._meta("block_map", m.BlockMapReq(ino, self.session.id))
                 f.set_map(reply.attr, reply.blocks, reply)
                 attr = reply.attr
         self.names.attrs.put(attr, t)
@@ -247,14 +270,16 @@ class Client:
 
     # ------------------------------------------------------------------ namespace
 
-    async def mknod(self, parent: int, name: bytes, mode: int, ctx: m.Ctx, rdev: int = 0) -> m.Attr:
+    async def mknod(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], rdev: int = 0) -> m.Attr:
         t = now()
-        reply = await self._meta("mknod", m.MknodReq(parent, name, mode, ctx, rdev))
+        reply = await self._meta("mknod", m.MknodReq(parent, name, mode, self._ctx(ctx), rdev))
         self.names.added(parent, name, reply.attr, reply.parent, t)
         return reply.attr
 
-    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: m.Ctx) -> tuple[int, m.Attr]:
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     ctx: Optional[m.Ctx]) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
+        ctx = self._ctx(ctx)
         prealloc = PREALLOC_BLOCKS_AT_CREATE if self.names.new_files_need_blocks(parent) else 0
         req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc)
         t = now()
@@ -272,50 +297,53 @@ class Client:
         f.created_in = parent
         f.no_capability = True  # a new file has no xattrs
         f.handles += 1
+        f.opener, f.writable = f.opener or ctx, True
         self._cached_generation[attr.ino] = attr.generation
-        return self._new_handle(attr.ino), attr
+        return self._new_handle(attr.ino, writable=True), attr
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: m.Ctx) -> m.Attr:
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx]) -> m.Attr:
         t = now()
-        reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, ctx))
+        reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, self._ctx(ctx)))
         self.names.added(parent, name, reply.attr, reply.parent, t)
         self.names.new_directory(reply.attr, t)
         return reply.attr
 
-    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: m.Ctx) -> m.Attr:
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Optional[m.Ctx]) -> m.Attr:
         t = now()
-        reply = await self._meta("symlink", m.SymlinkReq(parent, name, target, ctx))
+        reply = await self._meta("symlink", m.SymlinkReq(parent, name, target, self._ctx(ctx)))
         self.names.added(parent, name, reply.attr, reply.parent, t)
         return reply.attr
 
     async def readlink(self, ino: int) -> bytes:
         return (await self._meta("readlink", m.InodeReq(ino))).target
 
-    async def link(self, ino: int, new_parent: int, new_name: bytes) -> m.Attr:
+    async def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Optional[m.Ctx] = None) -> m.Attr:
         t = now()
-        reply = await self._meta("link", m.LinkReq(ino, new_parent, new_name))
+        reply = await self._meta("link", m.LinkReq(ino, new_parent, new_name, self._ctx(ctx)))
         self.names.added(new_parent, new_name, reply.attr, reply.parent, t)
         return self._overlay(reply.attr)
 
-    async def unlink(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+    async def unlink(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
         t = now()
-        reply = await self._meta("unlink", m.RemoveReq(parent, name, ctx))
+        reply = await self._meta("unlink", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)  # its link count and ctime changed
         self.names.removed(parent, name, reply.parent, t)
 
-    async def rmdir(self, parent: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+    async def rmdir(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
         t = now()
-        reply = await self._meta("rmdir", m.RemoveReq(parent, name, ctx))
+        reply = await self._meta("rmdir", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)
         self.names.listings.drop(reply.ino)
         self.names.removed(parent, name, reply.parent, t)
 
     async def rename(
-        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
+        ctx: Optional[m.Ctx] = None,
     ) -> None:
         t = now()
         try:
-            reply = await self._meta("rename", m.RenameReq(parent, name, new_parent, new_name, flags, ctx))
+            req = m.RenameReq(parent, name, new_parent, new_name, flags, self._ctx(ctx))
+            reply = await self._meta("rename", req)
         except FsError:
             self.names.distrust(parent, name)
             self.names.distrust(new_parent, new_name)
@@ -331,9 +359,9 @@ class Client:
 
     # ------------------------------------------------------------------ directories
 
-    def opendir(self, ino: int) -> int:
+    def opendir(self, ino: int, ctx: Optional[m.Ctx] = None) -> int:
         dh = next(self._next_fh)
-        self._dirs[dh] = DirHandle(ino)
+        self._dirs[dh] = DirHandle(ino, self._ctx(ctx))
         return dh
 
     def dir_inode(self, dh: int) -> int:
@@ -349,7 +377,7 @@ class Client:
             if batch or not d.more:
                 return [self._overlay_entry(e) for e in batch], d.more
         t = now()
-        reply = await self._meta("readdir", m.ReaddirReq(d.ino, offset, READDIR_BATCH))
+        reply = await self._meta("readdir", m.ReaddirReq(d.ino, offset, READDIR_BATCH, d.ctx))
         self.names.listed(d.ino, offset, reply, t)
         d.start, d.entries, d.more = offset, reply.entries, reply.more
         return [self._overlay_entry(e) for e in reply.entries], reply.more
@@ -359,13 +387,14 @@ class Client:
             return m.DirEntry(e.name, e.cookie, self._overlay(e.attr))
         return e
 
-    async def listdir(self, ino: int) -> list[m.DirEntry]:
+    async def listdir(self, ino: int, ctx: Optional[m.Ctx] = None) -> list[m.DirEntry]:
         """Every entry of a directory (convenience for programs; streams in batches)."""
+        ctx = self._ctx(ctx)
         out: list[m.DirEntry] = []
         offset, more = 0, True
         while more:
             t = now()
-            reply = await self._meta("readdir", m.ReaddirReq(ino, offset, READDIR_BATCH))
+            reply = await self._meta("readdir", m.ReaddirReq(ino, offset, READDIR_BATCH, ctx))
             self.names.listed(ino, offset, reply, t)
             out.extend(reply.entries)
             more = reply.more and bool(reply.entries)
@@ -382,7 +411,7 @@ class Client:
         got = self.names.attrs.get(ino)
         return got is not None and got[0].xattrs == 0
 
-    async def getxattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> bytes:
+    async def getxattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> bytes:
         if not name.startswith(VIRTUAL_XATTR_PREFIX) and self._known_without_xattrs(ino):
             # ls -l asks every entry for ACLs and security labels: answered here, a listing
             # of 10,000 entries does not cost 20,000 round trips.
@@ -393,33 +422,34 @@ class Client:
             # only changes through this client (setxattr below), so one round trip will do.
             raise FsError(errno.ENODATA)
         try:
-            return (await self._meta("getxattr", m.XattrReq(ino, name, ctx))).value
+            return (await self._meta("getxattr", m.XattrReq(ino, name, self._ctx(ctx)))).value
         except FsError as exc:
             if exc.errno == errno.ENODATA and name == CAPABILITY_XATTR and f is not None:
                 f.no_capability = True
             raise
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: m.Ctx = m.Ctx()) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
+                       ctx: Optional[m.Ctx] = None) -> None:
         self.names.attrs.drop(ino)
         f = self._files.get(ino)
         if f is not None and name == CAPABILITY_XATTR:
             f.no_capability = False
-        await self._meta("setxattr", m.XattrReq(ino, name, ctx, value, flags))
+        await self._meta("setxattr", m.XattrReq(ino, name, self._ctx(ctx), value, flags))
 
     async def listxattr(self, ino: int) -> list[bytes]:
         if self._known_without_xattrs(ino):
             return []
         return (await self._meta("listxattr", m.InodeReq(ino))).names
 
-    async def removexattr(self, ino: int, name: bytes, ctx: m.Ctx = m.Ctx()) -> None:
+    async def removexattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
         self.names.attrs.drop(ino)
-        await self._meta("removexattr", m.XattrReq(ino, name, ctx))
+        await self._meta("removexattr", m.XattrReq(ino, name, self._ctx(ctx)))
 
     # ------------------------------------------------------------------ open files
 
-    def _new_handle(self, ino: int) -> int:
+    def _new_handle(self, ino: int, writable: bool) -> int:
         fh = next(self._next_fh)
-        self._handles[fh] = HandleState(ino)
+        self._handles[fh] = HandleState(ino, writable)
         return fh
 
     def _handle(self, fh: int) -> tuple[HandleState, FileState]:
@@ -435,9 +465,11 @@ class Client:
             f = self._files[attr.ino] = FileState(attr.ino, attr, attr.block_size, self._budget)
         return f
 
-    async def open(self, ino: int, flags: int, ctx: m.Ctx = m.Ctx()) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, ctx: Optional[m.Ctx] = None) -> tuple[int, bool]:
         """Open a file; returns (handle, whether the kernel may keep its page cache)."""
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        ctx = self._ctx(ctx)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if flags & os.O_TRUNC and writable:
             await self.setattr(ino, ctx, size=0)
         t = now()
         reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC), ino)
@@ -445,9 +477,10 @@ class Client:
         f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks, reply)
         f.handles += 1
+        f.opener, f.writable = f.opener or ctx, f.writable or writable
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
-        return self._new_handle(ino), keep
+        return self._new_handle(ino, writable), keep
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h, f = self._handle(fh)

@@ -29,7 +29,7 @@ import crc32c
 import trio
 
 from proto.errors import FsError
-from proto.messages import Allocation, Attr, BlockMapReply, BlockRef, OpenReply
+from proto.messages import Allocation, Attr, BlockMapReply, BlockRef, Ctx, OpenReply
 
 
 @dataclass
@@ -53,6 +53,7 @@ class DirtyBlock:
 @dataclass
 class HandleState:
     ino: int
+    writable: bool = False  # opened for writing (ftruncate through it counts the open's permission)
     last_read_end: int = -1  # where this handle's previous read ended
     readahead_blocks: int = 0  # current readahead window; grows while reads stay sequential
 
@@ -80,6 +81,8 @@ class FileState:
     inline: Optional[bytes] = None  # block 0's bytes when the metaserver keeps it inline
     inline_refused: bool = False  # the metaserver refused an inline commit: use blocks
     created_in: int = 0  # the directory this client created it in (0: opened, not created)
+    opener: Optional[Ctx] = None  # who opened it first here, to open it again in a new session
+    writable: bool = False  # some handle here opened it for writing
 
     def set_map(self, attr: Attr, blocks: list[BlockRef], with_inline: OpenReply | BlockMapReply | None = None) -> None:
         """Take a fresh attr and block map (and inline block 0) from the server; local dirty

@@ -33,9 +33,10 @@ SEQUENTIAL_SLACK_BYTES = 1024 * 1024
 
 class Reader:
     def __init__(self, data: DataPath, call: Callable[[str, m.Message], Awaitable[Any]],
-                 spawn: Callable[..., None]) -> None:
+                 spawn: Callable[..., None], session_id: Callable[[], int]) -> None:
         self.data = data
         self._call = call
+        self._session_id = session_id
         self._spawn = spawn
         self._prefetches = 0
 
@@ -81,7 +82,7 @@ class Reader:
                     raise
                 # The block was replaced and collected since our map was fetched, or the map
                 # was our own (written here, no read tokens) or is old: refresh it, once.
-                reply = await self._call("block_map", m.BlockMapReq(f.ino))
+                reply = await self._call("block_map", m.BlockMapReq(f.ino, self._session_id()))
                 if (exc.errno == errno.ENOENT and reply.blocks
                         and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}):
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from typing import Any, Callable
 
 import pyfuse3
@@ -23,6 +24,11 @@ ATTR_TIMEOUT_S = ATTR_TTL_S
 ENTRY_TIMEOUT_S = ENTRY_TTL_S
 #: "." and ".." come first in a listing, at offsets 0 and 1.
 DOT_ENTRIES = 2
+#: How long the supplementary groups read for a process are reused (a process's groups
+#: rarely change; pids are reused far more slowly than this).
+GROUPS_TTL_S = 1.0
+#: Processes whose groups are remembered at most.
+GROUPS_CACHED_MAX = 4096
 
 
 def errno_boundary(fn: Callable) -> Callable:
@@ -70,8 +76,41 @@ def entry(attr: Attr, entry_timeout: float = ENTRY_TIMEOUT_S, attr_timeout: floa
     return e
 
 
+class Groups:
+    """The supplementary groups of the process behind a request, which FUSE does not send
+    (the metaserver checks access with them, as the kernel did): read from
+    /proc/PID/status, an in-memory file, and reused for GROUPS_TTL_S."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[float, int, int, list[int]]] = {}
+
+    def of(self, pid: int, uid: int, gid: int) -> list[int]:
+        t = time.monotonic()
+        hit = self._known.get(pid)
+        if hit is not None and hit[0] > t and hit[1:3] == (uid, gid):
+            return hit[3]
+        groups = self._read(pid)
+        if len(self._known) >= GROUPS_CACHED_MAX:
+            self._known.clear()
+        self._known[pid] = (t + GROUPS_TTL_S, uid, gid, groups)
+        return groups
+
+    @staticmethod
+    def _read(pid: int) -> list[int]:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = f.read()
+            start = status.index(b"\nGroups:") + 8
+            return sorted({int(g) for g in status[start:status.index(b"\n", start)].split()})
+        except (OSError, ValueError):
+            return []  # the process is gone (or not ours to see): its primary group only
+
+
+_groups = Groups()
+
+
 def ctx_of(ctx: pyfuse3.RequestContext) -> Ctx:
-    return Ctx(ctx.uid, ctx.gid, ctx.pid)
+    return Ctx(ctx.uid, ctx.gid, ctx.pid, _groups.of(ctx.pid, ctx.uid, ctx.gid))
 
 
 class StripeOperations(pyfuse3.Operations):
@@ -84,7 +123,7 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def lookup(self, parent_inode, name, ctx):
-        e: Entry = await self.client.lookup_entry(parent_inode, name)
+        e: Entry = await self.client.lookup_entry(parent_inode, name, ctx_of(ctx))
         if e.attr is not None:
             return entry(e.attr, e.entry_ttl, e.attr_ttl)
         # A negative entry the kernel may cache for what is left of its lifetime: create-
@@ -119,7 +158,7 @@ class StripeOperations(pyfuse3.Operations):
             kwargs["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kwargs["mtime_ns"] = attr.st_mtime_ns
-        return entry(await self.client.setattr(inode, ctx_of(ctx), **kwargs))
+        return entry(await self.client.setattr(inode, ctx_of(ctx), fh=fh, **kwargs))
 
     @errno_boundary
     async def readlink(self, inode, ctx):
@@ -139,7 +178,7 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return entry(await self.client.link(inode, new_parent_inode, new_name))
+        return entry(await self.client.link(inode, new_parent_inode, new_name, ctx_of(ctx)))
 
     @errno_boundary
     async def unlink(self, parent_inode, name, ctx):
@@ -158,7 +197,7 @@ class StripeOperations(pyfuse3.Operations):
         attr = await self.client.getattr(inode)
         if attr.mode & 0o170000 != 0o040000:
             raise FsError(errno.ENOTDIR)
-        return self.client.opendir(inode)
+        return self.client.opendir(inode, ctx_of(ctx))
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
