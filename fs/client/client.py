@@ -473,6 +473,14 @@ class Client:
             await self.setattr(ino, ctx, size=0)
         t = now()
         reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC), ino)
+        if reply.attr.nlink == 0 and ino not in self._files:
+            # Removed since its name was looked up (another mount replaced it), and kept
+            # only by someone's open, or by a release of ours still on its way: a name that
+            # leads here is stale. ENOENT makes fs/fuse answer ESTALE, and the kernel looks
+            # the name up again; a file open here is still opened (/proc/PID/fd).
+            self.session.release_soon(ino)
+            self.names.attrs.drop(ino)
+            raise FsError(errno.ENOENT, f"inode {ino} was removed")
         self.names.attrs.put(reply.attr, t)
         f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks, reply)
