@@ -19,6 +19,7 @@ from typing import Callable
 from proto.auth import check_block_token
 from proto.credentials import Credentials
 from proto.errors import FsError
+from proto.integrity import matches
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub
 from proto.services import DATA_METHODS, DATA_SERVICE
@@ -107,6 +108,12 @@ class Replicator:
                 ).data
             except FsError as exc:
                 log.warning("block %d: source %s failed: %s", task.block_id, source, exc)
+                continue
+            if not matches(task.digest, data):
+                # The source's CRCs passed, so the copy there is not what its writer wrote:
+                # a bad server, not a bad disk. Copy from another; the metaserver hears of
+                # it from readers, whose reports make that server check its copy.
+                log.error("block %d: the copy on %s does not match its writer's digest", task.block_id, source)
                 continue
             try:
                 self.store.put(task.block_id, data)

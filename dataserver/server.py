@@ -250,7 +250,7 @@ class Heartbeater:
             log.warning("ignoring malformed heartbeat reply: %s", problem)
             return
         self._delete_garbage(reply.delete)
-        self._check(reply.verify)
+        self._check(reply.verify, reply.verify_digests or [b""] * len(reply.verify))
         if self.replicator is not None:
             if reply.replicate:
                 self.replicator.submit(reply.replicate)
@@ -279,12 +279,13 @@ class Heartbeater:
             else:
                 self._unreported = []
 
-    def _check(self, block_ids: list[int]) -> None:
-        """Copies a client found bad: check them here (a bad one is moved aside and goes
-        out with the next beat's corrupt list) and say they were checked."""
-        for block_id in block_ids:
+    def _check(self, block_ids: list[int], digests: list[bytes]) -> None:
+        """Copies a client found bad: check them here, against our checksums and the
+        writer's digest (a bad one is moved aside and goes out with the next beat's corrupt
+        list) and say they were checked."""
+        for block_id, digest in zip(block_ids, digests):
             try:
-                result = self.store.check(block_id)
+                result = self.store.check(block_id, digest)
             except FsError as exc:  # a malformed id from the metaserver
                 log.warning("cannot check block %r: %s", block_id, exc)
                 continue

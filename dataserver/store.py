@@ -45,6 +45,7 @@ from typing import Iterator
 import crc32c
 
 from proto.errors import FsError
+from proto.integrity import matches
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
@@ -398,13 +399,20 @@ class BlockStore:
         log.error("block %d is corrupt: moved aside to %s", block_id, dest)
         return True
 
-    def check(self, block_id: int) -> str:
-        """Verify a whole block: "good"; "corrupt" (moved aside, queued for the next report);
-        "missing" (not here: queued too, the metaserver's replica row is wrong); or
+    def check(self, block_id: int, digest: bytes = b"") -> str:
+        """Verify a whole block against its checksums and, if given, the digest its writer
+        committed (proto/integrity.py): "good"; "corrupt" (moved aside, queued for the next
+        report); "missing" (not here: queued too, the metaserver's replica row is wrong); or
         "unreadable" (an I/O error that is not a checksum: the copy is left alone)."""
         try:
-            self.verify(block_id)
-            return "good"
+            if not digest:
+                self.verify(block_id)
+                return "good"
+            if matches(digest, self.get(block_id)):  # get checks the checksums as it reads
+                return "good"
+            log.error("block %d matches its checksums but not its writer's digest", block_id)
+            self.quarantine(block_id)
+            return "corrupt"
         except FsError as exc:
             if exc.errno == errno.EIO and self.is_corrupt(block_id):
                 self.quarantine(block_id)

@@ -277,7 +277,7 @@ class CoreBase:
         # found at its current address; up servers first, then suspect, then dead, each
         # in placement order, so readers try the likely ones first and stripe.
         rows = tx.all(
-            "SELECT b.idx, b.block_id, b.length, s.server_id, s.address FROM blocks b"
+            "SELECT b.idx, b.block_id, b.length, b.digest, s.server_id, s.address FROM blocks b"
             " LEFT JOIN replicas r ON r.block_id = b.block_id"
             " LEFT JOIN servers s ON s.server_id = r.server_id"
             " WHERE b.ino = ? ORDER BY b.idx, r.rank",
@@ -290,7 +290,8 @@ class CoreBase:
         order: list[list[tuple[int, str]]] = []
         for row in rows:
             if not refs or refs[-1].index != row["idx"]:
-                refs.append(BlockRef(index=row["idx"], block_id=row["block_id"], length=row["length"]))
+                refs.append(BlockRef(index=row["idx"], block_id=row["block_id"], length=row["length"],
+                                     digest=bytes(row["digest"] or b"")))
                 order.append([])
             if row["address"] is not None:
                 order[-1].append((_STATE_ORDER[states.get(row["server_id"], DEAD)], row["address"]))

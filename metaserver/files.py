@@ -240,8 +240,8 @@ class FileOps(CoreBase):
             if ref.index == 0:
                 self._set_inline(tx, ino, b"")  # a stored block 0 replaces an inline one
             tx.run(
-                "INSERT INTO blocks (ino, idx, block_id, length) VALUES (?, ?, ?, ?)",
-                (ino, ref.index, ref.block_id, ref.length),
+                "INSERT INTO blocks (ino, idx, block_id, length, digest) VALUES (?, ?, ?, ?, ?)",
+                (ino, ref.index, ref.block_id, ref.length, ref.digest or None),
             )
             # The allocation's placement order, not the order the client reports: the
             # metaserver owns placement, and it is what stripes reads over the servers.

@@ -221,11 +221,13 @@ class RegistryOps(RepairOps):
                 (req.server_id, now, GARBAGE_PER_HEARTBEAT),
             )
             wanted = tx.scalar("SELECT report_wanted_ns FROM servers WHERE server_id = ?", (req.server_id,))
+            verify, digests = self._hand_out_verifications(tx, req.server_id, now)
             return HeartbeatReply(
                 delete=[r[0] for r in rows],
                 replicate=self._hand_out_tasks(tx, req.server_id, now),
                 block_report=wanted is not None,
-                verify=self._hand_out_verifications(tx, req.server_id, now),
+                verify=verify,
+                verify_digests=digests,
             )
 
     def blocks_deleted(self, req: DeletedReq, caller: Caller = LOCAL) -> Empty:

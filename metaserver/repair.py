@@ -224,6 +224,7 @@ class RepairOps(CoreBase):
                 ReplicateTask(
                     block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.token_key, block_id),
                     read_token=self._read_token(block_id, reader, now) if reader else b"",
+                    digest=bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (block_id,)) or b""),
                 )
             )
         return tasks
@@ -297,9 +298,9 @@ class RepairOps(CoreBase):
                         req.block_id, req.address, req.reason)
             return Empty()
 
-    def _hand_out_verifications(self, tx: Tx, server_id: int, now: int) -> list[int]:
-        """Blocks this server should check now; one not answered within a task timeout is
-        handed out again."""
+    def _hand_out_verifications(self, tx: Tx, server_id: int, now: int) -> tuple[list[int], list[bytes]]:
+        """Blocks this server should check now, with their committed digests; one not
+        answered within a task timeout is handed out again."""
         resend = now - int(self.replication_timeout_s * NS_PER_S)
         ids = [r[0] for r in tx.all(
             "SELECT block_id FROM verify WHERE server_id = ? AND (sent_ns IS NULL OR sent_ns < ?)"
@@ -307,7 +308,8 @@ class RepairOps(CoreBase):
         )]
         tx.run_many("UPDATE verify SET sent_ns = ? WHERE server_id = ? AND block_id = ?",
                     [(now, server_id, b) for b in ids])
-        return ids
+        digests = [bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (b,)) or b"") for b in ids]
+        return ids, digests
 
     def block_report(self, req: BlockReportReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:

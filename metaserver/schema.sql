@@ -111,6 +111,9 @@ CREATE TABLE blocks (
     block_id  INTEGER NOT NULL UNIQUE,  -- id of the stored block
     length    INTEGER NOT NULL,  -- valid bytes in it; bytes past it (up to the file size)
                                  -- read as zeros, which is how truncate+extend reads clean
+    digest    BLOB,              -- SHA-256 of those bytes, from the writer (proto/integrity.py):
+                                 -- readers check what data servers send against it; NULL for
+                                 -- blocks committed before digests were
     PRIMARY KEY (ino, idx)
 );
 

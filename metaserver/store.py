@@ -68,6 +68,7 @@ MIGRATIONS = {
     5: """
         ALTER TABLE opens ADD COLUMN writable INTEGER NOT NULL DEFAULT 0;
         UPDATE opens SET writable = 1;
+        ALTER TABLE blocks ADD COLUMN digest BLOB;
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

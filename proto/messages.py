@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
+from .integrity import DIGEST_BYTES
 from .types import (
     MAX_REPLICAS,
     NAME_MAX_BYTES,
@@ -248,6 +249,11 @@ class BlockRef(Message):
     length: int  # valid bytes in the block; the rest up to the file size reads as zeros
     servers: list[str] = field(default_factory=list)  # data server addresses holding a replica
     token: bytes = b""  # block maps: the read token of this block for the caller (proto/auth.py)
+    digest: bytes = b""  # SHA-256 of the block's `length` bytes, from its writer (proto/integrity.py);
+                         # empty: not recorded (blocks committed before digests were)
+
+    def _check(self) -> Optional[str]:
+        return None if len(self.digest) in (0, DIGEST_BYTES) else "digest: not a SHA-256 digest"
 
 
 @dataclass
@@ -659,6 +665,7 @@ class ReplicateTask(Message):
     sources: list[str]  # servers holding a good copy, best first
     token: bytes  # authorizes storing block_id
     read_token: bytes = b""  # authorizes the copying server to read block_id from the sources
+    digest: bytes = b""  # the block's digest as committed: a copy that does not match is not stored
 
 
 @dataclass
@@ -669,6 +676,13 @@ class HeartbeatReply(Message):
     block_report: bool = False  # send a full block report (block_report) before the next beat
     verify: list[int] = field(default_factory=list)  # blocks a client found bad here: check them
     #                                                  (found bad: moved aside, reported as corrupt)
+    verify_digests: list[bytes] = field(default_factory=list)  # each verify block's committed digest
+    #                                          (b"": none recorded); a copy must match it too
+
+    def _check(self) -> Optional[str]:
+        if self.verify_digests and len(self.verify_digests) != len(self.verify):
+            return "verify_digests: not one per verify block"
+        return None
 
 
 @dataclass

@@ -23,6 +23,7 @@ import trio
 
 from proto import codec
 from proto.errors import FsError, TransportError
+from proto.integrity import INLINE_HASH_MAX_BYTES, block_digest, matches
 from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
 
 from .transport import Transport
@@ -46,6 +47,13 @@ SYNC_SKIP_AFTER_FAILURE_S = 30.0
 #: Reads of at most this many bytes go on a server's stream; larger ones are bulk calls.
 STREAM_READ_MAX_BYTES = 1024 * 1024
 
+
+
+async def _matches(digest: bytes, data: bytes) -> bool:
+    """proto.integrity.matches, off the trio thread for a large block."""
+    if not digest or len(data) <= INLINE_HASH_MAX_BYTES:
+        return matches(digest, data)
+    return await trio.to_thread.run_sync(matches, digest, data)
 
 class BlockCache:
     """LRU of whole blocks by block id, bounded in bytes."""
@@ -186,6 +194,15 @@ class DataPath:
                 self._report(ref.block_id, address, last)
                 all_missing = False
                 continue
+            if offset == 0 and length == ref.length and not await _matches(ref.digest, reply.data):
+                # Its CRCs passed there, but these are not the bytes the writer committed:
+                # a bad server (or a bug), never to be handed to the reader.
+                log.error("block %d from %s does not match its writer's digest", ref.block_id, address)
+                last = FsError(errno.EIO, f"block {ref.block_id} on {address} does not match its digest")
+                self._penalise(address, last)
+                self._report(ref.block_id, address, last)
+                all_missing = False
+                continue
             return reply.data
         if all_missing:  # typically a block replaced and collected since our map was fetched
             raise FsError(errno.ENOENT, f"block {ref.block_id}: on none of its servers")
@@ -237,14 +254,19 @@ class DataPath:
 
     async def write_block(
         self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray, sync: bool = True
-    ) -> tuple[list[str], dict[str, FsError]]:
+    ) -> tuple[list[str], dict[str, FsError], bytes]:
         """Store one block on every server in parallel. Returns the servers that hold it
-        (in the given order) and the errors of those that failed. sync=False: the servers
-        have it (in their page cache) on return; sync_blocks makes it durable."""
+        (in the given order), the errors of those that failed, and the block's digest for
+        the commit. sync=False: the servers have it (in their page cache) on return;
+        sync_blocks makes it durable."""
         written: set[str] = set()
         failed: dict[str, FsError] = {}
-        # Encoded once for every replica, off the trio thread: a frame is a block-sized copy.
-        frame = await trio.to_thread.run_sync(codec.encode_request, PutBlockReq(block_id, token, data, sync))
+        # Encoded once for every replica, and its digest made (proto/integrity.py), off the
+        # trio thread: a frame is a block-sized copy, a digest a pass over it.
+        def encode() -> tuple[bytes, bytes]:
+            return codec.encode_request(PutBlockReq(block_id, token, data, sync)), block_digest(data)
+
+        frame, digest = await trio.to_thread.run_sync(encode)
         deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
 
         async def put(address: str) -> None:
@@ -266,4 +288,4 @@ class DataPath:
                 nursery.start_soon(put, address)
         # Written blocks are not cached: a writer rarely reads back, and the cache would
         # hold a second copy of everything written (the kernel page cache has it anyway).
-        return [a for a in servers if a in written], failed
+        return [a for a in servers if a in written], failed, digest

@@ -170,7 +170,7 @@ class Writer:
                     async with self._upload_slots:
                         self.budget.used_bytes += in_flight
                         try:
-                            written, failed = await self.data.write_block(
+                            written, failed, digest = await self.data.write_block(
                                 a.block_id, a.token, a.servers, data, sync=False
                             )
                         finally:
@@ -180,7 +180,8 @@ class Writer:
                         errors.update(failed)
                         exclude.extend(s for s in failed if s not in exclude)
                     else:
-                        f.uploaded[a.index] = (m.BlockRef(a.index, a.block_id, len(data), written), version)
+                        ref = m.BlockRef(a.index, a.block_id, len(data), written, digest=digest)
+                        f.uploaded[a.index] = (ref, version)
                         for address in written:
                             f.unsynced.setdefault(address, set()).add(a.block_id)
 
