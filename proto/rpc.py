@@ -87,6 +87,9 @@ SERVER_OPTIONS = [
     ("grpc.server_handshake_timeout_ms", 10_000),
     # Connections nobody uses go away instead of holding descriptors for ever.
     ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
+    # Streams one connection may have open at once (a client has one long-lived stream
+    # and a few bulk calls per server); more wait on the client's side.
+    ("grpc.max_concurrent_streams", 100),
 ]
 #: The name of the multiplexed stream method of every service.
 STREAM_METHOD = "stream"
@@ -95,6 +98,10 @@ STREAM_METHOD = "stream"
 STREAM_CALLS_IN_FLIGHT = 256
 #: Worker threads of a server (unary calls, stream calls of data servers, barriers).
 DEFAULT_WORKERS = 16
+#: Worker threads one caller (one credential) may hold at once: a busy or slow caller
+#: leaves the others at least the rest. Its further calls wait on the event loop, holding
+#: no thread.
+CALLER_WORKERS = DEFAULT_WORKERS // 2
 #: How long a server may take to bind and start.
 START_TIMEOUT_S = 30.0
 
@@ -172,6 +179,30 @@ class Dispatch:
         return _reply_frame(name, result, req)
 
 
+class _Shares:
+    """Per-caller bounds on the worker threads of a server (on its event loop)."""
+
+    def __init__(self, pool: futures.ThreadPoolExecutor, limit: int) -> None:
+        self.pool = pool
+        self.limit = limit
+        self._slots: dict[str, list] = {}  # caller -> [semaphore, calls using it]
+
+    async def run(self, caller: Caller, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on a worker thread, once the caller has a share free."""
+        key = str(caller)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = [asyncio.Semaphore(self.limit), 0]
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            slot[1] -= 1
+            if slot[1] == 0:
+                del self._slots[key]
+
+
 def _authenticate(context: Any, revocations: Revocations) -> Optional[Caller]:
     caller = caller_of(context)
     return None if caller is None or revocations.revoked(caller) else caller
@@ -180,10 +211,12 @@ def _authenticate(context: Any, revocations: Revocations) -> Optional[Caller]:
 class _StreamHandler:
     """Serves `/<service>/stream` (see the module docstring)."""
 
-    def __init__(self, dispatch: Dispatch, revocations: Revocations, pool: futures.ThreadPoolExecutor) -> None:
+    def __init__(self, dispatch: Dispatch, revocations: Revocations, pool: futures.ThreadPoolExecutor,
+                 shares: _Shares) -> None:
         self.dispatch = dispatch
         self.revocations = revocations
         self.pool = pool
+        self.shares = shares
         self.running = 0  # stream calls on worker threads now, over every stream
         self.apply_batch: Optional[Callable[..., list[BatchResult]]] = getattr(dispatch.impl, "apply_batch", None)
 
@@ -228,9 +261,8 @@ class _StreamHandler:
     async def _run_one(self, call_id: int, name: str, frame: bytes, caller: Caller, out: "_Replies",
                        slots: asyncio.Semaphore) -> None:
         try:
-            loop = asyncio.get_running_loop()
             try:
-                reply = await loop.run_in_executor(self.pool, self.dispatch.run, name, frame, caller)
+                reply = await self.shares.run(caller, self.dispatch.run, name, frame, caller)
             finally:
                 self.running -= 1
             await out.send([[call_id, reply]])
@@ -312,12 +344,12 @@ class _Replies:
                 await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
 
 
-def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable[[bytes, Any], bytes]:
-    def handle(frame: bytes, context: Any) -> bytes:
+def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations, shares: _Shares) -> Callable:
+    async def handle(frame: bytes, context: Any) -> bytes:
         caller = _authenticate(context, revocations)
         if caller is None:
             return codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
-        return dispatch.run(name, frame, caller)
+        return await shares.run(caller, dispatch.run, name, frame, caller)
 
     return handle
 
@@ -333,13 +365,14 @@ class Server:
         self.thread.start()
         dispatch = Dispatch(methods, impl)
         revocations = Revocations(revoked)
+        shares = _Shares(self.pool, max(1, min(CALLER_WORKERS, workers - 1)))
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, revocations))
+            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, revocations, shares))
             for name in methods
         }
         # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
         handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
-            _StreamHandler(dispatch, revocations, self.pool).serve
+            _StreamHandler(dispatch, revocations, self.pool, shares).serve
         )
 
         async def start() -> tuple[grpc.aio.Server, int]:
