@@ -19,7 +19,7 @@ from typing import Callable
 from proto.auth import check_block_token
 from proto.credentials import Credentials
 from proto.errors import FsError
-from proto.integrity import matches
+from proto.integrity import leaf_hashes, root_of
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub
 from proto.services import DATA_METHODS, DATA_SERVICE
@@ -109,14 +109,15 @@ class Replicator:
             except FsError as exc:
                 log.warning("block %d: source %s failed: %s", task.block_id, source, exc)
                 continue
-            if not matches(task.digest, data):
+            leaves = leaf_hashes(data) if task.digest else b""
+            if task.digest and root_of(leaves) != task.digest:
                 # The source's CRCs passed, so the copy there is not what its writer wrote:
                 # a bad server, not a bad disk. Copy from another; the metaserver hears of
                 # it from readers, whose reports make that server check its copy.
                 log.error("block %d: the copy on %s does not match its writer's digest", task.block_id, source)
                 continue
             try:
-                self.store.put(task.block_id, data)
+                self.store.put(task.block_id, data, leaves=leaves)
             except FsError as exc:
                 log.warning("block %d: cannot store the copy: %s", task.block_id, exc)
                 return False

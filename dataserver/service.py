@@ -32,7 +32,7 @@ class DataService:
         # with ids never reused, overwrite) a block it was not allocated.
         if not check_block_token(self.token_key, req.block_id, req.token):
             raise FsError(errno.EACCES, f"bad write token for block {req.block_id}")
-        self.store.put(req.block_id, req.data, sync=req.sync)
+        self.store.put(req.block_id, req.data, sync=req.sync, leaves=req.leaves)
         return Empty()
 
     def sync_blocks(self, req: SyncBlocksReq) -> Empty:
@@ -48,7 +48,8 @@ class DataService:
             if not check_read_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
                 raise FsError(errno.EACCES, f"no valid read token for block {req.block_id}")
         try:
-            return BlockData(data=self.store.get(req.block_id, req.offset, req.length))
+            data = self.store.get(req.block_id, req.offset, req.length)
+            return BlockData(data=data, leaves=self.store.get_leaves(req.block_id) if req.leaves else b"")
         except FsError as exc:
             # A checksum failure: the copy leaves service now (the reader tries another
             # replica) and the metaserver hears of it with the next heartbeat.

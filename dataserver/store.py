@@ -14,6 +14,9 @@ version, sub-block size in KiB, data length) followed by one CRC32C per sub-bloc
 covering the requested range, so a 4 KiB read of a 4 MiB block costs 4 KiB of disk and CRC
 work. New blocks use SUB_BLOCK_BYTES (4 KiB); files of the format's first version (a
 flags field, always 0, where the size is now, and 64 KiB sub-blocks) are still read.
+Version 3 is version 2 with the writer's leaf hashes (proto/integrity.py) after the data:
+kept for range readers, who check them against the digest the metaserver holds; the
+server checks them only when asked to check a copy (`check` with a digest).
 
 Crash behaviour: a block is written to tmp/, fsynced, then hard-linked into blocks/ and the
 directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
@@ -40,18 +43,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import crc32c
 
 from proto.errors import FsError
-from proto.integrity import matches
+from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, matches
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
 
 MAGIC = b"SFBK"
 FORMAT_VERSION = 2
+#: Version 2 with the writer's leaf hashes after the data.
+FORMAT_WITH_LEAVES = 3
 #: magic, format version, sub-block size in KiB (version 1: flags, always 0), data length
 #: in bytes; little-endian.
 FIXED_HEADER = struct.Struct("<4sHHQ")
@@ -83,11 +88,11 @@ def _sub_blocks(length: int, sub: int) -> int:
     return (length + sub - 1) // sub
 
 
-def _header(data: memoryview) -> bytes:
+def _header(data: memoryview, version: int = FORMAT_VERSION) -> bytes:
     crcs = [
         crc32c.crc32c(data[i : i + SUB_BLOCK_BYTES]) for i in range(0, len(data), SUB_BLOCK_BYTES)
     ]
-    return (FIXED_HEADER.pack(MAGIC, FORMAT_VERSION, SUB_BLOCK_BYTES // 1024, len(data))
+    return (FIXED_HEADER.pack(MAGIC, version, SUB_BLOCK_BYTES // 1024, len(data))
             + struct.pack(f"<{len(crcs)}I", *crcs))
 
 
@@ -188,14 +193,17 @@ class BlockStore:
 
     # ----------------------------------------------------------------------- write
 
-    def put(self, block_id: int, data: bytes, sync: bool = True) -> None:
-        """Store a block; with sync, durably (file and directory fsynced) before returning,
+    def put(self, block_id: int, data: bytes, sync: bool = True, leaves: bytes = b"") -> None:
+        """Store a block, and its writer's leaf hashes if given (EINVAL unless there is one
+        per leaf); with sync, durably (file and directory fsynced) before returning,
         else crash-safe for this process only until `sync_blocks` or the kernel's writeback.
         Storing the same content again succeeds (a retried write); different content under
         an existing id is EEXIST."""
         path = self._path(block_id)
         if len(data) > MAX_BLOCK_SIZE_BYTES:
             raise FsError(errno.EFBIG, f"block {block_id}: {len(data)} bytes is over {MAX_BLOCK_SIZE_BYTES}")
+        if leaves and len(leaves) != leaf_count(len(data)) * LEAF_HASH_BYTES:
+            raise FsError(errno.EINVAL, f"block {block_id}: {len(leaves)} bytes of leaf hashes for {len(data)}")
         view = memoryview(data)
         if path.exists():
             # A retry of a write that already landed should not cost a second full write.
@@ -209,15 +217,15 @@ class BlockStore:
                     raise
         tmp = self._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
         try:
-            header = _header(view)
+            header = _header(view, FORMAT_WITH_LEAVES if leaves else FORMAT_VERSION)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, header, view)
+                _write_all(fd, header, view, leaves)
                 if sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            size = len(header) + len(view)
+            size = len(header) + len(view) + len(leaves)
             self._link_into_place(block_id, tmp, path, data, size, sync)
         except OSError as exc:
             code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
@@ -309,9 +317,23 @@ class BlockStore:
     def get(self, block_id: int, offset: int = 0, length: int = -1) -> bytes:
         """Bytes [offset, offset+length) of a block (length -1: to its end), each covering
         sub-block verified. Reading past the end returns what there is (maybe nothing)."""
-        path = self._path(block_id)
         if not isinstance(offset, int) or offset < 0 or not isinstance(length, int) or length < -1:
             raise FsError(errno.EINVAL, f"block {block_id}: bad range {offset}+{length}")
+        return self._reading(block_id, lambda fd: self._read_range(fd, offset, length))
+
+    def get_leaves(self, block_id: int) -> bytes:
+        """The leaf hashes stored with a block (b"" for a block stored without them)."""
+
+        def read(fd: int) -> bytes:
+            _, _, data_start, data_len, leaves_len = self._layout(fd)
+            return _pread_exact(fd, leaves_len, data_start + data_len) if leaves_len else b""
+
+        return self._reading(block_id, read)
+
+    def _reading(self, block_id: int, read: Callable[[int], bytes]) -> bytes:
+        """read(fd) of a block's file, with ENOENT for a missing block and EIO for a corrupt
+        (counted, see is_corrupt) or unreadable one."""
+        path = self._path(block_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -319,7 +341,7 @@ class BlockStore:
         except OSError as exc:
             raise FsError(errno.EIO, f"block {block_id}: {exc.strerror or exc}") from None
         try:
-            return self._read_range(fd, offset, length)
+            return read(fd)
         except _Corrupt as exc:
             self._found_corrupt(block_id, str(exc))
             raise FsError(errno.EIO, f"block {block_id} is corrupt: {exc}") from None
@@ -330,9 +352,11 @@ class BlockStore:
             os.close(fd)
 
     @staticmethod
-    def _read_range(fd: int, offset: int, length: int) -> bytes:
+    def _layout(fd: int) -> tuple[int, int, int, int, int]:
+        """(version, sub-block size, where the data starts, its length, bytes of leaf
+        hashes after it) of a block file, checked against the file's size."""
         magic, version, sub_kib, data_len = FIXED_HEADER.unpack(_pread_exact(fd, FIXED_HEADER.size, 0))
-        if magic != MAGIC or version not in (1, FORMAT_VERSION):
+        if magic != MAGIC or version not in (1, FORMAT_VERSION, FORMAT_WITH_LEAVES):
             raise _Corrupt(f"bad magic {magic!r} or format version {version}")
         sub = V1_SUB_BLOCK_BYTES if version == 1 else sub_kib * 1024
         if not 0 < sub <= MAX_BLOCK_SIZE_BYTES or sub & (sub - 1):
@@ -340,9 +364,15 @@ class BlockStore:
         if data_len > MAX_BLOCK_SIZE_BYTES:
             raise _Corrupt(f"data length {data_len} out of range")
         data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(data_len, sub)
+        leaves_len = leaf_count(data_len) * LEAF_HASH_BYTES if version == FORMAT_WITH_LEAVES else 0
         # A truncated or extended file fails here even when the asked range looks intact.
-        if os.fstat(fd).st_size != data_start + data_len:
+        if os.fstat(fd).st_size != data_start + data_len + leaves_len:
             raise _Corrupt(f"file size does not match data length {data_len}")
+        return version, sub, data_start, data_len, leaves_len
+
+    @classmethod
+    def _read_range(cls, fd: int, offset: int, length: int) -> bytes:
+        _, sub, data_start, data_len, _ = cls._layout(fd)
         end = data_len if length == -1 else min(data_len, offset + length)
         if offset >= end:
             return b""
@@ -408,9 +438,12 @@ class BlockStore:
             if not digest:
                 self.verify(block_id)
                 return "good"
-            if matches(digest, self.get(block_id)):  # get checks the checksums as it reads
+            data = self.get(block_id)  # checks the checksums as it reads
+            leaves = self.get_leaves(block_id)
+            if matches(digest, data) and (not leaves or leaves == leaf_hashes(data)):
                 return "good"
-            log.error("block %d matches its checksums but not its writer's digest", block_id)
+            log.error("block %d matches its checksums but not its writer's digest (or its leaf hashes"
+                      " do not match it)", block_id)
             self.quarantine(block_id)
             return "corrupt"
         except FsError as exc:

@@ -770,6 +770,7 @@ class PutBlockReq(Message):
     token: bytes  # the metaserver's authorization for block_id
     data: bytes = b""  # the block's bytes
     sync: bool = True  # durable (fsynced) before the reply; False: written, synced by sync_blocks later
+    leaves: bytes = b""  # the writer's leaf hashes of data (proto/integrity.py), kept beside it
 
     def _check(self) -> Optional[str]:
         return None if self.block_id > 0 else "block_id: not positive"
@@ -791,6 +792,7 @@ class GetBlockReq(Message):
     offset: int = 0  # first byte
     length: int = -1  # bytes to read (-1: to the end)
     token: bytes = b""  # the read token from the block map (not needed by admins)
+    leaves: bool = False  # also send the leaf hashes stored with the block (range readers)
 
     def _check(self) -> Optional[str]:
         if self.block_id <= 0 or self.offset < 0 or self.length < -1:
@@ -801,6 +803,7 @@ class GetBlockReq(Message):
 @dataclass
 class BlockData(Message):
     data: bytes = b""  # the bytes read, verified against their checksums
+    leaves: bytes = b""  # GetBlockReq.leaves: the leaf hashes stored with the block (b"": none)
 
 
 @dataclass

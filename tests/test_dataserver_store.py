@@ -277,3 +277,39 @@ def test_version_1_blocks_are_still_read_and_checked(store, tmp_path):
     store.put(78, data)
     _, version, sub_kib, _ = FIXED_HEADER.unpack(block_file(tmp_path, 78).read_bytes()[: FIXED_HEADER.size])
     assert (version, sub_kib * 1024) == (2, SUB)
+
+
+def test_leaf_hashes_are_kept_beside_the_block(store, tmp_path):
+    """A block stored with its writer's leaf hashes (format 3) reads as before and hands
+    them back; a wrong count is refused; a copy whose data or hashes do not match the
+    writer's digest fails `check` and is moved aside."""
+    from proto.integrity import block_digest, leaf_hashes
+
+    data = pattern(3 * SUB_BLOCK_BYTES + 100, seed=5)
+    leaves = leaf_hashes(data)
+    store.put(400, data, leaves=leaves)
+    version = FIXED_HEADER.unpack(block_file(tmp_path, 400).read_bytes()[: FIXED_HEADER.size])[1]
+    assert version == 3
+    assert store.get(400) == data and store.get(400, 5000, 10) == data[5000:5010]
+    assert store.get_leaves(400) == leaves
+    assert store.check(400, block_digest(data)) == "good"
+    store.put(401, data)  # no leaves: format 2, none handed back
+    assert store.get_leaves(401) == b""
+    with pytest.raises(FsError) as info:
+        store.put(402, data, leaves=leaves[:-1])
+    assert info.value.errno == errno.EINVAL
+    # Hashes that are not the data's (a bad server's, or a bug): the copy is not good.
+    store.put(403, data, leaves=bytes(len(leaves)))
+    assert store.check(403, block_digest(data)) == "corrupt"
+    assert not block_file(tmp_path, 403).exists()
+    # Data that is not the writer's, with CRCs and hashes to match: not good either.
+    other = pattern(len(data), seed=6)
+    store.put(404, other, leaves=leaf_hashes(other))
+    assert store.check(404, block_digest(data)) == "corrupt"
+    # A file cut short in its hashes is corrupt, as one cut short in its data.
+    store.put(405, data, leaves=leaves)
+    path = block_file(tmp_path, 405)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(FsError) as info:
+        store.get(405, 0, 10)
+    assert info.value.errno == errno.EIO

@@ -446,7 +446,10 @@ def test_a_forged_block_is_never_read(tmp_path):
     the good replica's bytes or EIO, never the forged ones; the client's report makes that
     server check its copy against the digest and drop it, and the block is copied again
     from the good replica."""
+    import random
+
     from dataserver.store import BlockStore
+    from proto.integrity import leaf_hashes
     from proto.messages import BlockMapReq, LookupReq
 
     c = Cluster(tmp_path / "forge", dataservers=2)
@@ -467,7 +470,7 @@ def test_a_forged_block_is_never_read(tmp_path):
             return ref
 
         # Forge block 0 of both files on the first server holding it: same length, the
-        # server's own checksums computed over the forged bytes.
+        # server's own checksums and leaf hashes computed over the forged bytes.
         forged = {}
         for name in ("two", "one"):
             ref = block_of(name)
@@ -477,11 +480,26 @@ def test_a_forged_block_is_never_read(tmp_path):
             store = BlockStore(c.base / f"data-{i}")
             forged[name] = bytes(b ^ 0x5A for b in want[name])
             store.delete(ref.block_id)
-            store.put(ref.block_id, forged[name])
+            store.put(ref.block_id, forged[name], leaves=leaf_hashes(forged[name]))
             c.start_data(i, listen=listen)
         c.wait_servers_up(2)
 
         m2 = c.mount()  # nothing cached
+        # Random 4 KiB reads (range reads, checked leaf by leaf) first, then whole blocks.
+        rng = random.Random(7)
+        for name in ("two", "one"):
+            fd = os.open(m2 / name / "f", os.O_RDONLY)
+            try:
+                for _ in range(20):
+                    offset = rng.randrange(1 << 20, (3 << 20) - 4096)
+                    try:
+                        got = os.pread(fd, 4096, offset)
+                    except OSError as exc:
+                        assert name == "one" and exc.errno == errno.EIO
+                        continue
+                    assert name == "two" and got == want[name][offset : offset + 4096]
+            finally:
+                os.close(fd)
         assert (m2 / "two" / "f").read_bytes() == want["two"]
         with pytest.raises(OSError) as info:
             (m2 / "one" / "f").read_bytes()

@@ -23,7 +23,15 @@ import trio
 
 from proto import codec
 from proto.errors import FsError, TransportError
-from proto.integrity import INLINE_HASH_MAX_BYTES, block_digest, matches
+from proto.integrity import (
+    INLINE_HASH_MAX_BYTES,
+    LEAF_BYTES,
+    leaf_hashes,
+    leaves_match,
+    matches,
+    range_matches,
+    root_of,
+)
 from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
 
 from .transport import Transport
@@ -46,14 +54,24 @@ SYNC_RPC_TIMEOUT_S = 20.0
 SYNC_SKIP_AFTER_FAILURE_S = 30.0
 #: Reads of at most this many bytes go on a server's stream; larger ones are bulk calls.
 STREAM_READ_MAX_BYTES = 1024 * 1024
+#: Memory for the leaf hashes of blocks read in ranges (proto/integrity.py): 16 bytes per
+#: 4 KiB, so 64 MiB of them cover 16 GiB of randomly read data.
+LEAVES_CACHE_BYTES = 64 * 1024 * 1024
 
 
+async def _off_loop(fn: Callable[..., bool], *args: object, size: int) -> bool:
+    """fn(*args), hashing `size` bytes: off the trio thread when that is large."""
+    if size <= INLINE_HASH_MAX_BYTES:
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
 
-async def _matches(digest: bytes, data: bytes) -> bool:
-    """proto.integrity.matches, off the trio thread for a large block."""
-    if not digest or len(data) <= INLINE_HASH_MAX_BYTES:
-        return matches(digest, data)
-    return await trio.to_thread.run_sync(matches, digest, data)
+
+def _leaf_span(offset: int, length: int, block_length: int) -> tuple[int, int]:
+    """The leaf-aligned range holding [offset, offset+length) of a block."""
+    start = offset - offset % LEAF_BYTES
+    end = min(block_length, -(-(offset + length) // LEAF_BYTES) * LEAF_BYTES)
+    return start, end
+
 
 class BlockCache:
     """LRU of whole blocks by block id, bounded in bytes."""
@@ -96,6 +114,8 @@ class DataPath:
         self._last_error: dict[str, FsError] = {}
         self._unreachable_at: dict[str, float] = {}
         self.cache = BlockCache(cache_bytes)
+        #: block id -> its leaf hashes, checked against the block's digest
+        self.leaves = BlockCache(LEAVES_CACHE_BYTES)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
         self._fetching: dict[int, trio.Event] = {}
@@ -157,18 +177,33 @@ class DataPath:
 
     async def read_range(self, ref: BlockRef, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of a block, clipped to ref.length, without fetching
-        or caching the rest of it: random readers must not pay for whole blocks."""
+        or caching the rest of it: random readers must not pay for whole blocks. With a
+        digest, the leaves holding the range are read and checked against the block's leaf
+        hashes (fetched once per block and checked against the digest)."""
         length = max(0, min(length, ref.length - offset))
         data = self.cache.get(ref.block_id)
         if data is not None:
             return data[offset : offset + length]
         if length == 0:
             return b""
-        return await self._fetch(ref, offset, length)
+        if not ref.digest:
+            return await self._fetch(ref, offset, length)
+        leaves = self.leaves.get(ref.block_id)
+        if leaves is None:
+            leaves = await self._fetch(ref, 0, 0, want_leaves=True)
+            self.leaves.put(ref.block_id, leaves)
+        start, end = _leaf_span(offset, length, ref.length)
+        span = await self._fetch(ref, start, end - start, leaves=leaves)
+        return span[offset - start : offset - start + length]
 
-    async def _fetch(self, ref: BlockRef, offset: int, length: int) -> bytes:
+    async def _fetch(self, ref: BlockRef, offset: int, length: int, *, want_leaves: bool = False,
+                     leaves: bytes = b"") -> bytes:
         """Read from the replicas in turn. Every attempt but the last has a short deadline,
-        so a hung (not dead) server costs seconds, not the full RPC timeout."""
+        so a hung (not dead) server costs seconds, not the full RPC timeout. What a replica
+        sends is checked against the writer's digest (proto/integrity.py) if there is one:
+        a whole block by its hash, a leaf-aligned range by `leaves`; `want_leaves` fetches
+        the block's leaf hashes instead (checked against the digest), not data. A replica
+        that fails a check is treated as corrupt: reported, and the next one tried."""
         last: Optional[FsError] = None
         all_missing = bool(ref.servers)
         order = self._order(ref.servers)
@@ -177,7 +212,8 @@ class DataPath:
             conn = self.conn(address)
             send = conn.call if length <= STREAM_READ_MAX_BYTES else conn.bulk
             try:
-                reply = await send("get_block", GetBlockReq(ref.block_id, offset, length, ref.token), deadline)
+                req = GetBlockReq(ref.block_id, offset, length, ref.token, leaves=want_leaves)
+                reply = await send("get_block", req, deadline)
             except FsError as exc:
                 if exc.errno == errno.EACCES:
                     # Our read token is missing or too old: no replica will take it. The
@@ -194,7 +230,15 @@ class DataPath:
                 self._report(ref.block_id, address, last)
                 all_missing = False
                 continue
-            if offset == 0 and length == ref.length and not await _matches(ref.digest, reply.data):
+            if want_leaves:
+                good, got = leaves_match(ref.digest, ref.length, reply.leaves), reply.leaves
+            elif leaves:
+                good, got = await _off_loop(range_matches, leaves, offset, reply.data, size=length), reply.data
+            elif offset == 0 and length == ref.length:
+                good, got = await _off_loop(matches, ref.digest, reply.data, size=length), reply.data
+            else:
+                good, got = True, reply.data  # no digest to check against (an old block)
+            if not good:
                 # Its CRCs passed there, but these are not the bytes the writer committed:
                 # a bad server (or a bug), never to be handed to the reader.
                 log.error("block %d from %s does not match its writer's digest", ref.block_id, address)
@@ -203,7 +247,7 @@ class DataPath:
                 self._report(ref.block_id, address, last)
                 all_missing = False
                 continue
-            return reply.data
+            return got
         if all_missing:  # typically a block replaced and collected since our map was fetched
             raise FsError(errno.ENOENT, f"block {ref.block_id}: on none of its servers")
         log.error("block %d: no replica readable (%s): %s", ref.block_id, ref.servers, last)
@@ -264,7 +308,8 @@ class DataPath:
         # Encoded once for every replica, and its digest made (proto/integrity.py), off the
         # trio thread: a frame is a block-sized copy, a digest a pass over it.
         def encode() -> tuple[bytes, bytes]:
-            return codec.encode_request(PutBlockReq(block_id, token, data, sync)), block_digest(data)
+            leaves = leaf_hashes(data)
+            return codec.encode_request(PutBlockReq(block_id, token, data, sync, leaves)), root_of(leaves)
 
         frame, digest = await trio.to_thread.run_sync(encode)
         deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
