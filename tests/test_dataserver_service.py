@@ -83,8 +83,11 @@ def test_put_get_status(data_server):
 def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server):
     store, stub, _ = data_server
     stub.call("put_block", PutBlockReq(block_id=80, token=block_token(SECRET, 80), data=b"private"))
+    # None, another block's, another reader's, expired, another key's, and a write token
+    # (another operation's) for this very block.
     for token in (b"", readable(81), readable(80, holder="client:someone-else"), readable(80, ttl_s=-3600),
-                  read_token(b"another-key-0123456789abcdef", 80, "client:client", int(time.time()) + 60)):
+                  read_token(b"another-key-0123456789abcdef", 80, "client:client", int(time.time()) + 60),
+                  block_token(SECRET, 80)):
         with pytest.raises(FsError) as info:
             stub.call("get_block", GetBlockReq(block_id=80, token=token))
         assert info.value.errno == errno.EACCES
@@ -93,7 +96,8 @@ def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server)
 
 def test_bad_token_is_eacces(data_server):
     store, stub, _ = data_server
-    for token in (block_token(SECRET, 6), b"", block_token(b"another-secret-0123456789", 5)):
+    # Another block's, none, another key's, and a read token (another operation's) for it.
+    for token in (block_token(SECRET, 6), b"", block_token(b"another-secret-0123456789", 5), readable(5)):
         with pytest.raises(FsError) as info:
             stub.call("put_block", PutBlockReq(block_id=5, token=token, data=b"x"))
         assert info.value.errno == errno.EACCES

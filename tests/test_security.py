@@ -526,3 +526,86 @@ def test_a_forged_block_is_never_read(tmp_path):
         admin.close()
     finally:
         c.close()
+
+
+def test_a_captured_call_cannot_be_replayed(sec_cluster):
+    """Every byte a client sent for a call, captured on the wire and sent again on a new
+    connection, makes nothing happen: TLS's handshake is fresh each time."""
+    import select
+    import threading
+
+    from proto.messages import LookupReq, RemoveReq
+
+    c = sec_cluster
+    host, port = c.meta_addr.rsplit(":", 1)
+    captured = bytearray()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay() -> None:
+        conn, _ = listener.accept()
+        upstream = socket.create_connection((host, int(port)))
+        with conn, upstream:
+            peers = {conn: upstream, upstream: conn}
+            while True:
+                ready, _, _ = select.select(list(peers), [], [], 10)
+                if not ready:
+                    return
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is conn:
+                        captured.extend(data)
+                    peers[s].sendall(data)
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    through = Stub(f"127.0.0.1:{listener.getsockname()[1]}", load_credentials(c.client), META_SERVICE, META_METHODS)
+    try:
+        through.call("mkdir", MkdirReq(ROOT_INODE, b"replayed", 0o755, Ctx()))
+    finally:
+        through.close()
+        t.join(15)
+        listener.close()
+    assert len(captured) > 1000  # a handshake and a call went by
+    client = meta_stub(c, c.client)
+    try:
+        client.call("rmdir", RemoveReq(ROOT_INODE, b"replayed", Ctx()))
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(bytes(captured))
+                s.settimeout(5)
+                while s.recv(65536):
+                    pass  # the server answers the stale handshake, then hangs up
+            except OSError:
+                pass
+        time.sleep(0.5)
+        assert errno_of(client.call, "lookup", LookupReq(ROOT_INODE, b"replayed")) == errno.ENOENT
+    finally:
+        client.close()
+
+
+def test_fake_registrations_cannot_pile_up(tmp_path):
+    """A data credential registers one data directory; 2,000 more registrations from it are
+    refused, the cluster stays as it was and files are written and read as before."""
+    c = Cluster(tmp_path / "fakes", dataservers=2)
+    try:
+        m = c.mount()
+        faker = meta_stub(c, c.pki.bundle("data", "faker"))
+        try:
+            faker.call("register", RegisterReq("127.0.0.1:9", "fake-node-0", 1 << 40, 1 << 40, 0))
+            refused = [errno_of(faker.call, "register", RegisterReq(f"127.0.0.1:{10 + i}", f"fake-node-{i + 1}",
+                                                                   1 << 40, 1 << 40, 0))
+                       for i in range(2000)]
+        finally:
+            faker.close()
+        assert set(refused) == {errno.EPERM}
+        assert len(c.status()["servers"]) == 3  # the two real ones and the faker's one
+        # Writes placed on the faker's (unreachable) server go elsewhere; nothing is lost.
+        data = os.urandom(6 << 20)
+        t0 = time.monotonic()
+        (m / "after-fakes").write_bytes(data)
+        assert (m / "after-fakes").read_bytes() == data
+        assert time.monotonic() - t0 < 60
+    finally:
+        c.close()
