@@ -1,11 +1,13 @@
-"""One setup for every process: files it makes are its user's only, and it logs to a
-rotating file when given one, else stderr."""
+"""One setup for every process: files it makes are its user's only, it may hold as many
+descriptors as its hard limit allows, and it logs to a rotating file when given one, else
+stderr."""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
 import os
+import resource
 from typing import Optional
 
 #: Files and directories a process makes (state, blocks, database, logs) are readable by
@@ -19,6 +21,11 @@ LOG_FILES_KEPT = 4
 
 def setup_logging(path: Optional[str], level: str = "INFO") -> None:
     os.umask(PRIVATE_UMASK)
+    # The soft limit (often 1,024) is for interactive programs: thousands of connections
+    # (idle ones, or an attacker's) must not leave a server unable to open a block file.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     handler: logging.Handler
     if path:
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILES_KEPT)

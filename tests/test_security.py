@@ -274,6 +274,16 @@ def test_state_on_disk_is_the_service_users_only(sec_cluster):
     assert checked > 20
 
 
+def test_servers_may_hold_as_many_descriptors_as_allowed(sec_cluster):
+    """Connections (idle ones, an attacker's) must not exhaust a server's descriptors at the
+    soft limit of an interactive shell: servers raise it to their hard limit."""
+    for proc in [sec_cluster.meta, *sec_cluster.data]:
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(line for line in f if line.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard, line
+
+
 def test_status_and_fsck_need_the_right_credential(sec_cluster):
     c = sec_cluster
     res = subprocess.run(cli("fsck", "--meta", c.meta_addr, "--credentials", str(c.client)),
