@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", required=True,
                    help="credential bundle of this data server (stripefs credential new --role data)")
     p.add_argument("--revoked", default=None, help="file of revoked credential names to refuse")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="connections held at most, more refused (default: half the descriptor limit, <= 4096)")
     p.add_argument(
         "--advertise",
         type=parse_address,
@@ -337,7 +339,8 @@ def main(argv: list[str]) -> int:
     service = DataService(store)
     replicator = Replicator(store, creds, lambda: service.token_key, max(1, args.replication_workers))
     try:
-        server, port = serve(DATA_SERVICE, DATA_METHODS, service, creds, args.listen, revoked=args.revoked)
+        server, port = serve(DATA_SERVICE, DATA_METHODS, service, creds, args.listen, revoked=args.revoked,
+                             max_connections=args.max_connections)
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1

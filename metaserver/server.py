@@ -42,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--credentials", required=True,
                    help="credential bundle of this metaserver (stripefs credential new --role meta)")
     p.add_argument("--revoked", help="file of revoked credential names to refuse (stripefs credential revoke)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="connections held at most, more refused (default: half the descriptor limit, <= 4096)")
     p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
@@ -125,7 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server, port = serve(META_SERVICE, META_METHODS, core, creds, args.listen, revoked=args.revoked)
+        server, port = serve(META_SERVICE, META_METHODS, core, creds, args.listen, revoked=args.revoked,
+                             max_connections=args.max_connections)
     except BaseException:
         core.close()
         raise

@@ -104,6 +104,16 @@ DEFAULT_WORKERS = 16
 CALLER_WORKERS = DEFAULT_WORKERS // 2
 #: How long a server may take to bind and start.
 START_TIMEOUT_S = 30.0
+#: Connections a server holds at most (more are refused at once): what a flood of idle or
+#: half-open connections can take, leaving the rest of the descriptors for block files and
+#: the database. Default: half the descriptor limit, at most this.
+MAX_CONNECTIONS = 4096
+
+
+def default_max_connections() -> int:
+    import resource
+
+    return max(64, min(MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
 
 #: (reply or FsError, barrier) for each call of a batch, from `impl.apply_batch`.
 BatchResult = tuple[Any, Optional[Callable[[], None]]]
@@ -358,7 +368,8 @@ class Server:
     """A running server: `port` is the bound port; `stop()` ends it."""
 
     def __init__(self, service: str, methods: dict[str, Method], impl: Any, creds: Credentials,
-                 listen: str, workers: int, revoked: Optional[str] = None) -> None:
+                 listen: str, workers: int, revoked: Optional[str] = None,
+                 max_connections: Optional[int] = None) -> None:
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-rpc", daemon=True)
@@ -376,7 +387,9 @@ class Server:
         )
 
         async def start() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server(migration_thread_pool=self.pool, options=SERVER_OPTIONS)
+            cap = max_connections or default_max_connections()
+            options = SERVER_OPTIONS + [("grpc.max_allowed_incoming_connections", cap)]
+            server = grpc.aio.server(migration_thread_pool=self.pool, options=options)
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
             port = server.add_secure_port(listen, server_credentials(creds))
             if port == 0:
@@ -405,10 +418,12 @@ class Server:
 
 
 def serve(service: str, methods: dict[str, Method], impl: Any, creds: Credentials, listen: str,
-          workers: int = DEFAULT_WORKERS, revoked: Optional[str] = None) -> tuple[Server, int]:
+          workers: int = DEFAULT_WORKERS, revoked: Optional[str] = None,
+          max_connections: Optional[int] = None) -> tuple[Server, int]:
     """Start serving one service over mutual TLS; returns (server, bound port). Port 0 picks
-    one. `revoked`: a file of names to refuse (proto/credentials.py)."""
-    server = Server(service, methods, impl, creds, listen, workers, revoked)
+    one. `revoked`: a file of names to refuse (proto/credentials.py); `max_connections`:
+    connections held at most (default_max_connections())."""
+    server = Server(service, methods, impl, creds, listen, workers, revoked, max_connections)
     return server, server.port
 
 
