@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from proto.auth import check_block_token
+from proto.auth import check_write_token
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.integrity import leaf_hashes, root_of
@@ -98,7 +99,7 @@ class Replicator:
                 (self._done if ok else self._failed).append(task.block_id)
 
     def _fetch_and_store(self, task: ReplicateTask) -> bool:
-        if not check_block_token(self._token_key(), task.block_id, task.token):
+        if not check_write_token(self._token_key(), task.block_id, str(self._creds.caller), task.token, time.time()):
             log.warning("replication task for block %d has a bad token: ignored", task.block_id)
             return False
         for source in task.sources:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import time
 
-from proto.auth import check_block_token, check_read_token
+from proto.auth import check_read_token, check_write_token
 from proto.credentials import ADMIN, LOCAL, Caller
 from proto.errors import FsError
 from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq, SyncBlocksReq
@@ -25,13 +25,14 @@ class DataService:
         self.store = store
         self.token_key = b""  # set when the metaserver answers our registration
 
-    def put_block(self, req: PutBlockReq) -> Empty:
+    def put_block(self, req: PutBlockReq, caller: Caller = LOCAL) -> Empty:
         if not self.token_key:
             raise FsError(errno.EAGAIN, "not registered with the metaserver yet")
         # Only the metaserver can mint a token for an id, so a client cannot store (or,
-        # with ids never reused, overwrite) a block it was not allocated.
-        if not check_block_token(self.token_key, req.block_id, req.token):
-            raise FsError(errno.EACCES, f"bad write token for block {req.block_id}")
+        # with ids never reused, overwrite) a block it was not allocated, nor use another
+        # client's allocation, nor an old one.
+        if not check_write_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
+            raise FsError(errno.EACCES, f"no valid write token for block {req.block_id}")
         self.store.put(req.block_id, req.data, sync=req.sync, leaves=req.leaves)
         return Empty()
 

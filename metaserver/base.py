@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import crc32c
 
-from proto.auth import READ_TOKEN_TTL_S, read_token
+from proto.auth import TOKEN_TTL_S, read_token, write_token
 from proto.credentials import ADMIN, LOCAL, Caller
 from proto.errors import FsError
 from proto.messages import Attr, BlockRef
@@ -269,7 +269,10 @@ class CoreBase:
             tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
 
     def _read_token(self, block_id: int, holder: str, now: int) -> bytes:
-        return read_token(self.token_key, block_id, holder, now // NS_PER_S + READ_TOKEN_TTL_S)
+        return read_token(self.token_key, block_id, holder, now // NS_PER_S + TOKEN_TTL_S)
+
+    def _write_token(self, block_id: int, holder: str, now: int) -> bytes:
+        return write_token(self.token_key, block_id, holder, now // NS_PER_S + TOKEN_TTL_S)
 
     def _block_map(self, tx: Tx, ino: int, now: int, holder: str = "") -> list[BlockRef]:
         """The block map of a file, with read tokens for `holder` (role:name) if given."""

@@ -25,7 +25,6 @@ from sqlite3 import Row
 
 import crc32c
 
-from proto.auth import block_token
 from proto.errors import FsError
 from proto.messages import (
     AllocReply,
@@ -108,13 +107,15 @@ class FileOps(CoreBase):
                 raise FsError(errno.EINVAL, f"inode {req.ino} is not a regular file")
             self._session_exists(tx, req.session, caller)
             self._check_open(tx, req.session, req.ino, caller, writable=True)
-            return AllocReply(self._allocate(tx, row, req.session, req.indexes, req.exclude, self.now_ns()))
+            return AllocReply(self._allocate(tx, row, req.session, req.indexes, req.exclude, self.now_ns(),
+                                             str(caller)))
 
     def _allocate(
-        self, tx: Tx, row: Row, session: int, indexes: list[int], exclude: list[str], now: int
+        self, tx: Tx, row: Row, session: int, indexes: list[int], exclude: list[str], now: int, holder: str
     ) -> list[Allocation]:
         """New block ids for positions of a regular file, with their replica servers and
-        write tokens, recorded as pending until committed (or abandoned)."""
+        write tokens for `holder` (role:name), recorded as pending until committed (or
+        abandoned)."""
         bs = row["block_size"]
         if any(i * bs >= FILE_SIZE_MAX_BYTES for i in indexes):
             raise FsError(errno.EFBIG, "block index past the largest file")
@@ -151,7 +152,7 @@ class FileOps(CoreBase):
                     index=index,
                     block_id=block_id,
                     servers=[s["address"] for s in chosen],
-                    token=block_token(self.token_key, block_id),
+                    token=self._write_token(block_id, holder, now),
                 )
             )
         return allocations

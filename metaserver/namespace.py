@@ -245,7 +245,7 @@ class NamespaceOps(CoreBase):
                 if req.prealloc_blocks and stat.S_ISREG(row["mode"]):
                     try:
                         allocations = self._allocate(
-                            tx, row, req.session, list(range(req.prealloc_blocks)), [], now
+                            tx, row, req.session, list(range(req.prealloc_blocks)), [], now, str(caller)
                         )
                     except FsError:
                         pass  # no server can take blocks now: the writer will ask (and be told) later

@@ -30,7 +30,6 @@ import errno
 import logging
 from sqlite3 import Row
 
-from proto.auth import block_token
 from proto.errors import FsError
 from proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
 
@@ -222,7 +221,7 @@ class RepairOps(CoreBase):
             )
             tasks.append(
                 ReplicateTask(
-                    block_id=block_id, sources=[a for a, _, _ in sources], token=block_token(self.token_key, block_id),
+                    block_id=block_id, sources=[a for a, _, _ in sources], token=self._write_token(block_id, reader, now),
                     read_token=self._read_token(block_id, reader, now) if reader else b"",
                     digest=bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (block_id,)) or b""),
                 )

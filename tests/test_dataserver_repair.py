@@ -13,7 +13,7 @@ from dataserver.replicate import Replicator
 from dataserver.scrub import Scrubber
 from dataserver.service import DataService
 from dataserver.store import FIXED_HEADER, BlockStore
-from proto.auth import block_token, read_token
+from proto.auth import read_token, write_token
 from proto.errors import FsError
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub, serve
@@ -109,9 +109,9 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
         good = f"127.0.0.1:{port}"
         rep.submit([
             # The first source is down: the next one is tried.
-            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=block_token(SECRET, 11),
+            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=write_token(SECRET, 11, "data:dst", int(time.time()) + 60),
                           read_token=readable(11)),
-            ReplicateTask(block_id=12, sources=[good], token=block_token(SECRET, 12),
+            ReplicateTask(block_id=12, sources=[good], token=write_token(SECRET, 12, "data:dst", int(time.time()) + 60),
                           read_token=readable(12)),  # no such block
             ReplicateTask(block_id=13, sources=[good], token=b"forged", read_token=readable(13)),
         ])

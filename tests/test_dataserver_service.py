@@ -18,7 +18,7 @@ import pytest
 from dataserver.service import DataService
 from dataserver.store import BlockStore
 from proto import codec
-from proto.auth import block_token, read_token
+from proto.auth import read_token, write_token
 from proto.errors import FsError
 from proto.messages import (
     BlockData,
@@ -62,16 +62,21 @@ def readable(block_id: int, holder: str = "client:client", ttl_s: int = 600) -> 
     return read_token(SECRET, block_id, holder, int(time.time()) + ttl_s)
 
 
+def writable(block_id: int, holder: str = "client:client", ttl_s: int = 600, key: bytes = SECRET) -> bytes:
+    """A write token as the metaserver would put it in an allocation."""
+    return write_token(key, block_id, holder, int(time.time()) + ttl_s)
+
+
 def test_put_get_status(data_server):
     store, stub, _ = data_server
     data = os.urandom(200_000)
-    assert stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data)) == Empty()
+    assert stub.call("put_block", PutBlockReq(block_id=77, token=writable(77), data=data)) == Empty()
     reply = stub.call("get_block", GetBlockReq(block_id=77, token=readable(77)))
     assert isinstance(reply, BlockData) and reply.data == data
     part = stub.call("get_block", GetBlockReq(block_id=77, offset=65_000, length=70_000, token=readable(77)))
     assert part.data == data[65_000:135_000]
     # A retried put is fine.
-    stub.call("put_block", PutBlockReq(block_id=77, token=block_token(SECRET, 77), data=data))
+    stub.call("put_block", PutBlockReq(block_id=77, token=writable(77), data=data))
     status = stub.call("status", Empty())
     assert isinstance(status, DataStatusReply)
     assert status.node_id == store.node_id and status.blocks == 1 and status.used_bytes > len(data)
@@ -82,12 +87,12 @@ def test_put_get_status(data_server):
 
 def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server):
     store, stub, _ = data_server
-    stub.call("put_block", PutBlockReq(block_id=80, token=block_token(SECRET, 80), data=b"private"))
+    stub.call("put_block", PutBlockReq(block_id=80, token=writable(80), data=b"private"))
     # None, another block's, another reader's, expired, another key's, and a write token
     # (another operation's) for this very block.
     for token in (b"", readable(81), readable(80, holder="client:someone-else"), readable(80, ttl_s=-3600),
                   read_token(b"another-key-0123456789abcdef", 80, "client:client", int(time.time()) + 60),
-                  block_token(SECRET, 80)):
+                  writable(80)):
         with pytest.raises(FsError) as info:
             stub.call("get_block", GetBlockReq(block_id=80, token=token))
         assert info.value.errno == errno.EACCES
@@ -96,8 +101,10 @@ def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server)
 
 def test_bad_token_is_eacces(data_server):
     store, stub, _ = data_server
-    # Another block's, none, another key's, and a read token (another operation's) for it.
-    for token in (block_token(SECRET, 6), b"", block_token(b"another-secret-0123456789", 5), readable(5)):
+    # Another block's, none, another key's, a read token (another operation's) for it,
+    # another client's, and an expired one.
+    for token in (writable(6), b"", writable(5, key=b"another-secret-0123456789"), readable(5),
+                  writable(5, holder="client:someone-else"), writable(5, ttl_s=-3600)):
         with pytest.raises(FsError) as info:
             stub.call("put_block", PutBlockReq(block_id=5, token=token, data=b"x"))
         assert info.value.errno == errno.EACCES
@@ -113,7 +120,7 @@ def test_strangers_and_wrong_roles_are_refused(data_server, pki, tmp_path):
     stranger = Stub(f"127.0.0.1:{port}", Pki(tmp_path / "other").creds("client"), DATA_SERVICE, DATA_METHODS)
     peer = Stub(f"127.0.0.1:{port}", pki.creds("data", "d1"), DATA_SERVICE, DATA_METHODS)
     try:
-        put = PutBlockReq(block_id=5, token=block_token(SECRET, 5), data=b"x")
+        put = PutBlockReq(block_id=5, token=writable(5), data=b"x")
         for name, req in [("put_block", put), ("get_block", GetBlockReq(block_id=5))]:
             with pytest.raises(FsError) as info:
                 stranger.call(name, req, timeout=5)
@@ -133,7 +140,7 @@ def test_no_block_is_stored_before_the_token_key_is_known(tmp_path, pki):
     stub = Stub(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE, DATA_METHODS)
     try:
         with pytest.raises(FsError) as info:
-            stub.call("put_block", PutBlockReq(block_id=5, token=block_token(b"", 5), data=b"x"))
+            stub.call("put_block", PutBlockReq(block_id=5, token=writable(5, key=b""), data=b"x"))
         assert info.value.errno == errno.EAGAIN
     finally:
         stub.close()

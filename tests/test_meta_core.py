@@ -12,7 +12,7 @@ import pytest
 
 from metaserver.core import MetaCore
 from metaserver.store import SCHEMA_VERSION
-from proto.auth import check_block_token
+from proto.auth import check_write_token
 from proto.errors import FsError
 from proto.messages import (
     RENAME_EXCHANGE,
@@ -767,7 +767,7 @@ def test_alloc_striping_and_replicas(env):
     env.add_server(1)
     (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
     assert len(a.servers) == 1  # min(2, 1)
-    assert check_block_token(SECRET, a.block_id, a.token)
+    assert check_write_token(SECRET, a.block_id, "admin:local", a.token, env.clock.t)
     for n in (2, 3, 4):
         env.add_server(n)
     allocs = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=list(range(8)))).allocations

@@ -7,7 +7,7 @@ import pytest
 
 from proto import codec
 from proto import messages as m
-from proto.auth import block_token, check_block_token
+from proto.auth import check_read_token, check_write_token, write_token
 from proto.errors import FsError
 from proto.services import DATA_METHODS, META_METHODS
 
@@ -73,10 +73,15 @@ def test_malformed_reply_is_eio():
 
 def test_tokens():
     key = b"s" * 32
-    assert check_block_token(key, 42, block_token(key, 42))
-    assert not check_block_token(key, 43, block_token(key, 42))
-    assert not check_block_token(b"t" * 32, 42, block_token(key, 42))
-    assert not check_block_token(b"", 42, block_token(b"", 42))  # no key yet: nothing passes
+    now = 1_800_000_000
+    token = write_token(key, 42, "client:a", now + 60)
+    assert check_write_token(key, 42, "client:a", token, now)
+    assert not check_write_token(key, 43, "client:a", token, now)  # another block
+    assert not check_write_token(key, 42, "client:b", token, now)  # another holder
+    assert not check_write_token(b"t" * 32, 42, "client:a", token, now)  # another key
+    assert not check_write_token(key, 42, "client:a", token, now + 3600)  # expired
+    assert not check_read_token(key, 42, "client:a", token, now)  # another operation
+    assert not check_write_token(b"", 42, "client:a", write_token(b"", 42, "client:a", now + 60), now)
 
 
 def test_credentials_carry_role_and_name(tmp_path):

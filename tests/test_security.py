@@ -619,3 +619,65 @@ def test_fake_registrations_cannot_pile_up(tmp_path):
         assert time.monotonic() - t0 < 60
     finally:
         c.close()
+
+
+def test_idle_connections_cannot_exhaust_a_server(tmp_path):
+    """Far more idle connections than a server takes (--max-connections): the ones past it
+    are refused at once, the server's descriptors stay bounded, the mount's connections (made
+    first) keep answering, no server is declared dead and nothing written is lost."""
+    cap = 48
+    c = Cluster(tmp_path / "idle", dataservers=2, meta_args=["--max-connections", str(cap)],
+                data_args=["--max-connections", str(cap)])
+    socks = []
+    try:
+        m = c.mount()
+        data = os.urandom(5 << 20)
+        (m / "before").write_bytes(data)
+        targets = [(c.meta.pid, c.meta_addr)] + [(d.pid, d.address) for d in c.data]
+        for _, address in targets:
+            host, port = address.rsplit(":", 1)
+            for _ in range(4 * cap):
+                try:
+                    socks.append(socket.create_connection((host, int(port)), timeout=5))
+                except OSError:
+                    pass  # refused: fine
+        time.sleep(1)
+        for pid, _ in targets:
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            assert fds < cap + 100, f"server {pid} holds {fds} descriptors"
+        t0 = time.monotonic()
+        assert (m / "before").read_bytes() == data
+        (m / "during").write_bytes(data)
+        assert (m / "during").read_bytes() == data
+        assert time.monotonic() - t0 < 30
+        time.sleep(4)  # past the point where silent data servers turn suspect
+        for s in socks:  # (a new connection, status's own, would wait for one to go)
+            s.close()
+        socks.clear()
+        assert {s["state"] for s in c.status()["servers"]} == {"up"}
+    finally:
+        for s in socks:
+            s.close()
+        c.close()
+
+
+def test_write_tokens_are_the_allocating_clients(sec_cluster):
+    """A block allocated to one client cannot be stored by another with its token."""
+    from proto.messages import AllocReq, MknodReq, PutBlockReq
+
+    c = sec_cluster
+    alice = meta_stub(c, c.pki.bundle("client", "alice"))
+    try:
+        session = alice.call("open_session", SessionOpenReq("h", "alice")).session
+        f = alice.call("mknod", MknodReq(ROOT_INODE, b"alices-file", 0o100644, Ctx(), session=session)).attr
+        (a,) = alice.call("alloc_blocks", AllocReq(f.ino, session, [0])).allocations
+    finally:
+        alice.close()
+    as_bob = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "bob")), DATA_SERVICE, DATA_METHODS)
+    as_alice = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "alice")), DATA_SERVICE, DATA_METHODS)
+    try:
+        assert errno_of(as_bob.call, "put_block", PutBlockReq(a.block_id, a.token, b"bob's")) == errno.EACCES
+        as_alice.call("put_block", PutBlockReq(a.block_id, a.token, b"alice's"))
+    finally:
+        as_bob.close()
+        as_alice.close()

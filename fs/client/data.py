@@ -323,7 +323,8 @@ class DataPath:
             try:
                 await self.conn(address).bulk("put_block", frame, deadline)
             except FsError as exc:
-                self._penalise(address, exc)
+                if exc.errno != errno.EACCES:  # a stale write token is ours, not the server's
+                    self._penalise(address, exc)
                 failed[address] = exc
             else:
                 written.add(address)

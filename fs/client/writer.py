@@ -178,7 +178,9 @@ class Writer:
                     if failed:
                         retry.append(a.index)
                         errors.update(failed)
-                        exclude.extend(s for s in failed if s not in exclude)
+                        # Servers that failed are placed around; a refused (expired) write
+                        # token only needs the new allocation the retry makes anyway.
+                        exclude.extend(s for s, e in failed.items() if s not in exclude and e.errno != errno.EACCES)
                     else:
                         ref = m.BlockRef(a.index, a.block_id, len(data), written, digest=digest)
                         f.uploaded[a.index] = (ref, version)
