@@ -80,9 +80,11 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Accept the clients' keepalive pings (the default allows one per 5 minutes).
+    # Accept the clients' keepalive pings (every 5 s; the default allows one per 5 minutes),
+    # and no more: a peer that pings faster is sent away after two strikes (gRPC's default)
+    # rather than allowed to keep a server busy answering pings.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
-    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.http2.max_ping_strikes", 2),
     # A peer that opens a connection and never finishes the TLS handshake is dropped.
     ("grpc.server_handshake_timeout_ms", 10_000),
     # Connections nobody uses go away instead of holding descriptors for ever.
