@@ -14,9 +14,11 @@ version, sub-block size in KiB, data length) followed by one CRC32C per sub-bloc
 covering the requested range, so a 4 KiB read of a 4 MiB block costs 4 KiB of disk and CRC
 work. New blocks use SUB_BLOCK_BYTES (4 KiB); files of the format's first version (a
 flags field, always 0, where the size is now, and 64 KiB sub-blocks) are still read.
-Version 3 is version 2 with the writer's leaf hashes (proto/integrity.py) after the data:
-kept for range readers, who check them against the digest the metaserver holds; the
-server checks them only when asked to check a copy (`check` with a digest).
+Version 3 is version 2 with the writer's leaf hashes (proto/integrity.py) after the data,
+then a CRC32C of them: kept for range readers, who check them against the digest the
+metaserver holds; the CRC catches rot there as the sub-block CRCs do in the data (reads of
+the hashes and `verify`, so the scrubber too), and a copy is checked against the digest
+when a client reports it (`check` with a digest).
 
 Crash behaviour: a block is written to tmp/, fsynced, then hard-linked into blocks/ and the
 directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
@@ -218,14 +220,15 @@ class BlockStore:
         tmp = self._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
         try:
             header = _header(view, FORMAT_WITH_LEAVES if leaves else FORMAT_VERSION)
+            trailer = leaves + _CRC.pack(crc32c.crc32c(leaves)) if leaves else b""
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, header, view, leaves)
+                _write_all(fd, header, view, trailer)
                 if sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            size = len(header) + len(view) + len(leaves)
+            size = len(header) + len(view) + len(trailer)
             self._link_into_place(block_id, tmp, path, data, size, sync)
         except OSError as exc:
             code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
@@ -325,8 +328,14 @@ class BlockStore:
         """The leaf hashes stored with a block (b"" for a block stored without them)."""
 
         def read(fd: int) -> bytes:
-            _, _, data_start, data_len, leaves_len = self._layout(fd)
-            return _pread_exact(fd, leaves_len, data_start + data_len) if leaves_len else b""
+            _, _, data_start, data_len, trailer_len = self._layout(fd)
+            if not trailer_len:
+                return b""
+            trailer = _pread_exact(fd, trailer_len, data_start + data_len)
+            leaves, (crc,) = trailer[: -_CRC.size], _CRC.unpack(trailer[-_CRC.size :])
+            if crc32c.crc32c(leaves) != crc:
+                raise _Corrupt("checksum mismatch in the leaf hashes")
+            return leaves
 
         return self._reading(block_id, read)
 
@@ -354,7 +363,7 @@ class BlockStore:
     @staticmethod
     def _layout(fd: int) -> tuple[int, int, int, int, int]:
         """(version, sub-block size, where the data starts, its length, bytes of leaf
-        hashes after it) of a block file, checked against the file's size."""
+        hashes and their CRC after it) of a block file, checked against the file's size."""
         magic, version, sub_kib, data_len = FIXED_HEADER.unpack(_pread_exact(fd, FIXED_HEADER.size, 0))
         if magic != MAGIC or version not in (1, FORMAT_VERSION, FORMAT_WITH_LEAVES):
             raise _Corrupt(f"bad magic {magic!r} or format version {version}")
@@ -364,11 +373,11 @@ class BlockStore:
         if data_len > MAX_BLOCK_SIZE_BYTES:
             raise _Corrupt(f"data length {data_len} out of range")
         data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(data_len, sub)
-        leaves_len = leaf_count(data_len) * LEAF_HASH_BYTES if version == FORMAT_WITH_LEAVES else 0
+        trailer_len = leaf_count(data_len) * LEAF_HASH_BYTES + _CRC.size if version == FORMAT_WITH_LEAVES else 0
         # A truncated or extended file fails here even when the asked range looks intact.
-        if os.fstat(fd).st_size != data_start + data_len + leaves_len:
+        if os.fstat(fd).st_size != data_start + data_len + trailer_len:
             raise _Corrupt(f"file size does not match data length {data_len}")
-        return version, sub, data_start, data_len, leaves_len
+        return version, sub, data_start, data_len, trailer_len
 
     @classmethod
     def _read_range(cls, fd: int, offset: int, length: int) -> bytes:
@@ -398,9 +407,11 @@ class BlockStore:
         log.error("block %d in %s is corrupt: %s", block_id, self.root, why)
 
     def verify(self, block_id: int) -> int:
-        """Read and check a whole block; returns its data length. FsError(EIO) if corrupt
-        (see is_corrupt), ENOENT if it is gone."""
-        return len(self.get(block_id))
+        """Read and check a whole block, and its leaf hashes; returns its data length.
+        FsError(EIO) if corrupt (see is_corrupt), ENOENT if it is gone."""
+        length = len(self.get(block_id))
+        self.get_leaves(block_id)
+        return length
 
     def is_corrupt(self, block_id: int) -> bool:
         """Whether reads of this block found a checksum mismatch (and it was not rewritten)."""

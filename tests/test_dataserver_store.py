@@ -306,6 +306,15 @@ def test_leaf_hashes_are_kept_beside_the_block(store, tmp_path):
     other = pattern(len(data), seed=6)
     store.put(404, other, leaves=leaf_hashes(other))
     assert store.check(404, block_digest(data)) == "corrupt"
+    # Rot in the hashes is caught by their CRC, as rot in the data is by the sub-blocks'.
+    store.put(406, data, leaves=leaves)
+    path = block_file(tmp_path, 406)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FsError) as info:
+        store.verify(406)
+    assert info.value.errno == errno.EIO and store.is_corrupt(406)
     # A file cut short in its hashes is corrupt, as one cut short in its data.
     store.put(405, data, leaves=leaves)
     path = block_file(tmp_path, 405)
