@@ -50,7 +50,7 @@ from typing import Callable, Iterator
 import crc32c
 
 from proto.errors import FsError
-from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, matches
+from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, root_of
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
@@ -450,8 +450,9 @@ class BlockStore:
                 self.verify(block_id)
                 return "good"
             data = self.get(block_id)  # checks the checksums as it reads
-            leaves = self.get_leaves(block_id)
-            if matches(digest, data) and (not leaves or leaves == leaf_hashes(data)):
+            stored = self.get_leaves(block_id)
+            computed = leaf_hashes(data)  # one pass over the block serves both checks
+            if root_of(computed) == digest and (not stored or stored == computed):
                 return "good"
             log.error("block %d matches its checksums but not its writer's digest (or its leaf hashes"
                       " do not match it)", block_id)

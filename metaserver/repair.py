@@ -223,7 +223,7 @@ class RepairOps(CoreBase):
                 ReplicateTask(
                     block_id=block_id, sources=[a for a, _, _ in sources], token=self._write_token(block_id, reader, now),
                     read_token=self._read_token(block_id, reader, now) if reader else b"",
-                    digest=bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (block_id,)) or b""),
+                    digest=self._digest(tx, block_id),
                 )
             )
         return tasks
@@ -297,6 +297,11 @@ class RepairOps(CoreBase):
                         req.block_id, req.address, req.reason)
             return Empty()
 
+    @staticmethod
+    def _digest(tx: Tx, block_id: int) -> bytes:
+        """A committed block's digest (b"": none recorded), for whoever checks a copy of it."""
+        return bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (block_id,)) or b"")
+
     def _hand_out_verifications(self, tx: Tx, server_id: int, now: int) -> tuple[list[int], list[bytes]]:
         """Blocks this server should check now, with their committed digests; one not
         answered within a task timeout is handed out again."""
@@ -307,7 +312,7 @@ class RepairOps(CoreBase):
         )]
         tx.run_many("UPDATE verify SET sent_ns = ? WHERE server_id = ? AND block_id = ?",
                     [(now, server_id, b) for b in ids])
-        digests = [bytes(tx.scalar("SELECT digest FROM blocks WHERE block_id = ?", (b,)) or b"") for b in ids]
+        digests = [self._digest(tx, b) for b in ids]
         return ids, digests
 
     def block_report(self, req: BlockReportReq, caller: Caller = LOCAL) -> Empty:

@@ -27,7 +27,6 @@ TOKEN_KEY_BYTES = 32
 #: metaserver for the block map again (fs/client/reader.py); a writer's put is refused and
 #: the block is allocated again (fs/client/writer.py).
 TOKEN_TTL_S = 3600
-READ_TOKEN_TTL_S = WRITE_TOKEN_TTL_S = TOKEN_TTL_S
 #: Clock difference between the metaserver and a data server that is forgiven.
 CLOCK_SKEW_S = 300
 _EXPIRY = struct.Struct(">Q")
