@@ -134,7 +134,9 @@ class Client:
         """A new session: register again the files we hold open, so that their unlinked
         inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT."""
         for ino, f in list(self._files.items()):
-            flags = os.O_RDWR if f.writable else os.O_RDONLY
+            # Asking for no more than an open here was granted: writing (which an open for
+            # reading and writing had too), else reading; either entitles us to read tokens.
+            flags = os.O_WRONLY if f.writable else os.O_RDONLY
             try:
                 await self.session.call("open", m.OpenReq(ino, self.session.id, f.opener or self.identity, flags))
             except FsError as exc:
