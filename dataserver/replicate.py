@@ -37,10 +37,11 @@ FETCH_TIMEOUT_S = 30.0
 
 class Replicator:
     def __init__(self, store: BlockStore, creds: Credentials, token_key: Callable[[], bytes],
-                 workers: int = DEFAULT_REPLICATION_WORKERS) -> None:
+                 address: Callable[[], str], workers: int = DEFAULT_REPLICATION_WORKERS) -> None:
         self.store = store
         self._creds = creds
         self._token_key = token_key  # known once registered
+        self._address = address  # ours, as registered: the task's write token names it
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="replicate")
         self._lock = threading.Lock()
         self._active: set[int] = set()
@@ -99,14 +100,16 @@ class Replicator:
                 (self._done if ok else self._failed).append(task.block_id)
 
     def _fetch_and_store(self, task: ReplicateTask) -> bool:
-        if not check_write_token(self._token_key(), task.block_id, str(self._creds.caller), task.token, time.time()):
+        if not check_write_token(self._token_key(), task.block_id, str(self._creds.caller), self._address(),
+                                 task.token, time.time()):
             log.warning("replication task for block %d has a bad token: ignored", task.block_id)
             return False
         for source in task.sources:
             try:
-                data = self._stub(source).call(
-                    "get_block", GetBlockReq(block_id=task.block_id, token=task.read_token), timeout=FETCH_TIMEOUT_S
-                ).data
+                _, chunks = self._stub(source).download(
+                    "read_block", GetBlockReq(block_id=task.block_id, token=task.read_token), timeout=FETCH_TIMEOUT_S
+                )
+                data = b"".join(chunks)
             except FsError as exc:
                 log.warning("block %d: source %s failed: %s", task.block_id, source, exc)
                 continue

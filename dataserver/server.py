@@ -336,15 +336,16 @@ def main(argv: list[str]) -> int:
     if creds.role != "data":
         log.error("cannot start: %s holds a %s credential, not a data server's", args.credentials, creds.role)
         return 1
-    service = DataService(store)
-    replicator = Replicator(store, creds, lambda: service.token_key, max(1, args.replication_workers))
+    service = DataService(store, creds)
+    replicator = Replicator(store, creds, lambda: service.token_key, lambda: service.address,
+                            max(1, args.replication_workers))
     try:
         server, port = serve(DATA_SERVICE, DATA_METHODS, service, creds, args.listen, revoked=args.revoked,
                              max_connections=args.max_connections)
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
-    address = advertised_address(args.listen, port, args.advertise)
+    address = service.address = advertised_address(args.listen, port, args.advertise)
     stop = threading.Event()
     meta = Stub(args.meta, creds, META_SERVICE, META_METHODS)
     heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator, service)
@@ -371,6 +372,7 @@ def main(argv: list[str]) -> int:
         if scrubber is not None:
             scrubber.join(META_CALL_TIMEOUT_S)
         replicator.close()
+        service.close()
         meta.close()
     log.info("stopped")
     return 0

@@ -5,42 +5,55 @@ before a method runs; what is left here is the per-block write authorization and
 translation between wire messages and store calls. Methods run on gRPC worker threads.
 The token key that write and read tokens are checked with comes from the metaserver when
 this server registers (server.py); until then no block is stored or served (EAGAIN).
+
+Blocks are written by `write_block`, the write chain (chain.py), and read whole by
+`read_block`, streamed in TRANSFER_CHUNK_BYTES chunks (the next chunk read from disk while
+the last one is sent): both run on the server's event loop with their disk work on
+`disk` threads. `get_block` reads a range in one reply (random readers, on the stream).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Optional
 
-from proto.auth import check_read_token, check_write_token
-from proto.credentials import ADMIN, LOCAL, Caller
+from proto.auth import check_read_token
+from proto.credentials import ADMIN, LOCAL, Caller, Credentials
 from proto.errors import FsError
-from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, PutBlockReq, SyncBlocksReq
+from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, SyncBlocksReq, WriteBlockHead
+from proto.messages import WriteBlockReply
+from proto.types import TRANSFER_CHUNK_BYTES
 
+from .chain import ChainWriter
 from .store import BlockStore
+
+#: Threads for the disk work of streamed block writes and reads.
+DISK_WORKERS = 8
 
 
 class DataService:
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, creds: Optional[Credentials] = None, address: str = "") -> None:
         self.store = store
         self.token_key = b""  # set when the metaserver answers our registration
+        self.address = address  # the address this server registers with (its write tokens name it)
+        self.disk = ThreadPoolExecutor(max_workers=DISK_WORKERS, thread_name_prefix="disk")
+        self.chain = ChainWriter(store, creds, lambda: self.address, lambda: self.token_key, self.disk)
 
-    def put_block(self, req: PutBlockReq, caller: Caller = LOCAL) -> Empty:
-        if not self.token_key:
-            raise FsError(errno.EAGAIN, "not registered with the metaserver yet")
-        # Only the metaserver can mint a token for an id, so a client cannot store (or,
-        # with ids never reused, overwrite) a block it was not allocated, nor use another
-        # client's allocation, nor an old one.
-        if not check_write_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
-            raise FsError(errno.EACCES, f"no valid write token for block {req.block_id}")
-        self.store.put(req.block_id, req.data, sync=req.sync, leaves=req.leaves)
-        return Empty()
+    def close(self) -> None:
+        self.disk.shutdown(wait=False, cancel_futures=True)
+
+    async def write_block(self, head: WriteBlockHead, chunks: AsyncIterator[bytes], caller: Caller,
+                          time_left_s: Optional[float]) -> WriteBlockReply:
+        return await self.chain.write_block(head, chunks, caller, time_left_s)
 
     def sync_blocks(self, req: SyncBlocksReq) -> Empty:
         self.store.sync_blocks(req.block_ids)
         return Empty()
 
-    def get_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> BlockData:
+    def _may_read(self, req: GetBlockReq, caller: Caller) -> None:
         # Only with the metaserver's word: a read token for this block, this caller, still
         # good. Admins (operators' checks) need none.
         if caller.role != ADMIN:
@@ -48,15 +61,47 @@ class DataService:
                 raise FsError(errno.EAGAIN, "not registered with the metaserver yet")
             if not check_read_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
                 raise FsError(errno.EACCES, f"no valid read token for block {req.block_id}")
+
+    def _get(self, block_id: int, offset: int, length: int) -> bytes:
         try:
-            data = self.store.get(req.block_id, req.offset, req.length)
-            return BlockData(data=data, leaves=self.store.get_leaves(req.block_id) if req.leaves else b"")
+            return self.store.get(block_id, offset, length)
         except FsError as exc:
             # A checksum failure: the copy leaves service now (the reader tries another
             # replica) and the metaserver hears of it with the next heartbeat.
-            if exc.errno == errno.EIO and self.store.is_corrupt(req.block_id):
-                self.store.quarantine(req.block_id)
+            if exc.errno == errno.EIO and self.store.is_corrupt(block_id):
+                self.store.quarantine(block_id)
             raise
+
+    def get_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> BlockData:
+        self._may_read(req, caller)
+        data = self._get(req.block_id, req.offset, req.length)
+        return BlockData(data=data, leaves=self.store.get_leaves(req.block_id) if req.leaves else b"")
+
+    async def read_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> tuple[BlockData, AsyncIterator[bytes]]:
+        """[offset, offset+length) of a block as a stream of chunks; the reply carries the
+        leaf hashes if asked. The first chunk is read before the reply, so a missing or
+        corrupt block is an errno, not a broken stream."""
+        self._may_read(req, caller)
+        loop = asyncio.get_running_loop()
+        end = None if req.length == -1 else req.offset + req.length
+
+        def read(offset: int) -> bytes:
+            n = TRANSFER_CHUNK_BYTES if end is None else min(TRANSFER_CHUNK_BYTES, end - offset)
+            return self._get(req.block_id, offset, n) if n > 0 else b""
+
+        first = await loop.run_in_executor(self.disk, read, req.offset)
+        leaves = await loop.run_in_executor(self.disk, self.store.get_leaves, req.block_id) if req.leaves else b""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            data, offset = first, req.offset
+            while data:
+                offset += len(data)
+                # The next chunk comes off the disk while this one goes out.
+                nxt = loop.run_in_executor(self.disk, read, offset) if len(data) == TRANSFER_CHUNK_BYTES else None
+                yield data
+                data = await nxt if nxt is not None else b""
+
+        return BlockData(leaves=leaves), chunks()
 
     def status(self, req: Empty) -> DataStatusReply:
         st = self.store.stats()

@@ -20,8 +20,8 @@ metaserver holds; the CRC catches rot there as the sub-block CRCs do in the data
 the hashes and `verify`, so the scrubber too), and a copy is checked against the digest
 when a client reports it (`check` with a digest).
 
-Crash behaviour: a block is written to tmp/, fsynced, then hard-linked into blocks/ and the
-directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
+Crash behaviour: a block is written to tmp/ (chunk by chunk as it arrives, BlockWriter; the
+header with its CRCs last), fsynced, then hard-linked into blocks/ and the directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
 one id can never replace each other's data and nothing partial is ever visible under
 blocks/. A crash leaves at worst a file in tmp/, removed at the next start.
 
@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import crc32c
 
@@ -90,23 +90,10 @@ def _sub_blocks(length: int, sub: int) -> int:
     return (length + sub - 1) // sub
 
 
-def _header(data: memoryview, version: int = FORMAT_VERSION) -> bytes:
-    crcs = [
-        crc32c.crc32c(data[i : i + SUB_BLOCK_BYTES]) for i in range(0, len(data), SUB_BLOCK_BYTES)
-    ]
-    return (FIXED_HEADER.pack(MAGIC, version, SUB_BLOCK_BYTES // 1024, len(data))
-            + struct.pack(f"<{len(crcs)}I", *crcs))
-
-
-def _write_all(fd: int, *parts: bytes | memoryview) -> None:
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -195,50 +182,24 @@ class BlockStore:
 
     # ----------------------------------------------------------------------- write
 
-    def put(self, block_id: int, data: bytes, sync: bool = True, leaves: bytes = b"") -> None:
-        """Store a block, and its writer's leaf hashes if given (EINVAL unless there is one
-        per leaf); with sync, durably (file and directory fsynced) before returning,
-        else crash-safe for this process only until `sync_blocks` or the kernel's writeback.
-        Storing the same content again succeeds (a retried write); different content under
-        an existing id is EEXIST."""
-        path = self._path(block_id)
-        if len(data) > MAX_BLOCK_SIZE_BYTES:
-            raise FsError(errno.EFBIG, f"block {block_id}: {len(data)} bytes is over {MAX_BLOCK_SIZE_BYTES}")
-        if leaves and len(leaves) != leaf_count(len(data)) * LEAF_HASH_BYTES:
-            raise FsError(errno.EINVAL, f"block {block_id}: {len(leaves)} bytes of leaf hashes for {len(data)}")
-        view = memoryview(data)
-        if path.exists():
-            # A retry of a write that already landed should not cost a second full write.
-            try:
-                if self._same_content(block_id, data):
-                    return
-                raise FsError(errno.EEXIST, f"block {block_id} exists with different content")
-            except FsError as exc:
-                # Gone meanwhile, or corrupt: write it (again) below.
-                if exc.errno not in (errno.ENOENT, errno.EIO):
-                    raise
-        tmp = self._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
+    def put(self, block_id: int, data: bytes | bytearray | memoryview, sync: bool = True,
+            leaves: bytes = b"") -> None:
+        """Store a whole block at once (re-replication, tests): a writer fed one chunk."""
+        w = self.writer(block_id, len(data), sync)
         try:
-            header = _header(view, FORMAT_WITH_LEAVES if leaves else FORMAT_VERSION)
-            trailer = leaves + _CRC.pack(crc32c.crc32c(leaves)) if leaves else b""
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                _write_all(fd, header, view, trailer)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            size = len(header) + len(view) + len(trailer)
-            self._link_into_place(block_id, tmp, path, data, size, sync)
-        except OSError as exc:
-            code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
-            log.error("cannot store block %d: %s", block_id, exc)
-            raise FsError(code, f"block {block_id}: {exc.strerror or exc}") from None
+            w.write(data, leaves)
+            w.finish()
         finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            w.close()
+
+    def writer(self, block_id: int, length: int, sync: bool = True) -> "BlockWriter":
+        """A block of `length` bytes to be stored chunk by chunk (the write chain streams
+        blocks in): BlockWriter.write each chunk in order, then finish. EFBIG past the
+        largest block size."""
+        path = self._path(block_id)
+        if not 0 <= length <= MAX_BLOCK_SIZE_BYTES:
+            raise FsError(errno.EFBIG, f"block {block_id}: {length} bytes is over {MAX_BLOCK_SIZE_BYTES}")
+        return BlockWriter(self, check_block_id(block_id), path, length, sync)
 
     def sync_blocks(self, block_ids: list[int]) -> None:
         """Make stored blocks durable: fsync each block file and, once, each directory
@@ -263,9 +224,7 @@ class BlockStore:
             log.error("cannot sync blocks: %s", exc)
             raise FsError(errno.EIO, f"sync: {exc.strerror or exc}") from None
 
-    def _link_into_place(
-        self, block_id: int, tmp: Path, path: Path, data: bytes, size: int, sync: bool = True
-    ) -> None:
+    def _link_into_place(self, block_id: int, tmp: Path, path: Path, size: int, sync: bool = True) -> None:
         # A few rounds only because a concurrent delete can remove the name between our
         # failed link and our look at what holds it.
         for _ in range(3):
@@ -283,7 +242,7 @@ class BlockStore:
                     self._unreported.discard(block_id)
                 return
             try:
-                if self._same_content(block_id, data):
+                if self._same_content(block_id, tmp):
                     return
             except FsError as exc:
                 if exc.errno == errno.ENOENT:
@@ -312,8 +271,21 @@ class BlockStore:
             self._corrupt.discard(block_id)
         log.warning("block %d: replaced a corrupt copy with a rewritten one", block_id)
 
-    def _same_content(self, block_id: int, data: bytes) -> bool:
-        return self.get(block_id) == data
+    def _same_content(self, block_id: int, tmp: Path) -> bool:
+        """Whether the stored block holds what the finished temporary file `tmp` holds (a
+        retried write): the same data and leaf hashes, the stored copy verified."""
+        stored, leaves = self.get(block_id), self.get_leaves(block_id)
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _, _, data_start, data_len, trailer_len = self._layout(fd)
+            if data_len != len(stored):
+                return False
+            new_leaves = _pread_exact(fd, trailer_len - _CRC.size, data_start + data_len) if trailer_len else b""
+            return new_leaves == leaves and _pread_exact(fd, data_len, data_start) == stored
+        except _Corrupt:
+            return False
+        finally:
+            os.close(fd)
 
     # ----------------------------------------------------------------------- read
 
@@ -527,3 +499,100 @@ class BlockStore:
                 blocks=self._blocks,
                 corrupt_blocks=len(self._corrupt),
             )
+
+
+class BlockWriter:
+    """One block being stored, chunk by chunk, into a file under tmp/ (BlockStore.writer).
+
+    Chunks come in order; each but the last is a whole number of sub-blocks, so each
+    sub-block's CRC32C is computed from one chunk. A chunk may come with the CRC32C its
+    sender computed of it and with the writer's leaf hashes of it: a CRC that does not
+    match is EBADMSG (damaged on the way, at any hop; nothing of it is kept), and the leaf
+    hashes are kept after the data (format 3) when every chunk brings them. `finish`
+    writes the header (the sub-block CRCs) and the leaf hashes, fsyncs if asked and links
+    the file into place as `put` always has; `close` removes what is left in tmp/. Not
+    thread-safe: one writer per block and caller, used by one thread at a time."""
+
+    def __init__(self, store: BlockStore, block_id: int, path: Path, length: int, sync: bool) -> None:
+        self.store = store
+        self.block_id = block_id
+        self.path = path
+        self.length = length
+        self.sync = sync
+        self.received = 0
+        self._crcs: list[int] = []
+        self._leaves: list[bytes] = []
+        self._with_leaves: Optional[bool] = None
+        self._data_start = FIXED_HEADER.size + _CRC.size * _sub_blocks(length, SUB_BLOCK_BYTES)
+        self.tmp = store._tmp_dir / f"{block_id}.{uuid.uuid4().hex}"
+        try:
+            self._fd: Optional[int] = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> FsError:
+        code = exc.errno if exc.errno in _PASS_THROUGH_ERRNOS else errno.EIO
+        log.error("cannot store block %d: %s", self.block_id, exc)
+        return FsError(code, f"block {self.block_id}: {exc.strerror or exc}")
+
+    def write(self, data: bytes | bytearray | memoryview, leaves: bytes = b"", crc: Optional[int] = None) -> None:
+        """The next chunk (see the class docstring)."""
+        view = memoryview(data)
+        if self._fd is None:
+            raise FsError(errno.EINVAL, f"block {self.block_id}: written after finish")
+        if self.received % SUB_BLOCK_BYTES or self.received + len(view) > self.length:
+            raise FsError(errno.EINVAL, f"block {self.block_id}: chunk at {self.received} of {len(view)} bytes"
+                                        f" does not fit a {self.length}-byte block")
+        if crc is not None and crc32c.crc32c(view) != crc:
+            raise FsError(errno.EBADMSG, f"block {self.block_id}: chunk at {self.received} damaged on the way"
+                                         " (its CRC32C does not match)")
+        if leaves and len(leaves) != leaf_count(len(view)) * LEAF_HASH_BYTES:
+            raise FsError(errno.EINVAL, f"block {self.block_id}: {len(leaves)} bytes of leaf hashes"
+                                        f" for {len(view)}")
+        if self._with_leaves is None:
+            self._with_leaves = bool(leaves)
+        elif self._with_leaves != bool(leaves) and len(view):
+            raise FsError(errno.EINVAL, f"block {self.block_id}: leaf hashes with some chunks only")
+        self._crcs.extend(crc32c.crc32c(view[i : i + SUB_BLOCK_BYTES]) for i in range(0, len(view), SUB_BLOCK_BYTES))
+        self._leaves.append(leaves)
+        try:
+            _pwrite_all(self._fd, view, self._data_start + self.received)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.received += len(view)
+
+    def finish(self) -> None:
+        """Header and leaf hashes written, fsynced if asked, linked into place: stored."""
+        if self._fd is None:
+            raise FsError(errno.EINVAL, f"block {self.block_id}: finished twice")
+        if self.received != self.length:
+            raise FsError(errno.EINVAL, f"block {self.block_id}: {self.received} of {self.length} bytes received")
+        leaves = b"".join(self._leaves) if self._with_leaves else b""
+        version = FORMAT_WITH_LEAVES if leaves else FORMAT_VERSION
+        header = (FIXED_HEADER.pack(MAGIC, version, SUB_BLOCK_BYTES // 1024, self.length)
+                  + struct.pack(f"<{len(self._crcs)}I", *self._crcs))
+        trailer = leaves + _CRC.pack(crc32c.crc32c(leaves)) if leaves else b""
+        fd, self._fd = self._fd, None
+        try:
+            try:
+                _pwrite_all(fd, memoryview(header), 0)
+                if trailer:
+                    _pwrite_all(fd, memoryview(trailer), self._data_start + self.length)
+                if self.sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.store._link_into_place(self.block_id, self.tmp, self.path,
+                                        len(header) + self.length + len(trailer), self.sync)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def close(self) -> None:
+        """Drop what is left in tmp/ (all of it unless finished)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass

@@ -271,8 +271,11 @@ class CoreBase:
     def _read_token(self, block_id: int, holder: str, now: int) -> bytes:
         return read_token(self.token_key, block_id, holder, now // NS_PER_S + TOKEN_TTL_S)
 
-    def _write_token(self, block_id: int, holder: str, now: int) -> bytes:
-        return write_token(self.token_key, block_id, holder, now // NS_PER_S + TOKEN_TTL_S)
+    def _write_token(self, block_id: int, holder: str, server: str, now: int) -> bytes:
+        """A write token for `holder` at the data server `server`; it lasts as long as an
+        allocation does (the pending timeout), after which the block is garbage anyway."""
+        ttl_s = min(TOKEN_TTL_S, max(1, int(self.pending_timeout_s + 0.999)))
+        return write_token(self.token_key, block_id, holder, server, now // NS_PER_S + ttl_s)
 
     def _block_map(self, tx: Tx, ino: int, now: int, holder: str = "") -> list[BlockRef]:
         """The block map of a file, with read tokens for `holder` (role:name) if given."""

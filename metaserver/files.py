@@ -152,7 +152,7 @@ class FileOps(CoreBase):
                     index=index,
                     block_id=block_id,
                     servers=[s["address"] for s in chosen],
-                    token=self._write_token(block_id, holder, now),
+                    tokens=[self._write_token(block_id, holder, s["address"], now) for s in chosen],
                 )
             )
         return allocations

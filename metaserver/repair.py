@@ -198,7 +198,8 @@ class RepairOps(CoreBase):
             return []
         states = self._server_states(tx, now)
         # The copying server reads the sources as itself: the read token is for its credential.
-        reader = tx.scalar("SELECT identity FROM servers WHERE server_id = ?", (server_id,)) or ""
+        me = tx.one("SELECT identity, address FROM servers WHERE server_id = ?", (server_id,))
+        reader, address = (me["identity"] or "", me["address"]) if me is not None else ("", "")
         tasks = []
         for r in rows:
             block_id = r["block_id"]
@@ -221,7 +222,7 @@ class RepairOps(CoreBase):
             )
             tasks.append(
                 ReplicateTask(
-                    block_id=block_id, sources=[a for a, _, _ in sources], token=self._write_token(block_id, reader, now),
+                    block_id=block_id, sources=[a for a, _, _ in sources], token=self._write_token(block_id, reader, address, now),
                     read_token=self._read_token(block_id, reader, now) if reader else b"",
                     digest=self._digest(tx, block_id),
                 )

@@ -3,8 +3,11 @@
 A token is HMAC-SHA256(token key, "<operation>:<block id>:<holder>:<expiry>") with the
 expiry in front: it lets one credential (role:name, from its TLS certificate) do one thing
 (read or write) to one block until a time, as HDFS's block access tokens. A data server
-stores a block only with a write token for it and for the credential sending it, and serves
-one only with a read token likewise: another client's token, an old one, or one for the
+serves a block only with a read token for it and for the credential asking, and stores one
+only with a write token for it, for the client that wrote it and for itself: a write token
+names one data server too (its address), so a block forwarded down a write chain
+(dataserver/chain.py) carries one token per server of the chain, and a token made out to
+one server is no good at another. Another client's token, an old one, or one for the
 other operation is refused. Block ids are never reused (a block is immutable, its id is
 its version), so a token cannot be replayed against other data. The token key is made by the metaserver on its first
 start (`token.key` in its state directory, 0600) and handed to data servers when they
@@ -38,12 +41,18 @@ def _token(op: bytes, key: bytes, block_id: int, holder: str, expires_s: int) ->
 
 
 def _check(op: bytes, key: bytes, block_id: int, holder: str, token: bytes, now_s: float) -> bool:
-    if not key or len(token) != _EXPIRY.size + hashlib.sha256().digest_size:
+    if not key or not isinstance(token, bytes) or len(token) != _EXPIRY.size + hashlib.sha256().digest_size:
         return False
     (expires_s,) = _EXPIRY.unpack_from(token)
     if expires_s + CLOCK_SKEW_S < now_s:
         return False
     return hmac.compare_digest(_token(op, key, block_id, holder, expires_s), token)
+
+
+def _write_op(server: str) -> bytes:
+    # The server's address goes into the operation, so "write at A" and "write at B" are
+    # different operations ("\n" cannot occur in an address nor in a holder's name).
+    return b"write@" + server.encode() + b"\n"
 
 
 def read_token(key: bytes, block_id: int, holder: str, expires_s: int) -> bytes:
@@ -55,13 +64,14 @@ def check_read_token(key: bytes, block_id: int, holder: str, token: bytes, now_s
     return _check(b"read", key, block_id, holder, token, now_s)
 
 
-def write_token(key: bytes, block_id: int, holder: str, expires_s: int) -> bytes:
-    """A token letting `holder` (role:name) store block_id until expires_s (epoch seconds)."""
-    return _token(b"write", key, block_id, holder, expires_s)
+def write_token(key: bytes, block_id: int, holder: str, server: str, expires_s: int) -> bytes:
+    """A token letting `holder` (role:name) store block_id on the data server at `server`
+    (its registered address) until expires_s (epoch seconds)."""
+    return _token(_write_op(server), key, block_id, holder, expires_s)
 
 
-def check_write_token(key: bytes, block_id: int, holder: str, token: bytes, now_s: float) -> bool:
-    return _check(b"write", key, block_id, holder, token, now_s)
+def check_write_token(key: bytes, block_id: int, holder: str, server: str, token: bytes, now_s: float) -> bool:
+    return _check(_write_op(server), key, block_id, holder, token, now_s)
 
 
 def load_token_key(path: str | os.PathLike, create: bool = False) -> bytes:

@@ -9,12 +9,15 @@ bulk bytes are never packed into msgpack. A reply header is {"e": errno, "m": te
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar
 
+import crc32c
 import msgpack
 
 from .errors import FsError
+from .integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, root_of
 from .messages import Message
+from .types import TRANSFER_CHUNK_BYTES
 
 M = TypeVar("M", bound=Message)
 _LEN = struct.Struct(">I")
@@ -85,6 +88,56 @@ def decode_reply(cls: type[M], frame: bytes) -> M:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed reply is an I/O error
         raise FsError(_errno.EIO, f"malformed {cls.__name__} reply: {exc}") from exc
+
+
+# ------------------------------------------------------------------ streamed blocks
+#
+# A block written down a chain moves as a head message (WriteBlockHead, a request frame)
+# and then chunks: each `<data length u32><CRC32C of the data u32><leaf hashes><data>`,
+# little-endian, with the writer's leaf hashes of the data (proto/integrity.py), so every
+# server can check what it received and keep the hashes without hashing anything itself.
+
+_CHUNK = struct.Struct("<II")
+
+
+def encode_chunk(data: bytes | bytearray | memoryview, crc: int, leaves: bytes) -> bytes:
+    return b"".join((_CHUNK.pack(len(data), crc), leaves, data))
+
+
+def decode_chunk(message: bytes) -> tuple[memoryview, int, bytes]:
+    """(data, its CRC32C as sent, leaf hashes); ValueError if the framing does not add up."""
+    if len(message) < _CHUNK.size:
+        raise ValueError("chunk shorter than its prefix")
+    length, crc = _CHUNK.unpack_from(message, 0)
+    start = _CHUNK.size + leaf_count(length) * LEAF_HASH_BYTES
+    if start + length != len(message):
+        raise ValueError("chunk length does not match its prefix")
+    view = memoryview(message)
+    return view[start:], crc, bytes(view[_CHUNK.size : start])
+
+
+class BlockChunks:
+    """A block cut into the chunk messages of a write chain, each with its CRC32C and leaf
+    hashes, made as gRPC's thread sends them and kept for a retry (a block placed again
+    is not hashed again)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+        self.sums: dict[int, tuple[int, bytes]] = {}
+
+    def messages(self) -> Iterator[bytes]:
+        for start in range(0, len(self.data), TRANSFER_CHUNK_BYTES):
+            # No view of the buffer outlives a message: the writer may grow the buffer once
+            # the upload is over, which an export would forbid (BufferError).
+            with memoryview(self.data)[start : start + TRANSFER_CHUNK_BYTES] as piece:
+                sums = self.sums.get(start)
+                if sums is None:
+                    sums = self.sums[start] = (crc32c.crc32c(piece), leaf_hashes(piece))
+                message = encode_chunk(piece, *sums)
+            yield message
+
+    def digest(self) -> bytes:
+        return root_of(b"".join(self.sums[k][1] for k in sorted(self.sums)))
 
 
 # ------------------------------------------------------------------ multiplexed streams

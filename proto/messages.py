@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from .integrity import DIGEST_BYTES
 from .types import (
+    MAX_BLOCK_SIZE_BYTES,
     MAX_REPLICAS,
     NAME_MAX_BYTES,
     SYMLINK_MAX_BYTES,
@@ -260,8 +261,11 @@ class BlockRef(Message):
 class Allocation(Message):
     index: int  # block position in the file
     block_id: int  # new block id to write
-    servers: list[str]  # data servers to write the replicas to, first is preferred
-    token: bytes  # authorizes the data servers to store block_id
+    servers: list[str]  # data servers to write the replicas to, in chain order (the first gets it from the client)
+    tokens: list[bytes]  # write tokens, one per server (proto/auth.py): authorize each to store block_id
+
+    def _check(self) -> Optional[str]:
+        return None if len(self.tokens) == len(self.servers) else "tokens: not one per server"
 
 
 @dataclass
@@ -763,17 +767,46 @@ class StatusReply(Message):
 
 
 @dataclass
-class PutBlockReq(Message):
-    """Store one immutable block. `data` travels raw after the header."""
+class WriteBlockHead(Message):
+    """The first message of a write_block stream; the block's chunks follow it, each
+    framed by codec.encode_chunk with its CRC32C and leaf hashes. The receiver stores the
+    block and forwards head and chunks to the next server of the chain, which does the
+    same (dataserver/chain.py)."""
 
     block_id: int  # id allocated by the metaserver
-    token: bytes  # the metaserver's authorization for block_id
-    data: bytes = b""  # the block's bytes
+    length: int  # bytes of the block: the chunks add up to it
+    chain: list[str]  # servers to store it on, in order: the receiver first, each forwarding to the next
+    tokens: list[bytes]  # write tokens, one per server of `chain`, each for that server (proto/auth.py)
+    holder: str = ""  # the client the block is written for, stated by a forwarding data server ("" from a client)
     sync: bool = True  # durable (fsynced) before the reply; False: written, synced by sync_blocks later
-    leaves: bytes = b""  # the writer's leaf hashes of data (proto/integrity.py), kept beside it
 
     def _check(self) -> Optional[str]:
-        return None if self.block_id > 0 else "block_id: not positive"
+        if self.block_id <= 0 or not 0 <= self.length <= MAX_BLOCK_SIZE_BYTES:
+            return "block_id/length: out of range"
+        if not 1 <= len(self.chain) <= MAX_REPLICAS or len(set(self.chain)) != len(self.chain):
+            return "chain: not 1 to %d distinct servers" % MAX_REPLICAS
+        if len(self.tokens) != len(self.chain):
+            return "tokens: not one per server of the chain"
+        if len(self.holder) > 1024 or "\n" in self.holder:
+            return "holder: not a credential name"
+        return None
+
+
+@dataclass
+class ReplicaError(Message):
+    """A server of a write chain that did not store the block."""
+
+    address: str  # the server
+    errno: int  # why (EIO: unreachable, or the chain broke before it; EBADMSG: damaged on the way; ENOSPC: full)
+    message: str = ""
+
+
+@dataclass
+class WriteBlockReply(Message):
+    """What a write chain stored: every server of the chain is in exactly one list."""
+
+    stored: list[str] = field(default_factory=list)  # servers that hold the block now
+    failed: list[ReplicaError] = field(default_factory=list)  # servers that do not, and why
 
 
 @dataclass

@@ -11,7 +11,15 @@ thread of its own and binds each method of the table to `impl.<name>(request)`, 
   costs (docs/client.md has the figures). The server greets every new stream with an empty
   batch, so a client knows the stream is up before it sends anything on it.
 
-Either way a request is decoded and checked (`valid()`) before the implementation sees
+Blocks move on two more kinds of method (proto/services.py `kind`), served on the event
+loop by coroutines of the implementation: UPLOAD (`write_block`), a request frame then raw
+chunks in, one reply frame out, run as `await impl.<name>(request, chunks, caller,
+time_left_s)`; and DOWNLOAD (`read_block`), one request frame in, then `await
+impl.<name>(request, caller)` returns (reply, async iterator of chunks) and the reply
+frame and the chunks go out; an error in the middle of the chunks ends the call with
+DATA_LOSS (the reader sees EIO).
+
+Every way a request is decoded and checked (`valid()`) before the implementation sees
 it; FsError becomes an errno reply, any other exception is logged and becomes EIO, an
 unknown method ENOSYS. A server never dies on what a client sends.
 
@@ -59,7 +67,7 @@ from .credentials import Caller, Credentials, Revocations, caller_of, channel_cr
 from .credentials import server_credentials
 from .errors import FsError, TransportError
 from .messages import Ctx, Message
-from .services import SERVER_ROLE, Method
+from .services import DOWNLOAD, SERVER_ROLE, UPLOAD, Method
 
 log = logging.getLogger("stripefs.rpc")
 
@@ -366,6 +374,63 @@ def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations, shar
     return handle
 
 
+def _upload_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable:
+    async def handle(request_iterator: Any, context: Any) -> bytes:
+        caller = _authenticate(context, revocations)
+        if caller is None:
+            return codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            return codec.encode_reply(None, errno.EINVAL, f"{name}: no request")
+        req = dispatch.decode(name, first, caller)
+        if isinstance(req, bytes):
+            return req
+        try:
+            result = await getattr(dispatch.impl, name)(req, messages, caller, context.time_remaining())
+        except FsError as exc:
+            result = exc
+        except Exception:  # noqa: BLE001 - a handler bug must not take the server down
+            log.exception("%s failed on %s", name, summary(req))
+            result = FsError(errno.EIO, f"internal error in {name}")
+        return _reply_frame(name, result, req)
+
+    return handle
+
+
+def _download_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable:
+    async def handle(frame: bytes, context: Any) -> Any:
+        caller = _authenticate(context, revocations)
+        if caller is None:
+            yield codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
+            return
+        req = dispatch.decode(name, frame, caller)
+        if isinstance(req, bytes):
+            yield req
+            return
+        try:
+            head, chunks = await getattr(dispatch.impl, name)(req, caller)
+        except FsError as exc:
+            yield _reply_frame(name, exc, req)
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed on %s", name, summary(req))
+            yield _reply_frame(name, FsError(errno.EIO, f"internal error in {name}"), req)
+            return
+        yield _reply_frame(name, head, req)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except FsError as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"errno {exc.errno}: {exc.message}")
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed on %s", name, summary(req))
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"errno {errno.EIO}: internal error in {name}")
+
+    return handle
+
+
 class Server:
     """A running server: `port` is the bound port; `stop()` ends it."""
 
@@ -379,10 +444,15 @@ class Server:
         dispatch = Dispatch(methods, impl)
         revocations = Revocations(revoked)
         shares = _Shares(self.pool, max(1, min(CALLER_WORKERS, workers - 1)))
-        handlers = {
-            name: grpc.unary_unary_rpc_method_handler(_unary_handler(dispatch, name, revocations, shares))
-            for name in methods
-        }
+        handlers = {}
+        for name, method in methods.items():
+            if method.kind == UPLOAD:
+                handlers[name] = grpc.stream_unary_rpc_method_handler(_upload_handler(dispatch, name, revocations))
+            elif method.kind == DOWNLOAD:
+                handlers[name] = grpc.unary_stream_rpc_method_handler(_download_handler(dispatch, name, revocations))
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    _unary_handler(dispatch, name, revocations, shares))
         # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
         handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
             _StreamHandler(dispatch, revocations, self.pool, shares).serve
@@ -435,6 +505,21 @@ def secure_channel(address: str, creds: Credentials, service: str) -> grpc.Chann
                                options=CHANNEL_OPTIONS + channel_options(SERVER_ROLE[service]))
 
 
+def aio_secure_channel(address: str, creds: Credentials, service: str) -> grpc.aio.Channel:
+    """The same for grpc.aio, on the running asyncio loop (a data server forwarding blocks)."""
+    return grpc.aio.secure_channel(address, channel_credentials(creds),
+                                   options=CHANNEL_OPTIONS + channel_options(SERVER_ROLE[service]))
+
+
+def data_loss_errno(exc: grpc.RpcError) -> Optional[FsError]:
+    """The FsError a server ended a DOWNLOAD with (DATA_LOSS, "errno N: text"), or None."""
+    if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.DATA_LOSS:
+        return None
+    head, _, text = (exc.details() or "").partition(": ")
+    code = head.removeprefix("errno ")
+    return FsError(int(code) if code.isdigit() else errno.EIO, text)
+
+
 class Stub:
     """A blocking client of one service on one address (unary calls)."""
 
@@ -449,9 +534,11 @@ class Stub:
         self.service = service
         self.methods = methods
         self.channel = secure_channel(address, creds, service)
-        self._callables = {
-            name: self.channel.unary_unary(f"/{service}/{name}") for name in methods
-        }
+        self._callables = {}
+        for name, method in methods.items():
+            path = f"/{service}/{name}"
+            kind = {UPLOAD: self.channel.stream_unary, DOWNLOAD: self.channel.unary_stream}
+            self._callables[name] = kind.get(method.kind, self.channel.unary_unary)(path)
 
     def close(self) -> None:
         self.channel.close()
@@ -468,6 +555,48 @@ class Stub:
         except grpc.RpcError as exc:
             raise transport_error(self.address, name, exc) from None
         return codec.decode_reply(meth.reply, frame)
+
+
+    def upload(self, name: str, head: Message, chunks: Any, timeout: Optional[float] = 30.0) -> Any:
+        """Blocking UPLOAD call: `head`, then every message of the iterable `chunks`
+        (codec.encode_chunk), which gRPC's own thread consumes as it sends. The reply
+        message, or FsError."""
+        def messages() -> Any:
+            yield codec.encode_request(head)
+            yield from chunks
+
+        meth = self.methods[name]
+        try:
+            frame = self._callables[name](messages(), timeout=timeout, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as exc:
+            raise transport_error(self.address, name, exc) from None
+        return codec.decode_reply(meth.reply, frame)
+
+    def download(self, name: str, req: Message, timeout: Optional[float] = 30.0) -> tuple[Any, Any]:
+        """Blocking DOWNLOAD call: (reply message, iterator of the chunks that follow it).
+        FsError from the reply, or while iterating: the server's errno (DATA_LOSS), else
+        TransportError."""
+        meth = self.methods[name]
+        replies = self._callables[name](codec.encode_request(req), timeout=timeout, wait_for_ready=self.wait_for_ready)
+
+        def rest() -> Any:
+            try:
+                yield from replies
+            except grpc.RpcError as exc:
+                raise (data_loss_errno(exc) or transport_error(self.address, name, exc)) from None
+
+        chunks = rest()
+        try:
+            first = next(replies)
+        except StopIteration:
+            raise TransportError(f"{name} to {self.address}: no reply") from None
+        except grpc.RpcError as exc:
+            raise (data_loss_errno(exc) or transport_error(self.address, name, exc)) from None
+        try:
+            return codec.decode_reply(meth.reply, first), chunks
+        except FsError:
+            replies.cancel()
+            raise
 
 
 def transport_error(address: str, name: str, exc: grpc.RpcError) -> TransportError:

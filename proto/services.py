@@ -31,6 +31,13 @@ class Method:
     #: cheap (no fsync, little I/O): a server may run it on its event loop when nothing else
     #: is running, saving the hand-off to a worker thread (~0.1 ms); see proto/rpc.py
     quick: bool = False
+    #: how the bytes move (proto/rpc.py): UNARY, one frame each way; UPLOAD, a request frame
+    #: then raw chunks in, one reply frame out; DOWNLOAD, one request frame in, a reply
+    #: frame then raw chunks out
+    kind: str = "unary"
+
+
+UNARY, UPLOAD, DOWNLOAD = "unary", "upload", "download"
 
 
 def _table(*methods: Method) -> dict[str, Method]:
@@ -83,10 +90,15 @@ META_METHODS = _table(
 
 DATA_SERVICE = "stripefs.Data"
 DATA_METHODS = _table(
-    Method("put_block", m.PutBlockReq, m.Empty, frozenset({CLIENT})),
+    # a client writes a block to the first server of its chain, each server forwards it to
+    # the next (dataserver/chain.py)
+    Method("write_block", m.WriteBlockHead, m.WriteBlockReply, frozenset({CLIENT, DATA}), kind=UPLOAD),
     Method("sync_blocks", m.SyncBlocksReq, m.Empty, frozenset({CLIENT})),
-    # data servers read from each other to re-replicate; admins to check copies
+    # data servers read from each other to re-replicate; admins to check copies.
+    # get_block: a range (small reads go on the multiplexed stream); read_block: a whole
+    # block, streamed in chunks
     Method("get_block", m.GetBlockReq, m.BlockData, frozenset({CLIENT, DATA, ADMIN}), quick=True),
+    Method("read_block", m.GetBlockReq, m.BlockData, frozenset({CLIENT, DATA, ADMIN}), kind=DOWNLOAD),
     Method("status", m.Empty, m.DataStatusReply, ANYONE, quick=True),
 )
 

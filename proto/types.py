@@ -40,6 +40,14 @@ MAX_INLINE_BYTES = 1024 * 1024
 #: format's first version, still read).
 SUB_BLOCK_BYTES = 4 * 1024
 
+#: Streamed block transfers (a write chain, a whole-block read) move blocks in chunks of
+#: this many bytes, so receiving, checking, forwarding and writing overlap.
+TRANSFER_CHUNK_BYTES = 1024 * 1024
+#: Each server of a write chain gives the next one this much less time than it has itself,
+#: so that a hung server further down is reported by its predecessor (and placed around)
+#: before the writer gives up on the whole chain.
+CHAIN_HOP_MARGIN_S = 2.0
+
 #: Virtual xattrs of a directory that set the layout of files created under it.
 #: They are not listed by listxattr, so copying tools do not carry them around.
 LAYOUT_XATTR_BLOCK_SIZE = b"stripefs.block_size"

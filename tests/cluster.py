@@ -469,3 +469,14 @@ def sha256_file(path: os.PathLike | str | bytes, chunk_bytes: int = 1 << 20) -> 
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def put_block(stub, block_id: int, servers: list[str], tokens: list[bytes], data: bytes, holder: str = "",
+              sync: bool = True):
+    """Write a block down the chain `servers` through the first of them (stub, a data
+    service Stub), as the client does: the WriteBlockReply. FsError if the first refuses."""
+    from proto import codec
+    from proto.messages import WriteBlockHead
+
+    head = WriteBlockHead(block_id, len(data), list(servers), list(tokens), holder=holder, sync=sync)
+    return stub.upload("write_block", head, codec.BlockChunks(data).messages())

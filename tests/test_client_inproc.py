@@ -50,9 +50,12 @@ class World:
         for i in range(3):
             address = f"data-{i}"
             store = BlockStore(tmp_path / address)
-            self.data[address] = DataService(store)
+            self.data[address] = DataService(store, address=address)
             self.data[address].token_key = SECRET  # as after registering
             self.core.register(RegisterReq(address, uuid.uuid4().hex, 1 << 40, 1 << 40, 0))
+        peers = {a: s.chain for a, s in self.data.items()}
+        for service in self.data.values():
+            service.chain.local_peers = peers  # write chains forwarded in-process
 
     def client(self) -> tuple[Client, Counting]:
         meta = Counting(self.core, META_METHODS, "meta")
@@ -62,6 +65,8 @@ class World:
 
     def close(self) -> None:
         self.core.close()
+        for service in self.data.values():
+            service.close()
 
 
 @pytest.fixture

@@ -104,14 +104,14 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
     service.token_key = SECRET
     server, port = serve(DATA_SERVICE, DATA_METHODS, service, pki.creds("data", "src"), "127.0.0.1:0")
     target = BlockStore(tmp_path / "dst")
-    rep = Replicator(target, pki.creds("data", "dst"), lambda: SECRET, workers=2)
+    rep = Replicator(target, pki.creds("data", "dst"), lambda: SECRET, lambda: "dst:1", workers=2)
     try:
         good = f"127.0.0.1:{port}"
         rep.submit([
             # The first source is down: the next one is tried.
-            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=write_token(SECRET, 11, "data:dst", int(time.time()) + 60),
+            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=write_token(SECRET, 11, "data:dst", "dst:1", int(time.time()) + 60),
                           read_token=readable(11)),
-            ReplicateTask(block_id=12, sources=[good], token=write_token(SECRET, 12, "data:dst", int(time.time()) + 60),
+            ReplicateTask(block_id=12, sources=[good], token=write_token(SECRET, 12, "data:dst", "dst:1", int(time.time()) + 60),
                           read_token=readable(12)),  # no such block
             ReplicateTask(block_id=13, sources=[good], token=b"forged", read_token=readable(13)),
         ])

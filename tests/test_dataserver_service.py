@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster import put_block
 
 from dataserver.service import DataService
 from dataserver.store import BlockStore
@@ -26,7 +27,6 @@ from proto.messages import (
     Empty,
     GetBlockReq,
     HeartbeatReply,
-    PutBlockReq,
     RegisterReply,
 )
 from proto.rpc import Stub, serve
@@ -48,13 +48,26 @@ def pki(tmp_path):
 @pytest.fixture
 def data_server(tmp_path, pki):
     store = BlockStore(tmp_path / "data")
-    service = DataService(store)
+    service = DataService(store, pki.creds("data", "d0"))
     service.token_key = SECRET  # as after its registration
     server, port = serve(DATA_SERVICE, DATA_METHODS, service, pki.creds("data", "d0"), "127.0.0.1:0")
+    service.address = f"127.0.0.1:{port}"
     stub = Stub(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE, DATA_METHODS)
+    stub.put = lambda block_id, data, token=None, **kw: put(stub, port, block_id, data, token, **kw)
     yield store, stub, port
     stub.close()
     server.stop(0)
+    service.close()
+
+
+def put(stub: Stub, port: int, block_id: int, data: bytes, token: bytes | None = None, holder: str = ""):
+    """Write a block to this one server (a chain of one), as a client; FsError if refused."""
+    address = f"127.0.0.1:{port}"
+    token = writable(block_id, server=address) if token is None else token
+    reply = put_block(stub, block_id, [address], [token], data, holder)
+    if reply.failed:
+        raise FsError(reply.failed[0].errno, reply.failed[0].message)
+    return reply
 
 
 def readable(block_id: int, holder: str = "client:client", ttl_s: int = 600) -> bytes:
@@ -62,21 +75,27 @@ def readable(block_id: int, holder: str = "client:client", ttl_s: int = 600) -> 
     return read_token(SECRET, block_id, holder, int(time.time()) + ttl_s)
 
 
-def writable(block_id: int, holder: str = "client:client", ttl_s: int = 600, key: bytes = SECRET) -> bytes:
-    """A write token as the metaserver would put it in an allocation."""
-    return write_token(key, block_id, holder, int(time.time()) + ttl_s)
+def writable(block_id: int, holder: str = "client:client", ttl_s: int = 600, key: bytes = SECRET,
+             server: str = "") -> bytes:
+    """A write token as the metaserver would put it in an allocation (for `server`)."""
+    return write_token(key, block_id, holder, server, int(time.time()) + ttl_s)
 
 
 def test_put_get_status(data_server):
-    store, stub, _ = data_server
+    store, stub, port = data_server
     data = os.urandom(200_000)
-    assert stub.call("put_block", PutBlockReq(block_id=77, token=writable(77), data=data)) == Empty()
+    assert stub.put(77, data).stored == [f"127.0.0.1:{port}"]
     reply = stub.call("get_block", GetBlockReq(block_id=77, token=readable(77)))
     assert isinstance(reply, BlockData) and reply.data == data
     part = stub.call("get_block", GetBlockReq(block_id=77, offset=65_000, length=70_000, token=readable(77)))
     assert part.data == data[65_000:135_000]
-    # A retried put is fine.
-    stub.call("put_block", PutBlockReq(block_id=77, token=writable(77), data=data))
+    head, chunks = stub.download("read_block", GetBlockReq(block_id=77, token=readable(77), leaves=True))
+    assert b"".join(chunks) == data and head.leaves == store.get_leaves(77)
+    # A retried write is fine; other bytes under the same id are not.
+    stub.put(77, data)
+    with pytest.raises(FsError) as info:
+        stub.put(77, data[:-1] + b"?")
+    assert info.value.errno == errno.EEXIST
     status = stub.call("status", Empty())
     assert isinstance(status, DataStatusReply)
     assert status.node_id == store.node_id and status.blocks == 1 and status.used_bytes > len(data)
@@ -86,13 +105,13 @@ def test_put_get_status(data_server):
 
 
 def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server):
-    store, stub, _ = data_server
-    stub.call("put_block", PutBlockReq(block_id=80, token=writable(80), data=b"private"))
+    store, stub, port = data_server
+    stub.put(80, b"private")
     # None, another block's, another reader's, expired, another key's, and a write token
     # (another operation's) for this very block.
     for token in (b"", readable(81), readable(80, holder="client:someone-else"), readable(80, ttl_s=-3600),
                   read_token(b"another-key-0123456789abcdef", 80, "client:client", int(time.time()) + 60),
-                  writable(80)):
+                  writable(80, server=f"127.0.0.1:{port}")):
         with pytest.raises(FsError) as info:
             stub.call("get_block", GetBlockReq(block_id=80, token=token))
         assert info.value.errno == errno.EACCES
@@ -100,14 +119,20 @@ def test_reads_need_the_metaservers_token_for_that_block_and_reader(data_server)
 
 
 def test_bad_token_is_eacces(data_server):
-    store, stub, _ = data_server
+    store, stub, port = data_server
+    me = f"127.0.0.1:{port}"
     # Another block's, none, another key's, a read token (another operation's) for it,
-    # another client's, and an expired one.
-    for token in (writable(6), b"", writable(5, key=b"another-secret-0123456789"), readable(5),
-                  writable(5, holder="client:someone-else"), writable(5, ttl_s=-3600)):
+    # another client's, an expired one, and one made out to another data server.
+    for token in (writable(6, server=me), b"", writable(5, key=b"another-secret-0123456789", server=me),
+                  readable(5), writable(5, holder="client:someone-else", server=me),
+                  writable(5, ttl_s=-3600, server=me), writable(5, server="127.0.0.1:1")):
         with pytest.raises(FsError) as info:
-            stub.call("put_block", PutBlockReq(block_id=5, token=token, data=b"x"))
+            stub.put(5, b"x", token)
         assert info.value.errno == errno.EACCES
+    # A client cannot say it writes for another client.
+    with pytest.raises(FsError) as info:
+        stub.put(5, b"x", writable(5, holder="client:someone-else", server=me), holder="client:someone-else")
+    assert info.value.errno == errno.EACCES
     assert store.stats().blocks == 0
 
 
@@ -120,14 +145,20 @@ def test_strangers_and_wrong_roles_are_refused(data_server, pki, tmp_path):
     stranger = Stub(f"127.0.0.1:{port}", Pki(tmp_path / "other").creds("client"), DATA_SERVICE, DATA_METHODS)
     peer = Stub(f"127.0.0.1:{port}", pki.creds("data", "d1"), DATA_SERVICE, DATA_METHODS)
     try:
-        put = PutBlockReq(block_id=5, token=writable(5), data=b"x")
-        for name, req in [("put_block", put), ("get_block", GetBlockReq(block_id=5))]:
-            with pytest.raises(FsError) as info:
-                stranger.call(name, req, timeout=5)
-            assert info.value.errno == errno.EIO  # no handshake, no call
+        me = f"127.0.0.1:{port}"
+        for who in (stranger, peer):
+            who.put = lambda block_id, data, token=None, _who=who, **kw: put(_who, port, block_id, data, token, **kw)
         with pytest.raises(FsError) as info:
-            peer.call("put_block", put)
-        assert info.value.errno == errno.EACCES
+            stranger.put(5, b"x")
+        assert info.value.errno == errno.EIO  # no handshake, no call
+        with pytest.raises(FsError) as info:
+            stranger.call("get_block", GetBlockReq(block_id=5), timeout=5)
+        assert info.value.errno == errno.EIO
+        # A data server forwards only for a client, with the token made out to that client.
+        for holder in ("", "data:d1", "admin:x"):
+            with pytest.raises(FsError) as info:
+                peer.put(5, b"x", writable(5, holder=holder or "data:d1", server=me), holder=holder)
+            assert info.value.errno == errno.EACCES
     finally:
         stranger.close()
         peer.close()
@@ -140,7 +171,7 @@ def test_no_block_is_stored_before_the_token_key_is_known(tmp_path, pki):
     stub = Stub(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE, DATA_METHODS)
     try:
         with pytest.raises(FsError) as info:
-            stub.call("put_block", PutBlockReq(block_id=5, token=writable(5, key=b""), data=b"x"))
+            put(stub, port, 5, b"x", writable(5, key=b""))
         assert info.value.errno == errno.EAGAIN
     finally:
         stub.close()

@@ -224,10 +224,10 @@ def test_counters(store):
 def test_enospc_becomes_fserror_and_leaves_nothing(store, monkeypatch):
     import dataserver.store as mod
 
-    def full(fd, parts):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mod.os, "writev", full)
+    monkeypatch.setattr(mod.os, "pwrite", full)
     with pytest.raises(FsError) as info:
         store.put(4, pattern(100))
     assert info.value.errno == errno.ENOSPC
@@ -322,3 +322,50 @@ def test_leaf_hashes_are_kept_beside_the_block(store, tmp_path):
     with pytest.raises(FsError) as info:
         store.get(405, 0, 10)
     assert info.value.errno == errno.EIO
+
+
+def test_streamed_writer_checks_each_chunk(store):
+    """A block stored chunk by chunk: the chunks' CRCs are checked (a damaged chunk is
+    EBADMSG and nothing is stored), misfitting chunks are EINVAL, and a block whose chunks
+    all came is stored as put would store it."""
+    import crc32c
+
+    from proto.integrity import leaf_hashes
+
+    data = pattern(3 * 65536 + 123)
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    w = store.writer(9, len(data))
+    try:
+        for c in chunks:
+            w.write(c, leaf_hashes(c), crc32c.crc32c(c))
+        w.finish()
+    finally:
+        w.close()
+    assert store.get(9) == data and store.get_leaves(9) == leaf_hashes(data)
+    assert os.listdir(store.root / "tmp") == []
+
+    w = store.writer(10, len(data))
+    try:
+        w.write(chunks[0], leaf_hashes(chunks[0]), crc32c.crc32c(chunks[0]))
+        bad = bytearray(chunks[1])
+        bad[7] ^= 1
+        with pytest.raises(FsError) as info:
+            w.write(bad, leaf_hashes(chunks[1]), crc32c.crc32c(chunks[1]))
+        assert info.value.errno == errno.EBADMSG
+        with pytest.raises(FsError) as info:
+            w.write(b"x" * 10)  # then a chunk without leaf hashes, after chunks with them
+        with pytest.raises(FsError) as info:
+            w.finish()  # short
+        assert info.value.errno == errno.EINVAL
+    finally:
+        w.close()
+    assert 10 not in set(store.block_ids()) and os.listdir(store.root / "tmp") == []
+
+    w = store.writer(11, 100)
+    try:
+        w.write(b"a" * 50)
+        with pytest.raises(FsError) as info:
+            w.write(b"b" * 50)  # the first chunk was not a whole number of sub-blocks
+        assert info.value.errno == errno.EINVAL
+    finally:
+        w.close()

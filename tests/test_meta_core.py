@@ -767,7 +767,8 @@ def test_alloc_striping_and_replicas(env):
     env.add_server(1)
     (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=[0])).allocations
     assert len(a.servers) == 1  # min(2, 1)
-    assert check_write_token(SECRET, a.block_id, "admin:local", a.token, env.clock.t)
+    assert len(a.tokens) == 1
+    assert check_write_token(SECRET, a.block_id, "admin:local", a.servers[0], a.tokens[0], env.clock.t)
     for n in (2, 3, 4):
         env.add_server(n)
     allocs = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s, indexes=list(range(8)))).allocations
@@ -1002,7 +1003,7 @@ def test_create_can_preallocate_blocks(env):
     session = core.open_session(SessionOpenReq("h", "m")).session
     reply = core.mknod(MknodReq(1, b"pre", 0o100644, Ctx(), 0, session, prealloc_blocks=1))
     (a,) = reply.allocations
-    assert a.index == 0 and a.servers and a.token
+    assert a.index == 0 and a.servers and len(a.tokens) == len(a.servers)
     attr = core.commit_blocks(CommitReq(reply.attr.ino, session, [BlockRef(0, a.block_id, 10, a.servers)], 10, 1)).attr
     assert attr.size == 10
     # No live server: the create still succeeds, without allocations.

@@ -1,6 +1,7 @@
 """Level 1: the wire contract as pure functions: validation, codec, errno mapping."""
 
 import errno
+import os
 
 import msgpack
 import pytest
@@ -40,10 +41,33 @@ def test_every_method_has_message_types():
 
 
 def test_request_round_trip_carries_data_raw():
-    req = m.PutBlockReq(7, b"t" * 32, b"\x00\x01" * 1000)
-    frame = codec.encode_request(req)
-    assert frame.endswith(req.data)  # bulk bytes travel after the header, not inside msgpack
-    assert codec.decode_request(m.PutBlockReq, frame) == req
+    reply = m.BlockData(b"\x00\x01" * 1000, b"l" * 16)
+    frame = codec.encode_reply(reply)
+    assert frame.endswith(reply.data)  # bulk bytes travel after the header, not inside msgpack
+    assert codec.decode_reply(m.BlockData, frame) == reply
+
+
+def test_block_chunks_round_trip():
+    """A block cut into write-chain chunks: each decodes to its piece, CRC and leaf
+    hashes; the digest is the block's; framing that does not add up is refused."""
+    import crc32c
+
+    from proto.integrity import block_digest, leaf_hashes
+    from proto.types import TRANSFER_CHUNK_BYTES
+
+    data = os.urandom(2 * TRANSFER_CHUNK_BYTES + 5000)
+    chunks = codec.BlockChunks(bytearray(data))
+    messages = list(chunks.messages())
+    assert len(messages) == 3 and chunks.digest() == block_digest(data)
+    got = b""
+    for message in messages:
+        piece, crc, leaves = codec.decode_chunk(message)
+        assert crc == crc32c.crc32c(piece) and leaves == leaf_hashes(piece)
+        got += piece
+    assert got == data
+    for bad in (b"", messages[2][:-1], messages[2] + b"x", b"\xff\xff\xff\xff" + messages[2][4:]):
+        with pytest.raises(ValueError):
+            codec.decode_chunk(bad)
 
 
 def test_nested_round_trip():
@@ -74,14 +98,15 @@ def test_malformed_reply_is_eio():
 def test_tokens():
     key = b"s" * 32
     now = 1_800_000_000
-    token = write_token(key, 42, "client:a", now + 60)
-    assert check_write_token(key, 42, "client:a", token, now)
-    assert not check_write_token(key, 43, "client:a", token, now)  # another block
-    assert not check_write_token(key, 42, "client:b", token, now)  # another holder
-    assert not check_write_token(b"t" * 32, 42, "client:a", token, now)  # another key
-    assert not check_write_token(key, 42, "client:a", token, now + 3600)  # expired
+    token = write_token(key, 42, "client:a", "d1:7", now + 60)
+    assert check_write_token(key, 42, "client:a", "d1:7", token, now)
+    assert not check_write_token(key, 43, "client:a", "d1:7", token, now)  # another block
+    assert not check_write_token(key, 42, "client:b", "d1:7", token, now)  # another holder
+    assert not check_write_token(key, 42, "client:a", "d2:7", token, now)  # another data server
+    assert not check_write_token(b"t" * 32, 42, "client:a", "d1:7", token, now)  # another key
+    assert not check_write_token(key, 42, "client:a", "d1:7", token, now + 3600)  # expired
     assert not check_read_token(key, 42, "client:a", token, now)  # another operation
-    assert not check_write_token(b"", 42, "client:a", write_token(b"", 42, "client:a", now + 60), now)
+    assert not check_write_token(b"", 42, "client:a", "d1:7", write_token(b"", 42, "client:a", "d1:7", now + 60), now)
 
 
 def test_credentials_carry_role_and_name(tmp_path):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import REPO_ROOT, Cluster, cli
+from cluster import REPO_ROOT, Cluster, cli, put_block
 
 from proto.credentials import load_credentials
 from proto.errors import FsError
@@ -32,7 +32,6 @@ from proto.messages import (
     GetBlockReq,
     MkdirReq,
     MknodReq,
-    PutBlockReq,
     SessionOpenReq,
     XattrReq,
 )
@@ -82,8 +81,8 @@ class Writer:
         refs = []
         for a in allocs:
             piece = content[a.index * BLOCK_BYTES : (a.index + 1) * BLOCK_BYTES]
-            for server in a.servers:
-                self.data(server).call("put_block", PutBlockReq(block_id=a.block_id, token=a.token, data=piece))
+            reply = put_block(self.data(a.servers[0]), a.block_id, a.servers, a.tokens, piece)
+            assert reply.stored == a.servers, reply
             refs.append(BlockRef(index=a.index, block_id=a.block_id, length=len(piece), servers=a.servers))
         self.meta.call("commit_blocks", CommitReq(ino=attr.ino, session=self.session, blocks=refs,
                                                   size=len(content), mtime_ns=time.time_ns()))

@@ -208,7 +208,7 @@ def test_rereplication_after_a_server_dies(env):
     copied: dict[int, int] = {}
     for n in (2, 3):
         for task in env.beat(n).replicate:
-            assert check_write_token(SECRET, task.block_id, "admin:local", task.token, env.clock.t)
+            assert check_write_token(SECRET, task.block_id, "admin:local", addr(n), task.token, env.clock.t)
             assert task.sources and addr(1) not in task.sources and addr(n) not in task.sources
             copied[task.block_id] = n
     assert sorted(copied) == sorted(on1)

@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from cluster import Cluster, cli, REPO_ROOT
+from cluster import Cluster, cli, put_block, REPO_ROOT
 from fs.client import ENTRY_TTL_S
 from proto.credentials import load_credentials
 from proto.errors import FsError
@@ -663,7 +663,7 @@ def test_idle_connections_cannot_exhaust_a_server(tmp_path):
 
 def test_write_tokens_are_the_allocating_clients(sec_cluster):
     """A block allocated to one client cannot be stored by another with its token."""
-    from proto.messages import AllocReq, MknodReq, PutBlockReq
+    from proto.messages import AllocReq, MknodReq
 
     c = sec_cluster
     alice = meta_stub(c, c.pki.bundle("client", "alice"))
@@ -676,8 +676,8 @@ def test_write_tokens_are_the_allocating_clients(sec_cluster):
     as_bob = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "bob")), DATA_SERVICE, DATA_METHODS)
     as_alice = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "alice")), DATA_SERVICE, DATA_METHODS)
     try:
-        assert errno_of(as_bob.call, "put_block", PutBlockReq(a.block_id, a.token, b"bob's")) == errno.EACCES
-        as_alice.call("put_block", PutBlockReq(a.block_id, a.token, b"alice's"))
+        assert errno_of(put_block, as_bob, a.block_id, a.servers, a.tokens, b"bob's") == errno.EACCES
+        assert put_block(as_alice, a.block_id, a.servers, a.tokens, b"alice's").stored == a.servers
     finally:
         as_bob.close()
         as_alice.close()

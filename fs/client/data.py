@@ -7,8 +7,14 @@ consistency comes from refreshing the block map (ids) on open, not from the cach
 
 Each data server is reached through one Transport (transport.py): small reads (random
 reads, a few KiB) go on its multiplexed stream, so they cost one cheap round trip; whole
-blocks and uploads go as unary calls on worker threads (`bulk`), so that megabytes in
-flight do not hold up small calls behind them.
+blocks move as streams of TRANSFER_CHUNK_BYTES chunks on a channel of their own, so that
+megabytes in flight do not hold up small calls behind them, and each chunk is hashed on
+gRPC's thread as it goes out or comes in.
+
+A block is written once, to the first server of its chain, which forwards it to the next
+(dataserver/chain.py): the client's upload bandwidth and copies do not grow with R. Each
+chunk carries its CRC32C and leaf hashes, computed here as it is sent (and kept for a
+retry); the block's digest for the commit is made of them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import trio
 
@@ -26,13 +32,15 @@ from proto.errors import FsError, TransportError
 from proto.integrity import (
     INLINE_HASH_MAX_BYTES,
     LEAF_BYTES,
+    LEAF_HASH_BYTES,
     leaf_hashes,
     leaves_match,
     matches,
     range_matches,
     root_of,
 )
-from proto.messages import BlockRef, GetBlockReq, PutBlockReq, SyncBlocksReq
+from proto.messages import BlockRef, GetBlockReq, SyncBlocksReq, WriteBlockHead
+from proto.types import CHAIN_HOP_MARGIN_S
 
 from .transport import Transport
 
@@ -210,10 +218,15 @@ class DataPath:
         for n, address in enumerate(order):
             deadline = BLOCK_RPC_TIMEOUT_S if n == len(order) - 1 else FAILOVER_DEADLINE_S
             conn = self.conn(address)
-            send = conn.call if length <= STREAM_READ_MAX_BYTES else conn.bulk
+            req = GetBlockReq(ref.block_id, offset, length, ref.token, leaves=want_leaves)
+            streamed = length > STREAM_READ_MAX_BYTES and not want_leaves
             try:
-                req = GetBlockReq(ref.block_id, offset, length, ref.token, leaves=want_leaves)
-                reply = await send("get_block", req, deadline)
+                if streamed:
+                    # Hashed chunk by chunk as it arrives (chunks start at leaf boundaries).
+                    data, got = await conn.download("read_block", req, deadline, _take_chunks if ref.digest else _join_chunks)
+                else:
+                    reply = await conn.call("get_block", req, deadline)
+                    data, got = reply.data, b""
             except FsError as exc:
                 if exc.errno == errno.EACCES:
                     # Our read token is missing or too old: no replica will take it. The
@@ -224,20 +237,24 @@ class DataPath:
                 last = exc
                 all_missing = all_missing and exc.errno == errno.ENOENT
                 continue
-            if len(reply.data) != length:
+            if len(data) != length:
                 last = FsError(errno.EIO, f"block {ref.block_id} on {address} is short")
                 self._penalise(address, last)
                 self._report(ref.block_id, address, last)
                 all_missing = False
                 continue
             if want_leaves:
-                good, got = leaves_match(ref.digest, ref.length, reply.leaves), reply.leaves
+                good, data = leaves_match(ref.digest, ref.length, reply.leaves), reply.leaves
+            elif streamed and ref.digest:
+                first = offset // LEAF_BYTES * LEAF_HASH_BYTES
+                good = (root_of(got) == ref.digest if offset == 0 and length == ref.length
+                        else not leaves or got == leaves[first : first + len(got)])
             elif leaves:
-                good, got = await _off_loop(range_matches, leaves, offset, reply.data, size=length), reply.data
+                good = await _off_loop(range_matches, leaves, offset, data, size=length)
             elif offset == 0 and length == ref.length:
-                good, got = await _off_loop(matches, ref.digest, reply.data, size=length), reply.data
+                good = await _off_loop(matches, ref.digest, data, size=length)
             else:
-                good, got = True, reply.data  # no digest to check against (an old block)
+                good = True  # no digest to check against (an old block)
             if not good:
                 # Its CRCs passed there, but these are not the bytes the writer committed:
                 # a bad server (or a bug), never to be handed to the reader.
@@ -247,7 +264,7 @@ class DataPath:
                 self._report(ref.block_id, address, last)
                 all_missing = False
                 continue
-            return got
+            return data
         if all_missing:  # typically a block replaced and collected since our map was fetched
             raise FsError(errno.ENOENT, f"block {ref.block_id}: on none of its servers")
         log.error("block %d: no replica readable (%s): %s", ref.block_id, ref.servers, last)
@@ -297,41 +314,50 @@ class DataPath:
         return block_id in self.cache or block_id in self._fetching
 
     async def write_block(
-        self, block_id: int, token: bytes, servers: list[str], data: bytes | bytearray, sync: bool = True
+        self, block_id: int, tokens: list[bytes], servers: list[str], data: bytes | bytearray, sync: bool = True
     ) -> tuple[list[str], dict[str, FsError], bytes]:
-        """Store one block on every server in parallel. Returns the servers that hold it
-        (in the given order), the errors of those that failed, and the block's digest for
-        the commit. sync=False: the servers have it (in their page cache) on return;
-        sync_blocks makes it durable."""
-        written: set[str] = set()
-        failed: dict[str, FsError] = {}
-        # Encoded once for every replica, and its digest made (proto/integrity.py), off the
-        # trio thread: a frame is a block-sized copy, a digest a pass over it.
-        def encode() -> tuple[bytes, bytes]:
-            leaves = leaf_hashes(data)
-            return codec.encode_request(PutBlockReq(block_id, token, data, sync, leaves)), root_of(leaves)
-
-        frame, digest = await trio.to_thread.run_sync(encode)
-        deadline = PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
-
-        async def put(address: str) -> None:
-            if self._is_penalised(address):
-                # It failed a call moments ago (this block may have been placed on it before
-                # that): do not wait out another deadline, have the block placed elsewhere.
-                failed[address] = self._last_error[address]
-                return
-            try:
-                await self.conn(address).bulk("put_block", frame, deadline)
-            except FsError as exc:
-                if exc.errno != errno.EACCES:  # a stale write token is ours, not the server's
-                    self._penalise(address, exc)
-                failed[address] = exc
-            else:
-                written.add(address)
-
-        async with trio.open_nursery() as nursery:
-            for address in servers:
-                nursery.start_soon(put, address)
+        """Store one block on its servers: sent once, to the first, which forwards it down
+        the chain. Returns the servers that hold it (in the given order), the errors of
+        those that do not, and the block's digest for the commit. sync=False: the servers
+        have it (in their page cache) on return; sync_blocks makes it durable."""
+        failed = {a: self._last_error[a] for a in servers if self._is_penalised(a)}
+        if failed:
+            # Failed a call moments ago (this block may have been placed on it before that):
+            # do not wait out another deadline, have the block placed elsewhere.
+            return [], failed, b""
+        chunks = codec.BlockChunks(data)
+        head = WriteBlockHead(block_id, len(data), servers, tokens, sync=sync)
+        deadline = (PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
+                    + CHAIN_HOP_MARGIN_S * (len(servers) - 1))
+        try:
+            reply = await self.conn(servers[0]).upload("write_block", head, chunks.messages(), deadline)
+        except FsError as exc:
+            if exc.errno != errno.EACCES:  # a stale write token is ours, not the server's
+                self._penalise(servers[0], exc)
+            return [], {servers[0]: exc}, b""
+        for e in reply.failed:
+            exc = FsError(e.errno, f"{e.address}: {e.message}")
+            if e.errno != errno.EACCES:
+                self._penalise(e.address, exc)
+            failed[e.address] = exc
+        stored = [a for a in servers if a in reply.stored and a not in failed]
+        if len(stored) + len(failed) != len(servers):
+            # A chain that does not account for every server: none of it counts.
+            bad = FsError(errno.EIO, f"{servers[0]}: the chain's reply leaves servers out")
+            return [], {a: failed.get(a, bad) for a in servers}, b""
         # Written blocks are not cached: a writer rarely reads back, and the cache would
         # hold a second copy of everything written (the kernel page cache has it anyway).
-        return [a for a in servers if a in written], failed, digest
+        return stored, failed, chunks.digest() if not failed else b""
+
+
+def _join_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+    return b"".join(chunks), b""
+
+
+def _take_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+    """A streamed read's bytes and their leaf hashes, hashed as they arrive."""
+    parts, hashes = [], []
+    for chunk in chunks:
+        parts.append(chunk)
+        hashes.append(leaf_hashes(chunk))
+    return b"".join(parts), b"".join(hashes)

@@ -8,8 +8,11 @@
   hands replies to trio through its token. Measured on this 2-core machine
   (scripts/bench-rpc, docs/client.md): ~0.3 ms for one caller and tens of thousands of
   calls a second with 64 callers, against ~0.8 ms and ~1,900/s for a thread per call.
-- `unary_call`: one unary call on a worker thread. Kept for bulk transfers (whole blocks of
-  megabytes), which would hold up every small call queued behind them on a stream.
+- `bulk`, `upload`, `download`: a call on a worker thread, on a channel of its own, for
+  bulk transfers (blocks of megabytes), which would hold up every small call queued behind
+  them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
+  DOWNLOAD): whatever is done per chunk (hashing, say) is done on gRPC's threads as the
+  chunks go or come, off the trio thread.
 - `LocalTransport`: the in-process twin of a server for tests of the client: it calls the
   server's implementation directly, through the same codec, with no process and no network.
 
@@ -23,12 +26,13 @@ have run; the next call opens a new stream. Retrying is the caller's decision (s
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
 import queue
 import threading
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 
 import grpc
 import trio
@@ -60,8 +64,20 @@ class Transport(Protocol):
     async def bulk(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
         """The same for a call carrying megabytes (see the module docstring)."""
 
+    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
+        """An UPLOAD call: head, then the messages of `chunks` (produced on a worker thread
+        as they are sent); the reply."""
+
+    async def download(self, name: str, req: Message, timeout_s: float,
+                       consume: Callable[[Any, Iterator[bytes]], T]) -> T:
+        """A DOWNLOAD call: consume(reply, chunks) on a worker thread as the chunks
+        arrive; what it returns. FsError as for `call`, or from consume."""
+
     def close(self) -> None:
         """Ends the connection; calls in flight fail."""
+
+
+T = TypeVar("T")
 
 
 class _Pending:
@@ -215,12 +231,30 @@ class StreamTransport:
             raise stream.broken
         raise TransportError(f"{name} to {self.address}: no answer within {timeout_s:.3g} s")
 
-    async def bulk(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
+    def _bulk_stub(self) -> Stub:
         if self._stub is None:
             # A channel (connection) of its own: megabytes in flight on it do not queue in
             # front of the stream's small messages.
             self._stub = Stub(self.address, self._creds, self._service, self.methods)
-        return await unary_call(self._stub, name, req, timeout_s)
+        return self._stub
+
+    async def bulk(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
+        return await unary_call(self._bulk_stub(), name, req, timeout_s)
+
+    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
+        stub = self._bulk_stub()
+        return await in_thread(stub.upload, name, head, chunks, timeout_s, what=f"{name} to {self.address}",
+                               timeout_s=timeout_s)
+
+    async def download(self, name: str, req: Message, timeout_s: float,
+                       consume: Callable[[Any, Iterator[bytes]], T]) -> T:
+        stub = self._bulk_stub()
+
+        def run() -> T:
+            reply, chunks = stub.download(name, req, timeout_s)
+            return consume(reply, chunks)
+
+        return await in_thread(run, what=f"{name} to {self.address}", timeout_s=timeout_s)
 
     def close(self) -> None:
         self._closed = True
@@ -243,16 +277,20 @@ def _get_limiter() -> trio.CapacityLimiter:
         return limiter
 
 
-async def unary_call(stub: Stub, name: str, req: Message | bytes, timeout_s: float) -> Any:
-    """A unary call on a worker thread, so that the trio thread never blocks on the network
-    and the copies of a bulk payload (encoding, decoding) happen off it. A cancelled caller
-    abandons its thread, whose call then ends by its own deadline."""
+async def in_thread(fn: Callable[..., T], *args: Any, what: str, timeout_s: float) -> T:
+    """fn(*args), a blocking gRPC call with a deadline of timeout_s, on a worker thread, so
+    that the trio thread never blocks on the network and the copies of a bulk payload
+    (encoding, decoding) happen off it. A cancelled caller abandons its thread, whose call
+    then ends by its own deadline."""
     # gRPC enforces the deadline itself; this is the backstop for when it does not.
     with trio.move_on_after(timeout_s + DEADLINE_BACKSTOP_S):
-        return await trio.to_thread.run_sync(
-            stub.call, name, req, timeout_s, abandon_on_cancel=True, limiter=_get_limiter()
-        )
-    raise TransportError(f"{name} to {stub.address}: no answer within {timeout_s:.0f} s")
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=_get_limiter())
+    raise TransportError(f"{what}: no answer within {timeout_s:.0f} s")
+
+
+async def unary_call(stub: Stub, name: str, req: Message | bytes, timeout_s: float) -> Any:
+    """A unary call on a worker thread (in_thread)."""
+    return await in_thread(stub.call, name, req, timeout_s, what=f"{name} to {stub.address}", timeout_s=timeout_s)
 
 
 class LocalTransport:
@@ -273,6 +311,44 @@ class LocalTransport:
         return codec.decode_reply(self.methods[name].reply, self._dispatch.run(name, frame, self.caller))
 
     bulk = call
+
+    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
+        """The server's coroutine, in an asyncio loop of its own on a worker thread (as a
+        server runs it on its loop), fed the chunks as they are made."""
+        req = self._dispatch.decode(name, codec.encode_request(head), self.caller)
+        if isinstance(req, bytes):
+            return codec.decode_reply(self.methods[name].reply, req)
+
+        async def messages() -> Any:
+            for chunk in chunks:
+                yield chunk
+
+        def run() -> bytes:
+            async def go() -> Any:
+                return await getattr(self._dispatch.impl, name)(req, messages(), self.caller, timeout_s)
+
+            try:
+                return codec.encode_reply(asyncio.run(go()))
+            except FsError as exc:
+                return codec.encode_reply(None, exc.errno, exc.message)
+
+        return codec.decode_reply(self.methods[name].reply, await trio.to_thread.run_sync(run))
+
+    async def download(self, name: str, req: Message, timeout_s: float,
+                       consume: Callable[[Any, Iterator[bytes]], T]) -> T:
+        checked = self._dispatch.decode(name, codec.encode_request(req), self.caller)
+        if isinstance(checked, bytes):
+            codec.decode_reply(self.methods[name].reply, checked)  # raises its errno
+
+        def run() -> T:
+            async def go() -> tuple[Any, list[bytes]]:
+                head, chunks = await getattr(self._dispatch.impl, name)(checked, self.caller)
+                return head, [c async for c in chunks]
+
+            head, chunks = asyncio.run(go())
+            return consume(head, iter(chunks))
+
+        return await trio.to_thread.run_sync(run)
 
     def close(self) -> None:
         pass

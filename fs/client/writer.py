@@ -34,6 +34,9 @@ log = logging.getLogger("stripefs.client")
 
 #: Block uploads in flight at once per client (each holds a frame and gRPC's copies).
 MAX_UPLOADS_IN_FLIGHT = 4
+#: Copies of a block held while it is uploaded, besides its buffer: its chunk messages and
+#: gRPC's buffers of them (counted against the write-back budget).
+UPLOAD_COPIES = 2
 #: Uploaded blocks are committed in batches of this many (and at every fsync/close).
 COMMIT_BATCH_BLOCKS = 16
 #: Placements tried for a block whose replica servers fail during the write.
@@ -162,16 +165,15 @@ class Writer:
 
                 async def put(a: m.Allocation) -> None:
                     data, version = snaps[a.index]
-                    # The request frame and gRPC's buffers per replica (measured: about two
-                    # block copies per call while it is sent) count against the write-back
-                    # budget while in flight, so the budget bounds the mount's memory, not
-                    # only its dirty buffers.
-                    in_flight = len(data) * (1 + 2 * len(a.servers))
+                    # The chunk messages and gRPC's buffers (the block is sent once,
+                    # whatever R) count against the write-back budget while in flight, so
+                    # the budget bounds the mount's memory, not only its dirty buffers.
+                    in_flight = len(data) * UPLOAD_COPIES
                     async with self._upload_slots:
                         self.budget.used_bytes += in_flight
                         try:
                             written, failed, digest = await self.data.write_block(
-                                a.block_id, a.token, a.servers, data, sync=False
+                                a.block_id, a.tokens, a.servers, data, sync=False
                             )
                         finally:
                             self.budget.used_bytes -= in_flight
