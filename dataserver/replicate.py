@@ -20,7 +20,7 @@ from typing import Callable
 from proto.auth import check_write_token
 from proto.credentials import Credentials
 from proto.errors import FsError
-from proto.integrity import leaf_hashes, root_of
+from proto.integrity import leaf_hashes, leaves_match, matches
 from proto.messages import GetBlockReq, ReplicateTask
 from proto.rpc import Stub
 from proto.services import DATA_METHODS, DATA_SERVICE
@@ -106,15 +106,19 @@ class Replicator:
             return False
         for source in task.sources:
             try:
-                _, chunks = self._stub(source).download(
-                    "read_block", GetBlockReq(block_id=task.block_id, token=task.read_token), timeout=FETCH_TIMEOUT_S
+                head, chunks = self._stub(source).download(
+                    "read_block", GetBlockReq(block_id=task.block_id, token=task.read_token, leaves=True),
+                    timeout=FETCH_TIMEOUT_S,
                 )
                 data = b"".join(chunks)
             except FsError as exc:
                 log.warning("block %d: source %s failed: %s", task.block_id, source, exc)
                 continue
-            leaves = leaf_hashes(data) if task.digest else b""
-            if task.digest and root_of(leaves) != task.digest:
+            # The source's leaf hashes are kept if the digest vouches for them, else made here.
+            leaves = head.leaves if task.digest else b""
+            if task.digest and not leaves_match(task.digest, len(data), leaves):
+                leaves = leaf_hashes(data)
+            if task.digest and not (matches(task.digest, data) and leaves_match(task.digest, len(data), leaves)):
                 # The source's CRCs passed, so the copy there is not what its writer wrote:
                 # a bad server, not a bad disk. Copy from another; the metaserver hears of
                 # it from readers, whose reports make that server check its copy.

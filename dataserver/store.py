@@ -50,7 +50,7 @@ from typing import Callable, Iterator, Optional
 import crc32c
 
 from proto.errors import FsError
-from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, root_of
+from proto.integrity import DIGEST_BYTES, LEAF_HASH_BYTES, leaf_count, leaf_hashes, leaves_match, matches, root_of
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
@@ -423,8 +423,12 @@ class BlockStore:
                 return "good"
             data = self.get(block_id)  # checks the checksums as it reads
             stored = self.get_leaves(block_id)
-            computed = leaf_hashes(data)  # one pass over the block serves both checks
-            if root_of(computed) == digest and (not stored or stored == computed):
+            if len(digest) == DIGEST_BYTES:
+                good = matches(digest, data) and (not stored or leaves_match(digest, len(data), stored))
+            else:
+                computed = leaf_hashes(data)  # one pass over the block serves both checks
+                good = root_of(computed) == digest and (not stored or stored == computed)
+            if good:
                 return "good"
             log.error("block %d matches its checksums but not its writer's digest (or its leaf hashes"
                       " do not match it)", block_id)

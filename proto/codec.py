@@ -8,6 +8,7 @@ bulk bytes are never packed into msgpack. A reply header is {"e": errno, "m": te
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Any, Iterator, Optional, TypeVar
 
@@ -15,7 +16,7 @@ import crc32c
 import msgpack
 
 from .errors import FsError
-from .integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, root_of
+from .integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, make_digest
 from .messages import Message
 from .types import TRANSFER_CHUNK_BYTES
 
@@ -124,6 +125,8 @@ class BlockChunks:
     def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
         self.sums: dict[int, tuple[int, bytes]] = {}
+        # The block's SHA-256, fed each chunk the first time it is made (always in order).
+        self._hash = hashlib.sha256()
 
     def messages(self) -> Iterator[bytes]:
         for start in range(0, len(self.data), TRANSFER_CHUNK_BYTES):
@@ -133,11 +136,13 @@ class BlockChunks:
                 sums = self.sums.get(start)
                 if sums is None:
                     sums = self.sums[start] = (crc32c.crc32c(piece), leaf_hashes(piece))
+                    self._hash.update(piece)
                 message = encode_chunk(piece, *sums)
             yield message
 
     def digest(self) -> bytes:
-        return root_of(b"".join(self.sums[k][1] for k in sorted(self.sums)))
+        """The block's digest (proto/integrity.py), once every chunk has been made."""
+        return make_digest(self._hash.digest(), b"".join(self.sums[k][1] for k in sorted(self.sums)))
 
 
 # ------------------------------------------------------------------ multiplexed streams

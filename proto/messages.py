@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
-from .integrity import DIGEST_BYTES
+from .integrity import DIGEST_BYTES, DIGEST_V1_BYTES
 from .types import (
     MAX_BLOCK_SIZE_BYTES,
     MAX_REPLICAS,
@@ -250,11 +250,11 @@ class BlockRef(Message):
     length: int  # valid bytes in the block; the rest up to the file size reads as zeros
     servers: list[str] = field(default_factory=list)  # data server addresses holding a replica
     token: bytes = b""  # block maps: the read token of this block for the caller (proto/auth.py)
-    digest: bytes = b""  # SHA-256 of the block's `length` bytes, from its writer (proto/integrity.py);
+    digest: bytes = b""  # digest of the block's `length` bytes, from its writer (proto/integrity.py);
                          # empty: not recorded (blocks committed before digests were)
 
     def _check(self) -> Optional[str]:
-        return None if len(self.digest) in (0, DIGEST_BYTES) else "digest: not a SHA-256 digest"
+        return None if len(self.digest) in (0, DIGEST_V1_BYTES, DIGEST_BYTES) else "digest: not a block digest"
 
 
 @dataclass

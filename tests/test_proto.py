@@ -131,3 +131,26 @@ def test_ids_beyond_their_width_are_invalid():
     assert m.SetattrReq(1, m.Ctx(), gid=-1).valid() is not None
     assert m.InodeReq((1 << 63) - 1).valid() is None
     assert m.InodeReq(1 << 63).valid() is not None
+
+
+def test_digests_of_both_versions_are_checked():
+    """Version 2 digests (hash of the block, hash of its leaf hashes) and the version 1
+    digests of blocks written before (hash of the leaf hashes) are both checked, for whole
+    blocks and for leaf hashes, and refuse other bytes."""
+    from proto.integrity import block_digest, hash_matches, leaf_hashes, leaves_match, matches, root_of
+
+    data = os.urandom(300_000)
+    other = data[:-1] + bytes([data[-1] ^ 1])
+    leaves = leaf_hashes(data)
+    v2, v1 = block_digest(data), root_of(leaves)
+    assert len(v2) == 65 and len(v1) == 32
+    for digest in (v2, v1):
+        assert matches(digest, data) and not matches(digest, other)
+        assert leaves_match(digest, len(data), leaves) and not leaves_match(digest, len(data), leaf_hashes(other))
+        assert not leaves_match(digest, len(data) + 4096, leaves)
+        assert m.BlockRef(0, 1, len(data), digest=digest).valid() is None
+    import hashlib
+    assert hash_matches(v2, hashlib.sha256(data).digest()) and not hash_matches(v2, hashlib.sha256(other).digest())
+    assert hash_matches(v1, hashlib.sha256(data).digest()) is None  # needs the leaves
+    assert matches(b"", other)  # nothing recorded: nothing to check
+    assert m.BlockRef(0, 1, 1, digest=b"x" * 40).valid()

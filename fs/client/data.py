@@ -20,6 +20,7 @@ retry); the block's digest for the commit is made of them.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -30,9 +31,11 @@ import trio
 from proto import codec
 from proto.errors import FsError, TransportError
 from proto.integrity import (
+    DIGEST_BYTES,
     INLINE_HASH_MAX_BYTES,
     LEAF_BYTES,
     LEAF_HASH_BYTES,
+    hash_matches,
     leaf_hashes,
     leaves_match,
     matches,
@@ -220,10 +223,15 @@ class DataPath:
             conn = self.conn(address)
             req = GetBlockReq(ref.block_id, offset, length, ref.token, leaves=want_leaves)
             streamed = length > STREAM_READ_MAX_BYTES and not want_leaves
+            whole = offset == 0 and length == ref.length
             try:
                 if streamed:
-                    # Hashed chunk by chunk as it arrives (chunks start at leaf boundaries).
-                    data, got = await conn.download("read_block", req, deadline, _take_chunks if ref.digest else _join_chunks)
+                    # Hashed chunk by chunk as it arrives, on gRPC's thread: a whole block
+                    # in one SHA-256 pass (without the GIL), a range (or a block with a
+                    # version 1 digest) by its leaves (chunks start at leaf boundaries).
+                    consume = (_join_chunks if not ref.digest
+                               else _hash_chunks if whole and len(ref.digest) == DIGEST_BYTES else _leaf_chunks)
+                    data, got = await conn.download("read_block", req, deadline, consume)
                 else:
                     reply = await conn.call("get_block", req, deadline)
                     data, got = reply.data, b""
@@ -247,8 +255,10 @@ class DataPath:
                 good, data = leaves_match(ref.digest, ref.length, reply.leaves), reply.leaves
             elif streamed and ref.digest:
                 first = offset // LEAF_BYTES * LEAF_HASH_BYTES
-                good = (root_of(got) == ref.digest if offset == 0 and length == ref.length
-                        else not leaves or got == leaves[first : first + len(got)])
+                if not whole:
+                    good = not leaves or got == leaves[first : first + len(got)]
+                else:
+                    good = bool(hash_matches(ref.digest, got)) if len(ref.digest) == DIGEST_BYTES else root_of(got) == ref.digest
             elif leaves:
                 good = await _off_loop(range_matches, leaves, offset, data, size=length)
             elif offset == 0 and length == ref.length:
@@ -354,7 +364,16 @@ def _join_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
     return b"".join(chunks), b""
 
 
-def _take_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+def _hash_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+    """A streamed read's bytes and their SHA-256, hashed as they arrive."""
+    parts, h = [], hashlib.sha256()
+    for chunk in chunks:
+        parts.append(chunk)
+        h.update(chunk)
+    return b"".join(parts), h.digest()
+
+
+def _leaf_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
     """A streamed read's bytes and their leaf hashes, hashed as they arrive."""
     parts, hashes = [], []
     for chunk in chunks:
