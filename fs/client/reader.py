@@ -40,7 +40,10 @@ class Reader:
         self._spawn = spawn
         self._prefetches = 0
 
-    async def read(self, h: HandleState, f: FileState, offset: int, size: int) -> bytes:
+    async def read(self, h: HandleState, f: FileState, offset: int, size: int, view: bool = False) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of the file, clipped to its size. view=True: a read
+        within one cached block may come back as a view into the cache, not a copy (for
+        a caller that copies it at once: the FUSE reply)."""
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
@@ -51,7 +54,7 @@ class Reader:
         while pos < end:
             i, boff = divmod(pos, bs)
             n = min(end - pos, bs - boff)
-            parts.append(await self._piece(f, i, boff, n, sequential))
+            parts.append(await self._piece(f, i, boff, n, sequential, view=view))
             pos += n
         h.last_read_end = end
         if sequential:
@@ -62,7 +65,8 @@ class Reader:
             h.readahead_blocks = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool, refreshed: bool = False) -> bytes:
+    async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool, refreshed: bool = False,
+                     view: bool = False) -> bytes | memoryview:
         d = f.dirty.get(index)
         if d is not None:
             chunk = bytes(d.data[boff : boff + n])
@@ -74,7 +78,8 @@ class Reader:
                 return bytes(n)
             try:
                 if whole:
-                    chunk = (await self.data.read_block(ref))[boff : boff + n]
+                    block = await self.data.read_block(ref)
+                    chunk = memoryview(block)[boff : boff + n] if view else block[boff : boff + n]
                 else:
                     chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:
@@ -87,8 +92,8 @@ class Reader:
                         and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}):
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
                 f.set_map(reply.attr, reply.blocks, reply)
-                return await self._piece(f, index, boff, n, whole, refreshed=True)
-        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
+                return await self._piece(f, index, boff, n, whole, refreshed=True, view=view)
+        return chunk if len(chunk) == n else bytes(chunk) + bytes(n - len(chunk))
 
     def _readahead(self, f: FileState, end: int, window: int) -> None:
         first = end // f.block_size

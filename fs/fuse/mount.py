@@ -93,21 +93,22 @@ def tune_connection(mountpoint: str) -> None:
         log.warning("could not tune the FUSE connection: %s", exc)
 
 
-#: glibc mallopt parameters (malloc.h).
-_M_MMAP_THRESHOLD = -3
+#: glibc mallopt parameter (malloc.h).
 _M_ARENA_MAX = -8
+#: malloc arenas of the mount process.
+MALLOC_ARENAS = 4
 
 
 def bound_malloc_caching() -> None:
-    """Keep glibc from holding on to freed block buffers. Blocks are megabytes; by default
-    glibc raises its mmap threshold after the first such free, so later buffers come from
-    per-thread heap arenas that keep freed memory: the mount's resident size then grows to
-    several times its write-back budget. A fixed threshold (which also turns off the
-    adjustment) sends every block-sized buffer to mmap, returned to the kernel on free."""
+    """Keep glibc from holding on to freed block buffers in one heap arena per thread (by
+    default up to 8 per core, each keeping what was freed in it): the mount's resident size
+    then grows to several times its write-back budget. A fixed mmap threshold was tried as
+    well (every block-sized buffer mmapped and returned on free): it did not bound the
+    resident size better and every new buffer paid its page faults, 1.2 ms a MiB written
+    here (a 1 GiB checkpoint write 124 -> 176 MB/s without it, peak RSS 285 MiB)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
-        libc.mallopt(_M_ARENA_MAX, 4)
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
         log.info("malloc tuning not applied: %s", exc)
 
