@@ -30,9 +30,12 @@ block again elsewhere (fs/client/writer.py), so no acknowledged block is ever sh
 replica. Each server gives the next CHAIN_HOP_MARGIN_S less time than it has itself, so a
 hung server is reported by its predecessor before the writer's own deadline.
 
-Fault injection for tests: STRIPEFS_FAULTS="flip-forwarded-chunks=N" in a data server's
-environment flips a bit in each of the first N chunks it forwards (after checking and
-storing them itself), as a forwarder with bad memory would.
+Fault injection for tests, from STRIPEFS_FAULTS in a data server's environment (comma-
+separated): "flip-forwarded-chunks=N" flips a bit in each of the first N chunks it forwards
+(after checking and storing them itself), as a forwarder with bad memory would;
+"kill-at-hop=H/N" and "stop-at-hop=H/N" make the server SIGKILL or SIGSTOP itself in the
+middle of receiving the Nth block it gets as replica H+1 of a chain (H servers before it),
+so that a test can fail a middle or a last replica of a chain while data flows through it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional
@@ -66,12 +70,15 @@ MIN_HOP_DEADLINE_S = 1.0
 LOCAL_CHUNKS_AHEAD = 2
 
 
-def _faults() -> dict[str, int]:
+def _faults() -> dict[str, tuple[int, ...]]:
     out = {}
     for item in os.environ.get("STRIPEFS_FAULTS", "").split(","):
         name, _, value = item.partition("=")
-        if name.strip() and value.strip().isdigit():
-            out[name.strip()] = int(value)
+        numbers = value.strip().split("/")
+        if name.strip() and all(n.isdigit() for n in numbers):
+            out[name.strip()] = tuple(int(n) for n in numbers)
+    if out:
+        log.warning("fault injection armed: %s", out)
     return out
 
 
@@ -79,10 +86,12 @@ class _Next:
     """The stream to the next server of a chain. A failure of it is kept, never raised:
     the block still completes here."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, head: WriteBlockHead, timeout_s: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, address: str, head: WriteBlockHead, timeout_s: float,
+                 position: int) -> None:
         self.address = address
         self.rest = head.chain  # the servers its reply answers for
         self.error: Optional[FsError] = None
+        self._what = f"block {head.block_id}: forwarding to {address} (replica {position + 1} of {position + len(head.chain)})"
         self._call = channel.stream_unary(f"/{DATA_SERVICE}/write_block")(timeout=timeout_s)
         self._first = codec.encode_request(head)
 
@@ -90,7 +99,7 @@ class _Next:
         if self.error is None:
             self.error = (transport_error(self.address, "write_block", exc) if isinstance(exc, grpc.RpcError)
                           else FsError(errno.EIO, f"forwarding to {self.address}: {exc}"))
-            log.warning("write chain: %s", self.error)
+            log.warning("write chain: %s failed: %s", self._what, self.error)
             self._call.cancel()
 
     async def send(self, message: bytes) -> None:
@@ -170,6 +179,7 @@ class ChainWriter:
         self._disk = disk  # worker threads for the store's disk work
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._faults = _faults()
+        self._seen: dict[int, str] = {}  # blocks a kill/stop fault has counted
         #: in-process servers by address, for tests without processes (_LocalNext)
         self.local_peers: Optional[dict[str, "ChainWriter"]] = None
 
@@ -209,12 +219,13 @@ class ChainWriter:
         nxt: Optional[_Next] = None
         if len(head.chain) > 1:
             budget = (time_left_s if time_left_s is not None else 60.0) - CHAIN_HOP_MARGIN_S
-            onward = WriteBlockHead(head.block_id, head.length, head.chain[1:], head.tokens[1:], holder, head.sync)
+            onward = WriteBlockHead(head.block_id, head.length, head.chain[1:], head.tokens[1:], holder, head.sync,
+                                    head.hop + 1)
             timeout_s = max(MIN_HOP_DEADLINE_S, budget)
             if self.local_peers is not None:
                 nxt = _LocalNext(self.local_peers[head.chain[1]], onward, Caller(DATA, me), timeout_s)
             else:
-                nxt = _Next(self._channel(head.chain[1]), head.chain[1], onward, timeout_s)
+                nxt = _Next(self._channel(head.chain[1]), head.chain[1], onward, timeout_s, onward.hop)
         local: Optional[FsError] = None
         writer: Optional[BlockWriter] = None
         pending: list[asyncio.Future] = []
@@ -237,6 +248,7 @@ class ChainWriter:
                         pending.append(loop.run_in_executor(self._disk, writer.write, data, leaves, crc))
                 if nxt is not None:
                     await nxt.send(self._maybe_damage(message))
+                self._maybe_die(head)
             for fut in pending:
                 local = await self._settle(fut) or local
             pending = []
@@ -264,11 +276,23 @@ class ChainWriter:
             return exc
         return None
 
+    def _maybe_die(self, head: WriteBlockHead) -> None:
+        for name, sig in (("kill-at-hop", signal.SIGKILL), ("stop-at-hop", signal.SIGSTOP)):
+            hop_count = self._faults.get(name)
+            if hop_count is None or hop_count[0] != head.hop or self._seen.get(head.block_id) == name:
+                continue
+            self._seen[head.block_id] = name
+            left = hop_count[1] - 1
+            self._faults[name] = (hop_count[0], left)
+            if left == 0:
+                log.warning("fault injection: %s of block %d, replica %d", name, head.block_id, head.hop + 1)
+                os.kill(os.getpid(), sig)
+
     def _maybe_damage(self, message: bytes) -> bytes:
-        left = self._faults.get("flip-forwarded-chunks", 0)
+        (left,) = self._faults.get("flip-forwarded-chunks", (0,))
         if not left or len(message) < 64:
             return message
-        self._faults["flip-forwarded-chunks"] = left - 1
+        self._faults["flip-forwarded-chunks"] = (left - 1,)
         damaged = bytearray(message)
         damaged[-1] ^= 0x10  # in the data, past the prefix and the leaf hashes
         log.warning("fault injection: flipped a bit of a forwarded chunk")

@@ -779,8 +779,11 @@ class WriteBlockHead(Message):
     tokens: list[bytes]  # write tokens, one per server of `chain`, each for that server (proto/auth.py)
     holder: str = ""  # the client the block is written for, stated by a forwarding data server ("" from a client)
     sync: bool = True  # durable (fsynced) before the reply; False: written, synced by sync_blocks later
+    hop: int = 0  # servers of the chain before the receiver (0 from a client; logs say which replica failed)
 
     def _check(self) -> Optional[str]:
+        if not 0 <= self.hop < MAX_REPLICAS:
+            return "hop: out of range"
         if self.block_id <= 0 or not 0 <= self.length <= MAX_BLOCK_SIZE_BYTES:
             return "block_id/length: out of range"
         if not 1 <= len(self.chain) <= MAX_REPLICAS or len(set(self.chain)) != len(self.chain):

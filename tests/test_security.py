@@ -681,3 +681,61 @@ def test_write_tokens_are_the_allocating_clients(sec_cluster):
     finally:
         as_bob.close()
         as_alice.close()
+
+
+def test_forged_and_replayed_forwards_are_refused(sec_cluster):
+    """A data server stores a forwarded block only with the metaserver's token for that
+    block, for the client it was allocated to, made out to that server: a forwarder (any
+    data-server credential) with a forged token, another server's token, a token for a
+    client the block was not allocated to, or a chain that does not start at the receiver
+    is refused; a replay of a stored block with other bytes is refused (EEXIST) and with
+    the same bytes changes nothing."""
+    from proto.messages import AllocReq, GetBlockReq, MknodReq, WriteBlockHead
+
+    c = sec_cluster
+    alice = meta_stub(c, c.pki.bundle("client", "alice"))
+    try:
+        session = alice.call("open_session", SessionOpenReq("h", "alice")).session
+        f = alice.call("mknod", MknodReq(ROOT_INODE, b"forwarded", 0o100644, Ctx(), session=session)).attr
+        (a,) = alice.call("alloc_blocks", AllocReq(f.ino, session, [0])).allocations
+    finally:
+        alice.close()
+    assert len(a.servers) == 2
+    first, second = a.servers
+    other = next(p.address for p in c.data if p.address not in a.servers)
+    forger = load_credentials(c.pki.bundle("data", "rogue"))  # a data-server credential of this cluster
+    stubs = {addr: Stub(addr, forger, DATA_SERVICE, DATA_METHODS) for addr in (first, second, other)}
+    as_alice = Stub(first, load_credentials(c.pki.bundle("client", "alice")), DATA_SERVICE, DATA_METHODS)
+    holder = "client:alice"
+    try:
+        refused = [
+            (second, [second], [b"\0" * 40], holder, errno.EACCES),  # forged
+            (second, [second], [a.tokens[0]], holder, errno.EACCES),  # the first server's token
+            (other, [other], [a.tokens[1]], holder, errno.EACCES),  # a token made out to another server
+            (second, [second], [a.tokens[1]], "client:bob", errno.EACCES),  # not bob's block
+            (second, [second], [a.tokens[1]], "", errno.EACCES),  # a forwarder must say for whom
+            (second, [first], [a.tokens[0]], holder, errno.EINVAL),  # a chain that starts elsewhere
+        ]
+        for to, chain, tokens, who, code in refused:
+            assert errno_of(put_block, stubs[to], a.block_id, chain, tokens, b"forged", holder=who) == code
+        # The real write, down the chain from the client.
+        assert put_block(as_alice, a.block_id, a.servers, a.tokens, b"alice's bytes").stored == a.servers
+        # Replays of the forward to the second server, with the token it carried.
+        reply = put_block(stubs[second], a.block_id, [second], [a.tokens[1]], b"other bytes!!", holder=holder)
+        assert [(e.address, e.errno) for e in reply.failed] == [(second, errno.EEXIST)]
+        reply = put_block(stubs[second], a.block_id, [second], [a.tokens[1]], b"alice's bytes", holder=holder)
+        assert reply.stored == [second]  # the same block again: nothing new written
+        admin = Stub(second, load_credentials(c.admin), DATA_SERVICE, DATA_METHODS)
+        try:
+            assert admin.call("get_block", GetBlockReq(a.block_id)).data == b"alice's bytes"
+        finally:
+            admin.close()
+        # Nothing was stored on the server no token was made out to.
+        admin = Stub(other, load_credentials(c.admin), DATA_SERVICE, DATA_METHODS)
+        try:
+            assert errno_of(admin.call, "get_block", GetBlockReq(a.block_id)) == errno.ENOENT
+        finally:
+            admin.close()
+    finally:
+        for stub in [*stubs.values(), as_alice]:
+            stub.close()

@@ -347,11 +347,21 @@ class DataPath:
             return [], {servers[0]: exc}, b""
         for e in reply.failed:
             exc = FsError(e.errno, f"{e.address}: {e.message}")
-            if e.errno != errno.EACCES:
+            if e.errno == errno.EBADMSG and e.address in servers[1:]:
+                # A chunk arrived damaged: the server before it in the chain, which stored
+                # it intact (its own check passed), damaged it on the way. That one is
+                # placed around; the receiver did its job.
+                forwarder = servers[servers.index(e.address) - 1]
+                if forwarder in reply.stored:
+                    exc = FsError(errno.EIO, f"{forwarder} damaged block {block_id} forwarding it to {e.address}")
+                    self._penalise(forwarder, exc)
+                    failed[forwarder] = exc
+                    continue
+            if e.errno not in (errno.EACCES, errno.EBADMSG):
                 self._penalise(e.address, exc)
             failed[e.address] = exc
         stored = [a for a in servers if a in reply.stored and a not in failed]
-        if len(stored) + len(failed) != len(servers):
+        if len(reply.stored) + len(reply.failed) != len(servers) or not set(reply.stored) <= set(servers):
             # A chain that does not account for every server: none of it counts.
             bad = FsError(errno.EIO, f"{servers[0]}: the chain's reply leaves servers out")
             return [], {a: failed.get(a, bad) for a in servers}, b""

@@ -181,8 +181,10 @@ class Writer:
                         retry.append(a.index)
                         errors.update(failed)
                         # Servers that failed are placed around; a refused (expired) write
-                        # token only needs the new allocation the retry makes anyway.
-                        exclude.extend(s for s, e in failed.items() if s not in exclude and e.errno != errno.EACCES)
+                        # token only needs the new allocation the retry makes anyway, and a
+                        # server that received a damaged chunk is not at fault (data.py).
+                        exclude.extend(s for s, e in failed.items()
+                                       if s not in exclude and e.errno not in (errno.EACCES, errno.EBADMSG))
                     else:
                         ref = m.BlockRef(a.index, a.block_id, len(data), written, digest=digest)
                         f.uploaded[a.index] = (ref, version)
