@@ -98,6 +98,8 @@ METRICS = [
     Metric("shard_write_slowest", "sharded write, slowest rank", "MB/s", 3),
     Metric("shard_read", "sharded read cold, aggregate", "MB/s", 3),
     Metric("shard_read_slowest", "sharded read cold, slowest rank", "MB/s", 3),
+    Metric("shard_read_mounts", "sharded read cold, 4 mounts, aggregate", "MB/s", 3),
+    Metric("shard_read_mounts_slowest", "sharded read cold, 4 mounts, slowest rank", "MB/s", 3),
     Metric("dataset_write", "dataset write", "files/s", 4),
     Metric("dataset_read", "dataset read, cold, shuffled", "files/s", 4),
     Metric("create", "create", "ops/s", 5),
@@ -307,10 +309,13 @@ def run_together(target: Callable, arg_lists: list[tuple]) -> list[tuple[float, 
     return [(s[1], s[2]) for s in spans]
 
 
-def run_shards(kind: str, directory: Path, sizes: Sizes) -> tuple[float, float]:
-    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s."""
+def run_shards(kind: str, directory: Path | list[Path], sizes: Sizes) -> tuple[float, float]:
+    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s.
+    `directory`: the shards' directory, or one per rank (the same directory through
+    different mounts)."""
+    dirs = directory if isinstance(directory, list) else [directory] * sizes.shards
     spans = run_together(shard_worker, [
-        (kind, str(directory / f"shard-{rank}.tmp"), str(directory / f"shard-{rank}.pt"),
+        (kind, str(dirs[rank] / f"shard-{rank}.tmp"), str(dirs[rank] / f"shard-{rank}.pt"),
          sizes.shard_bytes, sizes.io_bytes)
         for rank in range(sizes.shards)
     ])
@@ -489,6 +494,18 @@ class Target:
     def mount_pid(self) -> Optional[int]:
         return None
 
+    def more_mounts(self, count: int) -> list[Path]:
+        """`count` more mounts of the same file system (fresh processes), as the roots that
+        stand for this target's mount point; dropped by drop_more_mounts."""
+        return [self.root] * count
+
+    def drop_more_mounts(self) -> None:
+        pass
+
+    @property
+    def root(self) -> Path:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -502,6 +519,10 @@ class RawTarget(Target):
 
     def directory(self, replicas: int) -> Path:
         return self.base  # a local disk has one copy whatever R is
+
+    @property
+    def root(self) -> Path:
+        return self.base
 
 
 class StripefsTarget(Target):
@@ -541,6 +562,21 @@ class StripefsTarget(Target):
     def mount_pid(self) -> Optional[int]:
         return self.mount.proc.pid
 
+    @property
+    def root(self) -> Path:
+        return self.mnt
+
+    def more_mounts(self, count: int) -> list[Path]:
+        self.extra = [self.cluster.mount(self.mnt.parent / f"mnt-{k}", timeout=mount_timeout_s)
+                      for k in range(count)]
+        return [m.path for m in self.extra]
+
+    def drop_more_mounts(self) -> None:
+        for m in getattr(self, "extra", []):
+            m.close()
+            self.cluster.mounts.remove(m)
+        self.extra = []
+
     def close(self) -> None:
         self.cluster.close()
 
@@ -569,6 +605,7 @@ class MooseFSTarget(Target):
         self.ip = "192.0.2.2"
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.mount_proc: Optional[subprocess.Popen] = None
+        self.mounts: dict[Path, subprocess.Popen] = {}  # every mfsmount running, by mount point
         self.mnt = base / "mnt"
         self.netns_made = False
         self.veth_made = False
@@ -723,27 +760,48 @@ class MooseFSTarget(Target):
             raise BenchError(f"{exc}\n{tails}") from None
 
     def _mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        out = self.base / "mfsmount.out"
+        self.mount_proc = self._mfsmount(self.mnt)
+
+    def _mfsmount(self, mnt: Path) -> subprocess.Popen:
+        mnt.mkdir(exist_ok=True)
+        out = self.base / f"{mnt.name}.mfsmount.out"
         with open(out, "ab") as f:
-            self.mount_proc = subprocess.Popen(
-                self._ns_argv(["mfsmount", str(self.mnt), "-f", "-H", self.ip,
+            p = subprocess.Popen(
+                self._ns_argv(["mfsmount", str(mnt), "-f", "-H", self.ip,
                                "-P", str(self.master_port), "-o", "mfsnice=0"]),
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        p = self.mount_proc
-        wait_mounted(self.mnt, lambda: p.poll() is None, "mfsmount", self._tail(out))
+        self.mounts[mnt] = p
+        wait_mounted(mnt, lambda: p.poll() is None, "mfsmount", self._tail(out))
+        return p
 
-    def _unmount(self) -> None:
-        if self.mount_proc is None:
+    def _unmount(self, mnt: Optional[Path] = None) -> None:
+        mnt = mnt or self.mnt
+        p = self.mounts.pop(mnt, None)
+        if mnt == self.mnt:
+            self.mount_proc = None
+        if p is None:
             return
-        fuse_unmount(self.mnt)
+        fuse_unmount(mnt)
         try:
-            self.mount_proc.wait(timeout=mount_timeout_s)
+            p.wait(timeout=mount_timeout_s)
         except subprocess.TimeoutExpired:
-            self.mount_proc.kill()
-            self.mount_proc.wait()
-        self.mount_proc = None
+            p.kill()
+            p.wait()
+
+    @property
+    def root(self) -> Path:
+        return self.mnt
+
+    def more_mounts(self, count: int) -> list[Path]:
+        extra = [self.mnt.parent / f"mnt-{k}" for k in range(count)]
+        for mnt in extra:
+            self._mfsmount(mnt)
+        return extra
+
+    def drop_more_mounts(self) -> None:
+        for mnt in [m for m in self.mounts if m != self.mnt]:
+            self._unmount(mnt)
 
     # -- Target
 
@@ -761,10 +819,11 @@ class MooseFSTarget(Target):
 
     def close(self) -> None:
         errors = []
-        try:
-            self._unmount()
-        except Exception as exc:
-            errors.append(exc)
+        for mnt in list(self.mounts):
+            try:
+                self._unmount(mnt)
+            except Exception as exc:
+                errors.append(exc)
         # Chunk servers first, the master last: it saves its metadata on the way out.
         for name, p, _ in reversed(self.procs):
             if p.poll() is None:
@@ -920,6 +979,16 @@ class Bench:
                     agg, slow = run_shards("read", t.directory(r) / f"shards-{run}", s)
                     self.record(run, r, t.name, "shard_read", agg)
                     self.record(run, r, t.name, "shard_read_slowest", slow)
+                    # Then each rank through a mount of its own, as 4 training nodes would.
+                    self.cold(t)
+                    rel = t.directory(r).relative_to(t.root) / f"shards-{run}"
+                    try:
+                        roots = t.more_mounts(s.shards)
+                        agg, slow = run_shards("read", [root / rel for root in roots], s)
+                    finally:
+                        t.drop_more_mounts()
+                    self.record(run, r, t.name, "shard_read_mounts", agg)
+                    self.record(run, r, t.name, "shard_read_mounts_slowest", slow)
                     shutil.rmtree(t.directory(r) / f"shards-{run}")
             if 4 in self.workloads:
                 for t in targets:
