@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 import crc32c
 import msgpack
@@ -117,27 +117,51 @@ def decode_chunk(message: bytes) -> tuple[memoryview, int, bytes]:
     return view[start:], crc, bytes(view[_CHUNK.size : start])
 
 
+#: A block as one buffer, or as its pieces in order.
+Buffers = Union[bytes, bytearray, memoryview, list]
+
+
 class BlockChunks:
     """A block cut into the chunk messages of a write chain, each with its CRC32C and leaf
     hashes, made as gRPC's thread sends them and kept for a retry (a block placed again
-    is not hashed again)."""
+    is not hashed again). The block may come as pieces (a writer's buffers as they were
+    written): a chunk that lies within one piece is framed straight from it, one that
+    spans pieces is gathered first."""
 
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.data = data
+    def __init__(self, data: Buffers) -> None:
+        self.pieces = data if isinstance(data, list) else [data]
+        self.length = sum(len(p) for p in self.pieces)
         self.sums: dict[int, tuple[int, bytes]] = {}
         # The block's SHA-256, fed each chunk the first time it is made (always in order).
         self._hash = hashlib.sha256()
 
+    def _chunk(self, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of the block: a view into the one piece holding them, or
+        gathered from several."""
+        out, pos = [], 0
+        for piece in self.pieces:
+            if pos + len(piece) > start and pos < end:
+                out.append(memoryview(piece)[max(0, start - pos) : end - pos])
+            pos += len(piece)
+            if pos >= end:
+                break
+        return out[0] if len(out) == 1 else b"".join(out)
+
     def messages(self) -> Iterator[bytes]:
-        for start in range(0, len(self.data), TRANSFER_CHUNK_BYTES):
-            # No view of the buffer outlives a message: the writer may grow the buffer once
+        for start in range(0, self.length, TRANSFER_CHUNK_BYTES):
+            # No view of a buffer outlives a message: the writer may grow a bytearray once
             # the upload is over, which an export would forbid (BufferError).
-            with memoryview(self.data)[start : start + TRANSFER_CHUNK_BYTES] as piece:
+            piece = self._chunk(start, min(start + TRANSFER_CHUNK_BYTES, self.length))
+            try:
                 sums = self.sums.get(start)
                 if sums is None:
                     sums = self.sums[start] = (crc32c.crc32c(piece), leaf_hashes(piece))
                     self._hash.update(piece)
                 message = encode_chunk(piece, *sums)
+            finally:
+                if isinstance(piece, memoryview):
+                    piece.release()
+                del piece
             yield message
 
     def digest(self) -> bytes:

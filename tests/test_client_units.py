@@ -36,7 +36,7 @@ def test_overlay_applies_local_writes_only_while_dirty():
 
 def test_set_map_keeps_dirty_extent():
     f = FileState(9, attr(), 4096, WritebackBudget(1 << 20))
-    f.dirty[3] = DirtyBlock(bytearray(10))
+    f.dirty[3] = DirtyBlock(bytes(10))
     f.set_map(attr(size=100), [])
     assert f.size == 3 * 4096 + 10
 
@@ -47,6 +47,48 @@ def test_budget_counts_dirty_bytes():
     d = f.new_dirty(0, b"x" * 10)
     f.write_into(d, 50, memoryview(b"y" * 60))  # zero-fills 10..50, then 60 bytes
     assert budget.used_bytes == 110 and budget.over() and d.version == 1
-    assert bytes(d.data[10:50]) == bytes(40)
+    assert d.read(10, 40) == bytes(40)
     f.drop_dirty(0)
     assert budget.used_bytes == 0 and not f.busy()
+
+
+def test_dirty_block_keeps_appends_and_copies_on_write():
+    """Appends keep the writers' immutable buffers (a bytearray's bytes are copied); a write
+    anywhere else gathers them into one buffer; a snapshot taken for an upload never
+    changes under later writes, either way."""
+    from proto import codec
+
+    d = DirtyBlock(b"base")
+    mutable = bytearray(b"1234")
+    d.write(4, memoryview(b"abcdef"))
+    d.write(10, memoryview(mutable))
+    mutable[:] = b"xxxx"  # the caller reuses its buffer
+    assert d.content() == b"baseabcdef1234" and d.read(3, 5) == b"eabcd" and len(d) == 14
+    snap = d.snapshot()
+    d.write(14, memoryview(b"!"))  # an append after the snapshot
+    assert b"".join(snap) == b"baseabcdef1234"
+    d.write(0, memoryview(b"B"))  # in place: gathered into a bytearray
+    assert d.content() == b"Baseabcdef1234!" and b"".join(snap) == b"baseabcdef1234"
+    snap2 = d.snapshot()
+    d.write(1, memoryview(b"A"))  # while an upload holds it: copied first
+    assert b"".join(snap2) == b"Baseabcdef1234!" and d.content() == b"BAseabcdef1234!"
+    d.release(snap2)
+    d.release(snap)
+    # Pieces in any sizes become the same chunk messages as one buffer would.
+    pieces = [bytes([i]) * n for i, n in enumerate((1, 4095, 5000, 2 << 20, 7))]
+    whole = b"".join(pieces)
+    a, b = codec.BlockChunks(pieces), codec.BlockChunks(whole)
+    assert list(a.messages()) == list(b.messages()) and a.digest() == b.digest() and a.length == len(whole)
+
+
+def test_block_cache_gives_way_to_write_back():
+    from fs.client.data import BlockCache
+
+    cache = BlockCache(10)
+    for block_id in (1, 2, 3):
+        cache.put(block_id, b"x" * 3)
+    cache.get(1)  # most recently used now
+    cache.trim(10 - 5)  # 5 bytes of dirty data want room: the least recently used go
+    assert cache.used_bytes == 3 and 1 in cache and 2 not in cache and 3 not in cache
+    cache.trim(-1)
+    assert cache.used_bytes == 0

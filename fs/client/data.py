@@ -114,6 +114,12 @@ class BlockCache:
         """Membership without counting as a use (unlike get)."""
         return block_id in self._blocks
 
+    def trim(self, room_bytes: int) -> None:
+        """Evict least recently used blocks until at most room_bytes are held."""
+        while self.used_bytes > max(0, room_bytes) and self._blocks:
+            _, evicted = self._blocks.popitem(last=False)
+            self.used_bytes -= len(evicted)
+
 
 class DataPath:
     """Talks to data servers: one Transport per server address, made by `connect`."""
@@ -324,20 +330,21 @@ class DataPath:
         return block_id in self.cache or block_id in self._fetching
 
     async def write_block(
-        self, block_id: int, tokens: list[bytes], servers: list[str], data: bytes | bytearray, sync: bool = True
+        self, block_id: int, tokens: list[bytes], servers: list[str], data: codec.Buffers, sync: bool = True
     ) -> tuple[list[str], dict[str, FsError], bytes]:
-        """Store one block on its servers: sent once, to the first, which forwards it down
-        the chain. Returns the servers that hold it (in the given order), the errors of
-        those that do not, and the block's digest for the commit. sync=False: the servers
-        have it (in their page cache) on return; sync_blocks makes it durable."""
+        """Store one block (a buffer, or its pieces in order) on its servers: sent once, to
+        the first, which forwards it down the chain. Returns the servers that hold it (in
+        the given order), the errors of those that do not, and the block's digest for the
+        commit. sync=False: the servers have it (in their page cache) on return;
+        sync_blocks makes it durable."""
         failed = {a: self._last_error[a] for a in servers if self._is_penalised(a)}
         if failed:
             # Failed a call moments ago (this block may have been placed on it before that):
             # do not wait out another deadline, have the block placed elsewhere.
             return [], failed, b""
         chunks = codec.BlockChunks(data)
-        head = WriteBlockHead(block_id, len(data), servers, tokens, sync=sync)
-        deadline = (PUT_DEADLINE_BASE_S + len(data) / PUT_DEADLINE_BYTES_PER_S
+        head = WriteBlockHead(block_id, chunks.length, servers, tokens, sync=sync)
+        deadline = (PUT_DEADLINE_BASE_S + chunks.length / PUT_DEADLINE_BYTES_PER_S
                     + CHAIN_HOP_MARGIN_S * (len(servers) - 1))
         try:
             reply = await self.conn(servers[0]).upload("write_block", head, chunks.messages(), deadline)

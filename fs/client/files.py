@@ -43,11 +43,69 @@ class WritebackBudget:
         return self.used_bytes > self.limit_bytes
 
 
-@dataclass
 class DirtyBlock:
-    data: bytearray  # block content from the block's start; shorter than block_size near EOF
-    version: int = 0  # bumped by every write into it
-    frozen: bool = False  # an upload is reading `data`: a write must copy it first
+    """The newest content of one block, from the block's start (shorter than the block near
+    the end of the file). While every write appends, it is kept as the writes' own
+    immutable buffers, not copied (a sequential writer's 1 MiB FUSE writes become the
+    upload's chunks as they came); the first write anywhere else gathers it into one
+    bytearray, written in place from then on. An upload takes a `snapshot`; a write while
+    the bytearray is in an upload copies it first (copy-on-write)."""
+
+    __slots__ = ("_pieces", "_buf", "_frozen", "length", "version")
+
+    def __init__(self, base: bytes = b"") -> None:
+        self._pieces: list[bytes | memoryview] = [base] if base else []
+        self._buf: Optional[bytearray] = None
+        self._frozen = False  # an upload holds _buf
+        self.length = len(base)
+        self.version = 0  # bumped by every write into it
+
+    def __len__(self) -> int:
+        return self.length
+
+    def write(self, offset: int, data: memoryview) -> int:
+        """Write data at offset; returns how many bytes the block grew by."""
+        before = self.length
+        if self._buf is None and offset == self.length:
+            # An append: keep the caller's buffer when it cannot change under us.
+            self._pieces.append(data if isinstance(data.obj, bytes) else bytes(data))
+            self.length += len(data)
+        else:
+            if self._buf is None:
+                self._buf, self._pieces = bytearray(b"".join(self._pieces)), []
+            elif self._frozen:
+                self._buf, self._frozen = bytearray(self._buf), False
+            if len(self._buf) < offset:
+                self._buf.extend(bytes(offset - len(self._buf)))
+            self._buf[offset : offset + len(data)] = data
+            self.length = len(self._buf)
+        self.version += 1
+        return self.length - before
+
+    def read(self, offset: int, n: int) -> bytes:
+        if self._buf is not None:
+            return bytes(self._buf[offset : offset + n])
+        out, pos, end = [], 0, min(offset + n, self.length)
+        for piece in self._pieces:
+            if pos + len(piece) > offset and pos < end:
+                out.append(piece[max(0, offset - pos) : end - pos])
+            pos += len(piece)
+        return b"".join(out)
+
+    def snapshot(self) -> list[bytes | bytearray | memoryview]:
+        """The content as buffers that no later write changes, for an upload (release it
+        with `release` when done)."""
+        if self._buf is not None:
+            self._frozen = True
+            return [self._buf]
+        return list(self._pieces)
+
+    def release(self, snapshot: list) -> None:
+        if self._buf is not None and snapshot and snapshot[0] is self._buf:
+            self._frozen = False
+
+    def content(self) -> bytes:
+        return self.read(0, self.length)
 
 
 @dataclass
@@ -99,10 +157,10 @@ class FileState:
         return 0 if self.inline_refused else min(self.attr.inline_max, self.block_size)
 
     def dirty_end(self, index: int) -> int:
-        return index * self.block_size + len(self.dirty[index].data)
+        return index * self.block_size + len(self.dirty[index])
 
     def dirty_bytes(self) -> int:
-        return sum(len(d.data) for d in self.dirty.values())
+        return sum(len(d) for d in self.dirty.values())
 
     def uploaded_current(self, index: int) -> bool:
         """The upload waiting for commit holds the newest content of block `index`."""
@@ -114,26 +172,16 @@ class FileState:
         return bool(self.dirty or self.flushing or self.uploaded)
 
     def new_dirty(self, index: int, base: bytes) -> DirtyBlock:
-        d = self.dirty[index] = DirtyBlock(bytearray(base))
+        d = self.dirty[index] = DirtyBlock(base)
         self.budget.used_bytes += len(base)
         return d
 
     def write_into(self, d: DirtyBlock, offset: int, data: memoryview) -> None:
-        if d.frozen:
-            # Copy-on-write: the upload in flight keeps the old buffer, so uploads need no
-            # snapshot copy and a block costs its memory twice only while both exist.
-            d.data = bytearray(d.data)
-            d.frozen = False
-        before = len(d.data)
-        if before < offset:
-            d.data.extend(bytes(offset - before))
-        d.data[offset : offset + len(data)] = data
-        d.version += 1
-        self.budget.used_bytes += len(d.data) - before
+        self.budget.used_bytes += d.write(offset, data)
 
     def drop_dirty(self, index: int) -> None:
         d = self.dirty.pop(index)
-        self.budget.used_bytes -= len(d.data)
+        self.budget.used_bytes -= len(d)
 
     def drop_all(self) -> None:
         for index in list(self.dirty):

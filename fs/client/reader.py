@@ -69,7 +69,7 @@ class Reader:
                      view: bool = False) -> bytes | memoryview:
         d = f.dirty.get(index)
         if d is not None:
-            chunk = bytes(d.data[boff : boff + n])
+            chunk = d.read(boff, n)
         elif index == 0 and f.inline is not None:
             chunk = f.inline[boff : boff + n]
         else:

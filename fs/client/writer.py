@@ -88,9 +88,13 @@ class Writer:
             view = view[n:]
             if pos > f.size:
                 f.size = pos
-            if len(d.data) == bs and i not in f.flushing:
+            if len(d) == bs and i not in f.flushing:
                 self._upload_in_background(f, i)
         f.mtime_ns = now_ns()
+        # Write-back buffers take the place of cached blocks: the block cache gives up what
+        # dirty data holds, so a mount that read a checkpoint and then writes one holds
+        # about one budget of block data, not both (the page cache's rule too).
+        self.data.cache.trim(self.data.cache.limit_bytes - self.budget.used_bytes)
         if self.budget.over():
             await self._relieve(f)
         return len(data)
@@ -149,9 +153,7 @@ class Writer:
         for i in indexes:
             f.flushing[i] = trio.Event()
         try:
-            snaps = {i: (f.dirty[i].data, f.dirty[i].version) for i in indexes}
-            for i in indexes:
-                f.dirty[i].frozen = True
+            snaps = {i: (f.dirty[i].snapshot(), f.dirty[i].version) for i in indexes}
             # Servers that just failed this client are avoided from the start.
             todo, exclude = indexes, self.data.penalised()
             errors: dict[str, FsError] = {}
@@ -165,10 +167,11 @@ class Writer:
 
                 async def put(a: m.Allocation) -> None:
                     data, version = snaps[a.index]
+                    length = sum(len(piece) for piece in data)
                     # The chunk messages and gRPC's buffers (the block is sent once,
                     # whatever R) count against the write-back budget while in flight, so
                     # the budget bounds the mount's memory, not only its dirty buffers.
-                    in_flight = len(data) * UPLOAD_COPIES
+                    in_flight = length * UPLOAD_COPIES
                     async with self._upload_slots:
                         self.budget.used_bytes += in_flight
                         try:
@@ -186,7 +189,7 @@ class Writer:
                         exclude.extend(s for s, e in failed.items()
                                        if s not in exclude and e.errno not in (errno.EACCES, errno.EBADMSG))
                     else:
-                        ref = m.BlockRef(a.index, a.block_id, len(data), written, digest=digest)
+                        ref = m.BlockRef(a.index, a.block_id, length, written, digest=digest)
                         f.uploaded[a.index] = (ref, version)
                         for address in written:
                             f.unsynced.setdefault(address, set()).add(a.block_id)
@@ -205,8 +208,8 @@ class Writer:
         finally:
             for i in indexes:
                 d = f.dirty.get(i)
-                if d is not None and d.data is snaps[i][0]:
-                    d.frozen = False
+                if d is not None:
+                    d.release(snaps[i][0])
                 f.flushing.pop(i).set()
 
     async def _allocate(
@@ -274,7 +277,7 @@ class Writer:
         d = f.dirty.get(0)
         return (
             d is not None and len(f.dirty) == 1 and not f.uploaded and not f.flushing
-            and len(d.data) <= f.inline_limit
+            and len(d) <= f.inline_limit
         )
 
     async def _commit_inline(self, f: FileState) -> None:
@@ -283,7 +286,7 @@ class Writer:
             if not self._fits_inline(f):
                 return  # changed while we waited for the lock
             d = f.dirty[0]
-            data, version = bytes(d.data), d.version
+            data, version = d.content(), d.version
             req = m.InlineCommitReq(f.ino, self._session(), f.size, f.mtime_ns or now_ns(), crc32c.crc32c(data), data)
             try:
                 reply = await self._call("commit_inline", req)
