@@ -25,7 +25,8 @@ that client on that server; a replayed chain finds the block stored (EEXIST unle
 the very same block) and a token expires with its allocation.
 
 Failures: a server further down that fails, hangs or breaks the stream is reported in
-`failed` (with errno) and this server's own copy still completes; the client places the
+`failed` (with errno; the servers after it as ECANCELED, not reached) and this server's
+own copy still completes; the client places the
 block again elsewhere (fs/client/writer.py), so no acknowledged block is ever short of a
 replica. Each server gives the next CHAIN_HOP_MARGIN_S less time than it has itself, so a
 hung server is reported by its predecessor before the writer's own deadline.
@@ -82,6 +83,14 @@ def _faults() -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _broken_at(chain: list[str], error: FsError) -> list[ReplicaError]:
+    """A chain that broke at its first server: that one failed with `error`, the ones
+    after it were not reached (ECANCELED: nothing is held against them)."""
+    return [ReplicaError(chain[0], error.errno, error.message)] + [
+        ReplicaError(a, errno.ECANCELED, f"not reached: the chain broke at {chain[0]}") for a in chain[1:]
+    ]
+
+
 class _Next:
     """The stream to the next server of a chain. A failure of it is kept, never raised:
     the block still completes here."""
@@ -131,7 +140,7 @@ class _Next:
             except (grpc.RpcError, asyncio.InvalidStateError) as exc:
                 self._fail(exc)
         assert self.error is not None
-        return WriteBlockReply(failed=[ReplicaError(a, self.error.errno, self.error.message) for a in self.rest])
+        return WriteBlockReply(failed=_broken_at(self.rest, self.error))
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -161,7 +170,7 @@ class _LocalNext(_Next):
         try:
             return await self._task
         except FsError as exc:
-            return WriteBlockReply(failed=[ReplicaError(a, exc.errno, exc.message) for a in self.rest])
+            return WriteBlockReply(failed=_broken_at(self.rest, exc))
 
     def cancel(self) -> None:
         self._task.cancel()

@@ -26,6 +26,7 @@ from faults import (
     Inspector,
     MiB,
     fast_cluster,
+    fsck_json,
     pattern,
     pause,
     resume,
@@ -94,7 +95,10 @@ def forward_failures(c, victim: str) -> set[tuple[int, int]]:
 def check_file(c, rel: str, data: bytes, replicas: int) -> None:
     fresh = c.mount()
     assert sha256_path(fresh / rel) == sha256(data)
-    wait_replicated(c, REPAIR_WITHIN_S)
+    try:
+        wait_replicated(c, REPAIR_WITHIN_S)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstatus: {c.status()}\nfsck: {fsck_json(c)}") from None
     ins = Inspector(c)
     try:
         problems: list[str] = []

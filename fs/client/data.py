@@ -63,6 +63,10 @@ PUT_DEADLINE_BYTES_PER_S = 8 * 1024 * 1024
 SYNC_RPC_TIMEOUT_S = 20.0
 #: A server unreachable this recently is not asked to sync: its copies count as lost.
 SYNC_SKIP_AFTER_FAILURE_S = 30.0
+#: Errors of a write chain's reply that say nothing against the server they name: a stale
+#: write token (ours), a chunk damaged before it (its forwarder is blamed), or a server the
+#: chain never reached. The block is placed again, but not around that server.
+NOT_THE_SERVERS_FAULT = frozenset({errno.EACCES, errno.EBADMSG, errno.ECANCELED})
 #: Reads of at most this many bytes go on a server's stream; larger ones are bulk calls.
 STREAM_READ_MAX_BYTES = 1024 * 1024
 #: Memory for the leaf hashes of blocks read in ranges (proto/integrity.py): 16 bytes per
@@ -364,7 +368,7 @@ class DataPath:
                     self._penalise(forwarder, exc)
                     failed[forwarder] = exc
                     continue
-            if e.errno not in (errno.EACCES, errno.EBADMSG):
+            if e.errno not in NOT_THE_SERVERS_FAULT:
                 self._penalise(e.address, exc)
             failed[e.address] = exc
         stored = [a for a in servers if a in reply.stored and a not in failed]

@@ -26,7 +26,7 @@ from proto import messages as m
 from proto.errors import FsError
 from proto.types import FILE_SIZE_MAX_BYTES
 
-from .data import DataPath
+from .data import NOT_THE_SERVERS_FAULT, DataPath
 from .files import DirtyBlock, FileState, WritebackBudget
 from .reader import Reader
 
@@ -185,9 +185,10 @@ class Writer:
                         errors.update(failed)
                         # Servers that failed are placed around; a refused (expired) write
                         # token only needs the new allocation the retry makes anyway, and a
-                        # server that received a damaged chunk is not at fault (data.py).
+                        # server that received a damaged chunk, or that a broken chain
+                        # never reached, is not at fault (data.py).
                         exclude.extend(s for s, e in failed.items()
-                                       if s not in exclude and e.errno not in (errno.EACCES, errno.EBADMSG))
+                                       if s not in exclude and e.errno not in NOT_THE_SERVERS_FAULT)
                     else:
                         ref = m.BlockRef(a.index, a.block_id, length, written, digest=digest)
                         f.uploaded[a.index] = (ref, version)
