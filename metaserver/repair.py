@@ -11,7 +11,8 @@ whatever the backlog. The target's next heartbeat reply carries the task with it
 reports `replicated` (or failed). Only then does the copy become a replica row, and once
 a block has R replicas on non-dead servers again, its rows on dead servers are dropped
 and their copies sent to garbage, so a dead server that returns deletes them. A task
-nobody reports on is forgotten after `replication_timeout_s` and planned again.
+nobody reports on is forgotten after `replication_timeout_s` (at once when its target is
+dead, or not up and the task not handed out yet) and planned again.
 
 Block reports. A (re)registered server is asked for a full block report; its ids arrive
 in chunks (`reported` table) and the last chunk reconciles them with the block maps:
@@ -180,9 +181,18 @@ class RepairOps(CoreBase):
         return planned
 
     def _expire_tasks(self, tx: Tx, now: int) -> int:
-        """Forget tasks nobody reported on in time (the target died or lost them)."""
+        """Forget tasks nobody reported on in time (the target died or lost them), every
+        task of a dead target, and the queued ones of a target that is not up: they are
+        planned again on servers that can do them."""
         cutoff = now - int(self.replication_timeout_s * NS_PER_S)
         n = tx.run("DELETE FROM replication WHERE COALESCE(sent_ns, created_ns) < ?", (cutoff,)).rowcount
+        states = self._server_states(tx, now)
+        dead = [sid for sid, st in states.items() if st == DEAD]
+        not_up = [sid for sid, st in states.items() if st != UP]
+        if dead:
+            n += tx.run(f"DELETE FROM replication WHERE server_id IN {id_list(dead)}").rowcount
+        if not_up:
+            n += tx.run(f"DELETE FROM replication WHERE sent_ns IS NULL AND server_id IN {id_list(not_up)}").rowcount
         if n:
             self.replan = True
         return n

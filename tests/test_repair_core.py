@@ -227,6 +227,36 @@ def test_rereplication_after_a_server_dies(env):
     assert sorted(reply.delete) == sorted(on1) and reply.block_report
 
 
+def test_tasks_of_a_target_that_dies_are_planned_again_elsewhere(env):
+    """A copy queued for a server that then stops answering is not left waiting for the
+    task timeout: once the target is not up its queued tasks are dropped, once dead its
+    sent ones too, and the blocks are planned on a live server."""
+    for n in (1, 2, 3, 4):
+        env.add(n)
+    f = env.create(b"f")
+    allocs = env.write(f.ino, list(range(8)))
+    on1 = sorted(a.block_id for a in allocs if addr(1) in a.servers)
+    kill(env, 1, [2, 3, 4])
+    assert env.core.sweep()["replication_tasks_planned"] == len(on1)
+    targets = {}
+    for n in (2, 3, 4):
+        for task in env.beat(n).replicate:
+            targets[task.block_id] = n
+    assert sorted(targets) == on1
+    victim = max({*targets.values()}, key=lambda n: sum(t == n for t in targets.values()))
+    lost_tasks = sorted(b for b, n in targets.items() if n == victim)
+    kill(env, victim, [m for m in (2, 3, 4) if m != victim])  # dead before it reports
+    env.core.sweep()
+    again = {}
+    for n in (2, 3, 4):
+        if n != victim:
+            for task in env.beat(n).replicate:
+                again[task.block_id] = n
+    # Planned again at once, not after the 60 s task timeout (with the blocks that lost
+    # their copy on the victim too).
+    assert set(lost_tasks) <= set(again) and victim not in again.values()
+
+
 def test_replication_rate_bound_timeout_and_failure(tmp_path):
     e = Env(str(tmp_path / "m.db"), replication_per_heartbeat=3, replication_timeout_s=20)
     try:
