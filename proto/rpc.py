@@ -67,7 +67,7 @@ from .credentials import Caller, Credentials, Revocations, caller_of, channel_cr
 from .credentials import server_credentials
 from .errors import FsError, TransportError
 from .messages import Ctx, Message
-from .services import DOWNLOAD, SERVER_ROLE, UPLOAD, Method
+from .services import DOWNLOAD, SERVER_ROLE, UNARY, UPLOAD, Method
 
 log = logging.getLogger("stripefs.rpc")
 
@@ -185,7 +185,10 @@ class Dispatch:
         return fn(req, caller=caller) if name in self.wants_caller else fn(req)
 
     def run(self, name: str, frame: bytes, caller: Caller) -> bytes:
-        """Decode, check and run one call; the reply frame. Any thread."""
+        """Decode, check and run one unary call; the reply frame. Any thread."""
+        method = self.methods.get(name)
+        if method is not None and method.kind != UNARY:
+            return codec.encode_reply(None, errno.EINVAL, f"{name} is a streamed method, not a unary one")
         req = self.decode(name, frame, caller)
         if isinstance(req, bytes):
             return req
