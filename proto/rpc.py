@@ -377,6 +377,18 @@ def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations, shar
     return handle
 
 
+async def _run_coroutine(name: str, req: Message, fn: Callable, *args: Any) -> Any:
+    """await fn(req, *args): its result, or the FsError to answer with (EIO, logged, for
+    anything else: a handler bug must not take the server down)."""
+    try:
+        return await fn(req, *args)
+    except FsError as exc:
+        return exc
+    except Exception:  # noqa: BLE001
+        log.exception("%s failed on %s", name, summary(req))
+        return FsError(errno.EIO, f"internal error in {name}")
+
+
 def _upload_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable:
     async def handle(request_iterator: Any, context: Any) -> bytes:
         caller = _authenticate(context, revocations)
@@ -390,13 +402,8 @@ def _upload_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> 
         req = dispatch.decode(name, first, caller)
         if isinstance(req, bytes):
             return req
-        try:
-            result = await getattr(dispatch.impl, name)(req, messages, caller, context.time_remaining())
-        except FsError as exc:
-            result = exc
-        except Exception:  # noqa: BLE001 - a handler bug must not take the server down
-            log.exception("%s failed on %s", name, summary(req))
-            result = FsError(errno.EIO, f"internal error in {name}")
+        result = await _run_coroutine(name, req, getattr(dispatch.impl, name), messages, caller,
+                                      context.time_remaining())
         return _reply_frame(name, result, req)
 
     return handle
@@ -412,15 +419,11 @@ def _download_handler(dispatch: Dispatch, name: str, revocations: Revocations) -
         if isinstance(req, bytes):
             yield req
             return
-        try:
-            head, chunks = await getattr(dispatch.impl, name)(req, caller)
-        except FsError as exc:
-            yield _reply_frame(name, exc, req)
+        result = await _run_coroutine(name, req, getattr(dispatch.impl, name), caller)
+        if isinstance(result, FsError):
+            yield _reply_frame(name, result, req)
             return
-        except Exception:  # noqa: BLE001
-            log.exception("%s failed on %s", name, summary(req))
-            yield _reply_frame(name, FsError(errno.EIO, f"internal error in {name}"), req)
-            return
+        head, chunks = result
         yield _reply_frame(name, head, req)
         try:
             async for chunk in chunks:

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,6 +468,45 @@ class Inspector:
                 if sha256(got) != sha256(want):
                     problems.append(f"block {ref.block_id} on {server}: wrong content")
         return problems
+
+
+def run_within(fn: Callable[[], object], within_s: float, what: str) -> None:
+    """fn() in a thread: fails (instead of hanging the test) when it is not done within
+    `within_s`, and with its exception if it raised one."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(within_s)
+    assert not t.is_alive(), f"{what} still running after {within_s} s"
+    assert not errors, errors
+
+
+def wait_replicas_right(cluster: Cluster, files: dict[str, bytes], block_bytes: int, replicas: int,
+                        timeout_s: float = REPAIR_WITHIN_S) -> None:
+    """Waits until every replica of every block of each file (path relative to the root:
+    its content) holds the right bytes, with at least `replicas` of them per block."""
+    ins = Inspector(cluster)
+    try:
+        for rel, data in files.items():
+            problems: list[str] = []
+
+            def right() -> bool:
+                problems[:] = ins.replica_problems(rel, data, block_bytes, replicas)
+                return not problems
+
+            try:
+                wait_for(right, timeout_s, f"every replica of {rel} right")
+            except AssertionError:
+                raise AssertionError(f"{rel}: {problems[:10]}") from None
+    finally:
+        ins.close()
 
 
 # ---------------------------------------------------------------------------- workload

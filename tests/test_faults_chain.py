@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from faults import (
     REPAIR_WITHIN_S,
-    Inspector,
     MiB,
     fast_cluster,
     fsck_json,
     pattern,
-    pause,
+    run_within,
     resume,
     sha256,
     sha256_path,
     wait_fsck_clean,
-    wait_for,
+    wait_replicas_right,
     wait_replicated,
     wait_state,
+    write_file,
 )
 
 pytestmark = [pytest.mark.mount, pytest.mark.allow_tracebacks, pytest.mark.timeout(240)]
@@ -55,30 +54,10 @@ def chain_dir(mount: Path, replicas: int) -> Path:
     return d
 
 
-def write_with_fault(path: Path, data: bytes, at_bytes: int, fault) -> None:
-    """Write, fsync and close `path`, calling fault() once `at_bytes` were written; in a
-    thread, so that a hung write fails the test instead of hanging it."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                for off in range(0, len(data), MiB):
-                    if off == at_bytes:
-                        fault()
-                    os.write(fd, data[off : off + MiB])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(HUNG_WRITE_WITHIN_S)
-    assert not t.is_alive(), f"write still running after {HUNG_WRITE_WITHIN_S} s"
-    assert not errors, errors
+def write_bounded(path: Path, data: bytes) -> None:
+    """Write, fsync and close `path` (1 MiB writes) in a thread, so that a hung write fails
+    the test instead of hanging it."""
+    run_within(lambda: write_file(path, data), HUNG_WRITE_WITHIN_S, f"write of {path.name}")
 
 
 def forward_failures(c, victim: str) -> set[tuple[int, int]]:
@@ -99,20 +78,7 @@ def check_file(c, rel: str, data: bytes, replicas: int) -> None:
         wait_replicated(c, REPAIR_WITHIN_S)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nstatus: {c.status()}\nfsck: {fsck_json(c)}") from None
-    ins = Inspector(c)
-    try:
-        problems: list[str] = []
-
-        def right() -> bool:
-            problems[:] = ins.replica_problems(rel, data, BLOCK_BYTES, replicas)
-            return not problems
-
-        try:
-            wait_for(right, REPAIR_WITHIN_S, f"every replica of {rel} right")
-        except AssertionError:
-            raise AssertionError(f"{rel}: {problems[:10]}") from None
-    finally:
-        ins.close()
+    wait_replicas_right(c, {rel: data}, BLOCK_BYTES, replicas)
     wait_fsck_clean(c)
 
 
@@ -130,7 +96,7 @@ def test_replica_down_the_chain_fails_during_a_write(tmp_path, replicas, positio
         d = chain_dir(m.path, replicas)
         data = pattern(replicas * 10 + position + (fault == "stop"), FILE_BYTES)
         t0 = time.monotonic()
-        write_with_fault(d / "ckpt", data, 0, lambda: None)
+        write_bounded(d / "ckpt", data)
         print(f"R={replicas}, replica {position} {fault}: 256 MiB written in {time.monotonic() - t0:.1f} s")
         assert f"fault injection: {fault}-at-hop" in victim.log.read_text(errors="replace")
         if fault == "kill":
@@ -155,7 +121,7 @@ def test_damaged_forward_is_refused_and_placed_again(tmp_path):
         m = c.mount()
         d = chain_dir(m.path, 2)
         data = pattern(77, 64 * MiB)
-        write_with_fault(d / "ckpt", data, 0, lambda: None)
+        write_bounded(d / "ckpt", data)
         logs = "".join(p.log.read_text(errors="replace") for p in c.data)
         assert "fault injection: flipped a bit" in logs
         assert "damaged on the way" in logs  # the receiving server's refusal

@@ -33,6 +33,7 @@ from faults import (
     sha256_path,
     wait_fsck_clean,
     wait_for,
+    wait_replicas_right,
     wait_replicated,
     wait_state,
 )
@@ -89,21 +90,7 @@ def check_after_repair(c, files: dict[str, bytes], replicas: int = 2) -> float:
     for rel, data in files.items():
         assert sha256_path(fresh / rel) == sha256(data), rel
     took = wait_replicated(c, REPAIR_WITHIN_S)
-    ins = Inspector(c)
-    try:
-        for rel, data in files.items():
-            problems: list[str] = []
-
-            def right() -> bool:
-                problems[:] = ins.replica_problems(rel, data, BLOCK_BYTES, replicas)
-                return not problems
-
-            try:
-                wait_for(right, REPAIR_WITHIN_S, f"every replica of {rel} right")
-            except AssertionError:
-                raise AssertionError(f"{rel}: {problems[:10]}") from None
-    finally:
-        ins.close()
+    wait_replicas_right(c, files, BLOCK_BYTES, replicas)
     wait_fsck_clean(c)
     return took
 

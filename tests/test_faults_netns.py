@@ -9,22 +9,21 @@ replicas; when the link comes back the server is reconciled and fsck is clean.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 from faults import (
     REPAIR_WITHIN_S,
-    Inspector,
     MiB,
     NetNamespaces,
     fast_cluster,
     netns_skip_reason,
     pattern,
+    run_within,
     sha256,
     sha256_path,
     wait_fsck_clean,
-    wait_for,
+    wait_replicas_right,
     wait_replicated,
     wait_state,
 )
@@ -39,19 +38,7 @@ CUT_WRITE_WITHIN_S = 60.0
 def write_bounded(path, data: bytes) -> None:
     """Writes and closes `path` in a thread: fails (instead of hanging the test) when the
     write is not done within CUT_WRITE_WITHIN_S."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            path.write_bytes(data)
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(CUT_WRITE_WITHIN_S)
-    assert not t.is_alive(), f"write of {path.name} with a cut-off server still hanging after {CUT_WRITE_WITHIN_S} s"
-    assert not errors, errors
+    run_within(lambda: path.write_bytes(data), CUT_WRITE_WITHIN_S, f"write of {path.name} with a cut-off server")
 
 
 @pytest.fixture
@@ -78,21 +65,7 @@ def cut_cluster(tmp_path, ns: NetNamespaces):
 
 
 def check_replicas(c, files: dict[str, bytes]) -> None:
-    ins = Inspector(c)
-    try:
-        for rel, data in files.items():
-            problems: list[str] = []
-
-            def right() -> bool:
-                problems[:] = ins.replica_problems(rel, data, MiB, 2)
-                return not problems
-
-            try:
-                wait_for(right, REPAIR_WITHIN_S, f"every replica of {rel} right")
-            except AssertionError:
-                raise AssertionError(f"{rel}: {problems[:5]}") from None
-    finally:
-        ins.close()
+    wait_replicas_right(c, files, MiB, 2)
 
 
 def test_data_server_cut_off_by_link_down(tmp_path, namespaces):

@@ -661,18 +661,24 @@ def test_idle_connections_cannot_exhaust_a_server(tmp_path):
         c.close()
 
 
-def test_write_tokens_are_the_allocating_clients(sec_cluster):
-    """A block allocated to one client cannot be stored by another with its token."""
+def alices_allocation(c: Cluster, name: bytes):
+    """Block 0 of a new file `name` allocated to client alice: its Allocation."""
     from proto.messages import AllocReq, MknodReq
 
-    c = sec_cluster
     alice = meta_stub(c, c.pki.bundle("client", "alice"))
     try:
         session = alice.call("open_session", SessionOpenReq("h", "alice")).session
-        f = alice.call("mknod", MknodReq(ROOT_INODE, b"alices-file", 0o100644, Ctx(), session=session)).attr
+        f = alice.call("mknod", MknodReq(ROOT_INODE, name, 0o100644, Ctx(), session=session)).attr
         (a,) = alice.call("alloc_blocks", AllocReq(f.ino, session, [0])).allocations
     finally:
         alice.close()
+    return a
+
+
+def test_write_tokens_are_the_allocating_clients(sec_cluster):
+    """A block allocated to one client cannot be stored by another with its token."""
+    c = sec_cluster
+    a = alices_allocation(c, b"alices-file")
     as_bob = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "bob")), DATA_SERVICE, DATA_METHODS)
     as_alice = Stub(a.servers[0], load_credentials(c.pki.bundle("client", "alice")), DATA_SERVICE, DATA_METHODS)
     try:
@@ -690,16 +696,10 @@ def test_forged_and_replayed_forwards_are_refused(sec_cluster):
     client the block was not allocated to, or a chain that does not start at the receiver
     is refused; a replay of a stored block with other bytes is refused (EEXIST) and with
     the same bytes changes nothing."""
-    from proto.messages import AllocReq, GetBlockReq, MknodReq, WriteBlockHead
+    from proto.messages import GetBlockReq
 
     c = sec_cluster
-    alice = meta_stub(c, c.pki.bundle("client", "alice"))
-    try:
-        session = alice.call("open_session", SessionOpenReq("h", "alice")).session
-        f = alice.call("mknod", MknodReq(ROOT_INODE, b"forwarded", 0o100644, Ctx(), session=session)).attr
-        (a,) = alice.call("alloc_blocks", AllocReq(f.ino, session, [0])).allocations
-    finally:
-        alice.close()
+    a = alices_allocation(c, b"forwarded")
     assert len(a.servers) == 2
     first, second = a.servers
     other = next(p.address for p in c.data if p.address not in a.servers)
