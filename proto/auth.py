@@ -26,9 +26,10 @@ from pathlib import Path
 
 #: Bytes of a token key.
 TOKEN_KEY_BYTES = 32
-#: How long a token is good for. A reader holding an older one gets EACCES and asks the
-#: metaserver for the block map again (fs/client/reader.py); a writer's put is refused and
-#: the block is allocated again (fs/client/writer.py).
+#: How long a token is good for at most (a write token: as long as its allocation, the
+#: metaserver's pending timeout, if shorter). A reader holding an older one gets EACCES and
+#: asks the metaserver for the block map again (fs/client/reader.py); a writer's block is
+#: refused and allocated again (fs/client/writer.py).
 TOKEN_TTL_S = 3600
 #: Clock difference between the metaserver and a data server that is forgiven.
 CLOCK_SKEW_S = 300
