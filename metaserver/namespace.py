@@ -128,7 +128,12 @@ class NamespaceOps(CoreBase):
             ctx, owner = req.ctx, row["uid"]
             root = ctx.uid == 0
             sets: dict[str, int] = {}
-            if req.mode is not None:
+            if req.mode is not None and perm.only_drops_set_id(row, req.mode) and perm.allowed(row, ctx, perm.WRITE):
+                # The kernel dropping the set-user/group-ID bits of a file written by someone
+                # other than its owner (file_remove_privs): whoever may write may do that,
+                # as a write does it on a local file system.
+                sets["mode"] = stat.S_IFMT(row["mode"]) | req.mode
+            elif req.mode is not None:
                 perm.check_owner(row, ctx, "change the mode")
                 mode = req.mode
                 if not root and not perm.in_group(ctx, row["gid"]):

@@ -43,6 +43,14 @@ def allowed(row: Row, ctx: Ctx, want: int) -> bool:
     return want & ~bits & 7 == 0
 
 
+def only_drops_set_id(row: Row, mode: int) -> bool:
+    """Whether `mode` is the inode's mode with some of its set-user-ID and set-group-ID
+    bits cleared and nothing else changed."""
+    set_id = stat.S_ISUID | stat.S_ISGID
+    current = stat.S_IMODE(row["mode"])
+    return mode != current and mode & ~set_id == current & ~set_id and mode & set_id & ~current == 0
+
+
 def check(row: Row, ctx: Ctx, want: int, what: str = "") -> None:
     """FsError(EACCES) unless `ctx` may `want` the inode."""
     if not allowed(row, ctx, want):

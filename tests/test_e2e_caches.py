@@ -110,3 +110,32 @@ def _has(path) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_names_over_name_max_are_enametoolong(mount_pair_dirs):
+    """A 256-byte name gets ENAMETOOLONG from every call that takes one, as on ext4
+    (pjdfstest's */02 cases), and a 255-byte one works."""
+    import errno
+
+    a, _ = mount_pair_dirs
+    long, ok = "x" * 256, "y" * 255
+    (a / ok).write_bytes(b"ok")
+    calls = [
+        lambda: open(a / long, "w"),
+        lambda: os.stat(a / long),
+        lambda: os.mkdir(a / long),
+        lambda: os.mkfifo(a / long),
+        lambda: os.symlink("t", a / long),
+        lambda: os.link(a / ok, a / long),
+        lambda: os.rename(a / ok, a / long),
+        lambda: os.unlink(a / long),
+        lambda: os.rmdir(a / long),
+        lambda: os.chmod(a / long, 0o644),
+        lambda: os.truncate(a / long, 0),
+        lambda: os.symlink("t" * 4096, a / "s"),
+    ]
+    for call in calls:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.ENAMETOOLONG, (call, info.value)
+    assert (a / ok).read_bytes() == b"ok"

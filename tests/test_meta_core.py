@@ -448,6 +448,21 @@ def test_rename_noreplace_ok_when_free(env):
 # --------------------------------------------------------------------------- setattr
 
 
+def test_writer_may_drop_set_id_bits(env):
+    """What the kernel asks after a non-owner's write to a set-ID file (file_remove_privs):
+    the same mode less set-user/group-ID bits, allowed to whoever may write the file; any
+    other mode change, or a caller who may not write, is still the owner's (EPERM)."""
+    env.open_root()
+    f = env.create(ROOT_INODE, b"suid", ctx=USER)
+    env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, mode=0o6777))
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, mode=0o0776))  # not only set-id
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, mode=0o7777))  # adds sticky
+    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=OTHER, mode=0o2777)).attr.mode == stat.S_IFREG | 0o2777
+    assert env.core.setattr(SetattrReq(ino=f.ino, ctx=OTHER, mode=0o0777)).attr.mode == stat.S_IFREG | 0o0777
+    env.core.setattr(SetattrReq(ino=f.ino, ctx=USER, mode=0o4755))  # others may not write now
+    fails(errno.EPERM, env.core.setattr, SetattrReq(ino=f.ino, ctx=OTHER, mode=0o0755))
+
+
 def test_setattr_mode_owner(env):
     env.open_root()
     f = env.create(ROOT_INODE, b"f", ctx=USER)

@@ -41,6 +41,7 @@ from proto import messages as m
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from proto.types import NAME_MAX_BYTES, SYMLINK_MAX_BYTES
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
@@ -78,6 +79,14 @@ class DirHandle:
     start: int = -1  # cookie the last batch was fetched after (-1: none yet)
     entries: list[m.DirEntry] = field(default_factory=list)  # last batch fetched
     more: bool = True  # the metaserver has entries after the last batch
+
+
+def entry_names(*names: bytes) -> None:
+    """ENAMETOOLONG for a directory entry name over NAME_MAX bytes, as the kernel's own file
+    systems answer (the wire would refuse it as malformed: EINVAL)."""
+    for name in names:
+        if len(name) > NAME_MAX_BYTES:
+            raise FsError(errno.ENAMETOOLONG, f"name longer than {NAME_MAX_BYTES} bytes")
 
 
 class Client:
@@ -179,6 +188,7 @@ class Client:
 
     async def lookup_entry(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> Entry:
         """The entry and how long it stays right (attr None: no such entry)."""
+        entry_names(name)
         try:
             e = await self.names.lookup(parent, name, self._ctx(ctx))
         except FsError as exc:
@@ -273,6 +283,7 @@ class Client:
     # ------------------------------------------------------------------ namespace
 
     async def mknod(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], rdev: int = 0) -> m.Attr:
+        entry_names(name)
         t = now()
         reply = await self._meta("mknod", m.MknodReq(parent, name, mode, self._ctx(ctx), rdev))
         self.names.added(parent, name, reply.attr, reply.parent, t)
@@ -281,6 +292,7 @@ class Client:
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Optional[m.Ctx]) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
+        entry_names(name)
         ctx = self._ctx(ctx)
         prealloc = PREALLOC_BLOCKS_AT_CREATE if self.names.new_files_need_blocks(parent) else 0
         req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc)
@@ -304,6 +316,7 @@ class Client:
         return self._new_handle(attr.ino, writable=True), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx]) -> m.Attr:
+        entry_names(name)
         t = now()
         reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, self._ctx(ctx)))
         self.names.added(parent, name, reply.attr, reply.parent, t)
@@ -311,6 +324,9 @@ class Client:
         return reply.attr
 
     async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Optional[m.Ctx]) -> m.Attr:
+        entry_names(name)
+        if len(target) > SYMLINK_MAX_BYTES:
+            raise FsError(errno.ENAMETOOLONG, f"symlink target longer than {SYMLINK_MAX_BYTES} bytes")
         t = now()
         reply = await self._meta("symlink", m.SymlinkReq(parent, name, target, self._ctx(ctx)))
         self.names.added(parent, name, reply.attr, reply.parent, t)
@@ -320,18 +336,21 @@ class Client:
         return (await self._meta("readlink", m.InodeReq(ino))).target
 
     async def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Optional[m.Ctx] = None) -> m.Attr:
+        entry_names(new_name)
         t = now()
         reply = await self._meta("link", m.LinkReq(ino, new_parent, new_name, self._ctx(ctx)))
         self.names.added(new_parent, new_name, reply.attr, reply.parent, t)
         return self._overlay(reply.attr)
 
     async def unlink(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        entry_names(name)
         t = now()
         reply = await self._meta("unlink", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)  # its link count and ctime changed
         self.names.removed(parent, name, reply.parent, t)
 
     async def rmdir(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        entry_names(name)
         t = now()
         reply = await self._meta("rmdir", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)
@@ -342,6 +361,7 @@ class Client:
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
         ctx: Optional[m.Ctx] = None,
     ) -> None:
+        entry_names(name, new_name)
         t = now()
         try:
             req = m.RenameReq(parent, name, new_parent, new_name, flags, self._ctx(ctx))
