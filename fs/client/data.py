@@ -67,7 +67,8 @@ SYNC_SKIP_AFTER_FAILURE_S = 30.0
 #: write token (ours), a chunk damaged before it (its forwarder is blamed), or a server the
 #: chain never reached. The block is placed again, but not around that server.
 NOT_THE_SERVERS_FAULT = frozenset({errno.EACCES, errno.EBADMSG, errno.ECANCELED})
-#: Reads of at most this many bytes go on a server's stream; larger ones are bulk calls.
+#: Reads of at most this many bytes go on a server's stream; larger ones are streamed in
+#: chunks on a channel of their own (read_block).
 STREAM_READ_MAX_BYTES = 1024 * 1024
 #: Memory for the leaf hashes of blocks read in ranges (proto/integrity.py): 16 bytes per
 #: 4 KiB, so 64 MiB of them cover 16 GiB of randomly read data.

@@ -8,7 +8,7 @@
   hands replies to trio through its token. Measured on this 2-core machine
   (scripts/bench-rpc, docs/client.md): ~0.3 ms for one caller and tens of thousands of
   calls a second with 64 callers, against ~0.8 ms and ~1,900/s for a thread per call.
-- `bulk`, `upload`, `download`: a call on a worker thread, on a channel of its own, for
+- `upload`, `download`: a call on a worker thread, on a channel of its own, for
   bulk transfers (blocks of megabytes), which would hold up every small call queued behind
   them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
   DOWNLOAD): whatever is done per chunk (hashing, say) is done on gRPC's threads as the
@@ -60,9 +60,6 @@ class Transport(Protocol):
 
     async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
         """The reply to `req`, or FsError (TransportError: the call may not have run)."""
-
-    async def bulk(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
-        """The same for a call carrying megabytes (see the module docstring)."""
 
     async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
         """An UPLOAD call: head, then the messages of `chunks` (produced on a worker thread
@@ -238,9 +235,6 @@ class StreamTransport:
             self._stub = Stub(self.address, self._creds, self._service, self.methods)
         return self._stub
 
-    async def bulk(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
-        return await unary_call(self._bulk_stub(), name, req, timeout_s)
-
     async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
         stub = self._bulk_stub()
         return await in_thread(stub.upload, name, head, chunks, timeout_s, what=f"{name} to {self.address}",
@@ -288,11 +282,6 @@ async def in_thread(fn: Callable[..., T], *args: Any, what: str, timeout_s: floa
     raise TransportError(f"{what}: no answer within {timeout_s:.0f} s")
 
 
-async def unary_call(stub: Stub, name: str, req: Message | bytes, timeout_s: float) -> Any:
-    """A unary call on a worker thread (in_thread)."""
-    return await in_thread(stub.call, name, req, timeout_s, what=f"{name} to {stub.address}", timeout_s=timeout_s)
-
-
 class LocalTransport:
     """The in-process twin of a server: runs the call on the trio thread through the
     server glue's own decoding, role checks and encoding (proto.rpc.Dispatch), as `caller`,
@@ -309,8 +298,6 @@ class LocalTransport:
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
         await trio.lowlevel.checkpoint()
         return codec.decode_reply(self.methods[name].reply, self._dispatch.run(name, frame, self.caller))
-
-    bulk = call
 
     async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
         """The server's coroutine, in an asyncio loop of its own on a worker thread (as a
