@@ -21,8 +21,9 @@ the hashes and `verify`, so the scrubber too), and a copy is checked against the
 when a client reports it (`check` with a digest).
 
 Crash behaviour: a block is written to tmp/ (chunk by chunk as it arrives, BlockWriter; the
-header with its CRCs last), fsynced, then hard-linked into blocks/ and the directory fsynced. The link, unlike rename, fails if the name exists, so two writers of
-one id can never replace each other's data and nothing partial is ever visible under
+header with its CRCs last), fsynced, then hard-linked into blocks/ and the directory
+fsynced. The link, unlike rename, fails if the name exists, so two writers of one id can
+never replace each other's data and nothing partial is ever visible under
 blocks/. A crash leaves at worst a file in tmp/, removed at the next start.
 
 Concurrency: every method may be called from many gRPC worker threads at once. Per-block
@@ -50,7 +51,7 @@ from typing import Callable, Iterator, Optional
 import crc32c
 
 from proto.errors import FsError
-from proto.integrity import DIGEST_BYTES, LEAF_HASH_BYTES, leaf_count, leaf_hashes, leaves_match, matches, root_of
+from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaves_match, matches
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
@@ -423,12 +424,7 @@ class BlockStore:
                 return "good"
             data = self.get(block_id)  # checks the checksums as it reads
             stored = self.get_leaves(block_id)
-            if len(digest) == DIGEST_BYTES:
-                good = matches(digest, data) and (not stored or leaves_match(digest, len(data), stored))
-            else:
-                computed = leaf_hashes(data)  # one pass over the block serves both checks
-                good = root_of(computed) == digest and (not stored or stored == computed)
-            if good:
+            if matches(digest, data) and (not stored or leaves_match(digest, len(data), stored)):
                 return "good"
             log.error("block %d matches its checksums but not its writer's digest (or its leaf hashes"
                       " do not match it)", block_id)
