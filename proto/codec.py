@@ -121,6 +121,19 @@ def decode_chunk(message: bytes) -> tuple[memoryview, int, bytes]:
 Buffers = Union[bytes, bytearray, memoryview, list]
 
 
+def span(pieces: list, start: int, end: int) -> bytes | memoryview:
+    """Bytes [start, end) of the buffers `pieces` laid end to end: a view into the one piece
+    holding them, or gathered from several."""
+    out, pos = [], 0
+    for piece in pieces:
+        if pos + len(piece) > start and pos < end:
+            out.append(memoryview(piece)[max(0, start - pos) : end - pos])
+        pos += len(piece)
+        if pos >= end:
+            break
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
 class BlockChunks:
     """A block cut into the chunk messages of a write chain, each with its CRC32C and leaf
     hashes, made as gRPC's thread sends them and kept for a retry (a block placed again
@@ -135,23 +148,11 @@ class BlockChunks:
         # The block's SHA-256, fed each chunk the first time it is made (always in order).
         self._hash = hashlib.sha256()
 
-    def _chunk(self, start: int, end: int) -> bytes | memoryview:
-        """Bytes [start, end) of the block: a view into the one piece holding them, or
-        gathered from several."""
-        out, pos = [], 0
-        for piece in self.pieces:
-            if pos + len(piece) > start and pos < end:
-                out.append(memoryview(piece)[max(0, start - pos) : end - pos])
-            pos += len(piece)
-            if pos >= end:
-                break
-        return out[0] if len(out) == 1 else b"".join(out)
-
     def messages(self) -> Iterator[bytes]:
         for start in range(0, self.length, TRANSFER_CHUNK_BYTES):
             # No view of a buffer outlives a message: the writer may grow a bytearray once
             # the upload is over, which an export would forbid (BufferError).
-            piece = self._chunk(start, min(start + TRANSFER_CHUNK_BYTES, self.length))
+            piece = span(self.pieces, start, min(start + TRANSFER_CHUNK_BYTES, self.length))
             try:
                 sums = self.sums.get(start)
                 if sums is None:

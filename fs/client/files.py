@@ -28,6 +28,7 @@ from typing import Optional
 import crc32c
 import trio
 
+from proto.codec import span
 from proto.errors import FsError
 from proto.messages import Allocation, Attr, BlockMapReply, BlockRef, Ctx, OpenReply
 
@@ -85,12 +86,7 @@ class DirtyBlock:
     def read(self, offset: int, n: int) -> bytes:
         if self._buf is not None:
             return bytes(self._buf[offset : offset + n])
-        out, pos, end = [], 0, min(offset + n, self.length)
-        for piece in self._pieces:
-            if pos + len(piece) > offset and pos < end:
-                out.append(piece[max(0, offset - pos) : end - pos])
-            pos += len(piece)
-        return b"".join(out)
+        return bytes(span(self._pieces, offset, min(offset + n, self.length)))
 
     def snapshot(self) -> list[bytes | bytearray | memoryview]:
         """The content as buffers that no later write changes, for an upload (release it
