@@ -8,8 +8,15 @@ STRIPEFS_VENV="$STRIPEFS_ROOT/.venv"
 # dependencies may have changed, so the project is installed again.
 STRIPEFS_STAMP="$STRIPEFS_VENV/.stripefs-installed"
 # Debian packages the project needs at run time (fuse3), to build pyfuse3 (libfuse3-dev,
-# pkg-config) and in its end-to-end tests (rsync, attr).
-STRIPEFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config rsync attr)
+# pkg-config, patch) and in its end-to-end tests (rsync, attr).
+STRIPEFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch rsync attr)
+# The pyfuse3 release the mount is built on, its source's sha256, and the version of the
+# stripefs additions patched into it (scripts/pyfuse3-stripefs.patch: lock requests,
+# fallocate, the lock owner at flush). Bump ADDITIONS with the patch (and with
+# STRIPEFS_ADDITIONS in it) so that existing virtualenvs rebuild it.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_ADDITIONS=1
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -68,11 +75,40 @@ ensure_venv() {
         log "creating virtualenv $STRIPEFS_VENV"
         python3 -m venv "$STRIPEFS_VENV"
     fi
+    # First, so that installing the project finds its pyfuse3 there and builds no other.
+    ensure_pyfuse3
     if [[ ! -f "$STRIPEFS_STAMP" || "$STRIPEFS_ROOT/pyproject.toml" -nt "$STRIPEFS_STAMP" ]]; then
         log "installing stripefs and its dependencies into $STRIPEFS_VENV"
         "$STRIPEFS_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$STRIPEFS_ROOT[test]"
         touch "$STRIPEFS_STAMP"
     fi
+}
+
+# Builds pyfuse3 from its release's source with the stripefs additions and installs it
+# into the virtualenv, unless the installed one already has this version of them.
+ensure_pyfuse3() {
+    local py="$STRIPEFS_VENV/bin/python"
+    if "$py" -c "import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'STRIPEFS_ADDITIONS', 0) != $PYFUSE3_ADDITIONS)" \
+        >/dev/null 2>&1; then
+        return 0
+    fi
+    log "building pyfuse3 $PYFUSE3_VERSION with the stripefs additions ($PYFUSE3_ADDITIONS)"
+    local work sdist
+    work="$(mktemp -d)"
+    sdist="$work/pyfuse3-$PYFUSE3_VERSION.tar.gz"
+    "$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+        -d "$work" "pyfuse3==$PYFUSE3_VERSION" || { rm -rf "$work"; die "could not download pyfuse3 $PYFUSE3_VERSION"; }
+    if ! echo "$PYFUSE3_SHA256  $sdist" | sha256sum -c --quiet - >/dev/null; then
+        rm -rf "$work"
+        die "pyfuse3 $PYFUSE3_VERSION: the downloaded source does not match its sha256"
+    fi
+    tar -xzf "$sdist" -C "$work"
+    patch -d "$work/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet <"$STRIPEFS_ROOT/scripts/pyfuse3-stripefs.patch" \
+        || { rm -rf "$work"; die "scripts/pyfuse3-stripefs.patch does not apply to pyfuse3 $PYFUSE3_VERSION"; }
+    SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+stripefs.$PYFUSE3_ADDITIONS" \
+        "$py" -m pip install -q --disable-pip-version-check --no-deps "$work/pyfuse3-$PYFUSE3_VERSION" \
+        || { rm -rf "$work"; die "building pyfuse3 failed"; }
+    rm -rf "$work"
 }
 
 ensure_installed() {

@@ -30,6 +30,21 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
     return opts
 
 
+#: The version of the stripefs additions to pyfuse3 this mount needs (lock requests,
+#: fallocate, the lock owner at flush; scripts/pyfuse3-stripefs.patch, built by
+#: scripts/_common.sh). Without them the kernel would keep locks local to this mount.
+PYFUSE3_ADDITIONS = 1
+
+
+def check_pyfuse3() -> None:
+    have = getattr(pyfuse3, "STRIPEFS_ADDITIONS", 0)
+    if have < PYFUSE3_ADDITIONS:
+        raise SystemExit(
+            f"this pyfuse3 lacks the stripefs additions (version {have}, need {PYFUSE3_ADDITIONS}):"
+            " without them locks would be local to one mount. ./scripts/up builds it"
+            " (scripts/_common.sh ensure_pyfuse3).")
+
+
 async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str], client_options: dict) -> None:
     async with open_client(meta, creds, mountpoint=mountpoint, **client_options) as client:
         ops = StripeOperations(client)
@@ -115,5 +130,6 @@ def bound_malloc_caching() -> None:
 
 def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str] | None = None,
               **client_options) -> None:
+    check_pyfuse3()
     bound_malloc_caching()
     trio.run(_serve, meta, mountpoint, creds, extra_options or [], client_options)
