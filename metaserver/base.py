@@ -31,6 +31,7 @@ from proto.types import (
     ROOT_INODE,
 )
 
+from .locktable import LockEvents
 from .store import Store, Tx
 
 log = logging.getLogger("stripefs.metaserver")
@@ -125,6 +126,8 @@ class CoreBase:
         self.replication_per_heartbeat = replication_per_heartbeat
         self.replication_timeout_s = replication_timeout_s
         self.server_forget_after_s = max(server_forget_after_s, server_dead_after_s)
+        #: each file's lock generation and the waiters for it (metaserver/locks.py)
+        self.lock_events = LockEvents()
         # A server cannot be judged silent by a metaserver that was not listening: after a
         # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
         # is re-replicated) before the data servers had their chance to beat.
@@ -220,6 +223,7 @@ class CoreBase:
             self._garbage_committed(tx, row["block_id"], now)
         # xattrs and blocks (with their replicas) go by ON DELETE CASCADE.
         tx.run("DELETE FROM inodes WHERE ino = ?", (ino,))
+        tx.run("DELETE FROM locks WHERE ino = ?", (ino,))
 
     # ------------------------------------------------------------------ garbage
 
@@ -392,6 +396,14 @@ class CoreBase:
             raise FsError(errno.ESTALE, f"session {session} is unknown or expired")
         if caller.role != ADMIN and row["owner"] != str(caller):
             raise FsError(errno.EPERM, f"session {session} is not {caller}'s")
+
+    def _drop_session_locks(self, tx: Tx, session: int) -> None:
+        """A session ends: its locks go, and whoever waits for them hears of it (woken
+        before the commit at worst: a waiter's next try waits for the store behind it)."""
+        inos = [r[0] for r in tx.all("SELECT DISTINCT ino FROM locks WHERE session_id = ?", (session,))]
+        if inos:
+            tx.run("DELETE FROM locks WHERE session_id = ?", (session,))
+            self.lock_events.changed(inos)
 
     def _record_open(self, tx: Tx, session: int, ino: int, writable: bool = False) -> None:
         tx.run(

@@ -2,7 +2,7 @@
 
 Each method takes the request message, runs as one store transaction, and returns the
 reply message or raises FsError(errno). The methods are grouped by subject in
-namespace.py, xattrs.py, files.py, registry.py, repair.py (re-replication, block
+namespace.py, xattrs.py, files.py, locks.py, registry.py, repair.py (re-replication, block
 reports) and fsck.py over the shared mechanisms of base.py; this class puts them
 together, so `proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
 and adds `apply_batch`, which runs a batch of calls from a client's stream in one
@@ -21,6 +21,7 @@ from proto.rpc import BatchResult, summary
 
 from .files import FileOps
 from .fsck import FsckOps
+from .locks import LockOps
 from .namespace import NamespaceOps
 from .registry import RegistryOps
 from .xattrs import XattrOps
@@ -28,7 +29,7 @@ from .xattrs import XattrOps
 log = logging.getLogger("stripefs.metaserver")
 
 
-class MetaCore(NamespaceOps, XattrOps, FileOps, RegistryOps, FsckOps):
+class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
     """The metadata service. Thread-safe: the store serializes transactions.
 
     MetaCore(db_path, token_key, *, clock=time.time, server_suspect_after_s=3.0,

@@ -71,8 +71,9 @@ class RegistryOps(RepairOps):
             return Empty()
 
     def _close_session(self, tx: Tx, session: int, now: int) -> int:
-        """End a session: release its opens, abandon its allocations; returns how many
-        allocations went to garbage."""
+        """End a session: drop its locks, release its opens, abandon its allocations;
+        returns how many allocations went to garbage."""
+        self._drop_session_locks(tx, session)
         inos = [r[0] for r in tx.all("SELECT ino FROM opens WHERE session_id = ?", (session,))]
         tx.run("DELETE FROM opens WHERE session_id = ?", (session,))
         for ino in inos:
@@ -275,6 +276,7 @@ class RegistryOps(RepairOps):
                 bytes=counts["bytes"],
                 blocks=blocks,
                 sessions=tx.scalar("SELECT COUNT(*) FROM sessions"),
+                locks=tx.scalar("SELECT COUNT(*) FROM locks"),
                 under_replicated=under,
                 lost=lost,
                 inline_files=inline["files"],

@@ -155,6 +155,22 @@ CREATE TABLE opens (
 );
 CREATE INDEX opens_by_ino ON opens(ino);
 
+-- Locks (metaserver/locks.py), each range of an owner one row, merged and split as Linux
+-- does. They belong to a session: its close or expiry drops them. Granted and released
+-- durably, so a metaserver restart forgets none that a client was told it holds.
+CREATE TABLE locks (
+    ino         INTEGER NOT NULL,
+    session_id  INTEGER NOT NULL REFERENCES sessions(session_id),
+    owner       INTEGER NOT NULL,  -- lock owner within the session (signed 64-bit)
+    kind        INTEGER NOT NULL,  -- 0: a record lock (fcntl, OFD), 1: a flock lock
+    exclusive   INTEGER NOT NULL,  -- 1: F_WRLCK / LOCK_EX, 0: F_RDLCK / LOCK_SH
+    start       INTEGER NOT NULL,  -- first byte
+    end_        INTEGER NOT NULL,  -- last byte, inclusive (2^63-1: to the end of the file)
+    pid         INTEGER NOT NULL   -- the locking process, as F_GETLK reports it
+);
+CREATE INDEX locks_by_ino ON locks(ino);
+CREATE INDEX locks_by_session ON locks(session_id);
+
 -- Blocks allocated to a writer and not committed yet. Deliberately no foreign key to
 -- inodes: a file may be purged while its writer is still writing, and then these rows
 -- are how its blocks reach garbage (at commit, when the writer's session ends, or by the

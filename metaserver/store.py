@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -69,6 +69,20 @@ MIGRATIONS = {
         ALTER TABLE opens ADD COLUMN writable INTEGER NOT NULL DEFAULT 0;
         UPDATE opens SET writable = 1;
         ALTER TABLE blocks ADD COLUMN digest BLOB;
+    """,
+    6: """
+        CREATE TABLE locks (
+            ino         INTEGER NOT NULL,
+            session_id  INTEGER NOT NULL REFERENCES sessions(session_id),
+            owner       INTEGER NOT NULL,  -- lock owner within the session (signed 64-bit)
+            kind        INTEGER NOT NULL,  -- 0: a record lock (fcntl, OFD), 1: a flock lock
+            exclusive   INTEGER NOT NULL,  -- 1: F_WRLCK / LOCK_EX, 0: F_RDLCK / LOCK_SH
+            start       INTEGER NOT NULL,  -- first byte
+            end_        INTEGER NOT NULL,  -- last byte, inclusive (2^63-1: to the end of the file)
+            pid         INTEGER NOT NULL   -- the locking process, as F_GETLK reports it
+        );
+        CREATE INDEX locks_by_ino ON locks(ino);
+        CREATE INDEX locks_by_session ON locks(session_id);
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

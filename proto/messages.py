@@ -19,9 +19,13 @@ from typing import Any, Callable, ClassVar, Optional
 
 from .integrity import DIGEST_BYTES, DIGEST_V1_BYTES
 from .types import (
+    LOCK_FLOCK,
+    LOCK_RECORD,
+    LOCK_WAIT_MAX_S,
     MAX_BLOCK_SIZE_BYTES,
     MAX_REPLICAS,
     NAME_MAX_BYTES,
+    OFFSET_MAX,
     SYMLINK_MAX_BYTES,
     XATTR_NAME_MAX_BYTES,
     XATTR_SIZE_MAX_BYTES,
@@ -558,6 +562,83 @@ class ReleaseReq(Message):
     session: int  # session that opened it
 
 
+#: Lock types, as fcntl(2) numbers them on Linux.
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+
+
+@dataclass
+class LockReq(Message):
+    """Take, change, release or test a lock (metaserver/locks.py). A record lock covers
+    [start, end]; a flock lock the whole file. The owner is the caller's: the kernel's lock
+    owner id as a signed 64-bit number (a process, or an open file description), or any
+    number a library client picks; locks belong to (session, owner)."""
+
+    session: int  # the session the owner lives in (it must have the file open)
+    ino: int  # the file
+    owner: int  # lock owner within the session (signed 64-bit)
+    type: int  # F_RDLCK (shared), F_WRLCK (exclusive) or F_UNLCK (release the range)
+    kind: int = LOCK_RECORD  # LOCK_RECORD or LOCK_FLOCK
+    start: int = 0  # first byte of the range (record locks)
+    end: int = OFFSET_MAX  # last byte of the range, inclusive; OFFSET_MAX: to end of file
+    pid: int = 0  # the locking process, as F_GETLK reports it to others
+    test: bool = False  # F_GETLK: change nothing, report a conflicting lock
+
+    def _check(self) -> Optional[str]:
+        if self.type not in (F_RDLCK, F_WRLCK, F_UNLCK):
+            return "type: not F_RDLCK, F_WRLCK or F_UNLCK"
+        if self.kind not in (LOCK_RECORD, LOCK_FLOCK):
+            return "kind: not LOCK_RECORD or LOCK_FLOCK"
+        if not 0 <= self.start <= self.end <= OFFSET_MAX:
+            return "start, end: not a byte range"
+        if self.kind == LOCK_FLOCK and (self.start, self.end) != (0, OFFSET_MAX):
+            return "a flock lock covers the whole file"
+        if self.test and self.type == F_UNLCK:
+            return "test: of F_RDLCK or F_WRLCK"
+        return None
+
+
+@dataclass
+class LockReply(Message):
+    granted: bool  # taken (a test: nothing conflicts); else the conflict is described below
+    gen: int  # the file's lock generation when answered: what lock_wait waits to change
+    type: int = F_UNLCK  # a conflicting lock: its type, range and holder's pid
+    start: int = 0
+    end: int = 0
+    pid: int = 0
+
+
+@dataclass
+class LockWaitReq(Message):
+    """Wait until the locks of a file change from generation `gen` (a LockReply's), or
+    `wait_s` passes; the waiter then asks for its lock again."""
+
+    session: int
+    ino: int
+    gen: int
+    wait_s: float = LOCK_WAIT_MAX_S
+
+    def _check(self) -> Optional[str]:
+        if not 0 <= self.wait_s <= LOCK_WAIT_MAX_S:
+            return f"wait_s: not within [0, {LOCK_WAIT_MAX_S}]"
+        return None
+
+
+@dataclass
+class LockWaitReply(Message):
+    gen: int  # the generation now (the same: nothing changed within wait_s)
+
+
+@dataclass
+class UnlockOwnersReq(Message):
+    """Drop every lock (both kinds) of these owners of the session on the file: a close by
+    a process (its record locks), the last close of an open file description (its OFD and
+    flock locks)."""
+
+    session: int
+    ino: int
+    owners: list[int]
+
+
 @dataclass
 class BlockMapReq(Message):
     ino: int  # the file
@@ -760,6 +841,7 @@ class StatusReply(Message):
     bytes: int  # logical bytes in regular files
     blocks: int  # stored blocks referenced by files
     sessions: int  # live client sessions
+    locks: int = 0  # locks held (record ranges and flock locks), over every session
     under_replicated: int = 0  # blocks with fewer live replicas than their file asks for
     lost: int = 0  # blocks with no live replica
     inline_files: int = 0  # files whose block 0 is kept in the metadata store

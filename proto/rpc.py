@@ -17,7 +17,9 @@ chunks in, one reply frame out, run as `await impl.<name>(request, chunks, calle
 time_left_s)`; and DOWNLOAD (`read_block`), one request frame in, then `await
 impl.<name>(request, caller)` returns (reply, async iterator of chunks) and the reply
 frame and the chunks go out; an error in the middle of the chunks ends the call with
-DATA_LOSS (the reader sees EIO).
+DATA_LOSS (the reader sees EIO). A WAIT method (`lock_wait`) is one frame each way, as a
+unary one or inside the stream, but `await impl.<name>(request, caller)` runs it on the
+event loop: it may wait long for an event, holding no thread and holding up no other call.
 
 Every way a request is decoded and checked (`valid()`) before the implementation sees
 it; FsError becomes an errno reply, any other exception is logged and becomes EIO, an
@@ -67,7 +69,7 @@ from .credentials import Caller, Credentials, Revocations, caller_of, channel_cr
 from .credentials import server_credentials
 from .errors import FsError, TransportError
 from .messages import Ctx, Message
-from .services import DOWNLOAD, SERVER_ROLE, UNARY, UPLOAD, Method
+from .services import DOWNLOAD, SERVER_ROLE, UNARY, UPLOAD, WAIT, Method
 
 log = logging.getLogger("stripefs.rpc")
 
@@ -262,6 +264,13 @@ class _StreamHandler:
                 else:
                     for call_id, name, frame in calls:
                         method = self.dispatch.methods.get(name)
+                        if method is not None and method.kind == WAIT:
+                            req = self.dispatch.decode(name, frame, caller)
+                            if isinstance(req, bytes):
+                                await out.send([[call_id, req]])
+                            else:
+                                self._spawn(tasks, self._wait_one(call_id, name, req, caller, out))
+                            continue
                         if method is not None and method.quick and self.running == 0 and len(calls) == 1:
                             await out.send([[call_id, self.dispatch.run(name, frame, caller)]])
                             continue
@@ -292,6 +301,10 @@ class _StreamHandler:
         finally:
             slots.release()
 
+    async def _wait_one(self, call_id: int, name: str, req: Message, caller: Caller, out: "_Replies") -> None:
+        result = await _run_coroutine(name, req, getattr(self.dispatch.impl, name), caller)
+        await out.send([[call_id, _reply_frame(name, result, req)]])
+
     async def _apply(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set, caller: Caller) -> None:
         """Run a batch in one store transaction, here on the event-loop thread: a metadata
         call is tens of microseconds of work, less than a hand-off to a worker thread."""
@@ -302,6 +315,8 @@ class _StreamHandler:
             req = self.dispatch.decode(name, frame, caller)
             if isinstance(req, bytes):
                 now.append([call_id, req])
+            elif self.dispatch.methods[name].kind == WAIT:
+                self._spawn(tasks, self._wait_one(call_id, name, req, caller, out))
             else:
                 checked.append((call_id, name, req))
         if not checked:
@@ -389,6 +404,19 @@ async def _run_coroutine(name: str, req: Message, fn: Callable, *args: Any) -> A
         return FsError(errno.EIO, f"internal error in {name}")
 
 
+def _wait_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable:
+    async def handle(frame: bytes, context: Any) -> bytes:
+        caller = _authenticate(context, revocations)
+        if caller is None:
+            return codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
+        req = dispatch.decode(name, frame, caller)
+        if isinstance(req, bytes):
+            return req
+        return _reply_frame(name, await _run_coroutine(name, req, getattr(dispatch.impl, name), caller), req)
+
+    return handle
+
+
 def _upload_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Callable:
     async def handle(request_iterator: Any, context: Any) -> bytes:
         caller = _authenticate(context, revocations)
@@ -456,6 +484,8 @@ class Server:
                 handlers[name] = grpc.stream_unary_rpc_method_handler(_upload_handler(dispatch, name, revocations))
             elif method.kind == DOWNLOAD:
                 handlers[name] = grpc.unary_stream_rpc_method_handler(_download_handler(dispatch, name, revocations))
+            elif method.kind == WAIT:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(_wait_handler(dispatch, name, revocations))
             else:
                 handlers[name] = grpc.unary_unary_rpc_method_handler(
                     _unary_handler(dispatch, name, revocations, shares))

@@ -33,11 +33,13 @@ class Method:
     quick: bool = False
     #: how the bytes move (proto/rpc.py): UNARY, one frame each way; UPLOAD, a request frame
     #: then raw chunks in, one reply frame out; DOWNLOAD, one request frame in, a reply
-    #: frame then raw chunks out
+    #: frame then raw chunks out; WAIT, one frame each way, but the reply may take long (it
+    #: waits for an event): served by a coroutine on the server's event loop, holding no
+    #: worker thread and not holding up the calls sent after it
     kind: str = "unary"
 
 
-UNARY, UPLOAD, DOWNLOAD = "unary", "upload", "download"
+UNARY, UPLOAD, DOWNLOAD, WAIT = "unary", "upload", "download", "wait"
 
 
 def _table(*methods: Method) -> dict[str, Method]:
@@ -75,6 +77,10 @@ META_METHODS = _table(
     Method("alloc_blocks", m.AllocReq, m.AllocReply),
     Method("commit_blocks", m.CommitReq, m.AttrReply),
     Method("commit_inline", m.InlineCommitReq, m.AttrReply),
+    # locks (metaserver/locks.py)
+    Method("lock", m.LockReq, m.LockReply),
+    Method("unlock_owners", m.UnlockOwnersReq, m.Empty),
+    Method("lock_wait", m.LockWaitReq, m.LockWaitReply, kind=WAIT),
     # data server registry
     Method("register", m.RegisterReq, m.RegisterReply, DATA_SERVERS),
     Method("heartbeat", m.HeartbeatReq, m.HeartbeatReply, DATA_SERVERS),

@@ -48,6 +48,17 @@ TRANSFER_CHUNK_BYTES = 1024 * 1024
 #: before the writer gives up on the whole chain.
 CHAIN_HOP_MARGIN_S = 2.0
 
+#: The last byte offset a lock range can name (the kernel's OFFSET_MAX): a lock "to the end
+#: of the file" ends here, however the file grows.
+OFFSET_MAX = (1 << 63) - 1
+#: What a lock is: a POSIX record lock (fcntl F_SETLK and OFD locks; byte ranges, owned by
+#: a process or an open file description) or a flock(2) lock (the whole file, owned by an
+#: open file description). The two kinds never conflict with each other, as on Linux.
+LOCK_RECORD, LOCK_FLOCK = 0, 1
+#: Longest a lock_wait call waits on the metaserver before answering "nothing changed":
+#: a waiter asks again then, one round trip per this long, not one per wait step.
+LOCK_WAIT_MAX_S = 20.0
+
 #: Virtual xattrs of a directory that set the layout of files created under it.
 #: They are not listed by listxattr, so copying tools do not carry them around.
 LAYOUT_XATTR_BLOCK_SIZE = b"stripefs.block_size"

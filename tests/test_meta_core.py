@@ -156,8 +156,8 @@ def test_root_and_store(env):
 
 def test_version_3_database_is_migrated(env):
     """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
-    of sessions and servers, no writable opens, no block digests) opens as the current one with everything
-    in it kept; opens made before are taken as writable (they may have been)."""
+    of sessions and servers, no writable opens, no block digests, no locks) opens as the current one with
+    everything in it kept; opens made before are taken as writable (they may have been)."""
     f = env.create(ROOT_INODE, b"kept")
     s = env.session()
     env.core.open(OpenReq(ino=f.ino, session=s))
@@ -171,6 +171,7 @@ def test_version_3_database_is_migrated(env):
         tx.run("ALTER TABLE sessions DROP COLUMN owner")
         tx.run("ALTER TABLE opens DROP COLUMN writable")
         tx.run("ALTER TABLE blocks DROP COLUMN digest")
+        tx.run("DROP TABLE locks")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -181,6 +182,7 @@ def test_version_3_database_is_migrated(env):
         assert tx.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('inodes_by_parent',"
                          " 'dentries_by_parent')") == 2
         assert tx.scalar("SELECT writable FROM opens WHERE ino = ?", (f.ino,)) == 1
+        assert tx.scalar("SELECT COUNT(*) FROM locks") == 0
 
 
 def test_readdir_pages_are_range_scans(env):

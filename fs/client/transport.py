@@ -42,7 +42,7 @@ from proto.credentials import CLIENT, Caller, Credentials
 from proto.errors import FsError, TransportError
 from proto.messages import Message
 from proto.rpc import STREAM_METHOD, Dispatch, Stub, secure_channel, transport_error
-from proto.services import Method
+from proto.services import WAIT, Method
 
 log = logging.getLogger("stripefs.client")
 
@@ -296,8 +296,25 @@ class LocalTransport:
 
     async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
+        if self.methods[name].kind == WAIT:
+            return await self._wait(name, frame)
         await trio.lowlevel.checkpoint()
         return codec.decode_reply(self.methods[name].reply, self._dispatch.run(name, frame, self.caller))
+
+    async def _wait(self, name: str, frame: bytes) -> Any:
+        """A WAIT call: the server's coroutine, in an asyncio loop of its own on a worker
+        thread (a server runs it on its loop while other calls go on)."""
+        req = self._dispatch.decode(name, frame, self.caller)
+        if isinstance(req, bytes):
+            return codec.decode_reply(self.methods[name].reply, req)
+
+        def run() -> bytes:
+            try:
+                return codec.encode_reply(asyncio.run(getattr(self._dispatch.impl, name)(req, self.caller)))
+            except FsError as exc:
+                return codec.encode_reply(None, exc.errno, exc.message)
+
+        return codec.decode_reply(self.methods[name].reply, await trio.to_thread.run_sync(run))
 
     async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
         """The server's coroutine, in an asyncio loop of its own on a worker thread (as a
