@@ -180,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{s.server_id:>3} {s.address:<22} {s.state:<7} {_human(s.used_bytes):>10} "
               f"{_human(s.free_bytes):>10} {_human(s.capacity_bytes):>10} {s.blocks:>8} {s.last_heartbeat_s:>5.1f}s")
     print(f"namespace: {st.inodes} inodes, {st.files} files, {st.directories} directories, "
-          f"{_human(st.bytes)} in files, {st.blocks} blocks, {st.sessions} client sessions")
+          f"{_human(st.bytes)} in files, {st.blocks} blocks, {st.sessions} client sessions, {st.locks} locks held")
     print(f"replication: {st.under_replicated} blocks under-replicated, {st.lost} lost")
     return 0
 

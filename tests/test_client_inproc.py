@@ -106,7 +106,7 @@ async def write(client: Client, parent: int, name: bytes, data: bytes) -> int:
 
 
 async def read(client: Client, ino: int) -> bytes:
-    fh, _ = await client.open(ino, os.O_RDONLY)
+    fh, _, _ = await client.open(ino, os.O_RDONLY)
     out = bytearray()
     while piece := await client.read(fh, len(out), 128 * 1024):
         out += piece
@@ -147,14 +147,14 @@ def test_inline_file_grows_to_blocks_and_back(world):
         await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode())
         ino = await write(client, d, b"f", small)
         assert world.core.status(Empty()).inline_files == 1
-        fh, _ = await client.open(ino, os.O_WRONLY)
+        fh, _, _ = await client.open(ino, os.O_WRONLY)
         await client.write(fh, len(small), big)  # appends: block 0 rewritten as a stored block
         await client.flush(fh)
         await client.release(fh)
         assert await read(client, ino) == small + big
         st = world.core.status(Empty())
         assert st.inline_files == 0 and st.blocks == 4
-        fh, _ = await client.open(ino, os.O_WRONLY | os.O_TRUNC)
+        fh, _, _ = await client.open(ino, os.O_WRONLY | os.O_TRUNC)
         await client.write(fh, 0, small)
         await client.flush(fh)
         await client.release(fh)

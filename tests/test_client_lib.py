@@ -52,7 +52,7 @@ async def write_file(client, parent: int, name: bytes, data: bytes, chunk: int =
 
 
 async def read_file(client, ino: int, chunk: int = 128 * 1024) -> bytes:
-    fh, _ = await client.open(ino, os.O_RDONLY)
+    fh, _, _ = await client.open(ino, os.O_RDONLY)
     out = bytearray()
     while True:
         piece = await client.read(fh, len(out), chunk)
@@ -71,7 +71,7 @@ def test_write_read_striped_across_servers(lib_cluster):
         ino = await write_file(client, d, b"big", data)
         assert (await client.getattr(ino)).size == len(data)
         assert await read_file(client, ino) == data
-        fh, _ = await client.open(ino, os.O_RDONLY)
+        fh, _, _ = await client.open(ino, os.O_RDONLY)
         rep = await client._meta("block_map", BlockMapReq(ino, client.session.id))
         await client.release(fh)
         return rep.blocks
@@ -103,7 +103,7 @@ def test_overwrite_middle_and_truncate(lib_cluster):
         d = await fresh_dir(client, b"rmw", block_size=64 * 1024)
         base = bytearray(random.randbytes(200_000))
         ino = await write_file(client, d, b"f", bytes(base))
-        fh, _ = await client.open(ino, os.O_RDWR)
+        fh, _, _ = await client.open(ino, os.O_RDWR)
         await client.write(fh, 70_000, b"X" * 100)  # inside block 1: read-modify-write
         base[70_000:70_100] = b"X" * 100
         await client.fsync(fh)
@@ -122,7 +122,7 @@ def test_unlinked_file_stays_readable_through_open_handle(lib_cluster):
     async def body(client):
         d = await fresh_dir(client, b"unl")
         ino = await write_file(client, d, b"f", data)
-        fh, _ = await client.open(ino, os.O_RDONLY)
+        fh, _, _ = await client.open(ino, os.O_RDONLY)
         await client.unlink(d, b"f")
         with pytest.raises(FsError) as exc:
             await client.lookup(d, b"f")
@@ -188,7 +188,7 @@ def test_expired_session_is_replaced(lib_cluster):
     async def body(client):
         d = await fresh_dir(client, b"sess")
         ino = await write_file(client, d, b"keep", data)
-        fh, _ = await client.open(ino, os.O_RDONLY)
+        fh, _, _ = await client.open(ino, os.O_RDONLY)
         old = client.session.id
         # The same credential as the client's: a session is closed by whom it belongs to.
         stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)

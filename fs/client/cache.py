@@ -116,6 +116,11 @@ class AttrCache:
         left = ATTR_TTL_S - (now() - entry[1])
         return (entry[0], left) if left > 0 else None
 
+    def last(self, ino: int) -> Optional[Attr]:
+        """The attributes last fetched, however old: what the kernel may still hold."""
+        entry = self._entries.get(ino)
+        return None if entry is None else entry[0]
+
     def drop(self, ino: int) -> None:
         self._entries.pop(ino, None)
 

@@ -12,6 +12,7 @@ that programs using the library directly get them too; fs/fuse only translates.
   drive a client against in-process servers with `LocalTransport`);
 - cache.py, `NameCache`: attributes and directory entries known without asking, statahead;
 - reader.py and writer.py: the read and write paths; data.py: block I/O;
+- locks.py, `Locks`: cluster-wide record and flock locks, and what a close releases;
 and keeps the tables of what is open: files (files.py `FileState`), handles, directory
 handles.
 
@@ -41,11 +42,12 @@ from proto import messages as m
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import NAME_MAX_BYTES, SYMLINK_MAX_BYTES
+from proto.types import LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, SYMLINK_MAX_BYTES
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
 from .files import FileState, HandleState, WritebackBudget
+from .locks import Locks
 from .reader import Reader
 from .session import MetaSession
 from .transport import StreamTransport, Transport
@@ -122,6 +124,7 @@ class Client:
         self.reader = Reader(self.data, self.session.call, self._spawn, lambda: self.session.id)
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
                              self._budget, self._spawn, self._committed)
+        self.locks = Locks(self.session.call, lambda: self.session.id)
         self._files: dict[int, FileState] = {}  # open inodes of this client
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
@@ -141,7 +144,9 @@ class Client:
 
     async def _reopen_files(self) -> None:
         """A new session: register again the files we hold open, so that their unlinked
-        inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT."""
+        inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT.
+        Locks are not taken again: others may have taken them meanwhile."""
+        self.locks.session_lost()
         for ino, f in list(self._files.items()):
             # Asking for no more than an open here was granted: writing (which an open for
             # reading and writing had too), else reading; either entitles us to read tokens.
@@ -487,8 +492,10 @@ class Client:
             f = self._files[attr.ino] = FileState(attr.ino, attr, attr.block_size, self._budget)
         return f
 
-    async def open(self, ino: int, flags: int, ctx: Optional[m.Ctx] = None) -> tuple[int, bool]:
-        """Open a file; returns (handle, whether the kernel may keep its page cache)."""
+    async def open(self, ino: int, flags: int, ctx: Optional[m.Ctx] = None) -> tuple[int, bool, bool]:
+        """Open a file; returns (handle, whether the kernel may keep its page cache, whether
+        the attributes changed from the ones last handed out: close-to-open, the kernel
+        must then forget its copy, or it reads up to an old size)."""
         ctx = self._ctx(ctx)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if flags & os.O_TRUNC and writable:
@@ -503,6 +510,9 @@ class Client:
             self.session.release_soon(ino)
             self.names.attrs.drop(ino)
             raise FsError(errno.ENOENT, f"inode {ino} was removed")
+        known = self.names.attrs.last(ino)
+        changed = known is not None and (known.size, known.mtime_ns, known.ctime_ns) != (
+            reply.attr.size, reply.attr.mtime_ns, reply.attr.ctime_ns)
         self.names.attrs.put(reply.attr, t)
         f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks, reply)
@@ -510,7 +520,7 @@ class Client:
         f.opener, f.writable = f.opener or ctx, f.writable or writable
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
-        return self._new_handle(ino, writable), keep
+        return self._new_handle(ino, writable), keep, changed
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h, f = self._handle(fh)
@@ -540,20 +550,77 @@ class Client:
 
     async def release(self, fh: int) -> None:
         """The last close of a handle. The metaserver hears of it in the background
-        (session.py): the caller does not wait for a round trip."""
+        (session.py): the caller does not wait for a round trip, unless locks were taken
+        through the handle (they go first)."""
         h = self._handles.pop(fh, None)
         if h is None:
             return
         f = self._files[h.ino]
         try:
-            if f.handles == 1 and f.busy():
+            if (f.handles == 1 or self.locks.taken_through(fh)) and f.busy():
                 await self.writer.settle(f)
         finally:
+            try:
+                await self.locks.handle_closed(fh, h.ino)
+            except FsError as exc:
+                log.error("inode %d: locks of a closed handle not released (they go with the session): %s",
+                          h.ino, exc)
             f.handles -= 1
             if f.handles == 0:
                 del self._files[h.ino]
                 f.drop_all()  # only left over when the last flush failed: that data is lost
             self.session.release_soon(h.ino)
+
+    # ------------------------------------------------------------------ locks
+
+    async def lock(self, fh: int, type: int, *, kind: int = LOCK_RECORD, start: int = 0, end: int = OFFSET_MAX,
+                   owner: Optional[int] = None, pid: Optional[int] = None, wait: bool = False) -> bool:
+        """Take (m.F_RDLCK, m.F_WRLCK) or release (m.F_UNLCK) a cluster-wide lock on bytes
+        [start, end] of an open file (kind LOCK_FLOCK: the whole file). The owner is the
+        handle unless named (fs/fuse passes the kernel's: a process, or an open file
+        description); `pid` is what F_GETLK shows others. EAGAIN when another owner holds
+        a conflicting lock, unless `wait`: then it returns once the lock is taken.
+
+        Locks order data too, as NFS's do: what this client wrote is committed before a
+        lock of it is released, and taking a lock fetches the file's block map again, so
+        what another client wrote before it released the lock is what is read here. True
+        when that found the file changed (fs/fuse then drops the kernel's cached pages)."""
+        h, f = self._handle(fh)
+        if kind == LOCK_RECORD and type == m.F_WRLCK and not h.writable:
+            raise FsError(errno.EBADF, "a write lock needs a descriptor open for writing")
+        if type == m.F_UNLCK and f.busy():
+            await self.writer.settle(f)
+        await self.locks.set(fh, h.ino, fh if owner is None else owner, type, kind=kind, start=start, end=end,
+                             pid=(self.identity.pid or os.getpid()) if pid is None else pid, wait=wait)
+        return type != m.F_UNLCK and await self._revalidate(f)
+
+    async def _revalidate(self, f: FileState) -> bool:
+        """Fetch the attributes and block map of an open file again; True if its content
+        changed since we last knew it."""
+        before = f.attr.generation
+        t = now()
+        reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
+        f.set_map(reply.attr, reply.blocks, reply)
+        self.names.attrs.put(reply.attr, t)
+        self._cached_generation[f.ino] = reply.attr.generation
+        return reply.attr.generation != before
+
+    async def test_lock(self, fh: int, type: int, *, kind: int = LOCK_RECORD, start: int = 0,
+                        end: int = OFFSET_MAX, owner: Optional[int] = None) -> Optional[m.LockReply]:
+        """F_GETLK: the lock of another owner that [start, end] of `type` would conflict
+        with (type, start, end, pid), or None."""
+        h = self._handle(fh)[0]
+        return await self.locks.test(h.ino, fh if owner is None else owner, type, start, end, kind)
+
+    async def unlock_owner(self, fh: int, owner: int) -> None:
+        """`owner` closed a descriptor of fh's file: its record locks on the file go, after
+        what was written is committed."""
+        h = self._handles.get(fh)
+        if h is not None and self.locks.may_hold(h.ino, owner):
+            f = self._files[h.ino]
+            if f.busy():
+                await self.writer.settle(f)
+            await self.locks.owner_closed(h.ino, owner)
 
 
 @asynccontextmanager

@@ -7,14 +7,17 @@ is logged and becomes EIO; it never takes the mount down.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import time
 from typing import Any, Callable
 
 import pyfuse3
+import trio
 
-from fs.client import ATTR_TTL_S, ENTRY_TTL_S, Attr, Client, Ctx, Entry, FsError
+from fs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, Attr, Client, Ctx,
+                       Entry, FsError, signed64)
 
 log = logging.getLogger("stripefs.fuse")
 
@@ -29,6 +32,32 @@ DOT_ENTRIES = 2
 GROUPS_TTL_S = 1.0
 #: Processes whose groups are remembered at most.
 GROUPS_CACHED_MAX = 4096
+
+
+#: flock(2) operations as lock types.
+FLOCK_TYPES = {fcntl.LOCK_SH: F_RDLCK, fcntl.LOCK_EX: F_WRLCK, fcntl.LOCK_UN: F_UNLCK}
+
+
+def lock_end(start: int, length: int) -> int:
+    """The last byte of a kernel lock range (length 0: to the end of the file)."""
+    return OFFSET_MAX if length == 0 else min(start + length - 1, OFFSET_MAX)
+
+
+async def drop_page_cache(inode: int) -> None:
+    """The file changed on another client: the kernel's cached pages of it go (a lock was
+    just taken; fs/client Client.lock). In a thread: the kernel may wait for pages that a
+    read in progress holds, and that read is answered on this trio thread."""
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+    except OSError as exc:
+        log.warning("inode %d: could not drop the kernel's cached pages: %s", inode, exc)
+
+
+def forget_attributes(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError as exc:
+        log.warning("inode %d: could not drop the kernel's attributes: %s", inode, exc)
 
 
 def errno_boundary(fn: Callable) -> Callable:
@@ -225,9 +254,13 @@ class StripeOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         # libfuse asks for atomic_o_trunc: O_TRUNC arrives here, not as a separate setattr.
         try:
-            fh, keep = await self.client.open(inode, flags, ctx_of(ctx))
+            fh, keep, attrs_changed = await self.client.open(inode, flags, ctx_of(ctx))
         except FsError as exc:
             raise stale_if_gone(exc) from None
+        if attrs_changed:
+            # Another client changed the file: the kernel's attributes of it (its size
+            # above all, which bounds what it reads) go. Attributes only: nothing waits.
+            forget_attributes(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @errno_boundary
@@ -247,6 +280,39 @@ class StripeOperations(pyfuse3.Operations):
     @errno_boundary
     async def flush(self, fh):
         await self.client.flush(fh)
+
+    # Locks: pyfuse3 with the stripefs additions (scripts/pyfuse3-stripefs.patch) passes the
+    # kernel's lock requests on, with its lock owner: a process for fcntl record locks, an
+    # open file description for OFD and flock locks. Lengths are the kernel's (0: to the
+    # end of the file); the client speaks inclusive ranges.
+
+    @errno_boundary
+    async def getlk(self, inode, fh, lock_owner, type, start, length, pid):
+        conflict = await self.client.test_lock(fh, type, start=start, end=lock_end(start, length),
+                                               owner=signed64(lock_owner))
+        if conflict is None:
+            return F_UNLCK, start, length, pid
+        length = 0 if conflict.end == OFFSET_MAX else conflict.end - conflict.start + 1
+        return conflict.type, conflict.start, length, conflict.pid
+
+    @errno_boundary
+    async def setlk(self, inode, fh, lock_owner, type, start, length, pid, wait):
+        if await self.client.lock(fh, type, start=start, end=lock_end(start, length), owner=signed64(lock_owner),
+                                  pid=pid, wait=wait):
+            await drop_page_cache(inode)
+
+    @errno_boundary
+    async def flock(self, inode, fh, lock_owner, op):
+        type = FLOCK_TYPES.get(op & ~fcntl.LOCK_NB)
+        if type is None:
+            raise FsError(errno.EINVAL, f"flock operation {op}")
+        if await self.client.lock(fh, type, kind=LOCK_FLOCK, owner=signed64(lock_owner),
+                                  wait=not op & fcntl.LOCK_NB):
+            await drop_page_cache(inode)
+
+    @errno_boundary
+    async def release_lock_owner(self, fh, lock_owner):
+        await self.client.unlock_owner(fh, signed64(lock_owner))
 
     @errno_boundary
     async def fsync(self, fh, datasync):
