@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import json
 import multiprocessing
 import os
@@ -72,12 +73,13 @@ class Sizes:
     random_io_bytes: int = 4 * KiB
     random_reads: int = 20_000  # at most this many random reads ...
     random_read_s: float = 10.0  # ... or for at most this long, whichever comes first
+    lock_pairs: int = 2_000  # fcntl lock + unlock pairs on one file
 
 
 FULL = Sizes()
 QUICK = Sizes(
     ckpt_bytes=8 * MiB, shard_bytes=2 * MiB, dataset_files=200, dataset_dirs=10,
-    meta_files=200, random_reads=500, random_read_s=2.0,
+    meta_files=200, random_reads=500, random_read_s=2.0, lock_pairs=50,
 )
 
 
@@ -109,6 +111,7 @@ METRICS = [
     Metric("create_par", "create, 8 processes", "ops/s", 5),
     Metric("stat_par", "stat, cold, 8 processes", "ops/s", 5),
     Metric("unlink_par", "unlink, 8 processes", "ops/s", 5),
+    Metric("lock_unlock", "fcntl lock + unlock, uncontended", "pairs/s", 5),
     Metric("random_read", "random 4 KiB reads, cold", "IOPS", 6),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
@@ -349,6 +352,22 @@ def run_parallel(phase: str, groups: list[list[str]]) -> float:
     return sum(len(g) for g in groups) / wall
 
 
+def lock_pairs(path: Path, pairs: int) -> float:
+    """A write lock on the whole file then its release, `pairs` times, with nobody else
+    holding or wanting it (what SQLite or filelock pay per transaction); pairs/s."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(pairs):
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        secs = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return pairs / secs
+
+
 def dataset_paths(directory: Path, sizes: Sizes) -> list[Path]:
     per_dir = -(-sizes.dataset_files // sizes.dataset_dirs)
     return [directory / f"d{i // per_dir:03d}" / f"sample-{i:05d}.bin" for i in range(sizes.dataset_files)]
@@ -442,7 +461,7 @@ def lib_job(kind: str, meta_addr: str, credentials: str, dir_names: list[str], n
                     return time.perf_counter() - t0
                 t0 = time.perf_counter()
                 file_ino = (await client.lookup(ino, name.encode())).ino
-                fh, _ = await client.open(file_ino, os.O_RDONLY)
+                fh, _, _ = await client.open(file_ino, os.O_RDONLY)
                 got = 0
                 while piece := await client.read(fh, got, io_bytes):
                     got += len(piece)
@@ -1028,6 +1047,7 @@ class Bench:
         for p in names:
             os.unlink(p)
         self.record(run, r, t.name, "unlink", n / (time.perf_counter() - t0))
+        self.record(run, r, t.name, "lock_unlock", lock_pairs(d / "lock", self.sizes.lock_pairs))
         os.rmdir(d)
         # The same from several processes at once, each in a directory of its own.
         procs = self.sizes.meta_procs
