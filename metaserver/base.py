@@ -287,7 +287,7 @@ class CoreBase:
         # found at its current address; up servers first, then suspect, then dead, each
         # in placement order, so readers try the likely ones first and stripe.
         rows = tx.all(
-            "SELECT b.idx, b.block_id, b.length, b.digest, s.server_id, s.address FROM blocks b"
+            "SELECT b.idx, b.block_id, b.length, b.digest, b.stored, s.server_id, s.address FROM blocks b"
             " LEFT JOIN replicas r ON r.block_id = b.block_id"
             " LEFT JOIN servers s ON s.server_id = r.server_id"
             " WHERE b.ino = ? ORDER BY b.idx, r.rank",
@@ -301,7 +301,7 @@ class CoreBase:
         for row in rows:
             if not refs or refs[-1].index != row["idx"]:
                 refs.append(BlockRef(index=row["idx"], block_id=row["block_id"], length=row["length"],
-                                     digest=bytes(row["digest"] or b"")))
+                                     digest=bytes(row["digest"] or b""), stored=row["stored"] or 0))
                 order.append([])
             if row["address"] is not None:
                 order[-1].append((_STATE_ORDER[states.get(row["server_id"], DEAD)], row["address"]))
@@ -328,10 +328,13 @@ class CoreBase:
             for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_gone)):
                 self._garbage_committed(tx, b["block_id"], now)
             if size % bs:
+                # The digest still describes the block as written: `stored` keeps its length
+                # for readers, who check what they fetch and then keep `length` bytes.
                 idx = size // bs
                 tx.run(
-                    "UPDATE blocks SET length = MIN(length, ?) WHERE ino = ? AND idx = ?",
-                    (size - idx * bs, ino, idx),
+                    "UPDATE blocks SET stored = COALESCE(stored, length), length = ?"
+                    " WHERE ino = ? AND idx = ? AND length > ?",
+                    (size - idx * bs, ino, idx, size - idx * bs),
                 )
         tx.run(
             "UPDATE inodes SET size = ?, generation = generation + 1 WHERE ino = ?", (size, ino)

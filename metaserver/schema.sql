@@ -111,9 +111,11 @@ CREATE TABLE blocks (
     block_id  INTEGER NOT NULL UNIQUE,  -- id of the stored block
     length    INTEGER NOT NULL,  -- valid bytes in it; bytes past it (up to the file size)
                                  -- read as zeros, which is how truncate+extend reads clean
-    digest    BLOB,              -- SHA-256 of those bytes, from the writer (proto/integrity.py):
-                                 -- readers check what data servers send against it; NULL for
-                                 -- blocks committed before digests were
+    digest    BLOB,              -- digest of the block as written, from the writer
+                                 -- (proto/integrity.py): readers check what data servers send
+                                 -- against it; NULL for blocks committed before digests were
+    stored    INTEGER,           -- bytes of the block as written (what the digest describes)
+                                 -- once a truncate clamped `length` below it; NULL: `length`
     PRIMARY KEY (ino, idx)
 );
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -83,6 +83,9 @@ MIGRATIONS = {
         );
         CREATE INDEX locks_by_ino ON locks(ino);
         CREATE INDEX locks_by_session ON locks(session_id);
+    """,
+    7: """
+        ALTER TABLE blocks ADD COLUMN stored INTEGER;
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -254,8 +254,11 @@ class BlockRef(Message):
     length: int  # valid bytes in the block; the rest up to the file size reads as zeros
     servers: list[str] = field(default_factory=list)  # data server addresses holding a replica
     token: bytes = b""  # block maps: the read token of this block for the caller (proto/auth.py)
-    digest: bytes = b""  # digest of the block's `length` bytes, from its writer (proto/integrity.py);
+    digest: bytes = b""  # digest of the block as written, from its writer (proto/integrity.py);
                          # empty: not recorded (blocks committed before digests were)
+    stored: int = 0  # bytes of the block as written, which the digest describes, when a
+                     # truncate clamped `length` below that (0: `length`); readers check
+                     # what they fetch against the digest, then keep `length` bytes
 
     def _check(self) -> Optional[str]:
         return None if len(self.digest) in (0, DIGEST_V1_BYTES, DIGEST_BYTES) else "digest: not a block digest"

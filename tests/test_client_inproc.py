@@ -197,6 +197,37 @@ def test_large_file_round_trip(world):
     run(world, body)
 
 
+def test_a_block_clamped_by_truncate_reads_back(world):
+    """truncate leaves the block holding the new end as written and clamps its length; its
+    digest describes it as written. A fresh client reads it whole, in ranges, and after a
+    write past the end (which reads it to fill the rest of its block): no EIO, and nothing
+    past the clamp shows (fsx found reads of such blocks failing their digest)."""
+    data = os.urandom(2 * SMALL_BS + 5000)
+    cut = SMALL_BS + 1234
+    state = {}
+
+    async def writer(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"t", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode())
+        await client.setxattr(d, LAYOUT_XATTR_INLINE_MAX, b"0")
+        state["ino"] = ino = await write(client, d, b"f", data)
+        await client.setattr(ino, ROOT, size=cut)
+
+    async def reader(client, calls):
+        ino = state["ino"]
+        assert await read(client, ino) == data[:cut]
+        fh, _, _ = await client.open(ino, os.O_RDWR)
+        assert await client.read(fh, SMALL_BS + 1000, 300) == data[SMALL_BS + 1000 : cut]  # a range, to the end
+        await client.write(fh, cut + 100, b"tail")
+        await client.flush(fh)
+        await client.release(fh)
+
+    async def rereader(client, calls):
+        assert await read(client, state["ino"]) == data[:cut] + bytes(100) + b"tail"
+
+    run(world, writer, reader, rereader)
+
+
 def test_creates_in_a_directory_being_filled_are_one_call_each(world):
     async def body(client, calls):
         d = (await client.mkdir(ROOT_INODE, b"fill", 0o755, ROOT)).ino

@@ -156,7 +156,7 @@ def test_root_and_store(env):
 
 def test_version_3_database_is_migrated(env):
     """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
-    of sessions and servers, no writable opens, no block digests, no locks) opens as the current one with
+    of sessions and servers, no writable opens, no block digests, no locks, no stored lengths) opens as the current one with
     everything in it kept; opens made before are taken as writable (they may have been)."""
     f = env.create(ROOT_INODE, b"kept")
     s = env.session()
@@ -172,6 +172,7 @@ def test_version_3_database_is_migrated(env):
         tx.run("ALTER TABLE opens DROP COLUMN writable")
         tx.run("ALTER TABLE blocks DROP COLUMN digest")
         tx.run("DROP TABLE locks")
+        tx.run("ALTER TABLE blocks DROP COLUMN stored")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION

@@ -82,6 +82,11 @@ async def _off_loop(fn: Callable[..., bool], *args: object, size: int) -> bool:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+def written(ref: BlockRef) -> int:
+    """The bytes of a block as its writer stored them: what its digest describes."""
+    return ref.stored or ref.length
+
+
 def _leaf_span(offset: int, length: int, block_length: int) -> tuple[int, int]:
     """The leaf-aligned range holding [offset, offset+length) of a block."""
     start = offset - offset % LEAF_BYTES
@@ -177,7 +182,9 @@ class DataPath:
 
     async def read_block(self, ref: BlockRef) -> bytes:
         """The whole stored block (its first ref.length bytes), from the cache or a replica.
-        For sequential readers: the block is cached and shared with concurrent readers."""
+        For sequential readers: the block is cached and shared with concurrent readers. A
+        block a truncate clamped is fetched as written (what its digest describes), and
+        cached so; readers get its first ref.length bytes."""
         while True:
             data = self.cache.get(ref.block_id)
             if data is not None:
@@ -190,9 +197,9 @@ class DataPath:
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
         done = self._fetching[ref.block_id] = trio.Event()
         try:
-            data = await self._fetch(ref, 0, ref.length)
+            data = await self._fetch(ref, 0, written(ref))
             self.cache.put(ref.block_id, data)
-            return data
+            return data[: ref.length]
         finally:
             del self._fetching[ref.block_id]
             done.set()
@@ -214,7 +221,7 @@ class DataPath:
         if leaves is None:
             leaves = await self._fetch(ref, 0, 0, want_leaves=True)
             self.leaves.put(ref.block_id, leaves)
-        start, end = _leaf_span(offset, length, ref.length)
+        start, end = _leaf_span(offset, length, written(ref))
         span = await self._fetch(ref, start, end - start, leaves=leaves)
         return span[offset - start : offset - start + length]
 
@@ -234,7 +241,7 @@ class DataPath:
             conn = self.conn(address)
             req = GetBlockReq(ref.block_id, offset, length, ref.token, leaves=want_leaves)
             streamed = length > STREAM_READ_MAX_BYTES and not want_leaves
-            whole = offset == 0 and length == ref.length
+            whole = offset == 0 and length == written(ref)
             try:
                 if streamed:
                     # Hashed chunk by chunk as it arrives, on gRPC's thread: a whole block
@@ -263,7 +270,7 @@ class DataPath:
                 all_missing = False
                 continue
             if want_leaves:
-                good, data = leaves_match(ref.digest, ref.length, reply.leaves), reply.leaves
+                good, data = leaves_match(ref.digest, written(ref), reply.leaves), reply.leaves
             elif streamed and ref.digest:
                 first = offset // LEAF_BYTES * LEAF_HASH_BYTES
                 if not whole:
@@ -272,7 +279,7 @@ class DataPath:
                     good = bool(hash_matches(ref.digest, got)) if len(ref.digest) == DIGEST_BYTES else root_of(got) == ref.digest
             elif leaves:
                 good = await _off_loop(range_matches, leaves, offset, data, size=length)
-            elif offset == 0 and length == ref.length:
+            elif whole:
                 good = await _off_loop(matches, ref.digest, data, size=length)
             else:
                 good = True  # no digest to check against (an old block)
