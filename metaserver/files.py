@@ -38,6 +38,7 @@ from proto.messages import (
     InlineCommitReq,
     OpenReply,
     OpenReq,
+    PunchReq,
     ReleaseReq,
 )
 from proto.types import FILE_SIZE_MAX_BYTES
@@ -174,6 +175,30 @@ class FileOps(CoreBase):
                 self._commit(tx, row, req, now)
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
+
+    def punch_hole(self, req: PunchReq, caller: Caller = LOCAL) -> AttrReply:
+        """The whole blocks of a range leave the file (their replicas become garbage, an
+        inline block 0 goes) and read as zeros; the size stays. A content change: the
+        generation moves, mtime and ctime are now."""
+        with self.store.transaction(durable=True) as tx:
+            now = self.now_ns()
+            row = self._inode(tx, req.ino)
+            if not is_reg(row):
+                raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
+            self._session_exists(tx, req.session, caller)
+            self._check_open(tx, req.session, req.ino, caller, writable=True)
+            bs = row["block_size"]
+            if req.start % bs or req.length % bs:
+                raise FsError(errno.EINVAL, f"a hole is punched in whole blocks of {bs} bytes")
+            first, last = req.start // bs, (req.start + req.length) // bs
+            for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?",
+                            (req.ino, first, last)):
+                self._garbage_committed(tx, b["block_id"], now)
+            if first == 0:
+                self._set_inline(tx, req.ino, b"")
+            tx.run("UPDATE inodes SET generation = generation + 1, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                   (now, now, req.ino))
+            return AttrReply(attr=self._attr(tx, req.ino))
 
     def commit_inline(self, req: InlineCommitReq, caller: Caller = LOCAL) -> AttrReply:
         # Durable like commit_blocks: what a client's close and fsync wait for.

@@ -643,6 +643,23 @@ class UnlockOwnersReq(Message):
 
 
 @dataclass
+class PunchReq(Message):
+    """Free the blocks of [start, start + length) of a file (FALLOC_FL_PUNCH_HOLE): whole
+    blocks only, aligned to the file's block size; they read as zeros after. The client
+    zeroes the partial blocks at a hole's edges itself, by writing them."""
+
+    ino: int
+    session: int  # a session that has the file open for writing
+    start: int
+    length: int
+
+    def _check(self) -> Optional[str]:
+        if self.start < 0 or self.length <= 0:
+            return "start, length: not a byte range"
+        return None
+
+
+@dataclass
 class BlockMapReq(Message):
     ino: int  # the file
     session: int = 0  # a session that has the file open (what entitles it to read tokens)

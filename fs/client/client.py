@@ -42,7 +42,7 @@ from proto import messages as m
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, SYMLINK_MAX_BYTES
+from proto.types import FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, SYMLINK_MAX_BYTES
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
@@ -63,6 +63,9 @@ DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: file outgrew inline storage: its close then needs no allocation round trip. Elsewhere
 #: none: most small files never use one, and an unused allocation is garbage to collect.
 PREALLOC_BLOCKS_AT_CREATE = 1
+#: fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 #: Extended attribute the kernel asks for before every write (file capabilities).
 CAPABILITY_XATTR = b"security.capability"
 #: Virtual layout attributes (stripefs.block_size, ...) always go to the metaserver.
@@ -570,6 +573,61 @@ class Client:
                 del self._files[h.ino]
                 f.drop_all()  # only left over when the last flush failed: that data is lost
             self.session.release_soon(h.ino)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2). Mode 0 makes the file at least offset + length bytes long (as
+        ftruncate would: stripefs reserves no space it could not honour, so later writes
+        can still meet ENOSPC); FALLOC_FL_KEEP_SIZE alone changes nothing; with
+        FALLOC_FL_PUNCH_HOLE the range reads as zeros after, its whole blocks freed. Other
+        modes are EOPNOTSUPP."""
+        h, f = self._handle(fh)
+        if not h.writable:
+            raise FsError(errno.EBADF, "fallocate needs a descriptor open for writing")
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL, "fallocate: offset < 0 or length <= 0")
+        if offset + length > FILE_SIZE_MAX_BYTES:
+            raise FsError(errno.EFBIG, f"{offset + length} bytes exceed the largest file")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise FsError(errno.EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE goes with FALLOC_FL_KEEP_SIZE")
+            await self._punch_hole(f, offset, min(offset + length, f.size))
+        elif not mode & FALLOC_FL_KEEP_SIZE and offset + length > f.size:
+            await self.setattr(h.ino, None, size=offset + length, fh=fh)
+
+    async def _punch_hole(self, f: FileState, start: int, end: int) -> None:
+        """Zeroes [start, end) of a file (end <= its size): the blocks it covers whole (the
+        last one counts as whole when the hole reaches the end of the file) leave the
+        block map; the partial ones at the edges are written with zeros."""
+        if start >= end:
+            return
+        await self.writer.settle(f)
+        bs = f.block_size
+        first = -(-start // bs)  # the first block that starts inside the hole
+        last = -(-end // bs) if end >= f.size else end // bs  # past the last block wholly inside
+        if first >= last:
+            await self._write_zeros(f, start, end)
+        else:
+            await self._write_zeros(f, start, first * bs)
+            await self._write_zeros(f, last * bs, end)
+        await self.writer.settle(f)
+        if first < last:
+            await self._meta("punch_hole", m.PunchReq(f.ino, self.session.id, first * bs, (last - first) * bs))
+            reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
+            f.set_map(reply.attr, reply.blocks, reply)
+            self._note_generation(f.ino, reply.attr.generation)
+            self.names.attrs.put(reply.attr)
+
+    async def _write_zeros(self, f: FileState, start: int, end: int) -> None:
+        """Zeros over [start, end), within one block; nothing where the file has no data
+        there (a block never written already reads as zeros)."""
+        if start >= end:
+            return
+        index = start // f.block_size
+        if f.blocks.get(index) is None and index not in f.dirty and not (index == 0 and f.inline):
+            return
+        await self.writer.write(f, start, bytes(end - start))
 
     # ------------------------------------------------------------------ locks
 

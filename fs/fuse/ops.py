@@ -315,6 +315,11 @@ class StripeOperations(pyfuse3.Operations):
         await self.client.unlock_owner(fh, signed64(lock_owner))
 
     @errno_boundary
+    async def fallocate(self, fh, mode, offset, length):
+        # The kernel drops its cached pages of a punched hole, and sets the new size, itself.
+        await self.client.fallocate(fh, mode, offset, length)
+
+    @errno_boundary
     async def fsync(self, fh, datasync):
         await self.client.fsync(fh)
 
