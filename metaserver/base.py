@@ -39,6 +39,11 @@ log = logging.getLogger("stripefs.metaserver")
 NS_PER_S = 1_000_000_000
 #: Size reported for a directory, as ext4 reports for a small one.
 DIR_SIZE_BYTES = 4096
+#: Total bytes of names and values one inode's extended attributes may take.
+XATTR_TOTAL_MAX_BYTES = 1024 * 1024
+#: setxattr(2) flags.
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
 #: A data server with less free space than this many blocks gets no new blocks.
 NEAR_FULL_BLOCKS = 2
 
@@ -50,7 +55,11 @@ _STATE_ORDER = {UP: 0, SUSPECT: 1, DEAD: 2}
 
 _INODE_COLUMNS = (
     "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-    "block_size, replicas, generation, parent, target, xattrs, inline_max"
+    "block_size, replicas, generation, parent, target, xattrs, inline_max, "
+    # The access ACL comes with the row, for the permission checks made with it (perm.py);
+    # looked up only for inodes that have attributes at all.
+    "CASE WHEN xattrs > 0 THEN (SELECT value FROM xattrs x WHERE x.ino = inodes.ino"
+    " AND x.name = CAST('system.posix_acl_access' AS BLOB)) END AS acl"
 )
 
 
@@ -399,6 +408,37 @@ class CoreBase:
             raise FsError(errno.ESTALE, f"session {session} is unknown or expired")
         if caller.role != ADMIN and row["owner"] != str(caller):
             raise FsError(errno.EPERM, f"session {session} is not {caller}'s")
+
+    # ------------------------------------------------------------------ extended attributes
+
+    def _put_xattr(self, tx: Tx, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Store an attribute (XATTR_CREATE / XATTR_REPLACE flags as setxattr(2)), within
+        the inode's total; inodes.xattrs counts the rows."""
+        old = tx.one("SELECT length(name) + length(value) FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+        if old is not None and flags & XATTR_CREATE:
+            raise FsError(errno.EEXIST, f"attribute {name!r} exists")
+        if old is None and flags & XATTR_REPLACE:
+            raise FsError(errno.ENODATA, f"no attribute {name!r}")
+        total = tx.scalar(
+            "SELECT COALESCE(SUM(length(name) + length(value)), 0) FROM xattrs WHERE ino = ?", (ino,)
+        )
+        total += len(name) + len(value) - (old[0] if old is not None else 0)
+        if total > XATTR_TOTAL_MAX_BYTES:
+            raise FsError(errno.ENOSPC, f"attributes of inode {ino} exceed 1 MiB")
+        tx.run(
+            "INSERT INTO xattrs (ino, name, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (ino, name) DO UPDATE SET value = excluded.value",
+            (ino, name, value),
+        )
+        if old is None:
+            tx.run("UPDATE inodes SET xattrs = xattrs + 1 WHERE ino = ?", (ino,))
+
+    def _drop_xattr(self, tx: Tx, ino: int, name: bytes) -> None:
+        """Remove a stored attribute; ENODATA if there is none."""
+        cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+        if cur.rowcount == 0:
+            raise FsError(errno.ENODATA, f"no attribute {name!r}")
+        tx.run("UPDATE inodes SET xattrs = xattrs - 1 WHERE ino = ?", (ino,))
 
     def _drop_session_locks(self, tx: Tx, session: int) -> None:
         """A session ends: its locks go, and whoever waits for them hears of it (woken

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import stat
+from sqlite3 import Row
+from typing import Optional
 
 from proto.errors import FsError
 from proto.messages import (
@@ -41,7 +43,7 @@ from proto.messages import (
 )
 from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
-from . import perm
+from . import acl, perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
 from .store import Tx
 
@@ -191,15 +193,23 @@ class NamespaceOps(CoreBase):
             if sets:
                 cols = ", ".join(f"{k} = ?" for k in sets)
                 tx.run(f"UPDATE inodes SET {cols} WHERE ino = ?", (*sets.values(), req.ino))
+            entries = perm.access_acl(row)
+            if "mode" in sets and entries is not None:
+                # chmod and the access ACL agree: its owner, mask (or group) and other
+                # entries take the new bits (posix_acl_chmod).
+                tx.run("UPDATE xattrs SET value = ? WHERE ino = ? AND name = ?",
+                       (acl.encode(acl.with_mode(entries, sets["mode"])), req.ino, acl.ACCESS))
             return AttrReply(attr=self._attr(tx, req.ino))
 
     # ------------------------------------------------------------------ creation
 
     def _new_inode(
         self, tx: Tx, parent: int, name: bytes, mode: int, ctx: Ctx, now: int,
-        *, rdev: int = 0, target: bytes | None = None,
+        *, rdev: int = 0, target: bytes | None = None, umask: int = 0,
     ):
-        """Create an inode, owned by the caller, and its entry in `parent`; returns the new row."""
+        """Create an inode, owned by the caller, and its entry in `parent`; returns the new row.
+        A directory's default ACL decides the new inode's ACL and masks its mode (a new
+        directory inherits it as its own default); without one, `umask` masks the mode."""
         d = self._dir(tx, parent, for_create=True)
         perm.check_search(d, ctx)
         if name in _DOTS or self._child(tx, parent, name) is not None:
@@ -212,6 +222,12 @@ class NamespaceOps(CoreBase):
             gid = d["gid"]
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        default = self._default_acl(tx, d) if target is None else None
+        access = None
+        if default is not None:
+            access, mode = acl.for_new_inode(default, mode)
+        else:
+            mode &= ~(umask & 0o777)
         new_dir = stat.S_ISDIR(mode)
         if new_dir:
             size = DIR_SIZE_BYTES
@@ -228,8 +244,19 @@ class NamespaceOps(CoreBase):
         )
         ino = cur.lastrowid
         tx.run("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+        if access is not None:
+            self._put_xattr(tx, ino, acl.ACCESS, acl.encode(access))
+        if new_dir and default is not None:
+            self._put_xattr(tx, ino, acl.DEFAULT, acl.encode(default))
         self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0)
         return self._inode(tx, ino)
+
+    @staticmethod
+    def _default_acl(tx: Tx, directory: Row) -> Optional[acl.Acl]:
+        if not directory["xattrs"]:
+            return None
+        value = tx.scalar("SELECT value FROM xattrs WHERE ino = ? AND name = ?", (directory["ino"], acl.DEFAULT))
+        return acl.parse(bytes(value)) if value else None
 
     def mknod(self, req: MknodReq, caller: Caller = LOCAL) -> CreateReply:
         kind = stat.S_IFMT(req.mode) or stat.S_IFREG  # mknod(2): type 0 means a regular file
@@ -241,7 +268,7 @@ class NamespaceOps(CoreBase):
             if req.session:
                 self._session_exists(tx, req.session, caller)
             row = self._new_inode(
-                tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx, now, rdev=rdev,
+                tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx, now, rdev=rdev, umask=req.umask,
             )
             allocations = []
             if req.session:
@@ -260,6 +287,7 @@ class NamespaceOps(CoreBase):
         with self.store.transaction() as tx:
             row = self._new_inode(
                 tx, req.parent, req.name, stat.S_IFDIR | (req.mode & 0o7777), req.ctx, self.now_ns(),
+                umask=req.umask,
             )
             return AttrReply(attr=attr_of(row), parent=self._attr(tx, req.parent))
 

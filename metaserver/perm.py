@@ -7,7 +7,8 @@ checks first and most refusals never reach us). Who the caller is comes from the
 Ctx, which a client credential is trusted to state (NFS's AUTH_SYS), after the
 credential's own squash rule (proto/credentials.py) has mapped it; see docs/security.md.
 
-No ACLs yet: the mode bits decide, and root (uid 0, unless squashed) passes read and write
+POSIX ACLs decide where an inode has an access ACL (its row carries it: base.py; the rules
+are acl.py's), else the mode bits; root (uid 0, unless squashed) passes read and write
 checks on anything and search/execute checks on directories and on files with any x bit.
 """
 
@@ -16,10 +17,14 @@ from __future__ import annotations
 import errno
 import stat
 
+import functools
+from sqlite3 import Row
+from typing import Optional
+
 from proto.errors import FsError
 from proto.messages import Ctx
 
-from sqlite3 import Row
+from . import acl
 
 #: What a check asks for, as the kernel's MAY_READ / MAY_WRITE / MAY_EXEC.
 READ, WRITE, EXEC = 4, 2, 1
@@ -29,11 +34,28 @@ def in_group(ctx: Ctx, gid: int) -> bool:
     return gid == ctx.gid or gid in ctx.groups
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(value: bytes) -> acl.Acl:
+    return acl.parse(value)
+
+
+def access_acl(row: Row) -> Optional[acl.Acl]:
+    """The inode's access ACL, if its row carries one."""
+    try:
+        value = row["acl"]
+    except IndexError:  # a row selected without it: the mode bits decide
+        return None
+    return _parsed(bytes(value)) if value else None
+
+
 def allowed(row: Row, ctx: Ctx, want: int) -> bool:
     """Whether `ctx` may `want` (READ | WRITE | EXEC) the inode `row`."""
     mode = row["mode"]
     if ctx.uid == 0:
         return not want & EXEC or stat.S_ISDIR(mode) or bool(mode & 0o111)
+    entries = access_acl(row)
+    if entries is not None:
+        return acl.allows(entries, row["uid"], row["gid"], ctx.uid, {ctx.gid, *ctx.groups}, want)
     if ctx.uid == row["uid"]:
         bits = mode >> 6
     elif in_group(ctx, row["gid"]):

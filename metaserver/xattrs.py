@@ -1,7 +1,10 @@
 """Extended attributes of the metadata core, and the virtual layout attributes.
 
 Namespaces follow Linux: user.* only on regular files and directories, read and written
-as the file's mode allows (perm.py), trusted.* and security.* written by root only, system.posix_acl_* not supported yet (no ACLs). The
+as the file's mode allows (perm.py), trusted.* and security.* written by root only. POSIX
+ACLs are system.posix_acl_access and system.posix_acl_default (acl.py): anyone may read
+them, the owner or root set them; setting an access ACL sets the mode's bits from it, and
+one the mode bits say all of is not stored (as ext4). The
 layout attributes (stripefs.block_size, stripefs.replicas, stripefs.inline_max) are views
 of inode columns: set on a directory they decide the layout of files created under it
 later.
@@ -24,18 +27,12 @@ from proto.types import (
     MAX_REPLICAS,
     MIN_BLOCK_SIZE_BYTES,
 )
-from . import perm
+from . import acl, perm
 from .base import CoreBase, is_dir, is_reg
 from .store import Tx
 
-#: Total bytes of names and values one inode may carry.
-XATTR_TOTAL_MAX_BYTES = 1024 * 1024
-
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-
 _NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
-_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+_ACL_NAMES = (acl.ACCESS, acl.DEFAULT)
 _LAYOUT = {
     LAYOUT_XATTR_BLOCK_SIZE: "block_size",
     LAYOUT_XATTR_REPLICAS: "replicas",
@@ -49,8 +46,13 @@ def _check_access(row: Row, name: bytes, ctx: Ctx, write: bool) -> None:
     """Namespace and permission rules for a stored attribute, as Linux's xattr_permission."""
     if not name.startswith(_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP, f"unsupported xattr namespace in {name!r}")
+    if name in _ACL_NAMES:
+        if write:
+            acl.check_settable(name, row["mode"])
+            perm.check_owner(row, ctx, "change an ACL")
+        return
     if name.startswith(b"system."):
-        # No ACLs and no other system.* attributes yet: nothing is there to read.
+        # No other system.* attributes: nothing is there to read.
         if write:
             raise FsError(errno.EOPNOTSUPP, f"{name!r} is not supported")
         raise FsError(errno.ENODATA, f"no attribute {name!r}")
@@ -118,42 +120,45 @@ class XattrOps(CoreBase):
                 self._set_layout(tx, row, field, req)
             else:
                 _check_access(row, req.name, req.ctx, write=True)
-                old = tx.one(
-                    "SELECT length(name) + length(value) FROM xattrs WHERE ino = ? AND name = ?",
-                    (req.ino, req.name),
-                )
-                if old is not None and req.flags & XATTR_CREATE:
-                    raise FsError(errno.EEXIST, f"attribute {req.name!r} exists")
-                if old is None and req.flags & XATTR_REPLACE:
-                    raise FsError(errno.ENODATA, f"no attribute {req.name!r}")
-                total = tx.scalar(
-                    "SELECT COALESCE(SUM(length(name) + length(value)), 0) FROM xattrs WHERE ino = ?",
-                    (req.ino,),
-                )
-                total += len(req.name) + len(req.value) - (old[0] if old is not None else 0)
-                if total > XATTR_TOTAL_MAX_BYTES:
-                    raise FsError(errno.ENOSPC, f"attributes of inode {req.ino} exceed 1 MiB")
-                tx.run(
-                    "INSERT INTO xattrs (ino, name, value) VALUES (?, ?, ?)"
-                    " ON CONFLICT (ino, name) DO UPDATE SET value = excluded.value",
-                    (req.ino, req.name, req.value),
-                )
-                if old is None:
-                    tx.run("UPDATE inodes SET xattrs = xattrs + 1 WHERE ino = ?", (req.ino,))
+                if req.name == acl.ACCESS:
+                    self._set_access_acl(tx, row, req)
+                elif req.name == acl.DEFAULT and not req.value:
+                    self._drop_xattr(tx, req.ino, req.name)
+                else:
+                    if req.name == acl.DEFAULT:
+                        acl.parse(req.value)  # EINVAL unless a valid ACL
+                    self._put_xattr(tx, req.ino, req.name, req.value, req.flags)
             tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, req.ino))
             return Empty()
+
+    def _set_access_acl(self, tx: Tx, row: Row, req: XattrReq) -> None:
+        """The mode's bits follow the ACL (posix_acl_update_mode: set-group-ID goes unless
+        the caller is root or of the file's group); an ACL the mode says all of is not
+        kept, an empty value removes it."""
+        if not req.value:
+            self._drop_xattr(tx, row["ino"], req.name)
+            return
+        entries = acl.parse(req.value)
+        mode = (row["mode"] & ~0o777) | acl.mode_bits(entries)
+        if req.ctx.uid != 0 and not perm.in_group(req.ctx, row["gid"]):
+            mode &= ~stat.S_ISGID
+        tx.run("UPDATE inodes SET mode = ? WHERE ino = ?", (mode, row["ino"]))
+        if acl.is_minimal(entries):
+            if tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (row["ino"], req.name)).rowcount:
+                tx.run("UPDATE inodes SET xattrs = xattrs - 1 WHERE ino = ?", (row["ino"],))
+        else:
+            self._put_xattr(tx, row["ino"], req.name, acl.encode(entries), req.flags)
 
     def removexattr(self, req: XattrReq) -> Empty:
         with self.store.transaction() as tx:
             row = self._inode(tx, req.ino)
             if req.name in _LAYOUT:
                 raise FsError(errno.EINVAL, f"{req.name!r} cannot be removed; set it instead")
-            # system.* has nothing stored to remove: answer as a read would (ENODATA).
-            _check_access(row, req.name, req.ctx, write=not req.name.startswith(b"system."))
-            cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (req.ino, req.name))
-            if cur.rowcount == 0:
-                raise FsError(errno.ENODATA, f"no attribute {req.name!r}")
-            tx.run("UPDATE inodes SET ctime_ns = ?, xattrs = xattrs - 1 WHERE ino = ?", (self.now_ns(), req.ino))
+            # Other system.* names have nothing stored to remove: answer as a read would.
+            write = req.name in _ACL_NAMES or not req.name.startswith(b"system.")
+            _check_access(row, req.name, req.ctx, write=write)
+            self._drop_xattr(tx, req.ino, req.name)
+            tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (self.now_ns(), req.ino))
             return Empty()
 
     def _set_layout(self, tx: Tx, row: Row, field: str, req: XattrReq) -> None:

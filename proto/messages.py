@@ -375,17 +375,20 @@ class MknodReq(Message):
     NAME_FIELDS = ("name",)
     parent: int  # directory inode
     name: bytes  # new entry name
-    mode: int  # type and permission bits, umask already applied
+    mode: int  # type and permission bits
     ctx: Ctx  # caller: becomes the owner
     rdev: int = 0  # device number for S_IFCHR/S_IFBLK
     session: int = 0  # when non-zero, also open the new file for this session (create)
     prealloc_blocks: int = 0  # with session: also allocate blocks 0..n-1 (saves a round trip for small files)
+    umask: int = 0  # the caller's umask: masks `mode` unless the directory has a default ACL
 
     def _check(self) -> Optional[str]:
         if not 0 <= self.mode <= 0o177777:
             return "mode: not a file type and permission bits"
         if self.rdev < 0:
             return "rdev: negative"
+        if not 0 <= self.umask <= 0o777:
+            return "umask: not permission bits"
         return None if 0 <= self.prealloc_blocks <= 64 else "prealloc_blocks: out of range"
 
 
@@ -401,10 +404,13 @@ class MkdirReq(Message):
     NAME_FIELDS = ("name",)
     parent: int  # directory inode
     name: bytes  # new directory name
-    mode: int  # permission bits, umask already applied
+    mode: int  # permission bits
     ctx: Ctx  # caller: becomes the owner
+    umask: int = 0  # the caller's umask: masks `mode` unless the directory has a default ACL
 
     def _check(self) -> Optional[str]:
+        if not 0 <= self.umask <= 0o777:
+            return "umask: not permission bits"
         return None if 0 <= self.mode <= 0o7777 else "mode: not permission bits"
 
 

@@ -590,7 +590,8 @@ def test_xattrs(env):
     fails(errno.EOPNOTSUPP, env.core.setxattr, X(ino=f.ino, name=b"bogus.x", value=b"1"))
     fails(errno.EOPNOTSUPP, env.core.getxattr, X(ino=f.ino, name=b"bogus.x"))
     fails(errno.ENODATA, env.core.getxattr, X(ino=f.ino, name=b"system.posix_acl_access"))
-    fails(errno.EOPNOTSUPP, env.core.setxattr, X(ino=f.ino, name=b"system.posix_acl_default", value=b"x"))
+    fails(errno.EACCES, env.core.setxattr, X(ino=f.ino, name=b"system.posix_acl_default", value=b"x"))  # a file
+    fails(errno.EOPNOTSUPP, env.core.setxattr, X(ino=f.ino, name=b"system.other", value=b"x"))
     fails(errno.EPERM, env.core.setxattr, X(ino=f.ino, name=b"trusted.t", value=b"1", ctx=USER))
     fails(errno.EPERM, env.core.setxattr, X(ino=f.ino, name=b"security.s", value=b"1", ctx=USER))
     env.core.setxattr(X(ino=f.ino, name=b"trusted.t", value=b"1", ctx=ROOT))

@@ -290,20 +290,24 @@ class Client:
 
     # ------------------------------------------------------------------ namespace
 
-    async def mknod(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], rdev: int = 0) -> m.Attr:
+    async def mknod(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], rdev: int = 0,
+                    umask: int = 0) -> m.Attr:
+        """`umask` masks the mode unless the directory has a default ACL (which decides
+        instead), as the kernel's umask does on a local file system; so too for create
+        and mkdir."""
         entry_names(name)
         t = now()
-        reply = await self._meta("mknod", m.MknodReq(parent, name, mode, self._ctx(ctx), rdev))
+        reply = await self._meta("mknod", m.MknodReq(parent, name, mode, self._ctx(ctx), rdev, umask=umask))
         self.names.added(parent, name, reply.attr, reply.parent, t)
         return reply.attr
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
-                     ctx: Optional[m.Ctx]) -> tuple[int, m.Attr]:
+                     ctx: Optional[m.Ctx], umask: int = 0) -> tuple[int, m.Attr]:
         """Create a regular file and open it, in one metadata round trip."""
         entry_names(name)
         ctx = self._ctx(ctx)
         prealloc = PREALLOC_BLOCKS_AT_CREATE if self.names.new_files_need_blocks(parent) else 0
-        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc)
+        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc, umask)
         t = now()
         try:
             reply = await self._meta("mknod", req)
@@ -323,10 +327,10 @@ class Client:
         self._cached_generation[attr.ino] = attr.generation
         return self._new_handle(attr.ino, writable=True), attr
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx]) -> m.Attr:
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], umask: int = 0) -> m.Attr:
         entry_names(name)
         t = now()
-        reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, self._ctx(ctx)))
+        reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, self._ctx(ctx), umask))
         self.names.added(parent, name, reply.attr, reply.parent, t)
         self.names.new_directory(reply.attr, t)
         return reply.attr

@@ -33,7 +33,7 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
 #: The version of the stripefs additions to pyfuse3 this mount needs (lock requests,
 #: fallocate, the lock owner at flush; scripts/pyfuse3-stripefs.patch, built by
 #: scripts/_common.sh). Without them the kernel would keep locks local to this mount.
-PYFUSE3_ADDITIONS = 1
+PYFUSE3_ADDITIONS = 2
 
 
 def check_pyfuse3() -> None:

@@ -145,6 +145,11 @@ def ctx_of(ctx: pyfuse3.RequestContext) -> Ctx:
 class StripeOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # POSIX ACLs: the kernel checks them (default_permissions) as it checks modes, with the
+    # ACLs it reads through getxattr; it sends modes unmasked with the caller's umask
+    # (FUSE_CAP_DONT_MASK, scripts/pyfuse3-stripefs.patch), which the metaserver applies
+    # unless a default ACL of the directory decides instead.
+    enable_acl = True
 
     def __init__(self, client: Client) -> None:
         super().__init__()
@@ -195,11 +200,11 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return entry(await self.client.mknod(parent_inode, name, mode, ctx_of(ctx), rdev))
+        return entry(await self.client.mknod(parent_inode, name, mode, ctx_of(ctx), rdev, umask=ctx.umask))
 
     @errno_boundary
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return entry(await self.client.mkdir(parent_inode, name, mode & 0o7777, ctx_of(ctx)))
+        return entry(await self.client.mkdir(parent_inode, name, mode & 0o7777, ctx_of(ctx), umask=ctx.umask))
 
     @errno_boundary
     async def symlink(self, parent_inode, name, target, ctx):
@@ -265,7 +270,7 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx))
+        fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx), umask=ctx.umask)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
 
     @errno_boundary
