@@ -27,6 +27,7 @@ import crc32c
 
 from proto.errors import FsError
 from proto.messages import (
+    AccessedReq,
     AllocReply,
     AllocReq,
     Allocation,
@@ -42,6 +43,9 @@ from proto.messages import (
     ReleaseReq,
 )
 from proto.types import FILE_SIZE_MAX_BYTES
+
+#: relatime: an atime older than this moves on a read even when it is newer than mtime.
+RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
 
 from . import perm
 from .base import ADMIN, LOCAL, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
@@ -175,6 +179,19 @@ class FileOps(CoreBase):
                 self._commit(tx, row, req, now)
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
+
+    def accessed(self, req: AccessedReq, caller: Caller = LOCAL) -> Empty:
+        """A read of an open file (mounts with -o atime): atime becomes now under relatime's
+        rules, as Linux's default: when it is not newer than mtime or ctime, or is a day
+        old. Any session that has the file open may, as any reader moves atime locally."""
+        with self.store.transaction() as tx:
+            self._session_exists(tx, req.session, caller)
+            self._check_open(tx, req.session, req.ino, caller, writable=False)
+            now = self.now_ns()
+            tx.run("UPDATE inodes SET atime_ns = ? WHERE ino = ?"
+                   " AND (atime_ns <= mtime_ns OR atime_ns <= ctime_ns OR atime_ns < ?)",
+                   (now, req.ino, now - RELATIME_AGE_NS))
+            return Empty()
 
     def punch_hole(self, req: PunchReq, caller: Caller = LOCAL) -> AttrReply:
         """The whole blocks of a range leave the file (their replicas become garbage, an

@@ -649,6 +649,15 @@ class UnlockOwnersReq(Message):
 
 
 @dataclass
+class AccessedReq(Message):
+    """A file open in the session was read: its atime moves to now if relatime's rules
+    say so (metaserver/files.py)."""
+
+    ino: int
+    session: int
+
+
+@dataclass
 class PunchReq(Message):
     """Free the blocks of [start, start + length) of a file (FALLOC_FL_PUNCH_HOLE): whole
     blocks only, aligned to the file's block size; they read as zeros after. The client

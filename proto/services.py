@@ -78,6 +78,7 @@ META_METHODS = _table(
     Method("commit_blocks", m.CommitReq, m.AttrReply),
     Method("commit_inline", m.InlineCommitReq, m.AttrReply),
     Method("punch_hole", m.PunchReq, m.AttrReply),
+    Method("accessed", m.AccessedReq, m.Empty),
     # locks (metaserver/locks.py)
     Method("lock", m.LockReq, m.LockReply),
     Method("unlock_owners", m.UnlockOwnersReq, m.Empty),

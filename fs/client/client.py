@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
@@ -63,6 +64,9 @@ DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: file outgrew inline storage: its close then needs no allocation round trip. Elsewhere
 #: none: most small files never use one, and an unused allocation is garbage to collect.
 PREALLOC_BLOCKS_AT_CREATE = 1
+#: relatime: an atime older than this moves on a read even when it is newer than mtime
+#: (the metaserver applies the rule; this only spares it the calls that cannot move it).
+RELATIME_AGE_S = 24 * 3600
 #: fallocate(2) modes (linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -110,6 +114,7 @@ class Client:
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
         identity: Optional[m.Ctx] = None,
+        atime: bool = False,
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
@@ -117,6 +122,8 @@ class Client:
         connect = data_connect or (lambda address: StreamTransport(address, creds, DATA_SERVICE, DATA_METHODS))
         #: who calls that do not say are made as (default: this process)
         self.identity = identity or process_identity()
+        #: move atime on reads (relatime's rules); off by default, as with noatime
+        self.atime = atime
         self.session = MetaSession(meta, mountpoint)
         self.session.on_replaced = self._reopen_files
         self._nursery: Optional[trio.Nursery] = None
@@ -531,13 +538,26 @@ class Client:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h, f = self._handle(fh)
+        self._accessed(h, f)
         return await self.reader.read(h, f, offset, size)  # type: ignore[return-value]
 
     async def read_view(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """read, but a piece of one cached block comes back as a view into the cache: for
         a caller that copies it at once (the FUSE reply), one copy of every byte read less."""
         h, f = self._handle(fh)
+        self._accessed(h, f)
         return await self.reader.read(h, f, offset, size, view=True)
+
+    def _accessed(self, h: HandleState, f: FileState) -> None:
+        """With atime on: the first read through a handle tells the metaserver, in the
+        background, when relatime's rules may move atime (the metaserver decides)."""
+        if not self.atime or h.accessed:
+            return
+        h.accessed = True
+        a = f.attr
+        if a.atime_ns <= max(a.mtime_ns, a.ctime_ns) or time.time_ns() - a.atime_ns > RELATIME_AGE_S * 10**9:
+            self.names.attrs.drop(f.ino)
+            self.session.report_soon(self._nursery, "accessed", m.AccessedReq(f.ino, self.session.id))
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         return await self.writer.write(self._handle(fh)[1], offset, data)

@@ -110,6 +110,7 @@ class HandleState:
     writable: bool = False  # opened for writing (ftruncate through it counts the open's permission)
     last_read_end: int = -1  # where this handle's previous read ended
     readahead_blocks: int = 0  # current readahead window; grows while reads stay sequential
+    accessed: bool = False  # a read went through it (atime: the metaserver was told)
 
 
 @dataclass

@@ -128,8 +128,20 @@ def bound_malloc_caching() -> None:
         log.info("malloc tuning not applied: %s", exc)
 
 
+#: Mount options that are stripefs's, not the kernel's: atime (reads move atime, by
+#: relatime's rules) and noatime (the default: they do not).
+ATIME_OPTIONS = {"atime": True, "relatime": True, "noatime": False}
+
+
 def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str] | None = None,
               **client_options) -> None:
     check_pyfuse3()
+    options = []
+    for option in extra_options or []:
+        if option in ATIME_OPTIONS:
+            client_options["atime"] = ATIME_OPTIONS[option]
+        else:
+            options.append(option)
+    extra_options = options
     bound_malloc_caching()
     trio.run(_serve, meta, mountpoint, creds, extra_options or [], client_options)
