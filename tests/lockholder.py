@@ -12,12 +12,16 @@ Commands (fd: a small number naming one of the files this process opened):
   write FD OFFSET TEXT     pwrite
   read FD OFFSET N         pread: "ok TEXT"
   pid                      "ok PID"
+  alarm SECONDS            the next command is interrupted by SIGALRM after SECONDS
+                           (its handler raises: "err EINTR")
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import signal
 import struct
 import sys
 
@@ -38,6 +42,9 @@ def run(cmd: list[str], fds: dict[str, int]) -> str:
     op = cmd[0]
     if op == "pid":
         return f"ok {os.getpid()}"
+    if op == "alarm":
+        signal.setitimer(signal.ITIMER_REAL, float(cmd[1]))
+        return "ok"
     if op == "open":
         fds[cmd[1]] = os.open(cmd[2], MODES[cmd[3]], 0o666)
         return "ok"
@@ -67,7 +74,12 @@ def run(cmd: list[str], fds: dict[str, int]) -> str:
     return "ok"
 
 
+def _interrupted(signum, frame) -> None:
+    raise InterruptedError(errno.EINTR, "interrupted by SIGALRM")
+
+
 def main() -> None:
+    signal.signal(signal.SIGALRM, _interrupted)
     fds: dict[str, int] = {}
     print("ready", flush=True)
     for line in sys.stdin:

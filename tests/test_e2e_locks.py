@@ -180,6 +180,25 @@ def test_setlkw_waiter_is_woken_by_unlock(nodes):
     print(f"woken {woken_s * 1000:.0f} ms after the unlock")
 
 
+def test_a_signal_interrupts_a_waiting_lock_and_leaves_nothing_behind(nodes):
+    a, b = nodes
+    a.ok("open 1 f rw")
+    b.ok("open 1 f rw")
+    a.ok("setlk 1 wr 0 0")
+    a.ok("flock 1 ex")
+    b.ok("alarm 1.0")
+    assert b.err("setlk 1 wr 0 0 wait") == errno.EINTR  # FUSE_INTERRUPT ended the wait
+    b.ok("alarm 1.0")
+    assert b.err("flock 1 ex") == errno.EINTR
+    a.ok("setlk 1 un 0 0")
+    a.ok("flock 1 un")
+    time.sleep(1.0)
+    a.ok("setlk 1 wr 0 0")  # the interrupted waiters did not take them meanwhile
+    a.ok("flock 1 ex nb")
+    a.ok("close 1")
+    b.ok("setlk 1 wr 0 0 wait")
+
+
 def test_close_of_any_descriptor_releases_the_process_record_locks(nodes):
     a, b = nodes
     a.ok("open 1 f rw")
