@@ -67,11 +67,13 @@ class LockOps(CoreBase):
                 self._put_owner_locks(tx, req, [])
                 changed = True
             gen = self.lock_events.current(req.ino)
+            taken = conflict is None and not req.test and req.type != F_UNLCK
+            attr = self._attr(tx, req.ino) if taken else None
         if changed:
             self.store.make_durable()
             self.lock_events.changed([req.ino])
         if conflict is None:
-            return LockReply(granted=True, gen=gen)
+            return LockReply(granted=True, gen=gen, attr=attr)
         return LockReply(granted=False, gen=gen, type=F_WRLCK if conflict.exclusive else F_RDLCK,
                          start=conflict.start, end=conflict.end, pid=conflict.pid)
 

@@ -614,6 +614,8 @@ class LockReply(Message):
     start: int = 0
     end: int = 0
     pid: int = 0
+    attr: Optional[Attr] = None  # a lock taken: the file's attributes now (the taker
+                                 # fetches the block map again only if they changed)
 
 
 @dataclass

@@ -672,14 +672,19 @@ class Client:
             raise FsError(errno.EBADF, "a write lock needs a descriptor open for writing")
         if type == m.F_UNLCK and f.busy():
             await self.writer.settle(f)
-        await self.locks.set(fh, h.ino, fh if owner is None else owner, type, kind=kind, start=start, end=end,
-                             pid=(self.identity.pid or os.getpid()) if pid is None else pid, wait=wait)
-        return type != m.F_UNLCK and await self._revalidate(f)
+        t = now()
+        attr = await self.locks.set(fh, h.ino, fh if owner is None else owner, type, kind=kind, start=start,
+                                    end=end, pid=(self.identity.pid or os.getpid()) if pid is None else pid,
+                                    wait=wait)
+        return attr is not None and await self._revalidate(f, attr, t)
 
-    async def _revalidate(self, f: FileState) -> bool:
-        """Fetch the attributes and block map of an open file again; True if its content
-        changed since we last knew it."""
+    async def _revalidate(self, f: FileState, attr: m.Attr, t: float) -> bool:
+        """Attributes of an open file fresh from the metaserver: its block map is fetched
+        again if its content changed since we last knew it (then True)."""
+        self.names.attrs.put(attr, t)
         before = f.attr.generation
+        if attr.generation == before:
+            return False
         t = now()
         reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
         f.set_map(reply.attr, reply.blocks, reply)

@@ -56,9 +56,10 @@ class Locks:
         return None if reply.granted else reply
 
     async def set(self, fh: int, ino: int, owner: int, type: int, *, kind: int = LOCK_RECORD, start: int = 0,
-                  end: int = OFFSET_MAX, pid: int = 0, wait: bool = False) -> None:
+                  end: int = OFFSET_MAX, pid: int = 0, wait: bool = False) -> Optional[m.Attr]:
         """Take (F_RDLCK, F_WRLCK) or release (F_UNLCK) a range; EAGAIN if another owner
-        holds a conflicting lock and not `wait`."""
+        holds a conflicting lock and not `wait`. A lock taken: the file's attributes as
+        the metaserver had them then."""
         if type != m.F_UNLCK:
             self._owners_of_handle.setdefault(fh, set()).add(owner)
             self._owners_on_file.setdefault(ino, set()).add(owner)
@@ -67,7 +68,7 @@ class Locks:
             with trio.CancelScope(shield=True):
                 reply = await self._call("lock", req)
             if reply.granted:
-                return
+                return reply.attr
             if not wait:
                 raise FsError(errno.EAGAIN, f"inode {ino}: bytes {reply.start}-{reply.end} are locked"
                                             f" by process {reply.pid}")
