@@ -180,6 +180,15 @@ class FileOps(CoreBase):
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
 
+    def _file_open_for_writing(self, tx: Tx, ino: int, session: int, caller: Caller) -> Row:
+        """The row of a regular file that `session` (the caller's) has open for writing."""
+        row = self._inode(tx, ino)
+        if not is_reg(row):
+            raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {ino} is not a regular file")
+        self._session_exists(tx, session, caller)
+        self._check_open(tx, session, ino, caller, writable=True)
+        return row
+
     def accessed(self, req: AccessedReq, caller: Caller = LOCAL) -> Empty:
         """A read of an open file (mounts with -o atime): atime becomes now under relatime's
         rules, as Linux's default: when it is not newer than mtime or ctime, or is a day
@@ -199,11 +208,7 @@ class FileOps(CoreBase):
         generation moves, mtime and ctime are now."""
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
-            row = self._inode(tx, req.ino)
-            if not is_reg(row):
-                raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
-            self._session_exists(tx, req.session, caller)
-            self._check_open(tx, req.session, req.ino, caller, writable=True)
+            row = self._file_open_for_writing(tx, req.ino, req.session, caller)
             bs = row["block_size"]
             if req.start % bs or req.length % bs:
                 raise FsError(errno.EINVAL, f"a hole is punched in whole blocks of {bs} bytes")
@@ -221,11 +226,7 @@ class FileOps(CoreBase):
         # Durable like commit_blocks: what a client's close and fsync wait for.
         with self.store.transaction(durable=True) as tx:
             now = self.now_ns()
-            row = self._inode(tx, req.ino)
-            if not is_reg(row):
-                raise FsError(errno.EISDIR if is_dir(row) else errno.EINVAL, f"inode {req.ino} is not a regular file")
-            self._session_exists(tx, req.session, caller)
-            self._check_open(tx, req.session, req.ino, caller, writable=True)
+            row = self._file_open_for_writing(tx, req.ino, req.session, caller)
             if len(req.data) > inline_limit(row):
                 raise FsError(errno.EFBIG, f"inode {req.ino}: {len(req.data)} bytes do not fit inline")
             if req.size > FILE_SIZE_MAX_BYTES:
