@@ -69,7 +69,7 @@ def test_quick_run_prints_table_and_json(tmp_path):
     mount_metrics = ["ckpt_write", "ckpt_read", "shard_write", "shard_write_slowest", "shard_read",
                      "shard_read_slowest", "shard_read_mounts", "shard_read_mounts_slowest",
                      "dataset_write", "dataset_read", "create", "stat",
-                     "unlink", "ls_l", "create_par", "stat_par", "unlink_par", "random_read"]
+                     "unlink", "ls_l", "create_par", "stat_par", "unlink_par", "lock_unlock", "random_read"]
     expected = {(m, t) for m in mount_metrics for t in ("raw", "stripefs")}
     expected |= {("ckpt_write", "stripefs-lib"), ("ckpt_read", "stripefs-lib"),
                  ("mount_peak_rss", "stripefs")}

@@ -146,6 +146,8 @@ def test_nothing_was_damaged(world):
     report = core.fsck(m.FsckReq())
     assert report.problems == [], report.problems
     try:
-        assert core.block_map(m.BlockMapReq(f_ino)).data in (b"hello", b"")
+        # What a valid fuzzed call may leave: all of it, a truncated prefix, or nothing
+        # (a truncate to 0, a punched hole).
+        assert b"hello".startswith(core.block_map(m.BlockMapReq(f_ino)).data)
     except FsError as exc:
         assert exc.errno == errno.ENOENT  # a fuzzed unlink or rename-over is a valid call
