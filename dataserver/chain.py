@@ -31,8 +31,8 @@ block again elsewhere (fs/client/writer.py), so no acknowledged block is ever sh
 replica. Each server gives the next CHAIN_HOP_MARGIN_S less time than it has itself, so a
 hung server is reported by its predecessor before the writer's own deadline.
 
-Fault injection for tests, from STRIPEFS_FAULTS in a data server's environment (comma-
-separated): "flip-forwarded-chunks=N" flips a bit in each of the first N chunks it forwards
+Fault injection for tests, from STRIPEFS_FAULTS in a data server's environment
+(proto/faults.py): "flip-forwarded-chunks=N" flips a bit in each of the first N chunks it forwards
 (after checking and storing them itself), as a forwarder with bad memory would;
 "kill-at-hop=H/N" and "stop-at-hop=H/N" make the server SIGKILL or SIGSTOP itself in the
 middle of receiving the Nth block it gets as replica H+1 of a chain (H servers before it),
@@ -52,7 +52,7 @@ from typing import AsyncIterator, Callable, Optional
 
 import grpc
 
-from proto import codec
+from proto import codec, faults
 from proto.auth import check_write_token
 from proto.credentials import CLIENT, DATA, Caller, Credentials
 from proto.errors import FsError
@@ -69,18 +69,6 @@ log = logging.getLogger("stripefs.dataserver.chain")
 MIN_HOP_DEADLINE_S = 1.0
 #: Chunks queued for an in-process next server (_LocalNext).
 LOCAL_CHUNKS_AHEAD = 2
-
-
-def _faults() -> dict[str, tuple[int, ...]]:
-    out = {}
-    for item in os.environ.get("STRIPEFS_FAULTS", "").split(","):
-        name, _, value = item.partition("=")
-        numbers = value.strip().split("/")
-        if name.strip() and all(n.isdigit() for n in numbers):
-            out[name.strip()] = tuple(int(n) for n in numbers)
-    if out:
-        log.warning("fault injection armed: %s", out)
-    return out
 
 
 def _broken_at(chain: list[str], error: FsError) -> list[ReplicaError]:
@@ -187,7 +175,7 @@ class ChainWriter:
         self._token_key = token_key
         self._disk = disk  # worker threads for the store's disk work
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._faults = _faults()
+        self._faults = faults.armed()
         self._seen: dict[int, str] = {}  # blocks a kill/stop fault has counted
         #: in-process servers by address, for tests without processes (_LocalNext)
         self.local_peers: Optional[dict[str, "ChainWriter"]] = None

@@ -6,18 +6,22 @@ namespace.py, xattrs.py, files.py, locks.py, registry.py, repair.py (re-replicat
 reports) and fsck.py over the shared mechanisms of base.py; this class puts them
 together, so `proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
 and adds `apply_batch`, which runs a batch of calls from a client's stream in one
-store transaction.
+store transaction, each `once` call at most once per request id.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
 from typing import Any, Callable, Optional
 
+from proto import codec, faults
 from proto.errors import FsError
 from proto.messages import Message
 from proto.rpc import BatchResult, summary
+from proto.services import META_METHODS
 
 from .files import FileOps
 from .fsck import FsckOps
@@ -38,13 +42,18 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
              replication_timeout_s=60.0, server_forget_after_s=86400.0)
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._faults = faults.armed()  # tests only (proto/faults.py)
+        self._once_calls = 0
+
     def apply_batch(self, calls: list[tuple[str, Message]],
                     run: Optional[Callable[[str, Message], Any]] = None) -> list[BatchResult]:
         """Run checked calls in order in one transaction, each a savepoint of it (a call
         that fails undoes only itself); `run(name, req)` runs one (the RPC glue's, which
         passes the caller to the methods that take it; default: the method itself). For
-        each: its reply or FsError, and the barrier to pass before the reply may leave
-        (`store.sync` for a durable one). One commit and at most one fsync for the lot,
+        each: its reply or FsError (a `once` call's reply encoded already: bytes), and the
+        barrier to pass before the reply may leave (`store.sync` for a durable one). One commit and at most one fsync for the lot,
         where one per call cost both per call."""
         if run is None:
             def run(name: str, req: Message) -> Any:
@@ -54,8 +63,9 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
             with self.store.batch() as batch:
                 for name, req in calls:
                     batch.durable = False
+                    rid = getattr(req, "rid", 0) if META_METHODS[name].once else 0
                     try:
-                        result: Any = run(name, req)
+                        result: Any = self._once(name, req, rid, run) if rid else run(name, req)
                     except FsError as exc:
                         result = exc
                     except Exception:  # noqa: BLE001 - one call's bug fails that call only
@@ -65,4 +75,32 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         except Exception:  # noqa: BLE001 - the commit failed: nothing of the batch happened
             log.exception("a batch of %d calls could not be committed", len(calls))
             return [(FsError(errno.EIO, "metadata commit failed"), None)] * len(calls)
+        self._maybe_die_after(sum(1 for name, _ in calls if META_METHODS[name].once))
         return [(result, self.store.sync if durable else None) for result, durable in results]
+
+    def _maybe_die_after(self, once_calls: int) -> None:
+        """Fault injection (proto/faults.py) "kill-after-once=N": SIGKILL this process once
+        the Nth `once` call is committed and synced, before any reply leaves: a client then
+        knows nothing of what became of it, the case request ids are for."""
+        limit = self._faults.get("kill-after-once")
+        if not limit or not once_calls:
+            return
+        self._once_calls += once_calls
+        if self._once_calls >= limit[0]:
+            self.store.sync()
+            log.warning("fault injection: killed after %d once calls", self._once_calls)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _once(self, name: str, req: Message, rid: int, run: Callable[[str, Message], Any]) -> bytes:
+        """Run a `once` call unless its request id has a recorded reply, which is returned
+        instead; a reply is recorded in the call's own transaction (savepoint), so it is
+        there exactly when the change is. An error is not recorded: nothing changed, and a
+        retry runs again (and may now succeed). The reply comes back encoded (the frame
+        recorded is the frame sent: encoded once)."""
+        with self.store.transaction() as tx:
+            recorded = tx.scalar("SELECT reply FROM requests WHERE rid = ?", (rid,))
+            if recorded is not None:
+                return bytes(recorded)
+            frame = codec.encode_reply(run(name, req))
+            tx.run("INSERT INTO requests (rid, reply, created_ns) VALUES (?, ?, ?)", (rid, frame, self.now_ns()))
+            return frame

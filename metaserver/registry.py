@@ -40,6 +40,9 @@ log = logging.getLogger("stripefs.metaserver.registry")
 HEARTBEAT_INTERVAL_S = 1.0
 #: Garbage block ids handed to one server per heartbeat.
 GARBAGE_PER_HEARTBEAT = 1000
+#: How long the reply of a `once` call is kept for a retry of it: well past the longest a
+#: client retries (30 s, fs/client/session.py) and a metaserver restart.
+REQUEST_RECORD_TTL_S = 600.0
 #: A session silent for this many leases is closed.
 SESSION_EXPIRY_LEASES = 3
 
@@ -114,6 +117,7 @@ class RegistryOps(RepairOps):
             ]
             for block_id in stale:
                 self._garbage_pending(tx, block_id, now)
+            tx.run("DELETE FROM requests WHERE created_ns < ?", (now - int(REQUEST_RECORD_TTL_S * NS_PER_S),))
             timed_out = self._expire_tasks(tx, now)
             forgotten = self._forget_servers(tx, now)
             self._log_state_changes(tx, now)

@@ -173,6 +173,16 @@ CREATE TABLE locks (
 CREATE INDEX locks_by_ino ON locks(ino);
 CREATE INDEX locks_by_session ON locks(session_id);
 
+-- Replies of the calls that must not run twice (proto/services.py `once`), recorded in the
+-- call's own transaction: a client that retries after a transport failure (its reply lost,
+-- the metaserver restarted) gets the first reply, not a second run.
+CREATE TABLE requests (
+    rid         INTEGER PRIMARY KEY,  -- the client's request id (random, 63 bits)
+    reply       BLOB NOT NULL,        -- the reply frame it got (codec.encode_reply)
+    created_ns  INTEGER NOT NULL      -- when; the sweep forgets it after REQUEST_RECORD_TTL_S
+);
+CREATE INDEX requests_by_age ON requests(created_ns);
+
 -- Blocks allocated to a writer and not committed yet. Deliberately no foreign key to
 -- inodes: a file may be purged while its writer is still writing, and then these rows
 -- are how its blocks reach garbage (at commit, when the writer's session ends, or by the

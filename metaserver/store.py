@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 #: Version of schema.sql, kept in PRAGMA user_version.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
     1: """
@@ -86,6 +86,14 @@ MIGRATIONS = {
     """,
     7: """
         ALTER TABLE blocks ADD COLUMN stored INTEGER;
+    """,
+    8: """
+        CREATE TABLE requests (
+            rid         INTEGER PRIMARY KEY,  -- the client's request id (random, 63 bits)
+            reply       BLOB NOT NULL,        -- the reply frame it got (codec.encode_reply)
+            created_ns  INTEGER NOT NULL      -- when; the sweep forgets it after REQUEST_RECORD_TTL_S
+        );
+        CREATE INDEX requests_by_age ON requests(created_ns);
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -357,6 +357,7 @@ class SetattrReq(Message):
     mtime_now: bool = False  # set mtime to the server's now
     session: int = 0  # size through a handle this session opened for writing (ftruncate):
                       # the open's permission counts, not the file's mode now
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if self.size is not None and self.size < 0:
@@ -381,6 +382,7 @@ class MknodReq(Message):
     session: int = 0  # when non-zero, also open the new file for this session (create)
     prealloc_blocks: int = 0  # with session: also allocate blocks 0..n-1 (saves a round trip for small files)
     umask: int = 0  # the caller's umask: masks `mode` unless the directory has a default ACL
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if not 0 <= self.mode <= 0o177777:
@@ -407,6 +409,7 @@ class MkdirReq(Message):
     mode: int  # permission bits
     ctx: Ctx  # caller: becomes the owner
     umask: int = 0  # the caller's umask: masks `mode` unless the directory has a default ACL
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if not 0 <= self.umask <= 0o777:
@@ -421,6 +424,7 @@ class SymlinkReq(Message):
     name: bytes  # new entry name
     target: bytes  # what the link points to (not interpreted)
     ctx: Ctx  # caller: becomes the owner
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if not self.target or len(self.target) > SYMLINK_MAX_BYTES or b"\0" in self.target:
@@ -440,6 +444,7 @@ class LinkReq(Message):
     new_parent: int  # directory to link into
     new_name: bytes  # new entry name
     ctx: Ctx = field(default_factory=Ctx)  # caller (needs write permission on new_parent)
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
 
 @dataclass
@@ -450,6 +455,7 @@ class RemoveReq(Message):
     parent: int  # directory inode
     name: bytes  # entry to remove
     ctx: Ctx = field(default_factory=Ctx)  # caller (write permission on parent, sticky bit)
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
 
 #: rename flags, as renameat2(2)
@@ -466,6 +472,7 @@ class RenameReq(Message):
     new_name: bytes  # destination entry
     flags: int = 0  # RENAME_NOREPLACE | RENAME_EXCHANGE
     ctx: Ctx = field(default_factory=Ctx)  # caller (write permission on both parents, sticky bit)
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if self.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
@@ -510,6 +517,7 @@ class XattrReq(Message):
     ctx: Ctx = field(default_factory=Ctx)  # caller (user.* as the file's mode; trusted.* root only)
     value: bytes = b""  # new value (set only)
     flags: int = 0  # XATTR_CREATE (1) / XATTR_REPLACE (2) (set only)
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if not self.name or b"\0" in self.name:
@@ -669,6 +677,7 @@ class PunchReq(Message):
     session: int  # a session that has the file open for writing
     start: int
     length: int
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if self.start < 0 or self.length <= 0:
@@ -720,6 +729,7 @@ class CommitReq(Message):
     blocks: list[BlockRef]  # blocks now written on all their servers
     size: int  # file size after these writes (the commit never shrinks a file)
     mtime_ns: int  # time of the last write
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if self.size < 0:
@@ -740,6 +750,7 @@ class InlineCommitReq(Message):
     mtime_ns: int  # time of the last write
     crc32c: int  # CRC32C of `data`, checked before it is stored
     data: bytes = b""  # block 0's bytes; at most the file's inline_max (travels raw)
+    rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
 
     def _check(self) -> Optional[str]:
         if self.size < 0:

@@ -27,7 +27,8 @@ unknown method ENOSYS. A server never dies on what a client sends.
 
 How the requests of a stream batch run is the implementation's choice:
 - `impl.apply_batch(calls)` (the metaserver): the whole batch, on the server's event-loop
-  thread, in one store transaction; it returns for each call the reply (or FsError) and an
+  thread, in one store transaction; it returns for each call the reply (or FsError; or the
+  reply frame already encoded, bytes) and an
   optional barrier, a blocking function to run before that reply may leave (the fsync of a
   durable operation). A barrier runs on a worker thread while the streams go on, so replies
   of later calls are not held behind another call's fsync (group commit); when no other
@@ -141,6 +142,8 @@ def summary(req: Any) -> str:
 
 
 def _reply_frame(name: str, result: Any, req: Any = None) -> bytes:
+    if isinstance(result, bytes):  # encoded already (a recorded reply: metaserver/core.py)
+        return result
     if isinstance(result, FsError):
         return codec.encode_reply(None, result.errno, result.message)
     try:

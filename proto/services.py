@@ -37,6 +37,11 @@ class Method:
     #: waits for an event): served by a coroutine on the server's event loop, holding no
     #: worker thread and not holding up the calls sent after it
     kind: str = "unary"
+    #: changes state and is not idempotent: its request carries `rid`, the metaserver
+    #: records the reply with the change, and a retry with the same id (after a transport
+    #: failure, on a new stream or another metaserver) gets that reply instead of running
+    #: again (metaserver/core.py apply_batch)
+    once: bool = False
 
 
 UNARY, UPLOAD, DOWNLOAD, WAIT = "unary", "upload", "download", "wait"
@@ -55,29 +60,29 @@ META_METHODS = _table(
     # namespace
     Method("lookup", m.LookupReq, m.AttrReply),
     Method("getattr", m.InodeReq, m.AttrReply),
-    Method("setattr", m.SetattrReq, m.AttrReply),
-    Method("mknod", m.MknodReq, m.CreateReply),
-    Method("mkdir", m.MkdirReq, m.AttrReply),
-    Method("symlink", m.SymlinkReq, m.AttrReply),
+    Method("setattr", m.SetattrReq, m.AttrReply, once=True),
+    Method("mknod", m.MknodReq, m.CreateReply, once=True),
+    Method("mkdir", m.MkdirReq, m.AttrReply, once=True),
+    Method("symlink", m.SymlinkReq, m.AttrReply, once=True),
     Method("readlink", m.InodeReq, m.ReadlinkReply),
-    Method("link", m.LinkReq, m.AttrReply),
-    Method("unlink", m.RemoveReq, m.DirChangeReply),
-    Method("rmdir", m.RemoveReq, m.DirChangeReply),
-    Method("rename", m.RenameReq, m.RenameReply),
+    Method("link", m.LinkReq, m.AttrReply, once=True),
+    Method("unlink", m.RemoveReq, m.DirChangeReply, once=True),
+    Method("rmdir", m.RemoveReq, m.DirChangeReply, once=True),
+    Method("rename", m.RenameReq, m.RenameReply, once=True),
     Method("readdir", m.ReaddirReq, m.ReaddirReply),
     Method("getxattr", m.XattrReq, m.XattrReply),
-    Method("setxattr", m.XattrReq, m.Empty),
+    Method("setxattr", m.XattrReq, m.Empty, once=True),
     Method("listxattr", m.InodeReq, m.XattrListReply),
-    Method("removexattr", m.XattrReq, m.Empty),
+    Method("removexattr", m.XattrReq, m.Empty, once=True),
     Method("statfs", m.Empty, m.StatfsReply),
     # file data
     Method("open", m.OpenReq, m.OpenReply),
     Method("release", m.ReleaseReq, m.Empty),
     Method("block_map", m.BlockMapReq, m.BlockMapReply),
     Method("alloc_blocks", m.AllocReq, m.AllocReply),
-    Method("commit_blocks", m.CommitReq, m.AttrReply),
-    Method("commit_inline", m.InlineCommitReq, m.AttrReply),
-    Method("punch_hole", m.PunchReq, m.AttrReply),
+    Method("commit_blocks", m.CommitReq, m.AttrReply, once=True),
+    Method("commit_inline", m.InlineCommitReq, m.AttrReply, once=True),
+    Method("punch_hole", m.PunchReq, m.AttrReply, once=True),
     Method("accessed", m.AccessedReq, m.Empty),
     # locks (metaserver/locks.py)
     Method("lock", m.LockReq, m.LockReply),

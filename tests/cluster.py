@@ -235,6 +235,7 @@ class Cluster:
     mounts: list[Mount] = field(default_factory=list)
     meta_addr: str = ""
     meta_args: list[str] = field(default_factory=list)  # extra flags for the metaserver
+    meta_prefix: list[str] = field(default_factory=list)  # a command prefix for it (e.g. `env VAR=...`)
     data_args: list[str] = field(default_factory=list)  # extra flags for every data server
     meta_listen: str = "127.0.0.1:0"  # where the metaserver listens at its first start
     # Per data server index: a command prefix (e.g. `ip netns exec NS`), and the host it
@@ -283,7 +284,7 @@ class Cluster:
         ready = self.run_dir / "meta.ready"
         ready.unlink(missing_ok=True)
         (self.base / "meta").mkdir(exist_ok=True)
-        argv = cli(
+        argv = self.meta_prefix + cli(
             "meta", "--listen", listen, "--dir", str(self.base / "meta"),
             "--credentials", str(self.pki.bundle("meta")), "--ready-file", str(ready),
             "--log-file", str(self.logs_dir / "meta.log"), *self.meta_args,

@@ -11,6 +11,8 @@ import threading
 import pytest
 
 from metaserver.core import MetaCore
+from proto import codec
+from proto.services import META_METHODS
 from metaserver.store import SCHEMA_VERSION
 from proto.auth import check_write_token
 from proto.errors import FsError
@@ -156,8 +158,9 @@ def test_root_and_store(env):
 
 def test_version_3_database_is_migrated(env):
     """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
-    of sessions and servers, no writable opens, no block digests, no locks, no stored lengths) opens as the current one with
-    everything in it kept; opens made before are taken as writable (they may have been)."""
+    of sessions and servers, no writable opens, no block digests, no locks, no stored
+    lengths, no request records) opens as the current one with everything in it kept; opens
+    made before are taken as writable (they may have been)."""
     f = env.create(ROOT_INODE, b"kept")
     s = env.session()
     env.core.open(OpenReq(ino=f.ino, session=s))
@@ -173,6 +176,7 @@ def test_version_3_database_is_migrated(env):
         tx.run("ALTER TABLE blocks DROP COLUMN digest")
         tx.run("DROP TABLE locks")
         tx.run("ALTER TABLE blocks DROP COLUMN stored")
+        tx.run("DROP TABLE requests")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -1153,3 +1157,32 @@ def test_batch_runs_calls_in_one_transaction_each_undone_alone(env):
     assert b1 is None and b2 is None and b4 is None and b3 is not None  # only the rename waits for an fsync
     b3()
     assert env.core.store._synced == env.core.store._commits
+
+
+def test_a_once_call_retried_with_its_request_id_gets_the_first_reply(env):
+    """apply_batch records the reply of a `once` call under its request id, in the call's
+    own transaction: the same id again gets that reply without running the call (a mkdir
+    is not EEXIST, an unlink not ENOENT), a new id runs it; a failure is not recorded; the
+    sweep forgets records after REQUEST_RECORD_TTL_S."""
+    from metaserver.registry import REQUEST_RECORD_TTL_S
+
+    def once(name, req):
+        ((result, _),) = env.core.apply_batch([(name, req)])
+        if isinstance(result, FsError):
+            raise result
+        return codec.decode_reply(META_METHODS[name].reply, result)  # encoded once, recorded so
+
+    first = once("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))
+    again = once("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))
+    assert again.attr.ino == first.attr.ino
+    fails(errno.EEXIST, lambda req: once("mkdir", req), MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=78))
+    fails(errno.ENOENT, lambda req: once("rmdir", req), RemoveReq(ROOT_INODE, b"x", ROOT, rid=79))
+    env.create(ROOT_INODE, b"x")  # the failure was not recorded: the same id runs again
+    fails(errno.ENOTDIR, lambda req: once("rmdir", req), RemoveReq(ROOT_INODE, b"x", ROOT, rid=79))
+    once("rmdir", RemoveReq(ROOT_INODE, b"d", ROOT, rid=80))
+    once("rmdir", RemoveReq(ROOT_INODE, b"d", ROOT, rid=80))  # not ENOENT
+    assert b"d" not in env.names(ROOT_INODE)
+    env.clock.advance(REQUEST_RECORD_TTL_S + 1)
+    env.core.sweep()
+    with env.core.store.transaction() as tx:
+        assert tx.scalar("SELECT COUNT(*) FROM requests") == 0

@@ -5,8 +5,11 @@ while any session holds it, and a client that dies releases what it held when it
 runs out. `MetaSession` opens it, renews it, replaces it when it expired under us (a long
 metaserver outage) and closes it. Every metadata call of the client goes through
 `MetaSession.call`, which:
-- repeats a call that failed in transport only if repeating it is harmless
-  (IDEMPOTENT_META_CALLS), with backoff, within META_TIMEOUT_S;
+- repeats a call that failed in transport only if repeating it is harmless: it is
+  idempotent (IDEMPOTENT_META_CALLS), or it is a `once` call (proto/services.py), which
+  carries a request id the metaserver records its reply under, so that a repeat gets the
+  first answer instead of running twice (a create whose reply was lost is not EEXIST);
+  with backoff, within META_TIMEOUT_S;
 - replaces an expired session (ESTALE) and repeats the call in the new one.
 
 Releases do not make the caller wait: `release_soon` queues them and one background task
@@ -22,6 +25,7 @@ import dataclasses
 import errno
 import logging
 import math
+import secrets
 import socket
 import time
 from typing import Any, Awaitable, Callable, Optional
@@ -30,6 +34,7 @@ import trio
 
 from proto import messages as m
 from proto.errors import FsError, TransportError
+from proto.services import META_METHODS
 
 from .transport import Transport
 
@@ -50,6 +55,12 @@ REPORT_TIMEOUT_S = 5.0
 #: How long a release waits for others to go with it: a reader of many small files closes
 #: one every millisecond or so, and releases sent together cost one metaserver transaction.
 RELEASE_LINGER_S = 0.005
+
+
+def new_request_id() -> int:
+    """A request id for a `once` call: random, so that ids of all clients never meet
+    (63 bits: the wire carries signed 64-bit integers)."""
+    return secrets.randbits(63) or 1
 
 
 class MetaSession:
@@ -118,12 +129,15 @@ class MetaSession:
         """One metadata call with the retry rules of the module docstring."""
         deadline = time.monotonic() + META_TIMEOUT_S
         delay = 0.1
+        once = META_METHODS[name].once
+        if once and not getattr(req, "rid", 0):
+            req = dataclasses.replace(req, rid=new_request_id())  # type: ignore[type-var]
         while True:
             try:
                 return await self.transport.call(name, req, max(0.0, deadline - time.monotonic()))
             except TransportError as exc:
                 # The call may or may not have run; repeat it only if that is harmless.
-                if name not in IDEMPOTENT_META_CALLS or time.monotonic() + delay > deadline:
+                if not (once or name in IDEMPOTENT_META_CALLS) or time.monotonic() + delay > deadline:
                     log.error("metaserver %s: %s failed: %s", self.address, name, exc)
                     raise
                 await trio.sleep(delay)
