@@ -355,6 +355,11 @@ class CoreBase:
         age_ns = now - max(row["last_heartbeat_ns"], self.started_ns)
         if age_ns <= self.server_suspect_after_s * NS_PER_S:
             return UP
+        if row["last_heartbeat_ns"] < self.started_ns and age_ns <= self.server_dead_after_s * NS_PER_S:
+            # Not heard from since our own start: it is reconnecting (gRPC's backoff after a
+            # restart reaches 2 s), not silent; until it could have been judged dead, it
+            # gets blocks as before the restart (a writer it fails places the block again).
+            return UP
         if age_ns <= self.server_dead_after_s * NS_PER_S:
             return SUSPECT
         return DEAD
