@@ -262,18 +262,12 @@ class _StreamHandler:
                     calls = codec.decode_request_batch(message)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                calls = await self._start_waits(calls, out, tasks, caller)
                 if self.apply_batch is not None:
                     await self._apply(calls, out, tasks, caller)
                 else:
                     for call_id, name, frame in calls:
                         method = self.dispatch.methods.get(name)
-                        if method is not None and method.kind == WAIT:
-                            req = self.dispatch.decode(name, frame, caller)
-                            if isinstance(req, bytes):
-                                await out.send([[call_id, req]])
-                            else:
-                                self._spawn(tasks, self._wait_one(call_id, name, req, caller, out))
-                            continue
                         if method is not None and method.quick and self.running == 0 and len(calls) == 1:
                             await out.send([[call_id, self.dispatch.run(name, frame, caller)]])
                             continue
@@ -304,6 +298,23 @@ class _StreamHandler:
         finally:
             slots.release()
 
+    async def _start_waits(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set,
+                           caller: Caller) -> list[tuple[int, str, bytes]]:
+        """Start the batch's WAIT calls as tasks of their own (they may wait long); the
+        other calls, to run as the batch runs."""
+        rest = []
+        for call_id, name, frame in calls:
+            method = self.dispatch.methods.get(name)
+            if method is None or method.kind != WAIT:
+                rest.append((call_id, name, frame))
+                continue
+            req = self.dispatch.decode(name, frame, caller)
+            if isinstance(req, bytes):
+                await out.send([[call_id, req]])
+            else:
+                self._spawn(tasks, self._wait_one(call_id, name, req, caller, out))
+        return rest
+
     async def _wait_one(self, call_id: int, name: str, req: Message, caller: Caller, out: "_Replies") -> None:
         result = await _run_coroutine(name, req, getattr(self.dispatch.impl, name), caller)
         await out.send([[call_id, _reply_frame(name, result, req)]])
@@ -318,8 +329,6 @@ class _StreamHandler:
             req = self.dispatch.decode(name, frame, caller)
             if isinstance(req, bytes):
                 now.append([call_id, req])
-            elif self.dispatch.methods[name].kind == WAIT:
-                self._spawn(tasks, self._wait_one(call_id, name, req, caller, out))
             else:
                 checked.append((call_id, name, req))
         if not checked:

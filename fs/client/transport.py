@@ -297,39 +297,21 @@ class LocalTransport:
     async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
         if self.methods[name].kind == WAIT:
-            return await self._wait(name, frame)
+            return await self._coroutine_call(name, frame, self.caller)
         await trio.lowlevel.checkpoint()
         return codec.decode_reply(self.methods[name].reply, self._dispatch.run(name, frame, self.caller))
 
-    async def _wait(self, name: str, frame: bytes) -> Any:
-        """A WAIT call: the server's coroutine, in an asyncio loop of its own on a worker
-        thread (a server runs it on its loop while other calls go on)."""
+    async def _coroutine_call(self, name: str, frame: bytes, *args: Any) -> Any:
+        """A call the server serves with a coroutine, `impl.<name>(request, *args)` (WAIT,
+        UPLOAD): in an asyncio loop of its own on a worker thread, as a server runs it on
+        its loop while other calls go on."""
         req = self._dispatch.decode(name, frame, self.caller)
         if isinstance(req, bytes):
             return codec.decode_reply(self.methods[name].reply, req)
 
         def run() -> bytes:
-            try:
-                return codec.encode_reply(asyncio.run(getattr(self._dispatch.impl, name)(req, self.caller)))
-            except FsError as exc:
-                return codec.encode_reply(None, exc.errno, exc.message)
-
-        return codec.decode_reply(self.methods[name].reply, await trio.to_thread.run_sync(run))
-
-    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
-        """The server's coroutine, in an asyncio loop of its own on a worker thread (as a
-        server runs it on its loop), fed the chunks as they are made."""
-        req = self._dispatch.decode(name, codec.encode_request(head), self.caller)
-        if isinstance(req, bytes):
-            return codec.decode_reply(self.methods[name].reply, req)
-
-        async def messages() -> Any:
-            for chunk in chunks:
-                yield chunk
-
-        def run() -> bytes:
             async def go() -> Any:
-                return await getattr(self._dispatch.impl, name)(req, messages(), self.caller, timeout_s)
+                return await getattr(self._dispatch.impl, name)(req, *args)
 
             try:
                 return codec.encode_reply(asyncio.run(go()))
@@ -337,6 +319,15 @@ class LocalTransport:
                 return codec.encode_reply(None, exc.errno, exc.message)
 
         return codec.decode_reply(self.methods[name].reply, await trio.to_thread.run_sync(run))
+
+    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
+        """The server's coroutine, fed the chunks as they are made."""
+
+        async def messages() -> Any:
+            for chunk in chunks:
+                yield chunk
+
+        return await self._coroutine_call(name, codec.encode_request(head), messages(), self.caller, timeout_s)
 
     async def download(self, name: str, req: Message, timeout_s: float,
                        consume: Callable[[Any, Iterator[bytes]], T]) -> T:
