@@ -31,6 +31,7 @@ from proto.types import (
     ROOT_INODE,
 )
 
+from . import acl
 from .locktable import LockEvents
 from .store import Store, Tx
 
@@ -59,7 +60,7 @@ _INODE_COLUMNS = (
     # The access ACL comes with the row, for the permission checks made with it (perm.py);
     # looked up only for inodes that have attributes at all.
     "CASE WHEN xattrs > 0 THEN (SELECT value FROM xattrs x WHERE x.ino = inodes.ino"
-    " AND x.name = CAST('system.posix_acl_access' AS BLOB)) END AS acl"
+    f" AND x.name = CAST('{acl.ACCESS.decode()}' AS BLOB)) END AS acl"
 )
 
 
@@ -438,10 +439,12 @@ class CoreBase:
         if old is None:
             tx.run("UPDATE inodes SET xattrs = xattrs + 1 WHERE ino = ?", (ino,))
 
-    def _drop_xattr(self, tx: Tx, ino: int, name: bytes) -> None:
-        """Remove a stored attribute; ENODATA if there is none."""
+    def _drop_xattr(self, tx: Tx, ino: int, name: bytes, missing_ok: bool = False) -> None:
+        """Remove a stored attribute; ENODATA if there is none (unless missing_ok)."""
         cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
         if cur.rowcount == 0:
+            if missing_ok:
+                return
             raise FsError(errno.ENODATA, f"no attribute {name!r}")
         tx.run("UPDATE inodes SET xattrs = xattrs - 1 WHERE ino = ?", (ino,))
 

@@ -53,8 +53,8 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         that fails undoes only itself); `run(name, req)` runs one (the RPC glue's, which
         passes the caller to the methods that take it; default: the method itself). For
         each: its reply or FsError (a `once` call's reply encoded already: bytes), and the
-        barrier to pass before the reply may leave (`store.sync` for a durable one). One commit and at most one fsync for the lot,
-        where one per call cost both per call."""
+        barrier to pass before the reply may leave (`store.sync` for a durable one). One
+        commit and at most one fsync for the lot, where one per call cost both per call."""
         if run is None:
             def run(name: str, req: Message) -> Any:
                 return getattr(self, name)(req)
@@ -75,7 +75,8 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         except Exception:  # noqa: BLE001 - the commit failed: nothing of the batch happened
             log.exception("a batch of %d calls could not be committed", len(calls))
             return [(FsError(errno.EIO, "metadata commit failed"), None)] * len(calls)
-        self._maybe_die_after(sum(1 for name, _ in calls if META_METHODS[name].once))
+        if self._faults:
+            self._maybe_die_after(sum(1 for name, _ in calls if META_METHODS[name].once))
         return [(result, self.store.sync if durable else None) for result, durable in results]
 
     def _maybe_die_after(self, once_calls: int) -> None:
@@ -83,7 +84,7 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         the Nth `once` call is committed and synced, before any reply leaves: a client then
         knows nothing of what became of it, the case request ids are for."""
         limit = self._faults.get("kill-after-once")
-        if not limit or not once_calls:
+        if not limit:
             return
         self._once_calls += once_calls
         if self._once_calls >= limit[0]:

@@ -42,13 +42,10 @@ from proto.messages import (
     PunchReq,
     ReleaseReq,
 )
-from proto.types import FILE_SIZE_MAX_BYTES
-
-#: relatime: an atime older than this moves on a read even when it is newer than mtime.
-RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
+from proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
 
 from . import perm
-from .base import ADMIN, LOCAL, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
+from .base import ADMIN, LOCAL, NS_PER_S, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
 from .store import Tx
 
 
@@ -199,7 +196,7 @@ class FileOps(CoreBase):
             now = self.now_ns()
             tx.run("UPDATE inodes SET atime_ns = ? WHERE ino = ?"
                    " AND (atime_ns <= mtime_ns OR atime_ns <= ctime_ns OR atime_ns < ?)",
-                   (now, req.ino, now - RELATIME_AGE_NS))
+                   (now, req.ino, now - RELATIME_AGE_S * NS_PER_S))
             return Empty()
 
     def punch_hole(self, req: PunchReq, caller: Caller = LOCAL) -> AttrReply:
@@ -218,8 +215,7 @@ class FileOps(CoreBase):
                 self._garbage_committed(tx, b["block_id"], now)
             if first == 0:
                 self._set_inline(tx, req.ino, b"")
-            tx.run("UPDATE inodes SET generation = generation + 1, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
-                   (now, now, req.ino))
+            self._bump_content(tx, req.ino, row["size"], now, now)
             return AttrReply(attr=self._attr(tx, req.ino))
 
     def commit_inline(self, req: InlineCommitReq, caller: Caller = LOCAL) -> AttrReply:

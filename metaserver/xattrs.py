@@ -144,8 +144,7 @@ class XattrOps(CoreBase):
             mode &= ~stat.S_ISGID
         tx.run("UPDATE inodes SET mode = ? WHERE ino = ?", (mode, row["ino"]))
         if acl.is_minimal(entries):
-            if tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (row["ino"], req.name)).rowcount:
-                tx.run("UPDATE inodes SET xattrs = xattrs - 1 WHERE ino = ?", (row["ino"],))
+            self._drop_xattr(tx, row["ino"], req.name, missing_ok=True)
         else:
             self._put_xattr(tx, row["ino"], req.name, acl.encode(entries), req.flags)
 

@@ -55,6 +55,9 @@ OFFSET_MAX = (1 << 63) - 1
 #: a process or an open file description) or a flock(2) lock (the whole file, owned by an
 #: open file description). The two kinds never conflict with each other, as on Linux.
 LOCK_RECORD, LOCK_FLOCK = 0, 1
+#: relatime: a read moves an atime older than this even when it is newer than mtime and
+#: ctime (the metaserver applies the rule; clients only spare it calls that cannot move it).
+RELATIME_AGE_S = 24 * 3600
 #: Longest a lock_wait call waits on the metaserver before answering "nothing changed":
 #: a waiter asks again then, one round trip per this long, not one per wait step.
 LOCK_WAIT_MAX_S = 20.0
