@@ -43,7 +43,8 @@ from proto import messages as m
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, SYMLINK_MAX_BYTES
+from proto.types import (FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, RELATIME_AGE_S,
+                         SYMLINK_MAX_BYTES)
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
@@ -64,9 +65,6 @@ DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: file outgrew inline storage: its close then needs no allocation round trip. Elsewhere
 #: none: most small files never use one, and an unused allocation is garbage to collect.
 PREALLOC_BLOCKS_AT_CREATE = 1
-#: relatime: an atime older than this moves on a read even when it is newer than mtime
-#: (the metaserver applies the rule; this only spares it the calls that cannot move it).
-RELATIME_AGE_S = 24 * 3600
 #: fallocate(2) modes (linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -281,9 +279,7 @@ class Client:
             self._note_generation(ino, attr.generation)
             f = self._files.get(ino)
             if f is not None:
-                reply = await self._meta("block_map", m.BlockMapReq(ino, self.session.id))
-                f.set_map(reply.attr, reply.blocks, reply)
-                attr = reply.attr
+                return self._overlay(await self._refetch_map(f))
         self.names.attrs.put(attr, t)
         return self._overlay(attr)
 
@@ -638,10 +634,7 @@ class Client:
         await self.writer.settle(f)
         if first < last:
             await self._meta("punch_hole", m.PunchReq(f.ino, self.session.id, first * bs, (last - first) * bs))
-            reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
-            f.set_map(reply.attr, reply.blocks, reply)
-            self._note_generation(f.ino, reply.attr.generation)
-            self.names.attrs.put(reply.attr)
+            self._note_generation(f.ino, (await self._refetch_map(f)).generation)
 
     async def _write_zeros(self, f: FileState, start: int, end: int) -> None:
         """Zeros over [start, end), within one block; nothing where the file has no data
@@ -685,12 +678,18 @@ class Client:
         before = f.attr.generation
         if attr.generation == before:
             return False
+        generation = (await self._refetch_map(f)).generation
+        self._cached_generation[f.ino] = generation
+        return generation != before
+
+    async def _refetch_map(self, f: FileState) -> m.Attr:
+        """Fetch an open file's attributes and block map again (its content changed, here
+        or elsewhere); the attributes, now also the cached ones."""
         t = now()
         reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
         f.set_map(reply.attr, reply.blocks, reply)
         self.names.attrs.put(reply.attr, t)
-        self._cached_generation[f.ino] = reply.attr.generation
-        return reply.attr.generation != before
+        return reply.attr
 
     async def test_lock(self, fh: int, type: int, *, kind: int = LOCK_RECORD, start: int = 0,
                         end: int = OFFSET_MAX, owner: Optional[int] = None) -> Optional[m.LockReply]:

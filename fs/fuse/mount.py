@@ -142,6 +142,5 @@ def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: lis
             client_options["atime"] = ATIME_OPTIONS[option]
         else:
             options.append(option)
-    extra_options = options
     bound_malloc_caching()
-    trio.run(_serve, meta, mountpoint, creds, extra_options or [], client_options)
+    trio.run(_serve, meta, mountpoint, creds, options, client_options)
