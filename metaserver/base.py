@@ -11,11 +11,13 @@ operation, so an operation is still exactly one transaction.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import os
+import socket
 import stat
 import time
-from sqlite3 import Row
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import crc32c
 
@@ -33,7 +35,7 @@ from proto.types import (
 
 from . import acl
 from .locktable import LockEvents
-from .store import Store, Tx
+from .store import Row, Store, Tx, open_store
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -108,10 +110,37 @@ def inline_limit(row: Row) -> int:
     return min(row["inline_max"], row["block_size"])
 
 
+def retrying(op: Callable[..., Any]) -> Callable[..., Any]:
+    """An operation of the core that its store may refuse for meeting another one running
+    at the same time (PostgreSQL at SERIALIZABLE: store_pg.py) or for a lost connection:
+    it is run again from the start, after the store's pause, until it succeeds or the
+    store says stop. An operation called inside an open transaction (a batch's, another
+    operation's) is part of that one, retried by its owner."""
+
+    @functools.wraps(op)
+    def run(self: "CoreBase", *args: Any, **kwargs: Any) -> Any:
+        store = self.store
+        if store.in_transaction():
+            return op(self, *args, **kwargs)
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return op(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the store decides what is retried
+                attempt += 1
+                pause = store.retry_delay(exc, attempt, time.monotonic() - start)
+                if pause is None:
+                    raise
+            time.sleep(pause)
+
+    return run
+
+
 class CoreBase:
     def __init__(
         self,
-        db_path: str,
+        store: Store | str,
         token_key: bytes,
         *,
         clock: Callable[[], float] = time.time,
@@ -138,6 +167,11 @@ class CoreBase:
         self.server_forget_after_s = max(server_forget_after_s, server_dead_after_s)
         #: each file's lock generation and the waiters for it (metaserver/locks.py)
         self.lock_events = LockEvents()
+        #: this metaserver among those of its store (store.beat), and what it last heard:
+        #: who holds the background duties, and every live metaserver as (name, address)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.duties = self.name
+        self.metaservers: list[tuple[str, str]] = []
         # A server cannot be judged silent by a metaserver that was not listening: after a
         # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
         # is re-replicated) before the data servers had their chance to beat.
@@ -147,9 +181,11 @@ class CoreBase:
         # hint: the planner also runs every FULL_PLAN_INTERVAL_S, and after a restart.
         self.replan = True
         self.next_full_plan_ns = 0
-        self.store = Store(db_path)
+        #: the metadata database (store.py); a path: an SQLite file
+        self.store = open_store("sqlite", store) if isinstance(store, str) else store
+        self.store.on_notify(self._lock_news)
         try:
-            self._init_root()
+            retrying(CoreBase._init_root)(self)
         except BaseException:
             self.store.close()
             raise
@@ -241,7 +277,7 @@ class CoreBase:
         # The grace period lets a reader holding the old block map finish its read.
         not_before = now + int(self.gc_grace_s * NS_PER_S)
         tx.run_many(
-            "INSERT OR IGNORE INTO garbage (block_id, server_id, not_before_ns) VALUES (?, ?, ?)",
+            "INSERT INTO garbage (block_id, server_id, not_before_ns) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             [(block_id, sid, not_before) for sid in server_ids],
         )
 
@@ -396,15 +432,21 @@ class CoreBase:
         alive = [sid for sid, st in states.items() if st != DEAD]
         row = tx.one(
             "SELECT COUNT(*) AS blocks,"
-            " COALESCE(SUM(live < MIN(want, ?)), 0) AS under, COALESCE(SUM(live = 0), 0) AS lost FROM ("
+            " COALESCE(SUM(CASE WHEN live < CASE WHEN want < ? THEN want ELSE ? END THEN 1 ELSE 0 END), 0) AS under,"
+            " COALESCE(SUM(CASE WHEN live = 0 THEN 1 ELSE 0 END), 0) AS lost FROM ("
             "  SELECT CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
             f"  (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
-            "   AS live FROM blocks b JOIN inodes i ON i.ino = b.ino)",
-            (len(alive), DEFAULT_REPLICAS),
+            "   AS live FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted",
+            (len(alive), len(alive), DEFAULT_REPLICAS),
         )
         return row["blocks"], row["under"], row["lost"]
 
     # ------------------------------------------------------------------ sessions
+
+    def check_session(self, session: int, caller: Caller = LOCAL) -> None:
+        """The session is there and the caller's (`_session_exists`), in a transaction of its own."""
+        with self.store.transaction() as tx:
+            self._session_exists(tx, session, caller)
 
     def _session_exists(self, tx: Tx, session: int, caller: Caller = LOCAL) -> None:
         """The session is there (ESTALE otherwise) and the caller's (EPERM otherwise): a
@@ -441,26 +483,35 @@ class CoreBase:
 
     def _drop_xattr(self, tx: Tx, ino: int, name: bytes, missing_ok: bool = False) -> None:
         """Remove a stored attribute; ENODATA if there is none (unless missing_ok)."""
-        cur = tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
-        if cur.rowcount == 0:
+        if not tx.run("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name)):
             if missing_ok:
                 return
             raise FsError(errno.ENODATA, f"no attribute {name!r}")
         tx.run("UPDATE inodes SET xattrs = xattrs - 1 WHERE ino = ?", (ino,))
 
     def _drop_session_locks(self, tx: Tx, session: int) -> None:
-        """A session ends: its locks go, and whoever waits for them hears of it (woken
-        before the commit at worst: a waiter's next try waits for the store behind it)."""
+        """A session ends: its locks go, and whoever waits for them hears of it."""
         inos = [r[0] for r in tx.all("SELECT DISTINCT ino FROM locks WHERE session_id = ?", (session,))]
         if inos:
             tx.run("DELETE FROM locks WHERE session_id = ?", (session,))
-            self.lock_events.changed(inos)
+            self._locks_changed(tx, inos)
+
+    def _locks_changed(self, tx: Tx, inos: list[int]) -> None:
+        """The locks of these files changed: wake their waiters here (before the commit at
+        worst: a waiter's next try waits for the store behind it) and on every other
+        metaserver of the store (at the commit)."""
+        self.lock_events.changed(inos)
+        tx.notify(inos)
+
+    def _lock_news(self, inos: Optional[list[int]]) -> None:
+        """The store heard of lock changes (None: it may have missed some)."""
+        self.lock_events.changed(self.lock_events.waited() if inos is None else inos)
 
     def _record_open(self, tx: Tx, session: int, ino: int, writable: bool = False) -> None:
         tx.run(
             "INSERT INTO opens (session_id, ino, count, writable) VALUES (?, ?, 1, ?)"
-            " ON CONFLICT (session_id, ino) DO UPDATE SET count = count + 1,"
-            " writable = MAX(writable, excluded.writable)",
+            " ON CONFLICT (session_id, ino) DO UPDATE SET count = opens.count + 1,"
+            " writable = opens.writable | excluded.writable",
             (session, ino, int(writable)),
         )
 

@@ -12,9 +12,11 @@ store transaction, each `once` call at most once per request id.
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import signal
+import time
 from typing import Any, Callable, Optional
 
 from proto import codec, faults
@@ -23,6 +25,7 @@ from proto.messages import Message
 from proto.rpc import BatchResult, summary
 from proto.services import META_METHODS
 
+from .base import retrying
 from .files import FileOps
 from .fsck import FsckOps
 from .locks import LockOps
@@ -34,9 +37,9 @@ log = logging.getLogger("stripefs.metaserver")
 
 
 class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
-    """The metadata service. Thread-safe: the store serializes transactions.
+    """The metadata service. Thread-safe: the store keeps transactions serializable.
 
-    MetaCore(db_path, token_key, *, clock=time.time, server_suspect_after_s=3.0,
+    MetaCore(store, token_key, *, clock=time.time, server_suspect_after_s=3.0,
              server_dead_after_s=10.0, session_lease_s=30.0, gc_grace_s=30.0,
              pending_timeout_s=600.0, reserve_bytes=0, replication_per_heartbeat=8,
              replication_timeout_s=60.0, server_forget_after_s=86400.0)
@@ -46,6 +49,17 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         super().__init__(*args, **kwargs)
         self._faults = faults.armed()  # tests only (proto/faults.py)
         self._once_calls = 0
+
+    @property
+    def batches_inline(self) -> bool:
+        """Batches may run on the RPC server's event-loop thread (proto/rpc.py)."""
+        return self.store.runs_inline
+
+    def beat(self, address: str, lease_s: float) -> bool:
+        """Tell the store this metaserver is alive (serving at `address`) and take or renew
+        the background duties (sweep) if they are free; whether it holds them now."""
+        self.duties, self.metaservers = self.store.beat(self.name, address, lease_s)
+        return self.duties == self.name
 
     def apply_batch(self, calls: list[tuple[str, Message]],
                     run: Optional[Callable[[str, Message], Any]] = None) -> list[BatchResult]:
@@ -58,26 +72,37 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
         if run is None:
             def run(name: str, req: Message) -> Any:
                 return getattr(self, name)(req)
-        results: list[tuple[Any, bool]] = []
         try:
-            with self.store.batch() as batch:
-                for name, req in calls:
-                    batch.durable = False
-                    rid = getattr(req, "rid", 0) if META_METHODS[name].once else 0
-                    try:
-                        result: Any = self._once(name, req, rid, run) if rid else run(name, req)
-                    except FsError as exc:
-                        result = exc
-                    except Exception:  # noqa: BLE001 - one call's bug fails that call only
-                        log.exception("%s failed on %s", name, summary(req))
-                        result = FsError(errno.EIO, f"internal error in {name}")
-                    results.append((result, batch.durable))
+            results = self._run_batch(calls, run)
         except Exception:  # noqa: BLE001 - the commit failed: nothing of the batch happened
             log.exception("a batch of %d calls could not be committed", len(calls))
             return [(FsError(errno.EIO, "metadata commit failed"), None)] * len(calls)
         if self._faults:
             self._maybe_die_after(sum(1 for name, _ in calls if META_METHODS[name].once))
         return [(result, self.store.sync if durable else None) for result, durable in results]
+
+    @retrying
+    def _run_batch(self, calls: list[tuple[str, Message]], run: Callable[[str, Message], Any]) -> list[tuple[Any, bool]]:
+        """apply_batch's transaction: each call's result and whether it asked for durability.
+        A call refused for a conflict (store.retry_delay) refuses the whole batch, which is
+        then run again from its first call."""
+        results: list[tuple[Any, bool]] = []
+        with self.store.batch() as batch:
+            start = time.monotonic()
+            for name, req in calls:
+                batch.durable = False
+                rid = getattr(req, "rid", 0) if META_METHODS[name].once else 0
+                try:
+                    result: Any = self._once(name, req, rid, run) if rid else run(name, req)
+                except FsError as exc:
+                    result = exc
+                except Exception as exc:  # noqa: BLE001 - one call's bug fails that call only
+                    if self.store.retry_delay(exc, 0, time.monotonic() - start) is not None:
+                        raise
+                    log.exception("%s failed on %s", name, summary(req))
+                    result = FsError(errno.EIO, f"internal error in {name}")
+                results.append((result, batch.durable))
+        return results
 
     def _maybe_die_after(self, once_calls: int) -> None:
         """Fault injection (proto/faults.py) "kill-after-once=N": SIGKILL this process once
@@ -105,3 +130,11 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
             frame = codec.encode_reply(run(name, req))
             tx.run("INSERT INTO requests (rid, reply, created_ns) VALUES (?, ?, ?)", (rid, frame, self.now_ns()))
             return frame
+
+
+# Every operation the RPC layer or the server's sweep calls runs again when its store
+# refuses it for a conflict (base.retrying); coroutines (WAIT methods) call wrapped ones.
+for _name in (*META_METHODS, "sweep", "check_session", "beat"):
+    _op = getattr(MetaCore, _name, None)
+    if _op is not None and not inspect.iscoroutinefunction(_op):
+        setattr(MetaCore, _name, retrying(_op))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-from sqlite3 import Row
 
 import crc32c
 
@@ -46,7 +45,7 @@ from proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
 
 from . import perm
 from .base import ADMIN, LOCAL, NS_PER_S, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
-from .store import Tx
+from .store import Row, Tx
 
 
 class FileOps(CoreBase):
@@ -78,11 +77,7 @@ class FileOps(CoreBase):
             owner = tx.scalar("SELECT owner FROM sessions WHERE session_id = ?", (req.session,))
             if owner is not None and caller.role != ADMIN and owner != str(caller):
                 raise FsError(errno.EPERM, f"session {req.session} is not {caller}'s")
-            cur = tx.run(
-                "UPDATE opens SET count = count - 1 WHERE session_id = ? AND ino = ?",
-                (req.session, req.ino),
-            )
-            if cur.rowcount:
+            if tx.run("UPDATE opens SET count = count - 1 WHERE session_id = ? AND ino = ?", (req.session, req.ino)):
                 tx.run("DELETE FROM opens WHERE session_id = ? AND ino = ? AND count <= 0", (req.session, req.ino))
                 self._maybe_purge(tx, req.ino, self.now_ns())
             return Empty()
@@ -132,8 +127,7 @@ class FileOps(CoreBase):
             raise FsError(errno.ENOSPC, "every live data server is full")
         n = len(usable)
         r = min(want_replicas(row["replicas"]), n)
-        first_id = tx.scalar("SELECT value FROM counters WHERE name = 'next_block_id'")
-        tx.run("UPDATE counters SET value = value + ? WHERE name = 'next_block_id'", (len(indexes),))
+        first_id = tx.next_ids(len(indexes))
         allocations = []
         for k, index in enumerate(indexes):
             block_id = first_id + k
@@ -244,9 +238,9 @@ class FileOps(CoreBase):
         """A content commit: the size grows to `size` (a commit never shrinks a file), the
         times move, and the generation tells caches the content changed."""
         tx.run(
-            "UPDATE inodes SET size = MAX(size, ?), mtime_ns = ?, ctime_ns = ?,"
+            "UPDATE inodes SET size = CASE WHEN size > ? THEN size ELSE ? END, mtime_ns = ?, ctime_ns = ?,"
             " generation = generation + 1 WHERE ino = ?",
-            (size, mtime_ns, now, ino),
+            (size, size, mtime_ns, now, ino),
         )
 
     def _commit(self, tx: Tx, row: Row, req: CommitReq, now: int) -> None:

@@ -27,6 +27,8 @@ and the order in which waiters get a released lock is whoever asks first, not FI
 
 from __future__ import annotations
 
+import asyncio
+
 from proto.credentials import LOCAL, Caller
 from proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Empty, LockReply, LockReq, LockWaitReply, LockWaitReq, UnlockOwnersReq
 from proto.types import LOCK_FLOCK, LOCK_RECORD, LOCK_WAIT_MAX_S
@@ -69,9 +71,10 @@ class LockOps(CoreBase):
             gen = self.lock_events.current(req.ino)
             taken = conflict is None and not req.test and req.type != F_UNLCK
             attr = self._attr(tx, req.ino) if taken else None
+            if changed:
+                self._locks_changed(tx, [req.ino])
         if changed:
             self.store.make_durable()
-            self.lock_events.changed([req.ino])
         if conflict is None:
             return LockReply(granted=True, gen=gen, attr=attr)
         return LockReply(granted=False, gen=gen, type=F_WRLCK if conflict.exclusive else F_RDLCK,
@@ -83,15 +86,18 @@ class LockOps(CoreBase):
             owners = [int(o) for o in req.owners]
             marks = ",".join("?" * len(owners))
             dropped = tx.run(f"DELETE FROM locks WHERE ino = ? AND session_id = ? AND owner IN ({marks})",
-                             (req.ino, req.session, *owners)).rowcount if owners else 0
+                             (req.ino, req.session, *owners)) if owners else 0
+            if dropped:
+                self._locks_changed(tx, [req.ino])
         if dropped:
             self.store.make_durable()
-            self.lock_events.changed([req.ino])
         return Empty()
 
     async def lock_wait(self, req: LockWaitReq, caller: Caller = LOCAL) -> LockWaitReply:
-        with self.store.transaction() as tx:
-            self._session_exists(tx, req.session, caller)
+        if self.store.runs_inline:
+            self.check_session(req.session, caller)
+        else:  # a round trip to the database: not on the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.check_session, req.session, caller)
         gen = await self.lock_events.wait(req.ino, req.gen, min(req.wait_s, LOCK_WAIT_MAX_S))
         return LockWaitReply(gen=gen)
 

@@ -131,6 +131,11 @@ class LockEvents:
                     del self._waiters[ino]
         return self.current(ino)
 
+    def waited(self) -> list[int]:
+        """The files somebody waits for."""
+        with self._mu:
+            return list(self._waiters)
+
     def waiting(self) -> int:
         with self._mu:
             return sum(len(w) for w in self._waiters.values())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import stat
-from sqlite3 import Row
 from typing import Optional
 
 from proto.errors import FsError
@@ -45,7 +44,7 @@ from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
 from . import acl, perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
-from .store import Tx
+from .store import Row, Tx
 
 #: statfs block size: what df multiplies block counts by.
 STATFS_BLOCK_SIZE_BYTES = 4096
@@ -235,14 +234,14 @@ class NamespaceOps(CoreBase):
             size = len(target)
         else:
             size = 0
-        cur = tx.run(
+        ino = tx.insert(
             "INSERT INTO inodes (mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns,"
             " block_size, replicas, parent, target, inline_max)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mode, uid, gid, rdev, 2 if new_dir else 1, size, now, now, now,
              d["block_size"], d["replicas"], parent if new_dir else None, target, d["inline_max"]),
+            "ino",
         )
-        ino = cur.lastrowid
         tx.run("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         if access is not None:
             self._put_xattr(tx, ino, acl.ACCESS, acl.encode(access))

@@ -18,13 +18,13 @@ import errno
 import stat
 
 import functools
-from sqlite3 import Row
 from typing import Optional
 
 from proto.errors import FsError
 from proto.messages import Ctx
 
 from . import acl
+from .store import Row
 
 #: What a check asks for, as the kernel's MAY_READ / MAY_WRITE / MAY_EXEC.
 READ, WRITE, EXEC = 4, 2, 1

@@ -55,11 +55,11 @@ class RegistryOps(RepairOps):
     def open_session(self, req: SessionOpenReq, caller: Caller = LOCAL) -> SessionReply:
         with self.store.transaction() as tx:
             now = self.now_ns()
-            cur = tx.run(
+            session = tx.insert(
                 "INSERT INTO sessions (host, mountpoint, created_ns, last_renew_ns, owner) VALUES (?, ?, ?, ?, ?)",
-                (req.host, req.mountpoint, now, now, str(caller)),
+                (req.host, req.mountpoint, now, now, str(caller)), "session_id",
             )
-            return SessionReply(session=cur.lastrowid, lease_s=self.session_lease_s)
+            return SessionReply(session=session, lease_s=self.session_lease_s)
 
     def renew_session(self, req: SessionReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
@@ -139,8 +139,10 @@ class RegistryOps(RepairOps):
         A server that comes back registers anew, and its block report sorts out what it
         holds."""
         cutoff = now - int(self.server_forget_after_s * NS_PER_S)
-        gone = tx.all("SELECT server_id, address FROM servers WHERE MAX(last_heartbeat_ns, ?) < ?",
-                      (self.started_ns, cutoff))
+        # Heartbeat ages count from our own start (base._state_of): nothing is forgotten
+        # before this metaserver could have heard from it.
+        gone = tx.all("SELECT server_id, address FROM servers WHERE last_heartbeat_ns < ?", (cutoff,)) \
+            if self.started_ns < cutoff else []
         for row in gone:
             sid = row["server_id"]
             for table in ("replicas", "garbage", "pending_servers", "replication", "reported", "verify"):
@@ -189,8 +191,8 @@ class RegistryOps(RepairOps):
                 " address = excluded.address, capacity_bytes = excluded.capacity_bytes,"
                 " free_bytes = excluded.free_bytes, blocks = excluded.blocks,"
                 " last_heartbeat_ns = excluded.last_heartbeat_ns,"
-                " report_wanted_ns = COALESCE(report_wanted_ns, excluded.report_wanted_ns),"
-                " identity = COALESCE(identity, excluded.identity)",
+                " report_wanted_ns = COALESCE(servers.report_wanted_ns, excluded.report_wanted_ns),"
+                " identity = COALESCE(servers.identity, excluded.identity)",
                 (req.node_id, req.address, req.capacity_bytes, req.free_bytes, req.blocks, now, now, str(caller)),
             )
             server_id = tx.scalar("SELECT server_id FROM servers WHERE node_id = ?", (req.node_id,))
@@ -265,8 +267,8 @@ class RegistryOps(RepairOps):
             blocks, under, lost = self._replica_health(tx, now)
             counts = tx.one(
                 "SELECT COUNT(*) AS inodes,"
-                " COALESCE(SUM((mode & ?) = ?), 0) AS files,"
-                " COALESCE(SUM((mode & ?) = ?), 0) AS dirs,"
+                " COALESCE(SUM(CASE WHEN (mode & ?) = ? THEN 1 ELSE 0 END), 0) AS files,"
+                " COALESCE(SUM(CASE WHEN (mode & ?) = ? THEN 1 ELSE 0 END), 0) AS dirs,"
                 " COALESCE(SUM(CASE WHEN (mode & ?) = ? THEN size ELSE 0 END), 0) AS bytes"
                 " FROM inodes",
                 (_S_IFMT, stat.S_IFREG, _S_IFMT, stat.S_IFDIR, _S_IFMT, stat.S_IFREG),
@@ -285,4 +287,9 @@ class RegistryOps(RepairOps):
                 lost=lost,
                 inline_files=inline["files"],
                 inline_bytes=inline["bytes"],
+                engine=self.store.engine,
+                metaserver=self.name,
+                duties=self.duties,
+                duties_address=dict(self.metaservers).get(self.duties, ""),
+                metaservers=[address for _, address in self.metaservers],
             )

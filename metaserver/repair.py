@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import errno
 import logging
-from sqlite3 import Row
 
 from proto.errors import FsError
 from proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
 
 from .base import ADMIN, DEAD, LOCAL, NS_PER_S, UP, Caller, CoreBase, id_list, want_replicas
-from .store import Tx
+from .store import Row, Tx
 
 log = logging.getLogger("stripefs.metaserver.repair")
 
@@ -75,7 +74,7 @@ class RepairOps(CoreBase):
     def _add_replica(self, tx: Tx, block_id: int, server_id: int, now: int) -> None:
         rank = tx.scalar("SELECT COALESCE(MAX(rank), -1) + 1 FROM replicas WHERE block_id = ?", (block_id,))
         tx.run(
-            "INSERT OR IGNORE INTO replicas (block_id, server_id, rank, created_ns) VALUES (?, ?, ?, ?)",
+            "INSERT INTO replicas (block_id, server_id, rank, created_ns) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (block_id, server_id, rank, now),
         )
 
@@ -100,7 +99,7 @@ class RepairOps(CoreBase):
     def _drop_replica(self, tx: Tx, block_id: int, server_id: int) -> bool:
         return tx.run(
             "DELETE FROM replicas WHERE block_id = ? AND server_id = ?", (block_id, server_id)
-        ).rowcount > 0
+        ) > 0
 
     # ------------------------------------------------------------------ planning
 
@@ -135,13 +134,14 @@ class RepairOps(CoreBase):
         candidates = tx.all(
             "SELECT * FROM ("
             " SELECT b.block_id, b.ino, b.idx, i.block_size,"
-            "  MIN(CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END, ?) AS want,"
+            "  CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
             f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
             "   AS live,"
             "  (SELECT COUNT(*) FROM replication t WHERE t.block_id = b.block_id) AS queued"
-            " FROM blocks b JOIN inodes i ON i.ino = b.ino)"
-            " WHERE live >= 1 AND live + queued < want ORDER BY live, block_id LIMIT ?",
-            (want_replicas(0), len(alive), budget * PLAN_LOOKAHEAD),
+            " FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted"
+            " WHERE live >= 1 AND live + queued < CASE WHEN want < ? THEN want ELSE ? END"
+            " ORDER BY live, block_id LIMIT ?",
+            (want_replicas(0), len(alive), len(alive), budget * PLAN_LOOKAHEAD),
         )
         planned = 0
         n = len(targets)
@@ -185,14 +185,14 @@ class RepairOps(CoreBase):
         task of a dead target, and the queued ones of a target that is not up: they are
         planned again on servers that can do them."""
         cutoff = now - int(self.replication_timeout_s * NS_PER_S)
-        n = tx.run("DELETE FROM replication WHERE COALESCE(sent_ns, created_ns) < ?", (cutoff,)).rowcount
+        n = tx.run("DELETE FROM replication WHERE COALESCE(sent_ns, created_ns) < ?", (cutoff,))
         states = self._server_states(tx, now)
         dead = [sid for sid, st in states.items() if st == DEAD]
         not_up = [sid for sid, st in states.items() if st != UP]
         if dead:
-            n += tx.run(f"DELETE FROM replication WHERE server_id IN {id_list(dead)}").rowcount
+            n += tx.run(f"DELETE FROM replication WHERE server_id IN {id_list(dead)}")
         if not_up:
-            n += tx.run(f"DELETE FROM replication WHERE sent_ns IS NULL AND server_id IN {id_list(not_up)}").rowcount
+            n += tx.run(f"DELETE FROM replication WHERE sent_ns IS NULL AND server_id IN {id_list(not_up)}")
         if n:
             self.replan = True
         return n
@@ -303,7 +303,7 @@ class RepairOps(CoreBase):
                 "SELECT 1 FROM replicas WHERE block_id = ? AND server_id = ?", (req.block_id, sid)
             ):
                 return Empty()  # already dealt with, or the block is gone
-            tx.run("INSERT OR IGNORE INTO verify (server_id, block_id) VALUES (?, ?)", (sid, req.block_id))
+            tx.run("INSERT INTO verify (server_id, block_id) VALUES (?, ?) ON CONFLICT DO NOTHING", (sid, req.block_id))
             log.warning("block %d: a client reports the copy on %s %s: to be verified there",
                         req.block_id, req.address, req.reason)
             return Empty()
@@ -334,7 +334,7 @@ class RepairOps(CoreBase):
             if req.first:
                 tx.run("DELETE FROM reported WHERE server_id = ?", (sid,))
             tx.run_many(
-                "INSERT OR IGNORE INTO reported (server_id, block_id) VALUES (?, ?)",
+                "INSERT INTO reported (server_id, block_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(sid, b) for b in req.block_ids],
             )
             if req.last:

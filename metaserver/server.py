@@ -1,8 +1,17 @@
 """The metadata server process: command line, gRPC serving, the sweep thread, signals.
 
-All state is under --dir: the database (meta.db) and the key of block write tokens
-(token.key, made on first start, handed to data servers when they register). The process
-holds a meta credential (--credentials, proto/credentials.py).
+With the default engine (--engine sqlite) all state is under --dir: the database
+(meta.db) and the key of block write tokens (token.key, made on first start, handed to
+data servers when they register). With --engine postgres the database is at --dsn and
+shared by any number of metaservers: the token key is kept in it too (every metaserver
+must sign with the same one), and --dir holds only what is this process's own. Either
+way the process holds a meta credential (--credentials, proto/credentials.py).
+
+Background duties (the sweep: session expiry, abandoned allocations, garbage, re-
+replication planning, request-record cleanup) run on one metaserver of a store at a time:
+every SWEEP_INTERVAL_S each beats (store.beat), and the one holding the duties' lease
+(DUTIES_LEASE_S, on the database's clock) sweeps. A holder that dies or hangs loses
+them to another within the lease.
 """
 
 from __future__ import annotations
@@ -10,13 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Optional
 
-from proto.auth import load_token_key
+from proto.auth import TOKEN_KEY_BYTES, load_token_key
 from proto.credentials import META, load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
@@ -24,6 +34,7 @@ from proto.rpc import serve
 from proto.services import META_METHODS, META_SERVICE
 
 from .core import MetaCore
+from .store import ENGINES, open_store
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -31,6 +42,10 @@ DB_NAME = "meta.db"
 TOKEN_KEY_NAME = "token.key"
 #: How often the sweep (session expiry, abandoned allocations, re-replication planning) runs.
 SWEEP_INTERVAL_S = 1.0
+#: The background duties' lease: a holder silent this long (dead, stopped, cut off from
+#: the database) loses them to the next metaserver that beats. Several sweeps long, so a
+#: slow sweep on a loaded machine does not hand them back and forth.
+DUTIES_LEASE_S = 5.0
 #: How long in-flight calls may finish after SIGTERM.
 STOP_GRACE_S = 2.0
 
@@ -38,7 +53,12 @@ STOP_GRACE_S = 2.0
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m metaserver", description="stripefs metadata server")
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to serve on (port 0: any free port)")
-    p.add_argument("--dir", required=True, help="state directory (created if missing); the database is DIR/meta.db")
+    p.add_argument("--dir", required=True,
+                   help="state directory (created if missing); with --engine sqlite the database is DIR/meta.db")
+    p.add_argument("--engine", choices=ENGINES, default="sqlite",
+                   help="metadata database: sqlite (one file, one metaserver) or postgres (shared by several)")
+    p.add_argument("--dsn", help="--engine postgres: the database, as a libpq connection string"
+                                 " (e.g. 'host=/run/pg dbname=stripefs user=stripefs')")
     p.add_argument("--credentials", required=True,
                    help="credential bundle of this metaserver (stripefs credential new --role meta)")
     p.add_argument("--revoked", help="file of revoked credential names to refuse (stripefs credential revoke)")
@@ -77,18 +97,25 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sweep_loop(core: MetaCore, stop: threading.Event) -> None:
-    while not stop.wait(SWEEP_INTERVAL_S):
+def _sweep_loop(core: MetaCore, address: str, stop: threading.Event) -> None:
+    held = False
+    while True:
         try:
             # Operations that are not durable on return become durable here, within
-            # SWEEP_INTERVAL_S (see Store: the journal-commit interval of the metadata).
+            # SWEEP_INTERVAL_S (see the store: the journal-commit interval of the metadata).
             core.store.checkpoint()
-            done = core.sweep()
+            holds = core.beat(address, DUTIES_LEASE_S)
+            if holds != held:
+                log.info("background duties: %s", "taken by this metaserver" if holds else f"held by {core.duties}")
+                held = holds
+            done = core.sweep() if holds else {}
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("sweep failed")
-            continue
+            done = {}
         if any(done.values()):
             log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+        if stop.wait(SWEEP_INTERVAL_S):
+            return
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -104,9 +131,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if creds.role != META:
         log.error("cannot start: %s holds a %s credential, not a metaserver's", args.credentials, creds.role)
         return 1
-    token_key = load_token_key(state / TOKEN_KEY_NAME, create=True)
+    if args.engine == "postgres" and not args.dsn:
+        log.error("cannot start: --engine postgres needs --dsn")
+        return 1
+    try:
+        store = open_store(args.engine, args.dsn if args.engine == "postgres" else str(state / DB_NAME))
+    except Exception as exc:  # noqa: BLE001 - say why and stop, not a traceback
+        log.error("cannot start: the %s metadata database: %s", args.engine, exc)
+        return 1
+    if args.engine == "postgres":
+        token_key = store.setting("token_key", lambda: secrets.token_bytes(TOKEN_KEY_BYTES))
+    else:
+        token_key = load_token_key(state / TOKEN_KEY_NAME, create=True)
     core = MetaCore(
-        str(state / DB_NAME),
+        store,
         token_key,
         server_suspect_after_s=args.server_suspect_after_s,
         server_dead_after_s=args.server_dead_after_s,
@@ -135,8 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     host = args.listen.rsplit(":", 1)[0]
     if args.ready_file:
         _write_atomically(args.ready_file, f"{host}:{port}\n")
-    log.info("metaserver serving on %s:%d, state in %s", host, port, state)
-    sweeper = threading.Thread(target=_sweep_loop, args=(core, stop), name="sweep", daemon=True)
+    log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine, state)
+    sweeper = threading.Thread(target=_sweep_loop, args=(core, f"{host}:{port}", stop), name="sweep", daemon=True)
     sweeper.start()
     # Wait in short slices so the main thread gets to run the signal handler promptly.
     while not stop.wait(0.5):

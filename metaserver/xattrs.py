@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import stat
-from sqlite3 import Row
 
 from proto.errors import FsError
 from proto.messages import Ctx, Empty, InodeReq, XattrListReply, XattrReply, XattrReq
@@ -29,7 +28,7 @@ from proto.types import (
 )
 from . import acl, perm
 from .base import CoreBase, is_dir, is_reg
-from .store import Tx
+from .store import Row, Tx
 
 _NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 _ACL_NAMES = (acl.ACCESS, acl.DEFAULT)

@@ -894,6 +894,11 @@ class StatusReply(Message):
     lost: int = 0  # blocks with no live replica
     inline_files: int = 0  # files whose block 0 is kept in the metadata store
     inline_bytes: int = 0  # bytes kept so
+    engine: str = ""  # the metadata store's engine: "sqlite" or "postgres"
+    metaserver: str = ""  # the answering metaserver's name (host:pid, unique while it runs)
+    duties: str = ""  # the metaserver running the background duties (sweep, GC, replication planning)
+    duties_address: str = ""  # where the metaserver running the background duties serves
+    metaservers: list[str] = field(default_factory=list)  # where every live metaserver of this store serves
 
 
 @dataclass
