@@ -7,6 +7,9 @@ when a server or a mount logged a traceback during it.
   and are skipped otherwise; mark them `mount`.
 - `mount_pair_dirs`: two mounts of `module_cluster` (shared by a module's tests), seen
   through a fresh directory per test.
+- `postgres`: a private PostgreSQL (tests/pg.py) for the whole session, started on first
+  use and removed at its end; `new_pg_dsn()`: the DSN of a new empty database on it,
+  dropped after the test.
 - `@pytest.mark.allow_tracebacks`: the test expects tracebacks in the logs (it kills
   processes, say); they do not fail it.
 """
@@ -23,6 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import Cluster, Mount, new_log_text  # noqa: E402
+from pg import Postgres  # noqa: E402
 
 #: What a log must not contain after a test: an exception nobody expected.
 TRACEBACK_MARK = "Traceback"
@@ -93,6 +97,34 @@ def module_cluster(tmp_path_factory: pytest.TempPathFactory):
     finally:
         c.close()
         check_logs()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    # Never skipped: a machine without PostgreSQL fails here, with the reason (scripts/test
+    # installs it).
+    pg = Postgres.temporary()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.fixture
+def new_pg_dsn(postgres: Postgres):
+    """A function returning the DSN of a new empty database at each call."""
+    made: list[str] = []
+
+    def new() -> str:
+        made.append(postgres.new_database())
+        return made[-1]
+
+    yield new
+    # A test may have left the server stopped; the next one finds it running again.
+    postgres.start()
+    for dsn in made:
+        postgres.drop_database(dsn)
 
 
 def _require_mount() -> None:

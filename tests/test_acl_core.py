@@ -13,6 +13,7 @@ from metaserver.acl import GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, Entry
 from proto.errors import FsError
 from proto.messages import Ctx, MkdirReq, MknodReq, SetattrReq, XattrReq
 from proto.types import ROOT_INODE
+from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
 from test_meta_core import Env, fails
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,8 +22,8 @@ ALICE, BOB = Ctx(uid=1000, gid=1000), Ctx(uid=2000, gid=2000)
 
 
 @pytest.fixture
-def env(tmp_path):
-    e = Env(str(tmp_path / "meta.db"))
+def env(open_meta_store):
+    e = Env(open_meta_store)
     yield e
     e.core.close()
 

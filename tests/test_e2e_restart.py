@@ -1,5 +1,6 @@
 """End to end with the real scripts: `scripts/up` a cluster, write files, `scripts/down`
-(nothing mounted, no process left), `scripts/up` again, and every file reads back the same.
+(nothing mounted, no process left), `scripts/up` again, and every file reads back the same;
+with each metadata engine (postgres: two metaservers and the PostgreSQL in STATE/pg).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def check_tree(root: Path, digests: dict[str, str]) -> None:
 
 
 @pytest.mark.timeout(280)
-def test_down_and_up_keep_every_file(tmp_path: Path):
+@pytest.mark.parametrize("engine, metaservers", [("sqlite", 1), ("postgres", 2)])
+def test_down_and_up_keep_every_file(tmp_path: Path, engine: str, metaservers: int):
     state, mnt = tmp_path / "state", tmp_path / "mnt"
     try:
-        out = script("up", "--state", state, "--mount", mnt, "--dataservers", "3")
+        out = script("up", "--state", state, "--mount", mnt, "--dataservers", "3", "--meta-engine", engine)
         assert "is up" in out
+        assert len((state / "meta.addr").read_text().strip().split(",")) == metaservers
         for log in (state / "logs").glob("*.log"):
             LOGS.append(log)  # a traceback there fails the test, as for the harness's own
         assert is_mounted(mnt)
@@ -83,7 +86,7 @@ def test_down_and_up_keep_every_file(tmp_path: Path):
         digests = write_tree(mnt)
         check_tree(mnt, digests)
         pids = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
-        assert len(pids) == 5, sorted(p.name for p in (state / "pids").glob("*.pid"))
+        assert len(pids) == 4 + metaservers, sorted(p.name for p in (state / "pids").glob("*.pid"))
 
         script("down", "--state", state, "--mount", mnt)
         assert not is_mounted(mnt), "scripts/down left the mount behind"
@@ -91,9 +94,11 @@ def test_down_and_up_keep_every_file(tmp_path: Path):
         assert not list((state / "pids").glob("*.pid"))
         assert "not running" in script("down", "--state", state)
 
-        # Without --mount: up and down remember where the state was mounted.
+        # Without --mount or --meta-engine: up and down remember where the state was
+        # mounted and where its metadata is.
         script("up", "--state", state)
         assert is_mounted(mnt)
+        assert len((state / "meta.addr").read_text().strip().split(",")) == metaservers
         check_tree(mnt, digests)
         (mnt / "after-restart").write_bytes(b"new")
         script("down", "--state", state)

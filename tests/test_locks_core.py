@@ -26,14 +26,15 @@ from proto.messages import (
     UnlockOwnersReq,
 )
 from proto.types import LOCK_FLOCK, LOCK_RECORD, OFFSET_MAX, ROOT_INODE
+from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
 from test_meta_core import Env, fails
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def env(tmp_path):
-    e = Env(str(tmp_path / "meta.db"))
+def env(open_meta_store):
+    e = Env(open_meta_store)
     yield e
     e.core.close()
 
