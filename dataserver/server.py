@@ -3,13 +3,15 @@ loop with the metaserver; the scrubber (scrub.py) and the re-replication workers
 (replicate.py) run beside it.
 
 The heartbeat loop runs on one background thread. It registers (retrying with backoff
-until the metaserver answers), then heartbeats every interval with the store's counters
+until a metaserver answers), then heartbeats every interval with the store's counters
 and the blocks found corrupt since the last beat. A heartbeat reply names garbage blocks
 (deleted and reported back), replication tasks (handed to the Replicator, whose results
 go back with the next beat) and may ask for a full block report (sent in chunks). Every
 report that fails is retried with the next beat, so the metaserver eventually hears of
 every deletion, copy and corrupt block. A metaserver outage is logged once when it
-starts and once when it ends.
+starts and once when it ends. Given several metaservers (`--meta a:p,b:p`), all of them
+serving every data server, it talks to one and moves to the next when that one fails
+(proto/rpc.py FailoverStub): the failed call is retried there with the next beat.
 
 Signals: SIGTERM and SIGINT are blocked in every thread and taken synchronously by the
 main thread with sigwait, so no handler ever runs in the middle of a lock.
@@ -31,7 +33,7 @@ from proto.credentials import load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
 from proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
-from proto.rpc import Stub, serve
+from proto.rpc import FailoverStub, parse_addresses, serve
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
 from .replicate import DEFAULT_REPLICATION_WORKERS, Replicator
@@ -46,6 +48,12 @@ REGISTER_BACKOFF_MAX_S = 2.0
 #: Used when the metaserver answers a heartbeat interval that makes no sense.
 FALLBACK_HEARTBEAT_INTERVAL_S = 3.0
 META_CALL_TIMEOUT_S = 5.0
+#: A heartbeat given up after this many heartbeat intervals (never less than
+#: META_CALL_FLOOR_S, never more than META_CALL_TIMEOUT_S), so that with several
+#: metaservers a hung one is left, and the next beat lands on another, before this server
+#: has been silent long enough to look dead (suspect after 3 intervals by default).
+META_CALL_INTERVALS = 3
+META_CALL_FLOOR_S = 1.0
 #: In-flight block reads and writes get this long to finish on SIGTERM.
 STOP_GRACE_S = 5.0
 #: Block ids per block_report call.
@@ -62,6 +70,15 @@ def parse_address(value: str) -> str:
     return value
 
 
+def parse_meta_addresses(value: str) -> str:
+    """HOST:PORT[,HOST:PORT...]: the metaservers; returned unchanged if well-formed."""
+    try:
+        parse_addresses(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _positive_float(value: str) -> float:
     x = float(value)
     if not x > 0:
@@ -72,7 +89,8 @@ def _positive_float(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dataserver", description="stripefs data server")
     p.add_argument("--listen", required=True, type=parse_address, help="HOST:PORT to serve on (port 0 picks one)")
-    p.add_argument("--meta", required=True, type=parse_address, help="metaserver HOST:PORT")
+    p.add_argument("--meta", required=True, type=parse_meta_addresses,
+                   help="metaserver HOST:PORT, or several: HOST:PORT,HOST:PORT,...")
     p.add_argument("--dir", required=True, help="data directory")
     p.add_argument("--credentials", required=True,
                    help="credential bundle of this data server (stripefs credential new --role data)")
@@ -140,7 +158,7 @@ class Heartbeater:
     def __init__(
         self,
         store: BlockStore,
-        meta: Stub,
+        meta: FailoverStub,
         address: str,
         stop: threading.Event,
         interval_s: Optional[float] = None,
@@ -179,12 +197,13 @@ class Heartbeater:
         except Exception:  # noqa: BLE001 - the data server keeps serving reads without it
             log.exception("heartbeat thread failed")
 
-    def _call(self, name: str, req):
+    def _call(self, name: str, req, timeout: float = META_CALL_TIMEOUT_S):
+        address = self.meta.address
         try:
-            reply = self.meta.call(name, req, timeout=META_CALL_TIMEOUT_S)
+            reply = self.meta.call(name, req, timeout=timeout)
         except FsError as exc:
             if not self._meta_down:
-                log.warning("metaserver %s: %s failed: %s (retrying)", self.meta.address, name, exc)
+                log.warning("metaserver %s: %s failed: %s (retrying)", address, name, exc)
                 self._meta_down = True
             raise
         if self._meta_down:
@@ -237,7 +256,8 @@ class Heartbeater:
             verified=verified,
         )
         try:
-            reply = self._call("heartbeat", req)
+            patience = min(META_CALL_TIMEOUT_S, max(META_CALL_FLOOR_S, META_CALL_INTERVALS * self.interval_s))
+            reply = self._call("heartbeat", req, patience)
         except FsError as exc:
             self.store.return_corrupt(corrupt)
             self._verified = verified + self._verified
@@ -347,7 +367,7 @@ def main(argv: list[str]) -> int:
         return 1
     address = service.address = advertised_address(args.listen, port, args.advertise)
     stop = threading.Event()
-    meta = Stub(args.meta, creds, META_SERVICE, META_METHODS)
+    meta = FailoverStub(args.meta, creds, META_SERVICE, META_METHODS)
     heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator, service)
     scrubber = None
     if args.scrub_rate_mib_s > 0:

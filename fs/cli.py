@@ -1,15 +1,19 @@
 """The `stripefs` command: one subcommand per role and per operator task.
 
   stripefs meta   --listen HOST:PORT --dir DIR            the metadata server
-  stripefs data   --listen HOST:PORT --meta HOST:PORT --dir DIR   a data server
-  stripefs mount  META_HOST:PORT MOUNTPOINT                mount (returns when ready)
+  stripefs data   --listen HOST:PORT --meta METAS --dir DIR   a data server
+  stripefs mount  METAS MOUNTPOINT                         mount (returns when ready)
   stripefs umount MOUNTPOINT
-  stripefs status [--json]                                 data servers, their states, replication health
+  stripefs status [--json]                                 metaservers, data servers, replication health
   stripefs fsck   [--repair] [--json]                      check (and repair) the metadata
   stripefs ca init DIR                                     make the cluster's CA
   stripefs credential new --ca DIR --role ROLE --name NAME [--squash root|UID:GID] --out DIR
                                                            issue a credential
   stripefs credential revoke --ca DIR NAME                 refuse a credential from now on
+
+METAS is the metaservers' HOST:PORT, or several of them: HOST:PORT,HOST:PORT,... (every
+metaserver of a cluster serves every caller; a caller talks to one and moves to the next
+when it fails). STATE/meta.addr holds the same, on one line.
 
 The server roles are imported only when their subcommand runs: this module is the
 composition root, the one place that knows every role.
@@ -41,9 +45,9 @@ CREDENTIALS_SUBDIR = "credentials"
 CREDENTIALS_ENV = "STRIPEFS_CREDENTIALS"
 
 
-def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[str, str]:
+def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[list[str], str]:
     """--meta/--credentials if given, else $STRIPEFS_META/$STRIPEFS_CREDENTIALS, else the
-    local cluster's address and admin bundle under the state dir."""
+    local cluster's addresses and admin bundle under the state dir."""
     state = _state_dir(args)
     meta = args.meta or os.environ.get("STRIPEFS_META")
     if meta is None:
@@ -52,7 +56,16 @@ def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[str, str]:
             sys.exit(f"stripefs: no --meta given and no {addr_file} (is the cluster up?)")
         meta = addr_file.read_text().strip()
     creds = args.credentials or os.environ.get(CREDENTIALS_ENV) or str(state / CREDENTIALS_SUBDIR / "admin")
-    return meta, creds
+    return _meta_addresses(meta), creds
+
+
+def _meta_addresses(value: str) -> list[str]:
+    from proto.rpc import parse_addresses
+
+    try:
+        return parse_addresses(value)
+    except ValueError as exc:
+        sys.exit(f"stripefs: metaservers: {exc}")
 
 
 def _load_credentials(path: str, cmd: str):
@@ -77,6 +90,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         sys.exit(f"stripefs mount: {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         sys.exit(f"stripefs mount: {mountpoint} is already a mount point")
+    _meta_addresses(args.meta)
     creds = _load_credentials(args.credentials, "mount")
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
@@ -150,31 +164,87 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def _meta_call(args: argparse.Namespace, cmd: str, name: str, req, timeout: float):
-    """One call to the metaserver named by args; exits with a message if it fails."""
+    """One call to a metaserver named by args (the first that can be reached): the address
+    that answered and the reply; exits with a message if it fails."""
     from proto.errors import FsError
-    from proto.rpc import Stub
+    from proto.rpc import FailoverStub
     from proto.services import META_METHODS, META_SERVICE
 
-    meta, creds = _resolve_meta_and_credentials(args)
-    stub = Stub(meta, _load_credentials(creds, cmd), META_SERVICE, META_METHODS)
+    metas, creds = _resolve_meta_and_credentials(args)
+    stub = FailoverStub(metas, _load_credentials(creds, cmd), META_SERVICE, META_METHODS)
     try:
-        return meta, stub.call(name, req, timeout=timeout)
+        reply = stub.call(name, req, timeout=timeout)
     except FsError as exc:
-        sys.exit(f"stripefs {cmd}: {meta}: {exc}")
+        sys.exit(f"stripefs {cmd}: {','.join(metas)}: {exc}")
     finally:
         stub.close()
+    return stub.address, reply
+
+
+#: How long `stripefs status` waits for each metaserver's answer.
+STATUS_TIMEOUT_S = 10.0
+
+
+def _status_of_each(metas: list[str], creds) -> list[tuple[str, object]]:
+    """(address, StatusReply or the FsError it failed with) for each metaserver, in order."""
+    from proto.errors import FsError, TransportError
+    from proto.messages import Empty
+    from proto.rpc import HUNG_AFTER_S, ChannelWatch, Stub
+    from proto.services import META_METHODS, META_SERVICE
+
+    out: list[tuple[str, object]] = []
+    for address in metas:
+        stub = Stub(address, creds, META_SERVICE, META_METHODS)
+        watch = ChannelWatch(stub.channel)
+        try:
+            # One that cannot be reached (or hangs: no handshake) is told in a moment, not
+            # after the call's timeout.
+            if not watch.wait_ready(HUNG_AFTER_S):
+                raise TransportError(f"{address}: cannot connect")
+            out.append((address, stub.call("status", Empty(), timeout=STATUS_TIMEOUT_S)))
+        except FsError as exc:
+            out.append((address, exc))
+        finally:
+            watch.close()
+            stub.close()
+    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from proto.messages import Empty
+    """Every metaserver of the list, reachable or not; the cluster as the first that
+    answered sees it. Exits with a message if none answered."""
+    from proto.errors import FsError
 
-    meta, st = _meta_call(args, "status", "status", Empty(), timeout=10)
+    metas, creds = _resolve_meta_and_credentials(args)
+    each = _status_of_each(metas, _load_credentials(creds, "status"))
+    answered = [(address, st) for address, st in each if not isinstance(st, FsError)]
+    if not answered:
+        sys.exit("stripefs status: " + "; ".join(f"{address}: {exc}" for address, exc in each))
+    meta, st = answered[0]
     if args.json:
         out = st.to_wire()
         out["meta"] = meta
+        out["addresses"] = [
+            {"address": address, "reachable": False, "error": str(r)} if isinstance(r, FsError) else
+            {"address": address, "reachable": True, "metaserver": r.metaserver,
+             "duties": bool(r.metaserver) and r.metaserver == r.duties}
+            for address, r in each
+        ]
         print(json.dumps(out, indent=2))
         return 0
-    print(f"metaserver {meta}")
+    for address, r in each:
+        if isinstance(r, FsError):
+            print(f"metaserver {address} unreachable: {r}")
+        else:
+            name = f" ({r.metaserver})" if r.metaserver else ""
+            duties = ", holds the background duties" if r.metaserver and r.metaserver == r.duties else ""
+            print(f"metaserver {address} up{name}{duties}")
+    if st.engine:
+        print(f"store: {st.engine}")
+    if st.metaservers:
+        duties = st.duties_address or st.duties
+        print(f"metaservers on the store: {', '.join(st.metaservers)}"
+              + (f"; background duties: {duties}" if duties else ""))
     print(f"{'id':>3} {'address':<22} {'state':<7} {'used':>10} {'free':>10} {'capacity':>10} {'blocks':>8} {'beat':>6}")
     for s in st.servers:
         print(f"{s.server_id:>3} {s.address:<22} {s.state:<7} {_human(s.used_bytes):>10} "
@@ -249,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
 
     p = sub.add_parser("mount", help="mount a cluster")
-    p.add_argument("meta", help="metaserver HOST:PORT")
+    p.add_argument("meta", help="metaserver HOST:PORT, or several: HOST:PORT,HOST:PORT,...")
     p.add_argument("mountpoint")
     p.add_argument("--credentials", default=os.environ.get(CREDENTIALS_ENV),
                    required=CREDENTIALS_ENV not in os.environ,
@@ -289,15 +359,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("status", help="data servers, their states and replication health")
-    p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
+    p = sub.add_parser("status", help="metaservers, data servers, their states and replication health")
+    p.add_argument("--meta", help="metaserver HOST:PORT[,HOST:PORT...] (default: STATE/meta.addr)")
     p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
     p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fsck", help="check the metadata (read-only unless --repair); exit 1 if not clean")
-    p.add_argument("--meta", help="metaserver HOST:PORT (default: STATE/meta.addr)")
+    p.add_argument("--meta", help="metaserver HOST:PORT[,HOST:PORT...] (default: STATE/meta.addr)")
     p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
     p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
     p.add_argument("--repair", action="store_true", help="fix what can be fixed")

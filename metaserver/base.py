@@ -173,8 +173,10 @@ class CoreBase:
         self.duties = self.name
         self.metaservers: list[tuple[str, str]] = []
         # A server cannot be judged silent by a metaserver that was not listening: after a
-        # restart, heartbeat ages count from our start, so nothing looks dead (and nothing
-        # is re-replicated) before the data servers had their chance to beat.
+        # restart, heartbeat ages count from our start (or from the end of the store's last
+        # outage, when no heartbeat could be recorded: `listening_since_ns`), so nothing
+        # looks dead (and nothing is re-replicated) before the data servers had their
+        # chance to beat.
         self.started_ns = self.now_ns()
         # A hint that re-replication planning may find work (see repair.py): set by
         # whatever can leave a block short of replicas, cleared by the planner. Only a
@@ -388,11 +390,16 @@ class CoreBase:
 
     # ------------------------------------------------------------------ data servers
 
+    def listening_since_ns(self) -> int:
+        """Since when every heartbeat sent to this metaserver could have been recorded."""
+        return max(self.started_ns, self.store.reachable_since_ns)
+
     def _state_of(self, row: Row, now: int) -> str:
-        age_ns = now - max(row["last_heartbeat_ns"], self.started_ns)
+        since = self.listening_since_ns()
+        age_ns = now - max(row["last_heartbeat_ns"], since)
         if age_ns <= self.server_suspect_after_s * NS_PER_S:
             return UP
-        if row["last_heartbeat_ns"] < self.started_ns and age_ns <= self.server_dead_after_s * NS_PER_S:
+        if row["last_heartbeat_ns"] < since and age_ns <= self.server_dead_after_s * NS_PER_S:
             # Not heard from since our own start: it is reconnecting (gRPC's backoff after a
             # restart reaches 2 s), not silent; until it could have been judged dead, it
             # gets blocks as before the restart (a writer it fails places the block again).
@@ -408,9 +415,9 @@ class CoreBase:
     def _server_states(self, tx: Tx, now: int) -> dict[int, str]:
         return {row["server_id"]: state for row, state in self._servers(tx, now)}
 
-    def _live_servers(self, tx: Tx, now: int) -> list[Row]:
-        """Servers that get new blocks and replication tasks: the up ones."""
-        return [row for row, state in self._servers(tx, now) if state == UP]
+    def _live_servers(self, tx: Tx, now: int, state: str = UP) -> list[Row]:
+        """Servers that get new blocks: the up ones (or those of another state)."""
+        return [row for row, st in self._servers(tx, now) if st == state]
 
     def _has_room(self, server: Row, block_size: int) -> bool:
         # A server close to full would fail the write; it gets nothing new.

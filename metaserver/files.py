@@ -44,7 +44,9 @@ from proto.messages import (
 from proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
 
 from . import perm
-from .base import ADMIN, LOCAL, NS_PER_S, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas
+from .base import (
+    ADMIN, LOCAL, NS_PER_S, SUSPECT, Caller, CoreBase, attr_of, inline_limit, is_dir, is_reg, want_replicas,
+)
 from .store import Row, Tx
 
 
@@ -117,9 +119,13 @@ class FileOps(CoreBase):
         if any(i * bs >= FILE_SIZE_MAX_BYTES for i in indexes):
             raise FsError(errno.EFBIG, "block index past the largest file")
         # Only up servers get new blocks; a writer's exclusions (servers that just
-        # failed it) come off next. Fewer than R left: place what can be placed.
+        # failed it) come off next. Fewer than R left: place what can be placed. None up:
+        # the suspect ones (heartbeats may be what is missing, not servers: they were
+        # beating to a metaserver that hung, or the database was away), rather than fail
+        # the write; a writer that finds one dead excludes it and asks again.
         excluded = set(exclude)
-        candidates = [s for s in self._live_servers(tx, now) if s["address"] not in excluded]
+        candidates = [s for s in self._live_servers(tx, now) if s["address"] not in excluded] or \
+            [s for s in self._live_servers(tx, now, SUSPECT) if s["address"] not in excluded]
         if not candidates:
             raise FsError(errno.EIO, "no live data server" + (" left after exclusions" if excluded else ""))
         usable = [s for s in candidates if self._has_room(s, bs)]

@@ -142,7 +142,7 @@ class RegistryOps(RepairOps):
         # Heartbeat ages count from our own start (base._state_of): nothing is forgotten
         # before this metaserver could have heard from it.
         gone = tx.all("SELECT server_id, address FROM servers WHERE last_heartbeat_ns < ?", (cutoff,)) \
-            if self.started_ns < cutoff else []
+            if self.listening_since_ns() < cutoff else []
         for row in gone:
             sid = row["server_id"]
             for table in ("replicas", "garbage", "pending_servers", "replication", "reported", "verify"):

@@ -93,6 +93,9 @@ class Store:
     #: a transaction is cheap enough (no network round trip per statement) to run on the
     #: RPC server's event-loop thread rather than handing it to a worker
     runs_inline = True
+    #: when the store last became reachable again after an outage (ns since the epoch; 0:
+    #: never lost): nothing could be recorded before, heartbeats included
+    reachable_since_ns = 0
 
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[Tx]:

@@ -201,6 +201,7 @@ class PgStore(Store):
         )
         self._pool.open(wait=True, timeout=RECONNECT_FOR_S)
         self._listener: Optional[threading.Thread] = None
+        self._outage = False  # a connection was lost and no transaction has committed since
         self._closing = threading.Event()
         try:
             self._init_schema()
@@ -262,6 +263,10 @@ class PgStore(Store):
                     _quietly(conn, "ROLLBACK")
                     raise
                 conn.execute("COMMIT")
+                if self._outage:
+                    self._outage = False
+                    self.reachable_since_ns = time.time_ns()
+                    log.info("metadata database reachable again")
             finally:
                 self._local.conn = None
 
@@ -284,6 +289,7 @@ class PgStore(Store):
                 return None
             return random.uniform(0, min(CONFLICT_PAUSE_S * 2 ** min(attempt, 16), CONFLICT_PAUSE_MAX_S))
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) or _pool_timeout(exc):
+            self._outage = True
             if elapsed_s >= RECONNECT_FOR_S:
                 return None
             if attempt == 1:

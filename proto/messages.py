@@ -577,6 +577,7 @@ class OpenReply(Message):
 class ReleaseReq(Message):
     ino: int  # file being closed
     session: int  # session that opened it
+    rid: int = 0  # request id (proto/services.py `once`): a repeated release must not count twice
 
 
 #: Lock types, as fcntl(2) numbers them on Linux.

@@ -27,7 +27,8 @@ unknown method ENOSYS. A server never dies on what a client sends.
 
 How the requests of a stream batch run is the implementation's choice:
 - `impl.apply_batch(calls)` (the metaserver): the whole batch, on the server's event-loop
-  thread, in one store transaction; it returns for each call the reply (or FsError; or the
+  thread (on a worker thread if `impl.batches_inline` is False: a database server's
+  round trips), in one store transaction; it returns for each call the reply (or FsError; or the
   reply frame already encoded, bytes) and an
   optional barrier, a blocking function to run before that reply may leave (the fsync of a
   durable operation). A barrier runs on a worker thread while the streams go on, so replies
@@ -51,6 +52,14 @@ any method sees it.
 Client: `Stub(address, credentials, service, methods).call(name, req)` is a blocking unary
 call (the trio client has its own transport in fs/client/transport.py). Transport failures
 become TransportError (EIO).
+
+Failover: a role that talks to the metaservers is given a list of addresses (`a:p,b:p`,
+`parse_addresses`) and talks to one at a time. `AddressList` is the one place that knows
+which one that is and moves on to the next (round robin) when the current one fails, with
+one WARNING naming both; `ChannelWatch` tells a server that cannot be reached without a
+call; `FailoverStub` is the blocking client over them (data servers, operators' commands),
+fs/client/transport.FailoverTransport the trio one. How long a server may stay silent
+before it counts as hung is `HUNG_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -59,9 +68,11 @@ import asyncio
 import errno
 import inspect
 import logging
+import re
 import threading
+import time
 from concurrent import futures
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import grpc
 
@@ -247,6 +258,9 @@ class _StreamHandler:
         self.shares = shares
         self.running = 0  # stream calls on worker threads now, over every stream
         self.apply_batch: Optional[Callable[..., list[BatchResult]]] = getattr(dispatch.impl, "apply_batch", None)
+        #: batches run on the event-loop thread (the implementation's word: False when each
+        #: of its statements is a network round trip, as with a database server)
+        self.batches_inline: bool = getattr(dispatch.impl, "batches_inline", True)
 
     async def serve(self, request_iterator: Any, context: Any) -> None:
         caller = _authenticate(context, self.revocations)
@@ -334,11 +348,16 @@ class _StreamHandler:
         if not checked:
             await out.send(now)
             return
+        def apply() -> list[BatchResult]:
+            assert self.apply_batch is not None
+            return self.apply_batch([(name, req) for _, name, req in checked],
+                                    lambda name, req: self.dispatch.call(name, req, caller))
+
         try:
-            results = self.apply_batch(
-                [(name, req) for _, name, req in checked],
-                lambda name, req: self.dispatch.call(name, req, caller),
-            )
+            if self.batches_inline:
+                results = apply()
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(self.pool, apply)
         except Exception:  # noqa: BLE001 - the whole batch failed (the store, say)
             log.exception("a batch of %d calls failed", len(checked))
             results = [(FsError(errno.EIO, "internal error"), None)] * len(checked)
@@ -387,11 +406,23 @@ class _Replies:
     def __init__(self, context: Any) -> None:
         self._context = context
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def send(self, entries: list[list]) -> None:
+        """Send replies; dropped if the stream is gone (its client asks again elsewhere: a
+        task answering late, a lock wait say, must not fail on it)."""
         for i in range(0, max(len(entries), 1), codec.MAX_BATCH):
             async with self._lock:
-                await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
+                if self._closed:
+                    return
+                try:
+                    await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
+                except Exception as exc:  # noqa: BLE001 - grpc raises several kinds here
+                    if self._context.done():
+                        self._closed = True
+                        log.debug("%d replies dropped: their stream is closed (%r)", len(entries), exc)
+                        return
+                    raise
 
 
 def _unary_handler(dispatch: Dispatch, name: str, revocations: Revocations, shares: _Shares) -> Callable:
@@ -651,3 +682,161 @@ def transport_error(address: str, name: str, exc: grpc.RpcError) -> TransportErr
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return TransportError(f"{name} to {address}: {code.name if code else 'transport'}: {details}")
+
+
+# ---------------------------------------------------------------------------- failover
+
+#: A server that says nothing for this long when it should (a new connection's greeting; a
+#: reply, while no other reply arrives either) is taken for hung and left for the next of
+#: its list, when there is one: long enough that a busy metaserver on a loaded 2-core
+#: machine is not taken for a hung one (a call cut short anyway is tried again with twice
+#: as long, fs/client/session.py), short against the 30 s call deadline and gRPC's ~10 s
+#: keepalive (CHANNEL_OPTIONS), which would find a stopped server too, only later.
+HUNG_AFTER_S = 5.0
+
+
+#: A host name, an IPv4 address, or an IPv6 address in brackets.
+_HOST = re.compile(r"\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9._-]+")
+
+
+def parse_addresses(value: str | Sequence[str]) -> list[str]:
+    """The server addresses of `HOST:PORT[,HOST:PORT...]` or of a list of them, in order,
+    each once; ValueError for an empty list or an address that is not HOST:PORT (HOST may
+    be a bracketed IPv6 address)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        address = item.strip()
+        host, _, port = address.rpartition(":")
+        if not _HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {value!r}")
+        if address not in out:
+            out.append(address)
+    if not out:
+        raise ValueError("no server address given")
+    return out
+
+
+class AddressList:
+    """The addresses of the servers a caller may use (the metaservers, which all serve
+    every caller) and the one it uses now. Not thread-safe: one thread (a trio run, a
+    heartbeat thread) uses it."""
+
+    def __init__(self, addresses: str | Sequence[str], label: str = "metaserver") -> None:
+        self.addresses = parse_addresses(addresses)
+        self.label = label
+        self._current = 0
+        self._failing: set[str] = set()  # failed since they last answered: moves from them are not news
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    @property
+    def current(self) -> str:
+        return self.addresses[self._current]
+
+    def move_on(self, failed: str, why: object) -> bool:
+        """`failed` failed (`why`): if it is still the current one and there is another,
+        the next in the list becomes current. Whether it moved; callers that saw the same
+        server fail together move once."""
+        if len(self.addresses) == 1 or failed != self.current:
+            return False
+        self._current = (self._current + 1) % len(self.addresses)
+        level = logging.DEBUG if failed in self._failing else logging.WARNING
+        self._failing.add(failed)
+        log.log(level, "%s %s failed (%s); switching to %s", self.label, failed, why, self.current)
+        return True
+
+    def answered(self, address: str) -> None:
+        """`address` answered a call: its next failure is news again."""
+        if self._failing:
+            self._failing.discard(address)
+
+
+class ChannelWatch:
+    """How gRPC sees a channel's connection (IDLE, CONNECTING, READY, TRANSIENT_FAILURE),
+    kept current from gRPC's own polling thread. Watching also keeps a channel's attempts
+    to reconnect going: gRPC's sync stack makes no progress on an attempt that no thread
+    polls (seen here: fail-fast calls to a metaserver back for seconds still failing with
+    "connect() timed out"), and nothing may be polling it while its server is skipped."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.state = grpc.ChannelConnectivity.IDLE
+        self._changed = threading.Condition()
+        channel.subscribe(self._note, try_to_connect=True)
+
+    def _note(self, state: grpc.ChannelConnectivity) -> None:
+        with self._changed:
+            self.state = state
+            self._changed.notify_all()
+
+    def failing(self) -> bool:
+        """The last attempt to connect failed: nothing listens there, or the server did not
+        finish the handshake within gRPC's connect timeout (CHANNEL_OPTIONS: 0.2 s at
+        first; a stopped process never does)."""
+        return self.state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Blocking: whether the channel is connected, or is within timeout_s; False as
+        soon as it is failing."""
+        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                   grpc.ChannelConnectivity.SHUTDOWN)
+        # An idle channel (its connection closed) connects only when asked to.
+        asked = grpc.channel_ready_future(self.channel) if self.state == grpc.ChannelConnectivity.IDLE else None
+        try:
+            with self._changed:
+                self._changed.wait_for(lambda: self.state in settled, timeout_s)
+                return self.state == grpc.ChannelConnectivity.READY
+        finally:
+            if asked is not None:
+                asked.cancel()
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._note)
+
+
+class FailoverStub:
+    """A blocking client of one service on a list of servers (AddressList): each call goes
+    to the current one; one that cannot be reached is skipped for the next (the call was not
+    sent), one whose call fails in transport is left and the error raised (the call may have
+    run: repeating it is the caller's decision, as with Stub). With one address, it is that
+    address's Stub."""
+
+    def __init__(self, addresses: str | Sequence[str], creds: Credentials, service: str,
+                 methods: dict[str, Method], label: str = "metaserver") -> None:
+        self.servers = AddressList(addresses, label)
+        self._stubs = {a: Stub(a, creds, service, methods) for a in self.servers.addresses}
+        self._watches = ({a: ChannelWatch(stub.channel) for a, stub in self._stubs.items()}
+                         if len(self._stubs) > 1 else {})
+
+    @property
+    def address(self) -> str:
+        return self.servers.current
+
+    def close(self) -> None:
+        for watch in self._watches.values():
+            watch.close()
+        for stub in self._stubs.values():
+            stub.close()
+
+    def call(self, name: str, req: Message | bytes, timeout: float = 30.0) -> Any:
+        if len(self._stubs) == 1:
+            return self._stubs[self.address].call(name, req, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for _ in range(len(self._stubs)):
+            address = self.servers.current
+            if not self._watches[address].wait_ready(max(0.0, min(HUNG_AFTER_S, deadline - time.monotonic()))):
+                self.servers.move_on(address, "cannot connect")
+                continue
+            try:
+                reply = self._stubs[address].call(name, req, timeout=max(0.0, deadline - time.monotonic()))
+            except TransportError as exc:
+                self.servers.move_on(address, exc.message)
+                raise
+            except FsError:
+                self.servers.answered(address)
+                raise
+            self.servers.answered(address)
+            return reply
+        raise TransportError(f"{name}: no {self.servers.label} of {','.join(self.servers.addresses)} reachable")

@@ -77,7 +77,7 @@ META_METHODS = _table(
     Method("statfs", m.Empty, m.StatfsReply),
     # file data
     Method("open", m.OpenReq, m.OpenReply),
-    Method("release", m.ReleaseReq, m.Empty),
+    Method("release", m.ReleaseReq, m.Empty, once=True),
     Method("block_map", m.BlockMapReq, m.BlockMapReply),
     Method("alloc_blocks", m.AllocReq, m.AllocReply),
     Method("commit_blocks", m.CommitReq, m.AttrReply, once=True),

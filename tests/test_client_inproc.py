@@ -36,9 +36,9 @@ class Counting(LocalTransport):
         super().__init__(*args, **kwargs)
         self.calls: Counter[str] = Counter()
 
-    async def call(self, name, req, timeout_s):
+    async def call(self, name, req, timeout_s, patience_s=None):
         self.calls[name] += 1
-        return await super().call(name, req, timeout_s)
+        return await super().call(name, req, timeout_s, patience_s)
 
 
 class World:

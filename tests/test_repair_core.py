@@ -143,8 +143,12 @@ def test_states_and_placement(env):
     # Exclusions leave one server: R=2 becomes 1 rather than failing the writer.
     (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=env.session, indexes=[0], exclude=[addr(1)])).allocations
     assert a.servers == [addr(2)]
+    # No up server left: the suspect one (its heartbeats may be what is missing), then EIO.
+    (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=env.session, indexes=[0],
+                                          exclude=[addr(1), addr(2)])).allocations
+    assert a.servers == [addr(3)]
     fails(errno.EIO, env.core.alloc_blocks, AllocReq(ino=f.ino, session=env.session, indexes=[0],
-                                                     exclude=[addr(1), addr(2)]))
+                                                     exclude=[addr(1), addr(2), addr(3)]))
     # Full: ENOSPC only when no up server (after exclusions) has room.
     env.beat(1, free=1024)
     (a,) = env.core.alloc_blocks(AllocReq(ino=f.ino, session=env.session, indexes=[0])).allocations

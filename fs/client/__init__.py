@@ -1,5 +1,5 @@
-"""stripefs client library (trio, no FUSE): `open_client(meta_address, credentials)` yields a
-Client with the whole file system API. Errors are proto.errors.FsError(errno). Credentials
+"""stripefs client library (trio, no FUSE): `open_client(meta_addresses, credentials)` yields a
+Client with the whole file system API (meta_addresses: `HOST:PORT[,HOST:PORT...]` or a list). Errors are proto.errors.FsError(errno). Credentials
 are a client bundle: `load_credentials(DIR)` (proto/credentials.py)."""
 
 from proto.credentials import Credentials, load_credentials

@@ -1,10 +1,12 @@
 """The stripefs client library: the whole file system API as trio coroutines, FUSE-free.
 
-`open_client()` connects to a metaserver, opens a session and yields a `Client`. Inodes are
-ints, names are bytes, errors are FsError(errno). File data goes straight to the data
-servers (striped, replicated), or for small files inline to the metaserver; the metaserver
-hands out block ids and commits block maps. Caching, write-back and readahead live here so
-that programs using the library directly get them too; fs/fuse only translates.
+`open_client()` connects to the metaservers (`HOST:PORT[,HOST:PORT...]` or a list: the
+client talks to one and moves to another when it fails, transport.py), opens a session and
+yields a `Client`. Inodes are ints, names are bytes, errors are FsError(errno). File data
+goes straight to the data servers (striped, replicated), or for small files inline to the
+metaserver; the metaserver hands out block ids and commits block maps. Caching, write-back
+and readahead live here so that programs using the library directly get them too; fs/fuse
+only translates.
 
 `Client` composes one object per mechanism:
 - session.py, `MetaSession`: the session lease and the retry rules of metadata calls;
@@ -35,7 +37,7 @@ import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 import trio
 
@@ -52,7 +54,7 @@ from .files import FileState, HandleState, WritebackBudget
 from .locks import Locks
 from .reader import Reader
 from .session import MetaSession
-from .transport import StreamTransport, Transport
+from .transport import FailoverTransport, StreamTransport, Transport
 from .writer import Writer
 
 log = logging.getLogger("stripefs.client")
@@ -103,7 +105,7 @@ class Client:
 
     def __init__(
         self,
-        meta_address: str,
+        meta_address: str | Sequence[str],
         creds: Optional[Credentials],
         *,
         mountpoint: str = "library",
@@ -116,7 +118,7 @@ class Client:
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
-        meta = meta_transport or StreamTransport(meta_address, creds, META_SERVICE, META_METHODS)
+        meta = meta_transport or FailoverTransport(meta_address, creds, META_SERVICE, META_METHODS)
         connect = data_connect or (lambda address: StreamTransport(address, creds, DATA_SERVICE, DATA_METHODS))
         #: who calls that do not say are made as (default: this process)
         self.identity = identity or process_identity()
@@ -710,9 +712,10 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(meta_address: str, creds: Credentials, **options) -> AsyncIterator[Client]:
+async def open_client(meta_address: str | Sequence[str], creds: Credentials, **options) -> AsyncIterator[Client]:
     """Connect to a cluster with a client credential bundle (proto.credentials.load_credentials);
-    the client's background tasks live in a nursery owned here."""
+    `meta_address`: the metaservers, `HOST:PORT[,HOST:PORT...]` or a list (ValueError if
+    malformed). The client's background tasks live in a nursery owned here."""
     client = Client(meta_address, creds, **options)
     async with trio.open_nursery() as nursery:
         await client._start(nursery)

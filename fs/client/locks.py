@@ -10,9 +10,10 @@ owners took locks through which handle and on which file, so that a close that h
   and flock locks, and anything a process left: `handle_closed`).
 
 A waiting lock (`wait=True`) asks, and when refused waits on the metaserver (`lock_wait`)
-until the file's locks change, then asks again. The ask itself is shielded from
-cancellation (a FUSE interrupt): a lock the metaserver granted is always known here.
-Cancelling the wait in between leaves nothing behind.
+until the file's locks change, then asks again; a wait cut short by the transport (the
+metaserver went away, or the client moved to another, transport.py) asks again too. The ask
+itself is shielded from cancellation (a FUSE interrupt): a lock the metaserver granted is
+always known here. Cancelling the wait in between leaves nothing behind.
 
 A session that expired (the client was cut off for 3 leases) lost its locks on the
 metaserver; the client logs which files it held locks on, and a new lock is asked for in
@@ -28,7 +29,7 @@ from typing import Any, Awaitable, Callable, Optional
 import trio
 
 from proto import messages as m
-from proto.errors import FsError
+from proto.errors import FsError, TransportError
 from proto.types import LOCK_RECORD, LOCK_WAIT_MAX_S, OFFSET_MAX
 
 log = logging.getLogger("stripefs.client")
@@ -72,7 +73,10 @@ class Locks:
             if not wait:
                 raise FsError(errno.EAGAIN, f"inode {ino}: bytes {reply.start}-{reply.end} are locked"
                                             f" by process {reply.pid}")
-            await self._call("lock_wait", m.LockWaitReq(req.session, ino, reply.gen, LOCK_WAIT_MAX_S))
+            try:
+                await self._call("lock_wait", m.LockWaitReq(req.session, ino, reply.gen, LOCK_WAIT_MAX_S))
+            except TransportError:
+                pass  # the metaserver went away, or the client moved to another: ask there
 
     def may_hold(self, ino: int, owner: int) -> bool:
         return owner in self._owners_on_file.get(ino, ())

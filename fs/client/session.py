@@ -10,6 +10,11 @@ metaserver outage) and closes it. Every metadata call of the client goes through
   carries a request id the metaserver records its reply under, so that a repeat gets the
   first answer instead of running twice (a create whose reply was lost is not EEXIST);
   with backoff, within META_TIMEOUT_S;
+- with several metaservers (transport.py FailoverTransport, which moves between them),
+  lets the transport give such a call up when its metaserver says nothing for
+  HUNG_AFTER_S, and repeats it there on the next one, each time with twice the patience,
+  so that a call that is only slow still gets its answer; a lock wait may be moved at any
+  time (locks.py asks again). The session is in the shared store: a moved client keeps it;
 - replaces an expired session (ESTALE) and repeats the call in the new one.
 
 Releases do not make the caller wait: `release_soon` queues them and one background task
@@ -34,7 +39,8 @@ import trio
 
 from proto import messages as m
 from proto.errors import FsError, TransportError
-from proto.services import META_METHODS
+from proto.rpc import HUNG_AFTER_S
+from proto.services import META_METHODS, WAIT
 
 from .transport import Transport
 
@@ -43,10 +49,12 @@ log = logging.getLogger("stripefs.client")
 #: Metadata RPC deadline. Calls made while the metaserver is unreachable wait this long
 #: for it to come back before failing with EIO.
 META_TIMEOUT_S = 30.0
-#: Metadata calls that may be repeated after a transport failure mid-call.
+#: Metadata calls that may be repeated after a transport failure mid-call. `open` is not
+#: quite idempotent (a repeat counts one handle more, so an unlinked file is purged at the
+#: session's end rather than its last close) but harmless; `release` is not: a `once` call.
 IDEMPOTENT_META_CALLS = frozenset({
     "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
-    "status", "renew_session", "open", "release", "alloc_blocks", "sync",
+    "status", "renew_session", "open", "alloc_blocks", "sync",
 })
 #: Calls that name the session itself and must not trigger its replacement.
 _SESSION_CALLS = frozenset({"renew_session", "close_session"})
@@ -129,19 +137,26 @@ class MetaSession:
         """One metadata call with the retry rules of the module docstring."""
         deadline = time.monotonic() + META_TIMEOUT_S
         delay = 0.1
-        once = META_METHODS[name].once
-        if once and not getattr(req, "rid", 0):
+        method = META_METHODS[name]
+        repeatable = method.once or name in IDEMPOTENT_META_CALLS
+        if method.once and not getattr(req, "rid", 0):
             req = dataclasses.replace(req, rid=new_request_id())  # type: ignore[type-var]
+        # How long the call may hear nothing before it is tried on another metaserver
+        # (None: never moved, it must not run twice; a wait hears nothing until its event).
+        patience = math.inf if method.kind == WAIT else HUNG_AFTER_S if repeatable else None
         while True:
             try:
-                return await self.transport.call(name, req, max(0.0, deadline - time.monotonic()))
+                return await self.transport.call(name, req, max(0.0, deadline - time.monotonic()), patience)
             except TransportError as exc:
                 # The call may or may not have run; repeat it only if that is harmless.
-                if not (once or name in IDEMPOTENT_META_CALLS) or time.monotonic() + delay > deadline:
-                    log.error("metaserver %s: %s failed: %s", self.address, name, exc)
+                if not repeatable or time.monotonic() + delay > deadline:
+                    if method.kind != WAIT:  # (a wait's caller asks again: locks.py)
+                        log.error("metaserver %s: %s failed: %s", self.address, name, exc)
                     raise
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                if patience is not None:
+                    patience *= 2  # slow rather than hung, maybe: wait longer next time
             except FsError as exc:
                 session = getattr(req, "session", None)
                 if not (exc.errno == errno.ESTALE and session and name not in _SESSION_CALLS):

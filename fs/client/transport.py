@@ -13,6 +13,8 @@
   them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
   DOWNLOAD): whatever is done per chunk (hashing, say) is done on gRPC's threads as the
   chunks go or come, off the trio thread.
+- `FailoverTransport`: calls to a list of servers that all serve every caller (the
+  metaservers), through a StreamTransport to one of them at a time (failover, below).
 - `LocalTransport`: the in-process twin of a server for tests of the client: it calls the
   server's implementation directly, through the same codec, with no process and no network.
 
@@ -22,6 +24,22 @@ come back, and a request is put on a stream only once that stream is up: a call 
 up before then was never sent. If the stream breaks (server gone, connection reset, keepalive
 timeout) every call in flight fails with TransportError, which says the call may or may not
 have run; the next call opens a new stream. Retrying is the caller's decision (session.py).
+
+Failover. With one address, FailoverTransport is that address's StreamTransport, as above.
+With several (proto/rpc.py AddressList), it talks to the current one and moves to the next
+- when it cannot be reached: gRPC says its last attempt to connect failed (proto/rpc.py
+  ChannelWatch: at once when nothing listens, after 0.2 s for a stopped process), or no
+  stream to it is up within HUNG_AFTER_S. Nothing was sent, so any call goes on to the
+  next server; the stream left waiting for it keeps its channel reconnecting, and is used
+  when the list comes round to it again;
+- when a call on it fails in transport (its stream broke); that call fails as above;
+- when a call that its caller marked movable (`patience_s`: it may run twice) heard
+  nothing from the server for that long: a stopped server keeps its connection up and
+  says nothing.
+On a move, every movable call still waiting on the server left fails with TransportError,
+so that its caller repeats it on the next; a lock wait is movable with no silence bound (it
+waits for a lock, not a reply). A call that must not run twice is never moved: it waits
+for the server it was sent to, up to its deadline, as with one address.
 """
 
 from __future__ import annotations
@@ -30,9 +48,10 @@ import asyncio
 import errno
 import itertools
 import logging
+import math
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 import trio
@@ -41,7 +60,8 @@ from proto import codec
 from proto.credentials import CLIENT, Caller, Credentials
 from proto.errors import FsError, TransportError
 from proto.messages import Message
-from proto.rpc import STREAM_METHOD, Dispatch, Stub, secure_channel, transport_error
+from proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, ChannelWatch, Dispatch, Stub, secure_channel,
+                       transport_error)
 from proto.services import WAIT, Method
 
 log = logging.getLogger("stripefs.client")
@@ -51,6 +71,16 @@ MAX_UNARY_CALLS_IN_FLIGHT = 64
 #: How long past its deadline a unary call is given up on by the caller if gRPC has not
 #: ended it (seen: calls to a server whose link went down stayed blocked past it).
 DEADLINE_BACKSTOP_S = 2.0
+#: Pause after every server of a FailoverTransport failed to come up, doubling up to the
+#: second figure while none does (gRPC's own reconnect backoff is 0.2-2 s).
+ALL_UNREACHABLE_PAUSE_S = (0.1, 2.0)
+#: How often a call waiting for a stream to come up looks at what gRPC says of the
+#: connection (fail-fast transports; gRPC says it on a thread of its own).
+CONNECTING_POLL_S = 0.05
+
+
+class Unreachable(TransportError):
+    """No stream to the server came up: the call was not sent."""
 
 
 class Transport(Protocol):
@@ -58,8 +88,12 @@ class Transport(Protocol):
 
     address: str
 
-    async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
-        """The reply to `req`, or FsError (TransportError: the call may not have run)."""
+    async def call(self, name: str, req: Message | bytes, timeout_s: float,
+                   patience_s: Optional[float] = None) -> Any:
+        """The reply to `req`, or FsError (TransportError: the call may not have run).
+        `patience_s` not None: the call is movable (it may run twice), and a transport with
+        several servers may give it up when its server says nothing for that long or when
+        it moves to another server (module docstring)."""
 
     async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
         """An UPLOAD call: head, then the messages of `chunks` (produced on a worker thread
@@ -100,6 +134,8 @@ class _Stream:
         self.up = trio.Event()  # set by the greeting, or when the stream breaks first
         #: why it broke: TransportError, or EACCES when the server refused our credential
         self.broken: Optional[FsError] = None
+        #: trio time of the last message from the server (the greeting, replies)
+        self.heard = -math.inf
         # wait_for_ready: opening the stream waits for the server instead of failing at
         # once; nothing is queued on it before its greeting, so nothing waits inside gRPC.
         self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
@@ -155,6 +191,7 @@ class _Stream:
 
     def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
         self.up.set()  # the first message is the greeting
+        self.heard = trio.current_time()
         for call_id, frame in entries:
             waiter = self.pending.pop(call_id, None)
             if waiter is not None:
@@ -176,15 +213,20 @@ class _Stream:
 
 
 class StreamTransport:
-    """Calls to one server over one multiplexed stream (module docstring)."""
+    """Calls to one server over one multiplexed stream (module docstring).
 
-    def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method]) -> None:
+    fail_fast: a call does not wait for a server that cannot be reached: Unreachable (the
+    stream it opened keeps waiting; FailoverTransport has others to try meanwhile)."""
+
+    def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method],
+                 fail_fast: bool = False) -> None:
         self.address = address
         self.methods = methods
         self._creds = creds
         self._service = service
         self._stub: Optional[Stub] = None  # for bulk calls, made on first use
         self._channel = secure_channel(address, creds, service)
+        self._watch = ChannelWatch(self._channel) if fail_fast else None
         self._path = f"/{service}/{STREAM_METHOD}"
         self._stream: Optional[_Stream] = None
         self._ids = itertools.count(1)
@@ -195,30 +237,57 @@ class StreamTransport:
         if stream is None or stream.broken is not None:
             if self._closed:
                 raise TransportError(f"connection to {self.address} is closed")
-            stream = self._stream = _Stream(self._channel, self._path, self.address, trio.lowlevel.current_trio_token())
+            stream = self._stream = _Stream(self._channel, self._path, self.address,
+                                            trio.lowlevel.current_trio_token())
         return stream
 
-    async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
-        """`req` may be a frame already encoded with codec.encode_request."""
+    async def _up(self) -> _Stream:
+        """A stream that is up (its greeting came), opened if need be. While the server
+        cannot be reached: waits for it, or (fail_fast) raises Unreachable."""
+        while True:
+            stream = self._current()
+            while not stream.up.is_set():  # (waiting on a set event would still yield)
+                if self._watch is None:
+                    await stream.up.wait()
+                elif self._watch.failing():
+                    raise Unreachable(f"{self.address}: cannot connect")
+                else:
+                    with trio.move_on_after(CONNECTING_POLL_S):
+                        await stream.up.wait()
+            if stream.broken is None:
+                return stream
+            if not isinstance(stream.broken, TransportError):
+                raise stream.broken
+            if self._watch is not None:
+                raise Unreachable(stream.broken.message)
+            # Broke before its greeting (the server went away while we waited, or
+            # refused the stream): wait a little for it and open a new one.
+            await trio.sleep(0.1)
+
+    async def connect(self, timeout_s: float) -> None:
+        """Returns once a stream is up; Unreachable if none is within timeout_s."""
+        with trio.move_on_after(timeout_s):
+            await self._up()
+            return
+        raise Unreachable(f"{self.address}: no connection within {timeout_s:.3g} s")
+
+    async def call(self, name: str, req: Message | bytes, timeout_s: float,
+                   patience_s: Optional[float] = None) -> Any:
+        """`req` may be a frame already encoded with codec.encode_request. A finite
+        `patience_s`: TransportError once the call has heard nothing from the server for
+        that long (no reply to it or to any other call on the stream)."""
         reply_type = self.methods[name].reply
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
         call_id = next(self._ids)
         stream: Optional[_Stream] = None
         with trio.move_on_after(timeout_s):
-            while True:
-                stream = self._current()
-                if not stream.up.is_set():  # (waiting on a set event would still yield)
-                    await stream.up.wait()
-                if stream.broken is None:
-                    break
-                if not isinstance(stream.broken, TransportError):
-                    raise stream.broken
-                # Broke before its greeting (the server went away while we waited, or
-                # refused the stream): wait a little for it and open a new one.
-                await trio.sleep(0.1)
+            stream = await self._up()
             waiter = stream.send(call_id, name, frame)
             try:
-                await waiter.event.wait()
+                if patience_s is None or math.isinf(patience_s):
+                    await waiter.event.wait()
+                else:
+                    await self._wait_hearing(stream, waiter, patience_s, name)
             finally:
                 stream.pending.pop(call_id, None)
             if waiter.error is not None:
@@ -227,6 +296,18 @@ class StreamTransport:
         if stream is not None and stream.broken is not None:
             raise stream.broken
         raise TransportError(f"{name} to {self.address}: no answer within {timeout_s:.3g} s")
+
+    async def _wait_hearing(self, stream: _Stream, waiter: _Pending, patience_s: float, name: str) -> None:
+        """Wait for the reply while the server says something at least every patience_s:
+        a busy server answering other calls first is not a hung one."""
+        quiet_since = trio.current_time()
+        while True:
+            with trio.move_on_at(quiet_since + patience_s):
+                await waiter.event.wait()
+                return
+            if stream.heard <= quiet_since:
+                raise TransportError(f"{name} to {self.address}: nothing heard for {patience_s:.3g} s")
+            quiet_since = stream.heard
 
     def _bulk_stub(self) -> Stub:
         if self._stub is None:
@@ -254,9 +335,96 @@ class StreamTransport:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
+        if self._watch is not None:
+            self._watch.close()
         self._channel.close()
         if self._stub is not None:
             self._stub.close()
+
+
+class FailoverTransport:
+    """Calls to a list of servers of one service (the metaservers), one at a time (module
+    docstring, Failover). `addresses`: `HOST:PORT[,HOST:PORT...]` or a list."""
+
+    def __init__(self, addresses: str | Sequence[str], creds: Credentials, service: str,
+                 methods: dict[str, Method], label: str = "metaserver") -> None:
+        self.servers = AddressList(addresses, label)
+        several = len(self.servers) > 1
+        self._transports = {a: StreamTransport(a, creds, service, methods, fail_fast=several)
+                            for a in self.servers.addresses}
+        #: per server, the cancel scopes of the movable calls waiting on it
+        self._movable: dict[str, set[trio.CancelScope]] = {a: set() for a in self.servers.addresses}
+
+    @property
+    def address(self) -> str:
+        return self.servers.current
+
+    async def call(self, name: str, req: Message | bytes, timeout_s: float,
+                   patience_s: Optional[float] = None) -> Any:
+        if len(self.servers) == 1:
+            return await self._transports[self.address].call(name, req, timeout_s)
+        deadline = trio.current_time() + timeout_s
+        address, transport = await self._connected(deadline)
+        movable = self._movable[address]
+        scope = trio.CancelScope()
+        if patience_s is not None:
+            movable.add(scope)
+        try:
+            with scope:
+                try:
+                    reply = await transport.call(name, req, max(0.0, deadline - trio.current_time()), patience_s)
+                except TransportError as exc:
+                    movable.discard(scope)
+                    self._move(address, exc)
+                    raise
+                except FsError:
+                    self.servers.answered(address)
+                    raise
+                self.servers.answered(address)
+                return reply
+        finally:
+            movable.discard(scope)
+        raise TransportError(f"{name}: left {address} for {self.address} before it answered")
+
+    async def _connected(self, deadline: float) -> tuple[str, StreamTransport]:
+        """The current server once a stream to it is up, moving on from those that cannot
+        be reached; Unreachable at the deadline. Each full round of the list that fails
+        pauses, and gives each server twice as long to come up in the next."""
+        failed = 0
+        while True:
+            address = self.servers.current
+            transport = self._transports[address]
+            rounds = failed // len(self.servers)
+            try:
+                await transport.connect(min(HUNG_AFTER_S * 2**rounds, max(0.0, deadline - trio.current_time())))
+                return address, transport
+            except Unreachable as exc:
+                if trio.current_time() >= deadline:
+                    raise
+                self._move(address, exc)
+            failed += 1
+            if failed % len(self.servers) == 0:
+                first, most = ALL_UNREACHABLE_PAUSE_S
+                await trio.sleep(min(first * 2**rounds, most, max(0.0, deadline - trio.current_time())))
+
+    def _move(self, failed: str, why: FsError) -> None:
+        """`failed` failed: on to the next server; the movable calls waiting on it go too."""
+        if self.servers.move_on(failed, why.message):
+            waiting = self._movable[failed]
+            for scope in waiting:
+                scope.cancel()
+            waiting.clear()
+
+    async def upload(self, name: str, head: Message, chunks: Iterable[bytes], timeout_s: float) -> Any:
+        return await self._transports[self.address].upload(name, head, chunks, timeout_s)
+
+    async def download(self, name: str, req: Message, timeout_s: float,
+                       consume: Callable[[Any, Iterator[bytes]], T]) -> T:
+        return await self._transports[self.address].download(name, req, timeout_s, consume)
+
+    def close(self) -> None:
+        for transport in self._transports.values():
+            transport.close()
 
 
 _limiter: trio.lowlevel.RunVar = trio.lowlevel.RunVar("stripefs_unary_limiter")
@@ -294,7 +462,8 @@ class LocalTransport:
         self.caller = caller
         self._dispatch = Dispatch(methods, impl)
 
-    async def call(self, name: str, req: Message | bytes, timeout_s: float) -> Any:
+    async def call(self, name: str, req: Message | bytes, timeout_s: float,
+                   patience_s: Optional[float] = None) -> Any:
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
         if self.methods[name].kind == WAIT:
             return await self._coroutine_call(name, frame, self.caller)

@@ -25,6 +25,9 @@ log = logging.getLogger("stripefs.fuse")
 
 def mount_options(fsname: str, extra: list[str]) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    # libfuse splits an option string at commas (a list of metaservers has them) unless
+    # they are escaped.
+    fsname = fsname.replace("\\", "\\\\").replace(",", "\\,")
     opts |= {f"fsname={fsname}", "subtype=stripefs", "allow_other"}
     opts |= set(extra)
     return opts
@@ -46,6 +49,7 @@ def check_pyfuse3() -> None:
 
 
 async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str], client_options: dict) -> None:
+    """`meta`: the metaservers, HOST:PORT[,HOST:PORT...]."""
     async with open_client(meta, creds, mountpoint=mountpoint, **client_options) as client:
         ops = StripeOperations(client)
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
