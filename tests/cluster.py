@@ -245,6 +245,13 @@ class Cluster:
     data_meta_host: dict[int, str] = field(default_factory=dict)
     data_listen: dict[int, str] = field(default_factory=dict)  # per index; default 127.0.0.1:0
     mount_args: list[str] = field(default_factory=list)  # extra flags for every mount
+    # Metadata on PostgreSQL: the database's DSN, and how many metaservers share it (all
+    # in `metas`, the first also `meta`; `meta_addr` is then their `a:p,b:p` list, which
+    # every role and command takes).
+    meta_dsn: str = ""
+    metaservers: int = 1
+    metas: list[Proc] = field(default_factory=list)
+    meta_addrs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -257,7 +264,11 @@ class Cluster:
         self._mount_count = 0
         if self.start:
             try:
-                self.start_meta()
+                if self.meta_dsn:
+                    for k in range(self.metaservers):
+                        self.start_meta_k(k)
+                else:
+                    self.start_meta()
                 for i in range(self.dataservers):
                     self.start_data(i)
                 self.wait_servers_up(self.dataservers)
@@ -293,6 +304,32 @@ class Cluster:
         self.meta.start()
         self.meta_addr = _wait_ready_file(self.meta, ready)
         return self.meta_addr
+
+    def start_meta_k(self, k: int, listen: str | None = None) -> str:
+        """Starts metaserver k of a cluster on PostgreSQL (again on its old address if it
+        had one); returns its address."""
+        if listen is None:
+            listen = self.meta_addrs[k] if k < len(self.meta_addrs) else self.meta_listen
+        ready = self.run_dir / f"meta-{k}.ready"
+        ready.unlink(missing_ok=True)
+        (self.base / f"meta-{k}").mkdir(exist_ok=True)
+        log = self.logs_dir / f"meta-{k}.log"
+        argv = self.meta_prefix + cli(
+            "meta", "--engine", "postgres", "--dsn", self.meta_dsn, "--listen", listen,
+            "--dir", str(self.base / f"meta-{k}"), "--credentials", str(self.pki.bundle("meta")),
+            "--ready-file", str(ready), "--log-file", str(log), *self.meta_args,
+        )
+        proc = Proc(f"meta-{k}", argv, log, self.logs_dir / f"meta-{k}.out")
+        proc.start()
+        address = _wait_ready_file(proc, ready)
+        if k < len(self.metas):
+            self.metas[k], self.meta_addrs[k] = proc, address
+        else:
+            self.metas.append(proc)
+            self.meta_addrs.append(address)
+        self.meta = self.metas[0]
+        self.meta_addr = ",".join(self.meta_addrs)
+        return address
 
     def stop_meta(self) -> Optional[int]:
         """SIGTERM the metaserver; returns its exit code."""
@@ -351,9 +388,13 @@ class Cluster:
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict:
-        """`stripefs status --json` of the running metaserver."""
+        """`stripefs status --json` of the running metaserver (the first of them that answers)."""
+        return self.status_of(self.meta_addr)
+
+    def status_of(self, meta: str) -> dict:
+        """`stripefs status --json` asked of the metaserver(s) at `meta`."""
         res = subprocess.run(
-            cli("status", "--meta", self.meta_addr, "--credentials", str(self.admin), "--json"),
+            cli("status", "--meta", meta, "--credentials", str(self.admin), "--json"),
             capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
         )
         if res.returncode != 0:
@@ -387,8 +428,11 @@ class Cluster:
         path = Path(path) if path is not None else self.base / f"mnt-{n}"
         path.mkdir(parents=True, exist_ok=True)
         name = f"mount-{n}"
+        # With several metaservers, each mount starts at another one (the list rotated).
+        k = (n - 1) % len(self.meta_addrs) if self.meta_addrs else 0
+        meta = ",".join(self.meta_addrs[k:] + self.meta_addrs[:k]) if self.meta_addrs else self.meta_addr
         argv = cli(
-            "mount", self.meta_addr, str(path), "--credentials", str(self.pki.bundle("client", name)),
+            "mount", meta, str(path), "--credentials", str(self.pki.bundle("client", name)),
             "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"), *self.mount_args,
         )
         proc = Proc(name, argv, self.logs_dir / f"{name}.log", self.logs_dir / f"{name}.out")
@@ -417,8 +461,9 @@ class Cluster:
             p.signal(signal.SIGTERM)
         for p in procs:
             p.stop()
-        if self.meta is not None:
-            self.meta.stop()
+        for p in self.metas or [self.meta]:
+            if p is not None:
+                p.stop()
         if errors:
             raise errors[0]
 

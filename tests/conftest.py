@@ -7,6 +7,7 @@ when a server or a mount logged a traceback during it.
   and are skipped otherwise; mark them `mount`.
 - `mount_pair_dirs`: two mounts of `module_cluster` (shared by a module's tests), seen
   through a fresh directory per test.
+- `engine_module_cluster`: `module_cluster` on each metadata engine (tests/engines.py).
 - `postgres`: a private PostgreSQL (tests/pg.py) for the whole session, started on first
   use and removed at its end; `new_pg_dsn()`: the DSN of a new empty database on it,
   dropped after the test.
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import Cluster, Mount, new_log_text  # noqa: E402
 from pg import Postgres  # noqa: E402
+from engines import engine_cluster  # noqa: E402
+from metaserver.store import ENGINES  # noqa: E402
 
 #: What a log must not contain after a test: an exception nobody expected.
 TRACEBACK_MARK = "Traceback"
@@ -92,6 +95,18 @@ def cluster(tmp_path: Path):
 @pytest.fixture(scope="module")
 def module_cluster(tmp_path_factory: pytest.TempPathFactory):
     c = Cluster(tmp_path_factory.mktemp("cluster"), dataservers=3)
+    try:
+        yield c
+    finally:
+        c.close()
+        check_logs()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_module_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """`module_cluster` once per metadata engine: SQLite with its one metaserver, then
+    PostgreSQL with two (mounts start at one or the other, tests/cluster.py)."""
+    c = engine_cluster(request, tmp_path_factory.mktemp("cluster"), dataservers=3)
     try:
         yield c
     finally:

@@ -235,9 +235,12 @@ class DifferentialMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.timeout(600)
-def test_mount_behaves_like_a_local_directory(module_cluster: Cluster, tmp_path: Path) -> None:
+def test_mount_behaves_like_a_local_directory(engine_module_cluster: Cluster, tmp_path: Path) -> None:
     in_ci = os.environ.get("CI") == "true"
-    m = module_cluster.mount(tmp_path / "mnt")
+    # Two mounts, the test through the second: on PostgreSQL it starts at the second
+    # metaserver, while the first mount holds a session at the other.
+    first = engine_module_cluster.mount(tmp_path / "mnt0")
+    m = engine_module_cluster.mount(tmp_path / "mnt")
     try:
         (tmp_path / "local").mkdir()
         (m.path / "diff").mkdir()
@@ -264,3 +267,4 @@ def test_mount_behaves_like_a_local_directory(module_cluster: Cluster, tmp_path:
         )
     finally:
         m.close()
+        first.close()

@@ -214,19 +214,23 @@ def assert_same_tree(expected: dict[bytes, dict], actual: dict[bytes, dict], whe
 
 
 @pytest.fixture(scope="module")
-def trees(module_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
-    """(source, copy in the mount, copy brought back out), made once for the module."""
+def trees(engine_module_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
+    """(source, copy in the mount, copy brought back out), made once for each metadata
+    engine: copied in through one mount and out through another (on PostgreSQL, each
+    mount at its own metaserver)."""
     base = tmp_path_factory.mktemp("tree")
     src = base / "src"
     make_tree(src)
-    m: Mount = module_cluster.mount(base / "mnt")
+    m: Mount = engine_module_cluster.mount(base / "mnt")
+    m2: Mount = engine_module_cluster.mount(base / "mnt2")
     try:
-        in_mount = m.path / "tree"
-        run("cp", "-a", src, in_mount)
+        run("cp", "-a", src, m.path / "tree")
+        in_mount = m2.path / "tree"
         out = base / "out"
         run("cp", "-a", in_mount, out)
         yield src, in_mount, out, snapshot(src)
     finally:
+        m2.close()
         m.close()
 
 
