@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
@@ -116,6 +116,8 @@ METRICS = [
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 ALL_WORKLOADS = (1, 2, 3, 4, 5, 6)
+#: Workload 7 runs alone, on clusters of its own: the metadata engines (scripts/bench_meta.py).
+META_ENGINES_WORKLOAD = 7
 #: Workloads the client library runs (it has no processes, directories of samples or ls).
 LIB_WORKLOADS = (1, 2)
 
@@ -476,23 +478,29 @@ def lib_job(kind: str, meta_addr: str, credentials: str, dir_names: list[str], n
         results.put(("error", repr(exc)))
 
 
-def run_lib(kind: str, meta_addr: str, credentials: Path, dir_names: list[str], name: str,
-            sizes: Sizes) -> float:
+def in_process(target: Callable, args: tuple, what: str, timeout_s: float = 3600) -> Any:
+    """target(*args, results) in a fresh (spawned) process, which puts ("ok", value) or
+    ("error", why) on `results`; the value, or BenchError naming `what`."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    p = ctx.Process(target=lib_job, args=(kind, meta_addr, str(credentials), dir_names, name,
-                                          sizes.ckpt_bytes, sizes.io_bytes, results))
+    p = ctx.Process(target=target, args=(*args, results))
     p.start()
     try:
-        status, value = results.get(timeout=3600)
+        status, value = results.get(timeout=timeout_s)
     finally:
         p.join(timeout=60)
         if p.is_alive():
             p.kill()
             p.join()
     if status != "ok":
-        raise BenchError(f"client library {kind} failed: {value}")
+        raise BenchError(f"{what} failed: {value}")
     return value
+
+
+def run_lib(kind: str, meta_addr: str, credentials: Path, dir_names: list[str], name: str,
+            sizes: Sizes) -> float:
+    return in_process(lib_job, (kind, meta_addr, str(credentials), dir_names, name, sizes.ckpt_bytes,
+                                sizes.io_bytes), f"client library {kind}")
 
 
 # ---------------------------------------------------------------------- targets
@@ -1194,7 +1202,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test, not a measurement")
     p.add_argument("--only", default=",".join(map(str, ALL_WORKLOADS)), metavar="WORKLOADS",
-                   help="comma-separated workload numbers 1-6 (default: all)")
+                   help="comma-separated workload numbers 1-6 (default: all); 7 alone: the metadata"
+                        " engines side by side (scripts/bench_meta.py, which takes its own flags after --)")
     p.add_argument("--replicas", default="1,2", metavar="R,...", help="replication factors to run (default 1,2)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
@@ -1205,8 +1214,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
     except ValueError:
         p.error("--only and --replicas take comma-separated numbers")
+    if args.only == [META_ENGINES_WORKLOAD]:
+        return args
     if not args.only or any(w not in ALL_WORKLOADS for w in args.only):
-        p.error("--only takes workload numbers 1-6")
+        p.error("--only takes workload numbers 1-6, or 7 alone")
     if not args.replicas or any(not 1 <= r <= 3 for r in args.replicas):
         p.error("--replicas takes numbers 1-3 (there are 3 data servers)")
     if args.runs is None:
@@ -1217,7 +1228,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = parse_args(own)
+    if args.only == [META_ENGINES_WORKLOAD]:
+        import bench_meta
+
+        return bench_meta.main((["--quick"] if args.quick else []) + rest)
     if os.geteuid() != 0:
         log("note: not root: the page cache cannot be dropped and FUSE mounts may fail")
     if args.peer == "moosefs":

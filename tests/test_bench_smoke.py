@@ -82,3 +82,23 @@ def test_quick_run_prints_table_and_json(tmp_path):
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
     assert not any(work.iterdir())
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_metadata_engines_run_prints_its_tables():
+    """Workload 7 (scripts/bench_meta.py): a cluster per configuration (SQLite; PostgreSQL
+    with one and with two metaservers), all measured and torn down."""
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "7"],
+        capture_output=True, text=True, timeout=290, cwd=REPO_ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ")]
+    engines = {(cells[0].strip(), cells[1].strip()) for cells in rows if cells[0].strip() in ("sqlite", "postgres")}
+    assert engines == {("sqlite", "1"), ("postgres", "1"), ("postgres", "2")}
+    for cells in rows:
+        if cells[0].strip() in ("sqlite", "postgres"):
+            values = [float(c.replace(",", "")) for c in cells[1:]]
+            assert all(v >= 0 for v in values) and values[:3] != [0, 0, 0], cells

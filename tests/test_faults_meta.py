@@ -41,6 +41,17 @@ def start_workload(root: Path, tmp: Path, seed: int) -> tuple[subprocess.Popen, 
     return proc, out, stop
 
 
+def stop_workloads(procs: list) -> None:
+    """Tells every workload of start_workload to stop, and kills one that does not."""
+    for p, _, stop in procs:
+        stop.touch()
+        if p.poll() is None:
+            try:
+                p.wait(OP_BOUND_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def test_a_call_whose_reply_was_lost_is_not_applied_twice(tmp_path):
     """The metaserver commits a create (made durable) and dies before its reply leaves
     (STRIPEFS_FAULTS kill-after-once, metaserver/core.py), again and again; each time the
@@ -143,11 +154,5 @@ def test_metaserver_sigkill_during_mixed_workload(tmp_path):
         wait_replicated(c)
         wait_fsck_clean(c)
     finally:
-        for p, _, stop in procs:
-            stop.touch()
-            if p.poll() is None:
-                try:
-                    p.wait(OP_BOUND_S)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_workloads(procs)
         c.close()

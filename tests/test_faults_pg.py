@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from faults import MiB, fast_cluster, load_report, wait_fsck_clean, wait_for, wait_replicated
-from test_faults_meta import OP_BOUND_S, start_workload
+from test_faults_meta import OP_BOUND_S, start_workload, stop_workloads
 
 pytestmark = [pytest.mark.mount, pytest.mark.allow_tracebacks, pytest.mark.timeout(420)]
 
@@ -72,16 +71,6 @@ def _check_ledgers(procs, fresh, ops_floor: int) -> None:
         _, problems = ledger.verify(fresh.path / f"w{seed}")
         assert not problems, problems[:20]
         assert len(ledger.files) > 10
-
-
-def _stop_all(procs) -> None:
-    for p, _, stop in procs:
-        stop.touch()
-        if p.poll() is None:
-            try:
-                p.wait(OP_BOUND_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_two_metaservers_sigkill_and_sigstop_during_mixed_workload(tmp_path, postgres):
@@ -134,7 +123,7 @@ def test_two_metaservers_sigkill_and_sigstop_during_mixed_workload(tmp_path, pos
         wait_replicated(c)
         wait_fsck_clean(c)
     finally:
-        _stop_all(procs)
+        stop_workloads(procs)
         c.close()
 
 
@@ -156,5 +145,5 @@ def test_database_restart_mid_workload(tmp_path, postgres):
             assert proc.running(), "a metaserver died with its database"
         wait_fsck_clean(c)
     finally:
-        _stop_all(procs)
+        stop_workloads(procs)
         c.close()
