@@ -63,15 +63,24 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
 
     def apply_batch(self, calls: list[tuple[str, Message]],
                     run: Optional[Callable[[str, Message], Any]] = None) -> list[BatchResult]:
-        """Run checked calls in order in one transaction, each a savepoint of it (a call
-        that fails undoes only itself); `run(name, req)` runs one (the RPC glue's, which
+        """Run checked calls in order; `run(name, req)` runs one (the RPC glue's, which
         passes the caller to the methods that take it; default: the method itself). For
         each: its reply or FsError (a `once` call's reply encoded already: bytes), and the
-        barrier to pass before the reply may leave (`store.sync` for a durable one). One
-        commit and at most one fsync for the lot, where one per call cost both per call."""
+        barrier to pass before the reply may leave (`store.sync` for a durable one).
+
+        With a store that runs one transaction at a time (SQLite), the batch is one
+        transaction, each call a savepoint of it (a call that fails undoes only itself):
+        one commit and at most one fsync for the lot, where one per call cost both per
+        call. With a database server (PostgreSQL), each call is a transaction of its own,
+        retried alone: transactions run concurrently there, and one that holds a whole
+        batch conflicts more and, refused, costs the whole batch again (32 creates a batch
+        from 4 clients in 4 directories: 350 creates/s and 726 conflicts as batches, 956/s
+        and 307 as calls, measured in-process)."""
         if run is None:
             def run(name: str, req: Message) -> Any:
                 return getattr(self, name)(req)
+        if not self.store.runs_inline:
+            return [(self._call_alone(name, req, run), None) for name, req in calls]
         try:
             results = self._run_batch(calls, run)
         except Exception:  # noqa: BLE001 - the commit failed: nothing of the batch happened
@@ -91,9 +100,8 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
             start = time.monotonic()
             for name, req in calls:
                 batch.durable = False
-                rid = getattr(req, "rid", 0) if META_METHODS[name].once else 0
                 try:
-                    result: Any = self._once(name, req, rid, run) if rid else run(name, req)
+                    result: Any = self._call(name, req, run)
                 except FsError as exc:
                     result = exc
                 except Exception as exc:  # noqa: BLE001 - one call's bug fails that call only
@@ -103,6 +111,25 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
                     result = FsError(errno.EIO, f"internal error in {name}")
                 results.append((result, batch.durable))
         return results
+
+    @retrying
+    def _call(self, name: str, req: Message, run: Callable[[str, Message], Any]) -> Any:
+        """One call of a batch: its reply, or raises. A `once` call is recorded (`_once`)."""
+        rid = getattr(req, "rid", 0) if META_METHODS[name].once else 0
+        return self._once(name, req, rid, run) if rid else run(name, req)
+
+    def _call_alone(self, name: str, req: Message, run: Callable[[str, Message], Any]) -> Any:
+        """One call of a batch in its own transaction (retried alone): its reply or FsError."""
+        try:
+            result = self._call(name, req, run)
+        except FsError as exc:
+            return exc
+        except Exception:  # noqa: BLE001 - one call's bug, or conflicts past every retry
+            log.exception("%s failed on %s", name, summary(req))
+            return FsError(errno.EIO, f"internal error in {name}")
+        if self._faults and META_METHODS[name].once:
+            self._maybe_die_after(1)
+        return result
 
     def _maybe_die_after(self, once_calls: int) -> None:
         """Fault injection (proto/faults.py) "kill-after-once=N": SIGKILL this process once
