@@ -31,8 +31,11 @@ def test_arguments():
     args = bench.parse_args(["--quick", "--only", "2,1", "--replicas", "2"])
     assert (args.runs, args.only, args.replicas) == (1, [1, 2], [2])
     assert bench.parse_args([]).runs == 3
+    assert bench.parse_args(["--only", "7"]).only == [7]  # the metadata engines, alone
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "7"])
+        bench.parse_args(["--only", "7,1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "8"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--replicas", "4"])
 
