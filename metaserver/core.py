@@ -16,7 +16,6 @@ import inspect
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable, Optional
 
 from proto import codec, faults
@@ -90,23 +89,19 @@ class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
             self._maybe_die_after(sum(1 for name, _ in calls if META_METHODS[name].once))
         return [(result, self.store.sync if durable else None) for result, durable in results]
 
-    @retrying
     def _run_batch(self, calls: list[tuple[str, Message]], run: Callable[[str, Message], Any]) -> list[tuple[Any, bool]]:
-        """apply_batch's transaction: each call's result and whether it asked for durability.
-        A call refused for a conflict (store.retry_delay) refuses the whole batch, which is
-        then run again from its first call."""
+        """apply_batch's transaction, on a store that runs one transaction at a time (and so
+        never refuses one for a conflict): each call's result and whether it asked for
+        durability."""
         results: list[tuple[Any, bool]] = []
         with self.store.batch() as batch:
-            start = time.monotonic()
             for name, req in calls:
                 batch.durable = False
                 try:
                     result: Any = self._call(name, req, run)
                 except FsError as exc:
                     result = exc
-                except Exception as exc:  # noqa: BLE001 - one call's bug fails that call only
-                    if self.store.retry_delay(exc, 0, time.monotonic() - start) is not None:
-                        raise
+                except Exception:  # noqa: BLE001 - one call's bug fails that call only
                     log.exception("%s failed on %s", name, summary(req))
                     result = FsError(errno.EIO, f"internal error in {name}")
                 results.append((result, batch.durable))
