@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from proto.types import CREDENTIALS_ENV, META_ENV
+
 DEFAULT_STATE_DIR = ".stripefs"
 MOUNT_READY_TIMEOUT_S = 30.0
 
@@ -41,15 +43,13 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 #: Where scripts/up keeps a local cluster's CA and credential bundles, under the state dir.
 CREDENTIALS_SUBDIR = "credentials"
-#: Environment variable naming a credential bundle when --credentials is not given.
-CREDENTIALS_ENV = "STRIPEFS_CREDENTIALS"
 
 
 def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[list[str], str]:
     """--meta/--credentials if given, else $STRIPEFS_META/$STRIPEFS_CREDENTIALS, else the
     local cluster's addresses and admin bundle under the state dir."""
     state = _state_dir(args)
-    meta = args.meta or os.environ.get("STRIPEFS_META")
+    meta = args.meta or os.environ.get(META_ENV)
     if meta is None:
         addr_file = state / "meta.addr"
         if not addr_file.exists():

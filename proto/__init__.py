@@ -11,3 +11,9 @@ import os
 os.environ.setdefault(
     "GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
 )
+# A program that uses the client library and then forks (a PyTorch DataLoader's workers,
+# a multiprocessing pool) needs gRPC's fork support, or gRPC's threads crash in the parent
+# after the fork (measured: tests/test_fsspec.py's forked child, grpcio 1.85); the child
+# opens sessions of its own (fs/fsspec.py). Read once, like the above: a program that
+# imported grpc itself before stripefs sets it itself.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "1")

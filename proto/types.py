@@ -8,6 +8,10 @@ ServerId = NewType("ServerId", int)
 SessionId = NewType("SessionId", int)
 
 ROOT_INODE = InodeId(1)
+#: Environment variables a program that is not told where the cluster is reads: the
+#: metaservers (`HOST:PORT[,HOST:PORT...]`) and the directory of a credential bundle.
+META_ENV = "STRIPEFS_META"
+CREDENTIALS_ENV = "STRIPEFS_CREDENTIALS"
 
 #: Largest name of one directory entry, in bytes (Linux NAME_MAX).
 NAME_MAX_BYTES = 255

@@ -5,12 +5,12 @@ are a client bundle: `load_credentials(DIR)` (proto/credentials.py)."""
 from proto.credentials import Credentials, load_credentials
 from proto.errors import FsError
 from proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx, DirEntry
-from proto.types import LOCK_FLOCK, LOCK_RECORD, OFFSET_MAX
+from proto.types import CREDENTIALS_ENV, LOCK_FLOCK, LOCK_RECORD, META_ENV, OFFSET_MAX
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, Entry
 from .client import Client, open_client
 from .locks import signed64
 
-__all__ = ["ATTR_TTL_S", "Attr", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry", "FsError",
-           "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "OFFSET_MAX", "load_credentials",
+__all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry", "FsError",
+           "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
            "open_client", "signed64"]

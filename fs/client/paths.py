@@ -1,0 +1,287 @@
+"""Paths over the inode API: what a program without a mount (fsspec, `stripefs cp`) needs
+to name files as `/a/b/c` rather than as (parent inode, name).
+
+Every function takes a started `Client` and walks from the root one lookup at a time,
+through the client's name cache (so a second walk of the same directories costs no round
+trip while the entries are fresh). Symbolic links are followed as the kernel follows them,
+in the middle of a path always and at its end when `follow` is set, at most SYMLOOP_MAX of
+them (ELOOP). A path is absolute or taken from the root; `.` and `..` are resolved
+lexically first (as a URL's path is). Errors are FsError(errno), as everywhere in the
+library: ENOENT, ENOTDIR, EEXIST, EISDIR, ELOOP, EACCES.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from typing import AsyncIterator, Optional
+
+import trio
+
+from proto import messages as m
+from proto.errors import FsError
+from proto.types import ROOT_INODE
+
+#: Symbolic links followed in one walk before ELOOP (Linux's SYMLOOP_MAX / MAXSYMLINKS).
+SYMLOOP_MAX = 40
+#: Extended attributes that are labels (the user namespace: `setfattr -n user.split -v train`).
+LABEL_PREFIX = b"user."
+#: Bytes moved by one read or write call of `read_file`/`write_file`/`copy_file`.
+COPY_CHUNK_BYTES = 4 * 1024 * 1024
+#: Calls one `stat_many`/`labels` keeps in flight.
+PARALLEL_CALLS = 32
+
+
+def normalize(path: str) -> str:
+    """`/`-rooted, no `.`, `..`, `//` or trailing `/`: the form every function here takes."""
+    p = posixpath.normpath("/" + path.lstrip("/"))
+    return "/" + p.lstrip("/")  # normpath keeps a leading "//"
+
+
+def split(path: str) -> tuple[str, str]:
+    """(parent, name) of a normalized path other than `/`."""
+    path = normalize(path)
+    if path == "/":
+        raise FsError(errno.EINVAL, "the root has no parent")
+    parent, name = posixpath.split(path)
+    return parent, name
+
+
+async def resolve(client, path: str, *, follow: bool = True, ctx: Optional[m.Ctx] = None) -> m.Attr:
+    """The attributes of what `path` names."""
+    return await _walk(client, normalize(path), follow, ctx, [0])
+
+
+async def _walk(client, path: str, follow: bool, ctx: Optional[m.Ctx], hops: list[int],
+                base: Optional[m.Attr] = None) -> m.Attr:
+    attr = base if base is not None else await client.getattr(ROOT_INODE)
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if not stat.S_ISDIR(attr.mode):
+            raise FsError(errno.ENOTDIR, f"{'/'.join(parts[:i]) or '/'} is not a directory")
+        parent = attr
+        attr = await client.lookup(parent.ino, os.fsencode(part), ctx)
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(attr.mode) and (follow or not last):
+            hops[0] += 1
+            if hops[0] > SYMLOOP_MAX:
+                raise FsError(errno.ELOOP, f"more than {SYMLOOP_MAX} symbolic links in {path}")
+            target = os.fsdecode(await client.readlink(attr.ino))
+            if target.startswith("/"):
+                attr = await _walk(client, normalize(target), True, ctx, hops)
+            else:
+                attr = await _walk(client, normalize(target).lstrip("/"), True, ctx, hops, parent)
+    return attr
+
+
+async def resolve_parent(client, path: str, ctx: Optional[m.Ctx] = None) -> tuple[m.Attr, bytes]:
+    """The directory that holds `path`'s last component, and that component."""
+    parent, name = split(path)
+    attr = await resolve(client, parent, ctx=ctx)
+    if not stat.S_ISDIR(attr.mode):
+        raise FsError(errno.ENOTDIR, f"{parent} is not a directory")
+    return attr, os.fsencode(name)
+
+
+async def exists(client, path: str, ctx: Optional[m.Ctx] = None) -> bool:
+    try:
+        await resolve(client, path, ctx=ctx)
+        return True
+    except FsError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise
+
+
+async def makedirs(client, path: str, mode: int = 0o777, *, exist_ok: bool = True,
+                   ctx: Optional[m.Ctx] = None) -> m.Attr:
+    """mkdir -p: every missing directory of `path`; EEXIST if the last one exists and
+    not `exist_ok` (or if something other than a directory is in the way)."""
+    path = normalize(path)
+    attr = await client.getattr(ROOT_INODE)
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        name = os.fsencode(part)
+        last = i == len(parts) - 1
+        try:
+            attr = await client.mkdir(attr.ino, name, mode, ctx)
+            continue
+        except FsError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            if last and not exist_ok:
+                raise
+        attr = await _walk(client, part, True, ctx, [0], attr)
+        if not stat.S_ISDIR(attr.mode):
+            raise FsError(errno.EEXIST, f"{'/' + '/'.join(parts[:i + 1])} exists and is not a directory")
+    return attr
+
+
+async def listdir(client, path: str, ctx: Optional[m.Ctx] = None) -> list[m.DirEntry]:
+    """The entries of a directory with their attributes (one readdirplus stream)."""
+    attr = await resolve(client, path, ctx=ctx)
+    if not stat.S_ISDIR(attr.mode):
+        raise FsError(errno.ENOTDIR, f"{path} is not a directory")
+    return await client.listdir(attr.ino, ctx)
+
+
+async def walk(client, path: str, ctx: Optional[m.Ctx] = None) -> AsyncIterator[tuple[str, list[m.DirEntry]]]:
+    """(directory, its entries) for `path` and every directory under it, parents first;
+    symbolic links are not followed into."""
+    stack = [normalize(path)]
+    while stack:
+        top = stack.pop()
+        entries = await listdir(client, top, ctx)
+        yield top, entries
+        stack.extend(posixpath.join(top, os.fsdecode(e.name)) for e in reversed(entries)
+                     if stat.S_ISDIR(e.attr.mode))
+
+
+async def labels(client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[str, str]:
+    """The labels of one inode: its `user.*` extended attributes, without the prefix
+    (values that are not UTF-8 are decoded with replacement characters)."""
+    names = [n for n in await client.listxattr(ino) if n.startswith(LABEL_PREFIX)]
+    out: dict[str, str] = {}
+
+    async def one(name: bytes) -> None:
+        try:
+            value = await client.getxattr(ino, name, ctx)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA:  # removed since it was listed
+                return
+            raise
+        out[name[len(LABEL_PREFIX):].decode(errors="replace")] = value.decode(errors="replace")
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    return dict(sorted(out.items()))
+
+
+async def remove(client, path: str, *, recursive: bool = False, ctx: Optional[m.Ctx] = None) -> None:
+    """rm (a file, a symlink or, with `recursive`, a directory and what is under it);
+    rmdir of an empty directory without it. The link itself is removed, never its target."""
+    parent, name = await resolve_parent(client, path, ctx)
+    attr = await client.lookup(parent.ino, name, ctx)
+    if not stat.S_ISDIR(attr.mode):
+        await client.unlink(parent.ino, name, ctx)
+        return
+    if recursive:
+        await _empty(client, attr.ino, ctx)
+    await client.rmdir(parent.ino, name, ctx)
+
+
+async def _empty(client, ino: int, ctx: Optional[m.Ctx]) -> None:
+    while True:
+        entries = await client.listdir(ino, ctx)
+        if not entries:
+            return
+        for e in entries:
+            if stat.S_ISDIR(e.attr.mode):
+                await _empty(client, e.attr.ino, ctx)
+                await client.rmdir(ino, e.name, ctx)
+            else:
+                await client.unlink(ino, e.name, ctx)
+
+
+async def rename(client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
+    """rename(2): atomic, replaces a file (or an empty directory) at `dst`."""
+    sp, sn = await resolve_parent(client, src, ctx)
+    dp, dn = await resolve_parent(client, dst, ctx)
+    await client.rename(sp.ino, sn, dp.ino, dn, ctx=ctx)
+
+
+async def open_file(client, path: str, flags: int, mode: int = 0o666,
+                    ctx: Optional[m.Ctx] = None) -> tuple[int, m.Attr]:
+    """open(2) by path: (handle, attributes at open). O_CREAT creates the file when it is
+    missing (O_EXCL: EEXIST if it is not); O_TRUNC empties it; a directory is EISDIR."""
+    if flags & os.O_CREAT:
+        parent, name = await resolve_parent(client, path, ctx)
+        try:
+            fh, attr = await client.create(parent.ino, name, mode, flags, ctx)
+            return fh, attr
+        except FsError as exc:
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+    attr = await resolve(client, path, ctx=ctx)
+    if stat.S_ISDIR(attr.mode):
+        raise FsError(errno.EISDIR, f"{path} is a directory")
+    fh, _, _ = await client.open(attr.ino, flags & ~(os.O_CREAT | os.O_EXCL), ctx)
+    if flags & os.O_TRUNC:
+        attr = await client.getattr(attr.ino)
+    return fh, attr
+
+
+async def close_file(client, fh: int) -> None:
+    """close(2): what was written is committed (close-to-open), then the handle goes."""
+    try:
+        await client.flush(fh)
+    finally:
+        await client.release(fh)
+
+
+async def read_file(client, path: str, start: int = 0, end: Optional[int] = None,
+                    ctx: Optional[m.Ctx] = None) -> bytes:
+    """Bytes [start, end) of a file (end None: to its end), in one open."""
+    fh, attr = await open_file(client, path, os.O_RDONLY, ctx=ctx)
+    try:
+        return await read_range(client, fh, start, attr.size if end is None else end)
+    finally:
+        await client.release(fh)
+
+
+async def read_range(client, fh: int, start: int, end: int) -> bytes:
+    """Bytes [start, end) through an open handle, COPY_CHUNK_BYTES a call with the calls in
+    flight together (the reader fetches the blocks behind each in parallel); short at
+    the end of the file."""
+    if end <= start:
+        return b""
+    pieces: dict[int, bytes] = {}
+
+    async def one(offset: int) -> None:
+        pieces[offset] = await client.read(fh, offset, min(COPY_CHUNK_BYTES, end - offset))
+
+    async with trio.open_nursery() as nursery:
+        for offset in range(start, end, COPY_CHUNK_BYTES):
+            nursery.start_soon(one, offset)
+    out = bytearray()
+    for offset in sorted(pieces):
+        piece = pieces[offset]
+        out += piece
+        if len(piece) < min(COPY_CHUNK_BYTES, end - offset):
+            break  # the end of the file
+    return bytes(out)
+
+
+async def write_file(client, path: str, data: bytes, mode: int = 0o666, ctx: Optional[m.Ctx] = None) -> m.Attr:
+    """Create or replace the content of a file with `data`; durable for readers (committed)
+    on return, as after close(2)."""
+    fh, attr = await open_file(client, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode, ctx)
+    try:
+        view = memoryview(data)
+        for offset in range(0, len(view), COPY_CHUNK_BYTES):
+            await client.write(fh, offset, view[offset:offset + COPY_CHUNK_BYTES])
+    finally:
+        await close_file(client, fh)
+    return await client.getattr(attr.ino)
+
+
+async def copy_file(client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
+    """cp SRC DST inside the cluster, through this client (a chunk at a time)."""
+    sfh, sattr = await open_file(client, src, os.O_RDONLY, ctx=ctx)
+    try:
+        dfh, _ = await open_file(client, dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(sattr.mode), ctx)
+        try:
+            offset = 0
+            while True:
+                chunk = await client.read(sfh, offset, COPY_CHUNK_BYTES)
+                if not chunk:
+                    break
+                await client.write(dfh, offset, chunk)
+                offset += len(chunk)
+        finally:
+            await close_file(client, dfh)
+    finally:
+        await client.release(sfh)
