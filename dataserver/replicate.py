@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from proto import metrics
 from proto.auth import check_write_token
 from proto.credentials import Credentials
 from proto.errors import FsError
@@ -98,6 +99,7 @@ class Replicator:
             with self._lock:
                 self._active.discard(task.block_id)
                 (self._done if ok else self._failed).append(task.block_id)
+            metrics.data().replicated.labels("ok" if ok else "failed").inc()
 
     def _fetch_and_store(self, task: ReplicateTask) -> bool:
         if not check_write_token(self._token_key(), task.block_id, str(self._creds.caller), self._address(),

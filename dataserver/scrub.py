@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable
 
+from proto import metrics
 from proto.errors import FsError
 
 from .store import BlockStore
@@ -89,9 +90,11 @@ class Scrubber:
                 continue
             self._verified[block_id] = self.clock()
             checked += 1
+            metrics.data().scrub_blocks.inc()
             # Pace: never ahead of rate_bytes_s averaged over the pass.
             ahead_s = nbytes / self.rate_bytes_s - (self.clock() - started)
             if ahead_s > 0 and self.stop.wait(ahead_s):
                 break
         self.passes += 1
+        metrics.data().scrub_passes.inc()
         return {"blocks": checked, "corrupt": corrupt, "bytes": nbytes}

@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from proto import metrics
 from proto.credentials import load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_REPLICATION_WORKERS,
         help="blocks copied at once for re-replication",
     )
+    metrics.add_arguments(p)
     return p
 
 
@@ -366,6 +368,15 @@ def main(argv: list[str]) -> int:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
     address = service.address = advertised_address(args.listen, port, args.advertise)
+    if args.metrics_listen:
+        metrics.data_store(store.stats, replicator.busy)
+        metrics.data()
+        try:
+            metrics.start(args)
+        except (OSError, ValueError) as exc:
+            log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+            server.stop(0)
+            return 1
     stop = threading.Event()
     meta = FailoverStub(args.meta, creds, META_SERVICE, META_METHODS)
     heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator, service)

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
+from proto import metrics
 from proto.auth import check_read_token
 from proto.credentials import ADMIN, LOCAL, Caller, Credentials
 from proto.errors import FsError
@@ -64,7 +65,9 @@ class DataService:
 
     def _get(self, block_id: int, offset: int, length: int) -> bytes:
         try:
-            return self.store.get(block_id, offset, length)
+            data = self.store.get(block_id, offset, length)
+            metrics.data().read_bytes.inc(len(data))
+            return data
         except FsError as exc:
             # A checksum failure: the copy leaves service now (the reader tries another
             # replica) and the metaserver hears of it with the next heartbeat.

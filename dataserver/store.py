@@ -50,6 +50,7 @@ from typing import Callable, Iterator, Optional
 
 import crc32c
 
+from proto import metrics
 from proto.errors import FsError
 from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaves_match, matches
 from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
@@ -560,6 +561,7 @@ class BlockWriter:
         except OSError as exc:
             raise self._error(exc) from None
         self.received += len(view)
+        metrics.data().written_bytes.inc(len(view))
 
     def finish(self) -> None:
         """Header and leaf hashes written, fsynced if asked, linked into place: stored."""

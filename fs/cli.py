@@ -98,6 +98,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.pid_file:
         _write_atomic(args.pid_file, f"{os.getpid()}\n")
     from fs.fuse.mount import run_mount
+    from proto import metrics
+
+    try:
+        metrics.start(args)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"stripefs mount: metrics on {args.metrics_listen}: {exc}")
 
     options = [o for o in (args.options or "").split(",") if o]
     run_mount(
@@ -113,9 +119,10 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
             "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
             "--log-level", args.log_level]
     for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
-                        ("--pid-file", args.pid_file), ("-o", args.options)):
+                        ("--pid-file", args.pid_file), ("--metrics-ready-file", args.metrics_ready_file),
+                        ("-o", args.options), ("--metrics-listen", args.metrics_listen)):
         if value:
-            argv += [flag, os.path.abspath(value) if flag != "-o" else value]
+            argv += [flag, os.path.abspath(value) if flag not in ("-o", "--metrics-listen") else value]
     log_target = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target,
                             start_new_session=True)
@@ -317,6 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("data", help="run a data server (see: stripefs data --help)")
 
     from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
+    from proto import metrics
 
     p = sub.add_parser("mount", help="mount a cluster")
     p.add_argument("meta", help="metaserver HOST:PORT, or several: HOST:PORT,HOST:PORT,...")
@@ -332,6 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--writeback-mib", type=int, default=DEFAULT_WRITEBACK_BYTES >> 20,
                    help="memory for unflushed writes (MiB)")
     p.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="memory for cached blocks (MiB)")
+    metrics.add_arguments(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("ca", help="the cluster's certificate authority")

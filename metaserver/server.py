@@ -26,10 +26,12 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from proto import metrics
 from proto.auth import TOKEN_KEY_BYTES, load_token_key
 from proto.credentials import META, load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
+from proto.messages import Empty
 from proto.rpc import serve
 from proto.services import META_METHODS, META_SERVICE
 
@@ -67,6 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
+    metrics.add_arguments(p)
     p.add_argument("--server-suspect-after-s", type=float, default=3.0,
                    help="a data server silent this long is suspect: no new blocks, its replicas still count")
     p.add_argument("--server-dead-after-s", type=float, default=10.0,
@@ -114,6 +117,8 @@ def _sweep_loop(core: MetaCore, address: str, stop: threading.Event) -> None:
             done = {}
         if any(done.values()):
             log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+            for duty, items in done.items():
+                metrics.meta_duties().labels(duty).inc(items)
         if stop.wait(SWEEP_INTERVAL_S):
             return
 
@@ -171,6 +176,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         core.close()
         raise
     host = args.listen.rsplit(":", 1)[0]
+    if args.metrics_listen:
+        metrics.meta_status(lambda: core.status(Empty()))
+        metrics.meta_duties()
+        try:
+            metrics.start(args)
+        except (OSError, ValueError) as exc:
+            log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+            server.stop(0)
+            core.close()
+            return 1
     if args.ready_file:
         _write_atomically(args.ready_file, f"{host}:{port}\n")
     log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine, state)

@@ -76,7 +76,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import grpc
 
-from . import codec
+from . import codec, metrics
 from .credentials import Caller, Credentials, Revocations, caller_of, channel_credentials, channel_options
 from .credentials import server_credentials
 from .errors import FsError, TransportError
@@ -168,9 +168,12 @@ class Dispatch:
     """Decoding, checking (roles, `valid()`) and running the calls of one service, for both
     ways in, and for the in-process twin of a server (fs/client/transport.LocalTransport)."""
 
-    def __init__(self, methods: dict[str, Method], impl: Any) -> None:
+    def __init__(self, methods: dict[str, Method], impl: Any, service: Optional[str] = None) -> None:
         self.methods = methods
         self.impl = impl
+        #: the service's name when its calls are counted (proto/metrics.py); None: not
+        self.service = service
+        self.metrics = metrics.rpc() if service is not None else None
         #: methods of impl that take the caller
         self.wants_caller = {
             name for name in methods
@@ -200,8 +203,15 @@ class Dispatch:
         fn = getattr(self.impl, name)
         return fn(req, caller=caller) if name in self.wants_caller else fn(req)
 
+    def reply(self, name: str, result: Any, req: Message, started: float) -> bytes:
+        """The reply frame of a decoded call that began at `started` (perf_counter), counted."""
+        if self.metrics is not None:
+            self.metrics.observe(self.service, name, result, started)  # type: ignore[arg-type]
+        return _reply_frame(name, result, req)
+
     def run(self, name: str, frame: bytes, caller: Caller) -> bytes:
         """Decode, check and run one unary call; the reply frame. Any thread."""
+        started = time.perf_counter()
         method = self.methods.get(name)
         if method is not None and method.kind != UNARY:
             return codec.encode_reply(None, errno.EINVAL, f"{name} is a streamed method, not a unary one")
@@ -215,7 +225,7 @@ class Dispatch:
         except Exception:  # noqa: BLE001 - a handler bug must not take the server down
             log.exception("%s failed on %s", name, summary(req))
             result = FsError(errno.EIO, f"internal error in {name}")
-        return _reply_frame(name, result, req)
+        return self.reply(name, result, req, started)
 
 
 class _Shares:
@@ -330,13 +340,15 @@ class _StreamHandler:
         return rest
 
     async def _wait_one(self, call_id: int, name: str, req: Message, caller: Caller, out: "_Replies") -> None:
+        started = time.perf_counter()
         result = await _run_coroutine(name, req, getattr(self.dispatch.impl, name), caller)
-        await out.send([[call_id, _reply_frame(name, result, req)]])
+        await out.send([[call_id, self.dispatch.reply(name, result, req, started)]])
 
     async def _apply(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set, caller: Caller) -> None:
         """Run a batch in one store transaction, here on the event-loop thread: a metadata
         call is tens of microseconds of work, less than a hand-off to a worker thread."""
         assert self.apply_batch is not None
+        started = time.perf_counter()
         checked: list[tuple[int, str, Message]] = []
         now: list[list] = []  # replies that may leave at once
         for call_id, name, frame in calls:
@@ -363,7 +375,7 @@ class _StreamHandler:
             results = [(FsError(errno.EIO, "internal error"), None)] * len(checked)
         held: dict[Callable[[], None], list[list]] = {}
         for (call_id, name, req), (result, barrier) in zip(checked, results):
-            entry = [call_id, _reply_frame(name, result, req)]
+            entry = [call_id, self.dispatch.reply(name, result, req, started)]
             if barrier is None:
                 now.append(entry)
             else:
@@ -385,6 +397,7 @@ class _StreamHandler:
 
     async def _release_after(self, barrier: Callable[[], None], entries: list[list], out: "_Replies",
                              inline: bool = False) -> None:
+        started = time.perf_counter()
         try:
             if inline:
                 barrier()
@@ -397,6 +410,8 @@ class _StreamHandler:
             log.exception("barrier %r failed", barrier)
             entries = [[call_id, codec.encode_reply(None, errno.EIO, "not made durable")]
                        for call_id, _ in entries]
+        if self.dispatch.metrics is not None:
+            self.dispatch.metrics.durability_wait.labels(self.dispatch.service).observe(time.perf_counter() - started)
         await out.send(entries)
 
 
@@ -452,10 +467,11 @@ def _wait_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> Ca
         caller = _authenticate(context, revocations)
         if caller is None:
             return codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
+        started = time.perf_counter()
         req = dispatch.decode(name, frame, caller)
         if isinstance(req, bytes):
             return req
-        return _reply_frame(name, await _run_coroutine(name, req, getattr(dispatch.impl, name), caller), req)
+        return dispatch.reply(name, await _run_coroutine(name, req, getattr(dispatch.impl, name), caller), req, started)
 
     return handle
 
@@ -470,12 +486,13 @@ def _upload_handler(dispatch: Dispatch, name: str, revocations: Revocations) -> 
             first = await messages.__anext__()
         except StopAsyncIteration:
             return codec.encode_reply(None, errno.EINVAL, f"{name}: no request")
+        started = time.perf_counter()
         req = dispatch.decode(name, first, caller)
         if isinstance(req, bytes):
             return req
         result = await _run_coroutine(name, req, getattr(dispatch.impl, name), messages, caller,
                                       context.time_remaining())
-        return _reply_frame(name, result, req)
+        return dispatch.reply(name, result, req, started)
 
     return handle
 
@@ -486,16 +503,17 @@ def _download_handler(dispatch: Dispatch, name: str, revocations: Revocations) -
         if caller is None:
             yield codec.encode_reply(None, errno.EACCES, "no valid stripefs credential")
             return
+        started = time.perf_counter()
         req = dispatch.decode(name, frame, caller)
         if isinstance(req, bytes):
             yield req
             return
         result = await _run_coroutine(name, req, getattr(dispatch.impl, name), caller)
         if isinstance(result, FsError):
-            yield _reply_frame(name, result, req)
+            yield dispatch.reply(name, result, req, started)
             return
         head, chunks = result
-        yield _reply_frame(name, head, req)
+        yield dispatch.reply(name, head, req, started)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -518,7 +536,7 @@ class Server:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-rpc", daemon=True)
         self.thread.start()
-        dispatch = Dispatch(methods, impl)
+        dispatch = Dispatch(methods, impl, service)
         revocations = Revocations(revoked)
         shares = _Shares(self.pool, max(1, min(CALLER_WORKERS, workers - 1)))
         handlers = {}

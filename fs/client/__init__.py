@@ -2,6 +2,7 @@
 Client with the whole file system API (meta_addresses: `HOST:PORT[,HOST:PORT...]` or a list). Errors are proto.errors.FsError(errno). Credentials
 are a client bundle: `load_credentials(DIR)` (proto/credentials.py)."""
 
+from proto import metrics
 from proto.credentials import Credentials, load_credentials
 from proto.errors import FsError
 from proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx, DirEntry
@@ -13,4 +14,4 @@ from .locks import signed64
 
 __all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry", "FsError",
            "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
-           "open_client", "signed64"]
+           "metrics", "open_client", "signed64"]

@@ -42,6 +42,7 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 import trio
 
 from proto import messages as m
+from proto import metrics
 from proto.credentials import Credentials
 from proto.errors import FsError
 from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
@@ -74,6 +75,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 CAPABILITY_XATTR = b"security.capability"
 #: Virtual layout attributes (stripefs.block_size, ...) always go to the metaserver.
 VIRTUAL_XATTR_PREFIX = b"stripefs."
+
+
+_metrics = metrics.client()
 
 
 def process_identity() -> m.Ctx:
@@ -124,6 +128,7 @@ class Client:
         self.identity = identity or process_identity()
         #: move atime on reads (relatime's rules); off by default, as with noatime
         self.atime = atime
+        metrics.client().clients.add(self)
         self.session = MetaSession(meta, mountpoint)
         self.session.on_replaced = self._reopen_files
         self._nursery: Optional[trio.Nursery] = None
@@ -537,14 +542,18 @@ class Client:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h, f = self._handle(fh)
         self._accessed(h, f)
-        return await self.reader.read(h, f, offset, size)  # type: ignore[return-value]
+        data = await self.reader.read(h, f, offset, size)
+        _metrics.read_bytes.inc(len(data))
+        return data  # type: ignore[return-value]
 
     async def read_view(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """read, but a piece of one cached block comes back as a view into the cache: for
         a caller that copies it at once (the FUSE reply), one copy of every byte read less."""
         h, f = self._handle(fh)
         self._accessed(h, f)
-        return await self.reader.read(h, f, offset, size, view=True)
+        data = await self.reader.read(h, f, offset, size, view=True)
+        _metrics.read_bytes.inc(len(data))
+        return data
 
     def _accessed(self, h: HandleState, f: FileState) -> None:
         """With atime on: the first read through a handle tells the metaserver, in the
@@ -558,7 +567,9 @@ class Client:
             self.session.report_soon(self._nursery, "accessed", m.AccessedReq(f.ino, self.session.id))
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        return await self.writer.write(self._handle(fh)[1], offset, data)
+        n = await self.writer.write(self._handle(fh)[1], offset, data)
+        _metrics.written_bytes.inc(n)
+        return n
 
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: the data is committed on return (close-to-open)."""

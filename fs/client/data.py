@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import trio
 
-from proto import codec
+from proto import codec, metrics
 from proto.errors import FsError, TransportError
 from proto.integrity import (
     DIGEST_BYTES,
@@ -94,6 +94,9 @@ def _leaf_span(offset: int, length: int, block_length: int) -> tuple[int, int]:
     return start, end
 
 
+_metrics = metrics.client()
+
+
 class BlockCache:
     """LRU of whole blocks by block id, bounded in bytes."""
 
@@ -106,6 +109,9 @@ class BlockCache:
         data = self._blocks.get(block_id)
         if data is not None:
             self._blocks.move_to_end(block_id)
+            _metrics.cache_hits.inc()
+        else:
+            _metrics.cache_misses.inc()
         return data
 
     def put(self, block_id: int, data: bytes) -> None:

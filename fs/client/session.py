@@ -38,11 +38,14 @@ from typing import Any, Awaitable, Callable, Optional
 import trio
 
 from proto import messages as m
+from proto import metrics
 from proto.errors import FsError, TransportError
 from proto.rpc import HUNG_AFTER_S
 from proto.services import META_METHODS, WAIT
 
 from .transport import Transport
+
+_metrics = metrics.client()
 
 log = logging.getLogger("stripefs.client")
 
@@ -134,7 +137,21 @@ class MetaSession:
             log.warning("closing session %d failed: %s", self.id, exc)
 
     async def call(self, name: str, req: m.Message) -> Any:
-        """One metadata call with the retry rules of the module docstring."""
+        """One metadata call with the retry rules of the module docstring (counted:
+        proto/metrics.py)."""
+        started = time.perf_counter()
+        outcome: Optional[BaseException] = None
+        try:
+            return await self._call(name, req)
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            if not isinstance(outcome, trio.Cancelled):
+                _metrics.meta_calls.labels(name, metrics.result(outcome)).inc()
+                _metrics.meta_call_seconds.labels(name).observe(time.perf_counter() - started)
+
+    async def _call(self, name: str, req: m.Message) -> Any:
         deadline = time.monotonic() + META_TIMEOUT_S
         delay = 0.1
         method = META_METHODS[name]

@@ -17,9 +17,10 @@ import pyfuse3
 import trio
 
 from fs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, Attr, Client, Ctx,
-                       Entry, FsError, signed64)
+                       Entry, FsError, metrics, signed64)
 
 log = logging.getLogger("stripefs.fuse")
+_metrics = metrics.fuse()
 
 #: How long the kernel may trust attributes and directory entries: the client's own
 #: lifetimes (fs/client/cache.py), so nothing is trusted longer here than there.
@@ -61,19 +62,31 @@ def forget_attributes(inode: int) -> None:
 
 
 def errno_boundary(fn: Callable) -> Callable:
-    """Turn FsError into FUSEError and anything unexpected into a logged EIO."""
+    """Turn FsError into FUSEError and anything unexpected into a logged EIO; count each
+    request and its time (proto/metrics.py: stripefs_fuse_ops, stripefs_fuse_op_seconds)."""
+    op = fn.__name__
+    seconds = _metrics.seconds.labels(op)
+    ok = _metrics.ops.labels(op, "ok")
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            _metrics.ops.labels(op, metrics.result(OSError(exc.errno, ""))).inc()
             raise
         except FsError as exc:
+            _metrics.ops.labels(op, metrics.result(exc)).inc()
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:  # noqa: BLE001 - the mount must survive its own bugs
             log.exception("%s failed", fn.__name__)
+            _metrics.ops.labels(op, "EIO").inc()
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            seconds.observe(time.perf_counter() - started)
+        ok.inc()
+        return result
 
     return wrapper
 

@@ -1,0 +1,160 @@
+"""Prometheus metrics (proto/metrics.py) scraped over HTTP from every role of a real
+cluster (metaserver, data servers, mounts), before and after real work: the numbers move
+with what was done."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster import Cluster
+from proto.services import DATA_SERVICE
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
+
+METRICS_LINE = re.compile(r"metrics on http://(\S+)/metrics")
+
+
+def metrics_address(log: Path, timeout: float = 30.0) -> str:
+    """The address a role logged it serves metrics on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists():
+            found = METRICS_LINE.search(log.read_text(errors="replace"))
+            if found:
+                return found.group(1)
+        time.sleep(0.1)
+    raise AssertionError(f"no metrics address in {log}")
+
+
+def scrape(address: str) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def eventually(fn, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_every_role_serves_metrics_that_follow_real_work(tmp_path):
+    meta_file = tmp_path / "meta.metrics"
+    listen = ["--metrics-listen", "127.0.0.1:0"]
+    with Cluster(tmp_path / "c", dataservers=2, meta_args=[*listen, "--metrics-ready-file", str(meta_file)],
+                 data_args=[*listen, "--scrub-interval-s", "1", "--scrub-rate-mib-s", "1000"],
+                 mount_args=listen) as c:
+        meta = meta_file.read_text().strip()
+        data = [metrics_address(c.logs_dir / f"data-{i}.log") for i in range(2)]
+        writer_mount = c.mount()
+        writer = metrics_address(c.logs_dir / "mount-1.log")
+        m0, d0, w0 = scrape(meta), [scrape(a) for a in data], scrape(writer)
+
+        # Work: 20 small files, one 10 MiB file (R = 2: on both data servers), a failed
+        # lookup and getxattr, and a cold read of the big file on a second mount.
+        for i in range(20):
+            (writer_mount / f"small-{i}").write_bytes(b"x" * 100)
+        big = os.urandom(10 * 1024 * 1024)
+        (writer_mount / "big").write_bytes(big)
+        assert not (writer_mount / "missing").exists()
+        with pytest.raises(OSError):
+            os.getxattr(writer_mount / "small-0", "user.none")  # ENODATA
+        reader_mount = c.mount()
+        reader = metrics_address(c.logs_dir / "mount-2.log")
+        r0 = scrape(reader)
+        assert hashlib.sha256((reader_mount / "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+
+        # The metaserver: calls by method and result, their latency, and its status figures.
+        m1 = scrape(meta)
+        creates = value(m1, "stripefs_rpc_requests_total", method="mknod", result="ok") - \
+            value(m0, "stripefs_rpc_requests_total", method="mknod", result="ok")
+        assert creates >= 21
+        assert value(m1, "stripefs_rpc_seconds_count", method="mknod") >= creates
+        assert value(m1, "stripefs_rpc_requests_total", method="lookup", result="ENOENT") >= 1
+        assert value(m1, "stripefs_meta_duties_holder") == 1
+        assert value(m1, "stripefs_meta_dataservers", state="up") == 2
+        assert "process_resident_memory_bytes" in {n for n, _ in m1}
+
+        def status_moved():
+            s = scrape(meta)
+            assert value(s, "stripefs_meta_files") >= 21
+            assert value(s, "stripefs_meta_sessions") >= 2
+            assert value(s, "stripefs_meta_blocks") >= 3
+            assert value(s, "stripefs_meta_file_bytes") >= len(big) + 2000
+            assert value(s, "stripefs_meta_dataserver_capacity_bytes") > 0
+        eventually(status_moved)
+
+        # The data servers: bytes stored and sent, store figures, the scrubber.
+        d1 = [scrape(a) for a in data]
+        written = sum(value(d1[i], "stripefs_data_written_bytes_total") - value(d0[i], "stripefs_data_written_bytes_total")
+                      for i in range(2))
+        assert written >= 2 * len(big)
+        sent = sum(value(d1[i], "stripefs_data_read_bytes_total") - value(d0[i], "stripefs_data_read_bytes_total")
+                   for i in range(2))
+        assert sent >= len(big)
+        assert sum(value(s, "stripefs_data_blocks") for s in d1) >= 6
+        assert all(value(s, "stripefs_data_capacity_bytes") > value(s, "stripefs_data_free_bytes") > 0 for s in d1)
+        assert sum(value(s, "stripefs_rpc_requests_total", service=DATA_SERVICE, result="ok") for s in d1) > 0
+        eventually(lambda: _assert(all(value(scrape(a), "stripefs_data_scrub_blocks_total") >= 3 for a in data)))
+
+        # The mounts: FUSE operations by result, bytes, metadata calls, the block cache.
+        w1 = scrape(writer)
+        assert value(w1, "stripefs_fuse_ops_total", op="create", result="ok") - \
+            value(w0, "stripefs_fuse_ops_total", op="create", result="ok") >= 21
+        assert value(w1, "stripefs_fuse_ops_total", op="getxattr", result="ENODATA") >= 1
+        assert value(w1, "stripefs_fuse_op_seconds_count", op="write") >= 1
+        assert value(w1, "stripefs_client_written_bytes_total") - value(w0, "stripefs_client_written_bytes_total") \
+            >= len(big) + 2000
+        assert value(w1, "stripefs_client_meta_calls_total", method="mknod", result="ok") >= 21
+        assert value(w1, "stripefs_client_writeback_limit_bytes") > 0
+        r1 = scrape(reader)
+        assert value(r1, "stripefs_client_read_bytes_total") - value(r0, "stripefs_client_read_bytes_total") >= len(big)
+        assert value(r1, "stripefs_client_block_cache_misses_total") >= 3  # cold: three blocks fetched
+        assert value(r1, "stripefs_client_block_cache_bytes") > 0
+        assert value(r1, "stripefs_client_open_files") == 0
+
+        # The sample dashboard and alert rules name only metrics that exist.
+        exported = {name for samples in (m1, *d1, w1, r1) for name, _ in samples}
+        monitoring = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
+        for f in ("grafana-dashboard.json", "alerts.yml"):
+            named = set(re.findall(r"\b((?:stripefs|process)_[a-z0-9_]+)", (monitoring / f).read_text()))
+            assert named and named <= exported, f"{f} names metrics no role exports: {sorted(named - exported)}"
+
+
+def _assert(ok: bool) -> None:
+    assert ok
+
+
+def test_a_bad_metrics_address_stops_the_role_with_a_clear_error(tmp_path):
+    from cluster import cli
+
+    import subprocess
+
+    c = Cluster(tmp_path / "c", dataservers=0, start=False)
+    c.pki  # noqa: B018 - the credentials exist
+    out = subprocess.run(cli("meta", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "m"),
+                             "--credentials", str(c.pki.bundle("meta")), "--metrics-listen", "nonsense"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "--metrics-listen wants HOST:PORT" in out.stderr
