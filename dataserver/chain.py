@@ -88,9 +88,10 @@ class _Next:
         self.address = address
         self.rest = head.chain  # the servers its reply answers for
         self.error: Optional[FsError] = None
-        self._what = f"block {head.block_id}: forwarding to {address} (replica {position + 1} of {position + len(head.chain)})"
+        self._what = (f"block {head.block_id}: forwarding to {address}"
+                      f" (replica {position + 1} of {position + len(head.chain)})")
         self._call = channel.stream_unary(f"/{DATA_SERVICE}/write_block")(timeout=timeout_s)
-        self._first = codec.encode_request(head)
+        self._first: Optional[bytes] = codec.encode_request(head)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:

@@ -27,7 +27,7 @@ import signal
 import socket
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 from proto import metrics
 from proto.credentials import load_credentials
@@ -296,6 +296,7 @@ class Heartbeater:
         if block_ids:
             log.info("deleted %d garbage blocks", len(block_ids))
         if self._unreported:
+            assert self.server_id is not None  # (called from _beat, registered)
             try:
                 self._call("blocks_deleted", DeletedReq(server_id=self.server_id, block_ids=self._unreported))
             except FsError:
@@ -318,7 +319,7 @@ class Heartbeater:
             self._verified.append(block_id)
 
     def _report_copies(self) -> None:
-        assert self.replicator is not None
+        assert self.replicator is not None and self.server_id is not None
         done, failed = self.replicator.take_results()
         if not done and not failed:
             return
@@ -330,7 +331,8 @@ class Heartbeater:
         log.info("re-replication: %d blocks copied, %d failed", len(done), len(failed))
 
     def _send_block_report(self) -> None:
-        ids = sorted(self.store.block_ids())
+        assert self.server_id is not None
+        ids = cast(list[int], sorted(self.store.block_ids()))
         chunks = [ids[i : i + BLOCK_REPORT_CHUNK] for i in range(0, len(ids), BLOCK_REPORT_CHUNK)] or [[]]
         for k, chunk in enumerate(chunks):
             req = BlockReportReq(

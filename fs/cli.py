@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from proto.types import CREDENTIALS_ENV, META_ENV
 
@@ -192,14 +192,14 @@ def _meta_call(args: argparse.Namespace, cmd: str, name: str, req, timeout: floa
 STATUS_TIMEOUT_S = 10.0
 
 
-def _status_of_each(metas: list[str], creds) -> list[tuple[str, object]]:
+def _status_of_each(metas: list[str], creds) -> list[tuple[str, Any]]:
     """(address, StatusReply or the FsError it failed with) for each metaserver, in order."""
     from proto.errors import FsError, TransportError
     from proto.messages import Empty
     from proto.rpc import HUNG_AFTER_S, ChannelWatch, Stub
     from proto.services import META_METHODS, META_SERVICE
 
-    out: list[tuple[str, object]] = []
+    out: list[tuple[str, Any]] = []
     for address in metas:
         stub = Stub(address, creds, META_SERVICE, META_METHODS)
         watch = ChannelWatch(stub.channel)

@@ -271,7 +271,7 @@ class StripeFileSystem(AbstractFileSystem):
         empty (ENOTEMPTY otherwise)."""
         if maxdepth is not None:
             return super().rm(path, recursive=recursive, maxdepth=maxdepth)
-        targets = []
+        targets: list[str] = []
         for p in path if isinstance(path, list) else [path]:
             p = self._strip_protocol(p)
             targets.extend(self.glob(p) if paths_have_magic(p) else [p])

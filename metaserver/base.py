@@ -446,6 +446,7 @@ class CoreBase:
             "   AS live FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted",
             (len(alive), len(alive), DEFAULT_REPLICAS),
         )
+        assert row is not None  # (an aggregate: always one row)
         return row["blocks"], row["under"], row["lost"]
 
     # ------------------------------------------------------------------ sessions

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import stat
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from proto.errors import FsError
 from proto.messages import (
@@ -46,6 +46,9 @@ from . import acl, perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
 from .store import Row, Tx
 
+if TYPE_CHECKING:
+    from proto.messages import Allocation
+
 #: statfs block size: what df multiplies block counts by.
 STATFS_BLOCK_SIZE_BYTES = 4096
 #: There is no inode table to run out of; report plenty.
@@ -59,6 +62,10 @@ TOUCH_SKEW_NS = 300 * 1_000_000_000
 
 
 class NamespaceOps(CoreBase):
+    if TYPE_CHECKING:  # FileOps's (files.py), which MetaCore composes with this
+        def _allocate(self, tx: Tx, row: Row, session: int, indexes: list[int], exclude: list[str], now: int,
+                      holder: str) -> list[Allocation]: ...
+
     # ------------------------------------------------------------------ lookups
 
     def lookup(self, req: LookupReq) -> AttrReply:
@@ -421,7 +428,7 @@ class NamespaceOps(CoreBase):
             if src_dir and cross and self._is_ancestor(tx, src_ino, req.new_parent):
                 raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
             # Nor may the destination be a directory the source lies in (do_renameat2's trap).
-            if dst_dir and cross and self._is_ancestor(tx, dst_ino, req.parent):
+            if dst_dir and cross and dst_ino is not None and self._is_ancestor(tx, dst_ino, req.parent):
                 if req.flags & RENAME_EXCHANGE:
                     raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
                 raise FsError(errno.ENOTEMPTY, f"{req.new_name!r} contains the source")

@@ -274,6 +274,7 @@ class RegistryOps(RepairOps):
                 (_S_IFMT, stat.S_IFREG, _S_IFMT, stat.S_IFDIR, _S_IFMT, stat.S_IFREG),
             )
             inline = tx.one("SELECT COUNT(*) AS files, COALESCE(SUM(length(data)), 0) AS bytes FROM inline_data")
+            assert counts is not None and inline is not None  # (aggregates: always one row)
             return StatusReply(
                 servers=servers,
                 inodes=counts["inodes"],

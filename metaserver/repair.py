@@ -232,7 +232,8 @@ class RepairOps(CoreBase):
             )
             tasks.append(
                 ReplicateTask(
-                    block_id=block_id, sources=[a for a, _, _ in sources], token=self._write_token(block_id, reader, address, now),
+                    block_id=block_id, sources=[a for a, _, _ in sources],
+                    token=self._write_token(block_id, reader, address, now),
                     read_token=self._read_token(block_id, reader, now) if reader else b"",
                     digest=self._digest(tx, block_id),
                 )

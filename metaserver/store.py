@@ -141,9 +141,16 @@ class Store:
     def schema_version(self) -> int:
         raise NotImplementedError
 
-    def on_notify(self, callback: Callable[[list[int]], None]) -> None:
+    def setting(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The value every metaserver on this store shares under `name`, made by the first
+        to ask (engines several metaservers share; SQLite's one metaserver keeps its
+        secrets in files of its own)."""
+        raise NotImplementedError
+
+    def on_notify(self, callback: Callable[[Optional[list[int]]], None]) -> None:
         """Call `callback(inos)` for every `Tx.notify` committed by any metaserver on this
-        store (this one included). An engine only one metaserver uses needs no channel:
+        store (this one included); `callback(None)`: notes may have been missed (the
+        channel was lost), every waiter should look again. An engine only one metaserver uses needs no channel:
         the core hears of its own changes directly."""
 
     def close(self) -> None:

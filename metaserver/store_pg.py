@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -119,7 +119,7 @@ def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], PgRow]:
     key = tuple((res.fname(i), res.ftype(i)) for i in range(res.nfields))
     shape = _shapes.get(key)
     if shape is None:
-        index = {name.decode(): i for i, (name, _) in enumerate(key)}
+        index = {(name or b"").decode(): i for i, (name, _) in enumerate(key)}  # (never None here)
         shape = _shapes[key] = (index, [i for i, (_, oid) in enumerate(key) if oid == _NUMERIC_OID])
     index, numeric = shape
     if not numeric:
@@ -150,15 +150,23 @@ def _translate(sql: str) -> str:
     return out
 
 
+def _first(conn: psycopg.Connection, sql: str, args: Sequence[Any] = ()) -> Any:
+    """The first column of a query's one row (a query that always has one)."""
+    row = conn.execute(sql, args).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
 class PgTx(Tx):
     def __init__(self, conn: psycopg.Connection) -> None:
         self._conn = conn
 
+    # (The connections' row factory makes PgRows; psycopg's types say tuples.)
     def one(self, sql: str, args: Sequence[Any] = ()) -> Optional[PgRow]:
-        return self._conn.execute(_translate(sql), args).fetchone()
+        return cast(Optional[PgRow], self._conn.execute(_translate(sql), args).fetchone())
 
     def all(self, sql: str, args: Sequence[Any] = ()) -> list[PgRow]:
-        return self._conn.execute(_translate(sql), args).fetchall()
+        return cast(list[PgRow], self._conn.execute(_translate(sql), args).fetchall())
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         return self._conn.execute(_translate(sql), args).rowcount
@@ -215,11 +223,11 @@ class PgStore(Store):
         with self._pool.connection() as conn:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-                if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                if _first(conn, "SELECT to_regclass('schema_version')") is None:
                     conn.execute(SCHEMA_PATH.read_text())
                     conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
                     return
-                version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+                version = _first(conn, "SELECT version FROM schema_version")
                 while version in MIGRATIONS and version < SCHEMA_VERSION:
                     conn.execute(MIGRATIONS[version])
                     version += 1
@@ -304,7 +312,7 @@ class PgStore(Store):
         with self._open() as conn:
             conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING", (name, make()))
         with self._open() as conn:
-            return bytes(conn.execute("SELECT value FROM settings WHERE name = %s", (name,)).fetchone()[0])
+            return bytes(_first(conn, "SELECT value FROM settings WHERE name = %s", (name,)))
 
     def beat(self, name: str, address: str, lease_s: float) -> tuple[str, list[tuple[str, str]]]:
         """This metaserver is alive; it takes or renews the background duties if their
@@ -322,7 +330,7 @@ class PgStore(Store):
                 " WHERE duties.holder = excluded.holder OR duties.expires < clock_timestamp() RETURNING holder",
                 (name, lease_s),
             ).fetchone()
-            holder = row[0] if row is not None else conn.execute("SELECT holder FROM duties").fetchone()[0]
+            holder = row[0] if row is not None else _first(conn, "SELECT holder FROM duties")
             conn.execute("DELETE FROM metaservers WHERE seen < clock_timestamp() - make_interval(secs => %s)",
                          (max(lease_s * 10, 60.0),))
             alive = conn.execute(

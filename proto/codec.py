@@ -188,12 +188,12 @@ def encode_batch(entries: list) -> bytes:
 
 def decode_request_batch(message: bytes) -> list[tuple[int, str, bytes]]:
     """[(id, method, frame)]; ValueError if the message is not a well-formed batch."""
-    return _decode_batch(message, 3)  # type: ignore[return-value]
+    return _decode_batch(message, 3)
 
 
 def decode_reply_batch(message: bytes) -> list[tuple[int, bytes]]:
     """[(id, frame)]; ValueError if the message is not a well-formed batch."""
-    return _decode_batch(message, 2)  # type: ignore[return-value]
+    return _decode_batch(message, 2)
 
 
 def _decode_batch(message: bytes, width: int) -> list[tuple]:

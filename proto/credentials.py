@@ -296,6 +296,10 @@ def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLik
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(SERVER_NAMES[role])]), critical=False
         )
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_dir / CA_KEY} is not the EC key `stripefs ca init` makes")
     cert = builder.sign(ca_key, hashes.SHA256())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

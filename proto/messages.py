@@ -48,7 +48,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
         (f.name, hints[f.name],
-         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         for f in dataclasses.fields(cls)
     )
 
@@ -158,7 +158,8 @@ class Message:
     NAME_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def valid(self) -> Optional[str]:
-        for name, check, _, _ in _plan(type(self)):
+        cls: type = type(self)  # (a class hashes; typed as type[Message], mypy thinks not)
+        for name, check, _, _ in _plan(cls):
             err = check(getattr(self, name), name)
             if err:
                 return f"{type(self).__name__}.{err}"
@@ -174,7 +175,8 @@ class Message:
         return None
 
     def to_wire(self) -> dict:
-        return {name: _to_wire(getattr(self, name)) for name, _, _ in _fields(type(self))}
+        cls: type = type(self)
+        return {name: _to_wire(getattr(self, name)) for name, _, _ in _fields(cls)}
 
     @classmethod
     def from_wire(cls, raw: Any) -> "Message":
@@ -183,7 +185,8 @@ class Message:
         if not isinstance(raw, dict):
             raise ValueError(f"{cls.__name__}: expected a map")
         kwargs = {}
-        for key, _, convert, required in _plan(cls):
+        plan = _plan(cls)  # type: ignore[arg-type]  # (a class hashes)
+        for key, _, convert, required in plan:
             if key in raw:
                 kwargs[key] = convert(raw[key])
             elif required:

@@ -188,14 +188,15 @@ class Dispatch:
         if caller.role not in method.roles:
             return codec.encode_reply(None, errno.EACCES, f"{name} is not for a {caller.role} credential")
         try:
-            req = codec.decode_request(method.request, frame)
+            req: Message = codec.decode_request(method.request, frame)
             problem = req.valid()
         except ValueError as exc:
             return codec.encode_reply(None, errno.EINVAL, str(exc))
         if problem:
             return codec.encode_reply(None, errno.EINVAL, problem)
-        if caller.squash and isinstance(getattr(req, "ctx", None), Ctx):
-            req.ctx = caller.identity(req.ctx)  # the ids this credential may speak for
+        ctx = getattr(req, "ctx", None)
+        if caller.squash and isinstance(ctx, Ctx):
+            setattr(req, "ctx", caller.identity(ctx))  # the ids this credential may speak for
         return req
 
     def call(self, name: str, req: Message, caller: Caller) -> Any:
@@ -276,6 +277,7 @@ class _StreamHandler:
         caller = _authenticate(context, self.revocations)
         if caller is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid stripefs credential")
+            return  # (abort raises)
         out = _Replies(context)
         slots = asyncio.Semaphore(STREAM_CALLS_IN_FLIGHT)
         tasks: set[asyncio.Task] = set()

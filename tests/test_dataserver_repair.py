@@ -109,10 +109,10 @@ def test_replicator_copies_from_a_source_and_reports(tmp_path):
         good = f"127.0.0.1:{port}"
         rep.submit([
             # The first source is down: the next one is tried.
-            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], token=write_token(SECRET, 11, "data:dst", "dst:1", int(time.time()) + 60),
-                          read_token=readable(11)),
-            ReplicateTask(block_id=12, sources=[good], token=write_token(SECRET, 12, "data:dst", "dst:1", int(time.time()) + 60),
-                          read_token=readable(12)),  # no such block
+            ReplicateTask(block_id=11, sources=["127.0.0.1:1", good], read_token=readable(11),
+                          token=write_token(SECRET, 11, "data:dst", "dst:1", int(time.time()) + 60)),
+            ReplicateTask(block_id=12, sources=[good], read_token=readable(12),  # no such block
+                          token=write_token(SECRET, 12, "data:dst", "dst:1", int(time.time()) + 60)),
             ReplicateTask(block_id=13, sources=[good], token=b"forged", read_token=readable(13)),
         ])
         deadline = time.monotonic() + 20

@@ -1,6 +1,7 @@
 """stripefs client library (trio, no FUSE): `open_client(meta_addresses, credentials)` yields a
-Client with the whole file system API (meta_addresses: `HOST:PORT[,HOST:PORT...]` or a list). Errors are proto.errors.FsError(errno). Credentials
-are a client bundle: `load_credentials(DIR)` (proto/credentials.py)."""
+Client with the whole file system API (meta_addresses: `HOST:PORT[,HOST:PORT...]` or a list).
+Errors are proto.errors.FsError(errno). Credentials are a client bundle:
+`load_credentials(DIR)` (proto/credentials.py). Paths rather than inodes: `paths.py`."""
 
 from proto import metrics
 from proto.credentials import Credentials, load_credentials
@@ -12,6 +13,6 @@ from .cache import ATTR_TTL_S, ENTRY_TTL_S, Entry
 from .client import Client, open_client
 from .locks import signed64
 
-__all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry", "FsError",
-           "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
+__all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry",
+           "FsError", "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
            "metrics", "open_client", "signed64"]

@@ -37,7 +37,7 @@ import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import AsyncIterator, Callable, Optional, Sequence, cast
 
 import trio
 
@@ -122,8 +122,9 @@ class Client:
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
-        meta = meta_transport or FailoverTransport(meta_address, creds, META_SERVICE, META_METHODS)
-        connect = data_connect or (lambda address: StreamTransport(address, creds, DATA_SERVICE, DATA_METHODS))
+        checked = cast(Credentials, creds)  # None only with both transports given (above)
+        meta = meta_transport or FailoverTransport(meta_address, checked, META_SERVICE, META_METHODS)
+        connect = data_connect or (lambda address: StreamTransport(address, checked, DATA_SERVICE, DATA_METHODS))
         #: who calls that do not say are made as (default: this process)
         self.identity = identity or process_identity()
         #: move atime on reads (relatime's rules); off by default, as with noatime
@@ -564,6 +565,7 @@ class Client:
         a = f.attr
         if a.atime_ns <= max(a.mtime_ns, a.ctime_ns) or time.time_ns() - a.atime_ns > RELATIME_AGE_S * 10**9:
             self.names.attrs.drop(f.ino)
+            assert self._nursery is not None  # (a handle exists only on a started client)
             self.session.report_soon(self._nursery, "accessed", m.AccessedReq(f.ino, self.session.id))
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

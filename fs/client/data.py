@@ -371,20 +371,20 @@ class DataPath:
                 self._penalise(servers[0], exc)
             return [], {servers[0]: exc}, b""
         for e in reply.failed:
-            exc = FsError(e.errno, f"{e.address}: {e.message}")
+            err = FsError(e.errno, f"{e.address}: {e.message}")
             if e.errno == errno.EBADMSG and e.address in servers[1:]:
                 # A chunk arrived damaged: the server before it in the chain, which stored
                 # it intact (its own check passed), damaged it on the way. That one is
                 # placed around; the receiver did its job.
                 forwarder = servers[servers.index(e.address) - 1]
                 if forwarder in reply.stored:
-                    exc = FsError(errno.EIO, f"{forwarder} damaged block {block_id} forwarding it to {e.address}")
-                    self._penalise(forwarder, exc)
-                    failed[forwarder] = exc
+                    err = FsError(errno.EIO, f"{forwarder} damaged block {block_id} forwarding it to {e.address}")
+                    self._penalise(forwarder, err)
+                    failed[forwarder] = err
                     continue
             if e.errno not in NOT_THE_SERVERS_FAULT:
-                self._penalise(e.address, exc)
-            failed[e.address] = exc
+                self._penalise(e.address, err)
+            failed[e.address] = err
         stored = [a for a in servers if a in reply.stored and a not in failed]
         if len(reply.stored) + len(reply.failed) != len(servers) or not set(reply.stored) <= set(servers):
             # A chain that does not account for every server: none of it counts.

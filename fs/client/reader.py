@@ -14,7 +14,7 @@ and retry.
 from __future__ import annotations
 
 import errno
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 from proto import messages as m
 from proto.errors import FsError
@@ -48,7 +48,7 @@ class Reader:
         if offset >= end:
             return b""
         sequential = offset == 0 or abs(offset - h.last_read_end) <= SEQUENTIAL_SLACK_BYTES
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         pos = offset
         bs = f.block_size
         while pos < end:
@@ -67,6 +67,7 @@ class Reader:
 
     async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool, refreshed: bool = False,
                      view: bool = False) -> bytes | memoryview:
+        chunk: bytes | memoryview
         d = f.dirty.get(index)
         if d is not None:
             chunk = d.read(boff, n)
@@ -118,4 +119,5 @@ class Reader:
         if index == 0 and f.inline is not None:
             return f.inline
         ref = f.blocks.get(index)
-        return b"" if ref is None else await self._piece(f, index, 0, ref.length, whole=True)
+        # (view=False: bytes, never a view)
+        return b"" if ref is None else cast(bytes, await self._piece(f, index, 0, ref.length, whole=True))

@@ -86,7 +86,9 @@ class Unreachable(TransportError):
 class Transport(Protocol):
     """What the client needs of a connection to one server."""
 
-    address: str
+    @property
+    def address(self) -> str:
+        """The server it talks to now."""
 
     async def call(self, name: str, req: Message | bytes, timeout_s: float,
                    patience_s: Optional[float] = None) -> Any:
@@ -292,6 +294,7 @@ class StreamTransport:
                 stream.pending.pop(call_id, None)
             if waiter.error is not None:
                 raise waiter.error
+            assert waiter.frame is not None  # (the event is set with a frame or an error)
             return codec.decode_reply(reply_type, waiter.frame)
         if stream is not None and stream.broken is not None:
             raise stream.broken
