@@ -148,8 +148,7 @@ class MetaSession:
             raise
         finally:
             if not isinstance(outcome, trio.Cancelled):
-                _metrics.meta_calls.labels(name, metrics.result(outcome)).inc()
-                _metrics.meta_call_seconds.labels(name).observe(time.perf_counter() - started)
+                _metrics.meta_calls.observe((name,), outcome, started)
 
     async def _call(self, name: str, req: m.Message) -> Any:
         deadline = time.monotonic() + META_TIMEOUT_S

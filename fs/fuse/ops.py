@@ -64,9 +64,7 @@ def forget_attributes(inode: int) -> None:
 def errno_boundary(fn: Callable) -> Callable:
     """Turn FsError into FUSEError and anything unexpected into a logged EIO; count each
     request and its time (proto/metrics.py: stripefs_fuse_ops, stripefs_fuse_op_seconds)."""
-    op = fn.__name__
-    seconds = _metrics.seconds.labels(op)
-    ok = _metrics.ops.labels(op, "ok")
+    labels = (fn.__name__,)
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -74,18 +72,16 @@ def errno_boundary(fn: Callable) -> Callable:
         try:
             result = await fn(*args, **kwargs)
         except pyfuse3.FUSEError as exc:
-            _metrics.ops.labels(op, metrics.result(OSError(exc.errno, ""))).inc()
+            _metrics.observe(labels, OSError(exc.errno, ""), started)
             raise
         except FsError as exc:
-            _metrics.ops.labels(op, metrics.result(exc)).inc()
+            _metrics.observe(labels, exc, started)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:  # noqa: BLE001 - the mount must survive its own bugs
             log.exception("%s failed", fn.__name__)
-            _metrics.ops.labels(op, "EIO").inc()
+            _metrics.observe(labels, FsError(errno.EIO), started)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            seconds.observe(time.perf_counter() - started)
-        ok.inc()
+        _metrics.observe(labels, None, started)
         return result
 
     return wrapper
