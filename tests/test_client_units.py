@@ -1,5 +1,6 @@
 """Level 1: pieces of the client library as pure functions (no servers)."""
 
+from fs.client.cache import AttrCache, now
 from fs.client.data import BlockCache
 from fs.client.files import DirtyBlock, FileState, WritebackBudget
 from proto.messages import Attr
@@ -92,3 +93,21 @@ def test_block_cache_gives_way_to_write_back():
     assert cache.used_bytes == 3 and 1 in cache and 2 not in cache and 3 not in cache
     cache.trim(-1)
     assert cache.used_bytes == 0
+
+
+def test_forget_refuses_attributes_fetched_before_it():
+    """A reply on its way while we changed an inode (setxattr) must not put back the
+    attributes the change made wrong: getxattr answers ENODATA from their xattr count."""
+    cache = AttrCache()
+    before = now()
+    stale = Attr(7, 0o40755, 2, 0, 0, 0, 0, 0, 0, 0, 4096, 0, xattrs=0)
+    cache.forget(7)
+    cache.put(stale, before)  # fetched before the change
+    assert cache.get(7) is None
+    fresh = Attr(7, 0o40755, 2, 0, 0, 0, 0, 0, 0, 0, 4096, 0, xattrs=1)
+    cache.put(fresh, now())
+    assert cache.get(7)[0].xattrs == 1
+    other = AttrCache()
+    other.drop(7)
+    other.put(stale, before)  # drop alone (every other change) keeps the old rule
+    assert other.get(7)[0].xattrs == 0

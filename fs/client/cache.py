@@ -94,10 +94,15 @@ class AttrCache:
     def __init__(self, limit: int = ATTR_CACHE_ENTRIES) -> None:
         self.limit = limit
         self._entries: dict[int, tuple[Attr, float]] = {}
+        #: inode -> time before which nothing fetched may be put (forget())
+        self._floors: dict[int, float] = {}
 
     def put(self, attr: Attr, at: Optional[float] = None) -> Attr:
         """Remember `attr` as fetched at `at` (default: now); returns it."""
         t = now() if at is None else at
+        floor = self._floors.get(attr.ino)
+        if floor is not None and t < floor:
+            return attr  # fetched before a change of ours that it may not show
         if len(self._entries) >= self.limit and attr.ino not in self._entries:
             fresh = t - ATTR_TTL_S
             self._entries = {i: e for i, e in self._entries.items() if e[1] > fresh}
@@ -123,6 +128,16 @@ class AttrCache:
 
     def drop(self, ino: int) -> None:
         self._entries.pop(ino, None)
+
+    def forget(self, ino: int) -> None:
+        """drop, and refuse attributes fetched before now: a reply that was on its way
+        while we changed the inode (a statahead listing, a lookup) must not put back what
+        the change made wrong (its xattr count: getxattr answers ENODATA from it)."""
+        self.drop(ino)
+        t = now()
+        if len(self._floors) >= self.limit:
+            self._floors = {i: f for i, f in self._floors.items() if f > t - ATTR_TTL_S}
+        self._floors[ino] = t
 
 
 @dataclass

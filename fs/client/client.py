@@ -475,11 +475,14 @@ class Client:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
                        ctx: Optional[m.Ctx] = None) -> None:
-        self.names.attrs.drop(ino)
+        self.names.attrs.forget(ino)
         f = self._files.get(ino)
         if f is not None and name == CAPABILITY_XATTR:
             f.no_capability = False
-        await self._meta("setxattr", m.XattrReq(ino, name, self._ctx(ctx), value, flags))
+        try:
+            await self._meta("setxattr", m.XattrReq(ino, name, self._ctx(ctx), value, flags))
+        finally:
+            self.names.attrs.forget(ino)  # what was fetched during the call may predate it
 
     async def listxattr(self, ino: int) -> list[bytes]:
         if self._known_without_xattrs(ino):
@@ -487,8 +490,11 @@ class Client:
         return (await self._meta("listxattr", m.InodeReq(ino))).names
 
     async def removexattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
-        self.names.attrs.drop(ino)
-        await self._meta("removexattr", m.XattrReq(ino, name, self._ctx(ctx)))
+        self.names.attrs.forget(ino)
+        try:
+            await self._meta("removexattr", m.XattrReq(ino, name, self._ctx(ctx)))
+        finally:
+            self.names.attrs.forget(ino)
 
     # ------------------------------------------------------------------ open files
 
