@@ -33,6 +33,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 import trio
+from fsspec.core import has_magic
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from fs.client import Client, FsError, load_credentials, open_client
@@ -204,11 +205,15 @@ class StripeFileSystem(AbstractFileSystem):
 
     def ls(self, path, detail=True, **kwargs):
         path = self._strip_protocol(path)
-        attr = self._call(paths.resolve, path, path=path)
-        if not stat.S_ISDIR(attr.mode):
+
+        async def go(client):  # one walk to the path, then the listing by inode
+            attr = await paths.resolve(client, path)
+            return attr, (await client.listdir(attr.ino) if stat.S_ISDIR(attr.mode) else None)
+
+        attr, listed = self._call(go, path=path)
+        if listed is None:
             entries = [self._info_of(path, attr)]
         else:
-            listed = self._call(paths.listdir, path, path=path)
             entries = [self._info_of(posixpath.join(path, os.fsdecode(e.name)), e.attr) for e in listed]
         return entries if detail else [e["name"] for e in entries]
 
@@ -274,14 +279,14 @@ class StripeFileSystem(AbstractFileSystem):
         targets: list[str] = []
         for p in path if isinstance(path, list) else [path]:
             p = self._strip_protocol(p)
-            targets.extend(self.glob(p) if paths_have_magic(p) else [p])
+            targets.extend(self.glob(p) if has_magic(p) else [p])
         for p in targets:
             self._call(lambda client, p=p: paths.remove(client, p, recursive=recursive), path=p)
 
     def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs) -> None:
         """rename(2), atomic; into `path2` when it is an existing directory (shutil.move's
         rule). Lists and globs go through fsspec's copy and delete."""
-        if isinstance(path1, list) or isinstance(path2, list) or paths_have_magic(str(path1)):
+        if isinstance(path1, list) or isinstance(path2, list) or has_magic(str(path1)):
             return super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
         src, dst = self._strip_protocol(path1), self._strip_protocol(path2)
 
@@ -411,10 +416,6 @@ class StripeFileSystem(AbstractFileSystem):
     def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
         return StripeFile(self, self._strip_protocol(path), mode, block_size=block_size,
                           autocommit=autocommit, cache_options=cache_options, **kwargs)
-
-
-def paths_have_magic(path: str) -> bool:
-    return any(c in path for c in "*?[")
 
 
 def _range(size: int, start: Optional[int], end: Optional[int]) -> tuple[int, int]:
