@@ -176,8 +176,15 @@ CREATE INDEX locks_by_session ON locks(session_id);
 -- Replies of the calls that must not run twice (proto/services.py `once`), recorded in the
 -- call's own transaction: a client that retries after a transport failure (its reply lost,
 -- the metaserver restarted) gets the first reply, not a second run.
+-- Rows are appended in the order they are made (seq, the rowid) and expire from the front;
+-- only the index on rid is written at random places. With rid as the table's key (schema 9)
+-- every record (~370 bytes) went to a random page of a table that grows to one row per
+-- create in the last REQUEST_RECORD_TTL_S: after 300,000 creates it was 137 MB of the
+-- database, a create cost 490 us instead of 340 and a lookup 101 us instead of 40 (the
+-- namespace's pages pushed out of the page cache).
 CREATE TABLE requests (
-    rid         INTEGER PRIMARY KEY,  -- the client's request id (random, 63 bits)
+    seq         INTEGER PRIMARY KEY,  -- insertion order
+    rid         INTEGER NOT NULL UNIQUE,  -- the client's request id (random, 63 bits)
     reply       BLOB NOT NULL,        -- the reply frame it got (codec.encode_reply)
     created_ns  INTEGER NOT NULL      -- when; the sweep forgets it after REQUEST_RECORD_TTL_S
 );

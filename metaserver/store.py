@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: Version of the schema, the same on every engine (each keeps its own migrations to it).
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: The engines, by the name `stripefs meta --engine` takes.
 ENGINES = ("sqlite", "postgres")
 

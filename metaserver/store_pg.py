@@ -51,7 +51,11 @@ log = logging.getLogger("stripefs.metaserver")
 
 SCHEMA_PATH = Path(__file__).with_name("schema_pg.sql")
 #: SQL that brings a database of version k to k + 1 (schema_pg.sql is always the newest).
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # Schema 10 changed the layout of SQLite's `requests` (store_sqlite.py); a PostgreSQL
+    # table is a heap in insertion order already, with its key in an index of its own.
+    9: "SELECT 1",
+}
 #: Advisory lock key held while the schema is made or migrated (several metaservers may
 #: start at once on an empty database).
 SCHEMA_LOCK_KEY = 0x73747269  # "stri"

@@ -92,6 +92,19 @@ MIGRATIONS = {
         );
         CREATE INDEX requests_by_age ON requests(created_ns);
     """,
+    9: """
+        CREATE TABLE requests_appended (
+            seq         INTEGER PRIMARY KEY,
+            rid         INTEGER NOT NULL UNIQUE,
+            reply       BLOB NOT NULL,
+            created_ns  INTEGER NOT NULL
+        );
+        INSERT INTO requests_appended (rid, reply, created_ns)
+            SELECT rid, reply, created_ns FROM requests ORDER BY created_ns;
+        DROP TABLE requests;
+        ALTER TABLE requests_appended RENAME TO requests;
+        CREATE INDEX requests_by_age ON requests(created_ns);
+    """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 #: How long to wait for another process holding the database (there should be none).

@@ -1178,6 +1178,28 @@ def test_batch_runs_calls_in_one_transaction_each_undone_alone(env):
     assert env.core.store._synced == env.core.store._commits
 
 
+def test_version_9_request_records_are_kept_in_their_new_layout(env):
+    """Schema 10 keeps SQLite's request records in insertion order (rid in an index of its
+    own): a record made under schema 9's layout still answers its retry after the
+    migration, and new records go on after it."""
+    if env.core.store.engine != "sqlite":
+        pytest.skip("SQLite's migrations: PostgreSQL's table did not change")
+    ((made, _),) = env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))])
+    with env.core.store.transaction() as tx:
+        tx.run("CREATE TABLE old (rid INTEGER PRIMARY KEY, reply BLOB NOT NULL, created_ns INTEGER NOT NULL)")
+        tx.run("INSERT INTO old SELECT rid, reply, created_ns FROM requests")
+        tx.run("DROP TABLE requests")
+        tx.run("ALTER TABLE old RENAME TO requests")
+        tx.run("CREATE INDEX requests_by_age ON requests(created_ns)")
+    env.core.store._conn.execute("PRAGMA user_version=9")
+    env.reopen()
+    assert env.core.store.schema_version() == SCHEMA_VERSION
+    ((again, _),) = env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))])
+    assert again == made  # the first reply, not EEXIST
+    env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"e", 0o755, ROOT, rid=78))])
+    with env.core.store.transaction() as tx:
+        assert [tuple(r) for r in tx.all("SELECT seq, rid FROM requests ORDER BY seq")] == [(1, 77), (2, 78)]
+
 def test_a_once_call_retried_with_its_request_id_gets_the_first_reply(env):
     """apply_batch records the reply of a `once` call under its request id, in the call's
     own transaction: the same id again gets that reply without running the call (a mkdir
