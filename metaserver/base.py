@@ -74,6 +74,16 @@ def is_reg(row: Row) -> bool:
     return stat.S_ISREG(row["mode"])
 
 
+def usage_of(row: Row, sign: int = 1) -> tuple[int, int]:
+    """What an entry naming inode `row` adds to its directory's usage counters (files,
+    bytes), negated with sign=-1; a directory adds nothing (it has counters of its own)."""
+    return (0, 0) if is_dir(row) else (sign, sign * row["size"])
+
+
+def usage_sum(*parts: tuple[int, int]) -> tuple[int, int]:
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
 def id_list(ids: list[int]) -> str:
     """An SQL list literal of integer ids, for `x IN (...)`; ints only, never text."""
     return "(" + ",".join(str(int(i)) for i in ids) + ")" if ids else "(NULL)"
@@ -238,15 +248,29 @@ class CoreBase:
     def _child(self, tx: Tx, parent: int, name: bytes) -> Optional[int]:
         return tx.scalar("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name))
 
-    def _touch_dir(self, tx: Tx, ino: int, now: int, nlink_delta: int = 0) -> None:
+    def _touch_dir(self, tx: Tx, ino: int, now: int, nlink_delta: int = 0,
+                   usage: tuple[int, int] = (0, 0)) -> None:
         """An entry of directory `ino` was added, removed or renamed. The generation moves
         with every such change: a client holding the whole listing keeps answering
-        negative lookups from it only while the generation says nobody else changed it."""
+        negative lookups from it only while the generation says nobody else changed it.
+        `usage`: what the change adds to its usage counters (usage_of), in the same row
+        update."""
         tx.run(
-            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ?, generation = generation + 1"
-            " WHERE ino = ?",
-            (now, now, nlink_delta, ino),
+            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ?, generation = generation + 1,"
+            " used_files = used_files + ?, used_bytes = used_bytes + ? WHERE ino = ?",
+            (now, now, nlink_delta, usage[0], usage[1], ino),
         )
+
+    def _resized(self, tx: Tx, ino: int, old_size: int, new_size: int) -> None:
+        """File `ino`'s size went from old_size to new_size: every directory holding a link
+        to it counts the difference, once per link (an unlinked, still open file: none)."""
+        if new_size != old_size:
+            tx.run(
+                "UPDATE inodes SET used_bytes = used_bytes + ?"
+                " * (SELECT COUNT(*) FROM dentries d WHERE d.parent = inodes.ino AND d.ino = ?)"
+                " WHERE ino IN (SELECT parent FROM dentries WHERE ino = ?)",
+                (new_size - old_size, ino, ino),
+            )
 
     def _is_open(self, tx: Tx, ino: int) -> bool:
         return bool(tx.scalar("SELECT 1 FROM opens WHERE ino = ? LIMIT 1", (ino,)))
@@ -387,6 +411,7 @@ class CoreBase:
         tx.run(
             "UPDATE inodes SET size = ?, generation = generation + 1 WHERE ino = ?", (size, ino)
         )
+        self._resized(tx, ino, row["size"], size)
 
     # ------------------------------------------------------------------ data servers
 

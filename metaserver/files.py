@@ -243,6 +243,8 @@ class FileOps(CoreBase):
     def _bump_content(self, tx: Tx, ino: int, size: int, mtime_ns: int, now: int) -> None:
         """A content commit: the size grows to `size` (a commit never shrinks a file), the
         times move, and the generation tells caches the content changed."""
+        old = tx.scalar("SELECT size FROM inodes WHERE ino = ?", (ino,))
+        self._resized(tx, ino, old, max(old, size))
         tx.run(
             "UPDATE inodes SET size = CASE WHEN size > ? THEN size ELSE ? END, mtime_ns = ?, ctime_ns = ?,"
             " generation = generation + 1 WHERE ino = ?",

@@ -8,6 +8,7 @@ The checks, in order (a repair made by one is seen by the next):
 - link counts: a file's nlink is the number of entries naming it, a directory's is
   2 + its subdirectories; an inode no entry names has nlink 0;
 - orphans: nlink 0 and open by no session (purged: its blocks become garbage);
+- directory usage counters (used_files, used_bytes) against the entries they count;
 - opens of unknown sessions;
 - block maps: blocks of missing inodes, replicas on unknown servers;
 - inline block 0s: on a file that also has a stored block 0 or is not a regular file,
@@ -71,6 +72,7 @@ class FsckOps(RepairOps):
             self._fsck_nlink(tx, rep, now)
             self._fsck_xattr_counts(tx, rep)
             self._fsck_orphans(tx, rep, now)
+            self._fsck_usage(tx, rep)
             self._fsck_blocks(tx, rep, now)
             self._fsck_inline(tx, rep)
             blocks, under, lost = self._replica_health(tx, now)
@@ -201,6 +203,25 @@ class FsckOps(RepairOps):
                 tx.run("UPDATE inodes SET xattrs = ? WHERE ino = ?", (r["actual"], r["ino"]))
                 fix = f"inode {r['ino']}: xattr count set to {r['actual']}"
             rep.problem("xattrs", f"inode {r['ino']} counts {r['xattrs']} xattrs, has {r['actual']}", fix)
+
+    def _fsck_usage(self, tx: Tx, rep: _Report) -> None:
+        # After the entry and link repairs above: the counters must match what is there.
+        rows = tx.all(
+            "SELECT p.ino, p.used_files, p.used_bytes, COALESCE(a.files, 0) AS files, COALESCE(a.bytes, 0) AS bytes"
+            " FROM inodes p LEFT JOIN (SELECT d.parent, COUNT(*) AS files, SUM(c.size) AS bytes"
+            "   FROM dentries d JOIN inodes c ON c.ino = d.ino WHERE (c.mode & 61440) != 16384"
+            "   GROUP BY d.parent) a ON a.parent = p.ino"
+            " WHERE (p.mode & 61440) = 16384"
+            " AND (p.used_files != COALESCE(a.files, 0) OR p.used_bytes != COALESCE(a.bytes, 0))"
+        )
+        for r in rows:
+            fix = None
+            if rep.repair:
+                tx.run("UPDATE inodes SET used_files = ?, used_bytes = ? WHERE ino = ?",
+                       (int(r["files"]), int(r["bytes"]), r["ino"]))
+                fix = f"directory {r['ino']}: usage set to {r['files']} files, {r['bytes']} bytes"
+            rep.problem("usage", f"directory {r['ino']} counts {r['used_files']} files, {r['used_bytes']} bytes;"
+                        f" holds {r['files']}, {r['bytes']}", fix)
 
     def _fsck_orphans(self, tx: Tx, rep: _Report, now: int) -> None:
         stale_opens = tx.all(

@@ -39,11 +39,13 @@ from proto.messages import (
     SetattrReq,
     StatfsReply,
     SymlinkReq,
+    UsageReply,
+    UsageReq,
 )
 from proto.types import NAME_MAX_BYTES, ROOT_INODE
 
 from . import acl, perm
-from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg
+from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg, usage_of, usage_sum
 from .store import Row, Tx
 
 if TYPE_CHECKING:
@@ -91,6 +93,26 @@ class NamespaceOps(CoreBase):
             if not stat.S_ISLNK(row["mode"]):
                 raise FsError(errno.EINVAL, f"inode {req.ino} is not a symlink")
             return ReadlinkReply(target=bytes(row["target"]))
+
+    def usage(self, req: UsageReq) -> UsageReply:
+        """`du` from the usage counters: the subtree's directories are found through their
+        `parent` links (one indexed step per directory, never a row per file) and their
+        counters summed. Reading them needs what listing the top directory needs."""
+        with self.store.transaction() as tx:
+            row = self._inode(tx, req.ino)
+            if not is_dir(row):
+                return UsageReply(bytes=row["size"], files=1, dirs=0)
+            perm.check(row, req.ctx, perm.READ, " (usage)")
+            r = tx.one(
+                "WITH RECURSIVE tree(ino) AS ("
+                " SELECT CAST(? AS BIGINT)"
+                " UNION ALL SELECT i.ino FROM inodes i JOIN tree t ON i.parent = t.ino"
+                " WHERE i.ino != t.ino AND i.nlink > 0)"  # the root is its own parent
+                " SELECT COUNT(*) AS dirs, COALESCE(SUM(i.used_files), 0) AS files,"
+                " COALESCE(SUM(i.used_bytes), 0) AS bytes FROM tree t JOIN inodes i ON i.ino = t.ino",
+                (req.ino,),
+            )
+            return UsageReply(bytes=int(r["bytes"]), files=int(r["files"]), dirs=int(r["dirs"]))
 
     def readdir(self, req: ReaddirReq) -> ReaddirReply:
         with self.store.transaction() as tx:
@@ -254,8 +276,9 @@ class NamespaceOps(CoreBase):
             self._put_xattr(tx, ino, acl.ACCESS, acl.encode(access))
         if new_dir and default is not None:
             self._put_xattr(tx, ino, acl.DEFAULT, acl.encode(default))
-        self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0)
-        return self._inode(tx, ino)
+        row = self._inode(tx, ino)
+        self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0, usage=usage_of(row))
+        return row
 
     @staticmethod
     def _default_acl(tx: Tx, directory: Row) -> Optional[acl.Acl]:
@@ -323,7 +346,7 @@ class NamespaceOps(CoreBase):
                 (req.new_parent, req.new_name, req.ino),
             )
             tx.run("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", (now, req.ino))
-            self._touch_dir(tx, req.new_parent, now)
+            self._touch_dir(tx, req.new_parent, now, usage=usage_of(row))
             return AttrReply(attr=self._attr(tx, req.ino), parent=self._attr(tx, req.new_parent))
 
     # ------------------------------------------------------------------ removal
@@ -341,7 +364,7 @@ class NamespaceOps(CoreBase):
             row = self._inode(tx, ino)
             self._may_delete(d, row, req.ctx, isdir=False)
             tx.run("DELETE FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
-            self._touch_dir(tx, req.parent, now)
+            self._touch_dir(tx, req.parent, now, usage=usage_of(row, -1))
             self._drop_link(tx, row, now)
             return DirChangeReply(parent=self._attr(tx, req.parent), ino=ino)
 
@@ -475,12 +498,15 @@ class NamespaceOps(CoreBase):
         tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, src_ino))
         # Each directory is touched once (one generation step): the source loses a
         # subdirectory if one moves out, the destination gains it and loses a replaced one.
+        # The usage counters: the source's entry moves, a replaced one goes.
         moved_out = 1 if src_dir and cross else 0
+        replaced = usage_of(dst, -1) if dst is not None else (0, 0)
         if cross:
-            self._touch_dir(tx, req.parent, now, nlink_delta=-moved_out)
-            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved_out - (1 if dst_dir else 0))
+            self._touch_dir(tx, req.parent, now, nlink_delta=-moved_out, usage=usage_of(src, -1))
+            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved_out - (1 if dst_dir else 0),
+                            usage=usage_sum(usage_of(src), replaced))
         else:
-            self._touch_dir(tx, req.parent, now, nlink_delta=-(1 if dst_dir else 0))
+            self._touch_dir(tx, req.parent, now, nlink_delta=-(1 if dst_dir else 0), usage=replaced)
         if dst is not None:
             self._drop_link(tx, dst, now)
 
@@ -500,8 +526,9 @@ class NamespaceOps(CoreBase):
             if dst_dir:
                 tx.run("UPDATE inodes SET parent = ? WHERE ino = ?", (req.parent, dst["ino"]))
             moved = int(src_dir) - int(dst_dir)  # subdirectories leaving parent for new_parent
-            self._touch_dir(tx, req.parent, now, nlink_delta=-moved)
-            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved)
+            swap = usage_sum(usage_of(src), usage_of(dst, -1))  # what new_parent gains, parent loses
+            self._touch_dir(tx, req.parent, now, nlink_delta=-moved, usage=(-swap[0], -swap[1]))
+            self._touch_dir(tx, req.new_parent, now, nlink_delta=moved, usage=swap)
         else:
             self._touch_dir(tx, req.parent, now)
         tx.run("UPDATE inodes SET ctime_ns = ? WHERE ino IN (?, ?)", (now, src["ino"], dst["ino"]))

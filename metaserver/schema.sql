@@ -39,6 +39,11 @@ CREATE TABLE inodes (
     inline_max  INTEGER NOT NULL DEFAULT 65536,  -- files: block 0 is kept in inline_data when
                                                  -- it holds at most this many bytes (0: never);
                                                  -- directories: inherited by new entries
+    used_files  INTEGER NOT NULL DEFAULT 0,  -- directories: entries in it that are not
+                                             -- directories (a file with two links here: 2)
+    used_bytes  INTEGER NOT NULL DEFAULT 0,  -- directories: the sizes of those entries, summed;
+                                             -- `du` adds these up over a subtree's directories
+                                             -- (base.py _touch_dir / _resized keep them)
     parent      INTEGER REFERENCES inodes(ino),  -- directories only: the directory holding
                                                  -- it (root: itself); walked to refuse
                                                  -- rename cycles and to answer ".."

@@ -25,6 +25,8 @@ CREATE TABLE inodes (
     generation  BIGINT NOT NULL DEFAULT 0,
     xattrs      BIGINT NOT NULL DEFAULT 0,
     inline_max  BIGINT NOT NULL DEFAULT 65536,
+    used_files  BIGINT NOT NULL DEFAULT 0,
+    used_bytes  BIGINT NOT NULL DEFAULT 0,
     parent      BIGINT REFERENCES inodes(ino),
     target      BYTEA
 );

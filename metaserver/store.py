@@ -35,7 +35,17 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: Version of the schema, the same on every engine (each keeps its own migrations to it).
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
+#: Fills the directory usage counters (inodes.used_files, used_bytes) from the entries, in
+#: SQL both engines speak: the migration to schema 11 on each engine.
+RECOUNT_USAGE = (
+    "UPDATE inodes SET"
+    " used_files = (SELECT COUNT(*) FROM dentries d JOIN inodes c ON c.ino = d.ino"
+    "               WHERE d.parent = inodes.ino AND (c.mode & 61440) != 16384),"
+    " used_bytes = (SELECT COALESCE(SUM(c.size), 0) FROM dentries d JOIN inodes c ON c.ino = d.ino"
+    "               WHERE d.parent = inodes.ino AND (c.mode & 61440) != 16384)"
+    " WHERE (mode & 61440) = 16384"
+)
 #: The engines, by the name `stripefs meta --engine` takes.
 ENGINES = ("sqlite", "postgres")
 

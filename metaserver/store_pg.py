@@ -45,7 +45,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool
 
-from .store import SCHEMA_VERSION, Batch, Store, Tx
+from .store import RECOUNT_USAGE, SCHEMA_VERSION, Batch, Store, Tx
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -55,6 +55,9 @@ MIGRATIONS: dict[int, str] = {
     # Schema 10 changed the layout of SQLite's `requests` (store_sqlite.py); a PostgreSQL
     # table is a heap in insertion order already, with its key in an index of its own.
     9: "SELECT 1",
+    10: "ALTER TABLE inodes ADD COLUMN used_files BIGINT NOT NULL DEFAULT 0;"
+        " ALTER TABLE inodes ADD COLUMN used_bytes BIGINT NOT NULL DEFAULT 0;"
+        f" {RECOUNT_USAGE}",
 }
 #: Advisory lock key held while the schema is made or migrated (several metaservers may
 #: start at once on an empty database).

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .store import SCHEMA_VERSION, Batch, Store, Tx
+from .store import RECOUNT_USAGE, SCHEMA_VERSION, Batch, Store, Tx
 
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
@@ -104,6 +104,11 @@ MIGRATIONS = {
         DROP TABLE requests;
         ALTER TABLE requests_appended RENAME TO requests;
         CREATE INDEX requests_by_age ON requests(created_ns);
+    """,
+    10: f"""
+        ALTER TABLE inodes ADD COLUMN used_files INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE inodes ADD COLUMN used_bytes INTEGER NOT NULL DEFAULT 0;
+        {RECOUNT_USAGE};
     """,
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")

@@ -545,6 +545,21 @@ class XattrListReply(Message):
 
 
 @dataclass
+class UsageReq(Message):
+    """What a subtree holds, from the metaserver's directory usage counters (no walk)."""
+
+    ino: int  # a directory (or a file: its own size)
+    ctx: Ctx = field(default_factory=Ctx)  # caller (needs read permission on the directory)
+
+
+@dataclass
+class UsageReply(Message):
+    bytes: int  # sizes of the files, symlinks and other non-directories under it, summed
+    files: int  # those entries (a file with two links under it counts twice)
+    dirs: int  # directories, itself included
+
+
+@dataclass
 class StatfsReply(Message):
     block_size: int  # fundamental block size reported to statfs (bytes)
     total_bytes: int  # capacity summed over live data servers, divided by the default replica count

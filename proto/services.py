@@ -75,6 +75,7 @@ META_METHODS = _table(
     Method("listxattr", m.InodeReq, m.XattrListReply),
     Method("removexattr", m.XattrReq, m.Empty, once=True),
     Method("statfs", m.Empty, m.StatfsReply),
+    Method("usage", m.UsageReq, m.UsageReply),
     # file data
     Method("open", m.OpenReq, m.OpenReply),
     Method("release", m.ReleaseReq, m.Empty, once=True),

@@ -44,6 +44,7 @@ from proto.messages import (
     SetattrReq,
     SymlinkReq,
     XattrReq,
+    FsckReq,
 )
 from proto.types import (
     DEFAULT_BLOCK_SIZE_BYTES,
@@ -185,6 +186,8 @@ def test_version_3_database_is_migrated(env):
         tx.run("DROP TABLE locks")
         tx.run("ALTER TABLE blocks DROP COLUMN stored")
         tx.run("DROP TABLE requests")
+        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
+        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
     env.core.store._conn.execute("PRAGMA user_version=3")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -196,6 +199,7 @@ def test_version_3_database_is_migrated(env):
                          " 'dentries_by_parent')") == 2
         assert tx.scalar("SELECT writable FROM opens WHERE ino = ?", (f.ino,)) == 1
         assert tx.scalar("SELECT COUNT(*) FROM locks") == 0
+    assert env.core.fsck(FsckReq()).problems == []  # the usage counters were counted
 
 
 def test_readdir_pages_are_range_scans(env):
@@ -1191,6 +1195,8 @@ def test_version_9_request_records_are_kept_in_their_new_layout(env):
         tx.run("DROP TABLE requests")
         tx.run("ALTER TABLE old RENAME TO requests")
         tx.run("CREATE INDEX requests_by_age ON requests(created_ns)")
+        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
+        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
     env.core.store._conn.execute("PRAGMA user_version=9")
     env.reopen()
     assert env.core.store.schema_version() == SCHEMA_VERSION
@@ -1199,6 +1205,25 @@ def test_version_9_request_records_are_kept_in_their_new_layout(env):
     env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"e", 0o755, ROOT, rid=78))])
     with env.core.store.transaction() as tx:
         assert [tuple(r) for r in tx.all("SELECT seq, rid FROM requests ORDER BY seq")] == [(1, 77), (2, 78)]
+
+def test_version_10_database_gets_its_usage_counters(env):
+    """Schema 11 added the directory usage counters: a database of version 10 (on either
+    engine) opens with them counted from its entries."""
+    d = env.mkdir(ROOT_INODE, b"d")
+    s = env.session()
+    f = env.create(d.ino, b"f", session=s)
+    inline_commit(env, f.ino, s, b"y" * 123)
+    with env.core.store.transaction() as tx:
+        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
+        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
+        if env.core.store.engine == "postgres":
+            tx.run("UPDATE schema_version SET version = 10")
+    if env.core.store.engine == "sqlite":
+        env.core.store._conn.execute("PRAGMA user_version=10")
+    env.reopen()
+    assert env.core.store.schema_version() == SCHEMA_VERSION
+    assert usage(env, ROOT_INODE) == (123, 1, 2)
+    assert env.core.fsck(FsckReq()).problems == []
 
 def test_a_once_call_retried_with_its_request_id_gets_the_first_reply(env):
     """apply_batch records the reply of a `once` call under its request id, in the call's
@@ -1227,3 +1252,90 @@ def test_a_once_call_retried_with_its_request_id_gets_the_first_reply(env):
     env.core.sweep()
     with env.core.store.transaction() as tx:
         assert tx.scalar("SELECT COUNT(*) FROM requests") == 0
+
+
+# ---------------------------------------------------------------------------- usage (du)
+
+
+def walk_usage(env, ino: int) -> tuple[int, int, int]:
+    """(bytes, files, dirs) under directory `ino`, by listing every directory."""
+    total, files, dirs = 0, 0, 1
+    for e in env.core.readdir(ReaddirReq(ino=ino, limit=100_000)).entries:
+        if stat.S_ISDIR(e.attr.mode):
+            b, f, d = walk_usage(env, e.attr.ino)
+            total, files, dirs = total + b, files + f, dirs + d
+        else:
+            total, files = total + e.attr.size, files + 1
+    return total, files, dirs
+
+
+def usage(env, ino: int) -> tuple[int, int, int]:
+    from proto.messages import UsageReq
+
+    r = env.core.usage(UsageReq(ino=ino, ctx=ROOT))
+    return r.bytes, r.files, r.dirs
+
+
+def test_usage_counters_agree_with_a_walk(env):
+    """`du` from the directory usage counters equals a walk of the tree after creates,
+    block and inline writes, truncates, links, renames (across directories, replacing,
+    exchanging, a directory with its subtree), unlinks of open and closed files, rmdir,
+    and a metaserver restart; fsck finds the counters right, and repairs broken ones."""
+    s = env.session()
+    env.add_server(1)
+    a = env.mkdir(ROOT_INODE, b"a")
+    b = env.mkdir(a.ino, b"b")
+    c = env.mkdir(ROOT_INODE, b"c")
+    f1 = env.create(a.ino, b"f1", session=s)
+    env.write(f1.ino, s, 0, 1000)
+    env.write(f1.ino, s, 1, 500)  # size: one block + 500
+    f2 = env.create(b.ino, b"f2", session=s)
+    inline_commit(env, f2.ino, s, b"x" * 300)
+    env.core.symlink(SymlinkReq(parent=b.ino, name=b"ln", target=b"../f1", ctx=ROOT))
+    env.create(c.ino, b"empty")
+    checks = [ROOT_INODE, a.ino, b.ino, c.ino]
+
+    def agree():
+        for d in checks:
+            assert usage(env, d) == walk_usage(env, d), d
+
+    agree()
+    assert usage(env, f1.ino) == (env.getattr(f1.ino).size, 1, 0)
+    env.core.setattr(SetattrReq(ino=f1.ino, ctx=ROOT, size=100))
+    env.core.setattr(SetattrReq(ino=f2.ino, ctx=ROOT, size=5000))
+    agree()
+    env.core.link(LinkReq(ino=f1.ino, new_parent=c.ino, new_name=b"f1-again", ctx=ROOT))
+    env.core.link(LinkReq(ino=f1.ino, new_parent=c.ino, new_name=b"f1-third", ctx=ROOT))
+    env.core.setattr(SetattrReq(ino=f1.ino, ctx=ROOT, size=700))  # counted in both directories
+    agree()
+    env.core.rename(RenameReq(parent=b.ino, name=b"f2", new_parent=c.ino, new_name=b"f2", ctx=ROOT))
+    env.core.rename(RenameReq(parent=c.ino, name=b"f2", new_parent=c.ino, new_name=b"empty", ctx=ROOT))
+    env.core.rename(RenameReq(parent=c.ino, name=b"f1-again", new_parent=a.ino, new_name=b"f1", ctx=ROOT))
+    agree()
+    g = env.create(a.ino, b"g", session=s)
+    env.write(g.ino, s, 0, 4096)
+    env.core.rename(RenameReq(parent=a.ino, name=b"g", new_parent=c.ino, new_name=b"empty", ctx=ROOT,
+                              flags=RENAME_EXCHANGE))
+    env.core.rename(RenameReq(parent=a.ino, name=b"b", new_parent=c.ino, new_name=b"b", ctx=ROOT))
+    agree()
+    env.core.open(OpenReq(ino=g.ino, session=s))
+    env.core.unlink(RemoveReq(parent=c.ino, name=b"empty", ctx=ROOT))  # g, still open
+    env.write(g.ino, s, 1, 10)  # grows an unlinked file: no directory counts it
+    env.core.unlink(RemoveReq(parent=c.ino, name=b"f1-third", ctx=ROOT))
+    agree()
+    env.reopen()
+    agree()
+    assert usage(env, ROOT_INODE)[2] == 4
+    rep = env.core.fsck(FsckReq())
+    assert rep.problems == []
+    with env.core.store.transaction() as tx:
+        tx.run("UPDATE inodes SET used_bytes = used_bytes + 7, used_files = 0 WHERE ino = ?", (a.ino,))
+    rep = env.core.fsck(FsckReq())
+    assert any("usage" in p or f"directory {a.ino}" in p for p in rep.problems)
+    rep = env.core.fsck(FsckReq(repair=True))
+    assert len(rep.repaired) == len(rep.problems) == 1
+    agree()
+    from proto.messages import UsageReq
+
+    closed = env.mkdir(ROOT_INODE, b"closed", mode=0o300)  # not readable by USER
+    fails(errno.EACCES, env.core.usage, UsageReq(ino=closed.ino, ctx=USER))

@@ -399,6 +399,11 @@ class Client:
     async def statfs(self) -> m.StatfsReply:
         return await self._meta("statfs", m.Empty())
 
+    async def usage(self, ino: int, ctx: Optional[m.Ctx] = None) -> m.UsageReply:
+        """Bytes, files and directories under directory `ino` (a file: its own size), from
+        the metaserver's usage counters: one call whatever the subtree holds."""
+        return await self._meta("usage", m.UsageReq(ino, self._ctx(ctx)))
+
     async def status(self) -> m.StatusReply:
         return await self._meta("status", m.Empty())
 

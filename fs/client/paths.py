@@ -139,6 +139,11 @@ async def walk(client, path: str, ctx: Optional[m.Ctx] = None) -> AsyncIterator[
                      if stat.S_ISDIR(e.attr.mode))
 
 
+async def usage(client, path: str, ctx: Optional[m.Ctx] = None) -> m.UsageReply:
+    """`du` of `path` (symbolic links followed), from the metaserver's usage counters."""
+    return await client.usage((await resolve(client, path, ctx=ctx)).ino, ctx)
+
+
 async def labels(client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[str, str]:
     """The labels of one inode: its `user.*` extended attributes, without the prefix
     (values that are not UTF-8 are decoded with replacement characters)."""
