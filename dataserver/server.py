@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import signal
 import socket
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Optional, cast
 
 from proto import metrics
+from proto.atomic import write_atomically
 from proto.credentials import load_credentials
 from proto.errors import FsError
 from proto.logsetup import setup_logging
@@ -142,16 +142,6 @@ def advertised_address(listen: str, port: int, advertise: Optional[str]) -> str:
     if host in _WILDCARD_HOSTS:
         host = socket.gethostname()
     return f"{host}:{port}"
-
-
-def write_ready_file(path: str, address: str) -> None:
-    """Atomically, so a watcher never reads half an address."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(address + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Heartbeater:
@@ -387,7 +377,7 @@ def main(argv: list[str]) -> int:
         scrubber = Scrubber(store, stop, args.scrub_rate_mib_s * 1024 * 1024, args.scrub_interval_s)
     try:
         if args.ready_file:
-            write_ready_file(args.ready_file, address)
+            write_atomically(args.ready_file, address + "\n")
         st = store.stats()
         log.info(
             "data server at %s (listening on %s, metaserver %s), dir %s, node_id %s, %d blocks",

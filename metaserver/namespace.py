@@ -112,6 +112,7 @@ class NamespaceOps(CoreBase):
                 " COALESCE(SUM(i.used_bytes), 0) AS bytes FROM tree t JOIN inodes i ON i.ino = t.ino",
                 (req.ino,),
             )
+            assert r is not None  # an aggregate always has its row
             return UsageReply(bytes=int(r["bytes"]), files=int(r["files"]), dirs=int(r["dirs"]))
 
     def readdir(self, req: ReaddirReq) -> ReaddirReply:

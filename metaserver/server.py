@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from proto import metrics
+from proto.atomic import write_atomically
 from proto.auth import TOKEN_KEY_BYTES, load_token_key
 from proto.credentials import META, load_credentials
 from proto.errors import FsError
@@ -89,15 +89,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-forget-after-s", type=float, default=86400.0,
                    help="a data server silent this long is removed from the registry (it registers anew if it returns)")
     return p.parse_args(argv)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sweep_loop(core: MetaCore, address: str, stop: threading.Event) -> None:
@@ -187,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             core.close()
             return 1
     if args.ready_file:
-        _write_atomically(args.ready_file, f"{host}:{port}\n")
+        write_atomically(args.ready_file, f"{host}:{port}\n")
     log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine, state)
     sweeper = threading.Thread(target=_sweep_loop, args=(core, f"{host}:{port}", stop), name="sweep", daemon=True)
     sweeper.start()

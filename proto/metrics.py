@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -29,6 +28,8 @@ from typing import Any, Callable, Iterable, Optional
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .atomic import write_atomically
 
 log = logging.getLogger("stripefs.metrics")
 
@@ -74,10 +75,7 @@ def start(args: Any) -> Optional[str]:
         return None
     bound = serve_metrics(args.metrics_listen)
     if args.metrics_ready_file:
-        tmp = f"{args.metrics_ready_file}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(bound + "\n")
-        os.replace(tmp, args.metrics_ready_file)
+        write_atomically(args.metrics_ready_file, bound + "\n")
     return bound
 
 
