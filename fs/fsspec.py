@@ -40,7 +40,7 @@ from fs.client import Client, FsError, load_credentials, open_client
 from fs.client import paths
 from proto.types import CREDENTIALS_ENV, META_ENV
 
-PROTOCOL = "stripefs"
+PROTOCOL = paths.URL_SCHEME
 #: How long opening a session (reaching a metaserver) may take before the filesystem
 #: object gives up with ETIMEDOUT.
 CONNECT_TIMEOUT_S = 60.0
@@ -108,17 +108,6 @@ class _Portal:
         self._thread.join(CLOSE_TIMEOUT_S)
 
 
-def _split_url(path: str) -> tuple[str, str]:
-    """(metaservers or "", path) of `stripefs://HOSTS/path`, `stripefs:///path` or a path."""
-    if path.startswith(PROTOCOL + "://"):
-        rest = path[len(PROTOCOL) + 3:]
-        hosts, slash, tail = rest.partition("/")
-        return hosts, "/" + tail if slash else "/"
-    if path.startswith(PROTOCOL + "::"):
-        return "", path[len(PROTOCOL) + 2:]
-    return "", path
-
-
 class StripeFileSystem(AbstractFileSystem):
     """The `stripefs://` protocol. Paths inside it are absolute (`/dir/file`)."""
 
@@ -169,11 +158,11 @@ class StripeFileSystem(AbstractFileSystem):
     def _strip_protocol(cls, path):
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]
-        return paths.normalize(_split_url(str(path))[1])
+        return paths.normalize(paths.split_url(str(path))[1])
 
     @staticmethod
     def _get_kwargs_from_urls(path):
-        hosts = _split_url(str(path))[0]
+        hosts = paths.split_url(str(path))[0]
         return {"meta": hosts} if hosts else {}
 
     def unstrip_protocol(self, name: str) -> str:
@@ -227,6 +216,15 @@ class StripeFileSystem(AbstractFileSystem):
     def created(self, path) -> datetime.datetime:
         """POSIX keeps no creation time: the inode's last change is the nearest."""
         return datetime.datetime.fromtimestamp(self.info(path)["ctime"], tz=datetime.timezone.utc)
+
+    def du(self, path, total=True, maxdepth=None, withdirs=False, **kwargs):
+        """Bytes under `path`: the total comes from the metaserver's directory usage
+        counters in one call (fsspec's own walks the tree); per-entry sizes, a depth limit
+        or directories' own entries are fsspec's walk."""
+        if not (total and maxdepth is None and not withdirs):
+            return super().du(path, total=total, maxdepth=maxdepth, withdirs=withdirs, **kwargs)
+        path = self._strip_protocol(path)
+        return self._call(paths.usage, path, path=path).bytes
 
     # ------------------------------------------------------------------ changing the tree
 

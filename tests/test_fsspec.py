@@ -130,7 +130,8 @@ def test_tree_calls_and_labels(sfs, base):
     assert entries[f"{base}/d/e"]["type"] == "directory"
     assert entries[f"{base}/d/f1"]["type"] == "file" and entries[f"{base}/d/f1"]["size"] == 10
     assert sorted(sfs.find(base)) == [f"{base}/d/e/f2", f"{base}/d/f1"]
-    assert sfs.du(base) == 12
+    assert sfs.du(base) == 12  # the metaserver's usage counters
+    assert sfs.du(base, total=False) == {f"{base}/d/e/f2": 2, f"{base}/d/f1": 10}  # fsspec's walk
     assert sfs.isdir(f"{base}/d") and sfs.isfile(f"{base}/d/f1") and not sfs.exists(f"{base}/d/zz")
     assert sfs.info(f"{base}/d/f1")["labels"] == {}
     sfs.setxattr(f"{base}/d/f1", "user.split", "train")

@@ -34,6 +34,22 @@ COPY_CHUNK_BYTES = 4 * 1024 * 1024
 PARALLEL_CALLS = 32
 
 
+#: The scheme of cluster URLs: `stripefs://HOST:PORT[,HOST:PORT...]/path`.
+URL_SCHEME = "stripefs"
+
+
+def split_url(path: str) -> tuple[str, str]:
+    """(metaservers or "", path) of `stripefs://HOSTS/path`, `stripefs:///path`,
+    `stripefs::path` or a plain path (fsspec's URLs, `stripefs cp`'s arguments)."""
+    if path.startswith(URL_SCHEME + "://"):
+        rest = path[len(URL_SCHEME) + 3:]
+        hosts, slash, tail = rest.partition("/")
+        return hosts, "/" + tail if slash else "/"
+    if path.startswith(URL_SCHEME + "::"):
+        return "", path[len(URL_SCHEME) + 2:]
+    return "", path
+
+
 def normalize(path: str) -> str:
     """`/`-rooted, no `.`, `..`, `//` or trailing `/`: the form every function here takes."""
     p = posixpath.normpath("/" + path.lstrip("/"))
