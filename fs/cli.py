@@ -1,4 +1,4 @@
-"""The `stripefs` command: one subcommand per role and per operator task.
+"""The `stripefs` command: one subcommand per role and per operator task (docs/cli.md).
 
   stripefs meta   --listen HOST:PORT --dir DIR            the metadata server
   stripefs data   --listen HOST:PORT --meta METAS --dir DIR   a data server
@@ -6,6 +6,10 @@
   stripefs umount MOUNTPOINT
   stripefs status [--json]                                 metaservers, data servers, replication health
   stripefs fsck   [--repair] [--json]                      check (and repair) the metadata
+  stripefs du     PATH... [--json] [-b]                    bytes, files, directories under each path
+  stripefs info   PATH... [--json]                         inode, labels, blocks and their replicas
+  stripefs cp     SRC... DST [-r] [-j N] [--json]          copy in, out of and within a cluster
+  stripefs top    --metrics HOST:PORT... [--once] [--json] live operation rates of running roles
   stripefs ca init DIR                                     make the cluster's CA
   stripefs credential new --ca DIR --role ROLE --name NAME [--squash root|UID:GID] --out DIR
                                                            issue a credential
@@ -15,48 +19,172 @@ METAS is the metaservers' HOST:PORT, or several of them: HOST:PORT,HOST:PORT,...
 metaserver of a cluster serves every caller; a caller talks to one and moves to the next
 when it fails). STATE/meta.addr holds the same, on one line.
 
+Paths of du, info and cp: a path inside a stripefs mount is that cluster's file;
+`stripefs://HOST:PORT[,...]/path` names a cluster and a path; `stripefs:/path` is a path of
+the cluster --meta (or $STRIPEFS_META, or STATE/meta.addr) names. For du and info any
+other path is a path of that cluster too; for cp it is a local file.
+
 The server roles are imported only when their subcommand runs: this module is the
-composition root, the one place that knows every role.
+composition root, the one place that knows every role. Built on click; tables and
+progress are rich's.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
+import functools
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import click
 
 from proto.types import CREDENTIALS_ENV, META_ENV
 
 DEFAULT_STATE_DIR = ".stripefs"
 MOUNT_READY_TIMEOUT_S = 30.0
-
-
-def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state or os.environ.get("STRIPEFS_STATE", DEFAULT_STATE_DIR))
-
-
 #: Where scripts/up keeps a local cluster's CA and credential bundles, under the state dir.
 CREDENTIALS_SUBDIR = "credentials"
+#: How long `stripefs status` waits for each metaserver's answer.
+STATUS_TIMEOUT_S = 10.0
+#: fsck reads the whole store in one transaction: give a large one time.
+FSCK_TIMEOUT_S = 600.0
+#: Columns of tables written to something that is not a terminal (a pipe, a file).
+PIPE_WIDTH = 200
 
 
-def _resolve_meta_and_credentials(args: argparse.Namespace) -> tuple[list[str], str]:
-    """--meta/--credentials if given, else $STRIPEFS_META/$STRIPEFS_CREDENTIALS, else the
-    local cluster's addresses and admin bundle under the state dir."""
-    state = _state_dir(args)
-    meta = args.meta or os.environ.get(META_ENV)
+class CliError(click.ClickException):
+    """An expected failure: one line on stderr, `stripefs CMD: what failed and what to do`,
+    exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        ctx = click.get_current_context(silent=True)  # shown after the command's context ended
+        self.command_path = ctx.command_path if ctx else "stripefs"
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"{self.command_path}: {self.message}", err=True)
+
+
+def _console(stderr: bool = False):
+    """A rich console without markup (paths and addresses print as they are)."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False, markup=False)
+    if not console.is_terminal and not stderr:
+        console = Console(highlight=False, markup=False, width=PIPE_WIDTH)
+    return console
+
+
+def _table(*columns: str, title: Optional[str] = None, right: tuple[str, ...] = ()):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for c in columns:
+        table.add_column(c, justify="right" if c in right else "left", overflow="fold")
+    return table
+
+
+def _styled(text: str, style: str):
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
+STATE_STYLES = {"up": "green", "suspect": "yellow", "dead": "red", "unknown": "red"}
+
+
+def _human(n: float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
+
+
+def _print_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+# ---------------------------------------------------------------------------- which cluster, as whom
+
+
+@dataclass
+class ClusterOptions:
+    """--meta, --credentials, --state of a command that talks to a cluster."""
+
+    meta: Optional[str] = None
+    credentials: Optional[str] = None
+    state: Optional[str] = None
+
+
+def _cluster_options(fn: Callable) -> Callable:
+    """--meta, --credentials and --state, handed to the command as `cluster`."""
+    @click.option("--meta", metavar="HOST:PORT[,HOST:PORT...]",
+                  help=f"the metaservers (default ${META_ENV}, else STATE/meta.addr)")
+    @click.option("--credentials", metavar="DIR",
+                  help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
+    @click.option("--state", metavar="DIR",
+                  help=f"local cluster state directory (default $STRIPEFS_STATE, else ./{DEFAULT_STATE_DIR})")
+    @functools.wraps(fn)
+    def wrapper(meta: Optional[str], credentials: Optional[str], state: Optional[str], **kwargs: Any) -> Any:
+        return fn(cluster=ClusterOptions(meta, credentials, state), **kwargs)
+    return wrapper
+
+
+def _json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="print JSON (docs/cli.md has its shape)")(fn)
+
+
+def _state_dir(opts: ClusterOptions) -> Path:
+    return Path(opts.state or os.environ.get("STRIPEFS_STATE", DEFAULT_STATE_DIR))
+
+
+def _resolve_meta(opts: ClusterOptions) -> list[str]:
+    """--meta if given, else $STRIPEFS_META, else the local cluster's STATE/meta.addr."""
+    meta = opts.meta or os.environ.get(META_ENV) or None
     if meta is None:
-        addr_file = state / "meta.addr"
+        addr_file = _state_dir(opts) / "meta.addr"
         if not addr_file.exists():
-            sys.exit(f"stripefs: no --meta given and no {addr_file} (is the cluster up?)")
+            raise CliError(f"no --meta given, no ${META_ENV} and no {addr_file}: is the cluster up? "
+                           "(./scripts/up, or name it with --meta HOST:PORT)")
         meta = addr_file.read_text().strip()
-    creds = args.credentials or os.environ.get(CREDENTIALS_ENV) or str(state / CREDENTIALS_SUBDIR / "admin")
-    return _meta_addresses(meta), creds
+    return _meta_addresses(meta)
+
+
+#: The local cluster's client credential (scripts/up issues it for its mount): what a
+#: command that writes file data uses by default, since data servers take blocks from
+#: clients only.
+WRITER_CREDENTIAL = "mount"
+
+
+def _resolve_credentials(opts: ClusterOptions, writes: bool = False) -> str:
+    """--credentials if given, else $STRIPEFS_CREDENTIALS, else STATE/credentials/admin (for
+    a command that writes files into a cluster: STATE/credentials/mount, if there is one)."""
+    given = opts.credentials or os.environ.get(CREDENTIALS_ENV)
+    if given:
+        return given
+    local = _state_dir(opts) / CREDENTIALS_SUBDIR
+    if writes and (local / WRITER_CREDENTIAL).is_dir():
+        return str(local / WRITER_CREDENTIAL)
+    return str(local / "admin")
+
+
+def _resolve_meta_and_credentials(opts: ClusterOptions) -> tuple[list[str], str]:
+    """The metaservers and the credential bundle a command talks to a cluster with."""
+    return _resolve_meta(opts), _resolve_credentials(opts)
 
 
 def _meta_addresses(value: str) -> list[str]:
@@ -65,45 +193,106 @@ def _meta_addresses(value: str) -> list[str]:
     try:
         return parse_addresses(value)
     except ValueError as exc:
-        sys.exit(f"stripefs: metaservers: {exc}")
+        raise CliError(f"metaservers: {exc}") from None
 
 
-def _load_credentials(path: str, cmd: str):
+def _load_credentials(path: str):
     from proto.credentials import load_credentials
     from proto.errors import FsError
 
     try:
         return load_credentials(path)
     except FsError as exc:
-        sys.exit(f"stripefs {cmd}: {exc.message}")
+        raise CliError(exc.message) from None
+
+
+# ---------------------------------------------------------------------------- the command group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """stripefs: a distributed file system for AI training. `stripefs COMMAND --help` for
+    each command; docs/cli.md for all of them."""
+
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+@cli.command("meta", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def meta_cmd(argv: tuple[str, ...]) -> None:
+    """run the metadata server (see: stripefs meta --help)"""
+    sys.exit(cmd_role("metaserver.server", list(argv)))
+
+
+@cli.command("data", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def data_cmd(argv: tuple[str, ...]) -> None:
+    """run a data server (see: stripefs data --help)"""
+    sys.exit(cmd_role("dataserver.server", list(argv)))
 
 
 def cmd_role(module: str, argv: list[str]) -> int:
     return importlib.import_module(module).main(argv)
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------- mount, umount
+
+
+def _mount_defaults() -> tuple[int, int]:
+    from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
+
+    return DEFAULT_WRITEBACK_BYTES >> 20, DEFAULT_CACHE_BYTES >> 20
+
+
+_WRITEBACK_MIB, _CACHE_MIB = _mount_defaults()
+
+
+@cli.command("mount")
+@click.argument("meta")
+@click.argument("mountpoint")
+@click.option("--credentials", envvar=CREDENTIALS_ENV, required=True, metavar="DIR",
+              help=f"client credential bundle (stripefs credential new --role client; default ${CREDENTIALS_ENV})")
+@click.option("--foreground", is_flag=True, help="run in the foreground until unmounted")
+@click.option("--log-file")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--pid-file")
+@click.option("-o", "options", help="extra FUSE mount options, comma separated")
+@click.option("--writeback-mib", type=int, default=_WRITEBACK_MIB, show_default=True, help="memory for unflushed writes (MiB)")
+@click.option("--cache-mib", type=int, default=_CACHE_MIB, show_default=True, help="memory for cached blocks (MiB)")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
+@click.option("--metrics-ready-file", metavar="FILE", help="with --metrics-listen: write the bound HOST:PORT here once serving")
+def mount_cmd(**kw: Any) -> None:
+    """mount a cluster: META is HOST:PORT or HOST:PORT,HOST:PORT,... (returns once mounted,
+    unless --foreground)"""
+    sys.exit(cmd_mount(SimpleNamespace(**kw)))
+
+
+def cmd_mount(args: SimpleNamespace) -> int:
     from proto.logsetup import setup_logging
 
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
-        sys.exit(f"stripefs mount: {mountpoint} is not a directory")
+        raise CliError(f"{mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
-        sys.exit(f"stripefs mount: {mountpoint} is already a mount point")
+        raise CliError(f"{mountpoint} is already a mount point (stripefs umount {mountpoint} first)")
     _meta_addresses(args.meta)
-    creds = _load_credentials(args.credentials, "mount")
+    creds = _load_credentials(args.credentials)
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
     if args.pid_file:
-        _write_atomic(args.pid_file, f"{os.getpid()}\n")
+        from proto.atomic import write_atomically
+
+        write_atomically(args.pid_file, f"{os.getpid()}\n")
     from fs.fuse.mount import run_mount
     from proto import metrics
 
     try:
         metrics.start(args)
     except (OSError, ValueError) as exc:
-        sys.exit(f"stripefs mount: metrics on {args.metrics_listen}: {exc}")
+        raise CliError(f"metrics on {args.metrics_listen}: {exc}") from None
 
     options = [o for o in (args.options or "").split(",") if o]
     run_mount(
@@ -114,7 +303,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
+def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
     argv = [sys.executable, "-m", "fs.cli", "mount", "--foreground", args.meta, mountpoint,
             "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
             "--log-level", args.log_level]
@@ -131,65 +320,96 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str) -> int:
         if os.path.ismount(mountpoint):
             return 0
         if proc.poll() is not None:
-            sys.exit(f"stripefs mount: the mount process exited with {proc.returncode}"
-                     + (f"; see {args.log_file}" if args.log_file else ""))
+            raise CliError(f"the mount process exited with {proc.returncode}"
+                           + (f"; see {args.log_file}" if args.log_file else "; run with --log-file FILE to see why"))
         time.sleep(0.05)
     proc.terminate()
-    sys.exit(f"stripefs mount: {mountpoint} not mounted after {MOUNT_READY_TIMEOUT_S:.0f} s")
+    raise CliError(f"{mountpoint} not mounted after {MOUNT_READY_TIMEOUT_S:.0f} s"
+                   + (f"; see {args.log_file}" if args.log_file else ""))
 
 
-def cmd_ca_init(args: argparse.Namespace) -> int:
+@cli.command("umount")
+@click.argument("mountpoint")
+def umount_cmd(mountpoint: str) -> None:
+    """unmount (lazily if it is busy)"""
+    mountpoint = os.path.abspath(mountpoint)
+    if subprocess.run(["fusermount3", "-u", mountpoint]).returncode == 0:
+        sys.exit(0)
+    click.echo(f"stripefs umount: {mountpoint} busy, detaching lazily", err=True)
+    sys.exit(subprocess.run(["fusermount3", "-u", "-z", mountpoint]).returncode)
+
+
+# ---------------------------------------------------------------------------- ca, credential
+
+
+@cli.group("ca")
+def ca_group() -> None:
+    """the cluster's certificate authority"""
+
+
+@ca_group.command("init")
+@click.argument("dir")
+def ca_init_cmd(dir: str) -> None:
+    """make a CA in DIR (ca.crt, ca.key 0600) unless one is there"""
     from proto.credentials import init_ca
 
-    print(init_ca(args.dir))
-    return 0
+    click.echo(init_ca(dir))
 
 
-def cmd_credential_new(args: argparse.Namespace) -> int:
+@cli.group("credential")
+def credential_group() -> None:
+    """issue or revoke a credential of the cluster's CA"""
+
+
+@credential_group.command("new")
+@click.option("--ca", required=True, metavar="DIR", help="the CA directory (stripefs ca init)")
+@click.option("--role", required=True, type=click.Choice(["meta", "data", "client", "admin"]))
+@click.option("--name", required=True, help="who holds it: a host, a user, a data directory")
+@click.option("--out", required=True, metavar="DIR", help="directory to write the bundle to (0700)")
+@click.option("--squash", default="", metavar="root|UID:GID",
+              help="client only: act as nobody (65534) where callers say root, or always as UID:GID")
+def credential_new_cmd(ca: str, role: str, name: str, out: str, squash: str) -> None:
+    """issue a credential bundle (ca.crt, cert.pem, key.pem) into --out"""
     from proto.credentials import issue
 
     try:
-        print(issue(args.ca, args.role, args.name, args.out, squash=args.squash))
+        click.echo(issue(ca, role, name, out, squash=squash))
     except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"stripefs credential new: {exc}")
-    return 0
+        raise CliError(str(exc)) from None
 
 
-def cmd_credential_revoke(args: argparse.Namespace) -> int:
+@credential_group.command("revoke")
+@click.option("--ca", required=True, metavar="DIR", help="the CA directory")
+@click.argument("name")
+def credential_revoke_cmd(ca: str, name: str) -> None:
+    """list NAME (or ROLE:NAME) in the CA's revocation file (servers given --revoked refuse it)"""
     from proto.credentials import revoke
 
-    print(revoke(args.ca, args.name))
-    return 0
+    try:
+        click.echo(revoke(ca, name))
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
 
 
-def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
-    if subprocess.run(["fusermount3", "-u", mountpoint]).returncode == 0:
-        return 0
-    print(f"stripefs umount: {mountpoint} busy, detaching lazily", file=sys.stderr)
-    return subprocess.run(["fusermount3", "-u", "-z", mountpoint]).returncode
+# ---------------------------------------------------------------------------- status, fsck
 
 
-def _meta_call(args: argparse.Namespace, cmd: str, name: str, req, timeout: float):
-    """One call to a metaserver named by args (the first that can be reached): the address
-    that answered and the reply; exits with a message if it fails."""
+def _meta_call(opts: ClusterOptions, name: str, req, timeout: float):
+    """One call to a metaserver named by opts (the first that can be reached): the address
+    that answered and the reply; CliError if it fails."""
     from proto.errors import FsError
     from proto.rpc import FailoverStub
     from proto.services import META_METHODS, META_SERVICE
 
-    metas, creds = _resolve_meta_and_credentials(args)
-    stub = FailoverStub(metas, _load_credentials(creds, cmd), META_SERVICE, META_METHODS)
+    metas, creds = _resolve_meta_and_credentials(opts)
+    stub = FailoverStub(metas, _load_credentials(creds), META_SERVICE, META_METHODS)
     try:
         reply = stub.call(name, req, timeout=timeout)
     except FsError as exc:
-        sys.exit(f"stripefs {cmd}: {','.join(metas)}: {exc}")
+        raise CliError(f"{','.join(metas)}: {exc}") from None
     finally:
         stub.close()
     return stub.address, reply
-
-
-#: How long `stripefs status` waits for each metaserver's answer.
-STATUS_TIMEOUT_S = 10.0
 
 
 def _status_of_each(metas: list[str], creds) -> list[tuple[str, Any]]:
@@ -217,18 +437,28 @@ def _status_of_each(metas: list[str], creds) -> list[tuple[str, Any]]:
     return out
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+@cli.command("status")
+@_cluster_options
+@_json_option
+def status_cmd(cluster: ClusterOptions, as_json: bool) -> None:
+    """metaservers, data servers, their states and replication health"""
+    sys.exit(cmd_status(cluster, as_json))
+
+
+def cmd_status(opts: ClusterOptions, as_json: bool) -> int:
     """Every metaserver of the list, reachable or not; the cluster as the first that
-    answered sees it. Exits with a message if none answered."""
+    answered sees it. CliError if none answered."""
     from proto.errors import FsError
 
-    metas, creds = _resolve_meta_and_credentials(args)
-    each = _status_of_each(metas, _load_credentials(creds, "status"))
+    metas, creds = _resolve_meta_and_credentials(opts)
+    each = _status_of_each(metas, _load_credentials(creds))
     answered = [(address, st) for address, st in each if not isinstance(st, FsError)]
     if not answered:
-        sys.exit("stripefs status: " + "; ".join(f"{address}: {exc}" for address, exc in each))
+        raise CliError("; ".join(f"{address}: {exc}" for address, exc in each)
+                       + " (are the metaservers up, and is the credential one of this cluster's CA?"
+                         " check --meta and --credentials)")
     meta, st = answered[0]
-    if args.json:
+    if as_json:
         out = st.to_wire()
         out["meta"] = meta
         out["addresses"] = [
@@ -237,154 +467,393 @@ def cmd_status(args: argparse.Namespace) -> int:
              "duties": bool(r.metaserver) and r.metaserver == r.duties}
             for address, r in each
         ]
-        print(json.dumps(out, indent=2))
+        _print_json(out)
         return 0
+    # One line per metaserver first (scripts and tests read them), then the tables.
     for address, r in each:
         if isinstance(r, FsError):
-            print(f"metaserver {address} unreachable: {r}")
+            click.echo(f"metaserver {address} unreachable: {r}")
         else:
             name = f" ({r.metaserver})" if r.metaserver else ""
             duties = ", holds the background duties" if r.metaserver and r.metaserver == r.duties else ""
-            print(f"metaserver {address} up{name}{duties}")
+            click.echo(f"metaserver {address} up{name}{duties}")
     if st.engine:
-        print(f"store: {st.engine}")
+        click.echo(f"store: {st.engine}")
     if st.metaservers:
         duties = st.duties_address or st.duties
-        print(f"metaservers on the store: {', '.join(st.metaservers)}"
-              + (f"; background duties: {duties}" if duties else ""))
-    print(f"{'id':>3} {'address':<22} {'state':<7} {'used':>10} {'free':>10} {'capacity':>10} {'blocks':>8} {'beat':>6}")
+        click.echo(f"metaservers on the store: {', '.join(st.metaservers)}"
+                   + (f"; background duties: {duties}" if duties else ""))
+    console = _console()
+    table = _table("id", "address", "state", "used", "free", "capacity", "blocks", "beat", title="data servers",
+                   right=("id", "used", "free", "capacity", "blocks", "beat"))
     for s in st.servers:
-        print(f"{s.server_id:>3} {s.address:<22} {s.state:<7} {_human(s.used_bytes):>10} "
-              f"{_human(s.free_bytes):>10} {_human(s.capacity_bytes):>10} {s.blocks:>8} {s.last_heartbeat_s:>5.1f}s")
-    print(f"namespace: {st.inodes} inodes, {st.files} files, {st.directories} directories, "
-          f"{_human(st.bytes)} in files, {st.blocks} blocks, {st.sessions} client sessions, {st.locks} locks held")
-    print(f"replication: {st.under_replicated} blocks under-replicated, {st.lost} lost")
+        table.add_row(str(s.server_id), s.address, _styled(s.state, STATE_STYLES.get(s.state, "")),
+                      _human(s.used_bytes), _human(s.free_bytes), _human(s.capacity_bytes), str(s.blocks),
+                      f"{s.last_heartbeat_s:.1f}s")
+    console.print(table)
+    table = _table("namespace", "", title=None, right=("",))
+    for label, value in (("inodes", st.inodes), ("files", st.files), ("directories", st.directories),
+                         ("bytes in files", _human(st.bytes)), ("inline files", f"{st.inline_files} ({_human(st.inline_bytes)})"),
+                         ("blocks", st.blocks), ("client sessions", st.sessions), ("locks held", st.locks)):
+        table.add_row(label, str(value))
+    console.print(table)
+    bad = st.under_replicated or st.lost
+    click.echo(f"replication: {st.under_replicated} blocks under-replicated, {st.lost} lost"
+               + (" (stripefs fsck lists them)" if bad else ""))
     return 0
 
 
-#: fsck reads the whole store in one transaction: give a large one time.
-FSCK_TIMEOUT_S = 600.0
+@cli.command("fsck")
+@_cluster_options
+@click.option("--repair", is_flag=True, help="fix what can be fixed")
+@_json_option
+def fsck_cmd(cluster: ClusterOptions, repair: bool, as_json: bool) -> None:
+    """check the metadata (read-only unless --repair); exit 1 if not clean"""
+    sys.exit(cmd_fsck(cluster, repair, as_json))
 
 
-def cmd_fsck(args: argparse.Namespace) -> int:
+def cmd_fsck(opts: ClusterOptions, repair: bool, as_json: bool) -> int:
     """Exit 0 when clean (or everything found was repaired), 1 otherwise."""
     from proto.messages import FsckReq
 
-    meta, rep = _meta_call(args, "fsck", "fsck", FsckReq(repair=args.repair), timeout=FSCK_TIMEOUT_S)
+    meta, rep = _meta_call(opts, "fsck", FsckReq(repair=repair), timeout=FSCK_TIMEOUT_S)
     unrepaired = len(rep.problems) - len(rep.repaired)
-    if args.json:
+    if as_json:
         out = rep.to_wire()
         out["meta"] = meta
         out["clean"] = not rep.problems
         out["unrepaired"] = unrepaired
-        print(json.dumps(out, indent=2))
+        _print_json(out)
     else:
-        print(f"metaserver {meta}: {rep.inodes} inodes, {rep.blocks} blocks checked; "
-              f"{rep.under_replicated} under-replicated, {rep.lost} lost")
-        for line in rep.problems:
-            print(f"problem: {line}")
-        for line in rep.repaired:
-            print(f"repaired: {line}")
+        click.echo(f"metaserver {meta}: {rep.inodes} inodes, {rep.blocks} blocks checked; "
+                   f"{rep.under_replicated} under-replicated, {rep.lost} lost")
+        if rep.problems or rep.repaired:
+            table = _table("", "what")
+            for line in rep.problems:  # "problem:" and "repaired:" as before the table (tests read them)
+                table.add_row(_styled("problem:", "red"), line)
+            for line in rep.repaired:
+                table.add_row(_styled("repaired:", "green"), line)
+            _console().print(table)
         if not rep.problems:
-            print("clean")
-        elif args.repair:
-            print(f"{len(rep.problems)} problems, {len(rep.repaired)} repaired")
+            click.echo("clean")
+        elif repair:
+            click.echo(f"{len(rep.problems)} problems, {len(rep.repaired)} repaired")
         else:
-            print(f"{len(rep.problems)} problems (run with --repair to fix what can be fixed)")
-    return 0 if unrepaired <= 0 and (args.repair or not rep.problems) else 1
+            click.echo(f"{len(rep.problems)} problems (run with --repair to fix what can be fixed)")
+    return 0 if unrepaired <= 0 and (repair or not rep.problems) else 1
 
 
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(n)
+# ---------------------------------------------------------------------------- du, info, cp: the library
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _with_clients(opts: ClusterOptions, work: Callable, writes: bool = False) -> Any:
+    """trio.run(work(clients)) with a library session per cluster named (opened on first
+    use, with the command's credential bundle); FsError from opening one is a CliError."""
+    import trio
+    from contextlib import AsyncExitStack
+
+    from fs.cli_work import Clients
+    from proto.errors import FsError
+
+    # The library logs what it retries and works around; what failed reaches the command
+    # as an FsError, and is told as one line.
+    logging.getLogger().addHandler(logging.NullHandler())
+    credentials: list[Any] = []
+
+    def creds():
+        if not credentials:
+            credentials.append(_load_credentials(_resolve_credentials(opts, writes)))
+        return credentials[0]
+
+    async def main() -> Any:
+        async with AsyncExitStack() as stack:
+            return await work(Clients(stack, creds))
+
+    try:
+        return trio.run(main)
+    except FsError as exc:
+        raise CliError(f"{exc} (is the cluster up? check --meta and --credentials)") from None
+    except ValueError as exc:
+        raise CliError(f"metaservers: {exc}") from None
+
+
+def _places(opts: ClusterOptions, args: tuple[str, ...], *, bare_is_cluster: bool) -> list:
+    from fs.cli_work import place_of, stripefs_mounts
+
+    mounts = stripefs_mounts()
+    return [place_of(a, lambda: ",".join(_resolve_meta(opts)), bare_is_cluster=bare_is_cluster, mounts=mounts)
+            for a in args]
+
+
+def _each_path(opts: ClusterOptions, args: tuple[str, ...], one: Callable) -> list[tuple[Any, Any]]:
+    """one(client, place) for every path argument, in order: (place, its result or the
+    exception it failed with)."""
+    from fs.cli_work import Place
+    from proto.errors import FsError
+
+    places: list[Place] = _places(opts, args, bare_is_cluster=True)
+
+    async def work(clients) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = []
+        for place in places:
+            client = await clients.get(place.meta)
+            try:
+                out.append((place, await one(client, place)))
+            except FsError as exc:
+                out.append((place, exc))
+        return out
+
+    return _with_clients(opts, work)
+
+
+def _report_failures(command: str, results: list[tuple[Any, Any]]) -> int:
+    """Each path that failed, told on stderr; 1 if any did."""
+    from fs.cli_work import errno_text
+
+    failed = [(place, r) for place, r in results if isinstance(r, Exception)]
+    for place, exc in failed:
+        click.echo(f"stripefs {command}: {place.arg}: {errno_text(exc)}", err=True)
+    return 1 if failed else 0
+
+
+@cli.command("du")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-b", "--bytes", "exact", is_flag=True, help="sizes in bytes (default: human-readable)")
+@_cluster_options
+@_json_option
+def du_cmd(paths: tuple[str, ...], exact: bool, cluster: ClusterOptions, as_json: bool) -> None:
+    """bytes, files and directories under each PATH, from the metaserver's usage counters
+    (one call per path, whatever the subtree holds; symbolic links followed)"""
+    from fs.cli_work import usage_dict
+    from fs.client import paths as cpaths
+
+    results = _each_path(cluster, paths, lambda client, place: cpaths.usage(client, place.path))
+    done = [(place, usage_dict(u)) for place, u in results if not isinstance(u, Exception)]
+    if as_json:
+        _print_json([{"path": place.arg, **u} for place, u in done])
+    else:
+        table = _table("path", "size", "files", "dirs", right=("size", "files", "dirs"))
+        for place, u in done:
+            table.add_row(place.arg, str(u["bytes"]) if exact else _human(u["bytes"]), str(u["files"]), str(u["dirs"]))
+        if done:
+            _console().print(table)
+    sys.exit(_report_failures("du", results))
+
+
+@cli.command("info")
+@click.argument("paths", nargs=-1, required=True)
+@_cluster_options
+@_json_option
+def info_cmd(paths: tuple[str, ...], cluster: ClusterOptions, as_json: bool) -> None:
+    """the inode of each PATH (symbolic links followed), its labels, and a file's blocks
+    with each replica's data server and that server's state (a directory: its usage)"""
+    from fs.cli_work import info
+
+    results = _each_path(cluster, paths, lambda client, place: info(client, place.path))
+    done = [(place, doc) for place, doc in results if not isinstance(doc, Exception)]
+    if as_json:
+        _print_json([{**doc, "path": place.arg, "cluster_path": doc["path"]} for place, doc in done])
+    else:
+        console = _console()
+        for place, doc in done:
+            _show_info(console, place.arg, doc)
+    sys.exit(_report_failures("info", results))
+
+
+def _show_info(console, arg: str, doc: dict[str, Any]) -> None:
+    from fs.cli_work import when
+
+    table = _table("", "", title=f"{arg} ({doc['path']})")
+    table.show_header = False
+    replicas = str(doc["replicas"]) if doc["replicas"] else "0 (the cluster's default)"
+    rows = [("inode", doc["ino"]), ("type", doc["type"]), ("mode", doc["mode"]), ("owner", f"{doc['uid']}:{doc['gid']}"),
+            ("links", doc["nlink"]), ("size", f"{doc['size']} ({_human(doc['size'])})"),
+            ("block size", _human(doc["block_size"])), ("replicas", replicas), ("inline max", doc["inline_max"]),
+            ("generation", doc["generation"]), ("accessed", when(doc["atime_ns"])), ("modified", when(doc["mtime_ns"])),
+            ("changed", when(doc["ctime_ns"]))]
+    if "inline" in doc:
+        rows.append(("block 0", "inline (in the metadata store)" if doc["inline"] else "on data servers"))
+    if "usage" in doc:
+        u = doc["usage"]
+        rows.append(("usage", f"{_human(u['bytes'])} ({u['bytes']} bytes), {u['files']} files, {u['dirs']} directories"))
+    for name, value in doc["labels"].items():
+        rows.append((f"label {name}", value))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
+    if doc.get("blocks"):
+        from rich.text import Text
+
+        blocks = _table("index", "block id", "length", "replicas (server, state)", right=("index", "block id", "length"))
+        for b in doc["blocks"]:
+            cell = Text()
+            for i, r in enumerate(b["replicas"]):
+                cell.append(("  " if i else "") + f"{r['address']} ")
+                cell.append(r["state"], style=STATE_STYLES.get(r["state"], ""))
+            if not b["replicas"]:
+                cell.append("no replica", style="red")
+            blocks.add_row(str(b["index"]), str(b["block_id"]), str(b["length"]), cell)
+        console.print(blocks)
+
+
+@cli.command("cp")
+@click.argument("sources", nargs=-1, required=True)
+@click.argument("dst")
+@click.option("-r", "--recursive", is_flag=True, help="copy directories and what is under them")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=8, show_default=True, help="files copied at once")
+@_cluster_options
+@_json_option
+def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, cluster: ClusterOptions, as_json: bool) -> None:
+    """copy files into, out of and within clusters through the client library (no mount
+    needed). DST an existing directory: into it. Exit 1 if any file failed."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from fs.cli_work import copy
+    from proto.errors import FsError
+
+    places = _places(cluster, sources + (dst,), bare_is_cluster=False)
+    writes = not places[-1].local
+    if writes:
+        creds = _resolve_credentials(cluster, writes)
+        if _load_credentials(creds).role == "admin":
+            raise CliError(f"{creds} is an admin credential, and data servers take file data only from clients: "
+                           f"give a client credential with --credentials DIR or ${CREDENTIALS_ENV} "
+                           "(scripts/up makes STATE/credentials/mount)")
+    err = _console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=as_json or not err.is_terminal)
+    task = progress.add_task("planning", total=None)
+
+    def on_plan(files: int, size: int) -> None:
+        progress.update(task, description=f"{files} files", total=size)
+
+    def on_error(text: str) -> None:
+        progress.console.print(f"stripefs cp: {text}", style="red" if err.is_terminal else None)
+
+    async def work(clients):
+        try:
+            return await copy(clients, places[:-1], places[-1], recursive=recursive, jobs=jobs, on_plan=on_plan,
+                              on_bytes=lambda n: progress.advance(task, n), on_error=on_error)
+        except FsError as exc:
+            if exc.errno == errno.EIO:  # the cluster cannot be reached: told with a hint
+                raise
+            raise CliError(exc.message) from None
+
+    with progress:
+        report = _with_clients(cluster, work, writes)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
+        click.echo(f"copied {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
+                   f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
+    sys.exit(1 if report.failed else 0)
+
+
+# ---------------------------------------------------------------------------- top
+
+
+@cli.command("top")
+@click.option("--metrics", "addresses", multiple=True, required=True, metavar="HOST:PORT",
+              help="a role's --metrics-listen address (repeat for several roles)")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True, help="seconds between scrapes")
+@click.option("--once", is_flag=True, help="two scrapes --interval apart, one table (or JSON object), then exit")
+@_json_option
+def top_cmd(addresses: tuple[str, ...], interval: float, once: bool, as_json: bool) -> None:
+    """live operation rates of running roles from their Prometheus metrics: per RPC method,
+    FUSE operation and client metadata call (ops/s, errors/s, mean latency), bytes/s read
+    and written, block cache hit ratio. Ctrl-C ends it."""
+    from fs.cli_work import rates, scrape
+
+    def scrape_all() -> tuple[float, dict[str, Any]]:
+        out: dict[str, Any] = {}
+        for address in addresses:
+            try:
+                out[address] = scrape(address)
+            except (OSError, ValueError) as exc:
+                out[address] = exc
+        return time.monotonic(), out
+
+    def snapshot(before: tuple[float, dict], after: tuple[float, dict]) -> dict[str, Any]:
+        seconds = after[0] - before[0]
+        sources = []
+        for address in addresses:
+            a, b = before[1][address], after[1][address]
+            if isinstance(a, Exception) or isinstance(b, Exception):
+                bad = b if isinstance(b, Exception) else a
+                sources.append({"address": address, "error": str(bad)})
+            else:
+                sources.append({"address": address, **rates(a, b, seconds)})
+        return {"interval_s": round(seconds, 3), "sources": sources}
+
+    def unreachable(doc: dict[str, Any]) -> bool:
+        return all("error" in s for s in doc["sources"])
+
+    previous = scrape_all()
+    if once or as_json:
+        time.sleep(interval)
+        doc = snapshot(previous, scrape_all())
+        if as_json:
+            _print_json(doc)
+        else:
+            _console().print(_top_table(doc))
+        if unreachable(doc):
+            raise CliError(f"no metrics from {', '.join(addresses)}: is each role started with --metrics-listen "
+                           "HOST:PORT, and is that the address given?")
+        sys.exit(0)
+    from rich.live import Live
+
+    with Live(_top_table(None), console=_console(), auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                current = scrape_all()
+                live.update(_top_table(snapshot(previous, current)), refresh=True)
+                previous = current
+        except KeyboardInterrupt:
+            pass
+
+
+def _top_table(doc: Optional[dict[str, Any]]):
+    from rich.console import Group
+
+    ops = _table("source", "kind", "name", "ops/s", "errors/s", "mean ms", right=("ops/s", "errors/s", "mean ms"),
+                 title="operations" + (f" (last {doc['interval_s']:.1f} s)" if doc else " (first interval under way)"))
+    io = _table("source", "read/s", "written/s", "cache hits", right=("read/s", "written/s", "cache hits"))
+    for s in (doc or {}).get("sources", []):
+        if "error" in s:
+            io.add_row(s["address"], _styled(f"unreachable: {s['error']}", "red"), "", "")
+            continue
+        for row in s["ops"]:
+            ops.add_row(s["address"], row["kind"], row["name"], f"{row['ops_per_s']:.1f}",
+                        _styled(f"{row['errors_per_s']:.1f}", "red") if row["errors_per_s"] else "0",
+                        "" if row["mean_ms"] is None else f"{row['mean_ms']:.2f}")
+        ratio = s["cache_hit_ratio"]
+        io.add_row(s["address"], f"{_human(s['read_bytes_per_s'])}/s", f"{_human(s['written_bytes_per_s'])}/s",
+                   "" if ratio is None else f"{ratio * 100:.1f}%")
+    return Group(ops, io)
+
+
+# ---------------------------------------------------------------------------- entry point
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Server roles parse their own options.
+    # Server roles parse their own options: everything after the role, untouched.
     if argv and argv[0] == "meta":
         return cmd_role("metaserver.server", argv[1:])
     if argv and argv[0] == "data":
         return cmd_role("dataserver.server", argv[1:])
-
-    parser = argparse.ArgumentParser(prog="stripefs", description="stripefs: a distributed file system for AI training")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("meta", help="run the metadata server (see: stripefs meta --help)")
-    sub.add_parser("data", help="run a data server (see: stripefs data --help)")
-
-    from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
-    from proto import metrics
-
-    p = sub.add_parser("mount", help="mount a cluster")
-    p.add_argument("meta", help="metaserver HOST:PORT, or several: HOST:PORT,HOST:PORT,...")
-    p.add_argument("mountpoint")
-    p.add_argument("--credentials", default=os.environ.get(CREDENTIALS_ENV),
-                   required=CREDENTIALS_ENV not in os.environ,
-                   help=f"client credential bundle (stripefs credential new --role client; default ${CREDENTIALS_ENV})")
-    p.add_argument("--foreground", action="store_true", help="run in the foreground until unmounted")
-    p.add_argument("--log-file")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--pid-file")
-    p.add_argument("-o", dest="options", help="extra FUSE mount options, comma separated")
-    p.add_argument("--writeback-mib", type=int, default=DEFAULT_WRITEBACK_BYTES >> 20,
-                   help="memory for unflushed writes (MiB)")
-    p.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="memory for cached blocks (MiB)")
-    metrics.add_arguments(p)
-    p.set_defaults(func=cmd_mount)
-
-    p = sub.add_parser("ca", help="the cluster's certificate authority")
-    ca_sub = p.add_subparsers(dest="ca_cmd", required=True)
-    q = ca_sub.add_parser("init", help="make a CA in DIR (ca.crt, ca.key 0600) unless one is there")
-    q.add_argument("dir")
-    q.set_defaults(func=cmd_ca_init)
-
-    p = sub.add_parser("credential", help="issue or revoke a credential of the cluster's CA")
-    cred_sub = p.add_subparsers(dest="cred_cmd", required=True)
-    q = cred_sub.add_parser("new", help="issue a credential bundle (ca.crt, cert.pem, key.pem) into --out")
-    q.add_argument("--ca", required=True, help="the CA directory (stripefs ca init)")
-    q.add_argument("--role", required=True, choices=["meta", "data", "client", "admin"])
-    q.add_argument("--name", required=True, help="who holds it: a host, a user, a data directory")
-    q.add_argument("--out", required=True, help="directory to write the bundle to (0700)")
-    q.add_argument("--squash", default="", metavar="root|UID:GID",
-                   help="client only: act as nobody (65534) where callers say root, or always as UID:GID")
-    q.set_defaults(func=cmd_credential_new)
-    q = cred_sub.add_parser("revoke", help="list NAME in the CA's revocation file (servers given --revoked refuse it)")
-    q.add_argument("--ca", required=True)
-    q.add_argument("name", help="NAME or ROLE:NAME")
-    q.set_defaults(func=cmd_credential_revoke)
-
-    p = sub.add_parser("umount", help="unmount")
-    p.add_argument("mountpoint")
-    p.set_defaults(func=cmd_umount)
-
-    p = sub.add_parser("status", help="metaservers, data servers, their states and replication health")
-    p.add_argument("--meta", help="metaserver HOST:PORT[,HOST:PORT...] (default: STATE/meta.addr)")
-    p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
-    p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("fsck", help="check the metadata (read-only unless --repair); exit 1 if not clean")
-    p.add_argument("--meta", help="metaserver HOST:PORT[,HOST:PORT...] (default: STATE/meta.addr)")
-    p.add_argument("--credentials", help=f"credential bundle (default ${CREDENTIALS_ENV}, else STATE/credentials/admin)")
-    p.add_argument("--state", help=f"local cluster state directory (default: ./{DEFAULT_STATE_DIR})")
-    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_fsck)
-
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        cli.main(args=argv, prog_name="stripefs")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        click.echo(exc.code, err=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

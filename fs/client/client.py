@@ -399,6 +399,21 @@ class Client:
     async def statfs(self) -> m.StatfsReply:
         return await self._meta("statfs", m.Empty())
 
+    async def block_map(self, ino: int) -> m.BlockMapReply:
+        """File `ino`'s attributes and blocks, each with its replicas' servers (what
+        `stripefs info` shows). An admin's session asks for it directly; a client's opens
+        the file for reading first, which is what entitles a session to it."""
+        try:
+            return await self._meta("block_map", m.BlockMapReq(ino, self.session.id))
+        except FsError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        fh, _, _ = await self.open(ino, os.O_RDONLY)
+        try:
+            return await self._meta("block_map", m.BlockMapReq(ino, self.session.id))
+        finally:
+            await self.release(fh)
+
     async def usage(self, ino: int, ctx: Optional[m.Ctx] = None) -> m.UsageReply:
         """Bytes, files and directories under directory `ino` (a file: its own size), from
         the metaserver's usage counters: one call whatever the subtree holds."""
