@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from proto.types import CREDENTIALS_ENV, META_ENV
+from proto.types import CREDENTIALS_ENV, DEFAULT_REPLICAS, META_ENV
 
 DEFAULT_STATE_DIR = ".stripefs"
 MOUNT_READY_TIMEOUT_S = 30.0
@@ -665,7 +665,7 @@ def _show_info(console, arg: str, doc: dict[str, Any]) -> None:
 
     table = _table("", "", title=f"{arg} ({doc['path']})")
     table.show_header = False
-    replicas = str(doc["replicas"]) if doc["replicas"] else "0 (the cluster's default)"
+    replicas = str(doc["replicas"]) if doc["replicas"] else f"0 (the cluster's default: {DEFAULT_REPLICAS})"
     rows = [("inode", doc["ino"]), ("type", doc["type"]), ("mode", doc["mode"]), ("owner", f"{doc['uid']}:{doc['gid']}"),
             ("links", doc["nlink"]), ("size", f"{doc['size']} ({_human(doc['size'])})"),
             ("block size", _human(doc["block_size"])), ("replicas", replicas), ("inline max", doc["inline_max"]),
