@@ -215,7 +215,7 @@ class FileOps(CoreBase):
                 self._garbage_committed(tx, b["block_id"], now)
             if first == 0:
                 self._set_inline(tx, req.ino, b"")
-            self._bump_content(tx, req.ino, row["size"], now, now)
+            self._bump_content(tx, row, row["size"], now, now)
             return AttrReply(attr=self._attr(tx, req.ino))
 
     def commit_inline(self, req: InlineCommitReq, caller: Caller = LOCAL) -> AttrReply:
@@ -237,18 +237,18 @@ class FileOps(CoreBase):
                             (req.ino, req.session)):
                 self._garbage_pending(tx, r[0], now)
             self._set_inline(tx, req.ino, req.data)
-            self._bump_content(tx, req.ino, req.size, req.mtime_ns, now)
+            self._bump_content(tx, row, req.size, req.mtime_ns, now)
             return AttrReply(attr=self._attr(tx, req.ino))
 
-    def _bump_content(self, tx: Tx, ino: int, size: int, mtime_ns: int, now: int) -> None:
-        """A content commit: the size grows to `size` (a commit never shrinks a file), the
-        times move, and the generation tells caches the content changed."""
-        old = tx.scalar("SELECT size FROM inodes WHERE ino = ?", (ino,))
-        self._resized(tx, ino, old, max(old, size))
+    def _bump_content(self, tx: Tx, row: Row, size: int, mtime_ns: int, now: int) -> None:
+        """A content commit to the file of `row` (read in this transaction): the size grows
+        to `size` (a commit never shrinks a file), the times move, and the generation tells
+        caches the content changed."""
+        ino, new_size = row["ino"], max(row["size"], size)
+        self._resized(tx, ino, row["size"], new_size)
         tx.run(
-            "UPDATE inodes SET size = CASE WHEN size > ? THEN size ELSE ? END, mtime_ns = ?, ctime_ns = ?,"
-            " generation = generation + 1 WHERE ino = ?",
-            (size, size, mtime_ns, now, ino),
+            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, generation = generation + 1 WHERE ino = ?",
+            (new_size, mtime_ns, now, ino),
         )
 
     def _commit(self, tx: Tx, row: Row, req: CommitReq, now: int) -> None:
@@ -297,4 +297,4 @@ class FileOps(CoreBase):
             unwritten = [sid for a, (sid, _) in allocated.items() if a not in written]
             self._garbage(tx, ref.block_id, unwritten, now)
             tx.run("DELETE FROM pending WHERE block_id = ?", (ref.block_id,))
-        self._bump_content(tx, ino, req.size, req.mtime_ns, now)
+        self._bump_content(tx, row, req.size, req.mtime_ns, now)
