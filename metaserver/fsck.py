@@ -33,7 +33,7 @@ from proto.types import ROOT_INODE
 
 from .base import NS_PER_S, is_dir, is_reg
 from .repair import RepairOps
-from .store import Tx
+from .store import Tx, counted_usage
 
 log = logging.getLogger("stripefs.metaserver.fsck")
 
@@ -206,13 +206,11 @@ class FsckOps(RepairOps):
 
     def _fsck_usage(self, tx: Tx, rep: _Report) -> None:
         # After the entry and link repairs above: the counters must match what is there.
+        files, size = counted_usage("p")
         rows = tx.all(
-            "SELECT p.ino, p.used_files, p.used_bytes, COALESCE(a.files, 0) AS files, COALESCE(a.bytes, 0) AS bytes"
-            " FROM inodes p LEFT JOIN (SELECT d.parent, COUNT(*) AS files, SUM(c.size) AS bytes"
-            "   FROM dentries d JOIN inodes c ON c.ino = d.ino WHERE (c.mode & 61440) != 16384"
-            "   GROUP BY d.parent) a ON a.parent = p.ino"
-            " WHERE (p.mode & 61440) = 16384"
-            " AND (p.used_files != COALESCE(a.files, 0) OR p.used_bytes != COALESCE(a.bytes, 0))"
+            f"SELECT * FROM (SELECT p.ino, p.used_files, p.used_bytes, {files} AS files, {size} AS bytes"
+            " FROM inodes p WHERE (p.mode & 61440) = 16384) x"
+            " WHERE x.used_files != x.files OR x.used_bytes != x.bytes"
         )
         for r in rows:
             fix = None

@@ -36,16 +36,20 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: Version of the schema, the same on every engine (each keeps its own migrations to it).
 SCHEMA_VERSION = 11
-#: Fills the directory usage counters (inodes.used_files, used_bytes) from the entries, in
-#: SQL both engines speak: the migration to schema 11 on each engine.
-RECOUNT_USAGE = (
-    "UPDATE inodes SET"
-    " used_files = (SELECT COUNT(*) FROM dentries d JOIN inodes c ON c.ino = d.ino"
-    "               WHERE d.parent = inodes.ino AND (c.mode & 61440) != 16384),"
-    " used_bytes = (SELECT COALESCE(SUM(c.size), 0) FROM dentries d JOIN inodes c ON c.ino = d.ino"
-    "               WHERE d.parent = inodes.ino AND (c.mode & 61440) != 16384)"
-    " WHERE (mode & 61440) = 16384"
-)
+
+
+def counted_usage(directory: str) -> tuple[str, str]:
+    """SQL for what the usage counters (inodes.used_files, used_bytes) of the directory row
+    named `directory` in the query should hold, counted from its entries, in SQL both
+    engines speak: the migrations' recount and fsck's check use this one definition."""
+    entries = (f" FROM dentries d JOIN inodes c ON c.ino = d.ino"
+               f" WHERE d.parent = {directory}.ino AND (c.mode & 61440) != 16384)")
+    return f"(SELECT COUNT(*){entries}", f"(SELECT COALESCE(SUM(c.size), 0){entries}"
+
+
+#: Fills every directory's usage counters: the migration to schema 11 on each engine.
+RECOUNT_USAGE = "UPDATE inodes SET used_files = {}, used_bytes = {} WHERE (mode & 61440) = 16384".format(
+    *counted_usage("inodes"))
 #: The engines, by the name `stripefs meta --engine` takes.
 ENGINES = ("sqlite", "postgres")
 
