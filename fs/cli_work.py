@@ -291,16 +291,20 @@ class _Copier:
                 for e in entries:
                     name = os.fsdecode(e.name)
                     sub = name if rel == "." else posixpath.join(rel, name)
-                    mode = e.attr.mode
-                    if stat.S_ISDIR(mode):
-                        self.dirs.append((dst.child(sub), stat.S_IMODE(mode)))
-                    elif stat.S_ISLNK(mode):
-                        target = os.fsdecode(await client.readlink(e.attr.ino))
-                        self.links.append((src.child(sub), dst.child(sub), target))
-                    elif stat.S_ISREG(mode):
-                        self.files.append((src.child(sub), dst.child(sub), _Node("file", e.attr.size, stat.S_IMODE(mode))))
-                    else:
-                        self.fail(src.child(sub), None, f"not a regular file or a directory ({kind_of(mode)}): not copied")
+                    target = os.fsdecode(await client.readlink(e.attr.ino)) if stat.S_ISLNK(e.attr.mode) else ""
+                    self._add(src, dst, sub, e.attr.mode, e.attr.size, target)
+
+    def _add(self, src: Place, dst: Place, sub: str, mode: int, size: int, target: str) -> None:
+        """Entry `sub` of a directory being copied, into the plan by its type (`target`: a
+        symbolic link's)."""
+        if stat.S_ISDIR(mode):
+            self.dirs.append((dst.child(sub), stat.S_IMODE(mode)))
+        elif stat.S_ISLNK(mode):
+            self.links.append((src.child(sub), dst.child(sub), target))
+        elif stat.S_ISREG(mode):
+            self.files.append((src.child(sub), dst.child(sub), _Node("file", size, stat.S_IMODE(mode))))
+        else:
+            self.fail(src.child(sub), None, f"not a regular file or a directory ({kind_of(mode)}): not copied")
 
     def _plan_local_tree(self, src: Place, dst: Place) -> None:
         """(on a thread) every entry under a local directory; links are not followed."""
@@ -311,15 +315,8 @@ class _Copier:
                 path = os.path.join(top, name)
                 try:
                     st = os.lstat(path)
-                    if stat.S_ISLNK(st.st_mode):
-                        self.links.append((src.child(sub), dst.child(sub), os.readlink(path)))
-                    elif stat.S_ISDIR(st.st_mode):
-                        self.dirs.append((dst.child(sub), stat.S_IMODE(st.st_mode)))
-                    elif stat.S_ISREG(st.st_mode):
-                        self.files.append((src.child(sub), dst.child(sub), _Node("file", st.st_size, stat.S_IMODE(st.st_mode))))
-                    else:
-                        self.fail(src.child(sub), None, f"not a regular file or a directory ({kind_of(st.st_mode)}): "
-                                                        "not copied")
+                    target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+                    self._add(src, dst, sub, st.st_mode, st.st_size, target)
                 except OSError as exc:
                     self.fail(src.child(sub), None, exc)
 
