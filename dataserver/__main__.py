@@ -1,4 +1,4 @@
-"""`python -m dataserver ...` runs the data server process."""
+"""`python -m stripefs.dataserver ...` runs the data server process."""
 
 import sys
 

@@ -52,14 +52,14 @@ from typing import AsyncIterator, Callable, Optional
 
 import grpc
 
-from proto import codec, faults
-from proto.auth import check_write_token
-from proto.credentials import CLIENT, DATA, Caller, Credentials
-from proto.errors import FsError
-from proto.messages import ReplicaError, WriteBlockHead, WriteBlockReply
-from proto.rpc import aio_secure_channel, transport_error
-from proto.services import DATA_SERVICE
-from proto.types import CHAIN_HOP_MARGIN_S
+from stripefs.proto import codec, faults
+from stripefs.proto.auth import check_write_token
+from stripefs.proto.credentials import CLIENT, DATA, Caller, Credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import ReplicaError, WriteBlockHead, WriteBlockReply
+from stripefs.proto.rpc import aio_secure_channel, transport_error
+from stripefs.proto.services import DATA_SERVICE
+from stripefs.proto.types import CHAIN_HOP_MARGIN_S
 
 from .store import BlockStore, BlockWriter
 

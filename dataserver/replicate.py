@@ -17,14 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from proto import metrics
-from proto.auth import check_write_token
-from proto.credentials import Credentials
-from proto.errors import FsError
-from proto.integrity import leaf_hashes, leaves_match, matches
-from proto.messages import GetBlockReq, ReplicateTask
-from proto.rpc import Stub
-from proto.services import DATA_METHODS, DATA_SERVICE
+from stripefs.proto import metrics
+from stripefs.proto.auth import check_write_token
+from stripefs.proto.credentials import Credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.integrity import leaf_hashes, leaves_match, matches
+from stripefs.proto.messages import GetBlockReq, ReplicateTask
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
 
 from .store import BlockStore
 

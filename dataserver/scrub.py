@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Callable
 
-from proto import metrics
-from proto.errors import FsError
+from stripefs.proto import metrics
+from stripefs.proto.errors import FsError
 
 from .store import BlockStore
 

@@ -28,14 +28,14 @@ import threading
 from pathlib import Path
 from typing import Optional, cast
 
-from proto import metrics
-from proto.atomic import write_atomically
-from proto.credentials import load_credentials
-from proto.errors import FsError
-from proto.logsetup import setup_logging
-from proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
-from proto.rpc import FailoverStub, parse_addresses, serve
-from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from stripefs.proto import metrics
+from stripefs.proto.atomic import write_atomically
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.logsetup import setup_logging
+from stripefs.proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
+from stripefs.proto.rpc import FailoverStub, parse_addresses, serve
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
 from .replicate import DEFAULT_REPLICATION_WORKERS, Replicator
 from .scrub import DEFAULT_SCRUB_INTERVAL_S, DEFAULT_SCRUB_RATE_MIB_S, Scrubber
@@ -88,7 +88,7 @@ def _positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dataserver", description="stripefs data server")
+    p = argparse.ArgumentParser(prog="python -m stripefs.dataserver", description="stripefs data server")
     p.add_argument("--listen", required=True, type=parse_address, help="HOST:PORT to serve on (port 0 picks one)")
     p.add_argument("--meta", required=True, type=parse_meta_addresses,
                    help="metaserver HOST:PORT, or several: HOST:PORT,HOST:PORT,...")

@@ -1,6 +1,6 @@
-"""The data server's RPC methods (proto.services.DATA_METHODS) over a BlockStore.
+"""The data server's RPC methods (stripefs.proto.services.DATA_METHODS) over a BlockStore.
 
-proto.rpc has already checked the caller's credential and role and the request's `valid()`
+stripefs.proto.rpc has already checked the caller's credential and role and the request's `valid()`
 before a method runs; what is left here is the per-block write authorization and the
 translation between wire messages and store calls. Methods run on gRPC worker threads.
 The token key that write and read tokens are checked with comes from the metaserver when
@@ -20,13 +20,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
-from proto import metrics
-from proto.auth import check_read_token
-from proto.credentials import ADMIN, LOCAL, Caller, Credentials
-from proto.errors import FsError
-from proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, SyncBlocksReq, WriteBlockHead
-from proto.messages import WriteBlockReply
-from proto.types import TRANSFER_CHUNK_BYTES
+from stripefs.proto import metrics
+from stripefs.proto.auth import check_read_token
+from stripefs.proto.credentials import ADMIN, LOCAL, Caller, Credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import BlockData, DataStatusReply, Empty, GetBlockReq, SyncBlocksReq, WriteBlockHead
+from stripefs.proto.messages import WriteBlockReply
+from stripefs.proto.types import TRANSFER_CHUNK_BYTES
 
 from .chain import ChainWriter
 from .store import BlockStore

@@ -50,10 +50,10 @@ from typing import Callable, Iterator, Optional
 
 import crc32c
 
-from proto import metrics
-from proto.errors import FsError
-from proto.integrity import LEAF_HASH_BYTES, leaf_count, leaves_match, matches
-from proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
+from stripefs.proto import metrics
+from stripefs.proto.errors import FsError
+from stripefs.proto.integrity import LEAF_HASH_BYTES, leaf_count, leaves_match, matches
+from stripefs.proto.types import MAX_BLOCK_SIZE_BYTES, SUB_BLOCK_BYTES, BlockId
 
 log = logging.getLogger("stripefs.dataserver.store")
 

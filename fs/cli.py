@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from proto.types import CREDENTIALS_ENV, DEFAULT_REPLICAS, META_ENV
+from stripefs.proto.types import CREDENTIALS_ENV, DEFAULT_REPLICAS, META_ENV
 
 DEFAULT_STATE_DIR = ".stripefs"
 MOUNT_READY_TIMEOUT_S = 30.0
@@ -188,7 +188,7 @@ def _resolve_meta_and_credentials(opts: ClusterOptions) -> tuple[list[str], str]
 
 
 def _meta_addresses(value: str) -> list[str]:
-    from proto.rpc import parse_addresses
+    from stripefs.proto.rpc import parse_addresses
 
     try:
         return parse_addresses(value)
@@ -197,8 +197,8 @@ def _meta_addresses(value: str) -> list[str]:
 
 
 def _load_credentials(path: str):
-    from proto.credentials import load_credentials
-    from proto.errors import FsError
+    from stripefs.proto.credentials import load_credentials
+    from stripefs.proto.errors import FsError
 
     try:
         return load_credentials(path)
@@ -222,14 +222,14 @@ _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def meta_cmd(argv: tuple[str, ...]) -> None:
     """run the metadata server (see: stripefs meta --help)"""
-    sys.exit(cmd_role("metaserver.server", list(argv)))
+    sys.exit(cmd_role("stripefs.metaserver.server", list(argv)))
 
 
 @cli.command("data", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def data_cmd(argv: tuple[str, ...]) -> None:
     """run a data server (see: stripefs data --help)"""
-    sys.exit(cmd_role("dataserver.server", list(argv)))
+    sys.exit(cmd_role("stripefs.dataserver.server", list(argv)))
 
 
 def cmd_role(module: str, argv: list[str]) -> int:
@@ -240,7 +240,7 @@ def cmd_role(module: str, argv: list[str]) -> int:
 
 
 def _mount_defaults() -> tuple[int, int]:
-    from fs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
+    from stripefs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
 
     return DEFAULT_WRITEBACK_BYTES >> 20, DEFAULT_CACHE_BYTES >> 20
 
@@ -270,7 +270,7 @@ def mount_cmd(**kw: Any) -> None:
 
 
 def cmd_mount(args: SimpleNamespace) -> int:
-    from proto.logsetup import setup_logging
+    from stripefs.proto.logsetup import setup_logging
 
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
@@ -283,11 +283,11 @@ def cmd_mount(args: SimpleNamespace) -> int:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
     if args.pid_file:
-        from proto.atomic import write_atomically
+        from stripefs.proto.atomic import write_atomically
 
         write_atomically(args.pid_file, f"{os.getpid()}\n")
-    from fs.fuse.mount import run_mount
-    from proto import metrics
+    from stripefs.fuse.mount import run_mount
+    from stripefs.proto import metrics
 
     try:
         metrics.start(args)
@@ -304,7 +304,7 @@ def cmd_mount(args: SimpleNamespace) -> int:
 
 
 def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
-    argv = [sys.executable, "-m", "fs.cli", "mount", "--foreground", args.meta, mountpoint,
+    argv = [sys.executable, "-m", "stripefs.cli", "mount", "--foreground", args.meta, mountpoint,
             "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
             "--log-level", args.log_level]
     for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
@@ -351,7 +351,7 @@ def ca_group() -> None:
 @click.argument("dir")
 def ca_init_cmd(dir: str) -> None:
     """make a CA in DIR (ca.crt, ca.key 0600) unless one is there"""
-    from proto.credentials import init_ca
+    from stripefs.proto.credentials import init_ca
 
     click.echo(init_ca(dir))
 
@@ -370,7 +370,7 @@ def credential_group() -> None:
               help="client only: act as nobody (65534) where callers say root, or always as UID:GID")
 def credential_new_cmd(ca: str, role: str, name: str, out: str, squash: str) -> None:
     """issue a credential bundle (ca.crt, cert.pem, key.pem) into --out"""
-    from proto.credentials import issue
+    from stripefs.proto.credentials import issue
 
     try:
         click.echo(issue(ca, role, name, out, squash=squash))
@@ -383,7 +383,7 @@ def credential_new_cmd(ca: str, role: str, name: str, out: str, squash: str) -> 
 @click.argument("name")
 def credential_revoke_cmd(ca: str, name: str) -> None:
     """list NAME (or ROLE:NAME) in the CA's revocation file (servers given --revoked refuse it)"""
-    from proto.credentials import revoke
+    from stripefs.proto.credentials import revoke
 
     try:
         click.echo(revoke(ca, name))
@@ -397,9 +397,9 @@ def credential_revoke_cmd(ca: str, name: str) -> None:
 def _meta_call(opts: ClusterOptions, name: str, req, timeout: float):
     """One call to a metaserver named by opts (the first that can be reached): the address
     that answered and the reply; CliError if it fails."""
-    from proto.errors import FsError
-    from proto.rpc import FailoverStub
-    from proto.services import META_METHODS, META_SERVICE
+    from stripefs.proto.errors import FsError
+    from stripefs.proto.rpc import FailoverStub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
 
     metas, creds = _resolve_meta_and_credentials(opts)
     stub = FailoverStub(metas, _load_credentials(creds), META_SERVICE, META_METHODS)
@@ -414,10 +414,10 @@ def _meta_call(opts: ClusterOptions, name: str, req, timeout: float):
 
 def _status_of_each(metas: list[str], creds) -> list[tuple[str, Any]]:
     """(address, StatusReply or the FsError it failed with) for each metaserver, in order."""
-    from proto.errors import FsError, TransportError
-    from proto.messages import Empty
-    from proto.rpc import HUNG_AFTER_S, ChannelWatch, Stub
-    from proto.services import META_METHODS, META_SERVICE
+    from stripefs.proto.errors import FsError, TransportError
+    from stripefs.proto.messages import Empty
+    from stripefs.proto.rpc import HUNG_AFTER_S, ChannelWatch, Stub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
 
     out: list[tuple[str, Any]] = []
     for address in metas:
@@ -448,7 +448,7 @@ def status_cmd(cluster: ClusterOptions, as_json: bool) -> None:
 def cmd_status(opts: ClusterOptions, as_json: bool) -> int:
     """Every metaserver of the list, reachable or not; the cluster as the first that
     answered sees it. CliError if none answered."""
-    from proto.errors import FsError
+    from stripefs.proto.errors import FsError
 
     metas, creds = _resolve_meta_and_credentials(opts)
     each = _status_of_each(metas, _load_credentials(creds))
@@ -514,7 +514,7 @@ def fsck_cmd(cluster: ClusterOptions, repair: bool, as_json: bool) -> None:
 
 def cmd_fsck(opts: ClusterOptions, repair: bool, as_json: bool) -> int:
     """Exit 0 when clean (or everything found was repaired), 1 otherwise."""
-    from proto.messages import FsckReq
+    from stripefs.proto.messages import FsckReq
 
     meta, rep = _meta_call(opts, "fsck", FsckReq(repair=repair), timeout=FSCK_TIMEOUT_S)
     unrepaired = len(rep.problems) - len(rep.repaired)
@@ -552,8 +552,8 @@ def _with_clients(opts: ClusterOptions, work: Callable, writes: bool = False) ->
     import trio
     from contextlib import AsyncExitStack
 
-    from fs.cli_work import Clients
-    from proto.errors import FsError
+    from stripefs.cli_work import Clients
+    from stripefs.proto.errors import FsError
 
     # The library logs what it retries and works around; what failed reaches the command
     # as an FsError, and is told as one line.
@@ -578,7 +578,7 @@ def _with_clients(opts: ClusterOptions, work: Callable, writes: bool = False) ->
 
 
 def _places(opts: ClusterOptions, args: tuple[str, ...], *, bare_is_cluster: bool) -> list:
-    from fs.cli_work import place_of, stripefs_mounts
+    from stripefs.cli_work import place_of, stripefs_mounts
 
     mounts = stripefs_mounts()
     return [place_of(a, lambda: ",".join(_resolve_meta(opts)), bare_is_cluster=bare_is_cluster, mounts=mounts)
@@ -588,8 +588,8 @@ def _places(opts: ClusterOptions, args: tuple[str, ...], *, bare_is_cluster: boo
 def _each_path(opts: ClusterOptions, args: tuple[str, ...], one: Callable) -> list[tuple[Any, Any]]:
     """one(client, place) for every path argument, in order: (place, its result or the
     exception it failed with)."""
-    from fs.cli_work import Place
-    from proto.errors import FsError
+    from stripefs.cli_work import Place
+    from stripefs.proto.errors import FsError
 
     places: list[Place] = _places(opts, args, bare_is_cluster=True)
 
@@ -608,7 +608,7 @@ def _each_path(opts: ClusterOptions, args: tuple[str, ...], one: Callable) -> li
 
 def _report_failures(command: str, results: list[tuple[Any, Any]]) -> int:
     """Each path that failed, told on stderr; 1 if any did."""
-    from fs.cli_work import errno_text
+    from stripefs.cli_work import errno_text
 
     failed = [(place, r) for place, r in results if isinstance(r, Exception)]
     for place, exc in failed:
@@ -624,8 +624,8 @@ def _report_failures(command: str, results: list[tuple[Any, Any]]) -> int:
 def du_cmd(paths: tuple[str, ...], exact: bool, cluster: ClusterOptions, as_json: bool) -> None:
     """bytes, files and directories under each PATH, from the metaserver's usage counters
     (one call per path, whatever the subtree holds; symbolic links followed)"""
-    from fs.cli_work import usage_dict
-    from fs.client import paths as cpaths
+    from stripefs.cli_work import usage_dict
+    from stripefs.client import paths as cpaths
 
     results = _each_path(cluster, paths, lambda client, place: cpaths.usage(client, place.path))
     done = [(place, usage_dict(u)) for place, u in results if not isinstance(u, Exception)]
@@ -647,7 +647,7 @@ def du_cmd(paths: tuple[str, ...], exact: bool, cluster: ClusterOptions, as_json
 def info_cmd(paths: tuple[str, ...], cluster: ClusterOptions, as_json: bool) -> None:
     """the inode of each PATH (symbolic links followed), its labels, and a file's blocks
     with each replica's data server and that server's state (a directory: its usage)"""
-    from fs.cli_work import info
+    from stripefs.cli_work import info
 
     results = _each_path(cluster, paths, lambda client, place: info(client, place.path))
     done = [(place, doc) for place, doc in results if not isinstance(doc, Exception)]
@@ -661,7 +661,7 @@ def info_cmd(paths: tuple[str, ...], cluster: ClusterOptions, as_json: bool) -> 
 
 
 def _show_info(console, arg: str, doc: dict[str, Any]) -> None:
-    from fs.cli_work import when
+    from stripefs.cli_work import when
 
     table = _table("", "", title=f"{arg} ({doc['path']})")
     table.show_header = False
@@ -709,8 +709,8 @@ def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, clust
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from fs.cli_work import copy
-    from proto.errors import FsError
+    from stripefs.cli_work import copy
+    from stripefs.proto.errors import FsError
 
     places = _places(cluster, sources + (dst,), bare_is_cluster=False)
     writes = not places[-1].local
@@ -765,7 +765,7 @@ def top_cmd(addresses: tuple[str, ...], interval: float, once: bool, as_json: bo
     """live operation rates of running roles from their Prometheus metrics: per RPC method,
     FUSE operation and client metadata call (ops/s, errors/s, mean latency), bytes/s read
     and written, block cache hit ratio. Ctrl-C ends it."""
-    from fs.cli_work import rates, scrape
+    from stripefs.cli_work import rates, scrape
 
     def scrape_all() -> tuple[float, dict[str, Any]]:
         out: dict[str, Any] = {}
@@ -843,9 +843,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Server roles parse their own options: everything after the role, untouched.
     if argv and argv[0] == "meta":
-        return cmd_role("metaserver.server", argv[1:])
+        return cmd_role("stripefs.metaserver.server", argv[1:])
     if argv and argv[0] == "data":
-        return cmd_role("dataserver.server", argv[1:])
+        return cmd_role("stripefs.dataserver.server", argv[1:])
     try:
         cli.main(args=argv, prog_name="stripefs")
     except SystemExit as exc:

@@ -24,11 +24,11 @@ from typing import Any, Callable, Optional
 
 import trio
 
-from fs.client import Client, Credentials, FsError, open_client
-from fs.client import paths
-from proto import messages as m
-from proto.errors import errno_name
-from proto.rpc import parse_addresses
+from stripefs.client import Client, Credentials, FsError, open_client
+from stripefs.client import paths
+from stripefs.proto import messages as m
+from stripefs.proto.errors import errno_name
+from stripefs.proto.rpc import parse_addresses
 
 #: /proc/self/mountinfo's file system type and source of a stripefs mount (fs/fuse/mount.py).
 MOUNT_FSTYPE = "fuse.stripefs"

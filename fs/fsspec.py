@@ -36,9 +36,9 @@ import trio
 from fsspec.core import has_magic
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-from fs.client import Client, FsError, load_credentials, open_client
-from fs.client import paths
-from proto.types import CREDENTIALS_ENV, META_ENV
+from stripefs.client import Client, FsError, load_credentials, open_client
+from stripefs.client import paths
+from stripefs.proto.types import CREDENTIALS_ENV, META_ENV
 
 PROTOCOL = paths.URL_SCHEME
 #: How long opening a session (reaching a metaserver) may take before the filesystem

@@ -1,4 +1,4 @@
-"""`python -m metaserver`: run the metadata server."""
+"""`python -m stripefs.metaserver`: run the metadata server."""
 
 import sys
 

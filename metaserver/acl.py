@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from proto.errors import FsError
+from stripefs.proto.errors import FsError
 
 ACCESS = b"system.posix_acl_access"
 DEFAULT = b"system.posix_acl_default"

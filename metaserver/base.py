@@ -21,11 +21,11 @@ from typing import Any, Callable, Optional
 
 import crc32c
 
-from proto.auth import TOKEN_TTL_S, read_token, write_token
-from proto.credentials import ADMIN, LOCAL, Caller
-from proto.errors import FsError
-from proto.messages import Attr, BlockRef
-from proto.types import (
+from stripefs.proto.auth import TOKEN_TTL_S, read_token, write_token
+from stripefs.proto.credentials import ADMIN, LOCAL, Caller
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Attr, BlockRef
+from stripefs.proto.types import (
     DEFAULT_BLOCK_SIZE_BYTES,
     DEFAULT_INLINE_MAX_BYTES,
     DEFAULT_REPLICAS,

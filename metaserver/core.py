@@ -1,10 +1,10 @@
-"""MetaCore: the metadata service, one method per entry of proto.services.META_METHODS.
+"""MetaCore: the metadata service, one method per entry of stripefs.proto.services.META_METHODS.
 
 Each method takes the request message, runs as one store transaction, and returns the
 reply message or raises FsError(errno). The methods are grouped by subject in
 namespace.py, xattrs.py, files.py, locks.py, registry.py, repair.py (re-replication, block
 reports) and fsck.py over the shared mechanisms of base.py; this class puts them
-together, so `proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
+together, so `stripefs.proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
 and adds `apply_batch`, which runs a batch of calls from a client's stream in one
 store transaction, each `once` call at most once per request id.
 """
@@ -18,11 +18,11 @@ import os
 import signal
 from typing import Any, Callable, Optional
 
-from proto import codec, faults
-from proto.errors import FsError
-from proto.messages import Message
-from proto.rpc import BatchResult, summary
-from proto.services import META_METHODS
+from stripefs.proto import codec, faults
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Message
+from stripefs.proto.rpc import BatchResult, summary
+from stripefs.proto.services import META_METHODS
 
 from .base import retrying
 from .files import FileOps

@@ -24,8 +24,8 @@ import os
 
 import crc32c
 
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     AccessedReq,
     AllocReply,
     AllocReq,
@@ -41,7 +41,7 @@ from proto.messages import (
     PunchReq,
     ReleaseReq,
 )
-from proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
+from stripefs.proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
 
 from . import perm
 from .base import (

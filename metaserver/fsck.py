@@ -28,8 +28,8 @@ import logging
 
 import crc32c
 
-from proto.messages import FsckReply, FsckReq
-from proto.types import ROOT_INODE
+from stripefs.proto.messages import FsckReply, FsckReq
+from stripefs.proto.types import ROOT_INODE
 
 from .base import NS_PER_S, is_dir, is_reg
 from .repair import RepairOps

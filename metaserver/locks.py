@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 
-from proto.credentials import LOCAL, Caller
-from proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Empty, LockReply, LockReq, LockWaitReply, LockWaitReq, UnlockOwnersReq
-from proto.types import LOCK_FLOCK, LOCK_RECORD, LOCK_WAIT_MAX_S
+from stripefs.proto.credentials import LOCAL, Caller
+from stripefs.proto.messages import (F_RDLCK, F_UNLCK, F_WRLCK, Empty, LockReply, LockReq, LockWaitReply, LockWaitReq,
+                                     UnlockOwnersReq)
+from stripefs.proto.types import LOCK_FLOCK, LOCK_RECORD, LOCK_WAIT_MAX_S
 
 from .base import CoreBase
 from .locktable import Lock, first_conflict, set_range

@@ -15,8 +15,8 @@ import errno
 import stat
 from typing import TYPE_CHECKING, Optional
 
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     AttrReply,
@@ -42,14 +42,14 @@ from proto.messages import (
     UsageReply,
     UsageReq,
 )
-from proto.types import NAME_MAX_BYTES, ROOT_INODE
+from stripefs.proto.types import NAME_MAX_BYTES, ROOT_INODE
 
 from . import acl, perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg, usage_of, usage_sum
 from .store import Row, Tx
 
 if TYPE_CHECKING:
-    from proto.messages import Allocation
+    from stripefs.proto.messages import Allocation
 
 #: statfs block size: what df multiplies block counts by.
 STATFS_BLOCK_SIZE_BYTES = 4096

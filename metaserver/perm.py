@@ -20,8 +20,8 @@ import stat
 import functools
 from typing import Optional
 
-from proto.errors import FsError
-from proto.messages import Ctx
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Ctx
 
 from . import acl
 from .store import Row

@@ -15,8 +15,8 @@ import errno
 import logging
 import stat
 
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     DeletedReq,
     Empty,
     HeartbeatReply,

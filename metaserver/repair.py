@@ -30,8 +30,8 @@ from __future__ import annotations
 import errno
 import logging
 
-from proto.errors import FsError
-from proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
 
 from .base import ADMIN, DEAD, LOCAL, NS_PER_S, UP, Caller, CoreBase, id_list, want_replicas
 from .store import Row, Tx

@@ -25,15 +25,15 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from proto import metrics
-from proto.atomic import write_atomically
-from proto.auth import TOKEN_KEY_BYTES, load_token_key
-from proto.credentials import META, load_credentials
-from proto.errors import FsError
-from proto.logsetup import setup_logging
-from proto.messages import Empty
-from proto.rpc import serve
-from proto.services import META_METHODS, META_SERVICE
+from stripefs.proto import metrics
+from stripefs.proto.atomic import write_atomically
+from stripefs.proto.auth import TOKEN_KEY_BYTES, load_token_key
+from stripefs.proto.credentials import META, load_credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.logsetup import setup_logging
+from stripefs.proto.messages import Empty
+from stripefs.proto.rpc import serve
+from stripefs.proto.services import META_METHODS, META_SERVICE
 
 from .core import MetaCore
 from .store import ENGINES, open_store
@@ -53,7 +53,7 @@ STOP_GRACE_S = 2.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m metaserver", description="stripefs metadata server")
+    p = argparse.ArgumentParser(prog="python -m stripefs.metaserver", description="stripefs metadata server")
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to serve on (port 0: any free port)")
     p.add_argument("--dir", required=True,
                    help="state directory (created if missing); with --engine sqlite the database is DIR/meta.db")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import stat
 
-from proto.errors import FsError
-from proto.messages import Ctx, Empty, InodeReq, XattrListReply, XattrReply, XattrReq
-from proto.types import (
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Ctx, Empty, InodeReq, XattrListReply, XattrReply, XattrReq
+from stripefs.proto.types import (
     LAYOUT_XATTR_BLOCK_SIZE,
     LAYOUT_XATTR_INLINE_MAX,
     LAYOUT_XATTR_REPLICAS,

@@ -2,7 +2,7 @@
 may call it.
 
 A server implements a method as `def <name>(self, req) -> reply` on its service object (a
-method that needs to know who calls takes `caller` too); proto.rpc binds the table to
+method that needs to know who calls takes `caller` too); stripefs.proto.rpc binds the table to
 gRPC and refuses a call from a role the table does not list (EACCES) before the method
 runs. The client calls `<service>.<name>`.
 """

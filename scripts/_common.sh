@@ -353,7 +353,7 @@ pid_alive() {
     [[ "$state" != Z && "$state" != X ]] || return 1
     local cmdline
     cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
-    [[ "$cmdline" == *stripefs* || "$cmdline" == *fs.cli* ]]
+    [[ "$cmdline" == *stripefs* ]]
 }
 
 # The pid recorded in a pid file when that process is still alive, else nothing.

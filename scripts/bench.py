@@ -428,17 +428,16 @@ def random_reads(path: Path, sizes: Sizes, file_bytes: int) -> float:
 
 def lib_job(kind: str, meta_addr: str, credentials: str, dir_names: list[str], name: str,
             size: int, io_bytes: int, results) -> None:
-    """Workload 1 or 2 through fs.client in trio, in a process of its own (a fresh client,
+    """Workload 1 or 2 through stripefs.client in trio, in a process of its own (a fresh client,
     and no gRPC threads left in the bench process that spawns the shard workers)."""
     try:
-        sys.path.insert(0, str(REPO_ROOT))
         import errno
 
         import trio
 
-        from fs.client import Ctx, FsError, open_client
-        from proto.credentials import load_credentials
-        from proto.types import ROOT_INODE
+        from stripefs.client import Ctx, FsError, open_client
+        from stripefs.proto.credentials import load_credentials
+        from stripefs.proto.types import ROOT_INODE
 
         root = Ctx(0, 0, 0)
 
@@ -1112,8 +1111,7 @@ class Bench:
 
     def writeback_limit_mib(self) -> Optional[float]:
         try:
-            sys.path.insert(0, str(REPO_ROOT))
-            from fs.client import client as client_mod
+            from stripefs.client import client as client_mod
 
             return getattr(client_mod, "DEFAULT_WRITEBACK_BYTES") / MiB
         except Exception:

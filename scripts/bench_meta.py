@@ -35,7 +35,6 @@ from typing import Optional
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
-sys.path.insert(0, str(REPO_ROOT))
 
 #: (engine, metaservers) of each configuration, in the order measured.
 CONFIGS = (("sqlite", 1), ("postgres", 1), ("postgres", 2))
@@ -65,9 +64,9 @@ def fill_job(meta_addr: str, credentials: str, top: str, n: int, per_dir: int, w
 
         import trio
 
-        from fs.client import Ctx, FsError, open_client
-        from proto.credentials import load_credentials
-        from proto.types import ROOT_INODE
+        from stripefs.client import Ctx, FsError, open_client
+        from stripefs.proto.credentials import load_credentials
+        from stripefs.proto.types import ROOT_INODE
 
         root = Ctx(0, 0, 0)
 
@@ -124,10 +123,10 @@ def cost_job(meta_addr: str, credentials: str, top: str, n: int, results) -> Non
     try:
         import trio
 
-        from fs.client import Ctx, open_client
-        from proto import messages as m
-        from proto.credentials import load_credentials
-        from proto.types import ROOT_INODE
+        from stripefs.client import Ctx, open_client
+        from stripefs.proto import messages as m
+        from stripefs.proto.credentials import load_credentials
+        from stripefs.proto.types import ROOT_INODE
 
         root = Ctx(0, 0, 0)
 

@@ -1,6 +1,6 @@
 """Micro-benchmark of one metadata round trip from the trio client (docs/client.md).
 
-Starts a real metaserver process on loopback (`python -m fs.cli meta`, state in a
+Starts a real metaserver process on loopback (`python -m stripefs.cli meta`, state in a
 temporary directory), connects the client library's transport to it and times
 `getattr` of the root, the cheapest call there is, so the figure is the cost of the
 round trip itself: the latency of one caller (median and 90th percentile of --calls
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import trio
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from stripefs.client import open_client
+from stripefs.proto.credentials import init_ca, issue, load_credentials
+from stripefs.proto.messages import InodeReq
+from stripefs.proto.types import ROOT_INODE
 
-from fs.client import open_client  # noqa: E402
-from proto.credentials import init_ca, issue, load_credentials  # noqa: E402
-from proto.messages import InodeReq  # noqa: E402
-from proto.types import ROOT_INODE  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 START_TIMEOUT_S = 30.0
 
@@ -38,7 +37,7 @@ def start_metaserver(state: Path) -> tuple[subprocess.Popen, str]:
     ready = state / "ready"
     ca = init_ca(state / "ca")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fs.cli", "meta", "--listen", "127.0.0.1:0", "--dir", str(state / "meta"),
+        [sys.executable, "-m", "stripefs.cli", "meta", "--listen", "127.0.0.1:0", "--dir", str(state / "meta"),
          "--ready-file", str(ready), "--log-file", str(state / "meta.log"),
          "--credentials", str(issue(ca, "meta", "meta", state / "meta-credentials"))],
         cwd=REPO, stdin=subprocess.DEVNULL,

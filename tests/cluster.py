@@ -1,6 +1,6 @@
 """The end-to-end test harness: a real cluster of real processes on loopback.
 
-`Cluster` starts `python -m fs.cli meta` and N `... data` processes with their state and
+`Cluster` starts `python -m stripefs.cli meta` and N `... data` processes with their state and
 logs under one directory, waits until the metaserver reports every data server up, and
 mounts the file system with `... mount --foreground` under Popen. Each process can be
 stopped, killed and restarted on its own. Teardown always runs and leaves no process and
@@ -46,9 +46,10 @@ class HarnessError(AssertionError):
     """A process of the cluster did not come up or misbehaved."""
 
 
-def cli(*args: str) -> list[str]:
-    """The command line running the stripefs CLI with the interpreter running the tests."""
-    return [sys.executable, "-m", "fs.cli", *args]
+def cli(*args: str, python: str = "") -> list[str]:
+    """The command line running the stripefs CLI with `python`, by default the interpreter
+    running the tests."""
+    return [python or sys.executable, "-m", "stripefs.cli", *args]
 
 
 def log_tail(path: Path, lines: int = log_tail_lines) -> str:
@@ -252,6 +253,12 @@ class Cluster:
     metaservers: int = 1
     metas: list[Proc] = field(default_factory=list)
     meta_addrs: list[str] = field(default_factory=list)
+    # The interpreter every process and command runs with (another virtualenv's stripefs,
+    # say); by default the one running the tests.
+    python: str = ""
+
+    def cli(self, *args: str) -> list[str]:
+        return cli(*args, python=self.python)
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -295,7 +302,7 @@ class Cluster:
         ready = self.run_dir / "meta.ready"
         ready.unlink(missing_ok=True)
         (self.base / "meta").mkdir(exist_ok=True)
-        argv = self.meta_prefix + cli(
+        argv = self.meta_prefix + self.cli(
             "meta", "--listen", listen, "--dir", str(self.base / "meta"),
             "--credentials", str(self.pki.bundle("meta")), "--ready-file", str(ready),
             "--log-file", str(self.logs_dir / "meta.log"), *self.meta_args,
@@ -314,7 +321,7 @@ class Cluster:
         ready.unlink(missing_ok=True)
         (self.base / f"meta-{k}").mkdir(exist_ok=True)
         log = self.logs_dir / f"meta-{k}.log"
-        argv = self.meta_prefix + cli(
+        argv = self.meta_prefix + self.cli(
             "meta", "--engine", "postgres", "--dsn", self.meta_dsn, "--listen", listen,
             "--dir", str(self.base / f"meta-{k}"), "--credentials", str(self.pki.bundle("meta")),
             "--ready-file", str(ready), "--log-file", str(log), *self.meta_args,
@@ -349,7 +356,7 @@ class Cluster:
         meta = self.meta_addr
         if i in self.data_meta_host:
             meta = f"{self.data_meta_host[i]}:{meta.rsplit(':', 1)[1]}"
-        return self.data_prefix.get(i, []) + cli(
+        return self.data_prefix.get(i, []) + self.cli(
             "data", "--listen", listen, "--meta", meta, "--dir", str(d),
             "--credentials", str(self.pki.bundle("data", f"data-{i}")),
             "--ready-file", str(self.run_dir / f"data-{i}.ready"),
@@ -394,7 +401,7 @@ class Cluster:
     def status_of(self, meta: str) -> dict:
         """`stripefs status --json` asked of the metaserver(s) at `meta`."""
         res = subprocess.run(
-            cli("status", "--meta", meta, "--credentials", str(self.admin), "--json"),
+            self.cli("status", "--meta", meta, "--credentials", str(self.admin), "--json"),
             capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
         )
         if res.returncode != 0:
@@ -431,7 +438,7 @@ class Cluster:
         # With several metaservers, each mount starts at another one (the list rotated).
         k = (n - 1) % len(self.meta_addrs) if self.meta_addrs else 0
         meta = ",".join(self.meta_addrs[k:] + self.meta_addrs[:k]) if self.meta_addrs else self.meta_addr
-        argv = cli(
+        argv = self.cli(
             "mount", meta, str(path), "--credentials", str(self.pki.bundle("client", name)),
             "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"), *self.mount_args,
         )
@@ -521,8 +528,8 @@ def put_block(stub, block_id: int, servers: list[str], tokens: list[bytes], data
               sync: bool = True):
     """Write a block down the chain `servers` through the first of them (stub, a data
     service Stub), as the client does: the WriteBlockReply. FsError if the first refuses."""
-    from proto import codec
-    from proto.messages import WriteBlockHead
+    from stripefs.proto import codec
+    from stripefs.proto.messages import WriteBlockHead
 
     head = WriteBlockHead(block_id, len(data), list(servers), list(tokens), holder=holder, sync=sync)
     return stub.upload("write_block", head, codec.BlockChunks(data).messages())

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import Cluster, Mount, new_log_text  # noqa: E402
 from pg import Postgres  # noqa: E402
 from engines import engine_cluster  # noqa: E402
-from metaserver.store import ENGINES  # noqa: E402
+from stripefs.metaserver.store import ENGINES  # noqa: E402
 
 #: What a log must not contain after a test: an exception nobody expected.
 TRACEBACK_MARK = "Traceback"

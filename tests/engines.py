@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from metaserver.store import ENGINES, Store, open_store
+from stripefs.metaserver.store import ENGINES, Store, open_store
 
 
 @pytest.fixture(params=ENGINES)

@@ -419,9 +419,9 @@ class Inspector:
     (what the client library would see), to check that each copy holds the right bytes."""
 
     def __init__(self, cluster: Cluster) -> None:
-        from proto.credentials import load_credentials
-        from proto.rpc import Stub
-        from proto.services import META_METHODS, META_SERVICE
+        from stripefs.proto.credentials import load_credentials
+        from stripefs.proto.rpc import Stub
+        from stripefs.proto.services import META_METHODS, META_SERVICE
 
         self._creds = load_credentials(cluster.admin)
         self.meta = Stub(cluster.meta_addr, self._creds, META_SERVICE, META_METHODS)
@@ -432,16 +432,16 @@ class Inspector:
             stub.close()
 
     def _stub(self, address: str):
-        from proto.rpc import Stub
-        from proto.services import DATA_METHODS, DATA_SERVICE
+        from stripefs.proto.rpc import Stub
+        from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
 
         if address not in self._data:
             self._data[address] = Stub(address, self._creds, DATA_SERVICE, DATA_METHODS)
         return self._data[address]
 
     def block_map(self, rel: str):
-        from proto.messages import BlockMapReq, LookupReq
-        from proto.types import ROOT_INODE
+        from stripefs.proto.messages import BlockMapReq, LookupReq
+        from stripefs.proto.types import ROOT_INODE
 
         ino = ROOT_INODE
         for part in Path(rel).parts:
@@ -451,8 +451,8 @@ class Inspector:
     def replica_problems(self, rel: str, data: bytes, block_bytes: int, want_replicas: int) -> list[str]:
         """Every replica of every block of `rel` holds its slice of `data`, with at least
         `want_replicas` replicas listed per block (excess replicas are kept, not trimmed)."""
-        from proto.errors import FsError
-        from proto.messages import GetBlockReq
+        from stripefs.proto.errors import FsError
+        from stripefs.proto.messages import GetBlockReq
 
         problems = []
         for ref in self.block_map(rel):

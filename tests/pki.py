@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proto.credentials import Credentials, init_ca, issue, load_credentials
+from stripefs.proto.credentials import Credentials, init_ca, issue, load_credentials
 
 
 class Pki:

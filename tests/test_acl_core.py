@@ -8,11 +8,11 @@ import stat
 
 import pytest
 
-from metaserver import acl
-from metaserver.acl import GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, Entry
-from proto.errors import FsError
-from proto.messages import Ctx, MkdirReq, MknodReq, SetattrReq, XattrReq
-from proto.types import ROOT_INODE
+from stripefs.metaserver import acl
+from stripefs.metaserver.acl import GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, Entry
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Ctx, MkdirReq, MknodReq, SetattrReq, XattrReq
+from stripefs.proto.types import ROOT_INODE
 from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
 from test_meta_core import Env, fails
 

@@ -12,15 +12,15 @@ from collections import Counter
 import pytest
 import trio
 
-from dataserver.service import DataService
-from dataserver.store import BlockStore
-from fs.client import Ctx, FsError
-from fs.client.client import Client
-from fs.client.transport import LocalTransport
-from metaserver.core import MetaCore
-from proto.messages import Empty, RegisterReq
-from proto.services import DATA_METHODS, META_METHODS
-from proto.types import LAYOUT_XATTR_BLOCK_SIZE, LAYOUT_XATTR_INLINE_MAX, ROOT_INODE
+from stripefs.dataserver.service import DataService
+from stripefs.dataserver.store import BlockStore
+from stripefs.client import Ctx, FsError
+from stripefs.client.client import Client
+from stripefs.client.transport import LocalTransport
+from stripefs.metaserver.core import MetaCore
+from stripefs.proto.messages import Empty, RegisterReq
+from stripefs.proto.services import DATA_METHODS, META_METHODS
+from stripefs.proto.types import LAYOUT_XATTR_BLOCK_SIZE, LAYOUT_XATTR_INLINE_MAX, ROOT_INODE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,10 +9,10 @@ import random
 import pytest
 import trio
 
-from fs.client import Ctx, FsError, open_client
-from proto.credentials import load_credentials
-from proto.messages import BlockMapReq
-from proto.types import ROOT_INODE
+from stripefs.client import Ctx, FsError, open_client
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.messages import BlockMapReq
+from stripefs.proto.types import ROOT_INODE
 
 from cluster import Cluster
 
@@ -179,9 +179,9 @@ def test_write_back_stays_within_budget(lib_cluster):
 def test_expired_session_is_replaced(lib_cluster):
     """After the metaserver drops our session (as when it did not hear from us for several
     leases), the next call opens a new session, registers the open files again, retries."""
-    from proto.messages import SessionReq
-    from proto.rpc import Stub
-    from proto.services import META_METHODS, META_SERVICE
+    from stripefs.proto.messages import SessionReq
+    from stripefs.proto.rpc import Stub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
 
     data = random.randbytes(50_000)
 

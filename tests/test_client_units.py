@@ -1,9 +1,9 @@
 """Level 1: pieces of the client library as pure functions (no servers)."""
 
-from fs.client.cache import AttrCache, now
-from fs.client.data import BlockCache
-from fs.client.files import DirtyBlock, FileState, WritebackBudget
-from proto.messages import Attr
+from stripefs.client.cache import AttrCache, now
+from stripefs.client.data import BlockCache
+from stripefs.client.files import DirtyBlock, FileState, WritebackBudget
+from stripefs.proto.messages import Attr
 
 
 def attr(size=0, mtime=1, generation=0):
@@ -57,7 +57,7 @@ def test_dirty_block_keeps_appends_and_copies_on_write():
     """Appends keep the writers' immutable buffers (a bytearray's bytes are copied); a write
     anywhere else gathers them into one buffer; a snapshot taken for an upload never
     changes under later writes, either way."""
-    from proto import codec
+    from stripefs.proto import codec
 
     d = DirtyBlock(b"base")
     mutable = bytearray(b"1234")
@@ -83,7 +83,7 @@ def test_dirty_block_keeps_appends_and_copies_on_write():
 
 
 def test_block_cache_gives_way_to_write_back():
-    from fs.client.data import BlockCache
+    from stripefs.client.data import BlockCache
 
     cache = BlockCache(10)
     for block_id in (1, 2, 3):

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from dataserver.replicate import Replicator
-from dataserver.scrub import Scrubber
-from dataserver.service import DataService
-from dataserver.store import FIXED_HEADER, BlockStore
-from proto.auth import read_token, write_token
-from proto.errors import FsError
-from proto.messages import GetBlockReq, ReplicateTask
-from proto.rpc import Stub, serve
-from proto.services import DATA_METHODS, DATA_SERVICE
+from stripefs.dataserver.replicate import Replicator
+from stripefs.dataserver.scrub import Scrubber
+from stripefs.dataserver.service import DataService
+from stripefs.dataserver.store import FIXED_HEADER, BlockStore
+from stripefs.proto.auth import read_token, write_token
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import GetBlockReq, ReplicateTask
+from stripefs.proto.rpc import Stub, serve
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,5 +1,5 @@
 """The data server over real gRPC on loopback: the service in process, then the whole
-process (`python -m dataserver`) against a fake metaserver that records what it hears."""
+process (`python -m stripefs.dataserver`) against a fake metaserver that records what it hears."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from cluster import put_block
 
-from dataserver.service import DataService
-from dataserver.store import BlockStore
-from proto import codec
-from proto.auth import read_token, write_token
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.dataserver.service import DataService
+from stripefs.dataserver.store import BlockStore
+from stripefs.proto import codec
+from stripefs.proto.auth import read_token, write_token
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     BlockData,
     DataStatusReply,
     Empty,
@@ -29,8 +29,8 @@ from proto.messages import (
     HeartbeatReply,
     RegisterReply,
 )
-from proto.rpc import Stub, serve
-from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from stripefs.proto.rpc import Stub, serve
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,7 +229,7 @@ class FakeMeta:
         return Empty()
 
     def __getattr__(self, name):
-        # proto.rpc binds every method of META_METHODS; the rest are not part of this fake.
+        # stripefs.proto.rpc binds every method of META_METHODS; the rest are not part of this fake.
         def refuse(req):
             raise FsError(errno.ENOSYS, f"fake metaserver has no {name}")
 
@@ -260,7 +260,7 @@ def test_process_registers_heartbeats_deletes_garbage_and_stops(tmp_path, pki):
     log_file = tmp_path / "dataserver.log"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "dataserver",
+            sys.executable, "-m", "stripefs.dataserver",
             "--listen", "127.0.0.1:0",
             "--meta", f"127.0.0.1:{meta_port}",
             "--dir", str(data_dir),
@@ -316,7 +316,7 @@ def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path, pki):
     log_file = tmp_path / "dataserver.log"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "dataserver",
+            sys.executable, "-m", "stripefs.dataserver",
             "--listen", "127.0.0.1:0",
             "--meta", f"127.0.0.1:{meta_port}",
             "--dir", str(tmp_path / "data"),

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from dataserver.store import FIXED_HEADER, BlockStore
-from proto.errors import FsError
-from proto.types import SUB_BLOCK_BYTES
+from stripefs.dataserver.store import FIXED_HEADER, BlockStore
+from stripefs.proto.errors import FsError
+from stripefs.proto.types import SUB_BLOCK_BYTES
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -222,7 +222,7 @@ def test_counters(store):
 
 
 def test_enospc_becomes_fserror_and_leaves_nothing(store, monkeypatch):
-    import dataserver.store as mod
+    import stripefs.dataserver.store as mod
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -260,7 +260,7 @@ def test_version_1_blocks_are_still_read_and_checked(store, tmp_path):
 
     import crc32c
 
-    from dataserver.store import V1_SUB_BLOCK_BYTES
+    from stripefs.dataserver.store import V1_SUB_BLOCK_BYTES
 
     data = pattern(2 * V1_SUB_BLOCK_BYTES + 77)
     crcs = [crc32c.crc32c(data[i : i + V1_SUB_BLOCK_BYTES]) for i in range(0, len(data), V1_SUB_BLOCK_BYTES)]
@@ -283,7 +283,7 @@ def test_leaf_hashes_are_kept_beside_the_block(store, tmp_path):
     """A block stored with its writer's leaf hashes (format 3) reads as before and hands
     them back; a wrong count is refused; a copy whose data or hashes do not match the
     writer's digest fails `check` and is moved aside."""
-    from proto.integrity import block_digest, leaf_hashes
+    from stripefs.proto.integrity import block_digest, leaf_hashes
 
     data = pattern(3 * SUB_BLOCK_BYTES + 100, seed=5)
     leaves = leaf_hashes(data)
@@ -330,7 +330,7 @@ def test_streamed_writer_checks_each_chunk(store):
     all came is stored as put would store it."""
     import crc32c
 
-    from proto.integrity import leaf_hashes
+    from stripefs.proto.integrity import leaf_hashes
 
     data = pattern(3 * 65536 + 123)
     chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from fs.client import ATTR_TTL_S, ENTRY_TTL_S
-from proto.types import DEFAULT_INLINE_MAX_BYTES
+from stripefs.client import ATTR_TTL_S, ENTRY_TTL_S
+from stripefs.proto.types import DEFAULT_INLINE_MAX_BYTES
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 

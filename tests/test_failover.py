@@ -27,13 +27,13 @@ import pytest
 import trio
 
 from cluster import REPO_ROOT, Cluster, Proc, _wait_ready_file, cli, is_mounted
-from fs.client import F_UNLCK, F_WRLCK, Ctx, load_credentials, open_client
-from fs.client.transport import FailoverTransport
-from proto.errors import FsError, TransportError
-from proto.messages import InodeReq, LockReq, LockWaitReq, SessionOpenReq
-from proto.rpc import HUNG_AFTER_S, AddressList, Stub, parse_addresses
-from proto.services import META_METHODS, META_SERVICE
-from proto.types import ROOT_INODE
+from stripefs.client import F_UNLCK, F_WRLCK, Ctx, load_credentials, open_client
+from stripefs.client.transport import FailoverTransport
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.messages import InodeReq, LockReq, LockWaitReq, SessionOpenReq
+from stripefs.proto.rpc import HUNG_AFTER_S, AddressList, Stub, parse_addresses
+from stripefs.proto.services import META_METHODS, META_SERVICE
+from stripefs.proto.types import ROOT_INODE
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -88,9 +88,9 @@ def test_usage_returns_after_an_application_killed_mid_file(gc_cluster):
 
 LIBRARY_WRITER = """
 import sys, trio
-from fs.client import open_client
-from proto.credentials import load_credentials
-from proto.messages import Ctx
+from stripefs.client import open_client
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.messages import Ctx
 
 async def main(meta, credentials, blocks):
     async with open_client(meta, load_credentials(credentials)) as c:

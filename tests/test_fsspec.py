@@ -51,13 +51,13 @@ def opts(cluster) -> dict:
 
 
 def test_protocol_is_registered_by_its_entry_point():
-    from fs.fsspec import StripeFileSystem
+    from stripefs.fsspec import StripeFileSystem
 
     assert fsspec.get_filesystem_class("stripefs") is StripeFileSystem
 
 
 def test_url_parsing(spec_cluster):
-    from fs.fsspec import StripeFileSystem
+    from stripefs.fsspec import StripeFileSystem
 
     assert StripeFileSystem._strip_protocol("stripefs://a:1,b:2/x/y/") == "/x/y"
     assert StripeFileSystem._strip_protocol("stripefs:///x//y/../z") == "/x/z"

@@ -1,5 +1,5 @@
 """Fuzzing every method's decoder and handler, with valid credentials, in process: the
-metaserver core and a data service behind the servers' own dispatch (proto.rpc.Dispatch:
+metaserver core and a data service behind the servers' own dispatch (stripefs.proto.rpc.Dispatch:
 decoding, role checks, valid(), the method), fed messages built from each request type's
 fields with values at and past every edge, and raw garbage frames. Bounded in time.
 
@@ -19,15 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataserver.service import DataService
-from dataserver.store import BlockStore
-from metaserver.core import MetaCore
-from proto import codec
-from proto import messages as m
-from proto.credentials import ADMIN, CLIENT, DATA, Caller
-from proto.errors import FsError
-from proto.rpc import Dispatch
-from proto.services import DATA_METHODS, META_METHODS
+from stripefs.dataserver.service import DataService
+from stripefs.dataserver.store import BlockStore
+from stripefs.metaserver.core import MetaCore
+from stripefs.proto import codec
+from stripefs.proto import messages as m
+from stripefs.proto.credentials import ADMIN, CLIENT, DATA, Caller
+from stripefs.proto.errors import FsError
+from stripefs.proto.rpc import Dispatch
+from stripefs.proto.services import DATA_METHODS, META_METHODS
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from metaserver.locktable import Lock, first_conflict, set_range
-from proto.credentials import CLIENT, Caller
-from proto.messages import (
+from stripefs.metaserver.locktable import Lock, first_conflict, set_range
+from stripefs.proto.credentials import CLIENT, Caller
+from stripefs.proto.messages import (
     F_RDLCK,
     F_UNLCK,
     F_WRLCK,
@@ -25,7 +25,7 @@ from proto.messages import (
     SessionReq,
     UnlockOwnersReq,
 )
-from proto.types import LOCK_FLOCK, LOCK_RECORD, OFFSET_MAX, ROOT_INODE
+from stripefs.proto.types import LOCK_FLOCK, LOCK_RECORD, OFFSET_MAX, ROOT_INODE
 from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
 from test_meta_core import Env, fails
 

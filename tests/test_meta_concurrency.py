@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from metaserver.core import MetaCore
-from metaserver.store import open_store
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.metaserver.core import MetaCore
+from stripefs.metaserver.store import open_store
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     Attr,
     Ctx,
     FsckReq,
@@ -36,7 +36,7 @@ from proto.messages import (
     RemoveReq,
     RenameReq,
 )
-from proto.types import ROOT_INODE
+from stripefs.proto.types import ROOT_INODE
 
 pytestmark = pytest.mark.timeout(240)
 

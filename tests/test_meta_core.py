@@ -11,13 +11,13 @@ import threading
 
 import pytest
 
-from metaserver.core import MetaCore
-from proto import codec
-from proto.services import META_METHODS
-from metaserver.store import SCHEMA_VERSION
-from proto.auth import check_write_token
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.metaserver.core import MetaCore
+from stripefs.proto import codec
+from stripefs.proto.services import META_METHODS
+from stripefs.metaserver.store import SCHEMA_VERSION
+from stripefs.proto.auth import check_write_token
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     AllocReq,
@@ -46,7 +46,7 @@ from proto.messages import (
     XattrReq,
     FsckReq,
 )
-from proto.types import (
+from stripefs.proto.types import (
     DEFAULT_BLOCK_SIZE_BYTES,
     DEFAULT_INLINE_MAX_BYTES,
     LAYOUT_XATTR_BLOCK_SIZE,
@@ -1037,7 +1037,7 @@ def test_durable_transactions_are_synced_and_others_wait_for_sync(env):
 
 def test_create_can_preallocate_blocks(env):
     """A create with prealloc_blocks returns allocations usable by commit_blocks."""
-    from proto.messages import BlockRef, CommitReq, MknodReq, SessionOpenReq
+    from stripefs.proto.messages import BlockRef, CommitReq, MknodReq, SessionOpenReq
 
     core = env.core
     for n in range(3):
@@ -1072,7 +1072,7 @@ def test_inline_commit_drops_an_unused_preallocation(env):
 def inline_commit(env, ino: int, session: int, data: bytes, size: int | None = None):
     import crc32c
 
-    from proto.messages import InlineCommitReq
+    from stripefs.proto.messages import InlineCommitReq
 
     return env.core.commit_inline(InlineCommitReq(ino, session, len(data) if size is None else size, 1,
                                                   crc32c.crc32c(data), data)).attr
@@ -1096,7 +1096,7 @@ def test_inline_commit_open_and_truncate(env):
 def test_inline_commit_checks_limit_and_checksum(env):
     import crc32c
 
-    from proto.messages import InlineCommitReq
+    from stripefs.proto.messages import InlineCommitReq
 
     session = env.session()
     f = env.create(ROOT_INODE, b"f", session=session)
@@ -1132,7 +1132,7 @@ def test_stored_block_0_and_inline_replace_each_other(env):
 
 
 def test_fsck_finds_corrupt_inline_data(env):
-    from proto.messages import FsckReq
+    from stripefs.proto.messages import FsckReq
 
     session = env.session()
     f = env.create(ROOT_INODE, b"f", session=session)
@@ -1230,7 +1230,7 @@ def test_a_once_call_retried_with_its_request_id_gets_the_first_reply(env):
     own transaction: the same id again gets that reply without running the call (a mkdir
     is not EEXIST, an unlink not ENOENT), a new id runs it; a failure is not recorded; the
     sweep forgets records after REQUEST_RECORD_TTL_S."""
-    from metaserver.registry import REQUEST_RECORD_TTL_S
+    from stripefs.metaserver.registry import REQUEST_RECORD_TTL_S
 
     def once(name, req):
         ((result, _),) = env.core.apply_batch([(name, req)])
@@ -1270,7 +1270,7 @@ def walk_usage(env, ino: int) -> tuple[int, int, int]:
 
 
 def usage(env, ino: int) -> tuple[int, int, int]:
-    from proto.messages import UsageReq
+    from stripefs.proto.messages import UsageReq
 
     r = env.core.usage(UsageReq(ino=ino, ctx=ROOT))
     return r.bytes, r.files, r.dirs
@@ -1335,7 +1335,7 @@ def test_usage_counters_agree_with_a_walk(env):
     rep = env.core.fsck(FsckReq(repair=True))
     assert len(rep.repaired) == len(rep.problems) == 1
     agree()
-    from proto.messages import UsageReq
+    from stripefs.proto.messages import UsageReq
 
     closed = env.mkdir(ROOT_INODE, b"closed", mode=0o300)  # not readable by USER
     fails(errno.EACCES, env.core.usage, UsageReq(ino=closed.ino, ctx=USER))

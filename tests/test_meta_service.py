@@ -1,4 +1,4 @@
-"""The real metaserver process (`python -m metaserver`) on loopback, through proto.rpc.Stub
+"""The real metaserver process (`python -m stripefs.metaserver`) on loopback, through stripefs.proto.rpc.Stub
 and the client's stream transport, over mutual TLS with credentials of a test CA."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from proto.auth import load_token_key
-from proto.errors import FsError
-from proto.messages import Ctx, Empty, LookupReq, MkdirReq, ReaddirReq, SessionOpenReq, SetattrReq
-from proto.rpc import Stub
-from proto.services import META_METHODS, META_SERVICE
-from proto.types import ROOT_INODE
+from stripefs.proto.auth import load_token_key
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Ctx, Empty, LookupReq, MkdirReq, ReaddirReq, SessionOpenReq, SetattrReq
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import META_METHODS, META_SERVICE
+from stripefs.proto.types import ROOT_INODE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ def metaserver(tmp_path, pki):
     ready = tmp_path / "ready"
     log = tmp_path / "meta.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "metaserver", "--listen", "127.0.0.1:0", "--dir", str(state),
+        [sys.executable, "-m", "stripefs.metaserver", "--listen", "127.0.0.1:0", "--dir", str(state),
          "--ready-file", str(ready), "--log-file", str(log), "--credentials", str(pki.bundle("meta"))],
         cwd=REPO,
     )
@@ -91,7 +91,7 @@ def test_malformed_request_is_einval(metaserver):
         assert info.value.errno == errno.EINVAL
         # Raw garbage on the wire.
         raw = stub.channel.unary_unary(f"/{META_SERVICE}/lookup")
-        from proto import codec
+        from stripefs.proto import codec
 
         frame = raw(b"\x00\x00\x00\x05garbage", timeout=10)
         with pytest.raises(FsError) as info:
@@ -120,7 +120,7 @@ def test_credential_of_another_ca_gets_nowhere(metaserver, tmp_path):
 def test_roles_decide_what_may_be_called(metaserver, pki):
     """A client credential cannot act as a data server or run fsck; a data credential
     cannot touch the namespace (EACCES, before the method runs)."""
-    from proto.messages import FsckReq, HeartbeatReq, RegisterReq
+    from stripefs.proto.messages import FsckReq, HeartbeatReq, RegisterReq
 
     _, address, client, _ = metaserver
     as_client = Stub(address, client, META_SERVICE, META_METHODS)
@@ -151,7 +151,7 @@ def test_sigterm_exits_cleanly_and_state_persists(metaserver, tmp_path):
     assert proc.wait(timeout=20) == 0
     assert "metaserver stopped" in log.read_text()
     # The database is there and readable by a fresh core in this process.
-    from metaserver.core import MetaCore
+    from stripefs.metaserver.core import MetaCore
 
     core = MetaCore(str(tmp_path / "meta" / "meta.db"), load_token_key(tmp_path / "meta" / "token.key"))
     try:
@@ -166,7 +166,7 @@ def test_stream_batches_and_errors(metaserver, pki):
     reply or errno, and a call its credential's role may not make refused as EACCES."""
     import trio
 
-    from fs.client.transport import StreamTransport
+    from stripefs.client.transport import StreamTransport
 
     _, address, creds, _ = metaserver
 
@@ -207,7 +207,7 @@ def test_malformed_stream_message_ends_that_stream_only(metaserver):
     _, address, creds, _ = metaserver
     import grpc
 
-    from proto.rpc import secure_channel
+    from stripefs.proto.rpc import secure_channel
 
     channel = secure_channel(address, creds, META_SERVICE)
     try:

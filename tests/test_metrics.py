@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster
-from proto.services import DATA_SERVICE
+from stripefs.proto.services import DATA_SERVICE
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 

@@ -18,9 +18,9 @@ import tempfile
 
 import pytest
 
-from metaserver.core import MetaCore
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.metaserver.core import MetaCore
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     RENAME_NOREPLACE,
     Ctx,
     InodeReq,
@@ -35,7 +35,7 @@ from proto.messages import (
     SetattrReq,
     XattrReq,
 )
-from proto.types import ROOT_INODE
+from stripefs.proto.types import ROOT_INODE
 
 pytestmark = [
     pytest.mark.timeout(300),

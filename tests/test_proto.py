@@ -6,11 +6,11 @@ import os
 import msgpack
 import pytest
 
-from proto import codec
-from proto import messages as m
-from proto.auth import check_read_token, check_write_token, write_token
-from proto.errors import FsError
-from proto.services import DATA_METHODS, META_METHODS
+from stripefs.proto import codec
+from stripefs.proto import messages as m
+from stripefs.proto.auth import check_read_token, check_write_token, write_token
+from stripefs.proto.errors import FsError
+from stripefs.proto.services import DATA_METHODS, META_METHODS
 
 
 def test_name_rules():
@@ -52,8 +52,8 @@ def test_block_chunks_round_trip():
     hashes; the digest is the block's; framing that does not add up is refused."""
     import crc32c
 
-    from proto.integrity import block_digest, leaf_hashes
-    from proto.types import TRANSFER_CHUNK_BYTES
+    from stripefs.proto.integrity import block_digest, leaf_hashes
+    from stripefs.proto.types import TRANSFER_CHUNK_BYTES
 
     data = os.urandom(2 * TRANSFER_CHUNK_BYTES + 5000)
     chunks = codec.BlockChunks(bytearray(data))
@@ -110,7 +110,7 @@ def test_tokens():
 
 
 def test_credentials_carry_role_and_name(tmp_path):
-    from proto.credentials import init_ca, issue, load_credentials, parse_common_name
+    from stripefs.proto.credentials import init_ca, issue, load_credentials, parse_common_name
 
     ca = init_ca(tmp_path / "ca")
     creds = load_credentials(issue(ca, "data", "node-7", tmp_path / "b"))
@@ -137,7 +137,7 @@ def test_digests_of_both_versions_are_checked():
     """Version 2 digests (hash of the block, hash of its leaf hashes) and the version 1
     digests of blocks written before (hash of the leaf hashes) are both checked, for whole
     blocks and for leaf hashes, and refuse other bytes."""
-    from proto.integrity import block_digest, hash_matches, leaf_hashes, leaves_match, matches, root_of
+    from stripefs.proto.integrity import block_digest, hash_matches, leaf_hashes, leaves_match, matches, root_of
 
     data = os.urandom(300_000)
     other = data[:-1] + bytes([data[-1] ^ 1])

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from cluster import REPO_ROOT, Cluster, cli, put_block
 
-from proto.credentials import load_credentials
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     AllocReq,
     BlockMapReq,
     BlockRef,
@@ -35,9 +35,9 @@ from proto.messages import (
     SessionOpenReq,
     XattrReq,
 )
-from proto.rpc import Stub
-from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import LAYOUT_XATTR_BLOCK_SIZE, ROOT_INODE
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from stripefs.proto.types import LAYOUT_XATTR_BLOCK_SIZE, ROOT_INODE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,10 +9,10 @@ import stat
 
 import pytest
 
-from metaserver.core import MetaCore
-from proto.auth import check_write_token
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.metaserver.core import MetaCore
+from stripefs.proto.auth import check_write_token
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     AllocReq,
     BadReplicaReq,
     BlockMapReq,
@@ -29,7 +29,7 @@ from proto.messages import (
     ReplicatedReq,
     SessionOpenReq,
 )
-from proto.types import ROOT_INODE
+from stripefs.proto.types import ROOT_INODE
 
 from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
 from fakeclock import Clock

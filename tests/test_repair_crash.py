@@ -1,6 +1,6 @@
-"""Crash safety of the metaserver: SIGKILL `python -m metaserver` at random instants of a
+"""Crash safety of the metaserver: SIGKILL `python -m stripefs.metaserver` at random instants of a
 workload of creates, block commits, renames and unlinks (a thread calling it through
-proto.rpc.Stub), restart it on the same address, and check after each restart that
+stripefs.proto.rpc.Stub), restart it on the same address, and check after each restart that
 fsck finds nothing wrong and every acknowledged operation is there.
 
 The data servers are fakes that exist only as register/heartbeat calls: block bytes are
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from proto.credentials import Credentials
-from proto.errors import FsError, TransportError
-from proto.messages import (
+from stripefs.proto.credentials import Credentials
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.messages import (
     AllocReq,
     BlockMapReq,
     BlockRef,
@@ -38,9 +38,9 @@ from proto.messages import (
     SessionOpenReq,
     XattrReq,
 )
-from proto.rpc import Stub
-from proto.services import META_METHODS, META_SERVICE
-from proto.types import LAYOUT_XATTR_BLOCK_SIZE, ROOT_INODE
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import META_METHODS, META_SERVICE
+from stripefs.proto.types import LAYOUT_XATTR_BLOCK_SIZE, ROOT_INODE
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.allow_tracebacks]
 
@@ -66,7 +66,7 @@ class Meta:
     def start(self) -> None:
         self.ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaserver", "--listen", self.listen, "--dir", str(self.state),
+            [sys.executable, "-m", "stripefs.metaserver", "--listen", self.listen, "--dir", str(self.state),
              "--ready-file", str(self.ready), "--log-file", str(self.log),
              "--credentials", str(self.pki.bundle("meta"))],
             cwd=REPO,

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from proto import rpc
-from proto.messages import BlockData, GetBlockReq
-from proto.services import DATA_METHODS, DATA_SERVICE
+from stripefs.proto import rpc
+from stripefs.proto.messages import BlockData, GetBlockReq
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
 
 from pki import Pki
 

@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from cluster import Cluster, cli, put_block, REPO_ROOT
-from fs.client import ENTRY_TTL_S
-from proto.credentials import load_credentials
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.client import ENTRY_TTL_S
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     BlockReportReq,
     Ctx,
     DeletedReq,
@@ -36,9 +36,9 @@ from proto.messages import (
     SessionReq,
     SetattrReq,
 )
-from proto.rpc import Stub
-from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import ROOT_INODE
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from stripefs.proto.types import ROOT_INODE
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -221,7 +221,7 @@ def test_unauthenticated_bulk_is_never_buffered(sec_cluster):
 
 
 def test_revoked_credentials_are_refused(tmp_path):
-    from proto.credentials import revoke
+    from stripefs.proto.credentials import revoke
 
     c = Cluster(tmp_path / "c", dataservers=1, start=False)
     revoked = c.pki.ca / "revoked"
@@ -297,7 +297,7 @@ def test_status_and_fsck_need_the_right_credential(sec_cluster):
 def test_block_reads_need_a_token_for_that_reader(sec_cluster):
     """A data server serves a block only with a read token the metaserver made for the
     block and the credential asking: none, another reader's, or another block's is EACCES."""
-    from proto.messages import BlockMapReq, LookupReq
+    from stripefs.proto.messages import BlockMapReq, LookupReq
 
     c = sec_cluster
     m = c.mount()
@@ -344,7 +344,7 @@ def test_the_library_as_another_uid_gets_what_a_process_would(sec_cluster):
     os.chmod(shared, 0o1777)
 
     async def as_user():
-        from fs.client import open_client
+        from stripefs.client import open_client
 
         user = Ctx(uid=1000, gid=1000, groups=[1000])
         async with open_client(c.meta_addr, load_credentials(c.client), identity=user) as client:
@@ -373,7 +373,7 @@ def test_the_library_as_another_uid_gets_what_a_process_would(sec_cluster):
     assert secret.read_bytes() == b"root's"
 
     async def user_in_sticky_dir():
-        from fs.client import open_client
+        from stripefs.client import open_client
 
         user = Ctx(uid=1000, gid=1000)
         async with open_client(c.meta_addr, load_credentials(c.client), identity=user) as client:
@@ -386,7 +386,7 @@ def test_the_library_as_another_uid_gets_what_a_process_would(sec_cluster):
 def test_writes_need_an_open_for_writing(sec_cluster):
     """Allocating, committing and ftruncating a file take a session that opened it for
     writing: read access is not write access."""
-    from proto.messages import AllocReq, CommitReq, InlineCommitReq, LookupReq
+    from stripefs.proto.messages import AllocReq, CommitReq, InlineCommitReq, LookupReq
 
     c = sec_cluster
     m = c.mount()
@@ -425,7 +425,7 @@ def test_squashed_credentials_cannot_act_as_root(sec_cluster):
     pinned = c.pki.bundle("client", "pinned", squash="1234:4321")
 
     async def as_root(bundle):
-        from fs.client import open_client
+        from stripefs.client import open_client
 
         async with open_client(c.meta_addr, load_credentials(bundle), identity=Ctx(0, 0)) as client:
             ino = (await client.lookup(ROOT_INODE, b"squash-0600")).ino
@@ -458,9 +458,9 @@ def test_a_forged_block_is_never_read(tmp_path):
     from the good replica."""
     import random
 
-    from dataserver.store import BlockStore
-    from proto.integrity import leaf_hashes
-    from proto.messages import BlockMapReq, LookupReq
+    from stripefs.dataserver.store import BlockStore
+    from stripefs.proto.integrity import leaf_hashes
+    from stripefs.proto.messages import BlockMapReq, LookupReq
 
     c = Cluster(tmp_path / "forge", dataservers=2)
     try:
@@ -544,7 +544,7 @@ def test_a_captured_call_cannot_be_replayed(sec_cluster):
     import select
     import threading
 
-    from proto.messages import LookupReq, RemoveReq
+    from stripefs.proto.messages import LookupReq, RemoveReq
 
     c = sec_cluster
     host, port = c.meta_addr.rsplit(":", 1)
@@ -663,7 +663,7 @@ def test_idle_connections_cannot_exhaust_a_server(tmp_path):
 
 def alices_allocation(c: Cluster, name: bytes):
     """Block 0 of a new file `name` allocated to client alice: its Allocation."""
-    from proto.messages import AllocReq, MknodReq
+    from stripefs.proto.messages import AllocReq, MknodReq
 
     alice = meta_stub(c, c.pki.bundle("client", "alice"))
     try:
@@ -696,7 +696,7 @@ def test_forged_and_replayed_forwards_are_refused(sec_cluster):
     client the block was not allocated to, or a chain that does not start at the receiver
     is refused; a replay of a stored block with other bytes is refused (EEXIST) and with
     the same bytes changes nothing."""
-    from proto.messages import GetBlockReq
+    from stripefs.proto.messages import GetBlockReq
 
     c = sec_cluster
     a = alices_allocation(c, b"forwarded")

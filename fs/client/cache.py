@@ -36,8 +36,8 @@ from typing import Any, Awaitable, Callable, Optional
 
 import trio
 
-from proto.errors import FsError
-from proto.messages import (
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import (
     Attr,
     Ctx,
     InodeReq,

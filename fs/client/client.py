@@ -41,12 +41,12 @@ from typing import AsyncIterator, Callable, Optional, Sequence, cast
 
 import trio
 
-from proto import messages as m
-from proto import metrics
-from proto.credentials import Credentials
-from proto.errors import FsError
-from proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
-from proto.types import (FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, RELATIME_AGE_S,
+from stripefs.proto import messages as m
+from stripefs.proto import metrics
+from stripefs.proto.credentials import Credentials
+from stripefs.proto.errors import FsError
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
+from stripefs.proto.types import (FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYTES, OFFSET_MAX, RELATIME_AGE_S,
                          SYMLINK_MAX_BYTES)
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
@@ -752,7 +752,7 @@ class Client:
 
 @asynccontextmanager
 async def open_client(meta_address: str | Sequence[str], creds: Credentials, **options) -> AsyncIterator[Client]:
-    """Connect to a cluster with a client credential bundle (proto.credentials.load_credentials);
+    """Connect to a cluster with a client credential bundle (stripefs.proto.credentials.load_credentials);
     `meta_address`: the metaservers, `HOST:PORT[,HOST:PORT...]` or a list (ValueError if
     malformed). The client's background tasks live in a nursery owned here."""
     client = Client(meta_address, creds, **options)

@@ -28,9 +28,9 @@ from typing import Callable, Iterator, Optional
 
 import trio
 
-from proto import codec, metrics
-from proto.errors import FsError, TransportError
-from proto.integrity import (
+from stripefs.proto import codec, metrics
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.integrity import (
     DIGEST_BYTES,
     INLINE_HASH_MAX_BYTES,
     LEAF_BYTES,
@@ -42,8 +42,8 @@ from proto.integrity import (
     range_matches,
     root_of,
 )
-from proto.messages import BlockRef, GetBlockReq, SyncBlocksReq, WriteBlockHead
-from proto.types import CHAIN_HOP_MARGIN_S
+from stripefs.proto.messages import BlockRef, GetBlockReq, SyncBlocksReq, WriteBlockHead
+from stripefs.proto.types import CHAIN_HOP_MARGIN_S
 
 from .transport import Transport
 

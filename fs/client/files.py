@@ -28,9 +28,9 @@ from typing import Optional
 import crc32c
 import trio
 
-from proto.codec import span
-from proto.errors import FsError
-from proto.messages import Allocation, Attr, BlockMapReply, BlockRef, Ctx, OpenReply
+from stripefs.proto.codec import span
+from stripefs.proto.errors import FsError
+from stripefs.proto.messages import Allocation, Attr, BlockMapReply, BlockRef, Ctx, OpenReply
 
 
 @dataclass

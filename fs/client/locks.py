@@ -28,9 +28,9 @@ from typing import Any, Awaitable, Callable, Optional
 
 import trio
 
-from proto import messages as m
-from proto.errors import FsError, TransportError
-from proto.types import LOCK_RECORD, LOCK_WAIT_MAX_S, OFFSET_MAX
+from stripefs.proto import messages as m
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.types import LOCK_RECORD, LOCK_WAIT_MAX_S, OFFSET_MAX
 
 log = logging.getLogger("stripefs.client")
 

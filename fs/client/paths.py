@@ -20,9 +20,9 @@ from typing import AsyncIterator, Optional
 
 import trio
 
-from proto import messages as m
-from proto.errors import FsError
-from proto.types import ROOT_INODE
+from stripefs.proto import messages as m
+from stripefs.proto.errors import FsError
+from stripefs.proto.types import ROOT_INODE
 
 #: Symbolic links followed in one walk before ELOOP (Linux's SYMLOOP_MAX / MAXSYMLINKS).
 SYMLOOP_MAX = 40

@@ -16,8 +16,8 @@ from __future__ import annotations
 import errno
 from typing import Any, Awaitable, Callable, cast
 
-from proto import messages as m
-from proto.errors import FsError
+from stripefs.proto import messages as m
+from stripefs.proto.errors import FsError
 
 from .data import DataPath
 from .files import FileState, HandleState

@@ -37,11 +37,11 @@ from typing import Any, Awaitable, Callable, Optional
 
 import trio
 
-from proto import messages as m
-from proto import metrics
-from proto.errors import FsError, TransportError
-from proto.rpc import HUNG_AFTER_S
-from proto.services import META_METHODS, WAIT
+from stripefs.proto import messages as m
+from stripefs.proto import metrics
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.rpc import HUNG_AFTER_S
+from stripefs.proto.services import META_METHODS, WAIT
 
 from .transport import Transport
 

@@ -56,13 +56,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequen
 import grpc
 import trio
 
-from proto import codec
-from proto.credentials import CLIENT, Caller, Credentials
-from proto.errors import FsError, TransportError
-from proto.messages import Message
-from proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, ChannelWatch, Dispatch, Stub, secure_channel,
+from stripefs.proto import codec
+from stripefs.proto.credentials import CLIENT, Caller, Credentials
+from stripefs.proto.errors import FsError, TransportError
+from stripefs.proto.messages import Message
+from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, ChannelWatch, Dispatch, Stub, secure_channel,
                        transport_error)
-from proto.services import WAIT, Method
+from stripefs.proto.services import WAIT, Method
 
 log = logging.getLogger("stripefs.client")
 
@@ -455,7 +455,7 @@ async def in_thread(fn: Callable[..., T], *args: Any, what: str, timeout_s: floa
 
 class LocalTransport:
     """The in-process twin of a server: runs the call on the trio thread through the
-    server glue's own decoding, role checks and encoding (proto.rpc.Dispatch), as `caller`,
+    server glue's own decoding, role checks and encoding (stripefs.proto.rpc.Dispatch), as `caller`,
     so that what the server would refuse or what cannot cross the wire fails here too."""
 
     def __init__(self, impl: Any, methods: dict[str, Method], address: str = "local",

@@ -22,9 +22,9 @@ from typing import Any, Awaitable, Callable
 import crc32c
 import trio
 
-from proto import messages as m
-from proto.errors import FsError
-from proto.types import FILE_SIZE_MAX_BYTES
+from stripefs.proto import messages as m
+from stripefs.proto.errors import FsError
+from stripefs.proto.types import FILE_SIZE_MAX_BYTES
 
 from .data import NOT_THE_SERVERS_FAULT, DataPath
 from .files import DirtyBlock, FileState, WritebackBudget

@@ -1,1 +1,1 @@
-"""pyfuse3 adapter over fs.client: `ops.StripeOperations` and `mount.run_mount`."""
+"""pyfuse3 adapter over stripefs.client: `ops.StripeOperations` and `mount.run_mount`."""

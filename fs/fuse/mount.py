@@ -16,7 +16,7 @@ import subprocess
 import pyfuse3
 import trio
 
-from fs.client import Credentials, open_client
+from stripefs.client import Credentials, open_client
 
 from .ops import StripeOperations
 

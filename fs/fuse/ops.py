@@ -1,4 +1,4 @@
-"""The pyfuse3 adapter: each handler builds the call, calls fs.client, maps the result.
+"""The pyfuse3 adapter: each handler builds the call, calls stripefs.client, maps the result.
 
 This is the only place that raises pyfuse3.FUSEError. An unexpected exception in a handler
 is logged and becomes EIO; it never takes the mount down.
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from fs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, Attr, Client, Ctx,
+from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, Attr, Client, Ctx,
                        Entry, FsError, metrics, signed64)
 
 log = logging.getLogger("stripefs.fuse")
