@@ -173,6 +173,7 @@ class Client:
                 log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
 
     async def aclose(self) -> None:
+        """Flush what is still written back and end the session (open_client does this on exit)."""
         for ino, f in list(self._files.items()):
             if not f.busy():
                 continue
@@ -221,12 +222,14 @@ class Client:
         return e
 
     async def lookup(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> m.Attr:
+        """The attributes of `name` in directory `parent` (ENOENT if there is none), through the name cache."""
         e = await self.lookup_entry(parent, name, ctx)
         if e.attr is None:
             raise FsError(errno.ENOENT, f"no entry {name!r} in {parent}")
         return e.attr
 
     async def getattr_entry(self, ino: int) -> Entry:
+        """The cached entry of an inode, its attributes asked of the metaserver if they are not fresh."""
         got = self.names.attrs.get(ino)
         if got is not None and stat.S_ISDIR(got[0].mode):
             # With default_permissions the kernel checks the parent directory before every
@@ -250,6 +253,7 @@ class Client:
             raise
 
     async def getattr(self, ino: int) -> m.Attr:
+        """The attributes of an inode (stat(2)), fresh within ATTR_TTL_S."""
         attr = (await self.getattr_entry(ino)).attr
         assert attr is not None
         return attr
@@ -339,6 +343,7 @@ class Client:
         return self._new_handle(attr.ino, writable=True), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], umask: int = 0) -> m.Attr:
+        """mkdir(2) of `name` in `parent` with `mode` less `umask`, as `ctx`; the new directory's attributes."""
         entry_names(name)
         t = now()
         reply = await self._meta("mkdir", m.MkdirReq(parent, name, mode, self._ctx(ctx), umask))
@@ -347,6 +352,7 @@ class Client:
         return reply.attr
 
     async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Optional[m.Ctx]) -> m.Attr:
+        """symlink(2): `name` in `parent` pointing at `target`; the link's attributes."""
         entry_names(name)
         if len(target) > SYMLINK_MAX_BYTES:
             raise FsError(errno.ENAMETOOLONG, f"symlink target longer than {SYMLINK_MAX_BYTES} bytes")
@@ -356,9 +362,11 @@ class Client:
         return reply.attr
 
     async def readlink(self, ino: int) -> bytes:
+        """readlink(2): the target of a symbolic link."""
         return (await self._meta("readlink", m.InodeReq(ino))).target
 
     async def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Optional[m.Ctx] = None) -> m.Attr:
+        """link(2): a new name for inode `ino` in `new_parent`; its attributes (nlink counted)."""
         entry_names(new_name)
         t = now()
         reply = await self._meta("link", m.LinkReq(ino, new_parent, new_name, self._ctx(ctx)))
@@ -366,6 +374,7 @@ class Client:
         return self._overlay(reply.attr)
 
     async def unlink(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        """unlink(2) of `name` in `parent` (open handles keep an unlinked file readable)."""
         entry_names(name)
         t = now()
         reply = await self._meta("unlink", m.RemoveReq(parent, name, self._ctx(ctx)))
@@ -373,6 +382,7 @@ class Client:
         self.names.removed(parent, name, reply.parent, t)
 
     async def rmdir(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        """rmdir(2) of the empty directory `name` in `parent`."""
         entry_names(name)
         t = now()
         reply = await self._meta("rmdir", m.RemoveReq(parent, name, self._ctx(ctx)))
@@ -384,6 +394,7 @@ class Client:
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
         ctx: Optional[m.Ctx] = None,
     ) -> None:
+        """rename(2)/renameat2(2) with `flags` RENAME_NOREPLACE or RENAME_EXCHANGE; atomic and durable."""
         entry_names(name, new_name)
         t = now()
         try:
@@ -397,6 +408,7 @@ class Client:
             self.names.renamed(parent, name, new_parent, new_name, reply, flags & m.RENAME_EXCHANGE != 0, t)
 
     async def statfs(self) -> m.StatfsReply:
+        """statfs(2) of the cluster: capacity and use over its data servers, inode counts."""
         return await self._meta("statfs", m.Empty())
 
     async def block_map(self, ino: int) -> m.BlockMapReply:
@@ -420,16 +432,19 @@ class Client:
         return await self._meta("usage", m.UsageReq(ino, self._ctx(ctx)))
 
     async def status(self) -> m.StatusReply:
+        """The cluster's state, as `stripefs status` shows it."""
         return await self._meta("status", m.Empty())
 
     # ------------------------------------------------------------------ directories
 
     def opendir(self, ino: int, ctx: Optional[m.Ctx] = None) -> int:
+        """opendir(3) of directory `ino` as `ctx`: a handle for readdir and releasedir."""
         dh = next(self._next_fh)
         self._dirs[dh] = DirHandle(ino, self._ctx(ctx))
         return dh
 
     def dir_inode(self, dh: int) -> int:
+        """The directory inode a readdir handle lists."""
         return self._dirs[dh].ino
 
     async def readdir(self, dh: int, offset: int) -> tuple[list[m.DirEntry], bool]:
@@ -468,6 +483,7 @@ class Client:
         return out
 
     def releasedir(self, dh: int) -> None:
+        """Forget a directory handle (closedir(3))."""
         self._dirs.pop(dh, None)
 
     # ------------------------------------------------------------------ xattrs
@@ -477,6 +493,7 @@ class Client:
         return got is not None and got[0].xattrs == 0
 
     async def getxattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> bytes:
+        """getxattr(2): one extended attribute's value (ENODATA if unset)."""
         if not name.startswith(VIRTUAL_XATTR_PREFIX) and self._known_without_xattrs(ino):
             # ls -l asks every entry for ACLs and security labels: answered here, a listing
             # of 10,000 entries does not cost 20,000 round trips.
@@ -495,6 +512,7 @@ class Client:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
                        ctx: Optional[m.Ctx] = None) -> None:
+        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags`; `stripefs.*` names set a directory's layout."""
         self.names.attrs.forget(ino)
         f = self._files.get(ino)
         if f is not None and name == CAPABILITY_XATTR:
@@ -505,11 +523,13 @@ class Client:
             self.names.attrs.forget(ino)  # what was fetched during the call may predate it
 
     async def listxattr(self, ino: int) -> list[bytes]:
+        """listxattr(2): the names of an inode's extended attributes."""
         if self._known_without_xattrs(ino):
             return []
         return (await self._meta("listxattr", m.InodeReq(ino))).names
 
     async def removexattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        """removexattr(2) (ENODATA if unset)."""
         self.names.attrs.forget(ino)
         try:
             await self._meta("removexattr", m.XattrReq(ino, name, self._ctx(ctx)))
@@ -567,6 +587,7 @@ class Client:
         return self._new_handle(ino, writable), keep, changed
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        """pread(2) on a handle: up to `size` bytes at `offset` (fewer only at the end of the file)."""
         h, f = self._handle(fh)
         self._accessed(h, f)
         data = await self.reader.read(h, f, offset, size)
@@ -594,7 +615,8 @@ class Client:
             assert self._nursery is not None  # (a handle exists only on a started client)
             self.session.report_soon(self._nursery, "accessed", m.AccessedReq(f.ino, self.session.id))
 
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        """pwrite(2) on a handle: buffered (write-back) until close, fsync or memory pressure; returns the count."""
         n = await self.writer.write(self._handle(fh)[1], offset, data)
         _metrics.written_bytes.inc(n)
         return n
@@ -604,6 +626,7 @@ class Client:
         await self.writer.settle(self._handle(fh)[1])
 
     async def fsync(self, fh: int) -> None:
+        """fsync(2): every byte written through this inode is on its replicas' disks and its metadata durable."""
         f = self._handle(fh)[1]
         commits = f.commits
         await self.writer.settle(f, durable=True)

@@ -16,13 +16,16 @@ import errno
 import os
 import posixpath
 import stat
-from typing import AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 import trio
 
 from stripefs.proto import messages as m
 from stripefs.proto.errors import FsError
 from stripefs.proto.types import ROOT_INODE
+
+if TYPE_CHECKING:
+    from .client import Client
 
 #: Symbolic links followed in one walk before ELOOP (Linux's SYMLOOP_MAX / MAXSYMLINKS).
 SYMLOOP_MAX = 40
@@ -65,12 +68,12 @@ def split(path: str) -> tuple[str, str]:
     return parent, name
 
 
-async def resolve(client, path: str, *, follow: bool = True, ctx: Optional[m.Ctx] = None) -> m.Attr:
+async def resolve(client: Client, path: str, *, follow: bool = True, ctx: Optional[m.Ctx] = None) -> m.Attr:
     """The attributes of what `path` names."""
     return await _walk(client, normalize(path), follow, ctx, [0])
 
 
-async def _walk(client, path: str, follow: bool, ctx: Optional[m.Ctx], hops: list[int],
+async def _walk(client: Client, path: str, follow: bool, ctx: Optional[m.Ctx], hops: list[int],
                 base: Optional[m.Attr] = None) -> m.Attr:
     attr = base if base is not None else await client.getattr(ROOT_INODE)
     parts = [p for p in path.split("/") if p]
@@ -92,7 +95,7 @@ async def _walk(client, path: str, follow: bool, ctx: Optional[m.Ctx], hops: lis
     return attr
 
 
-async def resolve_parent(client, path: str, ctx: Optional[m.Ctx] = None) -> tuple[m.Attr, bytes]:
+async def resolve_parent(client: Client, path: str, ctx: Optional[m.Ctx] = None) -> tuple[m.Attr, bytes]:
     """The directory that holds `path`'s last component, and that component."""
     parent, name = split(path)
     attr = await resolve(client, parent, ctx=ctx)
@@ -101,7 +104,7 @@ async def resolve_parent(client, path: str, ctx: Optional[m.Ctx] = None) -> tupl
     return attr, os.fsencode(name)
 
 
-async def exists(client, path: str, ctx: Optional[m.Ctx] = None) -> bool:
+async def exists(client: Client, path: str, ctx: Optional[m.Ctx] = None) -> bool:
     try:
         await resolve(client, path, ctx=ctx)
         return True
@@ -111,7 +114,7 @@ async def exists(client, path: str, ctx: Optional[m.Ctx] = None) -> bool:
         raise
 
 
-async def makedirs(client, path: str, mode: int = 0o777, *, exist_ok: bool = True,
+async def makedirs(client: Client, path: str, mode: int = 0o777, *, exist_ok: bool = True,
                    ctx: Optional[m.Ctx] = None) -> m.Attr:
     """mkdir -p: every missing directory of `path`; EEXIST if the last one exists and
     not `exist_ok` (or if something other than a directory is in the way)."""
@@ -135,7 +138,7 @@ async def makedirs(client, path: str, mode: int = 0o777, *, exist_ok: bool = Tru
     return attr
 
 
-async def listdir(client, path: str, ctx: Optional[m.Ctx] = None) -> list[m.DirEntry]:
+async def listdir(client: Client, path: str, ctx: Optional[m.Ctx] = None) -> list[m.DirEntry]:
     """The entries of a directory with their attributes (one readdirplus stream)."""
     attr = await resolve(client, path, ctx=ctx)
     if not stat.S_ISDIR(attr.mode):
@@ -143,7 +146,7 @@ async def listdir(client, path: str, ctx: Optional[m.Ctx] = None) -> list[m.DirE
     return await client.listdir(attr.ino, ctx)
 
 
-async def walk(client, path: str, ctx: Optional[m.Ctx] = None) -> AsyncIterator[tuple[str, list[m.DirEntry]]]:
+async def walk(client: Client, path: str, ctx: Optional[m.Ctx] = None) -> AsyncIterator[tuple[str, list[m.DirEntry]]]:
     """(directory, its entries) for `path` and every directory under it, parents first;
     symbolic links are not followed into."""
     stack = [normalize(path)]
@@ -155,12 +158,12 @@ async def walk(client, path: str, ctx: Optional[m.Ctx] = None) -> AsyncIterator[
                      if stat.S_ISDIR(e.attr.mode))
 
 
-async def usage(client, path: str, ctx: Optional[m.Ctx] = None) -> m.UsageReply:
+async def usage(client: Client, path: str, ctx: Optional[m.Ctx] = None) -> m.UsageReply:
     """`du` of `path` (symbolic links followed), from the metaserver's usage counters."""
     return await client.usage((await resolve(client, path, ctx=ctx)).ino, ctx)
 
 
-async def labels(client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[str, str]:
+async def labels(client: Client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[str, str]:
     """The labels of one inode: its `user.*` extended attributes, without the prefix
     (values that are not UTF-8 are decoded with replacement characters)."""
     names = [n for n in await client.listxattr(ino) if n.startswith(LABEL_PREFIX)]
@@ -181,7 +184,7 @@ async def labels(client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[str, str
     return dict(sorted(out.items()))
 
 
-async def remove(client, path: str, *, recursive: bool = False, ctx: Optional[m.Ctx] = None) -> None:
+async def remove(client: Client, path: str, *, recursive: bool = False, ctx: Optional[m.Ctx] = None) -> None:
     """rm (a file, a symlink or, with `recursive`, a directory and what is under it);
     rmdir of an empty directory without it. The link itself is removed, never its target."""
     parent, name = await resolve_parent(client, path, ctx)
@@ -194,7 +197,7 @@ async def remove(client, path: str, *, recursive: bool = False, ctx: Optional[m.
     await client.rmdir(parent.ino, name, ctx)
 
 
-async def _empty(client, ino: int, ctx: Optional[m.Ctx]) -> None:
+async def _empty(client: Client, ino: int, ctx: Optional[m.Ctx]) -> None:
     while True:
         entries = await client.listdir(ino, ctx)
         if not entries:
@@ -207,14 +210,14 @@ async def _empty(client, ino: int, ctx: Optional[m.Ctx]) -> None:
                 await client.unlink(ino, e.name, ctx)
 
 
-async def rename(client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
+async def rename(client: Client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
     """rename(2): atomic, replaces a file (or an empty directory) at `dst`."""
     sp, sn = await resolve_parent(client, src, ctx)
     dp, dn = await resolve_parent(client, dst, ctx)
     await client.rename(sp.ino, sn, dp.ino, dn, ctx=ctx)
 
 
-async def open_file(client, path: str, flags: int, mode: int = 0o666,
+async def open_file(client: Client, path: str, flags: int, mode: int = 0o666,
                     ctx: Optional[m.Ctx] = None) -> tuple[int, m.Attr]:
     """open(2) by path: (handle, attributes at open). O_CREAT creates the file when it is
     missing (O_EXCL: EEXIST if it is not); O_TRUNC empties it; a directory is EISDIR."""
@@ -235,7 +238,7 @@ async def open_file(client, path: str, flags: int, mode: int = 0o666,
     return fh, attr
 
 
-async def close_file(client, fh: int) -> None:
+async def close_file(client: Client, fh: int) -> None:
     """close(2): what was written is committed (close-to-open), then the handle goes."""
     try:
         await client.flush(fh)
@@ -243,7 +246,7 @@ async def close_file(client, fh: int) -> None:
         await client.release(fh)
 
 
-async def read_file(client, path: str, start: int = 0, end: Optional[int] = None,
+async def read_file(client: Client, path: str, start: int = 0, end: Optional[int] = None,
                     ctx: Optional[m.Ctx] = None) -> bytes:
     """Bytes [start, end) of a file (end None: to its end), in one open."""
     fh, attr = await open_file(client, path, os.O_RDONLY, ctx=ctx)
@@ -253,7 +256,7 @@ async def read_file(client, path: str, start: int = 0, end: Optional[int] = None
         await client.release(fh)
 
 
-async def read_range(client, fh: int, start: int, end: int) -> bytes:
+async def read_range(client: Client, fh: int, start: int, end: int) -> bytes:
     """Bytes [start, end) through an open handle, COPY_CHUNK_BYTES a call with the calls in
     flight together (the reader fetches the blocks behind each in parallel); short at
     the end of the file."""
@@ -276,7 +279,7 @@ async def read_range(client, fh: int, start: int, end: int) -> bytes:
     return bytes(out)
 
 
-async def write_file(client, path: str, data: bytes, mode: int = 0o666, ctx: Optional[m.Ctx] = None) -> m.Attr:
+async def write_file(client: Client, path: str, data: bytes, mode: int = 0o666, ctx: Optional[m.Ctx] = None) -> m.Attr:
     """Create or replace the content of a file with `data`; durable for readers (committed)
     on return, as after close(2)."""
     fh, attr = await open_file(client, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode, ctx)
@@ -289,7 +292,7 @@ async def write_file(client, path: str, data: bytes, mode: int = 0o666, ctx: Opt
     return await client.getattr(attr.ino)
 
 
-async def copy_file(client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
+async def copy_file(client: Client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:
     """cp SRC DST inside the cluster, through this client (a chunk at a time)."""
     sfh, sattr = await open_file(client, src, os.O_RDONLY, ctx=ctx)
     try:

@@ -71,7 +71,7 @@ class Writer:
 
     # ------------------------------------------------------------------ writing
 
-    async def write(self, f: FileState, offset: int, data: bytes) -> int:
+    async def write(self, f: FileState, offset: int, data: bytes | memoryview) -> int:
         if offset + len(data) > FILE_SIZE_MAX_BYTES:
             raise FsError(errno.EFBIG, "file too large")
         bs = f.block_size
