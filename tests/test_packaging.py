@@ -11,9 +11,11 @@ files are there; and a cluster run entirely by the installed copy serves a
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FOREIGN = ("proto", "fs")
 
 
+def source_copy(to: Path) -> Path:
+    """What pyproject.toml builds from, copied (a build writes build/ and *.egg-info
+    beside its source: not into the repository)."""
+    table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    for name in ["pyproject.toml", table["project"].get("readme", "README.md")]:
+        shutil.copy2(REPO_ROOT / name, to / name)
+    for folder in table["tool"]["setuptools"]["package-dir"].values():
+        shutil.copytree(REPO_ROOT / folder, to / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return to
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     """A fresh virtualenv with stripefs (built from this tree) and proto-plus installed."""
     where = tmp_path_factory.mktemp("venv") / "v"
+    source = source_copy(tmp_path_factory.mktemp("source"))
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=120)
     py = where / "bin" / "python"
     out = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(REPO_ROOT), "proto-plus"],
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source), "proto-plus"],
         capture_output=True, text=True, timeout=800, cwd=where,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
