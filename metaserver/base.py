@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import crc32c
 
@@ -232,6 +232,10 @@ class CoreBase:
         if row is None:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
         return row
+
+    def _inode_rows(self, tx: Tx, where: str, args: Sequence[Any] = ()) -> list[Row]:
+        """The rows of the inodes `where` selects (SQL over inodes' columns), as _inode's."""
+        return tx.all(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE {where}", args)
 
     def _dir(self, tx: Tx, ino: int, *, for_create: bool = False) -> Row:
         """A directory row; ENOTDIR if not one. for_create: ENOENT if it was removed."""

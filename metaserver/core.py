@@ -2,9 +2,10 @@
 
 Each method takes the request message, runs as one store transaction, and returns the
 reply message or raises FsError(errno). The methods are grouped by subject in
-namespace.py, xattrs.py, files.py, locks.py, registry.py, repair.py (re-replication, block
-reports) and fsck.py over the shared mechanisms of base.py; this class puts them
-together, so `stripefs.proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
+namespace.py, xattrs.py, labels.py (label queries), files.py, locks.py, registry.py,
+repair.py (re-replication, block reports) and fsck.py over the shared mechanisms of
+base.py; this class puts them together, so that
+`stripefs.proto.rpc.serve(META_SERVICE, META_METHODS, core, ...)` serves it directly,
 and adds `apply_batch`, which runs a batch of calls from a client's stream in one
 store transaction, each `once` call at most once per request id.
 """
@@ -27,6 +28,7 @@ from stripefs.proto.services import META_METHODS
 from .base import retrying
 from .files import FileOps
 from .fsck import FsckOps
+from .labels import LabelOps
 from .locks import LockOps
 from .namespace import NamespaceOps
 from .registry import RegistryOps
@@ -35,7 +37,7 @@ from .xattrs import XattrOps
 log = logging.getLogger("stripefs.metaserver")
 
 
-class MetaCore(NamespaceOps, XattrOps, FileOps, LockOps, RegistryOps, FsckOps):
+class MetaCore(NamespaceOps, XattrOps, LabelOps, FileOps, LockOps, RegistryOps, FsckOps):
     """The metadata service. Thread-safe: the store keeps transactions serializable.
 
     MetaCore(store, token_key, *, clock=time.time, server_suspect_after_s=3.0,

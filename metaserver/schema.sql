@@ -89,6 +89,10 @@ CREATE TABLE xattrs (
     value  BLOB NOT NULL,   -- value, up to 64 KiB
     PRIMARY KEY (ino, name)
 );
+-- Label queries (labels.py): the attributes with a given name and value, in inode order.
+-- A value is indexed by its first 256 bytes (a longer one is compared in full after), so
+-- that a 64 KiB value still fits an index entry.
+CREATE INDEX xattrs_by_value ON xattrs(name, substr(value, 1, 256), ino);
 
 -- The data server registry. A server keeps its id across restarts (matched by node_id,
 -- the stable id of its data directory) while its address may change.

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .store import RECOUNT_USAGE, SCHEMA_VERSION, Batch, Store, Tx
+from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, Batch, Store, Tx
 
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
@@ -110,6 +110,7 @@ MIGRATIONS = {
         ALTER TABLE inodes ADD COLUMN used_bytes INTEGER NOT NULL DEFAULT 0;
         {RECOUNT_USAGE};
     """,
+    11: f"{LABEL_INDEX};",
 }
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 #: How long to wait for another process holding the database (there should be none).

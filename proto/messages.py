@@ -559,6 +559,64 @@ class UsageReply(Message):
     dirs: int  # directories, itself included
 
 
+#: Labels one find may ask for together, and the prefix of the names that are labels.
+FIND_LABELS_MAX = 16
+LABEL_NAME_PREFIX = b"user."
+
+
+@dataclass
+class Label(Message):
+    """One label: a user.* extended attribute with this value."""
+
+    name: bytes  # attribute name, user.* (b"user.split")
+    value: bytes  # its value, compared byte for byte
+
+    def _check(self) -> Optional[str]:
+        if not self.name.startswith(LABEL_NAME_PREFIX) or len(self.name) == len(LABEL_NAME_PREFIX):
+            return "name: a label is a user.* attribute"
+        if b"\0" in self.name or len(self.name) > XATTR_NAME_MAX_BYTES:
+            return "name: contains NUL or too long"
+        return None if len(self.value) <= XATTR_SIZE_MAX_BYTES else "value: too large"
+
+
+@dataclass
+class FindReq(Message):
+    """Regular files under a directory that carry every one of `labels`, their own or
+    inherited from the nearest directory above them that sets the name (metaserver
+    labels.py), found through the metaserver's index of labels, page by page."""
+
+    ino: int  # the directory searched (with everything under it)
+    labels: list[Label]  # all must hold; at most FIND_LABELS_MAX, each name once
+    cursor: list[int] = field(default_factory=list)  # where the last page ended ([]: the start)
+    limit: int = 1000  # at most this many entries in the reply
+    ctx: Ctx = field(default_factory=Ctx)  # caller: finds only what it could list and read
+
+    def _check(self) -> Optional[str]:
+        if not 1 <= len(self.labels) <= FIND_LABELS_MAX:
+            return f"labels: 1 to {FIND_LABELS_MAX}"
+        if len({label.name for label in self.labels}) != len(self.labels):
+            return "labels: a name given twice"
+        if len(self.cursor) not in (0, 4):
+            return "cursor: not one this server gave"
+        if not 1 <= self.limit <= 100_000:
+            return "limit: out of range"
+        return None
+
+
+@dataclass
+class Found(Message):
+    """One file a find matched, under one of its names."""
+
+    path: bytes  # from the searched directory (b"train/cat/0001.jpg")
+    attr: Attr  # the file's attributes
+
+
+@dataclass
+class FindReply(Message):
+    entries: list[Found]  # this page (may be empty while `cursor` says there is more)
+    cursor: list[int]  # pass back for the next page; [] once the search is complete
+
+
 @dataclass
 class StatfsReply(Message):
     block_size: int  # fundamental block size reported to statfs (bytes)

@@ -76,6 +76,7 @@ META_METHODS = _table(
     Method("removexattr", m.XattrReq, m.Empty, once=True),
     Method("statfs", m.Empty, m.StatfsReply),
     Method("usage", m.UsageReq, m.UsageReply),
+    Method("find", m.FindReq, m.FindReply),
     # file data
     Method("open", m.OpenReq, m.OpenReply),
     Method("release", m.ReleaseReq, m.Empty, once=True),
