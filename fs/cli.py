@@ -696,6 +696,62 @@ def _show_info(console, arg: str, doc: dict[str, Any]) -> None:
         console.print(blocks)
 
 
+def _label_option(values: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{text!r}: expected NAME=VALUE (the user.NAME attribute)", param_hint="--label")
+        if key in labels:
+            raise click.BadParameter(f"{key!r} given twice", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+@cli.command("find")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-l", "--label", "label_texts", multiple=True, required=True, metavar="NAME=VALUE",
+              help="a label every file found carries (repeat: all of them); NAME is the user.NAME attribute")
+@_cluster_options
+@_json_option
+def find_cmd(paths: tuple[str, ...], label_texts: tuple[str, ...], cluster: ClusterOptions, as_json: bool) -> None:
+    """the regular files under each directory PATH whose labels are all the --label ones,
+    their own or a directory's above them (`setfattr -n user.split -v train DIR`), answered
+    from the metaserver's label index without walking the tree; printed as they arrive"""
+    from stripefs.cli_work import Place
+    from stripefs.client import paths as cpaths
+    from stripefs.proto.errors import FsError
+
+    labels = _label_option(label_texts)
+    places: list[Place] = _places(cluster, paths, bare_is_cluster=True)
+    failures: list[tuple[Any, Any]] = []
+    found = 0
+    if as_json:
+        click.echo("[")
+
+    async def work(clients) -> None:
+        nonlocal found
+        for place in places:
+            client = await clients.get(place.meta)
+            base = len(cpaths.normalize(place.path).rstrip("/")) + 1
+            try:
+                async for path, attr in cpaths.find(client, place.path, labels):
+                    shown = place.child(path[base:]).arg
+                    if as_json:
+                        doc = {"path": shown, "cluster_path": path, "ino": attr.ino, "size": attr.size}
+                        click.echo(("," if found else "") + json.dumps(doc))
+                    else:
+                        click.echo(shown)
+                    found += 1
+            except FsError as exc:
+                failures.append((place, exc))
+
+    _with_clients(cluster, work)
+    if as_json:
+        click.echo("]")
+    sys.exit(_report_failures("find", failures))
+
+
 @cli.command("cp")
 @click.argument("sources", nargs=-1, required=True)
 @click.argument("dst")

@@ -124,7 +124,7 @@ def test_the_stripefs_command(venv, tmp_path):
     out = subprocess.run([str(venv / "bin" / "stripefs"), "--help"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for command in ("meta", "data", "mount", "status", "fsck", "du", "info", "cp", "top"):
+    for command in ("meta", "data", "mount", "status", "fsck", "du", "find", "info", "cp", "top"):
         assert command in out.stdout, out.stdout
 
 

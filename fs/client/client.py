@@ -431,6 +431,13 @@ class Client:
         the metaserver's usage counters: one call whatever the subtree holds."""
         return await self._meta("usage", m.UsageReq(ino, self._ctx(ctx)))
 
+    async def find(self, ino: int, labels: list[m.Label], cursor: Sequence[int] = (), limit: int = 1000,
+                   ctx: Optional[m.Ctx] = None) -> m.FindReply:
+        """One page of the regular files under directory `ino` whose labels are all of
+        `labels` (own or inherited), from the metaserver's label index; pass the reply's
+        cursor back for the next page, until it is empty. Paths are from `ino`."""
+        return await self._meta("find", m.FindReq(ino, labels, list(cursor), limit, self._ctx(ctx)))
+
     async def status(self) -> m.StatusReply:
         """The cluster's state, as `stripefs status` shows it."""
         return await self._meta("status", m.Empty())

@@ -16,7 +16,7 @@ import errno
 import os
 import posixpath
 import stat
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Mapping, Optional
 
 import trio
 
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 #: Symbolic links followed in one walk before ELOOP (Linux's SYMLOOP_MAX / MAXSYMLINKS).
 SYMLOOP_MAX = 40
 #: Extended attributes that are labels (the user namespace: `setfattr -n user.split -v train`).
-LABEL_PREFIX = b"user."
+LABEL_PREFIX = m.LABEL_NAME_PREFIX
+#: Files one `find` call of the metaserver returns at most.
+FIND_PAGE = 5000
 #: Bytes moved by one read or write call of `read_file`/`write_file`/`copy_file`.
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 #: Calls one `stat_many`/`labels` keeps in flight.
@@ -182,6 +184,37 @@ async def labels(client: Client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[
         for name in names:
             nursery.start_soon(one, name)
     return dict(sorted(out.items()))
+
+
+def label_list(labels: Mapping[str, str | bytes]) -> list[m.Label]:
+    """{"split": "train"} as the labels a find asks for (`user.split` = b"train")."""
+    out = []
+    for key, value in labels.items():
+        name = key.encode() if key.encode().startswith(LABEL_PREFIX) else LABEL_PREFIX + key.encode()
+        out.append(m.Label(name=name, value=value.encode() if isinstance(value, str) else value))
+    return out
+
+
+async def find(client: Client, path: str, labels: Mapping[str, str | bytes], ctx: Optional[m.Ctx] = None,
+               ) -> AsyncIterator[tuple[str, m.Attr]]:
+    """(path, attributes) of every regular file under directory `path` whose labels
+    (`user.*` attributes, a directory's applying to what is under it unless set again
+    below) are all `labels`, e.g. {"split": "train", "class": "cat"}, as the metaserver's
+    label index finds them, a page at a time (metaserver/labels.py). Symbolic links are not
+    followed below `path`; a file with several names comes once per name."""
+    want = label_list(labels)
+    top = await resolve(client, path, ctx=ctx)
+    if not stat.S_ISDIR(top.mode):
+        raise FsError(errno.ENOTDIR, f"{path}: not a directory")
+    base = normalize(path).rstrip("/") + "/"
+    cursor: list[int] = []
+    while True:
+        page = await client.find(top.ino, want, cursor, FIND_PAGE, ctx)
+        for e in page.entries:
+            yield base + os.fsdecode(e.path), e.attr
+        if not page.cursor:
+            return
+        cursor = page.cursor
 
 
 async def remove(client: Client, path: str, *, recursive: bool = False, ctx: Optional[m.Ctx] = None) -> None:
