@@ -20,7 +20,7 @@ from stripefs.proto.messages import (Ctx, FindReq, InodeReq, Label, LinkReq, Rea
 from stripefs.proto.types import ROOT_INODE
 
 from engines import meta_engine, open_meta_store  # noqa: F401 - fixtures
-from test_meta_core import ROOT, USER, Env, env  # noqa: F401 - fixtures
+from test_meta_core import ROOT, USER, Env, downgrade, env  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -246,12 +246,6 @@ def test_the_label_index_is_in_both_schemas_and_used(env):
 def test_version_11_database_gets_the_label_index(env):
     d = env.mkdir(ROOT_INODE, b"d")
     label(env, env.create(d.ino, b"f").ino, "k", "v")
-    with env.core.store.transaction() as tx:
-        tx.run("DROP INDEX xattrs_by_value")
-        if env.core.store.engine == "postgres":
-            tx.run("UPDATE schema_version SET version = 11")
-    if env.core.store.engine == "sqlite":
-        env.core.store._conn.execute("PRAGMA user_version=11")
-    env.reopen()
+    downgrade(env, 11)
     assert env.core.store.schema_version() == SCHEMA_VERSION
     assert find(env, ROOT_INODE, {"k": "v"}) == [b"d/f"]

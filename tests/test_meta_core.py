@@ -163,6 +163,22 @@ def test_root_and_store(env):
             assert tx.scalar("SHOW synchronous_commit") == "on"
 
 
+def downgrade(env, version: int, *statements: str) -> None:
+    """Make the test's database one of schema `version` and reopen it, which migrates it:
+    `statements` take away what later schemas added that the test cares about; the label
+    index (schema 12) goes here for every older version."""
+    with env.core.store.transaction() as tx:
+        for statement in statements:
+            tx.run(statement)
+        if version < 12:
+            tx.run("DROP INDEX xattrs_by_value")
+        if env.core.store.engine == "postgres":
+            tx.run("UPDATE schema_version SET version = ?", (version,))
+    if env.core.store.engine == "sqlite":
+        env.core.store._conn.execute(f"PRAGMA user_version={version}")
+    env.reopen()
+
+
 def test_version_3_database_is_migrated(env):
     """A database of schema 3 (no inline data, no inline_max, no parent indexes, no owners
     of sessions and servers, no writable opens, no block digests, no locks, no stored
@@ -173,23 +189,22 @@ def test_version_3_database_is_migrated(env):
     f = env.create(ROOT_INODE, b"kept")
     s = env.session()
     env.core.open(OpenReq(ino=f.ino, session=s))
-    with env.core.store.transaction() as tx:
-        tx.run("DROP TABLE inline_data")
-        tx.run("DROP TABLE verify")
-        tx.run("DROP INDEX inodes_by_parent")
-        tx.run("DROP INDEX dentries_by_parent")
-        tx.run("ALTER TABLE inodes DROP COLUMN inline_max")
-        tx.run("ALTER TABLE servers DROP COLUMN identity")
-        tx.run("ALTER TABLE sessions DROP COLUMN owner")
-        tx.run("ALTER TABLE opens DROP COLUMN writable")
-        tx.run("ALTER TABLE blocks DROP COLUMN digest")
-        tx.run("DROP TABLE locks")
-        tx.run("ALTER TABLE blocks DROP COLUMN stored")
-        tx.run("DROP TABLE requests")
-        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
-        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
-    env.core.store._conn.execute("PRAGMA user_version=3")
-    env.reopen()
+    downgrade(env, 3,
+              "DROP TABLE inline_data",
+              "DROP TABLE verify",
+              "DROP INDEX inodes_by_parent",
+              "DROP INDEX dentries_by_parent",
+              "ALTER TABLE inodes DROP COLUMN inline_max",
+              "ALTER TABLE servers DROP COLUMN identity",
+              "ALTER TABLE sessions DROP COLUMN owner",
+              "ALTER TABLE opens DROP COLUMN writable",
+              "ALTER TABLE blocks DROP COLUMN digest",
+              "DROP TABLE locks",
+              "ALTER TABLE blocks DROP COLUMN stored",
+              "DROP TABLE requests",
+              "ALTER TABLE inodes DROP COLUMN used_files",
+              "ALTER TABLE inodes DROP COLUMN used_bytes",
+              )
     assert env.core.store.schema_version() == SCHEMA_VERSION
     assert env.lookup(ROOT_INODE, b"kept").ino == f.ino
     assert env.getattr(f.ino).inline_max == DEFAULT_INLINE_MAX_BYTES
@@ -1189,16 +1204,15 @@ def test_version_9_request_records_are_kept_in_their_new_layout(env):
     if env.core.store.engine != "sqlite":
         pytest.skip("SQLite's migrations: PostgreSQL's table did not change")
     ((made, _),) = env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))])
-    with env.core.store.transaction() as tx:
-        tx.run("CREATE TABLE old (rid INTEGER PRIMARY KEY, reply BLOB NOT NULL, created_ns INTEGER NOT NULL)")
-        tx.run("INSERT INTO old SELECT rid, reply, created_ns FROM requests")
-        tx.run("DROP TABLE requests")
-        tx.run("ALTER TABLE old RENAME TO requests")
-        tx.run("CREATE INDEX requests_by_age ON requests(created_ns)")
-        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
-        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
-    env.core.store._conn.execute("PRAGMA user_version=9")
-    env.reopen()
+    downgrade(env, 9,
+              "CREATE TABLE old (rid INTEGER PRIMARY KEY, reply BLOB NOT NULL, created_ns INTEGER NOT NULL)",
+              "INSERT INTO old SELECT rid, reply, created_ns FROM requests",
+              "DROP TABLE requests",
+              "ALTER TABLE old RENAME TO requests",
+              "CREATE INDEX requests_by_age ON requests(created_ns)",
+              "ALTER TABLE inodes DROP COLUMN used_files",
+              "ALTER TABLE inodes DROP COLUMN used_bytes",
+              )
     assert env.core.store.schema_version() == SCHEMA_VERSION
     ((again, _),) = env.core.apply_batch([("mkdir", MkdirReq(ROOT_INODE, b"d", 0o755, ROOT, rid=77))])
     assert again == made  # the first reply, not EEXIST
@@ -1213,14 +1227,7 @@ def test_version_10_database_gets_its_usage_counters(env):
     s = env.session()
     f = env.create(d.ino, b"f", session=s)
     inline_commit(env, f.ino, s, b"y" * 123)
-    with env.core.store.transaction() as tx:
-        tx.run("ALTER TABLE inodes DROP COLUMN used_files")
-        tx.run("ALTER TABLE inodes DROP COLUMN used_bytes")
-        if env.core.store.engine == "postgres":
-            tx.run("UPDATE schema_version SET version = 10")
-    if env.core.store.engine == "sqlite":
-        env.core.store._conn.execute("PRAGMA user_version=10")
-    env.reopen()
+    downgrade(env, 10, "ALTER TABLE inodes DROP COLUMN used_files", "ALTER TABLE inodes DROP COLUMN used_bytes")
     assert env.core.store.schema_version() == SCHEMA_VERSION
     assert usage(env, ROOT_INODE) == (123, 1, 2)
     assert env.core.fsck(FsckReq()).problems == []
