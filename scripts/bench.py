@@ -19,9 +19,11 @@ more than 1 always means "faster than the reference". Reported figures are the m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import fcntl
+import importlib
 import json
 import multiprocessing
 import os
@@ -37,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
@@ -118,6 +120,10 @@ METRIC_BY_KEY = {m.key: m for m in METRICS}
 ALL_WORKLOADS = (1, 2, 3, 4, 5, 6)
 #: Workload 7 runs alone, on clusters of its own: the metadata engines (scripts/bench_meta.py).
 META_ENGINES_WORKLOAD = 7
+#: Workload 8 runs alone too: label queries over a labelled dataset (scripts/bench_labels.py).
+LABELS_WORKLOAD = 8
+#: The workloads that run alone, and the script each is.
+ALONE_WORKLOADS = {META_ENGINES_WORKLOAD: "bench_meta", LABELS_WORKLOAD: "bench_labels"}
 #: Workloads the client library runs (it has no processes, directories of samples or ls).
 LIB_WORKLOADS = (1, 2)
 
@@ -145,6 +151,36 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def alone(prefix: str, postgres: bool) -> Iterator[tuple[Path, Any]]:
+    """(work directory, private PostgreSQL or None) of a workload that runs alone (7, 8):
+    SIGTERM tears down as Ctrl-C does; PostgreSQL is stopped and the directory removed on
+    the way out (left in place, and said so, if a mount under it is still there)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    pg = None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if postgres:
+            sys.path.insert(0, str(REPO_ROOT / "tests"))
+            from pg import Postgres
+
+            pg = Postgres.temporary()
+            pg.start()
+        yield work, pg
+    finally:
+        if pg is not None:
+            pg.close()
+        left = mount_points_under(work)
+        if left:
+            log(f"still mounted, so {work} is left in place: {', '.join(left)}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def mount_points_under(base: Path) -> list[str]:
@@ -1201,7 +1237,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test, not a measurement")
     p.add_argument("--only", default=",".join(map(str, ALL_WORKLOADS)), metavar="WORKLOADS",
                    help="comma-separated workload numbers 1-6 (default: all); 7 alone: the metadata"
-                        " engines side by side (scripts/bench_meta.py, which takes its own flags after --)")
+                        " engines side by side (scripts/bench_meta.py, which takes its own flags after --);"
+                        " 8 alone: label queries (scripts/bench_labels.py, likewise)")
     p.add_argument("--replicas", default="1,2", metavar="R,...", help="replication factors to run (default 1,2)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
@@ -1212,10 +1249,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
     except ValueError:
         p.error("--only and --replicas take comma-separated numbers")
-    if args.only == [META_ENGINES_WORKLOAD]:
+    if len(args.only) == 1 and args.only[0] in ALONE_WORKLOADS:
         return args
     if not args.only or any(w not in ALL_WORKLOADS for w in args.only):
-        p.error("--only takes workload numbers 1-6, or 7 alone")
+        p.error("--only takes workload numbers 1-6, or 7 or 8 alone")
     if not args.replicas or any(not 1 <= r <= 3 for r in args.replicas):
         p.error("--replicas takes numbers 1-3 (there are 3 data servers)")
     if args.runs is None:
@@ -1229,10 +1266,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parse_args(own)
-    if args.only == [META_ENGINES_WORKLOAD]:
-        import bench_meta
-
-        return bench_meta.main((["--quick"] if args.quick else []) + rest)
+    if len(args.only) == 1 and args.only[0] in ALONE_WORKLOADS:
+        alone = importlib.import_module(ALONE_WORKLOADS[args.only[0]])
+        return alone.main((["--quick"] if args.quick else []) + rest)
     if os.geteuid() != 0:
         log("note: not root: the page cache cannot be dropped and FUSE mounts may fail")
     if args.peer == "moosefs":

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -253,32 +250,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from pg import Postgres
+    from bench import alone
 
-    work = Path(tempfile.mkdtemp(prefix="stripefs-bench-meta-", dir="/var/tmp"))
-    postgres = None
     results = []
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)  # tear down as for Ctrl-C
-    try:
-        if any(e == "postgres" for e, _ in args.configs):
-            postgres = Postgres.temporary()
-            postgres.start()
+    with alone("stripefs-bench-meta-", any(e == "postgres" for e, _ in args.configs)) as (work, postgres):
         for engine, metaservers in args.configs:
             results.append(measure(engine, metaservers, work / f"{engine}-{metaservers}", postgres, args))
-    finally:
-        if postgres is not None:
-            postgres.close()
-        from bench import mount_points_under
-
-        left = mount_points_under(work)
-        if left:
-            log(f"still mounted, so {work} is left in place: {', '.join(left)}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     print(table(results), end="")
     return 0
 

@@ -34,8 +34,11 @@ def test_arguments():
     assert bench.parse_args(["--only", "7"]).only == [7]  # the metadata engines, alone
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "7,1"])
+    assert bench.parse_args(["--only", "8"]).only == [8]  # label queries, alone
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "8"])
+        bench.parse_args(["--only", "8,7"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "9"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--replicas", "4"])
 
@@ -105,3 +108,21 @@ def test_quick_metadata_engines_run_prints_its_tables():
         if cells[0].strip() in ("sqlite", "postgres"):
             values = [float(c.replace(",", "")) for c in cells[1:]]
             assert all(v >= 0 for v in values) and values[:3] != [0, 0, 0], cells
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_label_queries_run_prints_its_table():
+    """Workload 8 (scripts/bench_labels.py): a labelled dataset made, every query run and
+    its count checked against the dataset's rule (the script fails otherwise)."""
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "8"],
+        capture_output=True, text=True, timeout=290, cwd=REPO_ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ")]
+    queries = [cells for cells in rows if "=" in cells[0]]
+    assert len(queries) == 5, res.stdout
+    for cells in queries:
+        count, first, _, rate = (c.strip() for c in cells[1:])
+        assert int(count.replace(",", "")) > 0 and float(first) >= 0 and float(rate.replace(",", "")) > 0, cells
