@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import trio
 
 from cluster import Cluster
 from test_cli import run, run_json
+from test_e2e_perms import USER, run_as
 
 from stripefs.client import open_client, paths
 from stripefs.proto.credentials import load_credentials
@@ -222,3 +226,108 @@ def test_the_library_finds_by_path(two):
             assert e.value.errno == errno.ENOTDIR
 
     trio.run(main)
+
+
+def query_tree(q: Path) -> dict[str, str]:
+    """Relative path -> link target of every link under a query directory (and 'dir' for
+    each directory), read with plain os calls."""
+    out = {}
+    for top, dirs, files in os.walk(q):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(top, name), q)] = "dir"
+        for name in files:
+            p = os.path.join(top, name)
+            assert os.path.islink(p), p
+            out[os.path.relpath(p, q)] = os.readlink(p)
+    return out
+
+
+def test_a_query_directory_shows_the_labelled_files(two):
+    c = two
+    m1, m2 = c.m1.path, c.m2.path
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = m1 / "qds" / split / cls
+            d.mkdir(parents=True)
+            setlabel(d, "qclass", cls)
+            for i in range(3):
+                (d / f"{i}.jpg").write_bytes(f"{split}/{cls}/{i}".encode())
+        setlabel(m1 / "qds" / split, "qsplit", split)
+    assert ".stripefs" not in os.listdir(m1)
+    q = m1 / ".stripefs" / "query" / "qsplit=train"
+    tree = query_tree(q)
+    files = sorted(k for k, v in tree.items() if v != "dir")
+    assert files == [f"qds/train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+    assert sorted(os.listdir(q / "qds" / "train")) == ["cat", "dog"]  # as ImageFolder wants it
+    for rel in files:
+        link = q / rel
+        assert os.path.realpath(link) == str(m1 / rel)  # a relative target: works wherever the mount is
+        assert link.read_bytes() == (m1 / rel).read_bytes()
+    both = m1 / ".stripefs" / "query" / "qsplit=train,qclass=cat"
+    assert sorted(os.listdir(both / "qds" / "train" / "cat")) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert not os.path.exists(m1 / ".stripefs" / "query" / "nonsense")
+    assert os.listdir(m1 / ".stripefs" / "query" / "qsplit=test") == []
+    # Read-only, but a link leads to the real file, which is as writable as ever.
+    for make in (lambda: os.mkdir(q / "x"), lambda: os.unlink(q / files[0]), lambda: os.symlink("a", q / "b"),
+                 lambda: os.rename(q / files[0], q / "moved"), lambda: os.setxattr(q, "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            make()
+        assert e.value.errno == errno.EROFS
+    with open(q / files[0], "ab") as f:
+        f.write(b"+")
+    assert (m1 / files[0]).read_bytes().endswith(b"+")
+
+    # While a directory of it is open, changes on this mount: the open listing keeps what
+    # it began with; the next listing of the query (after QUERY_FRESH_S) shows them, and
+    # so does the other mount's.
+    cat = q / "qds" / "train" / "cat"
+    fd = os.open(cat, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        setlabel(m1 / "qds" / "train" / "cat" / "0.jpg", "qsplit", "val")  # relabelled
+        os.rename(m1 / "qds" / "train" / "cat" / "1.jpg", m1 / "qds" / "val" / "cat" / "1.jpg")  # moved out
+        os.unlink(m1 / "qds" / "train" / "dog" / "2.jpg")  # removed
+        (m1 / "qds" / "train" / "cat" / "3.jpg").write_bytes(b"new")  # added
+        assert sorted(os.listdir(fd)) == ["0.jpg", "1.jpg", "2.jpg"]
+        with pytest.raises(FileNotFoundError):
+            (cat / "1.jpg").read_bytes()  # the link of a file moved since: dangling until the next find
+    finally:
+        os.close(fd)
+    time.sleep(1.1)
+    want = ["qds/train/cat/2.jpg", "qds/train/cat/3.jpg", "qds/train/dog/0.jpg", "qds/train/dog/1.jpg"]
+    assert sorted(k for k, v in query_tree(q).items() if v != "dir") == want
+    q2 = m2 / ".stripefs" / "query" / "qsplit=train"
+    assert sorted(k for k, v in query_tree(q2).items() if v != "dir") == want
+    assert (q2 / "qds" / "train" / "cat" / "3.jpg").read_bytes() == b"new"
+
+
+def test_a_query_directory_shows_each_caller_what_it_could_walk_to(two):
+    c = two
+    public = Path(tempfile.mkdtemp(prefix="stripefs-labels-", dir="/tmp"))  # pytest's tmp is 0700
+    try:
+        public.chmod(0o755)
+        m = c.mount(public / "mnt")
+        try:
+            each_caller(m.path)
+        finally:
+            m.close()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def each_caller(m1: Path) -> None:
+    top = m1 / "qperm"
+    (top / "open").mkdir(parents=True)
+    (top / "closed").mkdir(mode=0o700)
+    for d in ("open", "closed"):
+        (top / d / "f").write_bytes(b"x")
+    os.chmod(top / "open" / "f", 0o644)
+    setlabel(top, "qperm", "1")
+    q = m1 / ".stripefs" / "query" / "qperm=1"
+
+    def files() -> list[str]:
+        return sorted(k for k, v in query_tree(q).items() if v != "dir")
+
+    assert files() == ["qperm/closed/f", "qperm/open/f"]
+    assert run_as(USER, USER, files) == ("ok", ["qperm/open/f"])
+    assert os.stat(q).st_uid == 0 and os.stat(q).st_mode & 0o777 == 0o500
+    assert run_as(USER, USER, lambda: os.stat(q).st_uid) == ("ok", USER)  # its own

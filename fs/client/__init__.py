@@ -7,7 +7,7 @@ from stripefs.proto import metrics
 from stripefs.proto.credentials import Credentials, load_credentials
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx, DirEntry
-from stripefs.proto.types import CREDENTIALS_ENV, LOCK_FLOCK, LOCK_RECORD, META_ENV, OFFSET_MAX
+from stripefs.proto.types import CREDENTIALS_ENV, LOCK_FLOCK, LOCK_RECORD, META_ENV, OFFSET_MAX, ROOT_INODE
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, Entry
 from .client import Client, open_client
@@ -15,4 +15,4 @@ from .locks import signed64
 
 __all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry",
            "FsError", "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
-           "metrics", "open_client", "signed64"]
+           "metrics", "open_client", "ROOT_INODE", "signed64"]

@@ -16,8 +16,10 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, Attr, Client, Ctx,
-                       Entry, FsError, metrics, signed64)
+from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, ROOT_INODE,
+                             Attr, Client, Ctx, Entry, FsError, metrics, signed64)
+
+from .queries import CONTROL_NAME, VIRTUAL_BASE, Node, Queries
 
 log = logging.getLogger("stripefs.fuse")
 _metrics = metrics.fuse()
@@ -163,9 +165,35 @@ class StripeOperations(pyfuse3.Operations):
     def __init__(self, client: Client) -> None:
         super().__init__()
         self.client = client
+        #: the read-only tree under MNT/.stripefs (queries.py)
+        self.queries = Queries(client)
+        #: open listings of virtual directories: handle -> the entries it began with
+        self._listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_listing = VIRTUAL_BASE
+
+    def _virtual(self, *inodes: int) -> bool:
+        return any(self.queries.is_virtual(i) for i in inodes)
+
+    def _read_only(self, *inodes: int) -> None:
+        """EROFS for a change under .stripefs (its tree is a view)."""
+        if self._virtual(*inodes):
+            raise FsError(errno.EROFS, "the .stripefs tree is read-only")
+
+    def _in_view(self, parent_inode: int, name: bytes) -> bool:
+        return self._virtual(parent_inode) or (parent_inode == ROOT_INODE and name == CONTROL_NAME)
 
     @errno_boundary
     async def lookup(self, parent_inode, name, ctx):
+        if self._in_view(parent_inode, name):
+            node = await self.queries.lookup(parent_inode, name, ctx_of(ctx))
+            # A query's own directory is per caller: the kernel must ask again each time.
+            timeout = 0.0 if parent_inode == self.queries.query_dir.ino else ENTRY_TIMEOUT_S
+            if node is None:
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = 0.0
+                return negative
+            return entry(self.queries.attr(node), entry_timeout=timeout)
         e: Entry = await self.client.lookup_entry(parent_inode, name, ctx_of(ctx))
         if e.attr is not None:
             return entry(e.attr, e.entry_ttl, e.attr_ttl)
@@ -179,6 +207,8 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def getattr(self, inode, ctx):
+        if self._virtual(inode):
+            return entry(self.queries.attr(self.queries.get(inode)))
         try:
             e: Entry = await self.client.getattr_entry(inode)
         except FsError as exc:
@@ -188,6 +218,7 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self._read_only(inode)
         kwargs: dict[str, Any] = {}
         if fields.update_mode:
             kwargs["mode"] = attr.st_mode & 0o7777
@@ -205,38 +236,53 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def readlink(self, inode, ctx):
+        if self._virtual(inode):
+            return self.queries.readlink(inode)
         return await self.client.readlink(inode)
 
     @errno_boundary
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._read_only(parent_inode)
         return entry(await self.client.mknod(parent_inode, name, mode, ctx_of(ctx), rdev, umask=ctx.umask))
 
     @errno_boundary
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self._read_only(parent_inode)
         return entry(await self.client.mkdir(parent_inode, name, mode & 0o7777, ctx_of(ctx), umask=ctx.umask))
 
     @errno_boundary
     async def symlink(self, parent_inode, name, target, ctx):
+        self._read_only(parent_inode)
         return entry(await self.client.symlink(parent_inode, name, target, ctx_of(ctx)))
 
     @errno_boundary
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._read_only(inode, new_parent_inode)
         return entry(await self.client.link(inode, new_parent_inode, new_name, ctx_of(ctx)))
 
     @errno_boundary
     async def unlink(self, parent_inode, name, ctx):
+        self._read_only(parent_inode)
         await self.client.unlink(parent_inode, name, ctx_of(ctx))
 
     @errno_boundary
     async def rmdir(self, parent_inode, name, ctx):
+        self._read_only(parent_inode)
         await self.client.rmdir(parent_inode, name, ctx_of(ctx))
 
     @errno_boundary
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._read_only(parent_inode_old, parent_inode_new)
         await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx_of(ctx))
 
     @errno_boundary
     async def opendir(self, inode, ctx):
+        if self._virtual(inode):
+            node = await self.queries.opendir(inode)
+            fh = self._next_listing
+            self._next_listing += 1
+            self._listings[fh] = [(b".", node), (b"..", node), *self.queries.listing(node)]
+            return fh
         attr = await self.client.getattr(inode)
         if attr.mode & 0o170000 != 0o040000:
             raise FsError(errno.ENOTDIR)
@@ -244,6 +290,13 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
+        listing = self._listings.get(fh)
+        if listing is not None:  # a virtual directory: the entries its opendir saw
+            for i in range(start_id, len(listing)):
+                name, node = listing[i]
+                if not pyfuse3.readdir_reply(token, name, entry(self.queries.attr(node)), i + 1):
+                    return
+            return
         # Offsets: 1 after ".", 2 after "..", then the metaserver's entry cookie + 2.
         if start_id < 2:
             attr = entry(await self.client.getattr(self.client.dir_inode(fh)))
@@ -262,10 +315,12 @@ class StripeOperations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh):
-        self.client.releasedir(fh)
+        if self._listings.pop(fh, None) is None:
+            self.client.releasedir(fh)
 
     @errno_boundary
     async def open(self, inode, flags, ctx):
+        self._read_only(inode)  # (nothing under .stripefs is a file: links are followed)
         # libfuse asks for atomic_o_trunc: O_TRUNC arrives here, not as a separate setattr.
         try:
             fh, keep, attrs_changed = await self.client.open(inode, flags, ctx_of(ctx))
@@ -279,6 +334,7 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._read_only(parent_inode)
         fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx), umask=ctx.umask)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
 
@@ -349,18 +405,24 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def getxattr(self, inode, name, ctx):
+        if self._virtual(inode):
+            raise FsError(errno.ENODATA)
         return await self.client.getxattr(inode, name, ctx_of(ctx))
 
     @errno_boundary
     async def setxattr(self, inode, name, value, ctx):
+        self._read_only(inode)
         await self.client.setxattr(inode, name, value, 0, ctx_of(ctx))
 
     @errno_boundary
     async def listxattr(self, inode, ctx):
+        if self._virtual(inode):
+            return []
         return await self.client.listxattr(inode)
 
     @errno_boundary
     async def removexattr(self, inode, name, ctx):
+        self._read_only(inode)
         await self.client.removexattr(inode, name, ctx_of(ctx))
 
     @errno_boundary
