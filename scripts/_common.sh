@@ -301,15 +301,24 @@ _pg_server_start() {
 # open transactions, checkpoint) or `immediate` (abort, as in a crash; the next start
 # recovers from the WAL). A fast stop that takes too long is made immediate.
 pg_instance_stop() {
-    local dir="$1" mode="${2:-fast}" bin
+    local dir="$1" mode="${2:-fast}" bin pid
     [[ "$mode" == fast || "$mode" == immediate ]] || die "pg_instance_stop: the mode is fast or immediate, not '$mode'"
-    pg_instance_pid "$dir" >/dev/null || return 0
+    pid="$(pg_instance_pid "$dir")" || return 0
     _pg_require_root
     bin="$(pg_bindir "$dir")" || die "the PostgreSQL that made $dir/data is not installed"
-    _pg_as "$bin/pg_ctl" -D "$dir/data" -m "$mode" -w -t "$STRIPEFS_PG_TIMEOUT_S" stop >/dev/null && return 0
-    log "PostgreSQL in $dir did not stop within ${STRIPEFS_PG_TIMEOUT_S}s ($mode); stopping it immediately"
-    _pg_as "$bin/pg_ctl" -D "$dir/data" -m immediate -w -t "$STRIPEFS_PG_TIMEOUT_S" stop >/dev/null ||
-        die "cannot stop PostgreSQL in $dir"
+    if ! _pg_as "$bin/pg_ctl" -D "$dir/data" -m "$mode" -w -t "$STRIPEFS_PG_TIMEOUT_S" stop >/dev/null; then
+        log "PostgreSQL in $dir did not stop within ${STRIPEFS_PG_TIMEOUT_S}s ($mode); stopping it immediately"
+        _pg_as "$bin/pg_ctl" -D "$dir/data" -m immediate -w -t "$STRIPEFS_PG_TIMEOUT_S" stop >/dev/null ||
+            die "cannot stop PostgreSQL in $dir"
+    fi
+    # pg_ctl returns once the server removed postmaster.pid, which it does just before it
+    # exits: wait for the process itself, so that nothing of the instance runs on return.
+    local waited=0
+    while pid_running "$pid" && ((waited < STRIPEFS_PG_TIMEOUT_S * 10)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    ! pid_running "$pid" || die "PostgreSQL in $dir (pid $pid) is still running after pg_ctl stop"
 }
 
 # Prints the pid of the instance's server (its postmaster) when it runs, else fails.
@@ -342,15 +351,21 @@ _pg_conninfo() {
     printf 'host=%s port=%s dbname=%s user=%s\n' "$host" "$STRIPEFS_PG_PORT" "$3" "$2"
 }
 
-# True when pid is a live (not zombie) process whose command line mentions stripefs, so a
-# stale pid file whose number was reused by another program is not mistaken for ours.
-pid_alive() {
+# True when pid is a running process (not a zombie: exited, waiting to be reaped).
+pid_running() {
     local pid="$1" state
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     [[ -r "/proc/$pid/stat" ]] || return 1
     # The state letter follows the parenthesised command name, which may contain spaces.
     state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$pid/stat" 2>/dev/null)" || return 1
-    [[ "$state" != Z && "$state" != X ]] || return 1
+    [[ "$state" != Z && "$state" != X ]]
+}
+
+# True when pid is a running process whose command line mentions stripefs, so a stale pid
+# file whose number was reused by another program is not mistaken for ours.
+pid_alive() {
+    local pid="$1"
+    pid_running "$pid" || return 1
     local cmdline
     cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
     [[ "$cmdline" == *stripefs* ]]
