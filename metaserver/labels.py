@@ -6,9 +6,10 @@ anything that sets the same name itself: the *effective* label of a file for a n
 own, else that of the nearest directory above it that sets the name. A file matches when
 its effective label is the one asked for, for every name asked.
 
-How a page is found. One name of the query drives it (of those asked, the one the index
-says the fewest inodes carry with its value). The files that carry it effectively are of
-two disjoint kinds:
+How a page is found. One name of the query drives it: of those asked, the one that leads
+to the fewest files (the files carrying it themselves and the entries of the directories
+carrying it, from their usage counters, found through the index). The files that carry it
+effectively are of two disjoint kinds:
   OWN: files that carry it themselves, in a directory whose effective label is not the one
        asked. The index lists the inodes carrying it in inode order.
   INHERITED: the regular files of a directory whose effective label is the one asked (a
@@ -53,13 +54,14 @@ FETCH_ROWS = 2000
 KIND_OWN, KIND_INHERITED = 0, 1
 
 
-def label_where(label: Label) -> tuple[str, list[Any]]:
-    """SQL over xattrs for "carries this label", in the shape that uses the label index."""
-    sql = f"name = ? AND substr(value, 1, {LABEL_INDEX_VALUE_BYTES}) = ?"
+def label_where(label: Label, table: str = "xattrs") -> tuple[str, list[Any]]:
+    """SQL over xattrs (named `table` in the query) for "carries this label", in the shape
+    that uses the label index."""
+    sql = f"{table}.name = ? AND substr({table}.value, 1, {LABEL_INDEX_VALUE_BYTES}) = ?"
     args: list[Any] = [label.name, label.value[:LABEL_INDEX_VALUE_BYTES]]
     if len(label.value) >= LABEL_INDEX_VALUE_BYTES:
         # A shorter value equal to its first 256 bytes is the whole value; a longer one is not.
-        sql += " AND value = ?"
+        sql += f" AND {table}.value = ?"
         args.append(label.value)
     return sql, args
 
@@ -106,13 +108,16 @@ class _Search:
         return FindReply(entries=self.entries, cursor=[driver, KIND_INHERITED, ino, cookie] if more else [])
 
     def _driver(self) -> int:
-        """The label carried by the fewest inodes (an index-only count per label)."""
+        """The label that leads to the fewest files: those carrying it themselves, plus the
+        entries of the directories carrying it (their usage counters)."""
         if len(self.req.labels) == 1:
             return 0
         counts = []
         for label in self.req.labels:
             where, args = label_where(label)
-            counts.append(self.tx.scalar(f"SELECT COUNT(*) FROM xattrs WHERE {where}", args))
+            counts.append(self.tx.scalar(
+                "SELECT COALESCE(SUM(CASE WHEN i.parent IS NULL THEN 1 ELSE i.used_files END), 0)"
+                f" FROM xattrs JOIN inodes i ON i.ino = xattrs.ino WHERE {where}", args))
         return counts.index(min(counts))
 
     def _full(self) -> bool:

@@ -249,3 +249,18 @@ def test_version_11_database_gets_the_label_index(env):
     downgrade(env, 11)
     assert env.core.store.schema_version() == SCHEMA_VERSION
     assert find(env, ROOT_INODE, {"k": "v"}) == [b"d/f"]
+
+
+def test_the_label_leading_to_fewest_files_drives(env):
+    """One directory labelled a=1 holds 30 files, three of which carry b=1 themselves: b
+    leads to 3 files, a to 30 (though a is carried by one inode only), so b drives."""
+    d = env.mkdir(ROOT_INODE, b"d")
+    label(env, d.ino, "a", "1")
+    for i in range(30):
+        f = env.create(d.ino, f"f{i}".encode())
+        if i % 10 == 0:
+            label(env, f.ino, "b", "1")
+    want = [Label(name=b"user.a", value=b"1"), Label(name=b"user.b", value=b"1")]
+    reply = env.core.find(FindReq(ino=ROOT_INODE, labels=want, limit=1))
+    assert reply.cursor[0] == 1, reply.cursor
+    assert sorted(find(env, ROOT_INODE, {"a": "1", "b": "1"})) == [b"d/f0", b"d/f10", b"d/f20"]
