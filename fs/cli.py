@@ -735,10 +735,10 @@ def find_cmd(paths: tuple[str, ...], label_texts: tuple[str, ...], cluster: Clus
             client = await clients.get(place.meta)
             base = len(cpaths.normalize(place.path).rstrip("/")) + 1
             try:
-                async for path, attr in cpaths.find(client, place.path, labels):
+                async for path, ino, size in cpaths.find(client, place.path, labels):
                     shown = place.child(path[base:]).arg
                     if as_json:
-                        doc = {"path": shown, "cluster_path": path, "ino": attr.ino, "size": attr.size}
+                        doc = {"path": shown, "cluster_path": path, "ino": ino, "size": size}
                         click.echo(("," if found else "") + json.dumps(doc))
                     else:
                         click.echo(shown)

@@ -39,10 +39,10 @@ import stat
 from typing import Any, Optional
 
 from stripefs.proto.errors import FsError
-from stripefs.proto.messages import FindReply, FindReq, Found, Label
+from stripefs.proto.messages import FindReply, FindReq, Label
 
 from . import acl, perm
-from .base import CoreBase, attr_of, id_list
+from .base import CoreBase, id_list
 from .store import LABEL_INDEX_VALUE_BYTES, Row, Tx
 
 #: Rows a page may look at per entry it may return; past that it stops, with its cursor
@@ -83,7 +83,9 @@ class _Search:
         self.name_list = "(" + ",".join("?" * len(self.want)) + ")"
         self.names = list(self.want)
         self.budget = req.limit * SCAN_PER_ENTRY
-        self.entries: list[Found] = []
+        self.paths: list[bytes] = []  # what the page found: path, inode, size
+        self.inos: list[int] = []
+        self.sizes: list[int] = []
         self.top = top["ino"]
         self._rows: dict[int, Row] = {self.top: top}  # directory rows
         self._rel: dict[int, Optional[bytes]] = {self.top: b""}  # directory -> its path from top + "/"
@@ -102,10 +104,18 @@ class _Search:
         if kind == KIND_OWN:
             more, ino = self._own(ino)
             if more:
-                return FindReply(entries=self.entries, cursor=[driver, KIND_OWN, ino, 0])
+                return self._reply([driver, KIND_OWN, ino, 0])
             ino, cookie = 0, 0
         more, ino, cookie = self._inherited(ino, cookie)
-        return FindReply(entries=self.entries, cursor=[driver, KIND_INHERITED, ino, cookie] if more else [])
+        return self._reply([driver, KIND_INHERITED, ino, cookie] if more else [])
+
+    def _reply(self, cursor: list[int]) -> FindReply:
+        return FindReply(paths=self.paths, inos=self.inos, sizes=self.sizes, cursor=cursor)
+
+    def _found(self, path: bytes, row: Row) -> None:
+        self.paths.append(path)
+        self.inos.append(row["ino"])
+        self.sizes.append(row["size"])
 
     def _driver(self) -> int:
         """The label that leads to the fewest files: those carrying it themselves, plus the
@@ -121,10 +131,10 @@ class _Search:
         return counts.index(min(counts))
 
     def _full(self) -> bool:
-        return len(self.entries) >= self.req.limit or self.budget <= 0
+        return len(self.paths) >= self.req.limit or self.budget <= 0
 
     def _fetch(self) -> int:
-        return max(1, min(FETCH_ROWS, self.req.limit - len(self.entries), self.budget))
+        return max(1, min(FETCH_ROWS, self.req.limit - len(self.paths), self.budget))
 
     # ------------------------------------------------------------------ the two kinds
 
@@ -157,7 +167,7 @@ class _Search:
                     if eff.get(self.driver.name) == self.driver.value:
                         continue  # the INHERITED kind lists it
                     if self._matches(own.get(ino, {}), eff):
-                        self.entries.append(Found(path=rel + name, attr=attr_of(f)))
+                        self._found(rel + name, f)
             after = inos[-1]
             if len(inos) < n:
                 return False, after
@@ -189,7 +199,7 @@ class _Search:
                         continue
                     if labels and not perm.allowed(r, self.ctx, perm.READ):
                         continue  # matched by labels of its own the caller may not read
-                    self.entries.append(Found(path=rel + bytes(r["name"]), attr=attr_of(r)))
+                    self._found(rel + bytes(r["name"]), r)
                 if rows:
                     cookie = rows[-1]["cookie"]
                 if len(rows) < n:

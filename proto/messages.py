@@ -604,17 +604,18 @@ class FindReq(Message):
 
 
 @dataclass
-class Found(Message):
-    """One file a find matched, under one of its names."""
-
-    path: bytes  # from the searched directory (b"train/cat/0001.jpg")
-    attr: Attr  # the file's attributes
-
-
-@dataclass
 class FindReply(Message):
-    entries: list[Found]  # this page (may be empty while `cursor` says there is more)
+    """A page of files a find matched, one per name, as three lists of one length (a list
+    of messages would cost the wire's per-message work for every file)."""
+
+    paths: list[bytes]  # from the searched directory (b"train/cat/0001.jpg")
+    inos: list[int]  # each file's inode
+    sizes: list[int]  # and its size
     cursor: list[int]  # pass back for the next page; [] once the search is complete
+    # (a page may be empty while the cursor says there is more)
+
+    def _check(self) -> Optional[str]:
+        return None if len(self.paths) == len(self.inos) == len(self.sizes) else "paths, inos, sizes: unequal lengths"
 
 
 @dataclass

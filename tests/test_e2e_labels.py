@@ -185,7 +185,7 @@ def test_a_find_goes_on_while_another_mount_changes_the_tree(two):
             step = 0
             while True:
                 page = await client.find(top_ino, labels, cursor, 3)
-                got += [e.path for e in page.entries]
+                got += page.paths
                 if not page.cursor:
                     return got
                 cursor = page.cursor
@@ -216,10 +216,10 @@ def test_the_library_finds_by_path(two):
 
     async def main():
         async with open_client(c.meta_addr, load_credentials(c.client)) as client:
-            got = sorted([(p, a.size) async for p, a in paths.find(client, "/lib", {"t": "1"})])
+            got = sorted([(p, size) async for p, _, size in paths.find(client, "/lib", {"t": "1"})])
             assert got == [("/lib/a/x", 1), ("/lib/y", 2)]
             # The attribute's whole name and a bytes value say the same.
-            assert sorted([p async for p, _ in paths.find(client, "/lib/", {"user.t": b"1"})]) == ["/lib/a/x", "/lib/y"]
+            assert sorted([f.path async for f in paths.find(client, "/lib/", {"user.t": b"1"})]) == ["/lib/a/x", "/lib/y"]
             with pytest.raises(FsError) as e:
                 async for _ in paths.find(client, "/lib/y", {"t": "1"}):
                     pass

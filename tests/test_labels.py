@@ -38,10 +38,12 @@ def find(env: Env, top: int, labels: dict, limit: int = 1000, ctx: Ctx = ROOT) -
     got: list[bytes] = []
     for _ in range(100_000):
         reply = env.core.find(req)
-        assert len(reply.entries) <= limit + 4  # a file's other links may come with it
-        got += [e.path for e in reply.entries]
-        for e in reply.entries:
-            assert stat.S_ISREG(e.attr.mode)
+        assert reply.valid() is None
+        assert len(reply.paths) <= limit + 4  # a file's other links may come with it
+        got += reply.paths
+        for ino, size in zip(reply.inos, reply.sizes):
+            attr = env.getattr(ino)
+            assert stat.S_ISREG(attr.mode) and attr.size == size
         if not reply.cursor:
             return got
         req = FindReq(ino=top, labels=want, limit=limit, ctx=ctx, cursor=reply.cursor)
@@ -225,7 +227,7 @@ def test_a_forged_cursor_is_refused(env):
     # A cursor pointing anywhere else is only a place to resume from.
     reply = env.core.find(FindReq(ino=ROOT_INODE, labels=[Label(name=b"user.k", value=b"v")],
                                   cursor=[0, KIND_INHERITED, 10**12, 10**12]))
-    assert reply.entries == [] and reply.cursor == []
+    assert reply.paths == [] and reply.cursor == []
 
 
 def test_the_label_index_is_in_both_schemas_and_used(env):

@@ -16,7 +16,7 @@ import errno
 import os
 import posixpath
 import stat
-from typing import TYPE_CHECKING, AsyncIterator, Mapping, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Mapping, NamedTuple, Optional
 
 import trio
 
@@ -195,9 +195,17 @@ def label_list(labels: Mapping[str, str | bytes]) -> list[m.Label]:
     return out
 
 
+class Found(NamedTuple):
+    """A file a find matched, under one of its names."""
+
+    path: str  # from the root: /datasets/train/cat/0001.jpg
+    ino: int
+    size: int
+
+
 async def find(client: Client, path: str, labels: Mapping[str, str | bytes], ctx: Optional[m.Ctx] = None,
-               ) -> AsyncIterator[tuple[str, m.Attr]]:
-    """(path, attributes) of every regular file under directory `path` whose labels
+               ) -> AsyncIterator[Found]:
+    """Found(path, inode, size) of every regular file under directory `path` whose labels
     (`user.*` attributes, a directory's applying to what is under it unless set again
     below) are all `labels`, e.g. {"split": "train", "class": "cat"}, as the metaserver's
     label index finds them, a page at a time (metaserver/labels.py). Symbolic links are not
@@ -210,8 +218,8 @@ async def find(client: Client, path: str, labels: Mapping[str, str | bytes], ctx
     cursor: list[int] = []
     while True:
         page = await client.find(top.ino, want, cursor, FIND_PAGE, ctx)
-        for e in page.entries:
-            yield base + os.fsdecode(e.path), e.attr
+        for rel, ino, size in zip(page.paths, page.inos, page.sizes):
+            yield Found(base + os.fsdecode(rel), ino, size)
         if not page.cursor:
             return
         cursor = page.cursor

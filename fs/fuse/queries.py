@@ -192,7 +192,7 @@ class Queries:
         """Runs the query's find over the whole mount, then rebuilds its tree at once (a
         find that fails leaves the last result in place)."""
         found: list[bytes] = []
-        async for path, _attr in cpaths.find(self.client, "/", query.labels, ctx=query.ctx):
+        async for path, _, _ in cpaths.find(self.client, "/", query.labels, ctx=query.ctx):
             if len(found) >= QUERY_MAX_FILES:
                 log.warning("query %r: more than %d files; the rest are not shown", query.key[1], QUERY_MAX_FILES)
                 break
