@@ -56,13 +56,17 @@ SUSPECT = "suspect"  # missed heartbeats: no new blocks, but its replicas still 
 DEAD = "dead"  # silent too long: its replicas do not count and are re-made elsewhere
 _STATE_ORDER = {UP: 0, SUSPECT: 1, DEAD: 2}
 
+def acl_column(inodes: str) -> str:
+    """The `acl` column of a row of the inodes table named `inodes` in a query: its access
+    ACL comes with the row, for the permission checks made with it (perm.py); looked up
+    only for inodes that have attributes at all."""
+    return (f"CASE WHEN {inodes}.xattrs > 0 THEN (SELECT value FROM xattrs x WHERE x.ino = {inodes}.ino"
+            f" AND x.name = CAST('{acl.ACCESS.decode()}' AS BLOB)) END AS acl")
+
+
 _INODE_COLUMNS = (
     "ino, mode, uid, gid, rdev, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-    "block_size, replicas, generation, parent, target, xattrs, inline_max, "
-    # The access ACL comes with the row, for the permission checks made with it (perm.py);
-    # looked up only for inodes that have attributes at all.
-    "CASE WHEN xattrs > 0 THEN (SELECT value FROM xattrs x WHERE x.ino = inodes.ino"
-    f" AND x.name = CAST('{acl.ACCESS.decode()}' AS BLOB)) END AS acl"
+    "block_size, replicas, generation, parent, target, xattrs, inline_max, " + acl_column("inodes")
 )
 
 

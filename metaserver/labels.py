@@ -41,8 +41,8 @@ from typing import Any, Optional
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import FindReply, FindReq, Label
 
-from . import acl, perm
-from .base import CoreBase, id_list
+from . import perm
+from .base import CoreBase, acl_column, id_list
 from .store import LABEL_INDEX_VALUE_BYTES, Row, Tx
 
 #: Rows a page may look at per entry it may return; past that it stops, with its cursor
@@ -187,9 +187,8 @@ class _Search:
                     return True, d, cookie
                 n = self._fetch()
                 rows = self.tx.all(
-                    "SELECT d.cookie, d.name, i.*, CASE WHEN i.xattrs > 0 THEN (SELECT value FROM xattrs x"
-                    " WHERE x.ino = i.ino AND x.name = ?) END AS acl FROM dentries d JOIN inodes i ON i.ino = d.ino"
-                    " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?", (acl.ACCESS, d, cookie, n))
+                    f"SELECT d.cookie, d.name, i.*, {acl_column('i')} FROM dentries d JOIN inodes i ON i.ino = d.ino"
+                    " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?", (d, cookie, n))
                 self.budget -= len(rows)
                 files = [r for r in rows if stat.S_ISREG(r["mode"])]
                 own = self._own_labels([r["ino"] for r in files if r["xattrs"]])
