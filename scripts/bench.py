@@ -1267,8 +1267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parse_args(own)
     if len(args.only) == 1 and args.only[0] in ALONE_WORKLOADS:
-        alone = importlib.import_module(ALONE_WORKLOADS[args.only[0]])
-        return alone.main((["--quick"] if args.quick else []) + rest)
+        script = importlib.import_module(ALONE_WORKLOADS[args.only[0]])
+        return script.main((["--quick"] if args.quick else []) + rest)
     if os.geteuid() != 0:
         log("note: not root: the page cache cannot be dropped and FUSE mounts may fail")
     if args.peer == "moosefs":
