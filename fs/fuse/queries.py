@@ -64,7 +64,6 @@ class Node:
     made_ns: int = 0
 
 
-
 @dataclass
 class Query:
     """One query directory of one caller."""
