@@ -133,20 +133,7 @@ def retrying(op: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(op)
     def run(self: "CoreBase", *args: Any, **kwargs: Any) -> Any:
-        store = self.store
-        if store.in_transaction():
-            return op(self, *args, **kwargs)
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return op(self, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - the store decides what is retried
-                attempt += 1
-                pause = store.retry_delay(exc, attempt, time.monotonic() - start)
-                if pause is None:
-                    raise
-            time.sleep(pause)
+        return self.store.retried(lambda: op(self, *args, **kwargs))
 
     return run
 

@@ -31,6 +31,7 @@ Each engine says what a commit without it guarantees (store_sqlite.py, store_pg.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -144,6 +145,24 @@ class Store:
         again (attempt: times it ran so far; elapsed_s: since its first run). None: the
         failure is the operation's own, or it was retried long enough."""
         return None
+
+    def retried(self, op: Callable[[], Any]) -> Any:
+        """Run `op` (one or more transactions of its own) until it succeeds or the failure
+        is not one `retry_delay` pauses for; inside an open transaction it runs once, the
+        transaction's owner retrying the whole."""
+        if self.in_transaction():
+            return op()
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return op()
+            except Exception as exc:  # noqa: BLE001 - retry_delay decides what is retried
+                attempt += 1
+                pause = self.retry_delay(exc, attempt, time.monotonic() - start)
+                if pause is None:
+                    raise
+            time.sleep(pause)
 
     def beat(self, name: str, address: str, lease_s: float) -> tuple[str, list[tuple[str, str]]]:
         """Metaserver `name` (at `address`) is alive and takes or renews the background

@@ -316,16 +316,25 @@ class PgStore(Store):
     # ------------------------------------------------------------------ several metaservers
 
     def setting(self, name: str, make: Callable[[], bytes]) -> bytes:
-        """The value every metaserver shares under `name`, made by the first to ask."""
-        with self._open() as conn:
-            conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING", (name, make()))
-        with self._open() as conn:
-            return bytes(_first(conn, "SELECT value FROM settings WHERE name = %s", (name,)))
+        """The value every metaserver shares under `name`, made by the first to ask.
+        Metaservers starting together meet on the row: the loser of the serialization
+        conflict runs again and reads the winner's value."""
+
+        def make_or_read() -> bytes:
+            with self._open() as conn:
+                conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                             (name, make()))
+                return bytes(_first(conn, "SELECT value FROM settings WHERE name = %s", (name,)))
+
+        return self.retried(make_or_read)
 
     def beat(self, name: str, address: str, lease_s: float) -> tuple[str, list[tuple[str, str]]]:
         """This metaserver is alive; it takes or renews the background duties if their
         lease has run out or is its own, by the database's clock (metaservers' clocks may
-        disagree)."""
+        disagree). Metaservers beating together meet on the duties row: retried."""
+        return self.retried(lambda: self._beat(name, address, lease_s))
+
+    def _beat(self, name: str, address: str, lease_s: float) -> tuple[str, list[tuple[str, str]]]:
         with self._open() as conn:
             conn.execute(
                 "INSERT INTO metaservers (name, address, seen) VALUES (%s, %s, clock_timestamp())"

@@ -181,3 +181,40 @@ def test_two_metaservers_conflicting_renames_links_and_creates(cores):
     for core in (a, b):
         report = core.fsck(FsckReq())
         assert report.problems == [], report.problems
+
+
+def test_metaservers_starting_together_share_one_setting_and_one_duty_holder(new_pg_dsn):
+    """Metaservers started at once all ask for the shared token key and beat for the
+    duties in the same instant: they meet on one row (a serialization failure for all but
+    one), and each must come up with the winner's value, never the database's error (a
+    CI run once lost a metaserver this way)."""
+    dsn = new_pg_dsn()
+    stores = [open_store("postgres", dsn) for _ in range(6)]
+    try:
+        for round_ in range(5):
+            gate = threading.Barrier(len(stores))
+            got: list[object] = [None] * len(stores)
+
+            def start(i: int) -> None:
+                gate.wait()
+                try:
+                    key = stores[i].setting(f"key{round_}", lambda: f"made by {i}".encode())
+                    holder, alive = stores[i].beat(f"meta-{i}", f"10.0.0.{i}:1", 30.0)
+                    got[i] = (key, holder)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    got[i] = exc
+
+            threads = [threading.Thread(target=start, args=(i,)) for i in range(len(stores))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(isinstance(g, Exception) for g in got), got
+            keys = {g[0] for g in got}  # type: ignore[index]
+            assert len(keys) == 1 and next(iter(keys)).startswith(b"made by "), got
+            # One duty holder: whoever took the lease first (round 0) keeps it while it beats.
+            holders = {g[1] for g in got}  # type: ignore[index]
+            assert len(holders) == 1, got
+    finally:
+        for s in stores:
+            s.close()
