@@ -239,13 +239,13 @@ def cmd_role(module: str, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------- mount, umount
 
 
-def _mount_defaults() -> tuple[int, int]:
-    from stripefs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_WRITEBACK_BYTES
+def _mount_defaults() -> tuple[int, int, int]:
+    from stripefs.client.client import DEFAULT_CACHE_BYTES, DEFAULT_PREFETCH_BYTES, DEFAULT_WRITEBACK_BYTES
 
-    return DEFAULT_WRITEBACK_BYTES >> 20, DEFAULT_CACHE_BYTES >> 20
+    return DEFAULT_WRITEBACK_BYTES >> 20, DEFAULT_CACHE_BYTES >> 20, DEFAULT_PREFETCH_BYTES >> 20
 
 
-_WRITEBACK_MIB, _CACHE_MIB = _mount_defaults()
+_WRITEBACK_MIB, _CACHE_MIB, _PREFETCH_MIB = _mount_defaults()
 
 
 @cli.command("mount")
@@ -260,6 +260,8 @@ _WRITEBACK_MIB, _CACHE_MIB = _mount_defaults()
 @click.option("-o", "options", help="extra FUSE mount options, comma separated")
 @click.option("--writeback-mib", type=int, default=_WRITEBACK_MIB, show_default=True, help="memory for unflushed writes (MiB)")
 @click.option("--cache-mib", type=int, default=_CACHE_MIB, show_default=True, help="memory for cached blocks (MiB)")
+@click.option("--prefetch-mib", type=int, default=_PREFETCH_MIB, show_default=True,
+              help="memory for blocks fetched ahead of readers by a prefetch plan (MiB; MNT/.stripefs/prefetch)")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
 @click.option("--metrics-ready-file", metavar="FILE", help="with --metrics-listen: write the bound HOST:PORT here once serving")
@@ -299,6 +301,7 @@ def cmd_mount(args: SimpleNamespace) -> int:
         args.meta, mountpoint, creds, options,
         writeback_bytes=args.writeback_mib * 1024 * 1024,
         cache_bytes=args.cache_mib * 1024 * 1024,
+        prefetch_bytes=args.prefetch_mib * 1024 * 1024,
     )
     return 0
 
@@ -306,6 +309,7 @@ def cmd_mount(args: SimpleNamespace) -> int:
 def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
     argv = [sys.executable, "-m", "stripefs.cli", "mount", "--foreground", args.meta, mountpoint,
             "--writeback-mib", str(args.writeback_mib), "--cache-mib", str(args.cache_mib),
+            "--prefetch-mib", str(args.prefetch_mib),
             "--log-level", args.log_level]
     for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
                         ("--pid-file", args.pid_file), ("--metrics-ready-file", args.metrics_ready_file),

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pki import Pki
 
@@ -428,8 +428,10 @@ class Cluster:
 
     # ------------------------------------------------------------------ mounts
 
-    def mount(self, path: os.PathLike | str | None = None, timeout: float = start_timeout_s) -> Mount:
-        """Mounts the file system at `path` (created if missing) and waits until it is."""
+    def mount(self, path: os.PathLike | str | None = None, timeout: float = start_timeout_s,
+              args: Sequence[str] = ()) -> Mount:
+        """Mounts the file system at `path` (created if missing) and waits until it is;
+        `args`: more flags for this mount (after `mount_args`)."""
         self._mount_count += 1
         n = self._mount_count
         path = Path(path) if path is not None else self.base / f"mnt-{n}"
@@ -441,6 +443,7 @@ class Cluster:
         argv = self.cli(
             "mount", meta, str(path), "--credentials", str(self.pki.bundle("client", name)),
             "--foreground", "--log-file", str(self.logs_dir / f"{name}.log"), *self.mount_args,
+            *args,
         )
         proc = Proc(name, argv, self.logs_dir / f"{name}.log", self.logs_dir / f"{name}.out")
         proc.start()

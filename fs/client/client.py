@@ -37,7 +37,7 @@ import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence, cast
+from typing import AsyncIterator, Callable, Hashable, Iterable, Optional, Sequence, cast
 
 import trio
 
@@ -53,6 +53,7 @@ from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
 from .files import FileState, HandleState, WritebackBudget
 from .locks import Locks
+from .prefetch import DEFAULT_PREFETCH_BYTES, Prefetcher, PrefetchStatus
 from .reader import Reader
 from .session import MetaSession
 from .transport import FailoverTransport, StreamTransport, Transport
@@ -115,6 +116,7 @@ class Client:
         mountpoint: str = "library",
         writeback_bytes: int = DEFAULT_WRITEBACK_BYTES,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
         identity: Optional[m.Ctx] = None,
@@ -141,6 +143,7 @@ class Client:
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
                              self._budget, self._spawn, self._committed)
         self.locks = Locks(self.session.call, lambda: self.session.id)
+        self.prefetcher = Prefetcher(self, prefetch_bytes)
         self._files: dict[int, FileState] = {}  # open inodes of this client
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
@@ -761,6 +764,29 @@ class Client:
         f.set_map(reply.attr, reply.blocks, reply)
         self.names.attrs.put(reply.attr, t)
         return reply.attr
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, paths: Iterable[str | bytes], *, owner: Hashable = None, replace: bool = False,
+                 ctx: Optional[m.Ctx] = None) -> int:
+        """Say in which order files will be read (paths from the root, a data loader's
+        sampler order): the client fetches them ahead of the reads, many at once, within
+        its prefetch memory (prefetch.py). Added to `owner`'s plan, or replacing it;
+        plans of different owners are served in turn. Returns the paths `owner`'s plan
+        waits with. The files are opened as `ctx` (who may not read one gets nothing
+        fetched for it). What readers see is unchanged: only when the bytes arrive."""
+        return self.prefetcher.plan(owner, paths, self._ctx(ctx), replace=replace)
+
+    def prefetch_cancel(self, owner: Hashable = None, *, every: bool = False) -> None:
+        """Forget `owner`'s plan (all of them with `every`) and what it fetched unread."""
+        if every:
+            self.prefetcher.cancel_all()
+        else:
+            self.prefetcher.cancel(owner)
+
+    def prefetch_status(self) -> PrefetchStatus:
+        """How far prefetch has got: paths waiting, files and bytes fetched, read, dropped."""
+        return self.prefetcher.status()
 
     async def test_lock(self, fh: int, type: int, *, kind: int = LOCK_RECORD, start: int = 0,
                         end: int = OFFSET_MAX, owner: Optional[int] = None) -> Optional[m.LockReply]:

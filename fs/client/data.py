@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import trio
 
@@ -137,6 +137,57 @@ class BlockCache:
             self.used_bytes -= len(evicted)
 
 
+class Prefetched:
+    """Blocks fetched ahead of their readers (prefetch.py), by block id, each held until a
+    read takes it (`take`) or the prefetcher drops it: never evicted by other reads, as
+    the block cache's would be. The prefetcher bounds what it holds."""
+
+    def __init__(self) -> None:
+        self.used_bytes = 0
+        self._blocks: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # id -> (bytes, when fetched)
+        #: called (block_id, bytes) when a read takes a block; called () when bytes go
+        self.on_taken: Optional[Callable[[int, int], None]] = None
+        self.on_freed: Optional[Callable[[], None]] = None
+
+    def holds(self, block_id: int) -> bool:
+        return block_id in self._blocks
+
+    def put(self, block_id: int, data: bytes) -> None:
+        self.drop([block_id])
+        self._blocks[block_id] = (data, time.monotonic())
+        self.used_bytes += len(data)
+
+    def take(self, block_id: int) -> Optional[bytes]:
+        held = self._blocks.pop(block_id, None)
+        if held is None:
+            return None
+        self._released(len(held[0]))
+        if self.on_taken is not None:
+            self.on_taken(block_id, len(held[0]))
+        return held[0]
+
+    def drop(self, block_ids: Iterable[int]) -> int:
+        """Let these blocks go unread; the bytes dropped."""
+        dropped = 0
+        for block_id in list(block_ids):
+            held = self._blocks.pop(block_id, None)
+            if held is not None:
+                dropped += len(held[0])
+        self._released(dropped)
+        return dropped
+
+    def drop_older_than(self, t: float) -> int:
+        """Let go the blocks fetched before monotonic time `t`; the bytes dropped."""
+        old = [block_id for block_id, (_, at) in self._blocks.items() if at < t]
+        return self.drop(old)
+
+    def _released(self, n: int) -> None:
+        if n:
+            self.used_bytes -= n
+            if self.on_freed is not None:
+                self.on_freed()
+
+
 class DataPath:
     """Talks to data servers: one Transport per server address, made by `connect`."""
 
@@ -147,6 +198,8 @@ class DataPath:
         self._last_error: dict[str, FsError] = {}
         self._unreachable_at: dict[str, float] = {}
         self.cache = BlockCache(cache_bytes)
+        #: blocks fetched ahead for readers to come (prefetch.py)
+        self.prefetched = Prefetched()
         #: block id -> its leaf hashes, checked against the block's digest
         self.leaves = BlockCache(LEAVES_CACHE_BYTES)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
@@ -192,14 +245,15 @@ class DataPath:
         block a truncate clamped is fetched as written (what its digest describes), and
         cached so; readers get its first ref.length bytes."""
         while True:
-            data = self.cache.get(ref.block_id)
+            data = self._held(ref.block_id)
             if data is not None:
                 return data[: ref.length]
             pending = self._fetching.get(ref.block_id)
             if pending is None:
                 break
             await pending.wait()
-            if ref.block_id not in self._fetching and self.cache.get(ref.block_id) is None:
+            if (ref.block_id not in self._fetching and ref.block_id not in self.cache
+                    and not self.prefetched.holds(ref.block_id)):
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
         done = self._fetching[ref.block_id] = trio.Event()
         try:
@@ -210,13 +264,37 @@ class DataPath:
             del self._fetching[ref.block_id]
             done.set()
 
+    def _held(self, block_id: int) -> Optional[bytes]:
+        """A block from the cache, or one fetched ahead (which moves to the cache: read)."""
+        data = self.cache.get(block_id)
+        if data is None:
+            data = self.prefetched.take(block_id)
+            if data is not None:
+                self.cache.put(block_id, data)
+        return data
+
+    async def read_ahead(self, ref: BlockRef) -> int:
+        """Fetch a whole block for a reader to come, into `prefetched` (prefetch.py); the
+        bytes now held there (0: cached, held or being fetched already). A reader asking
+        for it meanwhile shares this fetch."""
+        if self.has_or_fetching(ref.block_id) or self.prefetched.holds(ref.block_id):
+            return 0
+        done = self._fetching[ref.block_id] = trio.Event()
+        try:
+            data = await self._fetch(ref, 0, written(ref))
+            self.prefetched.put(ref.block_id, data)
+            return len(data)
+        finally:
+            del self._fetching[ref.block_id]
+            done.set()
+
     async def read_range(self, ref: BlockRef, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of a block, clipped to ref.length, without fetching
         or caching the rest of it: random readers must not pay for whole blocks. With a
         digest, the leaves holding the range are read and checked against the block's leaf
         hashes (fetched once per block and checked against the digest)."""
         length = max(0, min(length, ref.length - offset))
-        data = self.cache.get(ref.block_id)
+        data = self._held(ref.block_id)
         if data is not None:
             return data[offset : offset + length]
         if length == 0:

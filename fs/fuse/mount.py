@@ -51,7 +51,7 @@ def check_pyfuse3() -> None:
 async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str], client_options: dict) -> None:
     """`meta`: the metaservers, HOST:PORT[,HOST:PORT...]."""
     async with open_client(meta, creds, mountpoint=mountpoint, **client_options) as client:
-        ops = StripeOperations(client)
+        ops = StripeOperations(client, mountpoint)
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
         log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session.id)
         try:

@@ -19,6 +19,7 @@ import trio
 from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, ROOT_INODE,
                              Attr, Client, Ctx, Entry, FsError, metrics, signed64)
 
+from .control import PrefetchFile
 from .queries import CONTROL_NAME, VIRTUAL_BASE, Node, Queries
 
 log = logging.getLogger("stripefs.fuse")
@@ -162,11 +163,13 @@ class StripeOperations(pyfuse3.Operations):
     # unless a default ACL of the directory decides instead.
     enable_acl = True
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, mountpoint: str = "/") -> None:
         super().__init__()
         self.client = client
         #: the read-only tree under MNT/.stripefs (queries.py)
         self.queries = Queries(client)
+        #: its one writable file, the prefetch plan (control.py)
+        self.prefetch_file = PrefetchFile(client, mountpoint)
         #: open listings of virtual directories: handle -> the entries it began with
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_listing = VIRTUAL_BASE
@@ -218,6 +221,10 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == self.queries.prefetch_file.ino and fields.update_size and attr.st_size == 0:
+            # truncate(1) of the prefetch file: the caller's plan goes, as with O_TRUNC.
+            self.prefetch_file.truncate(ctx_of(ctx))
+            return entry(self.queries.attr(self.queries.prefetch_file))
         self._read_only(inode)
         kwargs: dict[str, Any] = {}
         if fields.update_mode:
@@ -320,7 +327,13 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def open(self, inode, flags, ctx):
-        self._read_only(inode)  # (nothing under .stripefs is a file: links are followed)
+        if inode == self.queries.prefetch_file.ino:
+            fh = self._next_listing
+            self._next_listing += 1
+            self.prefetch_file.open(fh, flags, ctx_of(ctx))
+            # direct_io: reads are answered here whatever the file's size says (0).
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        self._read_only(inode)  # (the prefetch file aside, nothing under .stripefs is a file)
         # libfuse asks for atomic_o_trunc: O_TRUNC arrives here, not as a separate setattr.
         try:
             fh, keep, attrs_changed = await self.client.open(inode, flags, ctx_of(ctx))
@@ -340,15 +353,21 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def read(self, fh, off, size):
+        if self.prefetch_file.holds(fh):
+            return self.prefetch_file.read(fh, off, size)
         # pyfuse3 copies the reply into the kernel's buffer before anything else runs.
         return await self.client.read_view(fh, off, size)
 
     @errno_boundary
     async def write(self, fh, off, buf):
+        if self.prefetch_file.holds(fh):
+            return self.prefetch_file.write(fh, buf)
         return await self.client.write(fh, off, buf)
 
     @errno_boundary
     async def flush(self, fh):
+        if self.prefetch_file.holds(fh):
+            return
         await self.client.flush(fh)
 
     # Locks: pyfuse3 with the stripefs additions (scripts/pyfuse3-stripefs.patch) passes the
@@ -391,10 +410,14 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsync(self, fh, datasync):
-        await self.client.fsync(fh)
+        if not self.prefetch_file.holds(fh):
+            await self.client.fsync(fh)
 
     @errno_boundary
     async def release(self, fh):
+        if self.prefetch_file.holds(fh):
+            self.prefetch_file.release(fh)
+            return
         await self.client.release(fh)
 
     async def fsyncdir(self, fh, datasync):

@@ -8,7 +8,8 @@ and, for each matching file, a symbolic link to it with a relative target (so it
 wherever the mount is), e.g. `.stripefs/query/split=train/data/train/cat/0.jpg` ->
 `../../../../../../data/train/cat/0.jpg`. Everything under `.stripefs` is read-only
 (EROFS); `.stripefs` is not listed in the root and shadows a real entry of that name there
-(which the library still reaches).
+(which the library still reaches). Beside `query` it holds one file, `prefetch`, the
+mount's prefetch control file (control.py), the one thing under `.stripefs` to write to.
 
 What it shows while files change: the result of one find, made for the caller when the
 query directory is first reached, and again when it is listed (opendir) and the last
@@ -34,6 +35,8 @@ from typing import Optional
 
 from stripefs.client import ENTRY_TTL_S, ROOT_INODE, Attr, Client, Ctx, FsError
 from stripefs.client import paths as cpaths
+
+from .control import PREFETCH_NAME
 
 log = logging.getLogger("stripefs.fuse")
 
@@ -102,6 +105,9 @@ class Queries:
         self.control = self._node(("control",), stat.S_IFDIR | 0o555, made_ns=made)
         self.query_dir = self._node(("query",), stat.S_IFDIR | 0o555, made_ns=made)
         self.control.children[QUERY_NAME] = self.query_dir.ino
+        #: the prefetch plan's control file (control.py): anyone may write their plan
+        self.prefetch_file = self._node(("prefetch",), stat.S_IFREG | 0o666, made_ns=made)
+        self.control.children[PREFETCH_NAME] = self.prefetch_file.ino
 
     @staticmethod
     def is_virtual(ino: int) -> bool:

@@ -1,0 +1,286 @@
+"""Sampler-driven prefetch: a data loader says in which order it will read files, and the
+client fetches them ahead of its readers, many at once, within a memory bound.
+
+A plan is a list of paths (from the root of the file system) in the order they will be
+read, handed over by `Client.prefetch` (or, through a mount, by writing them to
+`MNT/.stripefs/prefetch`: fs/fuse/control.py). Each plan has an owner (a mount uses the
+writing process); plans of different owners are served in turn, each in its own order, so
+eight loader workers handing over their own shards all get theirs fetched. A new plan of
+an owner is added to what that owner planned before, unless it replaces it.
+
+For each path, in order, up to FILES_IN_FLIGHT at once: resolve it with the planner's ids
+(the name cache, so the lookups the reader makes next are answered locally while their
+entries are fresh); a file small enough to be inline needs nothing more (its bytes come
+with the reader's open). A larger one is opened for reading with the planner's ids (so
+nobody gets a byte they could not read themselves), its blocks are fetched whole, in file
+order, into the data path's `prefetched` store, and it is closed again.
+
+What is held waits for its reader there, never in the block cache (where other reads
+could evict it before it is used): a read of the block takes it out, into the block
+cache, so what was read is no longer held (and no longer counted against the bound).
+Blocks held longer than UNUSED_S (a plan that listed files nobody read) are dropped, as
+are an owner's when its plan is replaced or cancelled. The bound: the bytes held plus the
+bytes being fetched never exceed `limit_bytes`; the next fetch waits for readers to take
+something.
+
+Consistency: a block id names one content for ever (a write makes a new block, data.py),
+and a reader reads the blocks of the map its own open fetched, so what was fetched ahead
+can only serve the content the reader's open found: a file changed elsewhere after it
+was prefetched is read as it is now (the new blocks are fetched then; the old ones are
+dropped unread). The plan never changes what the reader sees, only when bytes arrive.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Hashable, Iterable, Optional
+
+import trio
+
+from stripefs.proto import messages as m
+from stripefs.proto.errors import FsError
+
+from . import paths
+from .data import written
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("stripefs.client")
+
+#: Memory for blocks fetched ahead and not yet read, per client (`--prefetch-mib`).
+DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
+#: Files resolved, opened or fetched at once.
+FILES_IN_FLIGHT = 32
+#: A block fetched ahead and not read within this long is dropped.
+UNUSED_S = 60.0
+#: Paths one plan may hold waiting (a longer plan is refused: EFBIG).
+PLAN_MAX_PATHS = 10_000_000
+
+
+@dataclass
+class Plan:
+    owner: Hashable
+    ctx: m.Ctx
+    paths: deque[str] = field(default_factory=deque)
+    blocks: set[int] = field(default_factory=set)  # block ids fetched for it (to drop with it)
+    active: int = 0  # its paths being prefetched now
+    cancelled: bool = False
+
+
+@dataclass
+class PrefetchStatus:
+    """How far prefetch has got, summed over every plan since the client started."""
+
+    waiting: int = 0  # paths planned and not yet started
+    started: int = 0  # paths taken from the plans
+    files: int = 0  # of those, regular files prefetched (resolved, and fetched if not inline)
+    failed: int = 0  # paths that could not be resolved or opened (errno in last_error)
+    fetched_bytes: int = 0  # block bytes fetched ahead
+    used_bytes: int = 0  # of those, bytes a reader took
+    dropped_bytes: int = 0  # of those, bytes dropped unread (unused too long, plan replaced)
+    held_bytes: int = 0  # fetched and waiting for a reader now
+    limit_bytes: int = 0  # the bound on held (and being fetched) bytes
+    last_error: str = ""
+
+    def lines(self) -> str:
+        """One `name value` line each (what reading `.stripefs/prefetch` shows)."""
+        return "".join(f"{name} {value}\n" for name, value in vars(self).items() if name != "last_error") + (
+            f"last_error {self.last_error}\n" if self.last_error else "")
+
+
+class Prefetcher:
+    """The prefetch plans of one client, and the tasks that carry them out."""
+
+    def __init__(self, client: "Client", limit_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 files_in_flight: int = FILES_IN_FLIGHT) -> None:
+        self.client = client
+        self.limit_bytes = limit_bytes
+        self.files_in_flight = files_in_flight
+        self.store = client.data.prefetched
+        self.store.on_taken = self._taken
+        self.store.on_freed = self._room_changed
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._reserved = 0  # bytes being fetched
+        self._status = PrefetchStatus(limit_bytes=limit_bytes)
+        self._more = trio.Event()  # set (and replaced) when a plan gets paths
+        self._room_event = trio.Event()  # set (and replaced) when bytes are read, dropped or not fetched
+        self._unserved: list[int] = []  # heap: paths taken (by seq) that may still need room
+        self._waiting = 0  # paths waiting for room now
+        self._seq = 0  # paths taken so far: their order
+        self._swept_at = 0.0  # when blocks unused too long were last looked for
+        self._started = False
+
+    # ------------------------------------------------------------------ the plans
+
+    def plan(self, owner: Hashable, items: Iterable[str | bytes], ctx: m.Ctx, *, replace: bool = False) -> int:
+        """Add `items` (paths from the root, in reading order) to `owner`'s plan (replacing
+        it with `replace`); returns how many paths it now waits with."""
+        if replace:
+            self.cancel(owner)
+        plan = self._plans.get(owner)
+        if plan is None:
+            plan = self._plans[owner] = Plan(owner, ctx)
+        plan.ctx = ctx
+        added = 0
+        for item in items:
+            path = os.fsdecode(item)
+            if not path:
+                continue
+            if len(plan.paths) >= PLAN_MAX_PATHS:
+                raise FsError(errno.EFBIG, f"a prefetch plan holds at most {PLAN_MAX_PATHS} paths")
+            plan.paths.append(path)
+            added += 1
+        self._status.waiting += added
+        if added:
+            self._start()
+            self._more.set()
+            self._more = trio.Event()
+        return len(plan.paths)
+
+    def cancel(self, owner: Hashable) -> None:
+        """Forget `owner`'s plan, and drop what was fetched for it and not read."""
+        plan = self._plans.pop(owner, None)
+        if plan is not None:
+            plan.cancelled = True
+            self._status.waiting -= len(plan.paths)
+            self._status.dropped_bytes += self.store.drop(plan.blocks)
+
+    def cancel_all(self) -> None:
+        for owner in list(self._plans):
+            self.cancel(owner)
+
+    def status(self) -> PrefetchStatus:
+        self._status.held_bytes = self.store.used_bytes
+        return PrefetchStatus(**vars(self._status))
+
+    def _next(self) -> Optional[tuple[Plan, str]]:
+        """The next path, taking the plans in turn."""
+        for _ in range(len(self._plans)):
+            owner, plan = next(iter(self._plans.items()))
+            self._plans.move_to_end(owner)
+            if plan.paths:
+                self._status.waiting -= 1
+                self._status.started += 1
+                return plan, plan.paths.popleft()
+            if not plan.blocks and not plan.active:
+                del self._plans[owner]  # done, and nothing of it held
+        return None
+
+    # ------------------------------------------------------------------ the work
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            for _ in range(self.files_in_flight):
+                self.client._spawn(self._worker)
+
+    async def _worker(self) -> None:
+        while True:
+            # No path is taken while the bound is reached, or while one taken waits for
+            # room: what is taken is opened, and waits for its turn holding the open.
+            while not self._fits(1) or self._waiting:
+                await self._wait_for_room()
+            item = self._next()
+            if item is None:
+                more = self._more
+                await more.wait()
+                continue
+            plan, path = item
+            self._seq += 1
+            seq = self._seq
+            heapq.heappush(self._unserved, seq)
+            plan.active += 1
+            try:
+                await self._one(plan, path, seq)
+            except FsError as exc:
+                self._status.failed += 1
+                self._status.last_error = f"{path}: {os.strerror(exc.errno)}"
+                log.debug("prefetch of %s failed: %s", path, exc)
+            finally:
+                plan.active -= 1
+                self._served(seq)
+
+    async def _one(self, plan: Plan, path: str, seq: int) -> None:
+        attr = await paths.resolve(self.client, path, ctx=plan.ctx)
+        if not stat.S_ISREG(attr.mode):
+            return
+        self._status.files += 1
+        if attr.size <= min(attr.inline_max, attr.block_size):
+            return  # inline, or a single short block: nothing the reader's open does not bring
+        client = self.client
+        reply = await client.session.call("open", m.OpenReq(attr.ino, client.session.id, plan.ctx, os.O_RDONLY))
+        try:
+            wanted = [ref for ref in sorted(reply.blocks, key=lambda b: b.index)
+                      if not (self.store.holds(ref.block_id) or client.data.has_or_fetching(ref.block_id))]
+            for i, ref in enumerate(wanted):
+                size = written(ref)
+                await self._room(seq, size)
+                if i == len(wanted) - 1:
+                    self._served(seq)  # the next path's turn
+                if plan.cancelled:
+                    return
+                self._reserved += size
+                try:
+                    got = await client.data.read_ahead(ref)
+                finally:
+                    self._reserved -= size
+                    self._room_changed()
+                if got and plan.cancelled:
+                    self._status.dropped_bytes += self.store.drop([ref.block_id])
+                elif got:
+                    plan.blocks.add(ref.block_id)
+                    self._status.fetched_bytes += got
+        finally:
+            client.session.release_soon(attr.ino)
+
+    def _fits(self, size: int) -> bool:
+        """`size` more bytes keep what is held and being fetched within the bound (a lone
+        block always fits)."""
+        busy = self.store.used_bytes + self._reserved
+        return busy == 0 or busy + size <= self.limit_bytes
+
+    async def _room(self, seq: int, size: int) -> None:
+        """Wait until `size` more bytes fit the bound, and every path taken before this
+        one (`seq`) has had the room it needed: bytes are fetched in plan order even when
+        the bound holds the prefetcher back."""
+        self._waiting += 1
+        try:
+            while not (self._unserved[0] == seq and self._fits(size)):
+                await self._wait_for_room()
+        finally:
+            self._waiting -= 1
+
+    def _served(self, seq: int) -> None:
+        """Path `seq` needs no more room (it has had it, or needs none): the next one's turn."""
+        if seq in self._unserved:
+            self._unserved.remove(seq)
+            heapq.heapify(self._unserved)
+            self._room_changed()
+
+    async def _wait_for_room(self) -> None:
+        """Until bytes are read or dropped (at most a second), dropping first what waited
+        unread for longer than UNUSED_S."""
+        t = time.monotonic()
+        if t - self._swept_at >= 1.0:
+            self._swept_at = t
+            self._status.dropped_bytes += self.store.drop_older_than(t - UNUSED_S)
+        event = self._room_event
+        with trio.move_on_after(1.0):
+            await event.wait()
+
+    def _room_changed(self) -> None:
+        self._room_event.set()
+        self._room_event = trio.Event()
+
+    def _taken(self, block_id: int, size: int) -> None:
+        self._status.used_bytes += size
+        for plan in self._plans.values():
+            plan.blocks.discard(block_id)
