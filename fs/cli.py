@@ -262,6 +262,9 @@ _WRITEBACK_MIB, _CACHE_MIB, _PREFETCH_MIB = _mount_defaults()
 @click.option("--cache-mib", type=int, default=_CACHE_MIB, show_default=True, help="memory for cached blocks (MiB)")
 @click.option("--prefetch-mib", type=int, default=_PREFETCH_MIB, show_default=True,
               help="memory for blocks fetched ahead of readers by a prefetch plan (MiB; MNT/.stripefs/prefetch)")
+@click.option("--cache-dir", metavar="DIR", help="keep blocks read on local disk here (survives a remount)")
+@click.option("--cache-size", metavar="SIZE", default="10G", show_default=True,
+              help="with --cache-dir: the most it holds (K, M, G, T)")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
 @click.option("--metrics-ready-file", metavar="FILE", help="with --metrics-listen: write the bound HOST:PORT here once serving")
@@ -281,6 +284,12 @@ def cmd_mount(args: SimpleNamespace) -> int:
         raise CliError(f"{mountpoint} is already a mount point (stripefs umount {mountpoint} first)")
     _meta_addresses(args.meta)
     creds = _load_credentials(args.credentials)
+    from stripefs.client.disktier import parse_size
+
+    try:
+        cache_dir_bytes = parse_size(args.cache_size)
+    except ValueError as exc:
+        raise CliError(f"--cache-size: {exc}") from None
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
@@ -296,13 +305,20 @@ def cmd_mount(args: SimpleNamespace) -> int:
     except (OSError, ValueError) as exc:
         raise CliError(f"metrics on {args.metrics_listen}: {exc}") from None
 
+    from stripefs.proto.errors import FsError
+
     options = [o for o in (args.options or "").split(",") if o]
-    run_mount(
-        args.meta, mountpoint, creds, options,
-        writeback_bytes=args.writeback_mib * 1024 * 1024,
-        cache_bytes=args.cache_mib * 1024 * 1024,
-        prefetch_bytes=args.prefetch_mib * 1024 * 1024,
-    )
+    try:
+        run_mount(
+            args.meta, mountpoint, creds, options,
+            writeback_bytes=args.writeback_mib * 1024 * 1024,
+            cache_bytes=args.cache_mib * 1024 * 1024,
+            prefetch_bytes=args.prefetch_mib * 1024 * 1024,
+            cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else "",
+            cache_dir_bytes=cache_dir_bytes,
+        )
+    except FsError as exc:  # (a cache directory another mount holds)
+        raise CliError(exc.message) from None
     return 0
 
 
@@ -313,9 +329,10 @@ def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
             "--log-level", args.log_level]
     for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
                         ("--pid-file", args.pid_file), ("--metrics-ready-file", args.metrics_ready_file),
-                        ("-o", args.options), ("--metrics-listen", args.metrics_listen)):
+                        ("-o", args.options), ("--metrics-listen", args.metrics_listen),
+                        ("--cache-dir", args.cache_dir), ("--cache-size", args.cache_size)):
         if value:
-            argv += [flag, os.path.abspath(value) if flag not in ("-o", "--metrics-listen") else value]
+            argv += [flag, os.path.abspath(value) if flag not in ("-o", "--metrics-listen", "--cache-size") else value]
     log_target = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target,
                             start_new_session=True)
@@ -809,6 +826,53 @@ def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, clust
         rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
         click.echo(f"copied {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
                    f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
+    sys.exit(1 if report.failed else 0)
+
+
+# ---------------------------------------------------------------------------- warmup
+
+
+@cli.command("warmup")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=8, show_default=True, help="files read at once")
+@_json_option
+def warmup_cmd(paths: tuple[str, ...], jobs: int, as_json: bool) -> None:
+    """read the files under PATHS (inside stripefs mounts) through their mount ahead of a
+    job, so that the mount's local disk tier (mount --cache-dir) holds them. Exit 1 if
+    any file failed."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from stripefs.cli_work import warmup
+
+    err = _console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=as_json or not err.is_terminal)
+    task = progress.add_task("listing", total=None)
+
+    def on_error(text: str) -> None:
+        progress.console.print(f"stripefs warmup: {text}", style="red" if err.is_terminal else None)
+
+    with progress:
+        try:
+            report = warmup(list(paths), jobs, on_plan=lambda f, b: progress.update(task, description=f"{f} files",
+                                                                                      total=b),
+                            on_bytes=lambda n: progress.advance(task, n), on_error=on_error)
+        except ValueError as exc:
+            raise CliError(f"{exc}: warmup fills a mount's caches, so it reads through the mount") from None
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
+        click.echo(f"read {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
+                   f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
+        for point, tier in report.tiers.items():
+            if tier.get("enabled"):
+                click.echo(f"{point}: disk tier holds {_human(tier['kept_bytes'])} in {tier['blocks']} blocks "
+                           f"(of {_human(tier['limit_bytes'])})")
+            else:
+                click.echo(f"{point}: no disk tier (mount --cache-dir): only its memory cache was filled")
     sys.exit(1 if report.failed else 0)
 
 

@@ -4,7 +4,8 @@ file), what the client library says about it, copies in parallel, and operation 
 between two scrapes of the roles' metrics.
 
 Everything here goes through the library (fs/client, fs/client/paths.py), never through
-a mount: a path inside a mount only says which cluster and which path in it.
+a mount: a path inside a mount only says which cluster and which path in it. `warmup` is
+the exception: it fills a mount's own caches, so it reads through that mount.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ MOUNT_FSTYPE = "fuse.stripefs"
 SOURCE_PREFIX = paths.URL_SCHEME + ":"
 #: Files `stripefs cp` copies at once, by default.
 DEFAULT_COPY_JOBS = 8
+#: Files `stripefs warmup` reads at once, by default, and the size of each read.
+DEFAULT_WARMUP_JOBS = 8
+WARMUP_READ_BYTES = 4 * 1024 * 1024
 #: How long one metrics scrape may take.
 SCRAPE_TIMEOUT_S = 5.0
 
@@ -510,3 +514,109 @@ def rates(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
         "written_bytes_per_s": round(delta(total(before, _WRITTEN), total(after, _WRITTEN)) / seconds, 1),
         "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses > 0 else None,
     }
+
+
+# ---------------------------------------------------------------------------- warmup
+
+
+@dataclass
+class WarmupReport:
+    files: int = 0  # files read whole
+    bytes: int = 0
+    seconds: float = 0.0
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # mount point -> its .stripefs/cache
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3), "failed": self.failed,
+                "tiers": self.tiers}
+
+
+def mount_of(path: str, mounts: Optional[list[tuple[str, str]]] = None) -> Optional[str]:
+    """The stripefs mount point `path` is under, or None."""
+    absolute = os.path.abspath(path)
+    for candidate in (absolute, os.path.realpath(absolute)):
+        for point, _ in mounts if mounts is not None else stripefs_mounts():
+            if candidate == point or candidate.startswith(point.rstrip("/") + "/"):
+                return point
+    return None
+
+
+def tier_counters(mount: str) -> dict[str, int]:
+    """A mount's `.stripefs/cache` counters (fs/fuse/control.py)."""
+    out = {}
+    with open(os.path.join(mount, ".stripefs", "cache")) as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            out[name] = int(value)
+    return out
+
+
+def warmup(args: list[str], jobs: int = DEFAULT_WARMUP_JOBS, *, on_plan: Callable[[int, int], None] = lambda f, b: None,
+           on_bytes: Callable[[int], None] = lambda n: None, on_error: Callable[[str], None] = lambda t: None,
+           ) -> WarmupReport:
+    """Read every file under `args` (paths inside stripefs mounts) through its mount, `jobs`
+    at once, so that the mount's caches (its disk tier, `--cache-dir`) hold their blocks;
+    each file's pages are dropped from the kernel's cache after it is read (the point is
+    the mount's tier, not this machine's memory). ValueError for a path outside a mount."""
+    import concurrent.futures
+
+    report = WarmupReport()
+    mounts = stripefs_mounts()
+    files: list[tuple[str, int]] = []
+    for arg in args:
+        point = mount_of(arg, mounts)
+        if point is None:
+            raise ValueError(f"{arg} is not inside a stripefs mount")
+        report.tiers.setdefault(point, {})
+        try:
+            st = os.stat(arg)
+        except OSError as exc:
+            report.failed.append({"path": arg, "error": errno_text(exc)})
+            on_error(f"{arg}: {errno_text(exc)}")
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files.append((arg, st.st_size))
+            continue
+        for top, dirs, names in os.walk(arg, onerror=lambda exc: on_error(f"{exc.filename}: {errno_text(exc)}")):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(top, name)
+                try:
+                    st = os.lstat(path)
+                except OSError as exc:
+                    on_error(f"{path}: {errno_text(exc)}")
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    files.append((path, st.st_size))
+    on_plan(len(files), sum(size for _, size in files))
+
+    def read(path: str) -> int:
+        done = 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, WARMUP_READ_BYTES):
+                done += len(chunk)
+                on_bytes(len(chunk))
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return done
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(read, path): path for path, _ in files}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                report.bytes += future.result()
+                report.files += 1
+            except OSError as exc:
+                report.failed.append({"path": futures[future], "error": errno_text(exc)})
+                on_error(f"{futures[future]}: {errno_text(exc)}")
+    report.seconds = time.monotonic() - t0
+    for point in report.tiers:
+        try:
+            report.tiers[point] = tier_counters(point)
+        except (OSError, ValueError):
+            report.tiers[point] = {}
+    return report

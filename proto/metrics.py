@@ -174,6 +174,12 @@ def client() -> ClientMetrics:
          lambda c: c.data.prefetched.used_bytes),
         ("stripefs_client_prefetch_waiting_paths", "Paths of prefetch plans not yet started",
          lambda c: c.prefetcher.status().waiting),
+        ("stripefs_client_disk_tier_bytes", "Bytes of blocks kept in the clients' local disk tiers",
+         lambda c: c.data.disk.used_bytes if c.data.disk is not None else 0),
+        ("stripefs_client_disk_tier_hits", "Blocks read from the local disk tiers (a running count)",
+         lambda c: c.data.disk.hits if c.data.disk is not None else 0),
+        ("stripefs_client_disk_tier_corrupt", "Blocks found damaged in the local disk tiers and fetched again (a running count)",
+         lambda c: c.data.disk.corrupt if c.data.disk is not None else 0),
     ):
         Gauge(name, doc).set_function(functools.partial(clients.sum, fn))
     return ClientMetrics(

@@ -51,6 +51,7 @@ from stripefs.proto.types import (FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYT
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
+from .disktier import DiskTier
 from .files import FileState, HandleState, WritebackBudget
 from .locks import Locks
 from .prefetch import DEFAULT_PREFETCH_BYTES, Prefetcher, PrefetchStatus
@@ -106,7 +107,9 @@ def entry_names(*names: bytes) -> None:
 class Client:
     """One client session. Create with `open_client()`.
 
-    meta_transport / data_connect replace the network (tests: LocalTransport)."""
+    meta_transport / data_connect replace the network (tests: LocalTransport); disk_tier:
+    a DiskTier (disktier.py) keeping blocks read on local disk, owned (closed) by the
+    caller."""
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class Client:
         writeback_bytes: int = DEFAULT_WRITEBACK_BYTES,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        disk_tier: Optional[DiskTier] = None,
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
         identity: Optional[m.Ctx] = None,
@@ -138,6 +142,7 @@ class Client:
         self.names = NameCache(self.session.call, self._spawn)
         self.data = DataPath(connect, cache_bytes)
         self.data.on_bad_replica = self._report_bad_replica
+        self.data.disk, self.data.spawn = disk_tier, self._spawn
         self._budget = WritebackBudget(writeback_bytes)
         self.reader = Reader(self.data, self.session.call, self._spawn, lambda: self.session.id)
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
@@ -783,6 +788,15 @@ class Client:
             self.prefetcher.cancel_all()
         else:
             self.prefetcher.cancel(owner)
+
+    def disk_status(self) -> dict[str, int]:
+        """The local disk tier's counters (`enabled` 0 without one): bytes and blocks kept,
+        the limit, hits, misses, blocks found damaged and fetched again."""
+        d = self.data.disk
+        if d is None:
+            return {"enabled": 0}
+        return {"enabled": 1, "kept_bytes": d.used_bytes, "blocks": len(d), "limit_bytes": d.limit_bytes,
+                "hits": d.hits, "misses": d.misses, "corrupt": d.corrupt}
 
     def prefetch_status(self) -> PrefetchStatus:
         """How far prefetch has got: paths waiting, files and bytes fetched, read, dropped."""

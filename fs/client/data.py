@@ -45,6 +45,7 @@ from stripefs.proto.integrity import (
 from stripefs.proto.messages import BlockRef, GetBlockReq, SyncBlocksReq, WriteBlockHead
 from stripefs.proto.types import CHAIN_HOP_MARGIN_S
 
+from .disktier import DiskTier
 from .transport import Transport
 
 log = logging.getLogger("stripefs.client")
@@ -200,6 +201,10 @@ class DataPath:
         self.cache = BlockCache(cache_bytes)
         #: blocks fetched ahead for readers to come (prefetch.py)
         self.prefetched = Prefetched()
+        #: the local disk tier (disktier.py), if the client has one, and how it spawns
+        #: its background writes (set by the client)
+        self.disk: Optional[DiskTier] = None
+        self.spawn: Optional[Callable[..., None]] = None
         #: block id -> its leaf hashes, checked against the block's digest
         self.leaves = BlockCache(LEAVES_CACHE_BYTES)
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
@@ -257,7 +262,7 @@ class DataPath:
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
         done = self._fetching[ref.block_id] = trio.Event()
         try:
-            data = await self._fetch(ref, 0, written(ref))
+            data = await self._load(ref)
             self.cache.put(ref.block_id, data)
             return data[: ref.length]
         finally:
@@ -273,6 +278,19 @@ class DataPath:
                 self.cache.put(block_id, data)
         return data
 
+    async def _load(self, ref: BlockRef) -> bytes:
+        """A whole block as its writer stored it: from the disk tier if it has it (checked
+        there), else from a replica (checked against the digest), then kept on disk."""
+        size = written(ref)
+        if self.disk is not None:
+            data = await self.disk.get(ref.block_id)
+            if data is not None and len(data) == size:
+                return data
+        data = await self._fetch(ref, 0, size)
+        if self.disk is not None and self.spawn is not None:
+            self.disk.put_soon(self.spawn, ref.block_id, data)
+        return data
+
     async def read_ahead(self, ref: BlockRef) -> int:
         """Fetch a whole block for a reader to come, into `prefetched` (prefetch.py); the
         bytes now held there (0: cached, held or being fetched already). A reader asking
@@ -281,7 +299,7 @@ class DataPath:
             return 0
         done = self._fetching[ref.block_id] = trio.Event()
         try:
-            data = await self._fetch(ref, 0, written(ref))
+            data = await self._load(ref)
             self.prefetched.put(ref.block_id, data)
             return len(data)
         finally:
@@ -297,6 +315,8 @@ class DataPath:
         data = self._held(ref.block_id)
         if data is not None:
             return data[offset : offset + length]
+        if self.disk is not None and self.disk.holds(ref.block_id):
+            return (await self.read_block(ref))[offset : offset + length]  # local: read it whole
         if length == 0:
             return b""
         if not ref.digest:

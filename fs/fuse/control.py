@@ -1,5 +1,6 @@
-"""`MNT/.stripefs/prefetch`: the prefetch plan of a mount, for programs that only have
-plain file APIs (fs/client/prefetch.py does the work).
+"""The files of `MNT/.stripefs`: `prefetch`, the prefetch plan of a mount, for programs
+that only have plain file APIs (fs/client/prefetch.py does the work), and `cache`, what the
+mount's local disk tier holds (fs/client/disktier.py; read-only).
 
 Writing paths to it, one per line, in the order they will be read, adds them to the
 writing process's plan: `open(MNT/.stripefs/prefetch, "w")` (O_TRUNC) replaces what that
@@ -11,7 +12,8 @@ without its newline is taken at close. Plans of different processes are served i
 writer's ids.
 
 Reading it shows how far prefetch has got (`PrefetchStatus.lines()`), as it was when the
-file was opened: `cat MNT/.stripefs/prefetch`.
+file was opened: `cat MNT/.stripefs/prefetch`. `cat MNT/.stripefs/cache` likewise shows
+the disk tier's counters (`Client.disk_status`), `enabled 0` on a mount without one.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from dataclasses import dataclass
 
 from stripefs.client import Client, Ctx, FsError
 
-#: The control file's name in `.stripefs`.
+#: The control files' names in `.stripefs`.
 PREFETCH_NAME = b"prefetch"
+CACHE_NAME = b"cache"
 
 
 @dataclass
@@ -34,8 +37,8 @@ class _Handle:
     partial: bytes = b""  # the start of a line not yet ended
 
 
-class PrefetchFile:
-    """The open handles of the control file."""
+class ControlFiles:
+    """The open handles of the control files."""
 
     def __init__(self, client: Client, mountpoint: str) -> None:
         self.client = client
@@ -45,11 +48,17 @@ class PrefetchFile:
     def holds(self, fh: int) -> bool:
         return fh in self._handles
 
-    def open(self, fh: int, flags: int, ctx: Ctx) -> None:
+    def open_prefetch(self, fh: int, flags: int, ctx: Ctx) -> None:
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable and flags & os.O_TRUNC:
             self.client.prefetch_cancel(self._owner(ctx))
         self._handles[fh] = _Handle(ctx, writable, self.client.prefetch_status().lines().encode())
+
+    def open_cache(self, fh: int, flags: int, ctx: Ctx) -> None:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EROFS, "the cache file is read-only")
+        shown = "".join(f"{name} {value}\n" for name, value in self.client.disk_status().items())
+        self._handles[fh] = _Handle(ctx, False, shown.encode())
 
     def truncate(self, ctx: Ctx) -> None:
         """The file truncated to nothing: the caller's plan goes."""
@@ -61,7 +70,7 @@ class PrefetchFile:
     def write(self, fh: int, data: bytes) -> int:
         h = self._handles[fh]
         if not h.writable:
-            raise FsError(errno.EBADF, "the prefetch file was opened for reading")
+            raise FsError(errno.EBADF, "opened for reading")
         text = h.partial + bytes(data)
         lines = text.split(b"\n")
         h.partial = lines.pop()

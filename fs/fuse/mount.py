@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from stripefs.client import Credentials, open_client
+from stripefs.client.disktier import DiskTier
 
 from .ops import StripeOperations
 
@@ -138,7 +139,9 @@ ATIME_OPTIONS = {"atime": True, "relatime": True, "noatime": False}
 
 
 def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str] | None = None,
-              **client_options) -> None:
+              cache_dir: str = "", cache_dir_bytes: int = 0, **client_options) -> None:
+    """Serve the mount until it is unmounted or signalled; `cache_dir`: the local disk
+    tier's directory (fs/client/disktier.py), holding at most `cache_dir_bytes`."""
     check_pyfuse3()
     options = []
     for option in extra_options or []:
@@ -147,4 +150,12 @@ def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: lis
         else:
             options.append(option)
     bound_malloc_caching()
-    trio.run(_serve, meta, mountpoint, creds, options, client_options)
+    disk = None
+    if cache_dir:
+        # Indexed here, before the trio thread serves anything.
+        disk = client_options["disk_tier"] = DiskTier(cache_dir, cache_dir_bytes)
+    try:
+        trio.run(_serve, meta, mountpoint, creds, options, client_options)
+    finally:
+        if disk is not None:
+            disk.close()

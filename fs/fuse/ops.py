@@ -19,7 +19,7 @@ import trio
 from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, ROOT_INODE,
                              Attr, Client, Ctx, Entry, FsError, metrics, signed64)
 
-from .control import PrefetchFile
+from .control import ControlFiles
 from .queries import CONTROL_NAME, VIRTUAL_BASE, Node, Queries
 
 log = logging.getLogger("stripefs.fuse")
@@ -168,8 +168,8 @@ class StripeOperations(pyfuse3.Operations):
         self.client = client
         #: the read-only tree under MNT/.stripefs (queries.py)
         self.queries = Queries(client)
-        #: its one writable file, the prefetch plan (control.py)
-        self.prefetch_file = PrefetchFile(client, mountpoint)
+        #: its files: the prefetch plan, the disk tier's counters (control.py)
+        self.controls = ControlFiles(client, mountpoint)
         #: open listings of virtual directories: handle -> the entries it began with
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_listing = VIRTUAL_BASE
@@ -223,7 +223,7 @@ class StripeOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == self.queries.prefetch_file.ino and fields.update_size and attr.st_size == 0:
             # truncate(1) of the prefetch file: the caller's plan goes, as with O_TRUNC.
-            self.prefetch_file.truncate(ctx_of(ctx))
+            self.controls.truncate(ctx_of(ctx))
             return entry(self.queries.attr(self.queries.prefetch_file))
         self._read_only(inode)
         kwargs: dict[str, Any] = {}
@@ -327,10 +327,13 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def open(self, inode, flags, ctx):
-        if inode == self.queries.prefetch_file.ino:
+        if inode in (self.queries.prefetch_file.ino, self.queries.cache_file.ino):
             fh = self._next_listing
             self._next_listing += 1
-            self.prefetch_file.open(fh, flags, ctx_of(ctx))
+            if inode == self.queries.prefetch_file.ino:
+                self.controls.open_prefetch(fh, flags, ctx_of(ctx))
+            else:
+                self.controls.open_cache(fh, flags, ctx_of(ctx))
             # direct_io: reads are answered here whatever the file's size says (0).
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         self._read_only(inode)  # (the prefetch file aside, nothing under .stripefs is a file)
@@ -353,20 +356,20 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def read(self, fh, off, size):
-        if self.prefetch_file.holds(fh):
-            return self.prefetch_file.read(fh, off, size)
+        if self.controls.holds(fh):
+            return self.controls.read(fh, off, size)
         # pyfuse3 copies the reply into the kernel's buffer before anything else runs.
         return await self.client.read_view(fh, off, size)
 
     @errno_boundary
     async def write(self, fh, off, buf):
-        if self.prefetch_file.holds(fh):
-            return self.prefetch_file.write(fh, buf)
+        if self.controls.holds(fh):
+            return self.controls.write(fh, buf)
         return await self.client.write(fh, off, buf)
 
     @errno_boundary
     async def flush(self, fh):
-        if self.prefetch_file.holds(fh):
+        if self.controls.holds(fh):
             return
         await self.client.flush(fh)
 
@@ -410,13 +413,13 @@ class StripeOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsync(self, fh, datasync):
-        if not self.prefetch_file.holds(fh):
+        if not self.controls.holds(fh):
             await self.client.fsync(fh)
 
     @errno_boundary
     async def release(self, fh):
-        if self.prefetch_file.holds(fh):
-            self.prefetch_file.release(fh)
+        if self.controls.holds(fh):
+            self.controls.release(fh)
             return
         await self.client.release(fh)
 

@@ -8,8 +8,9 @@ and, for each matching file, a symbolic link to it with a relative target (so it
 wherever the mount is), e.g. `.stripefs/query/split=train/data/train/cat/0.jpg` ->
 `../../../../../../data/train/cat/0.jpg`. Everything under `.stripefs` is read-only
 (EROFS); `.stripefs` is not listed in the root and shadows a real entry of that name there
-(which the library still reaches). Beside `query` it holds one file, `prefetch`, the
-mount's prefetch control file (control.py), the one thing under `.stripefs` to write to.
+(which the library still reaches). Beside `query` it holds two files (control.py):
+`prefetch`, the mount's prefetch plan, the one thing under `.stripefs` to write to, and
+`cache`, the disk tier's counters.
 
 What it shows while files change: the result of one find, made for the caller when the
 query directory is first reached, and again when it is listed (opendir) and the last
@@ -36,7 +37,7 @@ from typing import Optional
 from stripefs.client import ENTRY_TTL_S, ROOT_INODE, Attr, Client, Ctx, FsError
 from stripefs.client import paths as cpaths
 
-from .control import PREFETCH_NAME
+from .control import CACHE_NAME, PREFETCH_NAME
 
 log = logging.getLogger("stripefs.fuse")
 
@@ -108,6 +109,9 @@ class Queries:
         #: the prefetch plan's control file (control.py): anyone may write their plan
         self.prefetch_file = self._node(("prefetch",), stat.S_IFREG | 0o666, made_ns=made)
         self.control.children[PREFETCH_NAME] = self.prefetch_file.ino
+        #: what the local disk tier holds (control.py), read-only
+        self.cache_file = self._node(("cache",), stat.S_IFREG | 0o444, made_ns=made)
+        self.control.children[CACHE_NAME] = self.cache_file.ino
 
     @staticmethod
     def is_virtual(ino: int) -> bool:
