@@ -595,6 +595,7 @@ class Client:
         self.names.attrs.put(reply.attr, t)
         f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks, reply)
+        self.prefetcher.opened(ino)
         f.handles += 1
         f.opener, f.writable = f.opener or ctx, f.writable or writable
         keep = self._cached_generation.get(ino) == reply.attr.generation

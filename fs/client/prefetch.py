@@ -8,7 +8,8 @@ writing process); plans of different owners are served in turn, each in its own 
 eight loader workers handing over their own shards all get theirs fetched. A new plan of
 an owner is added to what that owner planned before, unless it replaces it.
 
-For each path, in order, up to FILES_IN_FLIGHT at once: resolve it with the planner's ids
+For each path, in order, up to FILES_IN_FLIGHT at once and at most AHEAD_FILES beyond the
+last planned file a reader opened: resolve it with the planner's ids
 (the name cache, so the lookups the reader makes next are answered locally while their
 entries are fresh); a file small enough to be inline needs nothing more (its bytes come
 with the reader's open). A larger one is opened for reading with the planner's ids (so
@@ -61,6 +62,12 @@ DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
 FILES_IN_FLIGHT = 32
 #: A block fetched ahead and not read within this long is dropped.
 UNUSED_S = 60.0
+#: Paths taken at most beyond the last one a reader opened: a small file costs only
+#: lookups ahead, whose answers are fresh for ENTRY_TTL_S, so running far ahead of the
+#: readers would only load the metaserver. After AHEAD_STALL_S without a reader opening a
+#: planned file (readers that left the plan), the window moves on anyway.
+AHEAD_FILES = 256
+AHEAD_STALL_S = 5.0
 #: Paths one plan may hold waiting (a longer plan is refused: EFBIG).
 PLAN_MAX_PATHS = 10_000_000
 
@@ -116,6 +123,9 @@ class Prefetcher:
         self._waiting = 0  # paths waiting for room now
         self._seq = 0  # paths taken so far: their order
         self._swept_at = 0.0  # when blocks unused too long were last looked for
+        self._ahead: OrderedDict[int, int] = OrderedDict()  # inode -> seq: files resolved, not yet opened
+        self._read_seq = 0  # the latest path (by seq) a reader opened
+        self._read_at = time.monotonic()  # when the window last moved
         self._started = False
 
     # ------------------------------------------------------------------ the plans
@@ -186,7 +196,7 @@ class Prefetcher:
         while True:
             # No path is taken while the bound is reached, or while one taken waits for
             # room: what is taken is opened, and waits for its turn holding the open.
-            while not self._fits(1) or self._waiting:
+            while not self._fits(1) or self._waiting or self._too_far_ahead():
                 await self._wait_for_room()
             item = self._next()
             if item is None:
@@ -213,6 +223,9 @@ class Prefetcher:
         if not stat.S_ISREG(attr.mode):
             return
         self._status.files += 1
+        self._ahead[attr.ino] = seq
+        while len(self._ahead) > 4 * AHEAD_FILES:
+            self._ahead.popitem(last=False)
         if attr.size <= min(attr.inline_max, attr.block_size):
             return  # inline, or a single short block: nothing the reader's open does not bring
         client = self.client
@@ -240,6 +253,21 @@ class Prefetcher:
                     self._status.fetched_bytes += got
         finally:
             client.session.release_soon(attr.ino)
+
+    def opened(self, ino: int) -> None:
+        """A reader opened `ino` (Client.open): the window ahead moves past it if planned."""
+        seq = self._ahead.pop(ino, None)
+        if seq is not None and seq > self._read_seq:
+            self._read_seq, self._read_at = seq, time.monotonic()
+            self._room_changed()
+
+    def _too_far_ahead(self) -> bool:
+        if self._seq - self._read_seq < AHEAD_FILES:
+            return False
+        if time.monotonic() - self._read_at < AHEAD_STALL_S:
+            return True
+        self._read_seq, self._read_at = self._seq - AHEAD_FILES // 2, time.monotonic()
+        return False
 
     def _fits(self, size: int) -> bool:
         """`size` more bytes keep what is held and being fetched within the bound (a lone
