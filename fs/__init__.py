@@ -24,7 +24,9 @@ The library, without a mount::
 
     trio.run(main)
 
-Errors are `FsError(errno)`. The names below are imported on first use, so that importing
+`Client.prefetch(paths)` takes a data loader's reading order and fetches ahead of it;
+`open_client(..., disk_tier=stripefs.DiskTier(DIR, size_bytes))` keeps blocks read on
+local disk. Errors are `FsError(errno)`. The names below are imported on first use, so that importing
 one server does not load the client library.
 """
 
@@ -36,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from stripefs.client import Attr, Client, Credentials, Ctx, DirEntry, FsError, load_credentials, open_client
     from stripefs.client import paths
+    from stripefs.client.disktier import DiskTier
+    from stripefs.client.prefetch import PrefetchStatus
 
 #: public name -> the module that defines it (`paths` is a module of its own)
 _PUBLIC = {
@@ -44,13 +48,16 @@ _PUBLIC = {
     "Credentials": "stripefs.client",
     "Ctx": "stripefs.client",
     "DirEntry": "stripefs.client",
+    "DiskTier": "stripefs.client.disktier",
     "FsError": "stripefs.client",
     "load_credentials": "stripefs.client",
     "open_client": "stripefs.client",
     "paths": "stripefs.client.paths",
+    "PrefetchStatus": "stripefs.client.prefetch",
 }
 
-__all__ = ["Attr", "Client", "Credentials", "Ctx", "DirEntry", "FsError", "load_credentials", "open_client", "paths"]
+__all__ = ["Attr", "Client", "Credentials", "Ctx", "DirEntry", "DiskTier", "FsError", "PrefetchStatus", "load_credentials",
+           "open_client", "paths"]
 
 
 def __getattr__(name: str) -> Any:
