@@ -68,8 +68,8 @@ UNUSED_S = 60.0
 #: planned file (readers that left the plan), the window moves on anyway.
 AHEAD_FILES = 256
 AHEAD_STALL_S = 5.0
-#: Paths one plan may hold waiting (a longer plan is refused: EFBIG).
-PLAN_MAX_PATHS = 10_000_000
+#: Paths one plan may hold waiting (more is refused: EFBIG; ~100 bytes of memory each).
+PLAN_MAX_PATHS = 2_000_000
 
 
 @dataclass
@@ -139,20 +139,22 @@ class Prefetcher:
         if plan is None:
             plan = self._plans[owner] = Plan(owner, ctx)
         plan.ctx = ctx
-        added = 0
-        for item in items:
-            path = os.fsdecode(item)
-            if not path:
-                continue
-            if len(plan.paths) >= PLAN_MAX_PATHS:
-                raise FsError(errno.EFBIG, f"a prefetch plan holds at most {PLAN_MAX_PATHS} paths")
-            plan.paths.append(path)
-            added += 1
-        self._status.waiting += added
-        if added:
-            self._start()
-            self._more.set()
-            self._more = trio.Event()
+        before = len(plan.paths)
+        try:
+            for item in items:
+                path = os.fsdecode(item)
+                if not path:
+                    continue
+                if len(plan.paths) >= PLAN_MAX_PATHS:
+                    raise FsError(errno.EFBIG, f"a prefetch plan holds at most {PLAN_MAX_PATHS} paths")
+                plan.paths.append(path)
+        finally:
+            added = len(plan.paths) - before
+            self._status.waiting += added
+            if added:
+                self._start()
+                self._more.set()
+                self._more = trio.Event()
         return len(plan.paths)
 
     def cancel(self, owner: Hashable) -> None:
@@ -180,6 +182,7 @@ class Prefetcher:
                 self._status.waiting -= 1
                 self._status.started += 1
                 return plan, plan.paths.popleft()
+            plan.blocks = {b for b in plan.blocks if self.store.holds(b)}  # (some dropped unused)
             if not plan.blocks and not plan.active:
                 del self._plans[owner]  # done, and nothing of it held
         return None
@@ -214,6 +217,10 @@ class Prefetcher:
                 self._status.failed += 1
                 self._status.last_error = f"{path}: {os.strerror(exc.errno)}"
                 log.debug("prefetch of %s failed: %s", path, exc)
+            except Exception as exc:  # noqa: BLE001 - a hint must never take the client down
+                self._status.failed += 1
+                self._status.last_error = f"{path}: {exc!r}"
+                log.exception("prefetch of %s failed", path)
             finally:
                 plan.active -= 1
                 self._served(seq)
