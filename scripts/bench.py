@@ -76,12 +76,27 @@ class Sizes:
     random_reads: int = 20_000  # at most this many random reads ...
     random_read_s: float = 10.0  # ... or for at most this long, whichever comes first
     lock_pairs: int = 2_000  # fcntl lock + unlock pairs on one file
+    # Workload 9, a training epoch: a dataset per sample size (16 KiB, 150 KiB) ...
+    epoch_files_16k: int = 8_000
+    epoch_files_150k: int = 4_000
+    epoch_dirs: int = 100
+    # ... read in batches by data-loader worker processes, each at most this many batches
+    # ahead of the trainer (PyTorch's DataLoader: num_workers, prefetch_factor) ...
+    epoch_batch: int = 32
+    epoch_workers: int = 8
+    epoch_prefetch_factor: int = 2
+    # ... while the trainer spends this long on each batch (simulated accelerator compute;
+    # chosen so that MooseFS's reads are the bottleneck: docs/benchmark.md, workload 9).
+    epoch_compute_16k_s: float = 0.011
+    epoch_compute_150k_s: float = 0.025
 
 
 FULL = Sizes()
 QUICK = Sizes(
     ckpt_bytes=8 * MiB, shard_bytes=2 * MiB, dataset_files=200, dataset_dirs=10,
     meta_files=200, random_reads=500, random_read_s=2.0, lock_pairs=50,
+    epoch_files_16k=256, epoch_files_150k=256, epoch_dirs=8, epoch_batch=8,
+    epoch_compute_16k_s=0.001, epoch_compute_150k_s=0.001,
 )
 
 
@@ -92,6 +107,9 @@ class Metric:
     unit: str
     workload: int
     lower_is_better: bool = False
+    #: The metric whose raw and peer figures this one's ratios are against (a variant only
+    #: stripefs runs: workload 9 with the sampler hint), when not this one.
+    reference: Optional[str] = None
 
 
 METRICS = [
@@ -115,9 +133,21 @@ METRICS = [
     Metric("unlink_par", "unlink, 8 processes", "ops/s", 5),
     Metric("lock_unlock", "fcntl lock + unlock, uncontended", "pairs/s", 5),
     Metric("random_read", "random 4 KiB reads, cold", "IOPS", 6),
+    Metric("epoch_16k_util", "training epoch 16 KiB, accelerator utilisation", "%", 9),
+    Metric("epoch_16k_util_hint", "training epoch 16 KiB, with sampler hint, utilisation", "%", 9,
+           reference="epoch_16k_util"),
+    Metric("epoch_16k_rate", "training epoch 16 KiB", "samples/s", 9),
+    Metric("epoch_16k_rate_hint", "training epoch 16 KiB, with sampler hint", "samples/s", 9,
+           reference="epoch_16k_rate"),
+    Metric("epoch_150k_util", "training epoch 150 KiB, accelerator utilisation", "%", 9),
+    Metric("epoch_150k_util_hint", "training epoch 150 KiB, with sampler hint, utilisation", "%", 9,
+           reference="epoch_150k_util"),
+    Metric("epoch_150k_rate", "training epoch 150 KiB", "samples/s", 9),
+    Metric("epoch_150k_rate_hint", "training epoch 150 KiB, with sampler hint", "samples/s", 9,
+           reference="epoch_150k_rate"),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-ALL_WORKLOADS = (1, 2, 3, 4, 5, 6)
+ALL_WORKLOADS = (1, 2, 3, 4, 5, 6, 9)
 #: Workload 7 runs alone, on clusters of its own: the metadata engines (scripts/bench_meta.py).
 META_ENGINES_WORKLOAD = 7
 #: Workload 8 runs alone too: label queries over a labelled dataset (scripts/bench_labels.py).
@@ -326,20 +356,30 @@ def shard_worker(kind: str, path: str, final: str, size: int, io_bytes: int, bar
         results.put(("error", repr(exc), 0.0))
 
 
-def run_together(target: Callable, arg_lists: list[tuple]) -> list[tuple[float, float]]:
+def run_together(target: Callable, arg_lists: list[tuple],
+                 alongside: Optional[Callable[[], None]] = None) -> list[tuple[float, float]]:
     """Runs target(*args, barrier, results) in one process per entry of arg_lists, started
     together behind a barrier; returns each process's (start, end) on the monotonic clock.
-    A process that failed fails the workload."""
+    A process that failed fails the workload. With `alongside`, the bench process passes
+    the barrier too and runs alongside() while they run (the trainer of workload 9); if it
+    fails, the processes are killed."""
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(arg_lists))
+    barrier = ctx.Barrier(len(arg_lists) + (alongside is not None))
     results = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, barrier, results)) for args in arg_lists]
     for p in procs:
         p.start()
+    done = False
     try:
+        if alongside is not None:
+            barrier.wait(timeout=120)
+            alongside()
         spans = [results.get(timeout=3600) for _ in procs]
+        done = True
     finally:
         for p in procs:
+            if not done and alongside is not None:
+                p.kill()  # waiting for the failed trainer's next slot: never coming
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
@@ -457,6 +497,87 @@ def random_reads(path: Path, sizes: Sizes, file_bytes: int) -> float:
         return done / (time.perf_counter() - t0)
     finally:
         os.close(fd)
+
+
+def epoch_worker(batches: list[list[str]], sample_bytes: int, slots, ready, barrier, results) -> None:
+    """One data-loader worker of the training epoch (workload 9): its batches in order, each
+    started only with a slot from the trainer (`slots`, a semaphore: the trainer gives
+    `epoch_prefetch_factor` to begin with and one more as it takes each of this worker's
+    batches); every sample opened, read whole and closed. Puts ("ok", when) on `ready` as
+    each batch is loaded, ("error", why) if one could not be."""
+    try:
+        barrier.wait()
+        start = time.monotonic()
+        for batch in batches:
+            slots.acquire()
+            for p in batch:
+                with open(p, "rb") as f:
+                    if len(f.read()) != sample_bytes:
+                        raise BenchError(f"{p}: short sample")
+            ready.put(("ok", time.monotonic()))
+        results.put(("ok", start, time.monotonic()))
+    except BaseException as exc:  # reported to the trainer and the parent: the epoch fails
+        ready.put(("error", repr(exc)))
+        results.put(("error", repr(exc), 0.0))
+
+
+def write_prefetch_plan(control: Path, order: list[str]) -> None:
+    """The sampler hint: the whole read order, one absolute path a line, into the mount's
+    prefetch control file."""
+    try:
+        with open(control, "w", encoding="utf-8") as f:
+            f.write("".join(p + "\n" for p in order))
+    except OSError as exc:
+        raise BenchError(f"the mount has no prefetch control file: {exc}") from None
+
+
+def run_epoch(paths: list[Path], sample_bytes: int, compute_s: float, sizes: Sizes,
+              hint: Optional[Path] = None) -> tuple[float, float]:
+    """One training epoch over `paths` (workload 9), as a PyTorch DataLoader with
+    `epoch_workers` worker processes runs it: the shuffled order cut into batches, batch k
+    loaded by worker k % workers, at most `epoch_prefetch_factor` batches per worker loaded
+    ahead of the trainer. The trainer (this process) takes batches 0, 1, 2, ... and sleeps
+    `compute_s` on each. The clock starts when every worker is up; with `hint` (a prefetch
+    control file), the trainer first writes the whole read order there, on the clock, and
+    only then lets the workers start. Returns (accelerator utilisation in %: the compute's
+    share of the wall time to the end of the last batch's compute, samples/s)."""
+    order = [str(p) for p in paths]
+    random.Random(SHUFFLE_SEED).shuffle(order)
+    batches = [order[i: i + sizes.epoch_batch] for i in range(0, len(order), sizes.epoch_batch)]
+    workers = sizes.epoch_workers
+    ctx = multiprocessing.get_context("spawn")
+    slots = [ctx.Semaphore(0) for _ in range(workers)]
+    ready = [ctx.Queue() for _ in range(workers)]
+    wall: list[float] = []
+
+    def trainer() -> None:
+        t0 = time.monotonic()
+        if hint is not None:
+            write_prefetch_plan(hint, order)
+            log(f"  sampler hint: {len(order)} paths written in {time.monotonic() - t0:.2f} s")
+        for s in slots:
+            for _ in range(sizes.epoch_prefetch_factor):
+                s.release()
+        for k in range(len(batches)):
+            status, value = ready[k % workers].get(timeout=3600)
+            if status != "ok":
+                raise BenchError(f"epoch_worker failed: {value}")
+            slots[k % workers].release()
+            time.sleep(compute_s)
+        wall.append(time.monotonic() - t0)
+
+    run_together(epoch_worker, [(batches[w::workers], sample_bytes, slots[w], ready[w]) for w in range(workers)],
+                 alongside=trainer)
+    return 100 * len(batches) * compute_s / wall[0], len(order) / wall[0]
+
+
+def epoch_datasets(s: Sizes) -> list[tuple[str, Sizes, float]]:
+    """Workload 9's two sample sizes: (metric tag, the dataset as workload 4's helpers
+    dataset_paths and dataset_write take it, compute seconds per batch)."""
+    return [(tag, dataclasses.replace(s, dataset_files=files, dataset_dirs=s.epoch_dirs, sample_bytes=sample), compute_s)
+            for tag, files, sample, compute_s in (
+                ("16k", s.epoch_files_16k, 16 * KiB, s.epoch_compute_16k_s),
+                ("150k", s.epoch_files_150k, 150 * KiB, s.epoch_compute_150k_s))]
 
 
 # ---------------------------------------------------------------------- client library
@@ -928,10 +1049,16 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sizes = QUICK if args.quick else FULL
+        if args.epoch_compute:
+            self.sizes = dataclasses.replace(self.sizes, epoch_compute_16k_s=args.epoch_compute[0],
+                                             epoch_compute_150k_s=args.epoch_compute[1])
         self.replicas: list[int] = args.replicas
         self.workloads: list[int] = args.only
         self.samples: list[Sample] = []
         self.caches_dropped = True
+        #: What failed without failing the run (a variant the mount cannot run yet), said in
+        #: the report.
+        self.failures: list[str] = []
         parent = Path(args.work_dir) if args.work_dir else Path("/var/tmp")
         parent.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="stripefs-bench-", dir=parent))
@@ -1061,6 +1188,9 @@ class Bench:
                     self.cold(t)
                     secs = dataset_read(t.directory(r) / f"dataset-{run}", s)
                     self.record(run, r, t.name, "dataset_read", s.dataset_files / secs)
+            if 9 in self.workloads:
+                for t in targets:
+                    self.epoch(run, r, t)
             if 5 in self.workloads and r == meta_r:
                 for t in self.targets:
                     self.metadata(run, r, t)
@@ -1106,6 +1236,33 @@ class Bench:
         for k in range(procs):
             os.rmdir(t.directory(r) / f"meta-{run}-p{k}")
 
+    def epoch(self, run: int, r: int, t: Target) -> None:
+        """Workload 9 on one target: for each sample size, one epoch from cold over a dataset
+        written the first time (the runs after reuse it); on stripefs, another from cold
+        with the sampler hint, which fails alone (reported) if the mount cannot take it."""
+        for tag, ds, compute_s in epoch_datasets(self.sizes):
+            d = t.directory(r) / f"epoch-{tag}"
+            if not d.exists():
+                secs = dataset_write(d, ds)
+                log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s")
+            paths = dataset_paths(d, ds)
+            self.cold(t)
+            util, rate = run_epoch(paths, ds.sample_bytes, compute_s, self.sizes)
+            self.record(run, r, t.name, f"epoch_{tag}_util", util)
+            self.record(run, r, t.name, f"epoch_{tag}_rate", rate)
+            if t is not self.sfs:
+                continue
+            self.cold(t)
+            try:
+                util, rate = run_epoch(paths, ds.sample_bytes, compute_s, self.sizes,
+                                       hint=t.root / ".stripefs" / "prefetch")
+            except BenchError as exc:
+                self.failures.append(f"run {run + 1} R={r} {METRIC_BY_KEY[f'epoch_{tag}_rate_hint'].label}: {exc}")
+                log(f"  FAILED: {self.failures[-1]}")
+                continue
+            self.record(run, r, t.name, f"epoch_{tag}_util_hint", util)
+            self.record(run, r, t.name, f"epoch_{tag}_rate_hint", rate)
+
     def lib(self, kind: str, r: int) -> float:
         assert self.sfs is not None
         return run_lib(kind, self.sfs.cluster.meta_addr, self.sfs.cluster.client,
@@ -1123,12 +1280,12 @@ class Bench:
         rows = []
         for r in self.replicas:
             for m in METRICS:
-                def runs_of(target: str) -> Optional[list[float]]:
-                    return groups.get((first_r if target == RAW else r, m.key, target))
+                def runs_of(target: str, key: str = m.key) -> Optional[list[float]]:
+                    return groups.get((first_r if target == RAW else r, key, target))
 
                 if not any(runs_of(t) for t in (STRIPEFS, LIB, PEER)):
                     continue  # e.g. workload 5, which runs under one R only
-                raw, peer = runs_of(RAW), runs_of(PEER)
+                raw, peer = runs_of(RAW, m.reference or m.key), runs_of(PEER, m.reference or m.key)
                 raw_med = statistics.median(raw) if raw else None
                 peer_med = statistics.median(peer) if peer else None
                 for target in (RAW, STRIPEFS, LIB, PEER):
@@ -1161,6 +1318,7 @@ class Bench:
                 "workloads": self.workloads, "peer": self.args.peer,
                 "sizes": dataclasses.asdict(self.sizes),
                 "caches_dropped": self.caches_dropped,
+                "failures": self.failures,
                 "stripefs_writeback_limit_mib": self.writeback_limit_mib(),
                 "elapsed_s": round(elapsed_s, 1),
             },
@@ -1222,6 +1380,7 @@ def table(doc: dict) -> str:
         notes.append("QUICK sizes: not a measurement")
     if not cfg["caches_dropped"]:
         notes.append("page cache NOT dropped (not root): cold reads are not cold")
+    notes += [f"FAILED {f}" for f in cfg.get("failures", [])]
     notes.append(f"took {cfg['elapsed_s']:.0f} s")
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + "\n"
 
@@ -1236,10 +1395,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test, not a measurement")
     p.add_argument("--only", default=",".join(map(str, ALL_WORKLOADS)), metavar="WORKLOADS",
-                   help="comma-separated workload numbers 1-6 (default: all); 7 alone: the metadata"
+                   help="comma-separated workload numbers 1-6 and 9 (default: all); 7 alone: the metadata"
                         " engines side by side (scripts/bench_meta.py, which takes its own flags after --);"
                         " 8 alone: label queries (scripts/bench_labels.py, likewise)")
     p.add_argument("--replicas", default="1,2", metavar="R,...", help="replication factors to run (default 1,2)")
+    p.add_argument("--epoch-compute", metavar="S16K,S150K",
+                   help="workload 9: simulated accelerator compute per batch, in seconds, for the 16 KiB"
+                        f" and the 150 KiB samples (default {FULL.epoch_compute_16k_s},{FULL.epoch_compute_150k_s};"
+                        f" {QUICK.epoch_compute_16k_s},{QUICK.epoch_compute_150k_s} with --quick)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
@@ -1247,12 +1410,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     try:
         args.only = sorted({int(x) for x in args.only.split(",") if x.strip()})
         args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
+        if args.epoch_compute is not None:
+            args.epoch_compute = [float(x) for x in args.epoch_compute.split(",")]
     except ValueError:
-        p.error("--only and --replicas take comma-separated numbers")
+        p.error("--only, --replicas and --epoch-compute take comma-separated numbers")
     if len(args.only) == 1 and args.only[0] in ALONE_WORKLOADS:
         return args
     if not args.only or any(w not in ALL_WORKLOADS for w in args.only):
-        p.error("--only takes workload numbers 1-6, or 7 or 8 alone")
+        p.error("--only takes workload numbers 1-6 and 9, or 7 or 8 alone")
+    if args.epoch_compute is not None and (len(args.epoch_compute) != 2 or min(args.epoch_compute) <= 0):
+        p.error("--epoch-compute takes two positive numbers of seconds: 16 KiB samples, 150 KiB samples")
     if not args.replicas or any(not 1 <= r <= 3 for r in args.replicas):
         p.error("--replicas takes numbers 1-3 (there are 3 data servers)")
     if args.runs is None:

@@ -37,8 +37,12 @@ def test_arguments():
     assert bench.parse_args(["--only", "8"]).only == [8]  # label queries, alone
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "8,7"])
+    assert bench.parse_args(["--only", "9,4"]).only == [4, 9]  # the training epoch
+    assert bench.parse_args(["--epoch-compute", "0.01,0.02"]).epoch_compute == [0.01, 0.02]
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "9"])
+        bench.parse_args(["--only", "10"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--epoch-compute", "0.01"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--replicas", "4"])
 
@@ -75,11 +79,15 @@ def test_quick_run_prints_table_and_json(tmp_path):
     mount_metrics = ["ckpt_write", "ckpt_read", "shard_write", "shard_write_slowest", "shard_read",
                      "shard_read_slowest", "shard_read_mounts", "shard_read_mounts_slowest",
                      "dataset_write", "dataset_read", "create", "stat",
-                     "unlink", "ls_l", "create_par", "stat_par", "unlink_par", "lock_unlock", "random_read"]
+                     "unlink", "ls_l", "create_par", "stat_par", "unlink_par", "lock_unlock", "random_read",
+                     "epoch_16k_util", "epoch_16k_rate", "epoch_150k_util", "epoch_150k_rate"]
     expected = {(m, t) for m in mount_metrics for t in ("raw", "stripefs")}
     expected |= {("ckpt_write", "stripefs-lib"), ("ckpt_read", "stripefs-lib"),
                  ("mount_peak_rss", "stripefs")}
+    # The training epoch with the sampler hint (MNT/.stripefs/prefetch): stripefs only.
+    expected |= {(f"epoch_{size}_{what}_hint", "stripefs") for size in ("16k", "150k") for what in ("util", "rate")}
     assert got == expected
+    assert doc["config"]["failures"] == []
     for row in rows:
         if row["target"] != "raw" and row["metric"] != "mount_peak_rss":
             assert row["ratio_raw"] is not None and row["ratio_raw"] > 0
