@@ -70,7 +70,7 @@ class NamespaceOps(CoreBase):
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup(self, req: LookupReq) -> AttrReply:
+    def lookup(self, req: LookupReq, caller: Caller = LOCAL) -> AttrReply:
         with self.store.transaction() as tx:
             d = self._dir(tx, req.parent)
             perm.check_search(d, req.ctx)
@@ -81,7 +81,14 @@ class NamespaceOps(CoreBase):
             row = tx.one("SELECT ino, cookie FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             if row is None:
                 raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
-            return AttrReply(attr=self._attr(tx, row["ino"]), cookie=row["cookie"])
+            attr = self._attr(tx, row["ino"])
+            if req.want_map and stat.S_ISREG(attr.mode) and perm.allowed(self._inode(tx, attr.ino), req.ctx, perm.READ):
+                # The block map an open for reading would give, read tokens included: the
+                # same permission check, no open recorded (a prefetcher reads ahead; the
+                # reader opens for itself). Inline files have no blocks to fetch ahead.
+                blocks = self._block_map(tx, attr.ino, self.now_ns(), str(caller))
+                return AttrReply(attr=attr, cookie=row["cookie"], mapped=True, blocks=blocks)
+            return AttrReply(attr=attr, cookie=row["cookie"])
 
     def getattr(self, req: InodeReq) -> AttrReply:
         with self.store.transaction() as tx:

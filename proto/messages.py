@@ -300,6 +300,8 @@ class AttrReply(Message):
     attr: Attr  # attributes after the operation
     parent: Optional[Attr] = None  # entry changes: the directory's attributes after it
     cookie: int = 0  # lookup: the entry's readdir cookie (where a listing of it resumes)
+    mapped: bool = False  # lookup with want_map: `blocks` is the file's block map
+    blocks: list[BlockRef] = field(default_factory=list)  # (with read tokens for the caller)
 
 
 @dataclass
@@ -337,6 +339,9 @@ class LookupReq(Message):
     parent: int  # directory inode
     name: bytes  # entry name
     ctx: Ctx = field(default_factory=Ctx)  # caller (needs search permission on parent)
+    #: a regular file `ctx` may read: its block map too, with read tokens for the caller's
+    #: session (prefetch: what an open would give, without recording an open)
+    want_map: bool = False
 
 
 @dataclass

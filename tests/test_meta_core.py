@@ -16,6 +16,7 @@ from stripefs.proto import codec
 from stripefs.proto.services import META_METHODS
 from stripefs.metaserver.store import SCHEMA_VERSION
 from stripefs.proto.auth import check_write_token
+from stripefs.proto.credentials import CLIENT, Caller
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
     RENAME_EXCHANGE,
@@ -249,6 +250,33 @@ def test_lookup_errors(env):
     d = env.mkdir(ROOT_INODE, b"d")
     assert env.lookup(d.ino, b"..").ino == ROOT_INODE
     assert env.lookup(d.ino, b".").ino == d.ino
+
+
+def test_lookup_with_the_block_map_checks_read_permission(env):
+    """LookupReq.want_map (prefetch): a regular file the caller may read comes with its
+    block map and read tokens for the caller, as an open for reading would give, and no
+    open is recorded; without read permission, or for anything but a regular file, the
+    lookup answers as a plain one."""
+    for n in (1, 2):
+        env.beat(env.add_server(n))
+    s = env.session()
+    env.open_root()
+    mine = env.create(ROOT_INODE, b"mine", mode=stat.S_IFREG | 0o600, ctx=USER)
+    a, _ = env.write(mine.ino, s, 0, 200_000)
+    got = env.core.lookup(LookupReq(ROOT_INODE, b"mine", USER, want_map=True), Caller(CLIENT, "node1"))
+    assert got.mapped and [b.block_id for b in got.blocks] == [a.block_id]
+    assert got.blocks[0].token and got.blocks[0].servers
+    assert got.attr.ino == mine.ino
+    other = Ctx(uid=2000, gid=2000)
+    denied = env.core.lookup(LookupReq(ROOT_INODE, b"mine", other, want_map=True), Caller(CLIENT, "node1"))
+    assert not denied.mapped and denied.blocks == [] and denied.attr.ino == mine.ino
+    env.mkdir(ROOT_INODE, b"d", ctx=USER)
+    assert not env.core.lookup(LookupReq(ROOT_INODE, b"d", USER, want_map=True)).mapped
+    plain = env.core.lookup(LookupReq(ROOT_INODE, b"mine", USER))
+    assert not plain.mapped and plain.blocks == []
+    # No open was recorded: an unlink purges the file at once.
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"mine", ctx=USER))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=mine.ino))
 
 
 def test_getattr_gone(env):

@@ -39,6 +39,7 @@ import trio
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
     Attr,
+    AttrReply,
     Ctx,
     InodeReq,
     LookupReq,
@@ -287,10 +288,16 @@ class NameCache:
         return False
 
     async def _lookup_remote(self, parent: int, name: bytes, ctx: Ctx) -> Entry:
+        reply = await self.ask(parent, name, ctx)
+        return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
+
+    async def ask(self, parent: int, name: bytes, ctx: Ctx, want_map: bool = False) -> AttrReply:
+        """Look `name` up at the metaserver, whatever is known of it here, and learn the
+        answer (with want_map, a regular file's block map comes too: prefetch.py)."""
         t = now()
         listing = self.listings.of(parent)
         try:
-            reply = await self._call("lookup", LookupReq(parent, name, ctx))
+            reply = await self._call("lookup", LookupReq(parent, name, ctx, want_map=want_map))
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 self.listings.forget(listing, name)
@@ -299,7 +306,7 @@ class NameCache:
         self.attrs.put(reply.attr, t)
         self.listings.learn(listing, name, reply.attr.ino, t, reply.cookie)
         self._served(parent, listing, t, reply.cookie, ctx)
-        return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
+        return reply
 
     def _served(self, parent: int, listing: Listing, t: float, cookie: Optional[int], ctx: Ctx) -> None:
         """A lookup the metaserver answered: the cue for statahead and listings."""

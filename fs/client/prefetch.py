@@ -9,12 +9,13 @@ eight loader workers handing over their own shards all get theirs fetched. A new
 an owner is added to what that owner planned before, unless it replaces it.
 
 For each path, in order, up to FILES_IN_FLIGHT at once and at most AHEAD_FILES beyond the
-last planned file a reader opened: resolve it with the planner's ids
-(the name cache, so the lookups the reader makes next are answered locally while their
-entries are fresh); a file small enough to be inline needs nothing more (its bytes come
-with the reader's open). A larger one is opened for reading with the planner's ids (so
-nobody gets a byte they could not read themselves), its blocks are fetched whole, in file
-order, into the data path's `prefetched` store, and it is closed again.
+last planned file a reader opened: resolve it with the planner's ids, its last
+component by a lookup that also brings the block map and read tokens (`want_map`: the
+metaserver checks read permission as an open would, so nobody gets a byte they could not
+read themselves; no open is recorded), which the name cache learns, so the lookup the
+reader makes next is answered locally while the entry is fresh. A file small enough to be
+inline needs nothing more (its bytes come with the reader's open); a larger one has its
+blocks fetched whole, in file order, into the data path's `prefetched` store.
 
 What is held waits for its reader there, never in the block cache (where other reads
 could evict it before it is used): a read of the block takes it out, into the block
@@ -121,6 +122,7 @@ class Prefetcher:
         self._room_event = trio.Event()  # set (and replaced) when bytes are read, dropped or not fetched
         self._unserved: list[int] = []  # heap: paths taken (by seq) that may still need room
         self._waiting = 0  # paths waiting for room now
+        self._running = 0  # paths being prefetched now
         self._seq = 0  # paths taken so far: their order
         self._swept_at = 0.0  # when blocks unused too long were last looked for
         self._ahead: OrderedDict[int, int] = OrderedDict()  # inode -> seq: files resolved, not yet opened
@@ -192,14 +194,17 @@ class Prefetcher:
     def _start(self) -> None:
         if not self._started:
             self._started = True
-            for _ in range(self.files_in_flight):
-                self.client._spawn(self._worker)
+            self.client._spawn(self._dispatch)
 
-    async def _worker(self) -> None:
+    async def _dispatch(self) -> None:
+        """Takes the paths in plan order and starts a task for each, FILES_IN_FLIGHT at
+        most. Only this task waits at the gate (one wake-up per change, not one per
+        task): no path is taken while the bound is reached, while one taken waits for
+        room (what is taken is opened, and waits for its turn holding the open), or while
+        the prefetcher is AHEAD_FILES beyond the readers."""
         while True:
-            # No path is taken while the bound is reached, or while one taken waits for
-            # room: what is taken is opened, and waits for its turn holding the open.
-            while not self._fits(1) or self._waiting or self._too_far_ahead():
+            while (self._running >= self.files_in_flight or not self._fits(1) or self._waiting
+                   or self._too_far_ahead()):
                 await self._wait_for_room()
             item = self._next()
             if item is None:
@@ -208,25 +213,42 @@ class Prefetcher:
                 continue
             plan, path = item
             self._seq += 1
-            seq = self._seq
-            heapq.heappush(self._unserved, seq)
+            heapq.heappush(self._unserved, self._seq)
             plan.active += 1
-            try:
-                await self._one(plan, path, seq)
-            except FsError as exc:
-                self._status.failed += 1
-                self._status.last_error = f"{path}: {os.strerror(exc.errno)}"
-                log.debug("prefetch of %s failed: %s", path, exc)
-            except Exception as exc:  # noqa: BLE001 - a hint must never take the client down
-                self._status.failed += 1
-                self._status.last_error = f"{path}: {exc!r}"
-                log.exception("prefetch of %s failed", path)
-            finally:
-                plan.active -= 1
-                self._served(seq)
+            self._running += 1
+            self.client._spawn(self._run_one, plan, path, self._seq)
+
+    async def _run_one(self, plan: Plan, path: str, seq: int) -> None:
+        try:
+            await self._one(plan, path, seq)
+        except FsError as exc:
+            self._status.failed += 1
+            self._status.last_error = f"{path}: {os.strerror(exc.errno)}"
+            log.debug("prefetch of %s failed: %s", path, exc)
+        except Exception as exc:  # noqa: BLE001 - a hint must never take the client down
+            self._status.failed += 1
+            self._status.last_error = f"{path}: {exc!r}"
+            log.exception("prefetch of %s failed", path)
+        finally:
+            plan.active -= 1
+            self._running -= 1
+            self._served(seq)
+            self._room_changed()  # (the dispatcher may take the next path)
 
     async def _one(self, plan: Plan, path: str, seq: int) -> None:
-        attr = await paths.resolve(self.client, path, ctx=plan.ctx)
+        """Resolve `path` and fetch its blocks. Its last component is looked up with its
+        block map (LookupReq.want_map: the metaserver checks read permission as an open
+        would): one round trip for both, and the reader's lookup is then answered here.
+        A symbolic link there is followed and the file opened for its map instead."""
+        client = self.client
+        where, name = paths.split(paths.normalize(path))
+        parent = await paths.resolve(client, where, ctx=plan.ctx)
+        if not stat.S_ISDIR(parent.mode):
+            raise FsError(errno.ENOTDIR, f"{where} is not a directory")
+        reply = await client.names.ask(parent.ino, os.fsencode(name), plan.ctx, want_map=True)
+        attr = reply.attr
+        if stat.S_ISLNK(attr.mode):
+            attr = await paths.resolve(client, path, ctx=plan.ctx)
         if not stat.S_ISREG(attr.mode):
             return
         self._status.files += 1
@@ -235,31 +257,40 @@ class Prefetcher:
             self._ahead.popitem(last=False)
         if attr.size <= min(attr.inline_max, attr.block_size):
             return  # inline, or a single short block: nothing the reader's open does not bring
+        if reply.mapped:
+            await self._fetch(plan, seq, reply.blocks)
+        elif reply.attr.ino == attr.ino:
+            raise FsError(errno.EACCES, f"{path}: not readable as the plan's writer")
+        else:  # (through a symbolic link)
+            opened = await client.session.call("open", m.OpenReq(attr.ino, client.session.id, plan.ctx, os.O_RDONLY))
+            try:
+                await self._fetch(plan, seq, opened.blocks)
+            finally:
+                client.session.release_soon(attr.ino)
+
+    async def _fetch(self, plan: Plan, seq: int, blocks: list[m.BlockRef]) -> None:
+        """Fetch a file's blocks in order into the store, each once room is its turn."""
         client = self.client
-        reply = await client.session.call("open", m.OpenReq(attr.ino, client.session.id, plan.ctx, os.O_RDONLY))
-        try:
-            wanted = [ref for ref in sorted(reply.blocks, key=lambda b: b.index)
-                      if not (self.store.holds(ref.block_id) or client.data.has_or_fetching(ref.block_id))]
-            for i, ref in enumerate(wanted):
-                size = written(ref)
-                await self._room(seq, size)
-                if i == len(wanted) - 1:
-                    self._served(seq)  # the next path's turn
-                if plan.cancelled:
-                    return
-                self._reserved += size
-                try:
-                    got = await client.data.read_ahead(ref)
-                finally:
-                    self._reserved -= size
-                    self._room_changed()
-                if got and plan.cancelled:
-                    self._status.dropped_bytes += self.store.drop([ref.block_id])
-                elif got:
-                    plan.blocks.add(ref.block_id)
-                    self._status.fetched_bytes += got
-        finally:
-            client.session.release_soon(attr.ino)
+        wanted = [ref for ref in sorted(blocks, key=lambda b: b.index)
+                  if not (self.store.holds(ref.block_id) or client.data.has_or_fetching(ref.block_id))]
+        for i, ref in enumerate(wanted):
+            size = written(ref)
+            await self._room(seq, size)
+            if i == len(wanted) - 1:
+                self._served(seq)  # the next path's turn
+            if plan.cancelled:
+                return
+            self._reserved += size
+            try:
+                got = await client.data.read_ahead(ref)
+            finally:
+                self._reserved -= size
+                self._room_changed()
+            if got and plan.cancelled:
+                self._status.dropped_bytes += self.store.drop([ref.block_id])
+            elif got:
+                plan.blocks.add(ref.block_id)
+                self._status.fetched_bytes += got
 
     def opened(self, ino: int) -> None:
         """A reader opened `ino` (Client.open): the window ahead moves past it if planned."""
