@@ -257,6 +257,13 @@ class NameCache:
                 return Entry(None, listing.negative_ttl(), 0.0)
         return await self._lookup_remote(parent, name, ctx)
 
+    def fresh(self, parent: int, name: bytes, ctx: Ctx) -> Optional[Attr]:
+        """The attributes of the entry `name` of `parent` if they are known here and fresh
+        (no round trip); None otherwise, or if it is known not to exist."""
+        listing = self.listings.get(parent)
+        known = self._known(listing, parent, name, ctx) if listing is not None else None
+        return known.attr if known is not None else None
+
     def _known(self, listing: Listing, parent: int, name: bytes, ctx: Ctx) -> Optional[Entry]:
         t = now()
         hit = listing.names.get(name)

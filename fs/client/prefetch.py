@@ -104,6 +104,11 @@ class PrefetchStatus:
             f"last_error {self.last_error}\n" if self.last_error else "")
 
 
+def _small(attr: m.Attr) -> bool:
+    """Inline, or one short block: the reader's open brings it, nothing to fetch ahead."""
+    return attr.size <= min(attr.inline_max, attr.block_size)
+
+
 class Prefetcher:
     """The prefetch plans of one client, and the tasks that carry them out."""
 
@@ -245,8 +250,13 @@ class Prefetcher:
         parent = await paths.resolve(client, where, ctx=plan.ctx)
         if not stat.S_ISDIR(parent.mode):
             raise FsError(errno.ENOTDIR, f"{where} is not a directory")
-        reply = await client.names.ask(parent.ino, os.fsencode(name), plan.ctx, want_map=True)
-        attr = reply.attr
+        entry = os.fsencode(name)
+        attr = client.names.fresh(parent.ino, entry, plan.ctx)
+        reply = None
+        if attr is None or (stat.S_ISREG(attr.mode) and not _small(attr)):
+            # (A small file known here already, from statahead say, costs no round trip.)
+            reply = await client.names.ask(parent.ino, entry, plan.ctx, want_map=True)
+            attr = reply.attr
         if stat.S_ISLNK(attr.mode):
             attr = await paths.resolve(client, path, ctx=plan.ctx)
         if not stat.S_ISREG(attr.mode):
@@ -255,12 +265,12 @@ class Prefetcher:
         self._ahead[attr.ino] = seq
         while len(self._ahead) > 4 * AHEAD_FILES:
             self._ahead.popitem(last=False)
-        if attr.size <= min(attr.inline_max, attr.block_size):
+        if _small(attr):
             return  # inline, or a single short block: nothing the reader's open does not bring
-        if reply.mapped:
+        if reply is not None and reply.attr.ino == attr.ino:
+            if not reply.mapped:
+                raise FsError(errno.EACCES, f"{path}: not readable as the plan's writer")
             await self._fetch(plan, seq, reply.blocks)
-        elif reply.attr.ino == attr.ino:
-            raise FsError(errno.EACCES, f"{path}: not readable as the plan's writer")
         else:  # (through a symbolic link)
             opened = await client.session.call("open", m.OpenReq(attr.ino, client.session.id, plan.ctx, os.O_RDONLY))
             try:
