@@ -298,9 +298,13 @@ class NameCache:
         reply = await self.ask(parent, name, ctx)
         return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
 
-    async def ask(self, parent: int, name: bytes, ctx: Ctx, want_map: bool = False) -> AttrReply:
+    async def ask(self, parent: int, name: bytes, ctx: Ctx, want_map: bool = False,
+                  statahead: bool = True) -> AttrReply:
         """Look `name` up at the metaserver, whatever is known of it here, and learn the
-        answer (with want_map, a regular file's block map comes too: prefetch.py)."""
+        answer (with want_map, a regular file's block map comes too: prefetch.py).
+        statahead=False: this lookup is no cue for statahead (a prefetcher knows which
+        names it wants; listing their whole directories cost it a fifth of the mount's
+        time in a shuffled epoch)."""
         t = now()
         listing = self.listings.of(parent)
         try:
@@ -308,11 +312,13 @@ class NameCache:
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 self.listings.forget(listing, name)
-                self._served(parent, listing, t, None, ctx)
+                if statahead:
+                    self._served(parent, listing, t, None, ctx)
             raise
         self.attrs.put(reply.attr, t)
         self.listings.learn(listing, name, reply.attr.ino, t, reply.cookie)
-        self._served(parent, listing, t, reply.cookie, ctx)
+        if statahead:
+            self._served(parent, listing, t, reply.cookie, ctx)
         return reply
 
     def _served(self, parent: int, listing: Listing, t: float, cookie: Optional[int], ctx: Ctx) -> None:

@@ -255,7 +255,7 @@ class Prefetcher:
         reply = None
         if attr is None or (stat.S_ISREG(attr.mode) and not _small(attr)):
             # (A small file known here already, from statahead say, costs no round trip.)
-            reply = await client.names.ask(parent.ino, entry, plan.ctx, want_map=True)
+            reply = await client.names.ask(parent.ino, entry, plan.ctx, want_map=True, statahead=False)
             attr = reply.attr
         if stat.S_ISLNK(attr.mode):
             attr = await paths.resolve(client, path, ctx=plan.ctx)
