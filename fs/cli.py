@@ -783,9 +783,6 @@ def find_cmd(paths: tuple[str, ...], label_texts: tuple[str, ...], cluster: Clus
 def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, cluster: ClusterOptions, as_json: bool) -> None:
     """copy files into, out of and within clusters through the client library (no mount
     needed). DST an existing directory: into it. Exit 1 if any file failed."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
     from stripefs.cli_work import copy
     from stripefs.proto.errors import FsError
 
@@ -797,17 +794,10 @@ def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, clust
             raise CliError(f"{creds} is an admin credential, and data servers take file data only from clients: "
                            f"give a client credential with --credentials DIR or ${CREDENTIALS_ENV} "
                            "(scripts/up makes STATE/credentials/mount)")
-    err = _console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=err, transient=True,
-                        disable=as_json or not err.is_terminal)
-    task = progress.add_task("planning", total=None)
+    progress, task, on_error = _transfer_progress("cp", "planning", as_json)
 
     def on_plan(files: int, size: int) -> None:
         progress.update(task, description=f"{files} files", total=size)
-
-    def on_error(text: str) -> None:
-        progress.console.print(f"stripefs cp: {text}", style="red" if err.is_terminal else None)
 
     async def work(clients):
         try:
@@ -823,10 +813,32 @@ def cp_cmd(sources: tuple[str, ...], dst: str, recursive: bool, jobs: int, clust
     if as_json:
         _print_json(report.to_json())
     else:
-        rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
-        click.echo(f"copied {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
-                   f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
+        click.echo(_transfer_summary("copied", report))
     sys.exit(1 if report.failed else 0)
+
+
+def _transfer_progress(command: str, first: str, as_json: bool):
+    """A progress bar of bytes on stderr (off for --json or when stderr is no terminal),
+    its task, and how an error line is printed beside it."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    err = _console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=as_json or not err.is_terminal)
+
+    def on_error(text: str) -> None:
+        progress.console.print(f"stripefs {command}: {text}", style="red" if err.is_terminal else None)
+
+    return progress, progress.add_task(first, total=None), on_error
+
+
+def _transfer_summary(verb: str, report: Any) -> str:
+    """`copied N files, SIZE (N bytes) in S s, R MB/s; K failed` of a copy or a warmup."""
+    rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
+    return (f"{verb} {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
+            f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
 
 
 # ---------------------------------------------------------------------------- warmup
@@ -840,20 +852,9 @@ def warmup_cmd(paths: tuple[str, ...], jobs: int, as_json: bool) -> None:
     """read the files under PATHS (inside stripefs mounts) through their mount ahead of a
     job, so that the mount's local disk tier (mount --cache-dir) holds them. Exit 1 if
     any file failed."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
     from stripefs.cli_work import warmup
 
-    err = _console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=err, transient=True,
-                        disable=as_json or not err.is_terminal)
-    task = progress.add_task("listing", total=None)
-
-    def on_error(text: str) -> None:
-        progress.console.print(f"stripefs warmup: {text}", style="red" if err.is_terminal else None)
-
+    progress, task, on_error = _transfer_progress("warmup", "listing", as_json)
     with progress:
         try:
             report = warmup(list(paths), jobs, on_plan=lambda f, b: progress.update(task, description=f"{f} files",
@@ -864,9 +865,7 @@ def warmup_cmd(paths: tuple[str, ...], jobs: int, as_json: bool) -> None:
     if as_json:
         _print_json(report.to_json())
     else:
-        rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
-        click.echo(f"read {report.files} files, {_human(report.bytes)} ({report.bytes} bytes) in "
-                   f"{report.seconds:.2f} s, {rate:.1f} MB/s" + (f"; {len(report.failed)} failed" if report.failed else ""))
+        click.echo(_transfer_summary("read", report))
         for point, tier in report.tiers.items():
             if tier.get("enabled"):
                 click.echo(f"{point}: disk tier holds {_human(tier['kept_bytes'])} in {tier['blocks']} blocks "
