@@ -167,8 +167,8 @@ def test_warmup_fills_the_tier_ahead_of_a_job(cluster, tmp_path):
     for i in range(len(cluster.data)):
         cluster.kill_data(i)
     for rel, data in made.items():
-        assert read_cold(reader / rel) == data  # the job: every block from local disk
-    assert counters(reader.path)["hits"] == FILES
+        assert read_cold(reader / rel) == data  # the job: every block from local disk ...
+    assert counters(reader.path)["hits"] >= FILES - 1  # (... but one, if the 1 MiB memory cache kept it)
     # Outside a mount: refused, saying why.
     res = subprocess.run(cluster.cli("warmup", str(tmp_path)), capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "not inside a stripefs mount" in res.stderr
