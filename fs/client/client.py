@@ -792,12 +792,12 @@ class Client:
 
     def disk_status(self) -> dict[str, int]:
         """The local disk tier's counters (`enabled` 0 without one): bytes and blocks kept,
-        the limit, hits, misses, blocks found damaged and fetched again."""
+        the limit, hits, misses, blocks found damaged and fetched again, blocks being written."""
         d = self.data.disk
         if d is None:
             return {"enabled": 0}
         return {"enabled": 1, "kept_bytes": d.used_bytes, "blocks": len(d), "limit_bytes": d.limit_bytes,
-                "hits": d.hits, "misses": d.misses, "corrupt": d.corrupt}
+                "hits": d.hits, "misses": d.misses, "corrupt": d.corrupt, "writing": d.writing}
 
     def prefetch_status(self) -> PrefetchStatus:
         """How far prefetch has got: paths waiting, files and bytes fetched, read, dropped."""

@@ -127,6 +127,11 @@ class DiskTier:
         """Blocks kept."""
         return len(self._index)
 
+    @property
+    def writing(self) -> int:
+        """Blocks queued or being written."""
+        return len(self._writing)
+
     def holds(self, block_id: int) -> bool:
         return block_id in self._index
 
