@@ -90,6 +90,18 @@ def stripefs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, 
     return sorted(out, key=lambda mount: len(mount[0]), reverse=True)
 
 
+def mount_of(path: str, mounts: Optional[list[tuple[str, str]]] = None) -> Optional[tuple[str, str, str]]:
+    """(mount point, its metaservers, the path as found under it: absolute, or with its
+    links resolved) of the stripefs mount `path` is inside, or None."""
+    absolute = os.path.abspath(path)
+    found = mounts if mounts is not None else stripefs_mounts()
+    for candidate in (absolute, os.path.realpath(absolute)):
+        for point, meta in found:
+            if candidate == point or candidate.startswith(point.rstrip("/") + "/"):
+                return point, meta, candidate
+    return None
+
+
 def place_of(arg: str, default_meta: Callable[[], str], *, bare_is_cluster: bool,
              mounts: Optional[list[tuple[str, str]]] = None) -> Place:
     """`stripefs://HOSTS/path` (HOSTS empty: the default cluster), `stripefs:/path` (the
@@ -101,12 +113,10 @@ def place_of(arg: str, default_meta: Callable[[], str], *, bare_is_cluster: bool
         if path == arg:  # stripefs:/path
             path = arg[len(SOURCE_PREFIX):]
         return Place(arg, paths.normalize(path), hosts or default_meta())
-    absolute = os.path.abspath(arg)
-    found = mounts if mounts is not None else stripefs_mounts()
-    for candidate in (absolute, os.path.realpath(absolute)):
-        for point, meta in found:
-            if candidate == point or candidate.startswith(point.rstrip("/") + "/"):
-                return Place(arg, paths.normalize(candidate[len(point):]), meta)
+    found = mount_of(arg, mounts)
+    if found is not None:
+        point, meta, candidate = found
+        return Place(arg, paths.normalize(candidate[len(point):]), meta)
     if bare_is_cluster:
         return Place(arg, paths.normalize(arg), default_meta())
     return Place(arg, arg)
@@ -532,16 +542,6 @@ class WarmupReport:
                 "tiers": self.tiers}
 
 
-def mount_of(path: str, mounts: Optional[list[tuple[str, str]]] = None) -> Optional[str]:
-    """The stripefs mount point `path` is under, or None."""
-    absolute = os.path.abspath(path)
-    for candidate in (absolute, os.path.realpath(absolute)):
-        for point, _ in mounts if mounts is not None else stripefs_mounts():
-            if candidate == point or candidate.startswith(point.rstrip("/") + "/"):
-                return point
-    return None
-
-
 def tier_counters(mount: str) -> dict[str, int]:
     """A mount's `.stripefs/cache` counters (fs/fuse/control.py)."""
     out = {}
@@ -565,9 +565,10 @@ def warmup(args: list[str], jobs: int = DEFAULT_WARMUP_JOBS, *, on_plan: Callabl
     mounts = stripefs_mounts()
     files: list[tuple[str, int]] = []
     for arg in args:
-        point = mount_of(arg, mounts)
-        if point is None:
+        found = mount_of(arg, mounts)
+        if found is None:
             raise ValueError(f"{arg} is not inside a stripefs mount")
+        point = found[0]
         report.tiers.setdefault(point, {})
         try:
             st = os.stat(arg)

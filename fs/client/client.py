@@ -779,7 +779,7 @@ class Client:
         sampler order): the client fetches them ahead of the reads, many at once, within
         its prefetch memory (prefetch.py). Added to `owner`'s plan, or replacing it;
         plans of different owners are served in turn. Returns the paths `owner`'s plan
-        waits with. The files are opened as `ctx` (who may not read one gets nothing
+        waits with. The files are looked up as `ctx` (who may not read one gets nothing
         fetched for it). What readers see is unchanged: only when the bytes arrive."""
         return self.prefetcher.plan(owner, paths, self._ctx(ctx), replace=replace)
 

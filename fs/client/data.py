@@ -260,14 +260,8 @@ class DataPath:
             if (ref.block_id not in self._fetching and ref.block_id not in self.cache
                     and not self.prefetched.holds(ref.block_id)):
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
-        done = self._fetching[ref.block_id] = trio.Event()
-        try:
-            data = await self._load(ref)
-            self.cache.put(ref.block_id, data)
-            return data[: ref.length]
-        finally:
-            del self._fetching[ref.block_id]
-            done.set()
+        data = await self._load_shared(ref, self.cache.put)
+        return data[: ref.length]
 
     def _held(self, block_id: int) -> Optional[bytes]:
         """A block from the cache, or one fetched ahead (which moves to the cache: read)."""
@@ -297,11 +291,17 @@ class DataPath:
         for it meanwhile shares this fetch."""
         if self.has_or_fetching(ref.block_id) or self.prefetched.holds(ref.block_id):
             return 0
+        return len(await self._load_shared(ref, self.prefetched.put))
+
+    async def _load_shared(self, ref: BlockRef, keep: Callable[[int, bytes], None]) -> bytes:
+        """_load, announced in `_fetching` so that concurrent readers of the block wait for
+        this fetch instead of starting their own; `keep(block_id, data)` puts it where
+        they will look (the cache, or the prefetch store) before they are woken."""
         done = self._fetching[ref.block_id] = trio.Event()
         try:
             data = await self._load(ref)
-            self.prefetched.put(ref.block_id, data)
-            return len(data)
+            keep(ref.block_id, data)
+            return data
         finally:
             del self._fetching[ref.block_id]
             done.set()

@@ -205,8 +205,8 @@ class Prefetcher:
         """Takes the paths in plan order and starts a task for each, FILES_IN_FLIGHT at
         most. Only this task waits at the gate (one wake-up per change, not one per
         task): no path is taken while the bound is reached, while one taken waits for
-        room (what is taken is opened, and waits for its turn holding the open), or while
-        the prefetcher is AHEAD_FILES beyond the readers."""
+        room (what is taken has its map and waits for its turn with it), or while the
+        prefetcher is AHEAD_FILES beyond the readers."""
         while True:
             while (self._running >= self.files_in_flight or not self._fits(1) or self._waiting
                    or self._too_far_ahead()):
