@@ -41,7 +41,7 @@ from stripefs.proto.messages import (
     PunchReq,
     ReleaseReq,
 )
-from stripefs.proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S
+from stripefs.proto.types import FILE_SIZE_MAX_BYTES, RELATIME_AGE_S, STAGED_XATTR
 
 from . import perm
 from .base import (
@@ -174,6 +174,9 @@ class FileOps(CoreBase):
             else:
                 self._check_open(tx, req.session, req.ino, caller, writable=True)
                 self._commit(tx, row, req, now)
+                if req.unstage:
+                    # A staged file's upload: whole now, so no longer holding its checkpoint back.
+                    self._drop_xattr(tx, req.ino, STAGED_XATTR, missing_ok=True)
                 return AttrReply(attr=self._attr(tx, req.ino))
         raise FsError(errno.ENOENT, f"inode {req.ino} was removed")
 

@@ -42,7 +42,9 @@ from stripefs.proto.messages import (
     UsageReply,
     UsageReq,
 )
-from stripefs.proto.types import NAME_MAX_BYTES, ROOT_INODE
+from stripefs.proto.types import (
+    CHECKPOINT_INHERITED_XATTRS, CHECKPOINT_XATTR, NAME_MAX_BYTES, ROOT_INODE, STAGED_XATTR,
+)
 
 from . import acl, perm
 from .base import DEAD, DIR_SIZE_BYTES, LOCAL, Caller, CoreBase, attr_of, is_dir, is_reg, usage_of, usage_sum
@@ -284,9 +286,20 @@ class NamespaceOps(CoreBase):
             self._put_xattr(tx, ino, acl.ACCESS, acl.encode(access))
         if new_dir and default is not None:
             self._put_xattr(tx, ino, acl.DEFAULT, acl.encode(default))
+        if new_dir and d["xattrs"]:
+            # A checkpoint directory's mode and marker name hold for what is made under it.
+            for name, value in self._xattrs(tx, parent, CHECKPOINT_INHERITED_XATTRS):
+                self._put_xattr(tx, ino, name, value)
         row = self._inode(tx, ino)
         self._touch_dir(tx, parent, now, nlink_delta=1 if new_dir else 0, usage=usage_of(row))
         return row
+
+    @staticmethod
+    def _xattrs(tx: Tx, ino: int, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+        """The stored attributes of `ino` among `names`."""
+        marks = ", ".join("?" * len(names))
+        return [(bytes(r[0]), bytes(r[1])) for r in tx.all(
+            f"SELECT name, value FROM xattrs WHERE ino = ? AND name IN ({marks})", (ino, *names))]
 
     @staticmethod
     def _default_acl(tx: Tx, directory: Row) -> Optional[acl.Acl]:
@@ -308,6 +321,14 @@ class NamespaceOps(CoreBase):
                 tx, req.parent, req.name, kind | (req.mode & 0o7777), req.ctx, now, rdev=rdev, umask=req.umask,
             )
             allocations = []
+            staged = req.stage and is_reg(row) and self._xattrs(tx, req.parent, (CHECKPOINT_XATTR,)) == [
+                (CHECKPOINT_XATTR, b"async")]
+            if staged:
+                # Its content is on the creating client's local disk until that client's
+                # upload commits it (files.py clears the mark): until then a checkpoint
+                # under this directory is not complete.
+                self._put_xattr(tx, row["ino"], STAGED_XATTR, b"0")
+                row = self._inode(tx, row["ino"])
             if req.session:
                 # Open for writing whatever the new mode says, as open(O_CREAT) is.
                 self._record_open(tx, req.session, row["ino"], writable=True)
@@ -318,7 +339,8 @@ class NamespaceOps(CoreBase):
                         )
                     except FsError:
                         pass  # no server can take blocks now: the writer will ask (and be told) later
-            return CreateReply(attr=attr_of(row), allocations=allocations, parent=self._attr(tx, req.parent))
+            return CreateReply(attr=attr_of(row), allocations=allocations, parent=self._attr(tx, req.parent),
+                               staged=staged)
 
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:

@@ -7,7 +7,10 @@ them, the owner or root set them; setting an access ACL sets the mode's bits fro
 one the mode bits say all of is not stored (as ext4). The
 layout attributes (stripefs.block_size, stripefs.replicas, stripefs.inline_max) are views
 of inode columns: set on a directory they decide the layout of files created under it
-later.
+later. The checkpoint attributes (stripefs.checkpoint, .marker, .keep on directories,
+stripefs.staged on files: proto/types.py) are stored ones with their own value rules; a
+file's staged mark is set by a staging create and cleared by its upload's commit
+(namespace.py, files.py), and is never listed (a copy must not look unfinished).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import stat
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import Ctx, Empty, InodeReq, XattrListReply, XattrReply, XattrReq
 from stripefs.proto.types import (
+    CHECKPOINT_KEEP_XATTR,
+    CHECKPOINT_MARKER_XATTR,
+    CHECKPOINT_MODES,
+    CHECKPOINT_STORED_XATTRS,
+    CHECKPOINT_XATTR,
     LAYOUT_XATTR_BLOCK_SIZE,
     LAYOUT_XATTR_INLINE_MAX,
     LAYOUT_XATTR_REPLICAS,
@@ -25,9 +33,11 @@ from stripefs.proto.types import (
     MAX_INLINE_BYTES,
     MAX_REPLICAS,
     MIN_BLOCK_SIZE_BYTES,
+    NAME_MAX_BYTES,
+    STAGED_XATTR,
 )
 from . import acl, perm
-from .base import CoreBase, is_dir, is_reg
+from .base import XATTR_REPLACE, CoreBase, is_dir, is_reg
 from .store import Row, Tx
 
 _NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
@@ -43,6 +53,9 @@ _BLOCK_LAYOUT = ("block_size", "replicas")
 
 def _check_access(row: Row, name: bytes, ctx: Ctx, write: bool) -> None:
     """Namespace and permission rules for a stored attribute, as Linux's xattr_permission."""
+    if name in CHECKPOINT_STORED_XATTRS:
+        _check_checkpoint_access(row, name, ctx, write)
+        return
     if not name.startswith(_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP, f"unsupported xattr namespace in {name!r}")
     if name in _ACL_NAMES:
@@ -67,6 +80,34 @@ def _check_access(row: Row, name: bytes, ctx: Ctx, write: bool) -> None:
         if write and is_dir(row) and row["mode"] & stat.S_ISVTX and not perm.is_owner(row, ctx):
             raise FsError(errno.EPERM, "user.* of a sticky directory: only its owner or root")
         perm.check(row, ctx, perm.WRITE if write else perm.READ, f" (attribute {name[:64]!r})")
+
+
+def _check_checkpoint_access(row: Row, name: bytes, ctx: Ctx, write: bool) -> None:
+    """The checkpoint attributes: anyone may read them; writing one takes what writing a
+    user.* attribute of the inode takes. The directory ones are for directories, the staged
+    mark for regular files."""
+    wants_dir = name != STAGED_XATTR
+    if (is_dir(row) if wants_dir else is_reg(row)):
+        if write:
+            _check_access(row, b"user." + name, ctx, write)
+        return
+    if write:
+        raise FsError(errno.EINVAL, f"{name!r} applies to {'directories' if wants_dir else 'regular files'}")
+    raise FsError(errno.ENODATA, f"no attribute {name!r}")
+
+
+def _check_checkpoint_value(name: bytes, value: bytes) -> None:
+    if name == CHECKPOINT_XATTR:
+        if value not in CHECKPOINT_MODES:
+            raise FsError(errno.EINVAL, f"{name.decode()}: one of {b', '.join(CHECKPOINT_MODES).decode()}")
+    elif name == CHECKPOINT_MARKER_XATTR:
+        if not 0 < len(value) <= NAME_MAX_BYTES or b"/" in value or b"\0" in value or value in (b".", b".."):
+            raise FsError(errno.EINVAL, f"{name.decode()}: a file name")
+    else:  # keep, staged: decimal counts
+        text = value.strip()
+        if not text.isdigit() or (name == CHECKPOINT_KEEP_XATTR and int(text) < 1):
+            raise FsError(errno.EINVAL, f"{name.decode()}: expected a decimal number"
+                          + (" of at least 1" if name == CHECKPOINT_KEEP_XATTR else ""))
 
 
 def _parse_layout(field: str, value: bytes) -> int:
@@ -107,7 +148,7 @@ class XattrOps(CoreBase):
     def listxattr(self, req: InodeReq) -> XattrListReply:
         with self.store.transaction() as tx:
             self._inode(tx, req.ino)
-            rows = tx.all("SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (req.ino,))
+            rows = tx.all("SELECT name FROM xattrs WHERE ino = ? AND name <> ? ORDER BY name", (req.ino, STAGED_XATTR))
             return XattrListReply(names=[bytes(r[0]) for r in rows])
 
     def setxattr(self, req: XattrReq) -> Empty:
@@ -123,6 +164,12 @@ class XattrOps(CoreBase):
                     self._set_access_acl(tx, row, req)
                 elif req.name == acl.DEFAULT and not req.value:
                     self._drop_xattr(tx, req.ino, req.name)
+                elif req.name in CHECKPOINT_STORED_XATTRS:
+                    _check_checkpoint_value(req.name, req.value)
+                    # A staged mark is reported on (its bytes), never made: a copy of a
+                    # file must not look unfinished.
+                    flags = req.flags | (XATTR_REPLACE if req.name == STAGED_XATTR else 0)
+                    self._put_xattr(tx, req.ino, req.name, req.value, flags)
                 else:
                     if req.name == acl.DEFAULT:
                         acl.parse(req.value)  # EINVAL unless a valid ACL

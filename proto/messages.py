@@ -391,6 +391,7 @@ class MknodReq(Message):
     prealloc_blocks: int = 0  # with session: also allocate blocks 0..n-1 (saves a round trip for small files)
     umask: int = 0  # the caller's umask: masks `mode` unless the directory has a default ACL
     rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
+    stage: bool = False  # the client can stage the file: mark it staged if the directory is an async checkpoint
 
     def _check(self) -> Optional[str]:
         if not 0 <= self.mode <= 0o177777:
@@ -407,6 +408,7 @@ class CreateReply(Message):
     attr: Attr  # the new inode
     allocations: list[Allocation] = field(default_factory=list)  # preallocated blocks (prealloc_blocks)
     parent: Optional[Attr] = None  # the directory's attributes after the create
+    staged: bool = False  # (stage) marked staged: its content goes to the client's staging area
 
 
 @dataclass
@@ -813,6 +815,7 @@ class CommitReq(Message):
     size: int  # file size after these writes (the commit never shrinks a file)
     mtime_ns: int  # time of the last write
     rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
+    unstage: bool = False  # the upload of a staged file: its staged mark goes in the same transaction
 
     def _check(self) -> Optional[str]:
         if self.size < 0:

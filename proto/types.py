@@ -71,3 +71,21 @@ LOCK_WAIT_MAX_S = 20.0
 LAYOUT_XATTR_BLOCK_SIZE = b"stripefs.block_size"
 LAYOUT_XATTR_REPLICAS = b"stripefs.replicas"
 LAYOUT_XATTR_INLINE_MAX = b"stripefs.inline_max"
+
+#: Checkpoint directories (docs/client.md, "Checkpoints through tiers"): stored attributes.
+#: A directory's mode, b"async" (files created in it are staged on the client's local disk
+#: and uploaded in the background) or b"sync"; directories created in it inherit it.
+CHECKPOINT_XATTR = b"stripefs.checkpoint"
+CHECKPOINT_MODES = (b"async", b"sync")
+#: A checkpoint directory's success marker name (inherited as the mode is).
+CHECKPOINT_MARKER_XATTR = b"stripefs.checkpoint.marker"
+CHECKPOINT_MARKER_DEFAULT = b"_COMMITTED"
+#: On a parent of checkpoint directories: keep only the newest K committed ones.
+CHECKPOINT_KEEP_XATTR = b"stripefs.checkpoint.keep"
+#: On a file: its content is staged on a client and not yet uploaded (value: the bytes
+#: staged, as that client last reported). Set by a create that asks to stage, cleared by
+#: the commit that uploads it; never listed, never created by setxattr.
+STAGED_XATTR = b"stripefs.staged"
+CHECKPOINT_STORED_XATTRS = (CHECKPOINT_XATTR, CHECKPOINT_MARKER_XATTR, CHECKPOINT_KEEP_XATTR, STAGED_XATTR)
+#: Directory attributes a new subdirectory inherits.
+CHECKPOINT_INHERITED_XATTRS = (CHECKPOINT_XATTR, CHECKPOINT_MARKER_XATTR)

@@ -711,6 +711,63 @@ def test_layout_xattrs(env):
     fails(errno.EPERM, env.core.setxattr, X(ino=d.ino, name=LAYOUT_XATTR_REPLICAS, value=b"1", ctx=USER))
 
 
+def test_checkpoint_xattrs_mark_staged_files_until_their_upload_commits(env):
+    """A checkpoint directory's mode and marker name are stored attributes that new
+    subdirectories inherit; a create that asks to stage is marked staged only in an async
+    directory, the mark is never listed nor made by setxattr, only reported on, and the
+    upload's commit removes it in its own transaction."""
+    from stripefs.proto.types import (
+        CHECKPOINT_KEEP_XATTR, CHECKPOINT_MARKER_XATTR, CHECKPOINT_XATTR, STAGED_XATTR,
+    )
+
+    X = XattrReq
+    env.open_root()
+    d = env.mkdir(ROOT_INODE, b"ckpt", ctx=USER)
+    for bad in (b"later", b""):
+        fails(errno.EINVAL, env.core.setxattr, X(ino=d.ino, name=CHECKPOINT_XATTR, value=bad, ctx=USER))
+    for bad in (b"a/b", b"..", b"", b"x" * 256):
+        fails(errno.EINVAL, env.core.setxattr, X(ino=d.ino, name=CHECKPOINT_MARKER_XATTR, value=bad, ctx=USER))
+    for bad in (b"0", b"-1", b"two"):
+        fails(errno.EINVAL, env.core.setxattr, X(ino=d.ino, name=CHECKPOINT_KEEP_XATTR, value=bad, ctx=USER))
+    fails(errno.EACCES, env.core.setxattr, X(ino=d.ino, name=CHECKPOINT_XATTR, value=b"async", ctx=OTHER))
+    env.core.setxattr(X(ino=d.ino, name=CHECKPOINT_XATTR, value=b"async", ctx=USER))
+    env.core.setxattr(X(ino=d.ino, name=CHECKPOINT_MARKER_XATTR, value=b"DONE", ctx=USER))
+    env.core.setxattr(X(ino=d.ino, name=CHECKPOINT_KEEP_XATTR, value=b"2", ctx=USER))
+    assert env.core.getxattr(X(ino=d.ino, name=CHECKPOINT_XATTR, ctx=OTHER)).value == b"async"
+    step = env.mkdir(d.ino, b"step-1", ctx=USER)
+    assert env.core.getxattr(X(ino=step.ino, name=CHECKPOINT_XATTR)).value == b"async"
+    assert env.core.getxattr(X(ino=step.ino, name=CHECKPOINT_MARKER_XATTR)).value == b"DONE"
+    fails(errno.ENODATA, env.core.getxattr, X(ino=step.ino, name=CHECKPOINT_KEEP_XATTR))  # the parent's only
+    fails(errno.EINVAL, env.core.setxattr, X(ino=env.create(d.ino, b"plain", ctx=USER).ino,
+                                             name=CHECKPOINT_XATTR, value=b"async", ctx=USER))
+
+    env.add_server(1)
+    s = env.session()
+    reply = env.core.mknod(MknodReq(step.ino, b"shard", stat.S_IFREG | 0o644, USER, session=s, stage=True))
+    assert reply.staged and reply.attr.xattrs == 1
+    shard = reply.attr.ino
+    assert env.core.getxattr(X(ino=shard, name=STAGED_XATTR)).value == b"0"
+    assert env.core.listxattr(InodeReq(ino=shard)).names == []  # a copy must not look unfinished
+    env.core.setxattr(X(ino=shard, name=STAGED_XATTR, value=b"4096", ctx=USER))  # the stager reports
+    assert env.core.getxattr(X(ino=shard, name=STAGED_XATTR)).value == b"4096"
+    fails(errno.EACCES, env.core.setxattr, X(ino=shard, name=STAGED_XATTR, value=b"1", ctx=OTHER))
+    other = env.create(step.ino, b"copy", ctx=USER)
+    fails(errno.ENODATA, env.core.setxattr, X(ino=other.ino, name=STAGED_XATTR, value=b"0", ctx=USER))
+    # Not staged: no stage asked, or a sync directory.
+    assert not env.core.mknod(MknodReq(step.ino, b"f2", stat.S_IFREG | 0o644, USER, session=s)).staged
+    env.core.setxattr(X(ino=step.ino, name=CHECKPOINT_XATTR, value=b"sync", ctx=USER))
+    assert not env.core.mknod(MknodReq(step.ino, b"f3", stat.S_IFREG | 0o644, USER, session=s, stage=True)).staged
+    # A commit without unstage keeps the mark; the upload's commit drops it.
+    (a,) = env.core.alloc_blocks(AllocReq(ino=shard, session=s, indexes=[0])).allocations
+    env.core.commit_blocks(CommitReq(shard, s, [BlockRef(0, a.block_id, 10, a.servers)], 10, 1))
+    assert env.core.getxattr(X(ino=shard, name=STAGED_XATTR)).value == b"4096"
+    (a,) = env.core.alloc_blocks(AllocReq(ino=shard, session=s, indexes=[0])).allocations
+    attr = env.core.commit_blocks(CommitReq(shard, s, [BlockRef(0, a.block_id, 20, a.servers)], 20, 1,
+                                            unstage=True)).attr
+    assert attr.size == 20 and attr.xattrs == 0
+    fails(errno.ENODATA, env.core.getxattr, X(ino=shard, name=STAGED_XATTR))
+
+
 # --------------------------------------------------------------------------- statfs, status
 
 
