@@ -265,6 +265,9 @@ _WRITEBACK_MIB, _CACHE_MIB, _PREFETCH_MIB = _mount_defaults()
 @click.option("--cache-dir", metavar="DIR", help="keep blocks read on local disk here (survives a remount)")
 @click.option("--cache-size", metavar="SIZE", default="10G", show_default=True,
               help="with --cache-dir: the most it holds (K, M, G, T)")
+@click.option("--stage-size", metavar="SIZE", default="10G", show_default=True,
+              help="with --cache-dir: the most local disk taken by files of async checkpoint directories "
+                   "waiting for their upload (K, M, G, T)")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
 @click.option("--metrics-ready-file", metavar="FILE", help="with --metrics-listen: write the bound HOST:PORT here once serving")
@@ -290,6 +293,10 @@ def cmd_mount(args: SimpleNamespace) -> int:
         cache_dir_bytes = parse_size(args.cache_size)
     except ValueError as exc:
         raise CliError(f"--cache-size: {exc}") from None
+    try:
+        stage_bytes = parse_size(args.stage_size)
+    except ValueError as exc:
+        raise CliError(f"--stage-size: {exc}") from None
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
@@ -316,6 +323,7 @@ def cmd_mount(args: SimpleNamespace) -> int:
             prefetch_bytes=args.prefetch_mib * 1024 * 1024,
             cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else "",
             cache_dir_bytes=cache_dir_bytes,
+            stage_bytes=stage_bytes,
         )
     except FsError as exc:  # (a cache directory another mount holds)
         raise CliError(exc.message) from None
@@ -330,9 +338,11 @@ def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
     for flag, value in (("--credentials", args.credentials), ("--log-file", args.log_file),
                         ("--pid-file", args.pid_file), ("--metrics-ready-file", args.metrics_ready_file),
                         ("-o", args.options), ("--metrics-listen", args.metrics_listen),
-                        ("--cache-dir", args.cache_dir), ("--cache-size", args.cache_size)):
+                        ("--cache-dir", args.cache_dir), ("--cache-size", args.cache_size),
+                        ("--stage-size", args.stage_size)):
         if value:
-            argv += [flag, os.path.abspath(value) if flag not in ("-o", "--metrics-listen", "--cache-size") else value]
+            argv += [flag, os.path.abspath(value) if flag in ("--credentials", "--log-file", "--pid-file",
+                                                              "--metrics-ready-file", "--cache-dir") else value]
     log_target = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target,
                             start_new_session=True)
@@ -873,6 +883,83 @@ def warmup_cmd(paths: tuple[str, ...], jobs: int, as_json: bool) -> None:
             else:
                 click.echo(f"{point}: no disk tier (mount --cache-dir): only its memory cache was filled")
     sys.exit(1 if report.failed else 0)
+
+
+# ---------------------------------------------------------------------------- checkpoint
+
+
+@cli.group("checkpoint")
+def checkpoint_group() -> None:
+    """checkpoint directories of a mount (setfattr -n stripefs.checkpoint -v async DIR)"""
+
+
+def _checkpoint_status(directory: str) -> dict:
+    """A checkpoint directory's state, as its mount reads it (stripefs.checkpoint.status)."""
+    from stripefs.client.staging import STATUS_XATTR
+
+    try:
+        return json.loads(os.getxattr(directory, STATUS_XATTR.decode()))
+    except OSError as exc:
+        hint = " (not a checkpoint directory of a stripefs mount?)" if exc.errno in (errno.EINVAL, errno.ENODATA,
+                                                                                     errno.EOPNOTSUPP) else ""
+        raise CliError(f"{directory}: {os.strerror(exc.errno or errno.EIO)}{hint}") from None
+
+
+def _checkpoint_wait(directory: str, committed: bool, timeout: Optional[float]) -> dict:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        status = _checkpoint_status(directory)
+        if status["committed"] if committed else not status["pending_files"]:
+            return status
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CliError(f"{directory}: still {status['pending_files']} files "
+                           f"({_human(status['pending_bytes'])}) pending after {timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _checkpoint_line(directory: str, status: dict) -> str:
+    state = "committed" if status["committed"] else "commit asked" if status["commit_asked"] else "open"
+    return (f"{directory}: {state}; {status['files']} files, {_human(status['bytes'])}; "
+            f"{status['pending_files']} files ({_human(status['pending_bytes'])}) not yet uploaded")
+
+
+@checkpoint_group.command("status")
+@click.argument("directory")
+@_json_option
+def checkpoint_status_cmd(directory: str, as_json: bool) -> None:
+    """how far a checkpoint directory's upload has got, and whether it is committed"""
+    status = _checkpoint_status(directory)
+    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
+
+
+@checkpoint_group.command("wait")
+@click.argument("directory")
+@click.option("--committed", is_flag=True, help="wait for the success marker, not only for durability")
+@click.option("--timeout", type=float, metavar="S", help="give up (exit 1) after S seconds")
+@_json_option
+def checkpoint_wait_cmd(directory: str, committed: bool, timeout: Optional[float], as_json: bool) -> None:
+    """return when everything written under DIRECTORY is durable on its data servers"""
+    status = _checkpoint_wait(directory, committed, timeout)
+    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
+
+
+@checkpoint_group.command("commit")
+@click.argument("directory")
+@click.option("--wait", "wait", is_flag=True, help="return once the marker is written")
+@click.option("--timeout", type=float, metavar="S", help="with --wait: give up (exit 1) after S seconds")
+@_json_option
+def checkpoint_commit_cmd(directory: str, wait: bool, timeout: Optional[float], as_json: bool) -> None:
+    """write DIRECTORY's success marker (_COMMITTED) once all under it is durable"""
+    from stripefs.client.staging import COMMIT_XATTR
+
+    try:
+        os.setxattr(directory, COMMIT_XATTR.decode(), b"1")
+    except OSError as exc:
+        raise CliError(f"{directory}: {os.strerror(exc.errno or errno.EIO)}") from None
+    status = _checkpoint_wait(directory, True, timeout) if wait else _checkpoint_status(directory)
+    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
 
 
 # ---------------------------------------------------------------------------- top

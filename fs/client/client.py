@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
@@ -57,6 +58,7 @@ from .locks import Locks
 from .prefetch import DEFAULT_PREFETCH_BYTES, Prefetcher, PrefetchStatus
 from .reader import Reader
 from .session import MetaSession
+from .staging import COMMIT_XATTR, PENDING_XATTR, STATUS_XATTR, VIRTUAL_CHECKPOINT_XATTRS, Checkpoints, Stager
 from .transport import FailoverTransport, StreamTransport, Transport
 from .writer import Writer
 
@@ -66,6 +68,8 @@ log = logging.getLogger("stripefs.client")
 DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
 #: Memory for cached blocks per client.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: Local disk a client with a disk tier may fill with staged checkpoint files (staging.py).
+DEFAULT_STAGE_BYTES = 10 * 1024**3
 #: Blocks allocated together with a create, in a directory where this client's last new
 #: file outgrew inline storage: its close then needs no allocation round trip. Elsewhere
 #: none: most small files never use one, and an unused allocation is garbage to collect.
@@ -109,7 +113,8 @@ class Client:
 
     meta_transport / data_connect replace the network (tests: LocalTransport); disk_tier:
     a DiskTier (disktier.py) keeping blocks read on local disk, owned (closed) by the
-    caller."""
+    caller; its directory's `stage/` also holds checkpoint files staged for upload, up to
+    `stage_bytes` (staging.py)."""
 
     def __init__(
         self,
@@ -121,6 +126,7 @@ class Client:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
         disk_tier: Optional[DiskTier] = None,
+        stage_bytes: int = DEFAULT_STAGE_BYTES,
         meta_transport: Optional[Transport] = None,
         data_connect: Optional[Callable[[str], Transport]] = None,
         identity: Optional[m.Ctx] = None,
@@ -149,6 +155,8 @@ class Client:
                              self._budget, self._spawn, self._committed)
         self.locks = Locks(self.session.call, lambda: self.session.id)
         self.prefetcher = Prefetcher(self, prefetch_bytes)
+        self.stager = Stager(self, disk_tier.directory / "stage", stage_bytes) if disk_tier is not None else None
+        self.checkpoints = Checkpoints(self)
         self._files: dict[int, FileState] = {}  # open inodes of this client
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
@@ -165,6 +173,8 @@ class Client:
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         await self.session.start(nursery)
+        if self.stager is not None:
+            nursery.start_soon(self.stager.resume)
 
     async def _reopen_files(self) -> None:
         """A new session: register again the files we hold open, so that their unlinked
@@ -182,6 +192,8 @@ class Client:
 
     async def aclose(self) -> None:
         """Flush what is still written back and end the session (open_client does this on exit)."""
+        if self.stager is not None:
+            await self.stager.drain()
         for ino, f in list(self._files.items()):
             if not f.busy():
                 continue
@@ -284,6 +296,12 @@ class Client:
         """Change attributes; `fh`: through this open handle (ftruncate: its open's
         permission counts, not the file's mode now)."""
         f = self._files.get(ino)
+        if f is not None and f.stage is not None and size is not None and self.stager is not None:
+            # A staged file's content is here: its size changes here (the upload commits it).
+            await self.stager.truncate(f, size)
+            size = None
+            if all(v is None for v in (mode, uid, gid, atime_ns, mtime_ns)) and not (atime_now or mtime_now):
+                return await self.getattr(ino)
         if f is not None and (size is not None or mtime_ns is not None or mtime_now):
             # Settle buffered writes first: a truncate must not race with uploads of blocks
             # it removes, and a later commit would overwrite an explicit mtime (cp -a, touch).
@@ -325,12 +343,14 @@ class Client:
         return reply.attr
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
-                     ctx: Optional[m.Ctx], umask: int = 0) -> tuple[int, m.Attr]:
-        """Create a regular file and open it, in one metadata round trip."""
+                     ctx: Optional[m.Ctx], umask: int = 0, *, stage: bool = True) -> tuple[int, m.Attr]:
+        """Create a regular file and open it, in one metadata round trip. In an async
+        checkpoint directory, with a staging area (and `stage`), it is staged (staging.py)."""
         entry_names(name)
         ctx = self._ctx(ctx)
         prealloc = PREALLOC_BLOCKS_AT_CREATE if self.names.new_files_need_blocks(parent) else 0
-        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc, umask)
+        req = m.MknodReq(parent, name, (mode & 0o7777) | stat.S_IFREG, ctx, 0, self.session.id, prealloc, umask,
+                         stage=stage and self.stager is not None)
         t = now()
         try:
             reply = await self._meta("mknod", req)
@@ -348,6 +368,8 @@ class Client:
         f.handles += 1
         f.opener, f.writable = f.opener or ctx, True
         self._cached_generation[attr.ino] = attr.generation
+        if reply.staged and self.stager is not None:
+            self.stager.begin(f, ctx)
         return self._new_handle(attr.ino, writable=True), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], umask: int = 0) -> m.Attr:
@@ -388,6 +410,17 @@ class Client:
         reply = await self._meta("unlink", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)  # its link count and ctime changed
         self.names.removed(parent, name, reply.parent, t)
+
+    async def remove_tree(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
+        """rm -r of entry `name` of `parent`: a directory with what is under it, or one file."""
+        attr = await self.lookup(parent, name, ctx)
+        if not stat.S_ISDIR(attr.mode):
+            await self.unlink(parent, name, ctx)
+            return
+        while entries := await self.listdir(attr.ino, ctx):
+            for e in entries:
+                await self.remove_tree(attr.ino, e.name, ctx)
+        await self.rmdir(parent, name, ctx)
 
     async def rmdir(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
         """rmdir(2) of the empty directory `name` in `parent`."""
@@ -509,6 +542,13 @@ class Client:
 
     async def getxattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> bytes:
         """getxattr(2): one extended attribute's value (ENODATA if unset)."""
+        if name in VIRTUAL_CHECKPOINT_XATTRS:
+            status = await self.checkpoints.status(ino)
+            if name == PENDING_XATTR:
+                return str(status["pending_bytes"]).encode()
+            if name == STATUS_XATTR:
+                return json.dumps(status, sort_keys=True).encode()
+            return b"1" if status["commit_asked"] else b"0"
         if not name.startswith(VIRTUAL_XATTR_PREFIX) and self._known_without_xattrs(ino):
             # ls -l asks every entry for ACLs and security labels: answered here, a listing
             # of 10,000 entries does not cost 20,000 round trips.
@@ -527,7 +567,14 @@ class Client:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
                        ctx: Optional[m.Ctx] = None) -> None:
-        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags`; `stripefs.*` names set a directory's layout."""
+        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags`; `stripefs.*` names set a
+        directory's layout or checkpoint mode; stripefs.checkpoint.commit asks for a
+        checkpoint directory's marker (staging.py)."""
+        if name in VIRTUAL_CHECKPOINT_XATTRS:
+            if name != COMMIT_XATTR:
+                raise FsError(errno.EPERM, f"{name!r} is read-only")
+            await self.checkpoints.commit(ino, self._ctx(ctx))
+            return
         self.names.attrs.forget(ino)
         f = self._files.get(ino)
         if f is not None and name == CAPABILITY_XATTR:
@@ -577,6 +624,9 @@ class Client:
         must then forget its copy, or it reads up to an old size)."""
         ctx = self._ctx(ctx)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
+        staged = self._files.get(ino)
+        if writable and staged is not None and self.stager is not None:
+            await self.stager.settled(staged)  # closed and queued: written as anywhere else after
         if flags & os.O_TRUNC and writable:
             await self.setattr(ino, ctx, size=0)
         t = now()
@@ -606,15 +656,20 @@ class Client:
         """pread(2) on a handle: up to `size` bytes at `offset` (fewer only at the end of the file)."""
         h, f = self._handle(fh)
         self._accessed(h, f)
-        data = await self.reader.read(h, f, offset, size)
+        if f.stage is not None and self.stager is not None:
+            data = await self.stager.read(f, offset, size)
+        else:
+            data = await self.reader.read(h, f, offset, size)  # type: ignore[assignment]
         _metrics.read_bytes.inc(len(data))
-        return data  # type: ignore[return-value]
+        return data
 
     async def read_view(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """read, but a piece of one cached block comes back as a view into the cache: for
         a caller that copies it at once (the FUSE reply), one copy of every byte read less."""
         h, f = self._handle(fh)
         self._accessed(h, f)
+        if f.stage is not None and self.stager is not None:
+            return await self.read(fh, offset, size)
         data = await self.reader.read(h, f, offset, size, view=True)
         _metrics.read_bytes.inc(len(data))
         return data
@@ -633,17 +688,29 @@ class Client:
 
     async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         """pwrite(2) on a handle: buffered (write-back) until close, fsync or memory pressure; returns the count."""
-        n = await self.writer.write(self._handle(fh)[1], offset, data)
+        f = self._handle(fh)[1]
+        if f.stage is not None and self.stager is not None:
+            n = await self.stager.write(f, offset, data)
+        else:
+            n = await self.writer.write(f, offset, data)
         _metrics.written_bytes.inc(n)
         return n
 
     async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: the data is committed on return (close-to-open)."""
-        await self.writer.settle(self._handle(fh)[1])
+        """close(2) of one descriptor: the data is committed on return (close-to-open);
+        a staged file's is in the staging area (staging.py)."""
+        f = self._handle(fh)[1]
+        if f.stage is not None and self.stager is not None:
+            await self.stager.flushed(f)
+            return
+        await self.writer.settle(f)
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): every byte written through this inode is on its replicas' disks and its metadata durable."""
         f = self._handle(fh)[1]
+        if f.stage is not None and self.stager is not None:
+            await self.stager.fsync(f)  # durable on local disk; its upload makes it so on its servers
+            return
         commits = f.commits
         await self.writer.settle(f, durable=True)
         if f.commits == commits:
@@ -668,11 +735,30 @@ class Client:
             except FsError as exc:
                 log.error("inode %d: locks of a closed handle not released (they go with the session): %s",
                           h.ino, exc)
-            f.handles -= 1
-            if f.handles == 0:
-                del self._files[h.ino]
-                f.drop_all()  # only left over when the last flush failed: that data is lost
-            self.session.release_soon(h.ino)
+            if f.stage is not None and f.handles == 2 and not f.stage.queued and self.stager is not None:
+                # Only the stager's hold is left after this one: it takes over this
+                # handle's open on the metaserver for the upload, which it then queues.
+                f.handles -= 1
+                self.stager.closed(f)
+            else:
+                self._drop_handle(f)
+
+    def _drop_handle(self, f: FileState) -> None:
+        """One open of `f` here is gone (each is one on the metaserver, told soon)."""
+        f.handles -= 1
+        if f.handles == 0:
+            del self._files[f.ino]
+            f.drop_all()  # only left over when the last flush failed: that data is lost
+        self.session.release_soon(f.ino)
+
+    async def _reopen_staged(self, ino: int, opener: m.Ctx) -> FileState:
+        """Open, for writing as `opener`, a staged file an earlier client left (staging.py)."""
+        reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, opener, os.O_WRONLY), ino)
+        f = self._file_state(reply.attr)
+        f.set_map(reply.attr, reply.blocks, reply)
+        f.handles += 1
+        f.opener, f.writable = f.opener or opener, True
+        return f
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2). Mode 0 makes the file at least offset + length bytes long (as
@@ -690,6 +776,8 @@ class Client:
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
         if mode & FALLOC_FL_PUNCH_HOLE:
+            if f.stage is not None:
+                raise FsError(errno.EOPNOTSUPP, "no holes in a staged checkpoint file")
             if not mode & FALLOC_FL_KEEP_SIZE:
                 raise FsError(errno.EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE goes with FALLOC_FL_KEEP_SIZE")
             await self._punch_hole(f, offset, min(offset + length, f.size))
@@ -796,8 +884,9 @@ class Client:
         d = self.data.disk
         if d is None:
             return {"enabled": 0}
+        staged = {f"stage_{k}": v for k, v in self.stager.status().items()} if self.stager is not None else {}
         return {"enabled": 1, "kept_bytes": d.used_bytes, "blocks": len(d), "limit_bytes": d.limit_bytes,
-                "hits": d.hits, "misses": d.misses, "corrupt": d.corrupt, "writing": d.writing}
+                "hits": d.hits, "misses": d.misses, "corrupt": d.corrupt, "writing": d.writing, **staged}
 
     def prefetch_status(self) -> PrefetchStatus:
         """How far prefetch has got: paths waiting, files and bytes fetched, read, dropped."""

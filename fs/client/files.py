@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import crc32c
 import trio
@@ -31,6 +31,9 @@ import trio
 from stripefs.proto.codec import span
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import Allocation, Attr, BlockMapReply, BlockRef, Ctx, OpenReply
+
+if TYPE_CHECKING:
+    from .staging import Staged
 
 
 @dataclass
@@ -138,6 +141,7 @@ class FileState:
     created_in: int = 0  # the directory this client created it in (0: opened, not created)
     opener: Optional[Ctx] = None  # who opened it first here, to open it again in a new session
     writable: bool = False  # some handle here opened it for writing
+    stage: Optional[Staged] = None  # written to the local staging area, not yet uploaded (staging.py)
 
     def set_map(self, attr: Attr, blocks: list[BlockRef], with_inline: OpenReply | BlockMapReply | None = None) -> None:
         """Take a fresh attr and block map (and inline block 0) from the server; local dirty
@@ -147,6 +151,8 @@ class FileState:
         self.blocks = {b.index: b for b in blocks}
         self.inline = inline_of(with_inline) if with_inline is not None else None
         self.size = max([attr.size] + [self.dirty_end(i) for i in self.dirty])
+        if self.stage is not None:
+            self.size = self.stage.size
 
     @property
     def inline_limit(self) -> int:
@@ -188,10 +194,13 @@ class FileState:
     def overlay(self, attr: Attr) -> Attr:
         """attr with this client's uncommitted size and mtime applied."""
         self.attr = attr
-        if not self.busy():
+        if self.stage is not None:
+            size = self.stage.size  # what this client wrote; the server has not seen it yet
+        elif not self.busy():
             self.size = attr.size
             return attr
-        size = max(attr.size, self.size)
+        else:
+            size = max(attr.size, self.size)
         mtime = self.mtime_ns if self.mtime_ns is not None else attr.mtime_ns
         if size == attr.size and mtime == attr.mtime_ns:
             return attr

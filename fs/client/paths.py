@@ -232,23 +232,10 @@ async def remove(client: Client, path: str, *, recursive: bool = False, ctx: Opt
     attr = await client.lookup(parent.ino, name, ctx)
     if not stat.S_ISDIR(attr.mode):
         await client.unlink(parent.ino, name, ctx)
-        return
-    if recursive:
-        await _empty(client, attr.ino, ctx)
-    await client.rmdir(parent.ino, name, ctx)
-
-
-async def _empty(client: Client, ino: int, ctx: Optional[m.Ctx]) -> None:
-    while True:
-        entries = await client.listdir(ino, ctx)
-        if not entries:
-            return
-        for e in entries:
-            if stat.S_ISDIR(e.attr.mode):
-                await _empty(client, e.attr.ino, ctx)
-                await client.rmdir(ino, e.name, ctx)
-            else:
-                await client.unlink(ino, e.name, ctx)
+    elif recursive:
+        await client.remove_tree(parent.ino, name, ctx)
+    else:
+        await client.rmdir(parent.ino, name, ctx)
 
 
 async def rename(client: Client, src: str, dst: str, ctx: Optional[m.Ctx] = None) -> None:

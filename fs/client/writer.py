@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 import crc32c
 import trio
@@ -154,58 +154,16 @@ class Writer:
             f.flushing[i] = trio.Event()
         try:
             snaps = {i: (f.dirty[i].snapshot(), f.dirty[i].version) for i in indexes}
-            # Servers that just failed this client are avoided from the start.
-            todo, exclude = indexes, self.data.penalised()
-            errors: dict[str, FsError] = {}
-            for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
-                # Blocks preallocated at create need no allocation round trip.
-                allocations = [f.spare.pop(i) for i in todo if i in f.spare and not exclude]
-                rest = [i for i in todo if i not in {a.index for a in allocations}]
-                if rest:
-                    allocations += await self._allocate(f, rest, exclude, errors)
-                retry: list[int] = []
 
-                async def put(a: m.Allocation) -> None:
-                    data, version = snaps[a.index]
-                    length = sum(len(piece) for piece in data)
-                    # The chunk messages and gRPC's buffers (the block is sent once,
-                    # whatever R) count against the write-back budget while in flight, so
-                    # the budget bounds the mount's memory, not only its dirty buffers.
-                    in_flight = length * UPLOAD_COPIES
-                    async with self._upload_slots:
-                        self.budget.used_bytes += in_flight
-                        try:
-                            written, failed, digest = await self.data.write_block(
-                                a.block_id, a.tokens, a.servers, data, sync=False
-                            )
-                        finally:
-                            self.budget.used_bytes -= in_flight
-                    if failed:
-                        retry.append(a.index)
-                        errors.update(failed)
-                        # Servers that failed are placed around; a refused (expired) write
-                        # token only needs the new allocation the retry makes anyway, and a
-                        # server that received a damaged chunk, or that a broken chain
-                        # never reached, is not at fault (data.py).
-                        exclude.extend(s for s, e in failed.items()
-                                       if s not in exclude and e.errno not in NOT_THE_SERVERS_FAULT)
-                    else:
-                        ref = m.BlockRef(a.index, a.block_id, length, written, digest=digest)
-                        f.uploaded[a.index] = (ref, version)
-                        for address in written:
-                            f.unsynced.setdefault(address, set()).add(a.block_id)
+            async def content(i: int) -> list:
+                return snaps[i][0]
 
-                async with trio.open_nursery() as nursery:
-                    for a in allocations:
-                        nursery.start_soon(put, a)
-                if not retry:
-                    return
-                log.warning("inode %d: blocks %s: replica writes failed (%s); placing them elsewhere",
-                            f.ino, retry, "; ".join(f"{a}: {e}" for a, e in errors.items()))
-                todo = sorted(retry)
-            if all(e.errno == errno.ENOSPC for e in errors.values()):
-                raise FsError(errno.ENOSPC, "data servers are full")
-            raise FsError(errno.EIO, f"inode {f.ino}: blocks {todo} could not be written")
+            def stored(ref: m.BlockRef) -> None:
+                f.uploaded[ref.index] = (ref, snaps[ref.index][1])
+                for address in ref.servers:
+                    f.unsynced.setdefault(address, set()).add(ref.block_id)
+
+            await self.place(f.ino, indexes, content, stored, f.spare)
         finally:
             for i in indexes:
                 d = f.dirty.get(i)
@@ -213,11 +171,70 @@ class Writer:
                     d.release(snaps[i][0])
                 f.flushing.pop(i).set()
 
+    async def place(self, ino: int, indexes: list[int], content: Callable[[int], Awaitable[list]],
+                    stored: Callable[[m.BlockRef], None], spare: Optional[dict[int, m.Allocation]] = None,
+                    sync: bool = False) -> None:
+        """Store blocks `indexes` of file `ino` as new blocks on their replica servers, each
+        sent once down its chain (`content(i)`: block i's bytes, asked for when an upload
+        slot is free; `stored(ref)`: each block stored, to be committed; `spare`: blocks
+        allocated at create; sync: the servers sync each block before they answer). A
+        server that fails is excluded and the block placed again, while live servers
+        remain; ENOSPC when they are full, EIO when a block could not be placed."""
+        todo, exclude = indexes, self.data.penalised()  # servers that just failed us, avoided from the start
+        errors: dict[str, FsError] = {}
+        spare = {} if spare is None else spare
+        for _attempt in range(WRITE_PLACEMENT_ATTEMPTS):
+            # Blocks preallocated at create need no allocation round trip.
+            allocations = [spare.pop(i) for i in todo if i in spare and not exclude]
+            rest = [i for i in todo if i not in {a.index for a in allocations}]
+            if rest:
+                allocations += await self._allocate(ino, rest, exclude, errors)
+            retry: list[int] = []
+
+            async def put(a: m.Allocation) -> None:
+                async with self._upload_slots:
+                    data = await content(a.index)
+                    length = sum(len(piece) for piece in data)
+                    # The chunk messages and gRPC's buffers (the block is sent once,
+                    # whatever R) count against the write-back budget while in flight, so
+                    # the budget bounds the mount's memory, not only its dirty buffers.
+                    in_flight = length * UPLOAD_COPIES
+                    self.budget.used_bytes += in_flight
+                    try:
+                        written, failed, digest = await self.data.write_block(
+                            a.block_id, a.tokens, a.servers, data, sync=sync
+                        )
+                    finally:
+                        self.budget.used_bytes -= in_flight
+                if failed:
+                    retry.append(a.index)
+                    errors.update(failed)
+                    # Servers that failed are placed around; a refused (expired) write
+                    # token only needs the new allocation the retry makes anyway, and a
+                    # server that received a damaged chunk, or that a broken chain never
+                    # reached, is not at fault (data.py).
+                    exclude.extend(s for s, e in failed.items()
+                                   if s not in exclude and e.errno not in NOT_THE_SERVERS_FAULT)
+                else:
+                    stored(m.BlockRef(a.index, a.block_id, length, written, digest=digest))
+
+            async with trio.open_nursery() as nursery:
+                for a in allocations:
+                    nursery.start_soon(put, a)
+            if not retry:
+                return
+            log.warning("inode %d: blocks %s: replica writes failed (%s); placing them elsewhere",
+                        ino, retry, "; ".join(f"{a}: {e}" for a, e in errors.items()))
+            todo = sorted(retry)
+        if all(e.errno == errno.ENOSPC for e in errors.values()):
+            raise FsError(errno.ENOSPC, "data servers are full")
+        raise FsError(errno.EIO, f"inode {ino}: blocks {todo} could not be written")
+
     async def _allocate(
-        self, f: FileState, indexes: list[int], exclude: list[str], errors: dict[str, FsError]
+        self, ino: int, indexes: list[int], exclude: list[str], errors: dict[str, FsError]
     ) -> list[m.Allocation]:
         try:
-            return (await self._call("alloc_blocks", m.AllocReq(f.ino, self._session(), indexes, exclude))).allocations
+            return (await self._call("alloc_blocks", m.AllocReq(ino, self._session(), indexes, exclude))).allocations
         except FsError as exc:
             if exc.errno != errno.EIO or not exclude:
                 raise
@@ -231,7 +248,7 @@ class Writer:
             # Only servers penalised for earlier failures were excluded: they may have
             # recovered, so try them.
             try:
-                return (await self._call("alloc_blocks", m.AllocReq(f.ino, self._session(), indexes, []))).allocations
+                return (await self._call("alloc_blocks", m.AllocReq(ino, self._session(), indexes, []))).allocations
             except FsError as again:
                 if again.errno == errno.EIO and self.data.all_full(self.data.penalised()):
                     raise FsError(errno.ENOSPC, "data servers are full") from None

@@ -1,0 +1,186 @@
+"""Checkpoints through tiers end to end (fs/client/staging.py): files created in an async
+checkpoint directory close at local-disk speed while every data server is hung, read back
+on their own mount at once, are empty on another mount until their upload commits, then
+whole; the success marker is written only once everything under the directory is durable
+(asked on one mount, staged on another); a mount SIGKILLed mid-upload leaves no marker,
+and its next run on the same directory uploads what it had staged; retention keeps the
+newest K committed checkpoints; `stripefs checkpoint` reports and waits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import REPO_ROOT, Cluster, cli, unmount
+from faults import pause, resume, wait_fsck_clean
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Cluster(tmp_path / "c", dataservers=2) as c:
+        yield c
+
+
+def tier(d: Path) -> list[str]:
+    return ["--cache-dir", str(d), "--cache-size", "64M"]
+
+
+def status(directory: Path) -> dict:
+    return json.loads(os.getxattr(directory, "stripefs.checkpoint.status"))
+
+
+def wait_for(what, timeout: float = 90.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (got := what()):
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(interval)
+    return got
+
+
+def checkpoint_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli("checkpoint", *args), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def save(directory: Path, shards: dict[str, bytes]) -> None:
+    for name, data in shards.items():
+        with open(directory / name, "wb") as f:
+            f.write(data)
+
+
+@pytest.mark.allow_tracebacks  # data servers hung under open streams
+def test_marker_only_once_every_shard_is_durable(cluster, tmp_path):
+    a = cluster.mount(args=tier(tmp_path / "tier-a"))
+    b = cluster.mount()
+    os.mkdir(a / "ckpt")
+    os.setxattr(a / "ckpt", "stripefs.checkpoint", b"async")
+    step = a / "ckpt" / "step-1"
+    os.mkdir(step)  # inherits the mode
+    assert os.getxattr(step, "stripefs.checkpoint") == b"async"
+    shards = {"rank0.pt": os.urandom(9 * MiB + 123), "rank1.pt": os.urandom(100_000), "empty": b""}
+    for p in cluster.data:
+        pause(p)
+    try:
+        t = time.monotonic()
+        save(step, shards)  # every data server hung: closes return from the staging area
+        staged_s = time.monotonic() - t
+        for name, data in shards.items():
+            assert (step / name).read_bytes() == data  # this mount reads what it staged
+            assert (step / name).stat().st_size == len(data)
+            assert (b / "ckpt/step-1" / name).stat().st_size == 0  # elsewhere: as created
+        # Another mount sees what is pending by the marks (the empty file needed no server).
+        st = wait_for(lambda: (s := status(b / "ckpt/step-1"))["pending_files"] == 2 and s)
+        assert st["pending_bytes"] == sum(map(len, shards.values())) and st["files"] == 3, st
+        assert int(os.getxattr(step, "stripefs.checkpoint.pending")) == st["pending_bytes"]
+        os.setxattr(step, "stripefs.checkpoint.commit", b"1")  # returns at once
+        assert status(step)["commit_asked"]
+        time.sleep(1.5)
+        assert not (step / "_COMMITTED").exists() and not (b / "ckpt/step-1/_COMMITTED").exists()
+        assert staged_s < 30, staged_s  # (no speed asserted: only that nothing waited for the servers)
+    finally:
+        for p in cluster.data:
+            resume(p)
+    res = checkpoint_cli("wait", "--committed", "--timeout", "120", "--json", str(b / "ckpt/step-1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    done = json.loads(res.stdout)
+    assert done["committed"] and done["pending_files"] == 0, done
+    marker = json.loads((b / "ckpt/step-1/_COMMITTED").read_text())
+    assert marker["files"] == 3 and marker["bytes"] == sum(map(len, shards.values())), marker
+    for name, data in shards.items():  # whole on the other mount, and on a fresh one
+        assert hashlib.sha256((b / "ckpt/step-1" / name).read_bytes()).digest() == hashlib.sha256(data).digest()
+    c = cluster.mount()
+    for name, data in shards.items():
+        assert (c / "ckpt/step-1" / name).read_bytes() == data
+    assert not os.listdir(tmp_path / "tier-a" / "stage")  # uploaded: nothing left staged
+    assert "stripefs.staged" not in os.listxattr(b / "ckpt/step-1/rank0.pt")
+    wait_fsck_clean(cluster)
+
+
+@pytest.mark.allow_tracebacks  # a mount killed, data servers hung under open streams
+def test_a_mount_killed_mid_upload_never_yields_a_marker_and_resumes(cluster, tmp_path):
+    stage = tmp_path / "tier-a"
+    a = cluster.mount(args=tier(stage))
+    b = cluster.mount()
+    step = a / "step-7"
+    os.mkdir(step)
+    os.setxattr(step, "stripefs.checkpoint", b"async")
+    shards = {f"rank{i}.pt": os.urandom(5 * MiB + i) for i in range(3)}
+    for p in cluster.data:
+        pause(p)
+    try:
+        save(step, shards)
+        os.setxattr(step, "stripefs.checkpoint.commit", b"1")
+        time.sleep(0.5)
+        a.proc.signal(signal.SIGKILL)
+        a.proc.wait_exit(10)
+        unmount(a.path)
+    finally:
+        for p in cluster.data:
+            resume(p)
+    time.sleep(2)
+    on_b = b / "step-7"
+    assert not (on_b / "_COMMITTED").exists()
+    st = status(on_b)
+    assert st["pending_files"] == 3 and not st["committed"], st
+    for name in shards:
+        assert (on_b / name).stat().st_size == 0  # never partly
+    # The next mount on the same staging directory uploads what was staged.
+    cluster.mount(a.path, args=tier(stage))
+    wait_for(lambda: status(on_b)["pending_files"] == 0)
+    for name, data in shards.items():
+        assert (on_b / name).read_bytes() == data
+    assert not (on_b / "_COMMITTED").exists()  # the commit was asked of the mount that died
+    res = checkpoint_cli("commit", "--wait", "--timeout", "60", str(on_b))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "committed" in res.stdout
+    wait_for(lambda: (on_b / "_COMMITTED").exists())  # (the kernel's negative entry ages out)
+    wait_fsck_clean(cluster)
+
+
+def test_retention_and_marker_name_and_sync_directories(cluster, tmp_path):
+    a = cluster.mount(args=tier(tmp_path / "tier-a"))
+    root = a / "run"
+    os.mkdir(root)
+    os.setxattr(root, "stripefs.checkpoint", b"async")
+    os.setxattr(root, "stripefs.checkpoint.marker", b"DONE")
+    os.setxattr(root, "stripefs.checkpoint.keep", b"2")
+    os.mkdir(root / "scratch")  # never committed: retention leaves it
+    for k in range(4):
+        step = root / f"step-{k}"
+        os.mkdir(step)
+        save(step, {"model.pt": os.urandom(MiB + k)})
+        os.setxattr(step, "stripefs.checkpoint.commit", b"")
+        wait_for(lambda: (step / "DONE").exists())
+    wait_for(lambda: sorted(os.listdir(root)) == ["scratch", "step-2", "step-3"])
+    assert (root / "step-3/model.pt").stat().st_size == MiB + 3
+    # A sync directory: written as anywhere else, committed at once.
+    sync = a / "sync"
+    os.mkdir(sync)
+    os.setxattr(sync, "stripefs.checkpoint", b"sync")
+    save(sync, {"x": b"abc"})
+    assert status(sync)["pending_files"] == 0
+    res = checkpoint_cli("commit", "--wait", "--timeout", "60", str(sync))
+    assert res.returncode == 0 and (sync / "_COMMITTED").exists(), res.stdout + res.stderr
+    # Not a checkpoint directory, bad values, read-only attributes: clear errors.
+    os.mkdir(a / "plain")
+    with pytest.raises(OSError) as e:
+        os.setxattr(a / "plain", "stripefs.checkpoint.commit", b"1")
+    assert e.value.errno == 22
+    with pytest.raises(OSError) as e:
+        os.setxattr(root, "stripefs.checkpoint", b"later")
+    assert e.value.errno == 22
+    with pytest.raises(OSError) as e:
+        os.setxattr(root, "stripefs.checkpoint.pending", b"0")
+    assert e.value.errno == 1
+    res = checkpoint_cli("status", str(a / "plain"))
+    assert res.returncode != 0 and "not a checkpoint directory" in res.stderr, res.stderr
