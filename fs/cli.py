@@ -919,10 +919,13 @@ def _checkpoint_wait(directory: str, committed: bool, timeout: Optional[float]) 
         delay = min(delay * 2, 1.0)
 
 
-def _checkpoint_line(directory: str, status: dict) -> str:
+def _checkpoint_print(directory: str, status: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(status)
+        return
     state = "committed" if status["committed"] else "commit asked" if status["commit_asked"] else "open"
-    return (f"{directory}: {state}; {status['files']} files, {_human(status['bytes'])}; "
-            f"{status['pending_files']} files ({_human(status['pending_bytes'])}) not yet uploaded")
+    click.echo(f"{directory}: {state}; {status['files']} files, {_human(status['bytes'])}; "
+               f"{status['pending_files']} files ({_human(status['pending_bytes'])}) not yet uploaded")
 
 
 @checkpoint_group.command("status")
@@ -931,7 +934,7 @@ def _checkpoint_line(directory: str, status: dict) -> str:
 def checkpoint_status_cmd(directory: str, as_json: bool) -> None:
     """how far a checkpoint directory's upload has got, and whether it is committed"""
     status = _checkpoint_status(directory)
-    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
+    _checkpoint_print(directory, status, as_json)
 
 
 @checkpoint_group.command("wait")
@@ -942,7 +945,7 @@ def checkpoint_status_cmd(directory: str, as_json: bool) -> None:
 def checkpoint_wait_cmd(directory: str, committed: bool, timeout: Optional[float], as_json: bool) -> None:
     """return when everything written under DIRECTORY is durable on its data servers"""
     status = _checkpoint_wait(directory, committed, timeout)
-    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
+    _checkpoint_print(directory, status, as_json)
 
 
 @checkpoint_group.command("commit")
@@ -959,7 +962,7 @@ def checkpoint_commit_cmd(directory: str, wait: bool, timeout: Optional[float], 
     except OSError as exc:
         raise CliError(f"{directory}: {os.strerror(exc.errno or errno.EIO)}") from None
     status = _checkpoint_wait(directory, True, timeout) if wait else _checkpoint_status(directory)
-    _print_json(status) if as_json else click.echo(_checkpoint_line(directory, status))
+    _checkpoint_print(directory, status, as_json)
 
 
 # ---------------------------------------------------------------------------- top

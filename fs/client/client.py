@@ -369,7 +369,7 @@ class Client:
         f.opener, f.writable = f.opener or ctx, True
         self._cached_generation[attr.ino] = attr.generation
         if reply.staged and self.stager is not None:
-            self.stager.begin(f, ctx)
+            await self.stager.begin(f, ctx)
         return self._new_handle(attr.ino, writable=True), attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Optional[m.Ctx], umask: int = 0) -> m.Attr:
@@ -739,7 +739,7 @@ class Client:
                 # Only the stager's hold is left after this one: it takes over this
                 # handle's open on the metaserver for the upload, which it then queues.
                 f.handles -= 1
-                self.stager.closed(f)
+                await self.stager.closed(f)
             else:
                 self._drop_handle(f)
 

@@ -144,9 +144,9 @@ class Stager:
 
     # ------------------------------------------------------------------ writing
 
-    def begin(self, f: FileState, opener: m.Ctx) -> None:
+    async def begin(self, f: FileState, opener: m.Ctx) -> None:
         """The file `f`, just created and marked staged, is written here from now on."""
-        fd = os.open(self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = await trio.to_thread.run_sync(os.open, self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         f.stage = Staged(f.ino, fd, opener, mtime_ns=time.time_ns())
         f.handles += 1  # the stager's own hold, until the upload commits
         self.files[f.ino] = f
@@ -198,16 +198,17 @@ class Stager:
         except FsError as exc:  # (a file its owner made read-only: the mark stays, unsized)
             log.debug("inode %d: staged bytes not reported: %s", f.ino, exc)
 
-    def closed(self, f: FileState) -> None:
+    async def closed(self, f: FileState) -> None:
         """The last handle of a staged file closed: record it and queue its upload."""
         s = f.stage
         assert s is not None and not s.queued
         s.queued = True
-        record = {"ino": f.ino, "size": s.size, "mtime_ns": s.mtime_ns, "boot": self._boot,
-                  "opener": dataclasses.asdict(s.opener)}
-        tmp = self._record(f.ino).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))  # small: the trio thread may write it
-        tmp.rename(self._record(f.ino))
+        record = json.dumps({"ino": f.ino, "size": s.size, "mtime_ns": s.mtime_ns, "boot": self._boot,
+                             "opener": dataclasses.asdict(s.opener)})
+        try:
+            await trio.to_thread.run_sync(_write_record, self._record(f.ino), record)
+        except OSError as exc:  # (the upload goes on; only a restart would not find it)
+            log.warning("inode %d: staging record not written (%s)", f.ino, exc)
         self.client._spawn(self._upload_soon, f)
 
     async def settled(self, f: FileState) -> None:
@@ -276,8 +277,7 @@ class Stager:
         f.stage = None
         self.files.pop(f.ino, None)
         os.close(s.fd)
-        self._data(f.ino).unlink(missing_ok=True)
-        self._record(f.ino).unlink(missing_ok=True)
+        self.client._spawn(trio.to_thread.run_sync, self._discard, f.ino)  # (unlinking a large file takes a while)
         self.used_bytes -= s.size
         s.uploaded.set()
         self._room.set()
@@ -288,40 +288,54 @@ class Stager:
 
     async def resume(self) -> None:
         """Queue the uploads a previous client on this directory left (module docstring)."""
-        records = {p.stem: p for p in self.directory.glob("*.json")}
-        for p in sorted(self.directory.iterdir()):
-            if p.suffix == ".tmp" or (p.suffix == "" and p.name not in records):
-                log.warning("staged file %s was never closed: discarded (its checkpoint stays uncommitted)", p.name)
-                p.unlink(missing_ok=True)
-        for name, p in records.items():
-            try:
-                record = json.loads(p.read_text())
-                ino, size = int(record["ino"]), int(record["size"])
-                opener = m.Ctx(**record["opener"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("staging record %s unreadable (%s): discarded", p, exc)
-                p.unlink(missing_ok=True)
-                self._data(int(name) if name.isdigit() else -1).unlink(missing_ok=True)
-                continue
-            data = self._data(ino)
-            if record.get("boot") != self._boot or not data.exists() or data.stat().st_size != size:
-                log.warning("inode %d: staged data from before a restart (or damaged) discarded; its mark stays", ino)
-                data.unlink(missing_ok=True)
-                p.unlink(missing_ok=True)
-                continue
+        for record in await trio.to_thread.run_sync(self._records):
+            ino, size, opener = int(record["ino"]), int(record["size"]), m.Ctx(**record["opener"])
             try:
                 f = await self.client._reopen_staged(ino, opener)
             except FsError as exc:
                 log.warning("inode %d: staged upload not resumed (%s): discarded", ino, exc)
-                data.unlink(missing_ok=True)
-                p.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(self._discard, ino)
                 continue
-            f.stage = Staged(ino, os.open(data, os.O_RDWR), opener, size, int(record["mtime_ns"]), queued=True)
+            fd = await trio.to_thread.run_sync(os.open, self._data(ino), os.O_RDWR)
+            f.stage = Staged(ino, fd, opener, size, int(record["mtime_ns"]), queued=True)
             f.size = size
             self.files[ino] = f
             self.used_bytes += size
             log.info("inode %d: resuming the upload of %d staged bytes", ino, size)
             self.client._spawn(self._upload_soon, f)
+
+    def _records(self) -> list[dict]:
+        """The staging records a previous client left whose data can be uploaded; the rest
+        discarded (module docstring). In a worker thread."""
+        records = {p.stem: p for p in self.directory.glob("*.json")}
+        for p in sorted(self.directory.iterdir()):
+            if p.suffix == ".tmp" or (p.suffix == "" and p.name not in records):
+                log.warning("staged file %s was never closed: discarded (its checkpoint stays uncommitted)", p.name)
+                p.unlink(missing_ok=True)
+        out = []
+        for name, p in records.items():
+            try:
+                record = json.loads(p.read_text())
+                ino, size = int(record["ino"]), int(record["size"])
+                m.Ctx(**record["opener"])
+                int(record["mtime_ns"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("staging record %s unreadable (%s): discarded", p, exc)
+                p.unlink(missing_ok=True)
+                if name.isdigit():
+                    self._data(int(name)).unlink(missing_ok=True)
+                continue
+            data = self._data(ino)
+            if record.get("boot") != self._boot or not data.exists() or data.stat().st_size != size:
+                log.warning("inode %d: staged data from before a restart (or damaged) discarded; its mark stays", ino)
+                self._discard(ino)
+                continue
+            out.append(record)
+        return out
+
+    def _discard(self, ino: int) -> None:
+        self._data(ino).unlink(missing_ok=True)
+        self._record(ino).unlink(missing_ok=True)
 
     async def drain(self) -> None:
         """Wait for every closed staged file's upload (an unmount); one that cannot finish
@@ -470,6 +484,12 @@ class Checkpoints:
         for _, name in committed[:max(0, len(committed) - int(keep))]:
             log.info("checkpoint retention (keep %s): removing %r", keep.decode(), name)
             await client.remove_tree(parent, name, ctx)
+
+
+def _write_record(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def _commit_name(marker: bytes) -> bytes:
