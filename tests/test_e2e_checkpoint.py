@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def save(directory: Path, shards: dict[str, bytes]) -> None:
 
 @pytest.mark.allow_tracebacks  # data servers hung under open streams
 def test_marker_only_once_every_shard_is_durable(cluster, tmp_path):
+    """Shards staged on two mounts (two nodes), the commit asked on a third."""
     a = cluster.mount(args=tier(tmp_path / "tier-a"))
     b = cluster.mount()
+    a2 = cluster.mount(args=tier(tmp_path / "tier-a2"))
     os.mkdir(a / "ckpt")
     os.setxattr(a / "ckpt", "stripefs.checkpoint", b"async")
     step = a / "ckpt" / "step-1"
@@ -72,18 +75,20 @@ def test_marker_only_once_every_shard_is_durable(cluster, tmp_path):
         pause(p)
     try:
         t = time.monotonic()
-        save(step, shards)  # every data server hung: closes return from the staging area
+        save(step, {k: v for k, v in shards.items() if k != "rank1.pt"})  # every data server hung:
+        save(a2 / "ckpt/step-1", {"rank1.pt": shards["rank1.pt"]})        # closes return from staging
         staged_s = time.monotonic() - t
         for name, data in shards.items():
-            assert (step / name).read_bytes() == data  # this mount reads what it staged
-            assert (step / name).stat().st_size == len(data)
+            mine = (a2 if name == "rank1.pt" else a) / "ckpt/step-1" / name
+            assert mine.read_bytes() == data  # the mount that staged it reads it
+            assert mine.stat().st_size == len(data)
             assert (b / "ckpt/step-1" / name).stat().st_size == 0  # elsewhere: as created
         # Another mount sees what is pending by the marks (the empty file needed no server).
         st = wait_for(lambda: (s := status(b / "ckpt/step-1"))["pending_files"] == 2 and s)
         assert st["pending_bytes"] == sum(map(len, shards.values())) and st["files"] == 3, st
         assert int(os.getxattr(step, "stripefs.checkpoint.pending")) == st["pending_bytes"]
-        os.setxattr(step, "stripefs.checkpoint.commit", b"1")  # returns at once
-        assert status(step)["commit_asked"]
+        os.setxattr(b / "ckpt/step-1", "stripefs.checkpoint.commit", b"1")  # returns at once
+        assert status(b / "ckpt/step-1")["commit_asked"]
         time.sleep(1.5)
         assert not (step / "_COMMITTED").exists() and not (b / "ckpt/step-1/_COMMITTED").exists()
         assert staged_s < 30, staged_s  # (no speed asserted: only that nothing waited for the servers)
@@ -101,7 +106,8 @@ def test_marker_only_once_every_shard_is_durable(cluster, tmp_path):
     c = cluster.mount()
     for name, data in shards.items():
         assert (c / "ckpt/step-1" / name).read_bytes() == data
-    assert not os.listdir(tmp_path / "tier-a" / "stage")  # uploaded: nothing left staged
+    for t in ("tier-a", "tier-a2"):
+        wait_for(lambda: not os.listdir(tmp_path / t / "stage"))  # uploaded: nothing left staged
     assert "stripefs.staged" not in os.listxattr(b / "ckpt/step-1/rank0.pt")
     wait_fsck_clean(cluster)
 
@@ -184,3 +190,29 @@ def test_retention_and_marker_name_and_sync_directories(cluster, tmp_path):
     assert e.value.errno == 1
     res = checkpoint_cli("status", str(a / "plain"))
     assert res.returncode != 0 and "not a checkpoint directory" in res.stderr, res.stderr
+
+
+@pytest.mark.allow_tracebacks  # data servers hung under open streams
+def test_a_full_staging_area_makes_writers_wait(cluster, tmp_path):
+    a = cluster.mount(args=tier(tmp_path / "tier-a") + ["--stage-size", "8M"])
+    step = a / "s"
+    os.mkdir(step)
+    os.setxattr(step, "stripefs.checkpoint", b"async")
+    first, second = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    for p in cluster.data:
+        pause(p)
+    done = threading.Event()
+    try:
+        save(step, {"first": first})  # fits: closes at once, its upload hangs
+        writer = threading.Thread(target=lambda: (save(step, {"second": second}), done.set()), daemon=True)
+        writer.start()
+        assert not done.wait(2.0)  # 12 MiB would exceed 8: waits for the first's upload
+        cache = dict(line.split() for line in (a / ".stripefs/cache").read_text().splitlines())
+        assert int(cache["stage_staged_bytes"]) <= 8 * MiB, cache
+    finally:
+        for p in cluster.data:
+            resume(p)
+    assert done.wait(120)
+    writer.join(10)
+    wait_for(lambda: status(step)["pending_files"] == 0)
+    assert (step / "first").read_bytes() == first and (step / "second").read_bytes() == second
