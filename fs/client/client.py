@@ -543,7 +543,7 @@ class Client:
     async def getxattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> bytes:
         """getxattr(2): one extended attribute's value (ENODATA if unset)."""
         if name in VIRTUAL_CHECKPOINT_XATTRS:
-            status = await self.checkpoints.status(ino)
+            status = await self.checkpoints.status(ino, self._ctx(ctx))
             if name == PENDING_XATTR:
                 return str(status["pending_bytes"]).encode()
             if name == STATUS_XATTR:

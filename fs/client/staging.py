@@ -373,28 +373,28 @@ class Checkpoints:
         self.client = client
         self._committing: set[int] = set()  # directories whose marker this client will write
 
-    async def _xattr(self, ino: int, name: bytes) -> Optional[bytes]:
+    async def _xattr(self, ino: int, name: bytes, ctx: Optional[m.Ctx] = None) -> Optional[bytes]:
         try:
-            return (await self.client._meta("getxattr", m.XattrReq(ino, name, self.client.identity))).value
+            return (await self.client._meta("getxattr", m.XattrReq(ino, name, ctx or self.client.identity))).value
         except FsError as exc:
             if exc.errno == errno.ENODATA:
                 return None
             raise
 
-    async def _checkpoint_dir(self, ino: int) -> bytes:
+    async def _checkpoint_dir(self, ino: int, ctx: m.Ctx) -> bytes:
         """The marker name of checkpoint directory `ino` (EINVAL if it is not one)."""
         attr = await self.client.getattr(ino)
-        if not stat.S_ISDIR(attr.mode) or await self._xattr(ino, CHECKPOINT_XATTR) is None:
+        if not stat.S_ISDIR(attr.mode) or await self._xattr(ino, CHECKPOINT_XATTR, ctx) is None:
             raise FsError(errno.EINVAL, f"inode {ino} is not a checkpoint directory (set {CHECKPOINT_XATTR.decode()})")
-        return await self._xattr(ino, CHECKPOINT_MARKER_XATTR) or CHECKPOINT_MARKER_DEFAULT
+        return await self._xattr(ino, CHECKPOINT_MARKER_XATTR, ctx) or CHECKPOINT_MARKER_DEFAULT
 
-    async def scan(self, ino: int) -> Scan:
-        """Walk a directory's subtree: files, bytes, and those still staged anywhere."""
+    async def scan(self, ino: int, ctx: Optional[m.Ctx] = None) -> Scan:
+        """Walk a directory's subtree (as `ctx`): files, bytes, and those still staged anywhere."""
         out = Scan()
         stager = self.client.stager
         todo = [ino]
         while todo:
-            for e in await self.client.listdir(todo.pop()):
+            for e in await self.client.listdir(todo.pop(), ctx):
                 if stat.S_ISDIR(e.attr.mode):
                     todo.append(e.attr.ino)
                     continue
@@ -407,32 +407,33 @@ class Checkpoints:
                     continue
                 out.bytes += e.attr.size
                 if stat.S_ISREG(e.attr.mode) and e.attr.xattrs:
-                    mark = await self._xattr(e.attr.ino, STAGED_XATTR)
+                    mark = await self._xattr(e.attr.ino, STAGED_XATTR, ctx)
                     if mark is not None:
                         out.pending_files += 1
                         out.pending_bytes += int(mark) if mark.strip().isdigit() else 0
         return out
 
-    async def status(self, ino: int) -> dict:
-        marker = await self._checkpoint_dir(ino)
-        scan = await self.scan(ino)
-        committed = await self._entry(ino, marker) is not None
+    async def status(self, ino: int, ctx: Optional[m.Ctx] = None) -> dict:
+        """A checkpoint directory's state, as `ctx` may see it (stripefs.checkpoint.status)."""
+        ctx = ctx or self.client.identity
+        marker = await self._checkpoint_dir(ino, ctx)
+        scan = await self.scan(ino, ctx)
+        committed = await self._entry(ino, marker, ctx) is not None
         return {"pending_bytes": scan.pending_bytes, "pending_files": scan.pending_files,
                 "files": scan.files, "bytes": scan.bytes, "committed": committed,
                 "commit_asked": committed or ino in self._committing
-                or await self._entry(ino, _commit_name(marker)) is not None}
+                or await self._entry(ino, _commit_name(marker), ctx) is not None}
 
-    async def _entry(self, parent: int, name: bytes) -> Optional[m.Attr]:
-        e = await self.client.lookup_entry(parent, name)
-        return e.attr
+    async def _entry(self, parent: int, name: bytes, ctx: m.Ctx) -> Optional[m.Attr]:
+        return (await self.client.lookup_entry(parent, name, ctx)).attr
 
     async def commit(self, ino: int, ctx: m.Ctx) -> None:
         """Ask for the marker of checkpoint directory `ino` (returns at once)."""
-        marker = await self._checkpoint_dir(ino)
-        if await self._entry(ino, marker) is not None or ino in self._committing:
+        marker = await self._checkpoint_dir(ino, ctx)
+        if await self._entry(ino, marker, ctx) is not None or ino in self._committing:
             return  # committed, or this client is about it
         tmp = _commit_name(marker)
-        if await self._entry(ino, tmp) is None:
+        if await self._entry(ino, tmp, ctx) is None:
             fh, _ = await self.client.create(ino, tmp, 0o644, os.O_WRONLY, ctx, stage=False)
             await self.client.release(fh)
         self._committing.add(ino)
@@ -444,7 +445,7 @@ class Checkpoints:
         try:
             delay = COMMIT_POLL_S
             while True:
-                scan = await self.scan(ino)
+                scan = await self.scan(ino, ctx)
                 if not scan.pending_files:
                     break
                 await trio.sleep(delay)
@@ -471,13 +472,13 @@ class Checkpoints:
         """A parent with stripefs.checkpoint.keep=K keeps its newest K committed checkpoints."""
         client = self.client
         parent = (await client._meta("lookup", m.LookupReq(ino, b"..", ctx))).attr.ino
-        keep = await self._xattr(parent, CHECKPOINT_KEEP_XATTR)
+        keep = await self._xattr(parent, CHECKPOINT_KEEP_XATTR, ctx)
         if keep is None:
             return
         committed = []
         for e in await client.listdir(parent, ctx):
             if stat.S_ISDIR(e.attr.mode):
-                done = await self._entry(e.attr.ino, marker)
+                done = await self._entry(e.attr.ino, marker, ctx)
                 if done is not None:
                     committed.append((done.mtime_ns, e.name))
         committed.sort()
