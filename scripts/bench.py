@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import importlib
 import json
@@ -56,6 +57,17 @@ mount_timeout_s = 30.0
 CKPT_NAME = "ckpt.bin"
 #: Seed of the shuffled read order and the random offsets, the same for every target.
 SHUFFLE_SEED = 20240611
+#: Workload 11: the marker that says a checkpoint directory is complete (the synchronous
+#: save writes it; stripefs's tiered save writes it once every shard is durable) ...
+CKPT_MARKER = "_COMMITTED"
+#: ... and the directory attributes of the tiered save: its mode, set before the shards are
+#: written; its commit, set once they are closed; the bytes not yet durable, read-only.
+CKPT_MODE_XATTR = "stripefs.checkpoint"
+CKPT_COMMIT_XATTR = "stripefs.checkpoint.commit"
+CKPT_PENDING_XATTR = "stripefs.checkpoint.pending"
+#: How often the tiered save's marker is looked for, and for how long at most.
+ckpt_durable_poll_s = 0.05
+ckpt_durable_timeout_s = 600.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,22 @@ class Sizes:
     # chosen so that MooseFS's reads are the bottleneck: docs/benchmark.md, workload 9).
     epoch_compute_16k_s: float = 0.011
     epoch_compute_150k_s: float = 0.025
+    # Workload 10, training epochs of large samples as MLPerf Storage (DLIO) has them: one
+    # sample a file, about 2 MiB (CosmoFlow) and 140 MiB (U-Net3D), in epoch_dirs directories,
+    # read by workload 9's data loader with batches of their own ...
+    epoch_files_2m: int = 400
+    epoch_files_140m: int = 12
+    epoch_batch_2m: int = 4
+    epoch_batch_140m: int = 1
+    # ... and compute per batch, chosen so that MooseFS's reads are the bottleneck: about
+    # half the time its 8 workers took to load a batch on this machine when busy (40 ms,
+    # 581 ms), so that it stays below 90 % when quieter too (docs/benchmark.md, workload 10).
+    epoch_compute_2m_s: float = 0.020
+    epoch_compute_140m_s: float = 0.300
+    # Workload 11, a sharded checkpoint saved and restored (DLIO's checkpointing): one shard
+    # a rank, written and read in io_bytes pieces.
+    ckpt_ranks: int = 8
+    ckpt_shard_bytes: int = 64 * MiB
 
 
 FULL = Sizes()
@@ -97,6 +125,8 @@ QUICK = Sizes(
     meta_files=200, random_reads=500, random_read_s=2.0, lock_pairs=50,
     epoch_files_16k=256, epoch_files_150k=256, epoch_dirs=8, epoch_batch=8,
     epoch_compute_16k_s=0.001, epoch_compute_150k_s=0.001,
+    epoch_files_2m=16, epoch_files_140m=1, epoch_compute_2m_s=0.001, epoch_compute_140m_s=0.001,
+    ckpt_shard_bytes=2 * MiB,
 )
 
 
@@ -110,6 +140,12 @@ class Metric:
     #: The metric whose raw and peer figures this one's ratios are against (a variant only
     #: stripefs runs: workload 9 with the sampler hint), when not this one.
     reference: Optional[str] = None
+    #: The metric whose raw figure this one's raw ratio is against, when not `reference`
+    #: (workload 11's tiered save: against the same bytes written to local disk unsynced).
+    raw_reference: Optional[str] = None
+    #: Measured on the raw disk alone, as a reference: shown in each R's block where its
+    #: workload ran (there is no stripefs or peer figure to show it with).
+    raw_only: bool = False
 
 
 METRICS = [
@@ -145,9 +181,29 @@ METRICS = [
     Metric("epoch_150k_rate", "training epoch 150 KiB", "samples/s", 9),
     Metric("epoch_150k_rate_hint", "training epoch 150 KiB, with sampler hint", "samples/s", 9,
            reference="epoch_150k_rate"),
+    Metric("epoch_2m_util", "training epoch 2 MiB, accelerator utilisation", "%", 10),
+    Metric("epoch_2m_util_hint", "training epoch 2 MiB, with sampler hint, utilisation", "%", 10,
+           reference="epoch_2m_util"),
+    Metric("epoch_2m_rate", "training epoch 2 MiB", "samples/s", 10),
+    Metric("epoch_2m_rate_hint", "training epoch 2 MiB, with sampler hint", "samples/s", 10,
+           reference="epoch_2m_rate"),
+    Metric("epoch_140m_util", "training epoch 140 MiB, accelerator utilisation", "%", 10),
+    Metric("epoch_140m_util_hint", "training epoch 140 MiB, with sampler hint, utilisation", "%", 10,
+           reference="epoch_140m_util"),
+    Metric("epoch_140m_rate", "training epoch 140 MiB", "samples/s", 10),
+    Metric("epoch_140m_rate_hint", "training epoch 140 MiB, with sampler hint", "samples/s", 10,
+           reference="epoch_140m_rate"),
+    Metric("ckpt_save_blocked_s", "checkpoint save, 8 ranks, fsync, blocked", "s", 11, lower_is_better=True),
+    Metric("ckpt_local_disk_s", "checkpoint save, 8 ranks, local disk, no fsync", "s", 11,
+           lower_is_better=True, raw_only=True),
+    Metric("ckpt_save_blocked_tiered_s", "checkpoint save, 8 ranks, tiered, blocked", "s", 11,
+           lower_is_better=True, reference="ckpt_save_blocked_s", raw_reference="ckpt_local_disk_s"),
+    Metric("ckpt_durable_tiered_s", "checkpoint save, 8 ranks, tiered, until durable", "s", 11,
+           lower_is_better=True, reference="ckpt_save_blocked_s"),
+    Metric("ckpt_restore_mbs", "checkpoint restore, 8 ranks, cold, aggregate", "MB/s", 11),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-ALL_WORKLOADS = (1, 2, 3, 4, 5, 6, 9)
+ALL_WORKLOADS = (1, 2, 3, 4, 5, 6, 9, 10, 11)
 #: Workload 7 runs alone, on clusters of its own: the metadata engines (scripts/bench_meta.py).
 META_ENGINES_WORKLOAD = 7
 #: Workload 8 runs alone too: label queries over a labelled dataset (scripts/bench_labels.py).
@@ -340,8 +396,10 @@ def read_file(path: str, io_bytes: int, expect: int) -> float:
 
 
 def shard_worker(kind: str, path: str, final: str, size: int, io_bytes: int, barrier, results) -> None:
-    """One rank of the sharded checkpoint: waits for the others, then writes (fsync,
-    rename into place) or reads its shard; reports (start, end) on the monotonic clock,
+    """One rank of a sharded checkpoint: waits for the others, then writes its shard
+    (`write`: under the temporary name `path`, fsync, rename to `final`, as workload 3's
+    ranks; `save`: as `final`, fsync; `save-nofsync`: as `final`, closed unsynced, as
+    workload 11's ranks) or reads it (`read`); reports (start, end) on the monotonic clock,
     which is the same for every process of the machine."""
     try:
         barrier.wait()
@@ -349,6 +407,8 @@ def shard_worker(kind: str, path: str, final: str, size: int, io_bytes: int, bar
         if kind == "write":
             write_file(path, size, io_bytes)
             os.rename(path, final)
+        elif kind in ("save", "save-nofsync"):
+            write_file(final, size, io_bytes, fsync=kind == "save")
         else:
             read_file(final, io_bytes, size)
         results.put(("ok", start, time.monotonic()))
@@ -390,20 +450,92 @@ def run_together(target: Callable, arg_lists: list[tuple],
     return [(s[1], s[2]) for s in spans]
 
 
-def run_shards(kind: str, directory: Path | list[Path], sizes: Sizes) -> tuple[float, float]:
-    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s.
+def shard_spans(kind: str, directory: Path | list[Path], sizes: Sizes) -> list[tuple[float, float]]:
+    """`sizes.shards` ranks of shard_worker doing `kind` together; each rank's (start, end).
     `directory`: the shards' directory, or one per rank (the same directory through
     different mounts)."""
     dirs = directory if isinstance(directory, list) else [directory] * sizes.shards
-    spans = run_together(shard_worker, [
+    return run_together(shard_worker, [
         (kind, str(dirs[rank] / f"shard-{rank}.tmp"), str(dirs[rank] / f"shard-{rank}.pt"),
          sizes.shard_bytes, sizes.io_bytes)
         for rank in range(sizes.shards)
     ])
+
+
+def run_shards(kind: str, directory: Path | list[Path], sizes: Sizes) -> tuple[float, float]:
+    """Aggregate MB/s (all bytes over first start to last end) and the slowest rank's MB/s
+    of shard_spans."""
+    spans = shard_spans(kind, directory, sizes)
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     slowest = max(end - start for start, end in spans)
     total = sizes.shards * sizes.shard_bytes
     return total / wall / MB, sizes.shard_bytes / slowest / MB
+
+
+def ckpt_shards(s: Sizes) -> Sizes:
+    """Workload 11's checkpoint as workload 3's helpers (shard_spans, run_shards) take it."""
+    return dataclasses.replace(s, shards=s.ckpt_ranks, shard_bytes=s.ckpt_shard_bytes)
+
+
+def ckpt_save(step: Path, kind: str, sizes: Sizes, begin: Callable[[Path], None] = Path.mkdir,
+              commit: Callable[[Path], None] = lambda step: None) -> float:
+    """One save of workload 11 into the new directory `step`: begin(step) (make it), the
+    ranks writing their shards together (shard_worker's `save` or `save-nofsync`), then,
+    once every rank has closed its shard, commit(step); begin and commit run in this
+    process, as a trainer's rank 0 would run them. Seconds the
+    training is blocked: begin, the ranks' first start to last close, commit; not the
+    ranks' process start-up and exit, which a trainer's long-lived ranks do not pay."""
+    t0 = time.monotonic()
+    begin(step)
+    began = time.monotonic() - t0
+    spans = shard_spans(kind, step, ckpt_shards(sizes))
+    t0 = time.monotonic()
+    commit(step)
+    return began + max(end for _, end in spans) - min(start for start, _ in spans) + time.monotonic() - t0
+
+
+def commit_marker(step: Path) -> None:
+    """The synchronous save's commit: an empty marker, fsync'd under a temporary name and
+    renamed into place, so that it exists only whole."""
+    tmp = step / (CKPT_MARKER + ".tmp")
+    write_file(str(tmp), 0, 1)
+    os.rename(tmp, step / CKPT_MARKER)
+
+
+def set_step_xattr(step: Path, name: str, value: bytes) -> None:
+    """setxattr, its error naming the attribute (a mount may support one and not another)."""
+    try:
+        os.setxattr(step, name, value)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror} (setxattr {name})", str(step)) from None
+
+
+def begin_tiered(step: Path) -> None:
+    """The tiered save's start: the directory, marked for an asynchronous checkpoint, so
+    that its shards close once in the mount's local staging area."""
+    step.mkdir()
+    set_step_xattr(step, CKPT_MODE_XATTR, b"async")
+
+
+def commit_tiered(step: Path) -> None:
+    """The tiered save's commit: returns at once; the mount writes the marker once every
+    shard is durable on the directory's R data servers."""
+    set_step_xattr(step, CKPT_COMMIT_XATTR, b"1")
+
+
+def wait_committed(step: Path) -> float:
+    """Seconds until the tiered save's marker exists, looked for every ckpt_durable_poll_s."""
+    t0 = time.monotonic()
+    # A listing, not a lookup: the kernel may keep a negative entry for the marker's name
+    # for up to the mount's entry timeout, and the mount creates the marker itself, not
+    # through the kernel; a listing is asked of the mount every time.
+    while CKPT_MARKER not in os.listdir(step):
+        if time.monotonic() - t0 > ckpt_durable_timeout_s:
+            pending = int(os.getxattr(step, CKPT_PENDING_XATTR))
+            raise BenchError(f"{step}: no {CKPT_MARKER} after {ckpt_durable_timeout_s:.0f} s, "
+                             f"{pending} bytes not yet durable")
+        time.sleep(ckpt_durable_poll_s)
+    return time.monotonic() - t0
 
 
 def meta_worker(phase: str, names: list[str], barrier, results) -> None:
@@ -499,21 +631,20 @@ def random_reads(path: Path, sizes: Sizes, file_bytes: int) -> float:
         os.close(fd)
 
 
-def epoch_worker(batches: list[list[str]], sample_bytes: int, slots, ready, barrier, results) -> None:
-    """One data-loader worker of the training epoch (workload 9): its batches in order, each
-    started only with a slot from the trainer (`slots`, a semaphore: the trainer gives
-    `epoch_prefetch_factor` to begin with and one more as it takes each of this worker's
-    batches); every sample opened, read whole and closed. Puts ("ok", when) on `ready` as
-    each batch is loaded, ("error", why) if one could not be."""
+def epoch_worker(batches: list[list[str]], sample_bytes: int, io_bytes: int, slots, ready, barrier,
+                 results) -> None:
+    """One data-loader worker of the training epoch (workloads 9 and 10): its batches in
+    order, each started only with a slot from the trainer (`slots`, a semaphore: the trainer
+    gives `epoch_prefetch_factor` to begin with and one more as it takes each of this
+    worker's batches); every sample opened, read whole (in `io_bytes` pieces) and closed.
+    Puts ("ok", when) on `ready` as each batch is loaded, ("error", why) if one could not be."""
     try:
         barrier.wait()
         start = time.monotonic()
         for batch in batches:
             slots.acquire()
             for p in batch:
-                with open(p, "rb") as f:
-                    if len(f.read()) != sample_bytes:
-                        raise BenchError(f"{p}: short sample")
+                read_file(p, io_bytes, sample_bytes)
             ready.put(("ok", time.monotonic()))
         results.put(("ok", start, time.monotonic()))
     except BaseException as exc:  # reported to the trainer and the parent: the epoch fails
@@ -533,7 +664,7 @@ def write_prefetch_plan(control: Path, order: list[str]) -> None:
 
 def run_epoch(paths: list[Path], sample_bytes: int, compute_s: float, sizes: Sizes,
               hint: Optional[Path] = None) -> tuple[float, float]:
-    """One training epoch over `paths` (workload 9), as a PyTorch DataLoader with
+    """One training epoch over `paths` (workloads 9 and 10), as a PyTorch DataLoader with
     `epoch_workers` worker processes runs it: the shuffled order cut into batches, batch k
     loaded by worker k % workers, at most `epoch_prefetch_factor` batches per worker loaded
     ahead of the trainer. The trainer (this process) takes batches 0, 1, 2, ... and sleeps
@@ -566,18 +697,27 @@ def run_epoch(paths: list[Path], sample_bytes: int, compute_s: float, sizes: Siz
             time.sleep(compute_s)
         wall.append(time.monotonic() - t0)
 
-    run_together(epoch_worker, [(batches[w::workers], sample_bytes, slots[w], ready[w]) for w in range(workers)],
-                 alongside=trainer)
+    # Small samples in one read, as a whole-file read() makes them; large ones in
+    # io_bytes pieces, so that 8 workers do not each hold a 140 MiB sample at once.
+    io_bytes = min(sample_bytes, sizes.io_bytes)
+    run_together(epoch_worker, [(batches[w::workers], sample_bytes, io_bytes, slots[w], ready[w])
+                                for w in range(workers)], alongside=trainer)
     return 100 * len(batches) * compute_s / wall[0], len(order) / wall[0]
 
 
-def epoch_datasets(s: Sizes) -> list[tuple[str, Sizes, float]]:
-    """Workload 9's two sample sizes: (metric tag, the dataset as workload 4's helpers
-    dataset_paths and dataset_write take it, compute seconds per batch)."""
-    return [(tag, dataclasses.replace(s, dataset_files=files, dataset_dirs=s.epoch_dirs, sample_bytes=sample), compute_s)
-            for tag, files, sample, compute_s in (
-                ("16k", s.epoch_files_16k, 16 * KiB, s.epoch_compute_16k_s),
-                ("150k", s.epoch_files_150k, 150 * KiB, s.epoch_compute_150k_s))]
+def epoch_datasets(s: Sizes, workload: int) -> list[tuple[str, Sizes, float]]:
+    """The two sample sizes of workload 9 (16 KiB, 150 KiB) or 10 (2 MiB, 140 MiB): (metric
+    tag, the dataset as workload 4's helpers dataset_paths and dataset_write take it and
+    run_epoch its batch size, compute seconds per batch)."""
+    kinds = {
+        9: (("16k", s.epoch_files_16k, 16 * KiB, s.epoch_batch, s.epoch_compute_16k_s),
+            ("150k", s.epoch_files_150k, 150 * KiB, s.epoch_batch, s.epoch_compute_150k_s)),
+        10: (("2m", s.epoch_files_2m, 2 * MiB, s.epoch_batch_2m, s.epoch_compute_2m_s),
+             ("140m", s.epoch_files_140m, 140 * MiB, s.epoch_batch_140m, s.epoch_compute_140m_s)),
+    }
+    return [(tag, dataclasses.replace(s, dataset_files=files, dataset_dirs=s.epoch_dirs, sample_bytes=sample,
+                                      epoch_batch=batch), compute_s)
+            for tag, files, sample, batch, compute_s in kinds[workload]]
 
 
 # ---------------------------------------------------------------------- client library
@@ -718,6 +858,8 @@ class StripefsTarget(Target):
         from cluster import Cluster  # the harness the end-to-end tests use
 
         self.cluster = Cluster(base, dataservers=3)
+        #: More flags of the mount `cold` brings up: none, except inside `staging`.
+        self.mount_args: list[str] = []
         try:
             self.mnt = base / "mnt"
             self.mount = self.cluster.mount(self.mnt, timeout=mount_timeout_s)
@@ -740,7 +882,24 @@ class StripefsTarget(Target):
         self.mount.close()
         self.cluster.mounts.remove(self.mount)
         drop_caches()
-        self.mount = self.cluster.mount(self.mnt, timeout=mount_timeout_s)
+        self.mount = self.cluster.mount(self.mnt, timeout=mount_timeout_s, args=self.mount_args)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[None]:
+        """The mount with a local disk tier (`--cache-dir`, under the work directory) while
+        the block runs: workload 11's tiered save stages its shards there. Only then: the
+        tier changes what every read costs (the blocks read are written to it), so every
+        other workload runs on a mount without one. In and out through `cold`; the tier is
+        removed on the way out, so that each run starts without one."""
+        cache = self.cluster.base / "cache"
+        self.mount_args = ["--cache-dir", str(cache)]
+        try:
+            self.cold()
+            yield
+        finally:
+            self.mount_args = []
+            self.cold()
+            shutil.rmtree(cache, ignore_errors=True)
 
     def mount_pid(self) -> Optional[int]:
         return self.mount.proc.pid
@@ -1052,6 +1211,9 @@ class Bench:
         if args.epoch_compute:
             self.sizes = dataclasses.replace(self.sizes, epoch_compute_16k_s=args.epoch_compute[0],
                                              epoch_compute_150k_s=args.epoch_compute[1])
+        if args.large_epoch_compute:
+            self.sizes = dataclasses.replace(self.sizes, epoch_compute_2m_s=args.large_epoch_compute[0],
+                                             epoch_compute_140m_s=args.large_epoch_compute[1])
         self.replicas: list[int] = args.replicas
         self.workloads: list[int] = args.only
         self.samples: list[Sample] = []
@@ -1188,9 +1350,13 @@ class Bench:
                     self.cold(t)
                     secs = dataset_read(t.directory(r) / f"dataset-{run}", s)
                     self.record(run, r, t.name, "dataset_read", s.dataset_files / secs)
-            if 9 in self.workloads:
+            for w in (9, 10):
+                if w in self.workloads:
+                    for t in targets:
+                        self.epoch(run, r, t, w)
+            if 11 in self.workloads:
                 for t in targets:
-                    self.epoch(run, r, t)
+                    self.checkpoint(run, r, t)
             if 5 in self.workloads and r == meta_r:
                 for t in self.targets:
                     self.metadata(run, r, t)
@@ -1236,25 +1402,25 @@ class Bench:
         for k in range(procs):
             os.rmdir(t.directory(r) / f"meta-{run}-p{k}")
 
-    def epoch(self, run: int, r: int, t: Target) -> None:
-        """Workload 9 on one target: for each sample size, one epoch from cold over a dataset
-        written the first time (the runs after reuse it); on stripefs, another from cold
-        with the sampler hint, which fails alone (reported) if the mount cannot take it."""
-        for tag, ds, compute_s in epoch_datasets(self.sizes):
+    def epoch(self, run: int, r: int, t: Target, workload: int) -> None:
+        """Workload 9 or 10 on one target: for each sample size, one epoch from cold over a
+        dataset written the first time (the runs after reuse it); on stripefs, another from
+        cold with the sampler hint, which fails alone (reported) if the mount cannot take it."""
+        for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
             d = t.directory(r) / f"epoch-{tag}"
             if not d.exists():
                 secs = dataset_write(d, ds)
                 log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s")
             paths = dataset_paths(d, ds)
             self.cold(t)
-            util, rate = run_epoch(paths, ds.sample_bytes, compute_s, self.sizes)
+            util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
             self.record(run, r, t.name, f"epoch_{tag}_util", util)
             self.record(run, r, t.name, f"epoch_{tag}_rate", rate)
             if t is not self.sfs:
                 continue
             self.cold(t)
             try:
-                util, rate = run_epoch(paths, ds.sample_bytes, compute_s, self.sizes,
+                util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds,
                                        hint=t.root / ".stripefs" / "prefetch")
             except BenchError as exc:
                 self.failures.append(f"run {run + 1} R={r} {METRIC_BY_KEY[f'epoch_{tag}_rate_hint'].label}: {exc}")
@@ -1262,6 +1428,52 @@ class Bench:
                 continue
             self.record(run, r, t.name, f"epoch_{tag}_util_hint", util)
             self.record(run, r, t.name, f"epoch_{tag}_rate_hint", rate)
+
+    def checkpoint(self, run: int, r: int, t: Target) -> None:
+        """Workload 11 on one target, in a parent directory of checkpoints removed after: on
+        the raw disk first the local-disk figure (the ranks' shards closed unsynced); then
+        the synchronous save (shards fsync'd, then the marker) and, cold, its restore; on
+        stripefs last the tiered save."""
+        s = self.sizes
+        parent = t.directory(r) / f"ckpts-{run}"
+        parent.mkdir()
+        if t is self.raw:
+            self.record(run, r, t.name, "ckpt_local_disk_s", ckpt_save(parent / "local", "save-nofsync", s))
+            os.sync()  # its write-back is not on the next save's clock
+        step = parent / "step-0"
+        self.record(run, r, t.name, "ckpt_save_blocked_s", ckpt_save(step, "save", s, commit=commit_marker))
+        self.cold(t)
+        self.record(run, r, t.name, "ckpt_restore_mbs", run_shards("read", step, ckpt_shards(s))[0])
+        if t is self.sfs:
+            self.tiered_checkpoint(run, r, parent / "step-1")
+        shutil.rmtree(parent)
+
+    def tiered_checkpoint(self, run: int, r: int, step: Path) -> None:
+        """Workload 11's tiered save on stripefs, through a mount with a staging area: the
+        ranks' shards closed unsynced into a directory marked for it, the commit, and the
+        wait until the mount says every shard is durable. Checked after through a mount
+        without the staging area. Fails alone (reported) while the mount does not support
+        the checkpoint attributes (EOPNOTSUPP)."""
+        assert self.sfs is not None
+        s = self.sizes
+        with self.sfs.staging():
+            try:
+                blocked = ckpt_save(step, "save-nofsync", s, begin=begin_tiered, commit=commit_tiered)
+                durable = blocked + wait_committed(step)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self.failures.append(f"run {run + 1} R={r} {METRIC_BY_KEY['ckpt_save_blocked_tiered_s'].label}: "
+                                     f"the mount does not support it yet: {exc}")
+                log(f"  FAILED: {self.failures[-1]}")
+                return
+        for rank in range(s.ckpt_ranks):
+            size = (step / f"shard-{rank}.pt").stat().st_size
+            if size != s.ckpt_shard_bytes:
+                raise BenchError(f"{step}: the tiered save's shard {rank} has {size} bytes, "
+                                 f"expected {s.ckpt_shard_bytes}")
+        self.record(run, r, STRIPEFS, "ckpt_save_blocked_tiered_s", blocked)
+        self.record(run, r, STRIPEFS, "ckpt_durable_tiered_s", durable)
 
     def lib(self, kind: str, r: int) -> float:
         assert self.sfs is not None
@@ -1277,15 +1489,17 @@ class Bench:
         for smp in self.samples:
             groups.setdefault((smp.replicas, smp.metric, smp.target), []).append(smp.value)
         first_r = self.replicas[0]
+        ran = {(smp.replicas, METRIC_BY_KEY[smp.metric].workload) for smp in self.samples if smp.target != RAW}
         rows = []
         for r in self.replicas:
             for m in METRICS:
                 def runs_of(target: str, key: str = m.key) -> Optional[list[float]]:
                     return groups.get((first_r if target == RAW else r, key, target))
 
-                if not any(runs_of(t) for t in (STRIPEFS, LIB, PEER)):
+                if not (any(runs_of(t) for t in (STRIPEFS, LIB, PEER)) or (m.raw_only and (r, m.workload) in ran)):
                     continue  # e.g. workload 5, which runs under one R only
-                raw, peer = runs_of(RAW, m.reference or m.key), runs_of(PEER, m.reference or m.key)
+                raw = runs_of(RAW, m.raw_reference or m.reference or m.key)
+                peer = runs_of(PEER, m.reference or m.key)
                 raw_med = statistics.median(raw) if raw else None
                 peer_med = statistics.median(peer) if peer else None
                 for target in (RAW, STRIPEFS, LIB, PEER):
@@ -1395,7 +1609,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test, not a measurement")
     p.add_argument("--only", default=",".join(map(str, ALL_WORKLOADS)), metavar="WORKLOADS",
-                   help="comma-separated workload numbers 1-6 and 9 (default: all); 7 alone: the metadata"
+                   help="comma-separated workload numbers 1-6 and 9-11 (default: all); 7 alone: the metadata"
                         " engines side by side (scripts/bench_meta.py, which takes its own flags after --);"
                         " 8 alone: label queries (scripts/bench_labels.py, likewise)")
     p.add_argument("--replicas", default="1,2", metavar="R,...", help="replication factors to run (default 1,2)")
@@ -1403,6 +1617,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="workload 9: simulated accelerator compute per batch, in seconds, for the 16 KiB"
                         f" and the 150 KiB samples (default {FULL.epoch_compute_16k_s},{FULL.epoch_compute_150k_s};"
                         f" {QUICK.epoch_compute_16k_s},{QUICK.epoch_compute_150k_s} with --quick)")
+    p.add_argument("--large-epoch-compute", metavar="S2M,S140M",
+                   help="workload 10: simulated accelerator compute per batch, in seconds, for the 2 MiB"
+                        f" and the 140 MiB samples (default {FULL.epoch_compute_2m_s},{FULL.epoch_compute_140m_s};"
+                        f" {QUICK.epoch_compute_2m_s},{QUICK.epoch_compute_140m_s} with --quick)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
@@ -1410,16 +1628,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     try:
         args.only = sorted({int(x) for x in args.only.split(",") if x.strip()})
         args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
-        if args.epoch_compute is not None:
-            args.epoch_compute = [float(x) for x in args.epoch_compute.split(",")]
+        for name in ("epoch_compute", "large_epoch_compute"):
+            if getattr(args, name) is not None:
+                setattr(args, name, [float(x) for x in getattr(args, name).split(",")])
     except ValueError:
-        p.error("--only, --replicas and --epoch-compute take comma-separated numbers")
+        p.error("--only, --replicas, --epoch-compute and --large-epoch-compute take comma-separated numbers")
     if len(args.only) == 1 and args.only[0] in ALONE_WORKLOADS:
         return args
     if not args.only or any(w not in ALL_WORKLOADS for w in args.only):
-        p.error("--only takes workload numbers 1-6 and 9, or 7 or 8 alone")
+        p.error("--only takes workload numbers 1-6 and 9-11, or 7 or 8 alone")
     if args.epoch_compute is not None and (len(args.epoch_compute) != 2 or min(args.epoch_compute) <= 0):
         p.error("--epoch-compute takes two positive numbers of seconds: 16 KiB samples, 150 KiB samples")
+    if args.large_epoch_compute is not None and (len(args.large_epoch_compute) != 2
+                                                 or min(args.large_epoch_compute) <= 0):
+        p.error("--large-epoch-compute takes two positive numbers of seconds: 2 MiB samples, 140 MiB samples")
     if not args.replicas or any(not 1 <= r <= 3 for r in args.replicas):
         p.error("--replicas takes numbers 1-3 (there are 3 data servers)")
     if args.runs is None:
