@@ -54,7 +54,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import trio
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 log = logging.getLogger("stripefs.client")
+T = TypeVar("T")
 
 #: Virtual attributes of a checkpoint directory, answered by the client.
 PENDING_XATTR = b"stripefs.checkpoint.pending"  # bytes staged under it, on any client
@@ -139,14 +140,18 @@ class Stager:
     def _record(self, ino: int) -> Path:
         return self.directory / f"{ino}.json"
 
-    def pending_bytes(self) -> int:
-        return sum(f.stage.size for f in self.files.values() if f.stage is not None)
-
     # ------------------------------------------------------------------ writing
 
     async def begin(self, f: FileState, opener: m.Ctx) -> None:
-        """The file `f`, just created and marked staged, is written here from now on."""
-        fd = await trio.to_thread.run_sync(os.open, self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        """The file `f`, just created and marked staged, is written here from now on; if
+        the staging area cannot take it, its mark goes and it is written as anywhere else."""
+        try:
+            fd = await trio.to_thread.run_sync(os.open, self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            log.warning("inode %d: not staged (%s): written to the data servers directly", f.ino, exc)
+            await self.client._meta("commit_blocks", m.CommitReq(f.ino, self.client.session.id, [], 0,
+                                                                 time.time_ns(), unstage=True))
+            return
         f.stage = Staged(f.ino, fd, opener, mtime_ns=time.time_ns())
         f.handles += 1  # the stager's own hold, until the upload commits
         self.files[f.ino] = f
@@ -158,7 +163,7 @@ class Stager:
         while self.used_bytes + growth > self.limit_bytes and any(
                 g.stage is not None and g.stage.queued for g in self.files.values()):
             await self._room.wait()
-        n = await trio.to_thread.run_sync(os.pwrite, s.fd, data, offset)
+        n = await _local(os.pwrite, s.fd, data, offset)
         growth = max(0, offset + n - s.size)
         s.size += growth
         self.used_bytes += growth
@@ -170,12 +175,12 @@ class Stager:
         s = f.stage
         assert s is not None
         n = min(size, s.size - offset)
-        return await trio.to_thread.run_sync(os.pread, s.fd, n, offset) if n > 0 else b""
+        return await _local(os.pread, s.fd, n, offset) if n > 0 else b""
 
     async def truncate(self, f: FileState, size: int) -> None:
         s = f.stage
         assert s is not None
-        await trio.to_thread.run_sync(os.ftruncate, s.fd, size)
+        await _local(os.ftruncate, s.fd, size)
         self.used_bytes += size - s.size
         s.size = f.size = size
         s.mtime_ns = f.mtime_ns = time.time_ns()
@@ -184,7 +189,7 @@ class Stager:
         """fsync of a staged file: durable on the local disk (the upload makes it durable
         on its servers; `stripefs checkpoint wait` waits for that)."""
         assert f.stage is not None
-        await trio.to_thread.run_sync(os.fdatasync, f.stage.fd)
+        await _local(os.fdatasync, f.stage.fd)
 
     async def flushed(self, f: FileState) -> None:
         """A close of a staged file: the bytes staged are reported on its mark (what
@@ -485,6 +490,15 @@ class Checkpoints:
         for _, name in committed[:max(0, len(committed) - int(keep))]:
             log.info("checkpoint retention (keep %s): removing %r", keep.decode(), name)
             await client.remove_tree(parent, name, ctx)
+
+
+async def _local(fn: Callable[..., T], *args: Any) -> T:
+    """A call on the staging area's disk, in a worker thread; its OSError as an FsError
+    (a full local disk is the writer's ENOSPC)."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except OSError as exc:
+        raise FsError(exc.errno or errno.EIO, f"staging area: {exc.strerror}") from None
 
 
 def _write_record(path: Path, text: str) -> None:
