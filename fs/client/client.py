@@ -515,15 +515,18 @@ class Client:
             return m.DirEntry(e.name, e.cookie, self._overlay(e.attr))
         return e
 
-    async def listdir(self, ino: int, ctx: Optional[m.Ctx] = None) -> list[m.DirEntry]:
-        """Every entry of a directory (convenience for programs; streams in batches)."""
+    async def listdir(self, ino: int, ctx: Optional[m.Ctx] = None, *, remember: bool = True) -> list[m.DirEntry]:
+        """Every entry of a directory (convenience for programs; streams in batches).
+        remember=False: the name cache is not told (a listing the kernel never sees must
+        not count as attributes it was handed: open compares with those, close-to-open)."""
         ctx = self._ctx(ctx)
         out: list[m.DirEntry] = []
         offset, more = 0, True
         while more:
             t = now()
             reply = await self._meta("readdir", m.ReaddirReq(ino, offset, READDIR_BATCH, ctx))
-            self.names.listed(ino, offset, reply, t)
+            if remember:
+                self.names.listed(ino, offset, reply, t)
             out.extend(reply.entries)
             more = reply.more and bool(reply.entries)
             if reply.entries:

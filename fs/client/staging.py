@@ -399,7 +399,7 @@ class Checkpoints:
         stager = self.client.stager
         todo = [ino]
         while todo:
-            for e in await self.client.listdir(todo.pop(), ctx):
+            for e in await self.client.listdir(todo.pop(), ctx, remember=False):
                 if stat.S_ISDIR(e.attr.mode):
                     todo.append(e.attr.ino)
                     continue
