@@ -180,6 +180,12 @@ def client() -> ClientMetrics:
          lambda c: c.data.disk.hits if c.data.disk is not None else 0),
         ("stripefs_client_disk_tier_corrupt", "Blocks found damaged in the local disk tiers and fetched again (a running count)",
          lambda c: c.data.disk.corrupt if c.data.disk is not None else 0),
+        ("stripefs_client_staged_bytes", "Bytes of checkpoint files staged on local disk and not yet uploaded",
+         lambda c: c.stager.used_bytes if c.stager is not None else 0),
+        ("stripefs_client_staged_files", "Checkpoint files staged on local disk and not yet uploaded",
+         lambda c: len(c.stager.files) if c.stager is not None else 0),
+        ("stripefs_client_staged_uploaded_bytes", "Bytes of staged checkpoint files uploaded (a running count)",
+         lambda c: c.stager.uploaded_bytes if c.stager is not None else 0),
     ):
         Gauge(name, doc).set_function(functools.partial(clients.sum, fn))
     return ClientMetrics(
