@@ -216,3 +216,57 @@ def test_a_full_staging_area_makes_writers_wait(cluster, tmp_path):
     writer.join(10)
     wait_for(lambda: status(step)["pending_files"] == 0)
     assert (step / "first").read_bytes() == first and (step / "second").read_bytes() == second
+
+
+def kernel_has_passthrough() -> bool:
+    """FUSE passthrough came with Linux 6.9."""
+    release = os.uname().release.split("-")[0].split(".")
+    return tuple(int(x) for x in release[:2]) >= (6, 9)
+
+
+def cache_counters(mountpoint: Path) -> dict[str, str]:
+    return dict(line.split() for line in (mountpoint / ".stripefs/cache").read_text().splitlines())
+
+
+@pytest.mark.allow_tracebacks  # data servers hung under open streams
+def test_the_kernel_writes_staged_files_itself(cluster, tmp_path):
+    """With FUSE passthrough (fs/fuse/passthrough.py) a staged file's reads and writes go
+    between the writer and its local copy without this mount; what the mount still
+    answers (stat, a second open, ftruncate, fsync, close) sees what was written."""
+    a = cluster.mount(args=tier(tmp_path / "tier-a"))
+    b = cluster.mount()
+    step = a / "s"
+    os.mkdir(step)
+    os.setxattr(step, "stripefs.checkpoint", b"async")
+    data = os.urandom(5 * MiB + 7)
+    for p in cluster.data:
+        pause(p)
+    try:
+        with open(step / "x", "wb") as f:
+            f.write(data[:3 * MiB])
+            f.flush()
+            assert os.stat(step / "x").st_size == 3 * MiB
+            with open(step / "x", "rb") as r:  # an open that joins the writer's
+                assert r.read() == data[:3 * MiB]
+            f.write(data[3 * MiB:])
+            f.flush()
+            os.fsync(f.fileno())
+            f.truncate(len(data) + 100)
+            f.truncate(len(data))
+            assert os.fstat(f.fileno()).st_size == len(data)
+            mtime = os.fstat(f.fileno()).st_mtime_ns
+        assert (step / "x").read_bytes() == data  # its upload hangs: read from the local copy
+        assert os.stat(step / "x").st_size == len(data)
+        assert os.stat(b / "s" / "x").st_size == 0  # another mount: as created, until the upload
+        direct = int(cache_counters(a)["stage_direct_files"])
+        assert direct == (1 if kernel_has_passthrough() else 0)
+    finally:
+        for p in cluster.data:
+            resume(p)
+    wait_for(lambda: status(step)["pending_files"] == 0)
+    assert (b / "s" / "x").read_bytes() == data
+    assert os.stat(b / "s" / "x").st_mtime_ns == mtime
+    with open(step / "x", "r+b") as f:  # uploaded: an open for writing writes to the servers
+        f.write(b"new")
+    assert (b / "s" / "x").read_bytes() == b"new" + data[3:]
+    assert int(cache_counters(a)["stage_direct_files"]) == direct

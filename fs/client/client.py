@@ -38,7 +38,7 @@ import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Hashable, Iterable, Optional, Sequence, cast
+from typing import AsyncIterator, Callable, Hashable, Iterable, Optional, Sequence, TypeVar, cast
 
 import trio
 
@@ -63,6 +63,7 @@ from .transport import FailoverTransport, StreamTransport, Transport
 from .writer import Writer
 
 log = logging.getLogger("stripefs.client")
+T = TypeVar("T")
 
 #: Memory for unflushed writes per client; a writer past it waits for its own flushes.
 DEFAULT_WRITEBACK_BYTES = 256 * 1024 * 1024
@@ -654,6 +655,13 @@ class Client:
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
         return self._new_handle(ino, writable), keep, changed
+
+    def direct_staged(self, fh: int, attach: Callable[[int], T]) -> Optional[T]:
+        """If the handle's file is staged and still being written (staging.py): `attach`
+        (the mount's FUSE passthrough) is given the descriptor of its local copy, which the
+        kernel reads and writes directly from then on, and its result returned; else None."""
+        f = self._handle(fh)[1]
+        return self.stager.direct(f, attach) if self.stager is not None else None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on a handle: up to `size` bytes at `offset` (fewer only at the end of the file)."""

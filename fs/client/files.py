@@ -195,6 +195,9 @@ class FileState:
         """attr with this client's uncommitted size and mtime applied."""
         self.attr = attr
         if self.stage is not None:
+            if self.stage.direct:  # the kernel writes the local copy itself
+                self.stage.refresh()
+                self.mtime_ns = max(self.mtime_ns or 0, self.stage.mtime_ns)
             size = self.stage.size  # what this client wrote; the server has not seen it yet
         elif not self.busy():
             self.size = attr.size

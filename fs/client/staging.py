@@ -91,6 +91,11 @@ COMMIT_MAX_BLOCKS = 4096
 #: An upload that failed (no server could take a block, the metaserver away) is tried
 #: again after this long, doubling up to UPLOAD_RETRY_MAX_S.
 UPLOAD_RETRY_S = 1.0
+#: How long a closed file's upload waits at most while other staged files of this client
+#: are still being written: the upload's reads, checksums and sends would take the CPU
+#: from those writers, whose closes the training waits for (a checkpoint's ranks close
+#: together), while the upload gains little by starting a moment sooner.
+UPLOAD_YIELD_S = 2.0
 UPLOAD_RETRY_MAX_S = 30.0
 #: A commit waiting for staged files looks again after this long, doubling up to the max.
 COMMIT_POLL_S = 0.05
@@ -117,6 +122,21 @@ class Staged:
     reported: int = 0  # bytes last reported on the file's mark
     queued: bool = False  # closed: its upload is queued or under way
     uploaded: trio.Event = field(default_factory=trio.Event)
+    #: The kernel reads and writes the local copy itself (the mount's FUSE passthrough):
+    #: its size and mtime are the copy's, read by refresh().
+    direct: bool = False
+    seen_mtime_ns: int = 0  # the copy's mtime when refresh() last looked
+
+    def refresh(self) -> None:
+        """With direct writes, take the size and mtime from the local copy: an fstat of a
+        file open here, which reads no disk (inode attributes are in memory)."""
+        if not self.direct:
+            return
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        if st.st_mtime_ns != self.seen_mtime_ns:
+            self.seen_mtime_ns = st.st_mtime_ns
+            self.mtime_ns = max(self.mtime_ns, st.st_mtime_ns)
 
 
 class Stager:
@@ -126,13 +146,37 @@ class Stager:
         self.client = client
         self.directory = Path(directory)
         self.limit_bytes = limit_bytes
-        self.used_bytes = 0  # bytes of staged files on local disk
         self.uploaded_files = self.uploaded_bytes = self.failed_uploads = 0
+        self.direct_files = 0  # files whose local copy the kernel wrote itself
         self.files: dict[int, FileState] = {}
         self._room = trio.Event()  # set when an upload frees room
+        self._largest = 0  # bytes of the largest file closed here
+        self._closed = trio.Event()  # set when a staged file is closed
+        self._waiting_for_room = 0  # writers waiting for an upload to free room
         self._slots = trio.CapacityLimiter(UPLOADS_IN_FLIGHT)
         self._boot = boot_id()
         self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of staged files on local disk."""
+        total = 0
+        for f in self.files.values():
+            if f.stage is not None:
+                f.stage.refresh()
+                total += f.stage.size
+        return total
+
+    async def _wait_for_room(self, growth: int) -> None:
+        """Wait while `growth` more bytes would pass the bound and uploads under way can
+        free room (the bound is exceeded only by files still open when it is reached)."""
+        while self.used_bytes + growth > self.limit_bytes and any(
+                g.stage is not None and g.stage.queued for g in self.files.values()):
+            self._waiting_for_room += 1
+            try:
+                await self._room.wait()
+            finally:
+                self._waiting_for_room -= 1
 
     def _data(self, ino: int) -> Path:
         return self.directory / str(ino)
@@ -144,7 +188,11 @@ class Stager:
 
     async def begin(self, f: FileState, opener: m.Ctx) -> None:
         """The file `f`, just created and marked staged, is written here from now on; if
-        the staging area cannot take it, its mark goes and it is written as anywhere else."""
+        the staging area cannot take it, its mark goes and it is written as anywhere else.
+        A new file first waits for room for as many bytes as the largest file staged here
+        so far (a checkpoint's shards are alike in size): one the kernel writes directly
+        (`direct`) is not stopped once it is open, whatever it grows to."""
+        await self._wait_for_room(max(1, self._largest))
         try:
             fd = await trio.to_thread.run_sync(os.open, self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
@@ -159,14 +207,9 @@ class Stager:
     async def write(self, f: FileState, offset: int, data: bytes | memoryview) -> int:
         s = f.stage
         assert s is not None
-        growth = max(0, offset + len(data) - s.size)
-        while self.used_bytes + growth > self.limit_bytes and any(
-                g.stage is not None and g.stage.queued for g in self.files.values()):
-            await self._room.wait()
+        await self._wait_for_room(max(0, offset + len(data) - s.size))
         n = await _local(os.pwrite, s.fd, data, offset)
-        growth = max(0, offset + n - s.size)
-        s.size += growth
-        self.used_bytes += growth
+        s.size = max(s.size, offset + n)
         f.size = s.size
         s.mtime_ns = f.mtime_ns = time.time_ns()
         return n
@@ -174,6 +217,7 @@ class Stager:
     async def read(self, f: FileState, offset: int, size: int) -> bytes:
         s = f.stage
         assert s is not None
+        s.refresh()
         n = min(size, s.size - offset)
         return await _local(os.pread, s.fd, n, offset) if n > 0 else b""
 
@@ -181,7 +225,6 @@ class Stager:
         s = f.stage
         assert s is not None
         await _local(os.ftruncate, s.fd, size)
-        self.used_bytes += size - s.size
         s.size = f.size = size
         s.mtime_ns = f.mtime_ns = time.time_ns()
 
@@ -195,7 +238,10 @@ class Stager:
         """A close of a staged file: the bytes staged are reported on its mark (what
         `stripefs.checkpoint.pending` sums on other clients)."""
         s = f.stage
-        if s is None or s.queued or s.size == s.reported:
+        if s is None or s.queued:
+            return
+        self._refreshed(f)
+        if s.size == s.reported:
             return
         try:
             await self.client._meta("setxattr", m.XattrReq(f.ino, STAGED_XATTR, s.opener, str(s.size).encode()))
@@ -207,7 +253,11 @@ class Stager:
         """The last handle of a staged file closed: record it and queue its upload."""
         s = f.stage
         assert s is not None and not s.queued
+        self._refreshed(f)
         s.queued = True
+        self._largest = max(self._largest, s.size)
+        self._closed.set()
+        self._closed = trio.Event()
         record = json.dumps({"ino": f.ino, "size": s.size, "mtime_ns": s.mtime_ns, "boot": self._boot,
                              "opener": dataclasses.asdict(s.opener)})
         try:
@@ -215,6 +265,26 @@ class Stager:
         except OSError as exc:  # (the upload goes on; only a restart would not find it)
             log.warning("inode %d: staging record not written (%s)", f.ino, exc)
         self.client._spawn(self._upload_soon, f)
+
+    def direct(self, f: FileState, attach: Callable[[int], T]) -> Optional[T]:
+        """If `f` is staged and still being written: `attach(fd)` (the mount's FUSE
+        passthrough) with the descriptor of its local copy, which the kernel then reads and
+        writes directly, and its result; else None. If attach raises, nothing changes."""
+        s = f.stage
+        if s is None or s.queued:
+            return None
+        result = attach(s.fd)
+        if not s.direct:
+            s.direct = True
+            self.direct_files += 1
+        return result
+
+    @staticmethod
+    def _refreshed(f: FileState) -> None:
+        s = f.stage
+        assert s is not None
+        s.refresh()
+        f.size, f.mtime_ns = s.size, s.mtime_ns
 
     async def settled(self, f: FileState) -> None:
         """Wait until a queued staged file is uploaded (an open for writing does)."""
@@ -226,6 +296,7 @@ class Stager:
 
     async def _upload_soon(self, f: FileState) -> None:
         """Upload a closed staged file, trying again while that fails for want of servers."""
+        await self._yield_to_writers()
         delay = UPLOAD_RETRY_S
         while f.stage is not None:
             try:
@@ -241,6 +312,14 @@ class Stager:
                 log.warning("inode %d: staged upload failed (%s); again in %.0f s", f.ino, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, UPLOAD_RETRY_MAX_S)
+
+    async def _yield_to_writers(self) -> None:
+        """Wait, UPLOAD_YIELD_S at most, until no staged file here is being written (none
+        while a writer waits for room: the uploads make it)."""
+        with trio.move_on_after(UPLOAD_YIELD_S):
+            while not self._waiting_for_room and any(
+                    g.stage is not None and not g.stage.queued for g in self.files.values()):
+                await self._closed.wait()
 
     async def _upload(self, f: FileState) -> None:
         s = f.stage
@@ -283,7 +362,6 @@ class Stager:
         self.files.pop(f.ino, None)
         os.close(s.fd)
         self.client._spawn(trio.to_thread.run_sync, self._discard, f.ino)  # (unlinking a large file takes a while)
-        self.used_bytes -= s.size
         s.uploaded.set()
         self._room.set()
         self._room = trio.Event()
@@ -305,7 +383,6 @@ class Stager:
             f.stage = Staged(ino, fd, opener, size, int(record["mtime_ns"]), queued=True)
             f.size = size
             self.files[ino] = f
-            self.used_bytes += size
             log.info("inode %d: resuming the upload of %d staged bytes", ino, size)
             self.client._spawn(self._upload_soon, f)
 
@@ -357,7 +434,7 @@ class Stager:
     def status(self) -> dict[str, int]:
         return {"staged_files": len(self.files), "staged_bytes": self.used_bytes, "limit": self.limit_bytes,
                 "uploaded_files": self.uploaded_files, "uploaded_bytes": self.uploaded_bytes,
-                "failed_uploads": self.failed_uploads}
+                "failed_uploads": self.failed_uploads, "direct_files": self.direct_files}
 
 
 @dataclass

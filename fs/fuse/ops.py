@@ -20,6 +20,7 @@ from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK,
                              Attr, Client, Ctx, Entry, FsError, metrics, signed64)
 
 from .control import ControlFiles
+from .passthrough import Passthrough
 from .queries import CONTROL_NAME, VIRTUAL_BASE, Node, Queries
 
 log = logging.getLogger("stripefs.fuse")
@@ -173,6 +174,8 @@ class StripeOperations(pyfuse3.Operations):
         #: open listings of virtual directories: handle -> the entries it began with
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_listing = VIRTUAL_BASE
+        #: the kernel reads and writes staged files' local copies itself (passthrough.py)
+        self.passthrough = Passthrough(client, enabled=client.stager is not None)
 
     def _virtual(self, *inodes: int) -> bool:
         return any(self.queries.is_virtual(i) for i in inodes)
@@ -346,13 +349,13 @@ class StripeOperations(pyfuse3.Operations):
             # Another client changed the file: the kernel's attributes of it (its size
             # above all, which bounds what it reads) go. Attributes only: nothing waits.
             forget_attributes(inode)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, backing_id=self.passthrough.opened(inode, fh))
 
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._read_only(parent_inode)
         fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx), umask=ctx.umask)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, backing_id=self.passthrough.created(attr.ino, fh)), entry(attr)
 
     @errno_boundary
     async def read(self, fh, off, size):
@@ -421,7 +424,10 @@ class StripeOperations(pyfuse3.Operations):
         if self.controls.holds(fh):
             self.controls.release(fh)
             return
-        await self.client.release(fh)
+        try:
+            await self.client.release(fh)
+        finally:
+            self.passthrough.released(fh)
 
     async def fsyncdir(self, fh, datasync):
         pass  # every namespace change is already durable when it returns
