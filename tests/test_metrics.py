@@ -158,3 +158,30 @@ def test_a_bad_metrics_address_stops_the_role_with_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "--metrics-listen wants HOST:PORT" in out.stderr
+
+
+def test_the_capability_check_before_each_write_is_answered_in_pyfuse3(tmp_path):
+    """The kernel asks for security.capability before every write(2) (FUSE has no
+    S_NOSEC): once the mount knows an open file has none, pyfuse3 answers it (ENODATA)
+    without calling the mount's Python (fs/fuse/ops.py _capability_known)."""
+    with Cluster(tmp_path / "c", dataservers=1, mount_args=["--metrics-listen", "127.0.0.1:0"]) as c:
+        m = c.mount()
+        address = metrics_address(c.logs_dir / "mount-1.log")
+        (m / "old").write_bytes(b"x")
+
+        def getxattrs() -> float:
+            return value(scrape(address), "stripefs_fuse_ops_total", op="getxattr")
+
+        for path in (m / "new", m / "old"):  # created by the writer; opened
+            before = getxattrs()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+            try:
+                for i in range(200):
+                    os.pwrite(fd, b"y" * 4096, i * 4096)
+            finally:
+                os.close(fd)
+            assert getxattrs() - before <= 1, path  # (an opened file: the first is asked)
+            assert path.read_bytes() == b"y" * 4096 * 200
+            with pytest.raises(OSError) as e:  # the answer pyfuse3 gave, asked of the mount
+                os.getxattr(path, "security.capability")
+            assert e.value.errno == 61  # ENODATA

@@ -10,9 +10,9 @@ from stripefs.proto.messages import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx, DirEnt
 from stripefs.proto.types import CREDENTIALS_ENV, LOCK_FLOCK, LOCK_RECORD, META_ENV, OFFSET_MAX, ROOT_INODE
 
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, Entry
-from .client import Client, open_client
+from .client import CAPABILITY_XATTR, Client, open_client
 from .locks import signed64
 
-__all__ = ["ATTR_TTL_S", "Attr", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry", "ENTRY_TTL_S", "Entry",
-           "FsError", "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV", "OFFSET_MAX", "load_credentials",
-           "metrics", "open_client", "ROOT_INODE", "signed64"]
+__all__ = ["ATTR_TTL_S", "Attr", "CAPABILITY_XATTR", "CREDENTIALS_ENV", "Client", "Credentials", "Ctx", "DirEntry",
+           "ENTRY_TTL_S", "Entry", "FsError", "F_RDLCK", "F_UNLCK", "F_WRLCK", "LOCK_FLOCK", "LOCK_RECORD", "META_ENV",
+           "OFFSET_MAX", "load_credentials", "metrics", "open_client", "ROOT_INODE", "signed64"]

@@ -553,11 +553,13 @@ class Client:
             if name == STATUS_XATTR:
                 return json.dumps(status, sort_keys=True).encode()
             return b"1" if status["commit_asked"] else b"0"
+        f = self._files.get(ino)
         if not name.startswith(VIRTUAL_XATTR_PREFIX) and self._known_without_xattrs(ino):
             # ls -l asks every entry for ACLs and security labels: answered here, a listing
             # of 10,000 entries does not cost 20,000 round trips.
+            if name == CAPABILITY_XATTR and f is not None:
+                f.no_capability = True
             raise FsError(errno.ENODATA)
-        f = self._files.get(ino)
         if name == CAPABILITY_XATTR and f is not None and f.no_capability:
             # The kernel asks before every write; while the file is open here, the answer
             # only changes through this client (setxattr below), so one round trip will do.
@@ -655,6 +657,17 @@ class Client:
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
         return self._new_handle(ino, writable), keep, changed
+
+    def inode_of(self, fh: int) -> Optional[int]:
+        """The inode an open handle is of (None: not open)."""
+        h = self._handles.get(fh)
+        return h.ino if h is not None else None
+
+    def no_capability(self, ino: int) -> bool:
+        """Whether `ino` is open here and known to have no security.capability (getxattr
+        answers that without a round trip; a mount can answer it without calling here)."""
+        f = self._files.get(ino)
+        return f is not None and f.no_capability
 
     def direct_staged(self, fh: int, attach: Callable[[int], T]) -> Optional[T]:
         """If the handle's file is staged and still being written (staging.py): `attach`

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from stripefs.client import (ATTR_TTL_S, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX, ROOT_INODE,
-                             Attr, Client, Ctx, Entry, FsError, metrics, signed64)
+from stripefs.client import (ATTR_TTL_S, CAPABILITY_XATTR, ENTRY_TTL_S, F_RDLCK, F_UNLCK, F_WRLCK, LOCK_FLOCK, OFFSET_MAX,
+                             ROOT_INODE, Attr, Client, Ctx, Entry, FsError, metrics, signed64)
 
 from .control import ControlFiles
 from .passthrough import Passthrough
@@ -184,6 +184,12 @@ class StripeOperations(pyfuse3.Operations):
         """EROFS for a change under .stripefs (its tree is a view)."""
         if self._virtual(*inodes):
             raise FsError(errno.EROFS, "the .stripefs tree is read-only")
+
+    def _capability_known(self, ino: int) -> None:
+        """Tell pyfuse3 what the client knows of `ino`'s security.capability: while it is
+        known absent, pyfuse3 answers the getxattr the kernel sends before every write(2)
+        itself, without a call into this mount's Python."""
+        pyfuse3.no_capability(ino, self.client.no_capability(ino))
 
     def _in_view(self, parent_inode: int, name: bytes) -> bool:
         return self._virtual(parent_inode) or (parent_inode == ROOT_INODE and name == CONTROL_NAME)
@@ -355,6 +361,7 @@ class StripeOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._read_only(parent_inode)
         fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx), umask=ctx.umask)
+        self._capability_known(attr.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, backing_id=self.passthrough.created(attr.ino, fh)), entry(attr)
 
     @errno_boundary
@@ -424,10 +431,13 @@ class StripeOperations(pyfuse3.Operations):
         if self.controls.holds(fh):
             self.controls.release(fh)
             return
+        ino = self.client.inode_of(fh)
         try:
             await self.client.release(fh)
         finally:
             self.passthrough.released(fh)
+            if ino is not None:
+                self._capability_known(ino)
 
     async def fsyncdir(self, fh, datasync):
         pass  # every namespace change is already durable when it returns
@@ -439,12 +449,20 @@ class StripeOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if self._virtual(inode):
             raise FsError(errno.ENODATA)
-        return await self.client.getxattr(inode, name, ctx_of(ctx))
+        try:
+            return await self.client.getxattr(inode, name, ctx_of(ctx))
+        finally:
+            if name == CAPABILITY_XATTR:
+                self._capability_known(inode)
 
     @errno_boundary
     async def setxattr(self, inode, name, value, ctx):
         self._read_only(inode)
-        await self.client.setxattr(inode, name, value, 0, ctx_of(ctx))
+        try:
+            await self.client.setxattr(inode, name, value, 0, ctx_of(ctx))
+        finally:
+            if name == CAPABILITY_XATTR:
+                self._capability_known(inode)
 
     @errno_boundary
     async def listxattr(self, inode, ctx):
