@@ -245,6 +245,7 @@ def test_the_kernel_writes_staged_files_itself(cluster, tmp_path):
         with open(step / "x", "wb") as f:
             f.write(data[:3 * MiB])
             f.flush()
+            os.posix_fallocate(f.fileno(), 0, 4096)  # the mount must see the size the kernel wrote
             assert os.stat(step / "x").st_size == 3 * MiB
             with open(step / "x", "rb") as r:  # an open that joins the writer's
                 assert r.read() == data[:3 * MiB]

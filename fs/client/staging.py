@@ -240,7 +240,7 @@ class Stager:
         s = f.stage
         if s is None or s.queued:
             return
-        self._refreshed(f)
+        self.refreshed(f)
         if s.size == s.reported:
             return
         try:
@@ -253,7 +253,7 @@ class Stager:
         """The last handle of a staged file closed: record it and queue its upload."""
         s = f.stage
         assert s is not None and not s.queued
-        self._refreshed(f)
+        self.refreshed(f)
         s.queued = True
         self._largest = max(self._largest, s.size)
         self._closed.set()
@@ -280,7 +280,8 @@ class Stager:
         return result
 
     @staticmethod
-    def _refreshed(f: FileState) -> None:
+    def refreshed(f: FileState) -> None:
+        """Take a staged file's size and mtime from its local copy (Staged.refresh)."""
         s = f.stage
         assert s is not None
         s.refresh()
