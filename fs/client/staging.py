@@ -54,8 +54,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
 
+import outcome
 import trio
 
 from stripefs.proto import messages as m
@@ -466,10 +467,12 @@ class Checkpoints:
 
     async def _checkpoint_dir(self, ino: int, ctx: m.Ctx) -> bytes:
         """The marker name of checkpoint directory `ino` (EINVAL if it is not one)."""
-        attr = await self.client.getattr(ino)
-        if not stat.S_ISDIR(attr.mode) or await self._xattr(ino, CHECKPOINT_XATTR, ctx) is None:
+        attr, mode, marker = await _at_once(lambda: self.client.getattr(ino),
+                                            lambda: self._xattr(ino, CHECKPOINT_XATTR, ctx),
+                                            lambda: self._xattr(ino, CHECKPOINT_MARKER_XATTR, ctx))
+        if not stat.S_ISDIR(attr.unwrap().mode) or mode.unwrap() is None:
             raise FsError(errno.EINVAL, f"inode {ino} is not a checkpoint directory (set {CHECKPOINT_XATTR.decode()})")
-        return await self._xattr(ino, CHECKPOINT_MARKER_XATTR, ctx) or CHECKPOINT_MARKER_DEFAULT
+        return marker.unwrap() or CHECKPOINT_MARKER_DEFAULT
 
     async def scan(self, ino: int, ctx: Optional[m.Ctx] = None) -> Scan:
         """Walk a directory's subtree (as `ctx`): files, bytes, and those still staged anywhere."""
@@ -513,10 +516,13 @@ class Checkpoints:
     async def commit(self, ino: int, ctx: m.Ctx) -> None:
         """Ask for the marker of checkpoint directory `ino` (returns at once)."""
         marker = await self._checkpoint_dir(ino, ctx)
-        if await self._entry(ino, marker, ctx) is not None or ino in self._committing:
-            return  # committed, or this client is about it
+        if ino in self._committing:
+            return  # this client is about it
         tmp = _commit_name(marker)
-        if await self._entry(ino, tmp, ctx) is None:
+        done, asked = await _at_once(lambda: self._entry(ino, marker, ctx), lambda: self._entry(ino, tmp, ctx))
+        if done.unwrap() is not None:
+            return  # committed
+        if asked.unwrap() is None:
             fh, _ = await self.client.create(ino, tmp, 0o644, os.O_WRONLY, ctx, stage=False)
             await self.client.release(fh)
         self._committing.add(ino)
@@ -568,6 +574,21 @@ class Checkpoints:
         for _, name in committed[:max(0, len(committed) - int(keep))]:
             log.info("checkpoint retention (keep %s): removing %r", keep.decode(), name)
             await client.remove_tree(parent, name, ctx)
+
+
+async def _at_once(*calls: Callable[[], Awaitable[Any]]) -> list[outcome.Outcome]:
+    """Each call's outcome (`unwrap()` returns its value or raises its error), the calls
+    made together: a commit asked while uploads keep the mount busy waits for one round
+    trip where it waited for several."""
+    out: list[Optional[outcome.Outcome]] = [None] * len(calls)
+
+    async def one(i: int, call: Callable[[], Awaitable[Any]]) -> None:
+        out[i] = await outcome.acapture(call)
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return [o for o in out if o is not None]
 
 
 async def _local(fn: Callable[..., T], *args: Any) -> T:
