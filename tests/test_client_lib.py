@@ -246,3 +246,29 @@ def test_upload_whose_allocation_expired_is_uploaded_again(tmp_path):
             assert await read_file(client, attr.ino) == data
 
         run(c, body)
+
+
+def test_calls_made_together_fail_with_their_errno(lib_cluster):
+    """paths.labels and paths.read_range make their calls together (fs/client/together.py):
+    an error comes back as the FsError it is, not inside an ExceptionGroup (which the FUSE
+    layer would answer with EIO and a program would see as a traceback)."""
+    from stripefs.client import paths
+
+    async def body(client):
+        d = await fresh_dir(client, b"together")
+        ino = await write_file(client, d, b"private", b"x" * 10)
+        await client.setxattr(ino, b"user.split", b"train", 0, ROOT)
+        await client.setxattr(ino, b"user.class", b"cat", 0, ROOT)
+        await client.setattr(ino, ROOT, mode=0o600)
+        assert await paths.labels(client, ino, ROOT) == {"class": "cat", "split": "train"}
+        with pytest.raises(FsError) as exc:
+            await paths.labels(client, ino, Ctx(1000, 1000))
+        assert exc.value.errno == errno.EACCES
+        fh, _, _ = await client.open(ino, os.O_RDONLY)
+        assert await paths.read_range(client, fh, 0, 10) == b"x" * 10
+        await client.release(fh)
+        with pytest.raises(FsError) as exc:
+            await paths.read_range(client, fh, 0, 10)  # a handle no longer open
+        assert exc.value.errno == errno.EBADF
+
+    run(lib_cluster, body)

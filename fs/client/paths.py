@@ -13,16 +13,18 @@ library: ENOENT, ENOTDIR, EEXIST, EISDIR, ELOOP, EACCES.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import stat
 from typing import TYPE_CHECKING, AsyncIterator, Mapping, NamedTuple, Optional
 
-import trio
 
 from stripefs.proto import messages as m
 from stripefs.proto.errors import FsError
 from stripefs.proto.types import ROOT_INODE
+
+from .together import at_once
 
 if TYPE_CHECKING:
     from .client import Client
@@ -170,19 +172,15 @@ async def labels(client: Client, ino: int, ctx: Optional[m.Ctx] = None) -> dict[
     (values that are not UTF-8 are decoded with replacement characters)."""
     names = [n for n in await client.listxattr(ino) if n.startswith(LABEL_PREFIX)]
     out: dict[str, str] = {}
-
-    async def one(name: bytes) -> None:
+    got = await at_once(*(functools.partial(client.getxattr, ino, name, ctx) for name in names))
+    for name, value in zip(names, got):
         try:
-            value = await client.getxattr(ino, name, ctx)
+            text = value.unwrap().decode(errors="replace")
         except FsError as exc:
             if exc.errno == errno.ENODATA:  # removed since it was listed
-                return
-            raise
-        out[name[len(LABEL_PREFIX):].decode(errors="replace")] = value.decode(errors="replace")
-
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            nursery.start_soon(one, name)
+                continue
+            raise  # (itself, EACCES say: not inside an ExceptionGroup)
+        out[name[len(LABEL_PREFIX):].decode(errors="replace")] = text
     return dict(sorted(out.items()))
 
 
@@ -290,17 +288,12 @@ async def read_range(client: Client, fh: int, start: int, end: int) -> bytes:
     the end of the file."""
     if end <= start:
         return b""
-    pieces: dict[int, bytes] = {}
-
-    async def one(offset: int) -> None:
-        pieces[offset] = await client.read(fh, offset, min(COPY_CHUNK_BYTES, end - offset))
-
-    async with trio.open_nursery() as nursery:
-        for offset in range(start, end, COPY_CHUNK_BYTES):
-            nursery.start_soon(one, offset)
+    offsets = range(start, end, COPY_CHUNK_BYTES)
+    got = await at_once(*(functools.partial(client.read, fh, offset, min(COPY_CHUNK_BYTES, end - offset))
+                          for offset in offsets))
     out = bytearray()
-    for offset in sorted(pieces):
-        piece = pieces[offset]
+    for offset, result in zip(offsets, got):
+        piece = result.unwrap()  # (an error as itself: EIO, not an ExceptionGroup)
         out += piece
         if len(piece) < min(COPY_CHUNK_BYTES, end - offset):
             break  # the end of the file

@@ -54,9 +54,8 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
-import outcome
 import trio
 
 from stripefs.proto import messages as m
@@ -70,6 +69,7 @@ from stripefs.proto.types import (
 )
 
 from .files import FileState
+from .together import at_once
 
 if TYPE_CHECKING:
     from .client import Client
@@ -467,7 +467,7 @@ class Checkpoints:
 
     async def _checkpoint_dir(self, ino: int, ctx: m.Ctx) -> bytes:
         """The marker name of checkpoint directory `ino` (EINVAL if it is not one)."""
-        attr, mode, marker = await _at_once(lambda: self.client.getattr(ino),
+        attr, mode, marker = await at_once(lambda: self.client.getattr(ino),
                                             lambda: self._xattr(ino, CHECKPOINT_XATTR, ctx),
                                             lambda: self._xattr(ino, CHECKPOINT_MARKER_XATTR, ctx))
         if not stat.S_ISDIR(attr.unwrap().mode) or mode.unwrap() is None:
@@ -519,7 +519,7 @@ class Checkpoints:
         if ino in self._committing:
             return  # this client is about it
         tmp = _commit_name(marker)
-        done, asked = await _at_once(lambda: self._entry(ino, marker, ctx), lambda: self._entry(ino, tmp, ctx))
+        done, asked = await at_once(lambda: self._entry(ino, marker, ctx), lambda: self._entry(ino, tmp, ctx))
         if done.unwrap() is not None:
             return  # committed
         if asked.unwrap() is None:
@@ -574,21 +574,6 @@ class Checkpoints:
         for _, name in committed[:max(0, len(committed) - int(keep))]:
             log.info("checkpoint retention (keep %s): removing %r", keep.decode(), name)
             await client.remove_tree(parent, name, ctx)
-
-
-async def _at_once(*calls: Callable[[], Awaitable[Any]]) -> list[outcome.Outcome]:
-    """Each call's outcome (`unwrap()` returns its value or raises its error), the calls
-    made together: a commit asked while uploads keep the mount busy waits for one round
-    trip where it waited for several."""
-    out: list[Optional[outcome.Outcome]] = [None] * len(calls)
-
-    async def one(i: int, call: Callable[[], Awaitable[Any]]) -> None:
-        out[i] = await outcome.acapture(call)
-
-    async with trio.open_nursery() as nursery:
-        for i, call in enumerate(calls):
-            nursery.start_soon(one, i, call)
-    return [o for o in out if o is not None]
 
 
 async def _local(fn: Callable[..., T], *args: Any) -> T:
