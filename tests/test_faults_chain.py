@@ -99,10 +99,15 @@ def test_replica_down_the_chain_fails_during_a_write(tmp_path, replicas, positio
         write_bounded(d / "ckpt", data)
         print(f"R={replicas}, replica {position} {fault}: 256 MiB written in {time.monotonic() - t0:.1f} s")
         assert f"fault injection: {fault}-at-hop" in victim.log.read_text(errors="replace")
+        assert f"replica {position}\n" in victim.log.read_text(errors="replace")
         if fault == "kill":
             assert not victim.running()
-        # Its predecessor saw the forward to it fail (reset, or its deadline passed).
-        assert (position, replicas) in forward_failures(c, victim.address)
+        # A server forwarding to it saw the forward fail (reset, or its deadline passed):
+        # most often the predecessor in the chain it died in, but the victim is in other
+        # chains at other places too, and one of those may be the one that notices (a CI
+        # run under load once logged only the (3, 3) forward of an R3-middle kill).
+        seen = forward_failures(c, victim.address)
+        assert any(total == replicas for _, total in seen), seen
         assert sha256_path(d / "ckpt") == sha256(data)
         wait_state(c, victim.address, "dead")
         check_file(c, f"r{replicas}/ckpt", data, replicas)
