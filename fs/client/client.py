@@ -799,8 +799,8 @@ class Client:
             raise FsError(errno.EFBIG, f"{offset + length} bytes exceed the largest file")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
-        if f.stage is not None and self.stager is not None:
-            self.stager.refreshed(f)  # (the kernel may have written the local copy itself)
+        if f.stage is not None:
+            f.refresh_stage()  # (the kernel may have written the local copy itself)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if f.stage is not None:
                 raise FsError(errno.EOPNOTSUPP, "no holes in a staged checkpoint file")

@@ -191,13 +191,19 @@ class FileState:
             self.drop_dirty(index)
         self.uploaded.clear()
 
+    def refresh_stage(self) -> None:
+        """A staged file's size and mtime, taken from its local copy (Staged.refresh)."""
+        s = self.stage
+        assert s is not None
+        s.refresh()
+        self.size, self.mtime_ns = s.size, s.mtime_ns
+
     def overlay(self, attr: Attr) -> Attr:
         """attr with this client's uncommitted size and mtime applied."""
         self.attr = attr
         if self.stage is not None:
             if self.stage.direct:  # the kernel writes the local copy itself
-                self.stage.refresh()
-                self.mtime_ns = max(self.mtime_ns or 0, self.stage.mtime_ns)
+                self.refresh_stage()
             size = self.stage.size  # what this client wrote; the server has not seen it yet
         elif not self.busy():
             self.size = attr.size

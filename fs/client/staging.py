@@ -241,7 +241,7 @@ class Stager:
         s = f.stage
         if s is None or s.queued:
             return
-        self.refreshed(f)
+        f.refresh_stage()
         if s.size == s.reported:
             return
         try:
@@ -254,7 +254,7 @@ class Stager:
         """The last handle of a staged file closed: record it and queue its upload."""
         s = f.stage
         assert s is not None and not s.queued
-        self.refreshed(f)
+        f.refresh_stage()
         s.queued = True
         self._largest = max(self._largest, s.size)
         self._closed.set()
@@ -279,14 +279,6 @@ class Stager:
             s.direct = True
             self.direct_files += 1
         return result
-
-    @staticmethod
-    def refreshed(f: FileState) -> None:
-        """Take a staged file's size and mtime from its local copy (Staged.refresh)."""
-        s = f.stage
-        assert s is not None
-        s.refresh()
-        f.size, f.mtime_ns = s.size, s.mtime_ns
 
     async def settled(self, f: FileState) -> None:
         """Wait until a queued staged file is uploaded (an open for writing does)."""
