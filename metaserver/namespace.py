@@ -199,6 +199,18 @@ class NamespaceOps(CoreBase):
                 kill = stat.S_ISUID | (stat.S_ISGID if drop_sgid else 0)
                 if row["mode"] & kill:
                     sets["mode"] = row["mode"] & ~kill
+            if req.kill_suidgid and req.mode is None and perm.set_id_to_drop(row, ctx):
+                # A write or truncate by a caller without CAP_FSETID, or a chown (the mount
+                # says so: FUSE_HANDLE_KILLPRIV_V2, docs/client.md). Alone (before a write),
+                # only for someone who may write: through a handle its session opened for
+                # writing, or by the file's mode; with a truncate or chown, as they allow.
+                if all(v is None for v in (req.size, req.uid, req.gid)):
+                    if req.session:
+                        self._session_exists(tx, req.session, caller)
+                        self._check_open(tx, req.session, req.ino, caller, writable=True)
+                    else:
+                        perm.check(row, ctx, perm.WRITE, " (drop set-user/group-ID)")
+                sets["mode"] = sets.get("mode", row["mode"]) & ~perm.set_id_to_drop(row, ctx)
             times = {"atime_ns": (req.atime_now, req.atime_ns), "mtime_ns": (req.mtime_now, req.mtime_ns)}
             if not perm.is_owner(row, ctx) and any(t_now or t is not None for t_now, t in times.values()):
                 # Not the owner: only "now" (utimes(NULL), touch: EPERM for explicit times,
@@ -226,7 +238,7 @@ class NamespaceOps(CoreBase):
                 sets.setdefault("mtime_ns", now)
             given = (req.mode, req.uid, req.gid, req.size, req.atime_ns, req.mtime_ns)
             # Any setattr changes ctime, even one that sets a field to its current value.
-            if any(v is not None for v in given) or req.atime_now or req.mtime_now:
+            if any(v is not None for v in given) or req.atime_now or req.mtime_now or "mode" in sets:
                 sets["ctime_ns"] = now
             if sets:
                 cols = ", ".join(f"{k} = ?" for k in sets)

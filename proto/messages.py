@@ -366,6 +366,9 @@ class SetattrReq(Message):
     session: int = 0  # size through a handle this session opened for writing (ftruncate):
                       # the open's permission counts, not the file's mode now
     rid: int = 0  # request id (proto/services.py `once`): a retry with it gets the first answer
+    kill_suidgid: bool = False  # the caller may not keep set-user/group-ID bits: a write or
+                                # truncate by someone without CAP_FSETID drops them (with
+                                # `session`: a write through a handle opened for writing)
 
     def _check(self) -> Optional[str]:
         if self.size is not None and self.size < 0:

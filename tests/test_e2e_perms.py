@@ -237,3 +237,72 @@ def test_setgid_dir_passes_its_group_to_new_files(sides: Sides):
         USER, 1234)
     sub_mode = sides.as_root(lambda d: os.stat(d / "shared" / "sub").st_mode)
     assert sub_mode & stat.S_ISGID, "a directory made in a setgid directory is setgid too"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _write_once(p: Path) -> None:
+    fd = os.open(p, os.O_WRONLY)
+    os.write(fd, b"x")
+    os.close(fd)
+
+
+def _pwrite_twice(p: Path) -> None:
+    fd = os.open(p, os.O_RDWR)
+    os.pwrite(fd, b"y", 3)
+    os.pwrite(fd, b"z", 9)
+    os.close(fd)
+
+
+def _ftruncate(p: Path) -> None:
+    fd = os.open(p, os.O_WRONLY)
+    os.ftruncate(fd, 2)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("mode", [0o6777, 0o6767, 0o4757, 0o2757])
+def test_writes_and_truncates_by_others_drop_set_id_bits(sides: Sides, mode: int):
+    """A write, truncate or O_TRUNC open by a user other than root drops set-user-ID, and
+    set-group-ID where group execute is set or the writer is not of the group; root's keep
+    them. The mount does this itself (FUSE_HANDLE_KILLPRIV_V2: the kernel leaves it to the
+    file system), and must leave exactly what the kernel leaves on a local file."""
+    cases: dict[str, Callable[[Path], Any]] = {
+        "write": _write_once,
+        "pwrite twice": _pwrite_twice,
+        "ftruncate": _ftruncate,
+        "truncate": lambda p: os.truncate(p, 1),
+        "O_TRUNC": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)),
+    }
+    for name, act in cases.items():
+        for who, uid, gid in (("group member", USER, 0), ("stranger", USER, OTHER), ("root", 0, 0)):
+            f = f"{name.replace(' ', '_')}-{who.replace(' ', '_')}"
+
+            def prepare(d: Path, f: str = f) -> None:
+                _file(d / f, b"0123456789", mode, uid=OTHER, gid=0)
+
+            sides.setup(prepare)
+            if uid == 0:
+                sides.as_root(lambda d, f=f, act=act: act(d / f))
+                done = True
+            else:  # (a group member without group write permission gets EACCES on both)
+                done = sides.as_user(uid, lambda d, f=f, act=act: act(d / f), gid=gid)[0] == "ok"
+            got = sides.as_root(lambda d, f=f: _mode(d / f))
+            if uid == 0 or not done:
+                assert got == mode, f"{name} by {who} changed the mode to {got:o}"
+            else:
+                assert not got & stat.S_ISUID, f"{name} by {who} kept set-user-ID ({got:o})"
+            sides.as_root(lambda d, f=f: (d / f).read_bytes())  # both sides hold the same bytes
+
+
+def test_chown_drops_set_id_bits_and_a_mode_set_with_it_stays(sides: Sides):
+    def prepare(d: Path) -> None:
+        _file(d / "f", b"data", 0o6755, uid=USER, gid=0)
+        _file(d / "g", b"data", 0o6755, uid=USER, gid=0)
+
+    sides.setup(prepare)
+    sides.as_root(lambda d: os.chown(d / "f", OTHER, OTHER))
+    assert sides.as_root(lambda d: _mode(d / "f")) == 0o755
+    sides.as_root(lambda d: [os.chown(d / "g", OTHER, -1), os.chmod(d / "g", 0o6755)])
+    assert sides.as_root(lambda d: _mode(d / "g")) == 0o6755

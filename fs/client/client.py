@@ -293,24 +293,27 @@ class Client:
         atime_now: bool = False,
         mtime_now: bool = False,
         fh: Optional[int] = None,
+        kill_suidgid: bool = False,
     ) -> m.Attr:
         """Change attributes; `fh`: through this open handle (ftruncate: its open's
-        permission counts, not the file's mode now)."""
+        permission counts, not the file's mode now); `kill_suidgid`: the caller may not
+        keep set-user/group-ID bits (a truncate without CAP_FSETID: they are dropped)."""
         f = self._files.get(ino)
         if f is not None and f.stage is not None and size is not None and self.stager is not None:
             # A staged file's content is here: its size changes here (the upload commits it).
             await self.stager.truncate(f, size)
             size = None
-            if all(v is None for v in (mode, uid, gid, atime_ns, mtime_ns)) and not (atime_now or mtime_now):
+            if all(v is None for v in (mode, uid, gid, atime_ns, mtime_ns)) and not (atime_now or mtime_now
+                                                                                     or kill_suidgid):
                 return await self.getattr(ino)
         if f is not None and (size is not None or mtime_ns is not None or mtime_now):
             # Settle buffered writes first: a truncate must not race with uploads of blocks
             # it removes, and a later commit would overwrite an explicit mtime (cp -a, touch).
             await self.writer.settle(f)
         h = self._handles.get(fh) if fh is not None else None
-        session = self.session.id if size is not None and h is not None and h.writable else 0
+        session = self.session.id if (size is not None or kill_suidgid) and h is not None and h.writable else 0
         req = m.SetattrReq(ino, self._ctx(ctx), mode, uid, gid, size, atime_ns, mtime_ns, atime_now, mtime_now,
-                           session)
+                           session, kill_suidgid=kill_suidgid)
         self.names.attrs.drop(ino)
         t = now()
         attr = (await self._meta("setattr", req)).attr
@@ -634,7 +637,8 @@ class Client:
         if writable and staged is not None and self.stager is not None:
             await self.stager.settled(staged)  # closed and queued: written as anywhere else after
         if flags & os.O_TRUNC and writable:
-            await self.setattr(ino, ctx, size=0)
+            # As the kernel's truncate at open: a caller other than root loses set-ID bits.
+            await self.setattr(ino, ctx, size=0, kill_suidgid=ctx.uid != 0)
         t = now()
         reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC), ino)
         if reply.attr.nlink == 0 and ino not in self._files:
@@ -657,6 +661,17 @@ class Client:
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
         return self._new_handle(ino, writable), keep, changed
+
+    async def kill_suidgid(self, fh: int) -> None:
+        """A caller other than root writes through `fh`: the file's set-user-ID bit, and its
+        set-group-ID bit where group execute is set, go first, as a write drops them on a
+        local file system. No round trip unless the file, as last seen, has one of them (the
+        metaserver decides which go, with the opener's groups)."""
+        h, f = self._handle(fh)
+        attr, ctx = self.names.attrs.last(h.ino) or f.attr, self._ctx(f.opener)
+        of_group = ctx.uid == 0 or attr.gid == ctx.gid or attr.gid in ctx.groups
+        if attr.mode & stat.S_ISUID or attr.mode & stat.S_ISGID and (attr.mode & stat.S_IXGRP or not of_group):
+            await self.setattr(h.ino, ctx, fh=fh, kill_suidgid=True)
 
     def inode_of(self, fh: int) -> Optional[int]:
         """The inode an open handle is of (None: not open)."""

@@ -35,9 +35,9 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
 
 
 #: The version of the stripefs additions to pyfuse3 this mount needs (lock requests,
-#: fallocate, the lock owner at flush, passthrough; scripts/pyfuse3-stripefs.patch, built
-#: by scripts/_common.sh). Without them the kernel would keep locks local to this mount.
-PYFUSE3_ADDITIONS = 3
+#: fallocate, the lock owner at flush, passthrough, killpriv; scripts/pyfuse3-stripefs.patch,
+#: built by scripts/_common.sh). Without them the kernel would keep locks local to this mount.
+PYFUSE3_ADDITIONS = 4
 
 
 def check_pyfuse3() -> None:
@@ -55,6 +55,9 @@ async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: 
         ops = StripeOperations(client, mountpoint)
         if ops.passthrough.enabled:
             pyfuse3.enable_passthrough()  # staged files' local copies (passthrough.py)
+        # The mount drops set-user/group-ID bits on write and truncate itself (ops.py,
+        # kill_suidgid), so the kernel need not ask for security.capability before each write.
+        pyfuse3.handle_killpriv()
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
         log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session.id)
         try:

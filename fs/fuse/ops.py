@@ -248,7 +248,10 @@ class StripeOperations(pyfuse3.Operations):
             kwargs["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kwargs["mtime_ns"] = attr.st_mtime_ns
-        return entry(await self.client.setattr(inode, ctx_of(ctx), fh=fh, **kwargs))
+        # FUSE_HANDLE_KILLPRIV_V2 (mount.py): a truncate by a caller without CAP_FSETID
+        # drops set-user/group-ID here, not in the kernel (a chown: on the metaserver).
+        return entry(await self.client.setattr(inode, ctx_of(ctx), fh=fh, kill_suidgid=fields.kill_suidgid,
+                                               **kwargs))
 
     @errno_boundary
     async def readlink(self, inode, ctx):
@@ -362,7 +365,7 @@ class StripeOperations(pyfuse3.Operations):
         self._read_only(parent_inode)
         fh, attr = await self.client.create(parent_inode, name, mode, flags, ctx_of(ctx), umask=ctx.umask)
         self._capability_known(attr.ino)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, backing_id=self.passthrough.created(attr.ino, fh)), entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, backing_id=self.passthrough.created(attr, fh)), entry(attr)
 
     @errno_boundary
     async def read(self, fh, off, size):
@@ -376,6 +379,12 @@ class StripeOperations(pyfuse3.Operations):
         if self.controls.holds(fh):
             return self.controls.write(fh, buf)
         return await self.client.write(fh, off, buf)
+
+    @errno_boundary
+    async def kill_suidgid(self, fh):
+        # Before a write by a caller other than root (FUSE_HANDLE_KILLPRIV_V2, mount.py).
+        if not self.controls.holds(fh):
+            await self.client.kill_suidgid(fh)
 
     @errno_boundary
     async def flush(self, fh):

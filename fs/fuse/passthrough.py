@@ -16,6 +16,10 @@ opened through it is open, and every open of the inode meanwhile joins it; a sta
 stays staged for exactly those opens (staging.py), and its upload starts only after the
 last of them closes. A file not created here through passthrough never gets it later.
 
+Writes the kernel makes itself never reach this mount, which drops set-user/group-ID bits
+on write (FUSE_HANDLE_KILLPRIV_V2, ops.py): a file created with either bit is written
+by the mount. (A bit set by chmod while the file is open keeps; docs/client.md.)
+
 Where the kernel refuses (older than 6.9, or a staging area on a stacked file system such
 as overlayfs: the backing file may not be on one, pyfuse3.enable_passthrough's depth 1),
 the first refusal is logged and the mount writes staged files itself, as before.
@@ -24,10 +28,11 @@ the first refusal is logged and the mount writes staged files itself, as before.
 from __future__ import annotations
 
 import logging
+import stat
 
 import pyfuse3
 
-from stripefs.client import Client
+from stripefs.client import Attr, Client
 
 log = logging.getLogger("stripefs.fuse")
 
@@ -41,9 +46,10 @@ class Passthrough:
         self._inodes: dict[int, list[int]] = {}  # inode -> [backing id, handles opened through it]
         self._handles: dict[int, int] = {}  # handle -> inode
 
-    def created(self, ino: int, fh: int) -> int:
+    def created(self, attr: Attr, fh: int) -> int:
         """The backing id for a handle just created (0: none, the mount serves it)."""
-        if not self.enabled:
+        ino = attr.ino
+        if not self.enabled or attr.mode & (stat.S_ISUID | stat.S_ISGID):
             return 0
         try:
             backing_id = self.client.direct_staged(fh, pyfuse3.backing_open)
