@@ -97,6 +97,10 @@ UPLOAD_RETRY_S = 1.0
 #: from those writers, whose closes the training waits for (a checkpoint's ranks close
 #: together), while the upload gains little by starting a moment sooner.
 UPLOAD_YIELD_S = 2.0
+#: ... and until no staged file here has closed for this long: a checkpoint's last close is
+#: followed by its commit (the marker asked for, rank 0's work), which the training also
+#: waits for, and which the uploads' hashing would slow (they share the mount's GIL).
+UPLOAD_QUIET_S = 0.25
 UPLOAD_RETRY_MAX_S = 30.0
 #: A commit waiting for staged files looks again after this long, doubling up to the max.
 COMMIT_POLL_S = 0.05
@@ -153,6 +157,7 @@ class Stager:
         self._room = trio.Event()  # set when an upload frees room
         self._largest = 0  # bytes of the largest file closed here
         self._closed = trio.Event()  # set when a staged file is closed
+        self._last_close = 0.0  # trio time of the last close of a staged file
         self._waiting_for_room = 0  # writers waiting for an upload to free room
         self._slots = trio.CapacityLimiter(UPLOADS_IN_FLIGHT)
         self._boot = boot_id()
@@ -235,13 +240,12 @@ class Stager:
         assert f.stage is not None
         await _local(os.fdatasync, f.stage.fd)
 
-    async def flushed(self, f: FileState) -> None:
-        """A close of a staged file: the bytes staged are reported on its mark (what
-        `stripefs.checkpoint.pending` sums on other clients)."""
+    async def _report(self, f: FileState) -> None:
+        """The bytes staged are reported on the file's mark (what `stripefs.checkpoint.
+        pending` sums on other clients): at the last close, before the upload is queued
+        (which clears the mark), not at each close(2), which would wait for it."""
         s = f.stage
-        if s is None or s.queued:
-            return
-        f.refresh_stage()
+        assert s is not None
         if s.size == s.reported:
             return
         try:
@@ -259,6 +263,8 @@ class Stager:
         self._largest = max(self._largest, s.size)
         self._closed.set()
         self._closed = trio.Event()
+        self._last_close = trio.current_time()
+        await self._report(f)
         record = json.dumps({"ino": f.ino, "size": s.size, "mtime_ns": s.mtime_ns, "boot": self._boot,
                              "opener": dataclasses.asdict(s.opener)})
         try:
@@ -308,12 +314,17 @@ class Stager:
                 delay = min(delay * 2, UPLOAD_RETRY_MAX_S)
 
     async def _yield_to_writers(self) -> None:
-        """Wait, UPLOAD_YIELD_S at most, until no staged file here is being written (none
-        while a writer waits for room: the uploads make it)."""
+        """Wait, UPLOAD_YIELD_S at most, until no staged file here is being written and
+        none has closed for UPLOAD_QUIET_S (no wait while a writer waits for room: the
+        uploads make it)."""
         with trio.move_on_after(UPLOAD_YIELD_S):
-            while not self._waiting_for_room and any(
-                    g.stage is not None and not g.stage.queued for g in self.files.values()):
-                await self._closed.wait()
+            while not self._waiting_for_room:
+                if any(g.stage is not None and not g.stage.queued for g in self.files.values()):
+                    await self._closed.wait()
+                elif (quiet := self._last_close + UPLOAD_QUIET_S - trio.current_time()) > 0:
+                    await trio.sleep(quiet)
+                else:
+                    return
 
     async def _upload(self, f: FileState) -> None:
         s = f.stage
