@@ -191,15 +191,13 @@ class NamespaceOps(CoreBase):
                 sets["uid"] = req.uid
             if req.gid is not None and req.gid != row["gid"]:
                 sets["gid"] = req.gid
-            if (req.uid is not None or req.gid is not None) and req.mode is None and not is_dir(row):
+            dropped = ctx.set_id_dropped(row["mode"], row["gid"])  # (by a chown, write or truncate)
+            if (req.uid is not None or req.gid is not None) and req.mode is None and not is_dir(row) and dropped:
                 # chown(2) of a file drops set-user-ID, and set-group-ID where it means a
                 # group to run as (group execute) or the caller is not of the group, as
                 # Linux's chown_common and setattr_should_drop_sgid.
-                drop_sgid = row["mode"] & stat.S_IXGRP or not (root or perm.in_group(ctx, row["gid"]))
-                kill = stat.S_ISUID | (stat.S_ISGID if drop_sgid else 0)
-                if row["mode"] & kill:
-                    sets["mode"] = row["mode"] & ~kill
-            if req.kill_suidgid and req.mode is None and perm.set_id_to_drop(row, ctx):
+                sets["mode"] = row["mode"] & ~dropped
+            if req.kill_suidgid and req.mode is None and is_reg(row) and dropped:
                 # A write or truncate by a caller without CAP_FSETID, or a chown (the mount
                 # says so: FUSE_HANDLE_KILLPRIV_V2, docs/client.md). Alone (before a write),
                 # only for someone who may write: through a handle its session opened for
@@ -210,7 +208,7 @@ class NamespaceOps(CoreBase):
                         self._check_open(tx, req.session, req.ino, caller, writable=True)
                     else:
                         perm.check(row, ctx, perm.WRITE, " (drop set-user/group-ID)")
-                sets["mode"] = sets.get("mode", row["mode"]) & ~perm.set_id_to_drop(row, ctx)
+                sets["mode"] = row["mode"] & ~dropped
             times = {"atime_ns": (req.atime_now, req.atime_ns), "mtime_ns": (req.mtime_now, req.mtime_ns)}
             if not perm.is_owner(row, ctx) and any(t_now or t is not None for t_now, t in times.values()):
                 # Not the owner: only "now" (utimes(NULL), touch: EPERM for explicit times,

@@ -65,19 +65,6 @@ def allowed(row: Row, ctx: Ctx, want: int) -> bool:
     return want & ~bits & 7 == 0
 
 
-def set_id_to_drop(row: Row, ctx: Ctx) -> int:
-    """The set-user-ID and set-group-ID bits that a write, truncate or chown by `ctx` drops
-    from a regular file (Linux's setattr_should_drop_suidgid): set-user-ID always, set-group-
-    ID where it means a group to run as (group execute) or the caller is not of the group."""
-    mode = row["mode"]
-    if not stat.S_ISREG(mode):
-        return 0
-    drop = mode & stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not (ctx.uid == 0 or in_group(ctx, row["gid"]))):
-        drop |= stat.S_ISGID
-    return drop
-
-
 def only_drops_set_id(row: Row, mode: int) -> bool:
     """Whether `mode` is the inode's mode with some of its set-user-ID and set-group-ID
     bits cleared and nothing else changed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -222,6 +223,18 @@ class Ctx(Message):
         if len(self.groups) > GROUPS_MAX or not all(0 <= g <= ID_MAX for g in self.groups):
             return "groups: too many, or not 32-bit ids"
         return None
+
+    def set_id_dropped(self, mode: int, gid: int) -> int:
+        """The set-user-ID and set-group-ID bits that a write, truncate or chown by this
+        caller drops from a file of `mode` and group `gid` (Linux's should_remove_suid and
+        setattr_should_drop_sgid): set-user-ID always, set-group-ID where it means a group
+        to run as (group execute) or the caller, not root, is not of the group. The one
+        rule for the metaserver, which drops them, and a client that asks it to."""
+        of_group = self.uid == 0 or gid == self.gid or gid in self.groups
+        drop = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not of_group):
+            drop |= stat.S_ISGID
+        return drop
 
 
 @dataclass

@@ -669,8 +669,7 @@ class Client:
         metaserver decides which go, with the opener's groups)."""
         h, f = self._handle(fh)
         attr, ctx = self.names.attrs.last(h.ino) or f.attr, self._ctx(f.opener)
-        of_group = ctx.uid == 0 or attr.gid == ctx.gid or attr.gid in ctx.groups
-        if attr.mode & stat.S_ISUID or attr.mode & stat.S_ISGID and (attr.mode & stat.S_IXGRP or not of_group):
+        if ctx.set_id_dropped(attr.mode, attr.gid):
             await self.setattr(h.ino, ctx, fh=fh, kill_suidgid=True)
 
     def inode_of(self, fh: int) -> Optional[int]:
