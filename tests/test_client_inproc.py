@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 from collections import Counter
 
@@ -16,11 +17,13 @@ from stripefs.dataserver.service import DataService
 from stripefs.dataserver.store import BlockStore
 from stripefs.client import Ctx, FsError
 from stripefs.client.client import Client
+from stripefs.client.disktier import DiskTier
+from stripefs.client.staging import Stager
 from stripefs.client.transport import LocalTransport
 from stripefs.metaserver.core import MetaCore
 from stripefs.proto.messages import Empty, RegisterReq
 from stripefs.proto.services import DATA_METHODS, META_METHODS
-from stripefs.proto.types import LAYOUT_XATTR_BLOCK_SIZE, LAYOUT_XATTR_INLINE_MAX, ROOT_INODE
+from stripefs.proto.types import CHECKPOINT_XATTR, LAYOUT_XATTR_BLOCK_SIZE, LAYOUT_XATTR_INLINE_MAX, ROOT_INODE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,3 +281,54 @@ def test_blocks_are_allocated_with_creates_only_where_files_outgrow_inline(world
             assert tx.scalar("SELECT COUNT(*) FROM pending") == 0
 
     run(world, body)
+
+
+def test_files_staged_while_a_previous_clients_leftovers_are_swept_are_kept(world, tmp_path, monkeypatch):
+    """A client starting on a staging area sweeps what a previous one left unrecorded (files
+    never closed) while it may already be serving; a file it stages meanwhile has no record
+    yet either, so its first staged files wait for the sweep (Stager.begin). With the sweep
+    made slow, the file staged at once must survive it and be uploaded whole."""
+    tier = tmp_path / "tier"
+    (tier / "stage").mkdir(parents=True)
+    leftover = tier / "stage" / "987654321"
+    leftover.write_bytes(b"written by a client that died before closing it")
+    sweep = Stager._records
+
+    def slow_sweep(self):
+        time.sleep(0.5)
+        return sweep(self)
+
+    monkeypatch.setattr(Stager, "_records", slow_sweep)
+    data = os.urandom(3 * SMALL_BS + 5)
+    meta = Counting(world.core, META_METHODS, "meta")
+    client = Client("meta", None, meta_transport=meta, disk_tier=DiskTier(tier, 1 << 26),
+                    data_connect=lambda a: LocalTransport(world.data[a], DATA_METHODS, a))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await client._start(nursery)
+            try:
+                d = await client.mkdir(ROOT_INODE, b"ckpt", 0o755, ROOT)
+                await client.setxattr(d.ino, CHECKPOINT_XATTR, b"async", ctx=ROOT)
+                await client.setxattr(d.ino, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode(), ctx=ROOT)
+                fh, attr = await client.create(d.ino, b"rank0.pt", 0o644, os.O_WRONLY, ROOT)
+                assert client.stager is not None and attr.ino in client.stager.files
+                staged = client.stager.files[attr.ino].stage
+                assert staged is not None
+                await client.write(fh, 0, data)
+                with trio.fail_after(30):
+                    await client.stager._swept.wait()
+                assert not leftover.exists()
+                assert (tier / "stage" / str(attr.ino)).read_bytes() == data  # not swept with it
+                await client.release(fh)
+                with trio.fail_after(60):
+                    await staged.uploaded.wait()
+                assert not client.stager.files and client.stager.uploaded_files == 1
+                return attr.ino
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+
+    ino = trio.run(main)
+    assert run(world, lambda c, _: read(c, ino)) == [data]

@@ -161,6 +161,9 @@ class Stager:
         self._waiting_for_room = 0  # writers waiting for an upload to free room
         self._slots = trio.CapacityLimiter(UPLOADS_IN_FLIGHT)
         self._boot = boot_id()
+        #: set once resume() has swept what a previous client left: a file staged before
+        #: that would have no record yet and be swept with them.
+        self._swept = trio.Event()
         self.directory.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -197,7 +200,9 @@ class Stager:
         the staging area cannot take it, its mark goes and it is written as anywhere else.
         A new file first waits for room for as many bytes as the largest file staged here
         so far (a checkpoint's shards are alike in size): one the kernel writes directly
-        (`direct`) is not stopped once it is open, whatever it grows to."""
+        (`direct`) is not stopped once it is open, whatever it grows to. The first files
+        of a new client wait until what a previous one left is swept (resume)."""
+        await self._swept.wait()
         await self._wait_for_room(max(1, self._largest))
         try:
             fd = await trio.to_thread.run_sync(os.open, self._data(f.ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -375,8 +380,16 @@ class Stager:
     # ------------------------------------------------------------------ restart
 
     async def resume(self) -> None:
-        """Queue the uploads a previous client on this directory left (module docstring)."""
-        for record in await trio.to_thread.run_sync(self._records):
+        """Queue the uploads a previous client on this directory left (module docstring).
+        Files staged by this client wait for the sweep (begin)."""
+        try:
+            records = await trio.to_thread.run_sync(self._records)
+        except OSError as exc:  # (an unreadable staging directory: its files stay where they are)
+            log.error("staging directory %s not swept (%s): nothing resumed", self.directory, exc)
+            records = []
+        finally:
+            self._swept.set()
+        for record in records:
             ino, size, opener = int(record["ino"]), int(record["size"]), m.Ctx(**record["opener"])
             try:
                 f = await self.client._reopen_staged(ino, opener)
