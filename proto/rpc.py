@@ -816,6 +816,22 @@ class ChannelWatch:
         self.channel.unsubscribe(self._note)
 
 
+class AioChannelWatch:
+    """ChannelWatch's `state` and `failing()` for a grpc.aio channel, kept current by
+    `run()`, a task on the channel's loop, which also keeps the channel connecting."""
+
+    def __init__(self) -> None:
+        self.state = grpc.ChannelConnectivity.IDLE
+
+    async def run(self, channel: grpc.aio.Channel) -> None:
+        while True:
+            self.state = state = channel.get_state(try_to_connect=True)
+            await channel.wait_for_state_change(state)
+
+    def failing(self) -> bool:
+        return self.state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+
 class FailoverStub:
     """A blocking client of one service on a list of servers (AddressList): each call goes
     to the current one; one that cannot be reached is skipped for the next (the call was not

@@ -4,10 +4,14 @@
   for the server side). A call encodes its request, puts it on the queue that feeds the
   stream and waits for the reply with its id; calls queued at the same time leave as one
   message (and the metaserver applies them in one transaction). The trio thread never
-  blocks: gRPC's own thread takes requests off the queue, one reader thread per stream
-  hands replies to trio through its token. Measured on this 2-core machine
-  (scripts/bench-rpc, docs/client.md): ~0.3 ms for one caller and tens of thousands of
-  calls a second with 64 callers, against ~0.8 ms and ~1,900/s for a thread per call.
+  blocks: every stream of the process runs on one asyncio loop on a thread of its own
+  (grpc.aio, `_GrpcLoop`), which writes the requests and hands each reply message to
+  trio through its token. Measured on this 2-core machine (scripts/bench-rpc,
+  docs/client.md): ~0.3 ms for one caller and tens of thousands of calls a second with 64
+  callers, against ~0.8 ms and ~1,900/s for a thread per call. gRPC's sync stack took
+  three Python threads per stream (its request sender and poller, our reader), each call
+  crossing three or four of them: a cold epoch of 150 KiB files cost the mount 49 thread
+  switches a file in those threads, 15 on the loop, and 2.0 against 1.45 ms of CPU.
 - `upload`, `download`: a call on a worker thread, on a channel of its own, for
   bulk transfers (blocks of megabytes), which would hold up every small call queued behind
   them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
@@ -28,7 +32,7 @@ have run; the next call opens a new stream. Retrying is the caller's decision (s
 Failover. With one address, FailoverTransport is that address's StreamTransport, as above.
 With several (proto/rpc.py AddressList), it talks to the current one and moves to the next
 - when it cannot be reached: gRPC says its last attempt to connect failed (proto/rpc.py
-  ChannelWatch: at once when nothing listens, after 0.2 s for a stopped process), or no
+  AioChannelWatch: at once when nothing listens, after 0.2 s for a stopped process), or no
   stream to it is up within HUNG_AFTER_S. Nothing was sent, so any call goes on to the
   next server; the stream left waiting for it keeps its channel reconnecting, and is used
   when the list comes round to it again;
@@ -45,11 +49,12 @@ for the server it was sent to, up to its deadline, as with one address.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import itertools
 import logging
 import math
-import queue
+import os
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
@@ -60,8 +65,8 @@ from stripefs.proto import codec
 from stripefs.proto.credentials import CLIENT, Caller, Credentials
 from stripefs.proto.errors import FsError, TransportError
 from stripefs.proto.messages import Message
-from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, ChannelWatch, Dispatch, Stub, secure_channel,
-                       transport_error)
+from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, AioChannelWatch, Dispatch, Stub,
+                       aio_secure_channel, transport_error)
 from stripefs.proto.services import WAIT, Method
 
 log = logging.getLogger("stripefs.client")
@@ -124,72 +129,138 @@ class _Pending:
         self.error: Optional[FsError] = None
 
 
-class _Stream:
-    """One gRPC stream call. Lives until it breaks or is closed; never reopened."""
+class _GrpcLoop:
+    """The asyncio loop, on a thread of its own, that runs every stream of this process
+    (grpc.aio): one Python thread for all of them, where gRPC's sync stack takes three per
+    stream (its sender, its poller, our reader), each request and reply crossing two or
+    three of them. Made on first use, and again in a child forked after it."""
 
-    def __init__(self, channel: grpc.Channel, path: str, address: str, token: trio.lowlevel.TrioToken) -> None:
+    _current: Optional["_GrpcLoop"] = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()  # (what is scheduled before it runs waits for it)
+        self.thread = threading.Thread(target=self._run, name="stripefs-grpc", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @classmethod
+    def get(cls) -> "_GrpcLoop":
+        with cls._lock:
+            if cls._current is None or cls._current.pid != os.getpid():
+                cls._current = cls()
+            return cls._current
+
+    def soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) on the loop (from any thread)."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def start(self, coro: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class _Stream:
+    """One gRPC stream call. Lives until it breaks or is closed; never reopened. Runs on
+    the _GrpcLoop: requests queued by the trio thread are written there, everything queued
+    at the time in one message; each reply message is handed to trio through its token."""
+
+    def __init__(self, channel: Callable[[], grpc.aio.Channel], path: str, address: str,
+                 token: trio.lowlevel.TrioToken) -> None:
         self.address = address
         self._token = token
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        #: call id -> pending call; touched on the trio thread, read by gRPC's sender thread
+        self._grpc = _GrpcLoop.get()
+        #: requests not yet written: appended by the trio thread, taken by the loop's
+        self._outbox: collections.deque = collections.deque()
+        self._kicked = False  # a wake-up of the writer is on its way to the loop
+        self._wake = asyncio.Event()  # (bound to the loop that first waits for it)
+        self._call: Any = None
+        self._closed = False
+        #: call id -> pending call; touched on the trio thread, read by the loop's
         self.pending: dict[int, _Pending] = {}
         self.up = trio.Event()  # set by the greeting, or when the stream breaks first
         #: why it broke: TransportError, or EACCES when the server refused our credential
         self.broken: Optional[FsError] = None
         #: trio time of the last message from the server (the greeting, replies)
         self.heard = -math.inf
-        # wait_for_ready: opening the stream waits for the server instead of failing at
-        # once; nothing is queued on it before its greeting, so nothing waits inside gRPC.
-        self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
-        self._reader = threading.Thread(target=self._read, name=f"stream-{address}", daemon=True)
-        self._reader.start()
+        self._grpc.start(self._run(channel, path))
 
     def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
         """Queue one request (trio thread). The stream must be up."""
         waiter = self.pending[call_id] = _Pending()
-        self._queue.put([call_id, name, frame])
+        self._outbox.append([call_id, name, frame])
+        if not self._kicked:  # (the writer takes everything queued before it runs)
+            self._kicked = True
+            self._grpc.soon(self._kick)
         return waiter
 
-    def _requests(self):
-        """The messages of the stream, built on gRPC's sender thread: everything queued
-        at the time goes in one message."""
-        while True:
-            entry = self._queue.get()
-            batch = []
-            while entry is not None:
-                # A caller that gave up before its request left does not send it.
-                if entry[0] in self.pending:
-                    batch.append(entry)
-                if len(batch) >= codec.MAX_BATCH:
-                    break
-                try:
-                    entry = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                yield codec.encode_batch(batch)
-            if entry is None:
-                return
+    def _kick(self) -> None:
+        self._kicked = False
+        self._wake.set()
 
-    def _read(self) -> None:
-        """The reader thread: hands each reply message to trio."""
+    async def _run(self, channel: Callable[[], grpc.aio.Channel], path: str) -> None:
+        """The stream, on the loop: open it (waiting for the server: wait_for_ready; nothing
+        is queued on it before its greeting), write requests, hand replies to trio."""
         error: FsError
+        writer: Optional[asyncio.Task] = None
         try:
-            for message in self._call:
+            if self._closed:
+                raise asyncio.CancelledError
+            self._call = channel().stream_stream(path)(wait_for_ready=True)
+            writer = asyncio.ensure_future(self._write())
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    break
                 self._token.run_sync_soon(self._deliver, codec.decode_reply_batch(message))
             error = TransportError(f"stream to {self.address} ended")
+        except asyncio.CancelledError:
+            error = TransportError(f"stream to {self.address} closed")
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 error = FsError(errno.EACCES, f"{self.address}: {exc.details()}")
+            elif exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                error = TransportError(f"stream to {self.address} closed")
             else:
                 error = transport_error(self.address, STREAM_METHOD, exc)
         except ValueError as exc:
             error = TransportError(f"stream to {self.address}: {exc}")
-            self._call.cancel()
+        except trio.RunFinishedError:
+            error = TransportError("the client's trio run is over")
+        except Exception as exc:  # (a bug: still, every call waiting on the stream is told)
+            log.exception("stream to %s", self.address)
+            error = TransportError(f"stream to {self.address}: {exc!r}")
+        finally:
+            if writer is not None:
+                writer.cancel()
+            if self._call is not None:
+                self._call.cancel()
         try:
             self._token.run_sync_soon(self._fail, error)
         except trio.RunFinishedError:
             pass  # the client's trio run is over: nobody is waiting
+
+    async def _write(self) -> None:
+        """Write what the trio thread queued, as it comes."""
+        assert self._call is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                batch: list[list] = []
+                while self._outbox and len(batch) < codec.MAX_BATCH:
+                    entry = self._outbox.popleft()
+                    # A caller that gave up before its request left does not send it.
+                    if entry[0] in self.pending:
+                        batch.append(entry)
+                if batch:
+                    try:
+                        await self._call.write(codec.encode_batch(batch))
+                    except (grpc.RpcError, asyncio.InvalidStateError):
+                        return  # the stream ended: its reader tells the callers
 
     def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
         self.up.set()  # the first message is the greeting
@@ -210,8 +281,12 @@ class _Stream:
             waiter.event.set()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._call.cancel()
+        self._closed = True
+        self._grpc.soon(self._cancel)
+
+    def _cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
 
 class StreamTransport:
@@ -227,12 +302,36 @@ class StreamTransport:
         self._creds = creds
         self._service = service
         self._stub: Optional[Stub] = None  # for bulk calls, made on first use
-        self._channel = secure_channel(address, creds, service)
-        self._watch = ChannelWatch(self._channel) if fail_fast else None
+        self._grpc = _GrpcLoop.get()
+        #: the streams' channel, made on the _GrpcLoop (grpc.aio) when first needed
+        self._aio_channel: Optional[grpc.aio.Channel] = None
         self._path = f"/{service}/{STREAM_METHOD}"
         self._stream: Optional[_Stream] = None
         self._ids = itertools.count(1)
         self._closed = False
+        self._watch: Optional[AioChannelWatch] = None
+        if fail_fast:  # gRPC's view of the connection, for calls that must not wait for it
+            self._watch = AioChannelWatch()
+            self._grpc.start(self._watching(self._watch))
+
+    def _channel(self) -> grpc.aio.Channel:
+        """On the _GrpcLoop."""
+        if self._aio_channel is None:
+            self._aio_channel = aio_secure_channel(self.address, self._creds, self._service)
+        return self._aio_channel
+
+    async def _close_channel(self) -> None:
+        if self._aio_channel is not None:
+            await self._aio_channel.close()  # (ends the watch's wait: it was the last user)
+
+    async def _watching(self, watch: AioChannelWatch) -> None:
+        try:
+            await watch.run(self._channel())
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            pass  # the channel was closed
+        except Exception:
+            if not self._closed:
+                log.exception("%s: the connection's watch stopped", self.address)
 
     def _current(self) -> _Stream:
         stream = self._stream
@@ -338,9 +437,7 @@ class StreamTransport:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
-        if self._watch is not None:
-            self._watch.close()
-        self._channel.close()
+        self._grpc.start(self._close_channel())
         if self._stub is not None:
             self._stub.close()
 
