@@ -460,10 +460,16 @@ def test_fsck_and_the_state_file_take_a_list(meta_cluster, tmp_path):
 
 
 @pytest.mark.mount
-def test_mount_takes_a_list(tmp_path):
-    with Cluster(tmp_path / "cluster", dataservers=1) as c:
+@pytest.mark.parametrize("first", ["dead", "stopped"])
+def test_mount_takes_a_list(tmp_path, first):
+    """A mount (whose streams run on one asyncio loop, fs/client/transport.py, where the
+    library above uses gRPC's sync threads) skips a first metaserver that is not there or
+    stopped."""
+    with Cluster(tmp_path / "cluster", dataservers=1) as c, spare_metaserver(c, "meta-spare") as spare:
         real = c.meta_addr
-        c.meta_addr = f"{dead_address()},{real}"  # what the mount is given
+        if first == "stopped":
+            spare.signal(signal.SIGSTOP)
+        c.meta_addr = f"{dead_address() if first == 'dead' else spare.address},{real}"  # what the mount is given
         m = c.mount()
         (m / "f").write_bytes(b"through the second metaserver")
         assert (m / "f").read_bytes() == b"through the second metaserver"
@@ -473,6 +479,25 @@ def test_mount_takes_a_list(tmp_path):
         m.close()
         assert not is_mounted(m.path)
         assert f"switching to {real}" in (c.logs_dir / "mount-1.log").read_text()
+
+
+@pytest.mark.mount
+def test_mount_leaves_a_metaserver_that_stops_answering(tmp_path):
+    """Mounted through the first metaserver, which then hangs: the mount's next calls go to
+    the second within the hang bound (a store of its own: the session is replaced there,
+    and small files, which need no data server, are written and read through it)."""
+    with Cluster(tmp_path / "cluster", dataservers=1) as c, spare_metaserver(c, "meta-first") as first:
+        real = c.meta_addr
+        c.meta_addr = f"{first.address},{real}"
+        m = c.mount()
+        (m / "before").write_bytes(b"on the first")
+        first.signal(signal.SIGSTOP)
+        t = time.monotonic()
+        (m / "after").write_bytes(b"on the second")
+        assert (m / "after").read_bytes() == b"on the second"
+        assert time.monotonic() - t < HUNG_AFTER_S + 2 * SWITCH_SLACK_S
+        assert f"switching to {real}" in (c.logs_dir / "mount-1.log").read_text()
+        m.close()
 
 
 # ---------------------------------------------------------------------------- one database, two metaservers

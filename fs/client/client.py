@@ -115,7 +115,11 @@ class Client:
     meta_transport / data_connect replace the network (tests: LocalTransport); disk_tier:
     a DiskTier (disktier.py) keeping blocks read on local disk, owned (closed) by the
     caller; its directory's `stage/` also holds checkpoint files staged for upload, up to
-    `stage_bytes` (staging.py)."""
+    `stage_bytes` (staging.py). `rpc_loop`: the streams to the servers run on one asyncio
+    loop (grpc.aio) instead of gRPC's sync threads, with fewer thread switches a call (the
+    mount's choice); not for a process that forks and uses gRPC in the child (a
+    DataLoader worker): after grpc.aio, gRPC does not work in a forked child
+    (transport.py)."""
 
     def __init__(
         self,
@@ -132,12 +136,14 @@ class Client:
         data_connect: Optional[Callable[[str], Transport]] = None,
         identity: Optional[m.Ctx] = None,
         atime: bool = False,
+        rpc_loop: bool = False,
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
         checked = cast(Credentials, creds)  # None only with both transports given (above)
-        meta = meta_transport or FailoverTransport(meta_address, checked, META_SERVICE, META_METHODS)
-        connect = data_connect or (lambda address: StreamTransport(address, checked, DATA_SERVICE, DATA_METHODS))
+        meta = meta_transport or FailoverTransport(meta_address, checked, META_SERVICE, META_METHODS, loop=rpc_loop)
+        connect = data_connect or (lambda address: StreamTransport(address, checked, DATA_SERVICE, DATA_METHODS,
+                                                                   loop=rpc_loop))
         #: who calls that do not say are made as (default: this process)
         self.identity = identity or process_identity()
         #: move atime on reads (relatime's rules); off by default, as with noatime

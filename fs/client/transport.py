@@ -4,14 +4,16 @@
   for the server side). A call encodes its request, puts it on the queue that feeds the
   stream and waits for the reply with its id; calls queued at the same time leave as one
   message (and the metaserver applies them in one transaction). The trio thread never
-  blocks: every stream of the process runs on one asyncio loop on a thread of its own
-  (grpc.aio, `_GrpcLoop`), which writes the requests and hands each reply message to
-  trio through its token. Measured on this 2-core machine (scripts/bench-rpc,
+  blocks. In a mount (`loop`) every stream of the process runs on one asyncio loop on a
+  thread of its own (grpc.aio, `_GrpcLoop`), which writes the requests and hands each
+  reply message to trio through its token; elsewhere (the library, which a DataLoader
+  may fork: gRPC does not work in a child forked after grpc.aio) on gRPC's sync stack,
+  three Python threads a stream (its request sender and poller, our reader thread), each
+  call crossing three or four of them. Measured on this 2-core machine (scripts/bench-rpc,
   docs/client.md): ~0.3 ms for one caller and tens of thousands of calls a second with 64
-  callers, against ~0.8 ms and ~1,900/s for a thread per call. gRPC's sync stack took
-  three Python threads per stream (its request sender and poller, our reader), each call
-  crossing three or four of them: a cold epoch of 150 KiB files cost the mount 49 thread
-  switches a file in those threads, 15 on the loop, and 2.0 against 1.45 ms of CPU.
+  callers, against ~0.8 ms and ~1,900/s for a thread per call; a cold epoch of 150 KiB
+  files cost the mount 49 thread switches a file in gRPC's threads, 15 on the loop, and
+  2.0 against 1.45-1.68 ms of CPU.
 - `upload`, `download`: a call on a worker thread, on a channel of its own, for
   bulk transfers (blocks of megabytes), which would hold up every small call queued behind
   them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
@@ -55,6 +57,7 @@ import itertools
 import logging
 import math
 import os
+import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
@@ -65,8 +68,8 @@ from stripefs.proto import codec
 from stripefs.proto.credentials import CLIENT, Caller, Credentials
 from stripefs.proto.errors import FsError, TransportError
 from stripefs.proto.messages import Message
-from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, AioChannelWatch, Dispatch, Stub,
-                       aio_secure_channel, transport_error)
+from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, AioChannelWatch, ChannelWatch, Dispatch, Stub,
+                       aio_secure_channel, secure_channel, transport_error)
 from stripefs.proto.services import WAIT, Method
 
 log = logging.getLogger("stripefs.client")
@@ -133,7 +136,7 @@ class _GrpcLoop:
     """The asyncio loop, on a thread of its own, that runs every stream of this process
     (grpc.aio): one Python thread for all of them, where gRPC's sync stack takes three per
     stream (its sender, its poller, our reader), each request and reply crossing two or
-    three of them. Made on first use, and again in a child forked after it."""
+    three of them. Made on first use."""
 
     _current: Optional["_GrpcLoop"] = None
     _lock = threading.Lock()
@@ -149,11 +152,16 @@ class _GrpcLoop:
         self.loop.run_forever()
 
     @classmethod
-    def get(cls) -> "_GrpcLoop":
+    def get(cls) -> Optional["_GrpcLoop"]:
+        """The loop; None in a child forked from a process that had started it, whose
+        streams then take gRPC's sync stack (_ThreadStream) rather than crash: grpc.aio
+        does not survive a fork (a new loop there crashed in gRPC), and gRPC's sync stack
+        hangs there too. A client that may be used in a forked child does not use the
+        loop (Client's `rpc_loop`)."""
         with cls._lock:
-            if cls._current is None or cls._current.pid != os.getpid():
+            if cls._current is None:
                 cls._current = cls()
-            return cls._current
+            return cls._current if cls._current.pid == os.getpid() else None
 
     def soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn(*args) on the loop (from any thread)."""
@@ -163,33 +171,85 @@ class _GrpcLoop:
         asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
-class _Stream:
-    """One gRPC stream call. Lives until it breaks or is closed; never reopened. Runs on
-    the _GrpcLoop: requests queued by the trio thread are written there, everything queued
-    at the time in one message; each reply message is handed to trio through its token."""
+class _StreamState:
+    """What a stream call shares with the trio thread, whoever runs it: one gRPC stream
+    call that lives until it breaks or is closed, never reopened."""
 
-    def __init__(self, channel: Callable[[], grpc.aio.Channel], path: str, address: str,
-                 token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, address: str, token: trio.lowlevel.TrioToken) -> None:
         self.address = address
         self._token = token
-        self._grpc = _GrpcLoop.get()
-        #: requests not yet written: appended by the trio thread, taken by the loop's
-        self._outbox: collections.deque = collections.deque()
-        self._kicked = False  # a wake-up of the writer is on its way to the loop
-        self._wake = asyncio.Event()  # (bound to the loop that first waits for it)
-        self._call: Any = None
-        self._closed = False
-        #: call id -> pending call; touched on the trio thread, read by the loop's
+        #: call id -> pending call; touched on the trio thread, read by the stream's
         self.pending: dict[int, _Pending] = {}
         self.up = trio.Event()  # set by the greeting, or when the stream breaks first
         #: why it broke: TransportError, or EACCES when the server refused our credential
         self.broken: Optional[FsError] = None
         #: trio time of the last message from the server (the greeting, replies)
         self.heard = -math.inf
-        self._grpc.start(self._run(channel, path))
 
     def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
         """Queue one request (trio thread). The stream must be up."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _unsent(self, entries: Iterable[list]) -> list[list]:
+        """The requests of `entries` to send: a caller that gave up before its request
+        left does not send it."""
+        return [entry for entry in entries if entry[0] in self.pending]
+
+    def _error(self, exc: grpc.RpcError, closed: bool) -> FsError:
+        """What the calls waiting on a stream that ended with `exc` are told."""
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return FsError(errno.EACCES, f"{self.address}: {exc.details()}")
+        if exc.code() == grpc.StatusCode.CANCELLED and closed:
+            return TransportError(f"stream to {self.address} closed")
+        return transport_error(self.address, STREAM_METHOD, exc)
+
+    def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
+        self.up.set()  # the first message is the greeting
+        self.heard = trio.current_time()
+        for call_id, frame in entries:
+            waiter = self.pending.pop(call_id, None)
+            if waiter is not None:
+                waiter.frame = frame
+                waiter.event.set()
+
+    def _fail(self, error: FsError) -> None:
+        if self.broken is None:
+            self.broken = error
+        self.up.set()
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
+            waiter.error = error
+            waiter.event.set()
+
+    def _tell(self, error: FsError) -> None:
+        """The stream ended (any thread): every call waiting on it is told."""
+        try:
+            self._token.run_sync_soon(self._fail, error)
+        except trio.RunFinishedError:
+            pass  # the client's trio run is over: nobody is waiting
+
+
+class _Stream(_StreamState):
+    """A stream on the _GrpcLoop: requests queued by the trio thread are written there,
+    everything queued at the time in one message; each reply message is handed to trio
+    through its token."""
+
+    def __init__(self, grpc_loop: _GrpcLoop, channel: Callable[[], grpc.aio.Channel], path: str, address: str,
+                 token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(address, token)
+        self._grpc = grpc_loop
+        #: requests not yet written: appended by the trio thread, taken by the loop's
+        self._outbox: collections.deque = collections.deque()
+        self._kicked = False  # a wake-up of the writer is on its way to the loop
+        self._wake = asyncio.Event()  # (bound to the loop that first waits for it)
+        self._call: Any = None
+        self._closed = False
+        self._grpc.start(self._run(channel, path))
+
+    def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
         waiter = self.pending[call_id] = _Pending()
         self._outbox.append([call_id, name, frame])
         if not self._kicked:  # (the writer takes everything queued before it runs)
@@ -220,12 +280,7 @@ class _Stream:
         except asyncio.CancelledError:
             error = TransportError(f"stream to {self.address} closed")
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                error = FsError(errno.EACCES, f"{self.address}: {exc.details()}")
-            elif exc.code() == grpc.StatusCode.CANCELLED and self._closed:
-                error = TransportError(f"stream to {self.address} closed")
-            else:
-                error = transport_error(self.address, STREAM_METHOD, exc)
+            error = self._error(exc, self._closed)
         except ValueError as exc:
             error = TransportError(f"stream to {self.address}: {exc}")
         except trio.RunFinishedError:
@@ -238,10 +293,7 @@ class _Stream:
                 writer.cancel()
             if self._call is not None:
                 self._call.cancel()
-        try:
-            self._token.run_sync_soon(self._fail, error)
-        except trio.RunFinishedError:
-            pass  # the client's trio run is over: nobody is waiting
+        self._tell(error)
 
     async def _write(self) -> None:
         """Write what the trio thread queued, as it comes."""
@@ -250,35 +302,13 @@ class _Stream:
             await self._wake.wait()
             self._wake.clear()
             while self._outbox:
-                batch: list[list] = []
-                while self._outbox and len(batch) < codec.MAX_BATCH:
-                    entry = self._outbox.popleft()
-                    # A caller that gave up before its request left does not send it.
-                    if entry[0] in self.pending:
-                        batch.append(entry)
+                taken = [self._outbox.popleft() for _ in range(min(len(self._outbox), codec.MAX_BATCH))]
+                batch = self._unsent(taken)
                 if batch:
                     try:
                         await self._call.write(codec.encode_batch(batch))
                     except (grpc.RpcError, asyncio.InvalidStateError):
                         return  # the stream ended: its reader tells the callers
-
-    def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
-        self.up.set()  # the first message is the greeting
-        self.heard = trio.current_time()
-        for call_id, frame in entries:
-            waiter = self.pending.pop(call_id, None)
-            if waiter is not None:
-                waiter.frame = frame
-                waiter.event.set()
-
-    def _fail(self, error: FsError) -> None:
-        if self.broken is None:
-            self.broken = error
-        self.up.set()
-        pending, self.pending = self.pending, {}
-        for waiter in pending.values():
-            waiter.error = error
-            waiter.event.set()
 
     def close(self) -> None:
         self._closed = True
@@ -289,30 +319,93 @@ class _Stream:
             self._call.cancel()
 
 
+class _ThreadStream(_StreamState):
+    """A stream on gRPC's sync stack, for a process where the _GrpcLoop cannot run (a
+    forked child): gRPC's sender thread takes the requests off a queue, everything queued
+    at the time in one message, and a reader thread hands each reply message to trio."""
+
+    def __init__(self, channel: grpc.Channel, path: str, address: str, token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(address, token)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        # wait_for_ready: opening the stream waits for the server instead of failing at
+        # once; nothing is queued on it before its greeting, so nothing waits inside gRPC.
+        self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
+        threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
+
+    def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
+        waiter = self.pending[call_id] = _Pending()
+        self._queue.put([call_id, name, frame])
+        return waiter
+
+    def _requests(self) -> Iterator[bytes]:
+        """The messages of the stream, built on gRPC's sender thread."""
+        while True:
+            taken = [self._queue.get()]
+            while taken[-1] is not None and len(taken) < codec.MAX_BATCH:
+                try:
+                    taken.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            batch = self._unsent(e for e in taken if e is not None)
+            if batch:
+                yield codec.encode_batch(batch)
+            if taken[-1] is None:
+                return
+
+    def _read(self) -> None:
+        """The reader thread."""
+        error: FsError
+        try:
+            for message in self._call:
+                self._token.run_sync_soon(self._deliver, codec.decode_reply_batch(message))
+            error = TransportError(f"stream to {self.address} ended")
+        except grpc.RpcError as exc:
+            error = self._error(exc, self._closed)
+        except ValueError as exc:
+            error = TransportError(f"stream to {self.address}: {exc}")
+            self._call.cancel()
+        except trio.RunFinishedError:
+            error = TransportError("the client's trio run is over")
+            self._call.cancel()
+        self._tell(error)
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._call.cancel()
+
+
 class StreamTransport:
     """Calls to one server over one multiplexed stream (module docstring).
 
     fail_fast: a call does not wait for a server that cannot be reached: Unreachable (the
-    stream it opened keeps waiting; FailoverTransport has others to try meanwhile)."""
+    stream it opened keeps waiting; FailoverTransport has others to try meanwhile).
+    loop: the stream runs on the _GrpcLoop (grpc.aio), else on gRPC's sync threads."""
 
     def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method],
-                 fail_fast: bool = False) -> None:
+                 fail_fast: bool = False, loop: bool = False) -> None:
         self.address = address
         self.methods = methods
         self._creds = creds
         self._service = service
         self._stub: Optional[Stub] = None  # for bulk calls, made on first use
-        self._grpc = _GrpcLoop.get()
-        #: the streams' channel, made on the _GrpcLoop (grpc.aio) when first needed
+        self._grpc = _GrpcLoop.get() if loop else None
+        #: the streams' channel: on the _GrpcLoop (grpc.aio), made there when first needed;
+        #: without one, a sync channel (_ThreadStream)
         self._aio_channel: Optional[grpc.aio.Channel] = None
+        self._sync_channel = secure_channel(address, creds, service) if self._grpc is None else None
         self._path = f"/{service}/{STREAM_METHOD}"
-        self._stream: Optional[_Stream] = None
+        self._stream: Optional[_StreamState] = None
         self._ids = itertools.count(1)
         self._closed = False
-        self._watch: Optional[AioChannelWatch] = None
-        if fail_fast:  # gRPC's view of the connection, for calls that must not wait for it
-            self._watch = AioChannelWatch()
-            self._grpc.start(self._watching(self._watch))
+        # gRPC's view of the connection, for calls that must not wait for it
+        self._watch: Optional[AioChannelWatch | ChannelWatch] = None
+        if fail_fast and self._sync_channel is not None:
+            self._watch = ChannelWatch(self._sync_channel)
+        elif fail_fast and self._grpc is not None:
+            self._watch = watch = AioChannelWatch()
+            self._grpc.start(self._watching(watch))
 
     def _channel(self) -> grpc.aio.Channel:
         """On the _GrpcLoop."""
@@ -333,16 +426,21 @@ class StreamTransport:
             if not self._closed:
                 log.exception("%s: the connection's watch stopped", self.address)
 
-    def _current(self) -> _Stream:
+    def _current(self) -> _StreamState:
         stream = self._stream
         if stream is None or stream.broken is not None:
             if self._closed:
                 raise TransportError(f"connection to {self.address} is closed")
-            stream = self._stream = _Stream(self._channel, self._path, self.address,
-                                            trio.lowlevel.current_trio_token())
+            token = trio.lowlevel.current_trio_token()
+            if self._grpc is not None:
+                stream = _Stream(self._grpc, self._channel, self._path, self.address, token)
+            else:
+                assert self._sync_channel is not None
+                stream = _ThreadStream(self._sync_channel, self._path, self.address, token)
+            self._stream = stream
         return stream
 
-    async def _up(self) -> _Stream:
+    async def _up(self) -> _StreamState:
         """A stream that is up (its greeting came), opened if need be. While the server
         cannot be reached: waits for it, or (fail_fast) raises Unreachable."""
         while True:
@@ -380,7 +478,7 @@ class StreamTransport:
         reply_type = self.methods[name].reply
         frame = req if isinstance(req, bytes) else codec.encode_request(req)
         call_id = next(self._ids)
-        stream: Optional[_Stream] = None
+        stream: Optional[_StreamState] = None
         with trio.move_on_after(timeout_s):
             stream = await self._up()
             waiter = stream.send(call_id, name, frame)
@@ -399,7 +497,7 @@ class StreamTransport:
             raise stream.broken
         raise TransportError(f"{name} to {self.address}: no answer within {timeout_s:.3g} s")
 
-    async def _wait_hearing(self, stream: _Stream, waiter: _Pending, patience_s: float, name: str) -> None:
+    async def _wait_hearing(self, stream: _StreamState, waiter: _Pending, patience_s: float, name: str) -> None:
         """Wait for the reply while the server says something at least every patience_s:
         a busy server answering other calls first is not a hung one."""
         quiet_since = trio.current_time()
@@ -437,7 +535,12 @@ class StreamTransport:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
-        self._grpc.start(self._close_channel())
+        if isinstance(self._watch, ChannelWatch):
+            self._watch.close()
+        if self._sync_channel is not None:
+            self._sync_channel.close()
+        if self._grpc is not None:
+            self._grpc.start(self._close_channel())
         if self._stub is not None:
             self._stub.close()
 
@@ -447,10 +550,10 @@ class FailoverTransport:
     docstring, Failover). `addresses`: `HOST:PORT[,HOST:PORT...]` or a list."""
 
     def __init__(self, addresses: str | Sequence[str], creds: Credentials, service: str,
-                 methods: dict[str, Method], label: str = "metaserver") -> None:
+                 methods: dict[str, Method], label: str = "metaserver", loop: bool = False) -> None:
         self.servers = AddressList(addresses, label)
         several = len(self.servers) > 1
-        self._transports = {a: StreamTransport(a, creds, service, methods, fail_fast=several)
+        self._transports = {a: StreamTransport(a, creds, service, methods, fail_fast=several, loop=loop)
                             for a in self.servers.addresses}
         #: per server, the cancel scopes of the movable calls waiting on it
         self._movable: dict[str, set[trio.CancelScope]] = {a: set() for a in self.servers.addresses}
