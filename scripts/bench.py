@@ -739,7 +739,9 @@ def lib_job(kind: str, meta_addr: str, credentials: str, dir_names: list[str], n
         root = Ctx(0, 0, 0)
 
         async def main() -> float:
-            async with open_client(meta_addr, load_credentials(credentials)) as client:
+            # This process does not fork: its streams may run on the asyncio loop, as a
+            # mount's do (fs/client/transport.py; the library's default is gRPC's threads).
+            async with open_client(meta_addr, load_credentials(credentials), rpc_loop=True) as client:
                 ino = ROOT_INODE
                 for d in dir_names:
                     ino = (await client.lookup(ino, d.encode())).ino
