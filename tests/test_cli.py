@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster import REPO_ROOT, Cluster, cli
+from stripefs.client.cache import ENTRY_TTL_S
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -303,6 +304,12 @@ def test_cp(env, tmp_path):
     # In: local -> cluster (stripefs:/ names a path that does not exist yet: the copy's name).
     doc = run_json(c, "cp", "-r", "-j", "4", str(src), "stripefs:/cp/in", *client)
     assert doc["files"] == files and doc["bytes"] == total and doc["failed"] == [] and doc["seconds"] > 0
+    # The mount made `cp` well under a second ago and knows it empty: between clients,
+    # close-to-open holds within ENTRY_TTL_S (fs/client/cache.py), and the copy's name
+    # shows once that negative answer ages out.
+    deadline = time.monotonic() + 10 * ENTRY_TTL_S
+    while not (c.mnt / "cp" / "in").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert tree_digests(c.mnt / "cp" / "in") == want
 
     # A directory without -r: refused, named; the other sources still copied.
