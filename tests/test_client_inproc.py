@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from typing import Optional
 
 import pytest
 import trio
@@ -60,9 +61,9 @@ class World:
         for service in self.data.values():
             service.chain.local_peers = peers  # write chains forwarded in-process
 
-    def client(self) -> tuple[Client, Counting]:
+    def client(self, disk_tier: Optional[DiskTier] = None) -> tuple[Client, Counting]:
         meta = Counting(self.core, META_METHODS, "meta")
-        client = Client("meta", None, meta_transport=meta,
+        client = Client("meta", None, meta_transport=meta, disk_tier=disk_tier,
                         data_connect=lambda a: LocalTransport(self.data[a], DATA_METHODS, a))
         return client, meta
 
@@ -79,13 +80,14 @@ def world(tmp_path):
     w.close()
 
 
-def run(world: World, *bodies):
-    """Run each body(client, counter) with a client of its own, one after the other."""
+def run(world: World, *bodies, disk_tier: Optional[DiskTier] = None):
+    """Run each body(client, counter) with a client of its own, one after the other (each
+    with `disk_tier`, if given)."""
 
     async def main():
         out = []
         for body in bodies:
-            client, counter = world.client()
+            client, counter = world.client(disk_tier)
             async with trio.open_nursery() as nursery:
                 await client._start(nursery)
                 try:
@@ -300,35 +302,25 @@ def test_files_staged_while_a_previous_clients_leftovers_are_swept_are_kept(worl
 
     monkeypatch.setattr(Stager, "_records", slow_sweep)
     data = os.urandom(3 * SMALL_BS + 5)
-    meta = Counting(world.core, META_METHODS, "meta")
-    client = Client("meta", None, meta_transport=meta, disk_tier=DiskTier(tier, 1 << 26),
-                    data_connect=lambda a: LocalTransport(world.data[a], DATA_METHODS, a))
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await client._start(nursery)
-            try:
-                d = await client.mkdir(ROOT_INODE, b"ckpt", 0o755, ROOT)
-                await client.setxattr(d.ino, CHECKPOINT_XATTR, b"async", ctx=ROOT)
-                await client.setxattr(d.ino, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode(), ctx=ROOT)
-                fh, attr = await client.create(d.ino, b"rank0.pt", 0o644, os.O_WRONLY, ROOT)
-                assert client.stager is not None and attr.ino in client.stager.files
-                staged = client.stager.files[attr.ino].stage
-                assert staged is not None
-                await client.write(fh, 0, data)
-                with trio.fail_after(30):
-                    await client.stager._swept.wait()
-                assert not leftover.exists()
-                assert (tier / "stage" / str(attr.ino)).read_bytes() == data  # not swept with it
-                await client.release(fh)
-                with trio.fail_after(60):
-                    await staged.uploaded.wait()
-                assert not client.stager.files and client.stager.uploaded_files == 1
-                return attr.ino
-            finally:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-                nursery.cancel_scope.cancel()
+    async def body(client, calls):
+        d = await client.mkdir(ROOT_INODE, b"ckpt", 0o755, ROOT)
+        await client.setxattr(d.ino, CHECKPOINT_XATTR, b"async", ctx=ROOT)
+        await client.setxattr(d.ino, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode(), ctx=ROOT)
+        fh, attr = await client.create(d.ino, b"rank0.pt", 0o644, os.O_WRONLY, ROOT)
+        assert client.stager is not None and attr.ino in client.stager.files
+        staged = client.stager.files[attr.ino].stage
+        assert staged is not None
+        await client.write(fh, 0, data)
+        with trio.fail_after(30):
+            await client.stager._swept.wait()
+        assert not leftover.exists()
+        assert (tier / "stage" / str(attr.ino)).read_bytes() == data  # not swept with it
+        await client.release(fh)
+        with trio.fail_after(60):
+            await staged.uploaded.wait()
+        assert not client.stager.files and client.stager.uploaded_files == 1
+        return attr.ino
 
-    ino = trio.run(main)
+    [ino] = run(world, body, disk_tier=DiskTier(tier, 1 << 26))
     assert run(world, lambda c, _: read(c, ino)) == [data]

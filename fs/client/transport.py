@@ -185,6 +185,7 @@ class _StreamState:
         self.broken: Optional[FsError] = None
         #: trio time of the last message from the server (the greeting, replies)
         self.heard = -math.inf
+        self._closed = False  # close() was called: its cancellation is no failure
 
     def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
         """Queue one request (trio thread). The stream must be up."""
@@ -198,11 +199,11 @@ class _StreamState:
         left does not send it."""
         return [entry for entry in entries if entry[0] in self.pending]
 
-    def _error(self, exc: grpc.RpcError, closed: bool) -> FsError:
+    def _error(self, exc: grpc.RpcError) -> FsError:
         """What the calls waiting on a stream that ended with `exc` are told."""
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             return FsError(errno.EACCES, f"{self.address}: {exc.details()}")
-        if exc.code() == grpc.StatusCode.CANCELLED and closed:
+        if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
             return TransportError(f"stream to {self.address} closed")
         return transport_error(self.address, STREAM_METHOD, exc)
 
@@ -246,7 +247,6 @@ class _Stream(_StreamState):
         self._kicked = False  # a wake-up of the writer is on its way to the loop
         self._wake = asyncio.Event()  # (bound to the loop that first waits for it)
         self._call: Any = None
-        self._closed = False
         self._grpc.start(self._run(channel, path))
 
     def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
@@ -280,7 +280,7 @@ class _Stream(_StreamState):
         except asyncio.CancelledError:
             error = TransportError(f"stream to {self.address} closed")
         except grpc.RpcError as exc:
-            error = self._error(exc, self._closed)
+            error = self._error(exc)
         except ValueError as exc:
             error = TransportError(f"stream to {self.address}: {exc}")
         except trio.RunFinishedError:
@@ -327,7 +327,6 @@ class _ThreadStream(_StreamState):
     def __init__(self, channel: grpc.Channel, path: str, address: str, token: trio.lowlevel.TrioToken) -> None:
         super().__init__(address, token)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
         # wait_for_ready: opening the stream waits for the server instead of failing at
         # once; nothing is queued on it before its greeting, so nothing waits inside gRPC.
         self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
@@ -361,7 +360,7 @@ class _ThreadStream(_StreamState):
                 self._token.run_sync_soon(self._deliver, codec.decode_reply_batch(message))
             error = TransportError(f"stream to {self.address} ended")
         except grpc.RpcError as exc:
-            error = self._error(exc, self._closed)
+            error = self._error(exc)
         except ValueError as exc:
             error = TransportError(f"stream to {self.address}: {exc}")
             self._call.cancel()
