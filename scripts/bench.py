@@ -98,7 +98,8 @@ class Sizes:
     epoch_workers: int = 8
     epoch_prefetch_factor: int = 2
     # ... while the trainer spends this long on each batch (simulated accelerator compute;
-    # chosen so that MooseFS's reads are the bottleneck: docs/benchmark.md, workload 9).
+    # chosen so that MooseFS's reads are the bottleneck: docs/benchmark.md, workload 9; with
+    # --peer moosefs each run calibrates it instead: EPOCH_CALIBRATION_SHARE).
     epoch_compute_16k_s: float = 0.011
     epoch_compute_150k_s: float = 0.025
     # Workload 10, training epochs of large samples as MLPerf Storage (DLIO) has them: one
@@ -120,6 +121,14 @@ class Sizes:
 
 
 FULL = Sizes()
+#: With --peer moosefs (and no --epoch-compute / --large-epoch-compute), the compute per
+#: batch of workloads 9 and 10 is set at the start of the run to this share of the time
+#: MooseFS's workers take to load a batch when there is no compute at all: its reads are then
+#: the bottleneck (utilisation about this share) on a quiet machine and a busy one alike,
+#: where a fixed time chosen once drifts above 90 % as the machine's state moves.
+EPOCH_CALIBRATION_SHARE = 0.75
+#: The compute per batch of the calibrating epoch (as good as none).
+EPOCH_CALIBRATION_COMPUTE_S = 0.0001
 QUICK = Sizes(
     ckpt_bytes=8 * MiB, shard_bytes=2 * MiB, dataset_files=200, dataset_dirs=10,
     meta_files=200, random_reads=500, random_read_s=2.0, lock_pairs=50,
@@ -1216,6 +1225,13 @@ class Bench:
         if args.large_epoch_compute:
             self.sizes = dataclasses.replace(self.sizes, epoch_compute_2m_s=args.large_epoch_compute[0],
                                              epoch_compute_140m_s=args.large_epoch_compute[1])
+        #: Epoch workloads (9, 10) whose compute per batch is measured on MooseFS in this run
+        #: (calibrate_epochs), and what was measured: tag -> MooseFS's batch time, compute.
+        self.to_calibrate: set[int] = set()
+        if args.peer == "moosefs" and not args.quick:
+            self.to_calibrate = {w for w, given in ((9, args.epoch_compute), (10, args.large_epoch_compute))
+                                 if not given}
+        self.calibration: dict[str, dict[str, float]] = {}
         self.replicas: list[int] = args.replicas
         self.workloads: list[int] = args.only
         self.samples: list[Sample] = []
@@ -1354,6 +1370,7 @@ class Bench:
                     self.record(run, r, t.name, "dataset_read", s.dataset_files / secs)
             for w in (9, 10):
                 if w in self.workloads:
+                    self.calibrate_epochs(r, w)
                     for t in targets:
                         self.epoch(run, r, t, w)
             if 11 in self.workloads:
@@ -1404,16 +1421,39 @@ class Bench:
         for k in range(procs):
             os.rmdir(t.directory(r) / f"meta-{run}-p{k}")
 
+    def epoch_dataset(self, t: Target, r: int, tag: str, ds: Sizes) -> list[Path]:
+        """The paths of an epoch's dataset on `t`, written the first time it is asked for."""
+        d = t.directory(r) / f"epoch-{tag}"
+        if not d.exists():
+            secs = dataset_write(d, ds)
+            log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s")
+        return dataset_paths(d, ds)
+
+    def calibrate_epochs(self, r: int, workload: int) -> None:
+        """Once a bench run, before the first epochs of `workload` (9 or 10) on any target:
+        each sample size's compute per batch set to EPOCH_CALIBRATION_SHARE of MooseFS's
+        batch time in a cold epoch with no compute (the same dataset, loader and order as
+        the measured epochs, which then reuse the dataset)."""
+        if workload not in self.to_calibrate or self.peer is None:
+            return
+        self.to_calibrate.discard(workload)
+        for tag, ds, _ in epoch_datasets(self.sizes, workload):
+            paths = self.epoch_dataset(self.peer, r, tag, ds)
+            self.cold(self.peer)
+            _, rate = run_epoch(paths, ds.sample_bytes, EPOCH_CALIBRATION_COMPUTE_S, ds)
+            batch_s = ds.epoch_batch / rate
+            compute_s = round(EPOCH_CALIBRATION_SHARE * batch_s, 4)
+            self.sizes = dataclasses.replace(self.sizes, **{f"epoch_compute_{tag}_s": compute_s})
+            self.calibration[tag] = {"moosefs_batch_s": round(batch_s, 4), "compute_s": compute_s}
+            log(f"  epoch {tag}: MooseFS loads a batch in {batch_s * 1e3:.1f} ms with no compute (R={r});"
+                f" compute per batch {compute_s * 1e3:.1f} ms ({EPOCH_CALIBRATION_SHARE:.0%} of it)")
+
     def epoch(self, run: int, r: int, t: Target, workload: int) -> None:
         """Workload 9 or 10 on one target: for each sample size, one epoch from cold over a
         dataset written the first time (the runs after reuse it); on stripefs, another from
         cold with the sampler hint, which fails alone (reported) if the mount cannot take it."""
         for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
-            d = t.directory(r) / f"epoch-{tag}"
-            if not d.exists():
-                secs = dataset_write(d, ds)
-                log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s")
-            paths = dataset_paths(d, ds)
+            paths = self.epoch_dataset(t, r, tag, ds)
             self.cold(t)
             util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
             self.record(run, r, t.name, f"epoch_{tag}_util", util)
@@ -1534,6 +1574,7 @@ class Bench:
                 "workloads": self.workloads, "peer": self.args.peer,
                 "sizes": dataclasses.asdict(self.sizes),
                 "caches_dropped": self.caches_dropped,
+                "epoch_calibration": self.calibration,
                 "failures": self.failures,
                 "stripefs_writeback_limit_mib": self.writeback_limit_mib(),
                 "elapsed_s": round(elapsed_s, 1),
@@ -1592,6 +1633,11 @@ def table(doc: dict) -> str:
         notes.append(f"stripefs write-back limit {cfg['stripefs_writeback_limit_mib']:.0f} MiB")
     if cfg.get("peer_version"):
         notes.append(cfg["peer_version"])
+    if cfg.get("epoch_calibration"):
+        notes.append("epoch compute per batch calibrated on MooseFS (its batch time with no compute x "
+                     f"{EPOCH_CALIBRATION_SHARE}): " + ", ".join(
+                         f"{tag} {c['compute_s'] * 1e3:.1f} ms (MooseFS {c['moosefs_batch_s'] * 1e3:.1f} ms)"
+                         for tag, c in cfg["epoch_calibration"].items()))
     if cfg["quick"]:
         notes.append("QUICK sizes: not a measurement")
     if not cfg["caches_dropped"]:
@@ -1618,11 +1664,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epoch-compute", metavar="S16K,S150K",
                    help="workload 9: simulated accelerator compute per batch, in seconds, for the 16 KiB"
                         f" and the 150 KiB samples (default {FULL.epoch_compute_16k_s},{FULL.epoch_compute_150k_s};"
-                        f" {QUICK.epoch_compute_16k_s},{QUICK.epoch_compute_150k_s} with --quick)")
+                        f" {QUICK.epoch_compute_16k_s},{QUICK.epoch_compute_150k_s} with --quick;"
+                        f" with --peer moosefs: {EPOCH_CALIBRATION_SHARE} x MooseFS's batch time, measured first)")
     p.add_argument("--large-epoch-compute", metavar="S2M,S140M",
                    help="workload 10: simulated accelerator compute per batch, in seconds, for the 2 MiB"
                         f" and the 140 MiB samples (default {FULL.epoch_compute_2m_s},{FULL.epoch_compute_140m_s};"
-                        f" {QUICK.epoch_compute_2m_s},{QUICK.epoch_compute_140m_s} with --quick)")
+                        f" {QUICK.epoch_compute_2m_s},{QUICK.epoch_compute_140m_s} with --quick;"
+                        " with --peer moosefs: calibrated as --epoch-compute)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where the temporary clusters and the raw-disk scratch directory go (default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")

@@ -51,6 +51,25 @@ def test_arguments():
         bench.parse_args(["--replicas", "4"])
 
 
+@pytest.mark.timeout(10)
+def test_epoch_compute_is_calibrated_only_against_moosefs_and_when_not_given(tmp_path):
+    bench = load_bench()
+
+    def calibrated(*argv: str) -> set[int]:
+        return bench.Bench(bench.parse_args(["--work-dir", str(tmp_path), *argv])).to_calibrate
+
+    assert calibrated("--peer", "moosefs") == {9, 10}
+    assert calibrated("--peer", "moosefs", "--epoch-compute", "0.01,0.02") == {10}
+    assert calibrated("--peer", "moosefs", "--large-epoch-compute", "0.01,0.2") == {9}
+    assert calibrated() == set()  # no peer: the fixed times
+    assert calibrated("--peer", "moosefs", "--quick") == set()  # not a measurement
+    # What was calibrated is named under the table.
+    doc = {"config": {"peer": "moosefs", "runs": 1, "quick": False, "caches_dropped": True, "elapsed_s": 1.0,
+                      "epoch_calibration": {"150k": {"moosefs_batch_s": 0.0172, "compute_s": 0.0129}}},
+           "results": []}
+    assert "150k 12.9 ms (MooseFS 17.2 ms)" in bench.table(doc)
+
+
 @pytest.mark.mount
 @pytest.mark.slow
 @pytest.mark.timeout(240)
