@@ -8,6 +8,7 @@ bulk bytes are never packed into msgpack. A reply header is {"e": errno, "m": te
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from typing import Any, Iterator, Optional, TypeVar, Union
@@ -46,9 +47,14 @@ def _split_data(msg: Message) -> tuple[dict, bytes]:
     return body, payload
 
 
+@functools.lru_cache(maxsize=None)
+def _has_data(cls: type) -> bool:
+    return "data" in getattr(cls, "__dataclass_fields__", {})
+
+
 def _join_data(cls: type[M], body: Any, payload: memoryview) -> M:
-    if isinstance(body, dict) and "data" in {f for f in getattr(cls, "__dataclass_fields__", {})}:
-        body = dict(body)
+    # (body is the map msgpack just built for this frame alone: filled in place)
+    if isinstance(body, dict) and _has_data(cls):  # type: ignore[arg-type]  # (a class hashes)
         body["data"] = bytes(payload)
     return cls.from_wire(body)  # type: ignore[return-value]
 
