@@ -63,13 +63,20 @@ class FileOps(CoreBase):
             if req.flags & os.O_TRUNC and is_reg(row):
                 self._truncate(tx, row, 0, now)
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
-            self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))
             inline = self._inline(tx, req.ino) if is_reg(row) else None
             attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
+            blocks = self._block_map(tx, req.ino, now, str(caller))
+            # A reader of a file with no blocks gets all of its content in this reply: an
+            # unlink elsewhere can take nothing its handle still needs, so, when the client
+            # says it can do without, the open is not recorded (a transaction that writes
+            # nothing, and no release to follow: docs/metaserver.md, "Opens").
+            recorded = not (req.unrecorded_ok and not want & perm.WRITE and is_reg(row) and not blocks)
+            if recorded:
+                self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))
             return OpenReply(
-                attr=attr, blocks=self._block_map(tx, req.ino, now, str(caller)),
+                attr=attr, blocks=blocks,
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
-                data=inline[0] if inline else b"",
+                data=inline[0] if inline else b"", recorded=recorded,
             )
 
     def release(self, req: ReleaseReq, caller: Caller = LOCAL) -> Empty:

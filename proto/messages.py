@@ -660,6 +660,9 @@ class OpenReq(Message):
     session: int  # session id: the open is recorded so that unlink keeps the inode
     ctx: Ctx = field(default_factory=Ctx)  # caller (read/write permission as flags ask)
     flags: int = 0  # open(2) flags (O_TRUNC is applied here)
+    # A read-only open of a file without blocks (inline, empty, all hole) may go unrecorded:
+    # the reply carries all of its content (the metaserver decides: OpenReply.recorded).
+    unrecorded_ok: bool = False
 
 
 @dataclass
@@ -671,6 +674,7 @@ class OpenReply(Message):
     inline: bool = False  # block 0 is inline: its bytes are `data`
     inline_crc32c: int = 0  # CRC32C of `data`, as committed
     data: bytes = b""  # the inline block 0 (travels raw)
+    recorded: bool = True  # the open is recorded (False: nothing to release; see OpenReq)
 
 
 @dataclass

@@ -5,16 +5,18 @@ on the other mount, and many processes writing and reading large files at once.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
+import sqlite3
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import pytest
 
-from cluster import Mount, sha256_file
+from cluster import Cluster, Mount, sha256_file
 
 pytestmark = [pytest.mark.mount]
 
@@ -129,6 +131,76 @@ def test_unlinked_file_stays_readable_through_a_handle_in_the_other_mount(
         rest = reader.read()
     assert hashlib.sha256(first + rest).hexdigest() == digest
     assert not (a / "doomed").exists()
+
+
+def _inode_exists(cluster: Cluster, ino: int) -> bool:
+    """Whether the metaserver still has an inode (its SQLite database, read alongside)."""
+    db = sqlite3.connect(f"file:{cluster.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT COUNT(*) FROM inodes WHERE ino = ?", (ino,)).fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_read_whole(
+    cluster: Cluster, two_mounts: tuple[Mount, Mount],
+):
+    # A reader's open of a file without blocks (inline here) is not recorded: the open
+    # brought all of it. Removed by another mount, it is purged, and the handle
+    # still reads what it opened; fstat shows it unlinked, as a local disk would.
+    a, b = two_mounts
+    (a / "small").write_bytes(b"all of the sample")
+    fd = os.open(b / "small", os.O_RDONLY)
+    try:
+        ino = os.fstat(fd).st_ino
+        os.unlink(a / "small")
+        # (at once once the writer's own release, sent in the background, is in)
+        wait_for(lambda: not _inode_exists(cluster, ino), what="the purge while open elsewhere")
+        wait_for(lambda: not (b / "small").exists(), what="unlink in the other mount")
+        time.sleep(1.1)  # the kernel's attributes of the open file expire: fstat asks the mount
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 100, 0) == b"all of the sample"
+    finally:
+        os.close(fd)
+
+
+def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mount(
+    cluster: Cluster, two_mounts: tuple[Mount, Mount],
+):
+    # Removed (or replaced) through the mount that holds it open, the open is recorded
+    # first: the inode stays for the handle, which can still change it (fchmod), and goes
+    # with the close.
+    a, _ = two_mounts
+    for how in ("unlink", "rename over"):
+        (a / "small").write_bytes(b"tiny")
+        fd = os.open(a / "small", os.O_RDONLY)
+        try:
+            ino = os.fstat(fd).st_ino
+            if how == "unlink":
+                os.unlink(a / "small")
+            else:
+                (a / "other").write_bytes(b"new")
+                os.rename(a / "other", a / "small")
+            assert _inode_exists(cluster, ino), how
+            os.fchmod(fd, 0o600)
+            assert os.fstat(fd).st_mode & 0o777 == 0o600
+            assert os.pread(fd, 100, 0) == b"tiny"
+        finally:
+            os.close(fd)
+        wait_for(lambda: not _inode_exists(cluster, ino), what=f"the purge after the close ({how})")
+    assert (a / "small").read_bytes() == b"new"
+
+
+def test_a_lock_through_a_small_file_open_for_reading_holds_across_mounts(two_mounts: tuple[Mount, Mount]):
+    # The lock records the reader's open first (the metaserver lets only an open take one).
+    a, b = two_mounts
+    (a / "small").write_bytes(b"x" * 100)
+    with open(b / "small", "rb") as reader, open(a / "small", "r+b") as writer:
+        fcntl.lockf(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with pytest.raises(BlockingIOError):
+            fcntl.lockf(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(reader, fcntl.LOCK_UN)
+        fcntl.lockf(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 @pytest.mark.slow

@@ -1193,6 +1193,40 @@ def test_inline_commit_open_and_truncate(env):
     assert env.core.status(Empty()).inline_files == 0
 
 
+def test_a_reader_open_of_a_file_without_blocks_goes_unrecorded_when_the_client_asks(env):
+    env.add_server(1)
+    session = env.session()
+    small = env.create(ROOT_INODE, b"small", session=session)
+    inline_commit(env, small.ino, session, b"all of it")
+    empty = env.create(ROOT_INODE, b"empty", session=session)
+    big = env.create(ROOT_INODE, b"big", session=session)
+    env.write(big.ino, session, 0, 1000)
+    for ino in (small.ino, empty.ino, big.ino):
+        env.core.release(ReleaseReq(ino, session))  # (the creator's opens)
+
+    def opens(ino: int) -> int:
+        with env.core.store.transaction() as tx:
+            return tx.scalar("SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", (ino,))
+
+    for ino in (small.ino, empty.ino):
+        reply = env.core.open(OpenReq(ino, session, flags=os.O_RDONLY, unrecorded_ok=True))
+        assert not reply.recorded and opens(ino) == 0
+    assert env.core.open(OpenReq(small.ino, session, flags=os.O_RDONLY, unrecorded_ok=True)).data == b"all of it"
+    # Recorded: a file with blocks (an unlink must keep them for the reader), a writer,
+    # and any client that does not ask (older clients release every open).
+    assert env.core.open(OpenReq(big.ino, session, flags=os.O_RDONLY, unrecorded_ok=True)).recorded
+    assert env.core.open(OpenReq(small.ino, session, flags=os.O_RDWR, unrecorded_ok=True)).recorded
+    assert env.core.open(OpenReq(empty.ino, session, flags=os.O_RDONLY)).recorded
+    assert (opens(big.ino), opens(small.ino), opens(empty.ino)) == (1, 1, 1)
+    # Permission is checked all the same.
+    env.core.setattr(SetattrReq(small.ino, ROOT, mode=0o600))
+    fails(errno.EACCES, env.core.open, OpenReq(small.ino, session, USER, os.O_RDONLY, unrecorded_ok=True))
+    # Unrecorded, the file is purged with its last name (the reader holds its content).
+    env.core.release(ReleaseReq(empty.ino, session))  # (the one recorded open of it)
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"empty"))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=empty.ino))
+
+
 def test_inline_commit_checks_limit_and_checksum(env):
     import crc32c
 

@@ -257,6 +257,12 @@ class NameCache:
                 return Entry(None, listing.negative_ttl(), 0.0)
         return await self._lookup_remote(parent, name, ctx)
 
+    def ino_of(self, parent: int, name: bytes) -> Optional[int]:
+        """The inode `name` of `parent` last led to here, however old (None: not known)."""
+        listing = self.listings.get(parent)
+        hit = listing.names.get(name) if listing is not None else None
+        return hit[0] if hit is not None else None
+
     def fresh(self, parent: int, name: bytes, ctx: Ctx) -> Optional[Attr]:
         """The attributes of the entry `name` of `parent` if they are known here and fresh
         (no round trip); None otherwise, or if it is known not to exist."""

@@ -29,6 +29,7 @@ all its replicas (or inline) and the metaserver committed the new block map.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import json
@@ -266,7 +267,16 @@ class Client:
             # (Files always ask: the kernel re-reads them after our own unlinks and links.)
             return Entry(got[0], 0.0, got[1])
         t = now()
-        attr = self.names.attrs.put((await self._inode_call("getattr", m.InodeReq(ino), ino)).attr, t)
+        try:
+            reply = await self._inode_call("getattr", m.InodeReq(ino), ino)
+        except FsError as exc:
+            f = self._files.get(ino)
+            if exc.errno != errno.ENOENT or f is None or not f.unrecorded:
+                raise
+            # Removed by another mount while open here unrecorded (no blocks: its handles
+            # still read all they opened): fstat(2) shows it unlinked, as it would be.
+            return Entry(self._overlay(dataclasses.replace(f.attr, nlink=0)), 0.0, 0.0)
+        attr = self.names.attrs.put(reply.attr, t)
         return Entry(self._overlay(attr), 0.0, ATTR_TTL_S)
 
     async def _inode_call(self, name: str, req: m.Message, ino: int):
@@ -416,6 +426,7 @@ class Client:
     async def unlink(self, parent: int, name: bytes, ctx: Optional[m.Ctx] = None) -> None:
         """unlink(2) of `name` in `parent` (open handles keep an unlinked file readable)."""
         entry_names(name)
+        await self._record_before_removal(parent, name)
         t = now()
         reply = await self._meta("unlink", m.RemoveReq(parent, name, self._ctx(ctx)))
         self.names.attrs.drop(reply.ino)  # its link count and ctime changed
@@ -447,6 +458,8 @@ class Client:
     ) -> None:
         """rename(2)/renameat2(2) with `flags` RENAME_NOREPLACE or RENAME_EXCHANGE; atomic and durable."""
         entry_names(name, new_name)
+        if not flags & m.RENAME_EXCHANGE:
+            await self._record_before_removal(new_parent, new_name)  # (the name it may replace)
         t = now()
         try:
             req = m.RenameReq(parent, name, new_parent, new_name, flags, self._ctx(ctx))
@@ -615,10 +628,36 @@ class Client:
 
     # ------------------------------------------------------------------ open files
 
-    def _new_handle(self, ino: int, writable: bool) -> int:
+    def _new_handle(self, ino: int, writable: bool, recorded: bool = True) -> int:
         fh = next(self._next_fh)
-        self._handles[fh] = HandleState(ino, writable)
+        self._handles[fh] = HandleState(ino, writable, recorded=recorded)
         return fh
+
+    async def _record(self, fh: int) -> None:
+        """Have the metaserver record the open of a handle it did not record
+        (OpenReq.unrecorded_ok): what locks through it need, and a removal here of the
+        file's last name (an open file outlives its names)."""
+        h, f = self._handle(fh)
+        if h.recorded:
+            return
+        req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY)
+        await self._inode_call("open", req, h.ino)
+        if self._handles.get(fh) is not h or h.recorded:
+            self.session.release_soon(h.ino)  # closed meanwhile, or recorded by another task
+            return
+        h.recorded = True
+        f.unrecorded -= 1
+
+    async def _record_before_removal(self, parent: int, name: bytes) -> None:
+        """`name` of `parent` is about to go (unlink, or replaced by a rename): if it is
+        the name of a file open here unrecorded, its opens are recorded first, so that the
+        file stays for them as a local file system keeps it."""
+        ino = self.names.ino_of(parent, name)
+        f = self._files.get(ino) if ino is not None else None
+        if f is None or not f.unrecorded:
+            return
+        for fh in [fh for fh, h in self._handles.items() if h.ino == ino and not h.recorded]:
+            await self._record(fh)
 
     def _handle(self, fh: int) -> tuple[HandleState, FileState]:
         try:
@@ -646,13 +685,18 @@ class Client:
             # As the kernel's truncate at open: a caller other than root loses set-ID bits.
             await self.setattr(ino, ctx, size=0, kill_suidgid=ctx.uid != 0)
         t = now()
-        reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC), ino)
+        # A reader's open need not be recorded if the file has no blocks (the metaserver
+        # decides; with atime on, each handle's first read reports on its open).
+        unrecorded_ok = not writable and not flags & os.O_TRUNC and not self.atime
+        req = m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC, unrecorded_ok=unrecorded_ok)
+        reply = await self._inode_call("open", req, ino)
         if reply.attr.nlink == 0 and ino not in self._files:
             # Removed since its name was looked up (another mount replaced it), and kept
             # only by someone's open, or by a release of ours still on its way: a name that
             # leads here is stale. ENOENT makes fs/fuse answer ESTALE, and the kernel looks
             # the name up again; a file open here is still opened (/proc/PID/fd).
-            self.session.release_soon(ino)
+            if reply.recorded:
+                self.session.release_soon(ino)
             self.names.attrs.drop(ino)
             raise FsError(errno.ENOENT, f"inode {ino} was removed")
         known = self.names.attrs.last(ino)
@@ -663,10 +707,11 @@ class Client:
         f.set_map(reply.attr, reply.blocks, reply)
         self.prefetcher.opened(ino)
         f.handles += 1
+        f.unrecorded += not reply.recorded
         f.opener, f.writable = f.opener or ctx, f.writable or writable
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
-        return self._new_handle(ino, writable), keep, changed
+        return self._new_handle(ino, writable, reply.recorded), keep, changed
 
     async def kill_suidgid(self, fh: int) -> None:
         """A caller other than root writes through `fh`: the file's set-user-ID bit, and its
@@ -785,15 +830,17 @@ class Client:
                 f.handles -= 1
                 await self.stager.closed(f)
             else:
-                self._drop_handle(f)
+                self._drop_handle(f, h.recorded)
 
-    def _drop_handle(self, f: FileState) -> None:
-        """One open of `f` here is gone (each is one on the metaserver, told soon)."""
+    def _drop_handle(self, f: FileState, recorded: bool = True) -> None:
+        """One open of `f` here is gone (a recorded one is one on the metaserver, told soon)."""
         f.handles -= 1
+        f.unrecorded -= not recorded
         if f.handles == 0:
             del self._files[f.ino]
             f.drop_all()  # only left over when the last flush failed: that data is lost
-        self.session.release_soon(f.ino)
+        if recorded:
+            self.session.release_soon(f.ino)
 
     async def _reopen_staged(self, ino: int, opener: m.Ctx) -> FileState:
         """Open, for writing as `opener`, a staged file an earlier client left (staging.py)."""
@@ -879,6 +926,8 @@ class Client:
             raise FsError(errno.EBADF, "a write lock needs a descriptor open for writing")
         if type == m.F_UNLCK and f.busy():
             await self.writer.settle(f)
+        if type != m.F_UNLCK:
+            await self._record(fh)  # (a lock is taken through a recorded open)
         t = now()
         attr = await self.locks.set(fh, h.ino, fh if owner is None else owner, type, kind=kind, start=start,
                                     end=end, pid=(self.identity.pid or os.getpid()) if pid is None else pid,
@@ -943,6 +992,7 @@ class Client:
         """F_GETLK: the lock of another owner that [start, end] of `type` would conflict
         with (type, start, end, pid), or None."""
         h = self._handle(fh)[0]
+        await self._record(fh)
         return await self.locks.test(h.ino, fh if owner is None else owner, type, start, end, kind)
 
     async def unlock_owner(self, fh: int, owner: int) -> None:

@@ -114,6 +114,7 @@ class HandleState:
     last_read_end: int = -1  # where this handle's previous read ended
     readahead_blocks: int = 0  # current readahead window; grows while reads stay sequential
     accessed: bool = False  # a read went through it (atime: the metaserver was told)
+    recorded: bool = True  # its open is recorded on the metaserver (a release follows its close)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class FileState:
     size: int = 0
     mtime_ns: Optional[int] = None  # time of the newest local write not yet committed
     handles: int = 0  # open handles of this client on the inode
+    unrecorded: int = 0  # of those, handles whose open the metaserver did not record
     error: Optional[int] = None  # errno of a failed background upload, reported by fsync/close
     commits: int = 0  # commits made by this client (fsync tells whether it made one)
     expired_commits: int = 0  # commits refused for expired allocations, then retried
