@@ -251,6 +251,10 @@ def test_info(env):
         assert len(b["replicas"]) == 2 and {r["state"] for r in b["replicas"]} == {"up"}
         assert {r["address"] for r in b["replicas"]} <= servers
     assert small["inline"] is True and small["size"] == 4
+    # A client credential is entitled to a map by an open of the file (recorded for it,
+    # though a reader's open of a file without blocks is not otherwise).
+    [small_as_client] = run_json(c, "info", "stripefs:/info/small", "--credentials", str(c.client))
+    assert small_as_client["inline"] is True and small_as_client["size"] == 4
     assert dirdoc["type"] == "directory" and dirdoc["usage"] == {"bytes": 9 * MiB + 9, "files": 2, "dirs": 1}
     assert "blocks" not in dirdoc
 

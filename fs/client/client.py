@@ -486,6 +486,7 @@ class Client:
                 raise
         fh, _, _ = await self.open(ino, os.O_RDONLY)
         try:
+            await self._record(fh)  # (a reader's open of a file without blocks may not be)
             return await self._meta("block_map", m.BlockMapReq(ino, self.session.id))
         finally:
             await self.release(fh)
