@@ -9,7 +9,6 @@ bulk bytes are never packed into msgpack. A reply header is {"e": errno, "m": te
 from __future__ import annotations
 
 import functools
-import hashlib
 import struct
 from typing import Any, Iterator, Optional, TypeVar, Union
 
@@ -17,7 +16,7 @@ import crc32c
 import msgpack
 
 from .errors import FsError
-from .integrity import LEAF_HASH_BYTES, leaf_count, leaf_hashes, make_digest
+from .integrity import LEAF_HASH_BYTES, block_hasher, leaf_count, leaf_hashes, make_digest
 from .messages import Message
 from .types import TRANSFER_CHUNK_BYTES
 
@@ -151,8 +150,8 @@ class BlockChunks:
         self.pieces = data if isinstance(data, list) else [data]
         self.length = sum(len(p) for p in self.pieces)
         self.sums: dict[int, tuple[int, bytes]] = {}
-        # The block's SHA-256, fed each chunk the first time it is made (always in order).
-        self._hash = hashlib.sha256()
+        # The block's hash, fed each chunk the first time it is made (always in order).
+        self._hash = block_hasher()
 
     def messages(self) -> Iterator[bytes]:
         for start in range(0, self.length, TRANSFER_CHUNK_BYTES):

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
-from .integrity import DIGEST_BYTES, DIGEST_V1_BYTES
+from .integrity import DIGEST_BYTES, DIGEST_V1_BYTES, known_version
 from .types import (
     LOCK_FLOCK,
     LOCK_RECORD,
@@ -277,7 +277,10 @@ class BlockRef(Message):
                      # what they fetch against the digest, then keep `length` bytes
 
     def _check(self) -> Optional[str]:
-        return None if len(self.digest) in (0, DIGEST_V1_BYTES, DIGEST_BYTES) else "digest: not a block digest"
+        if len(self.digest) in (0, DIGEST_V1_BYTES) or (len(self.digest) == DIGEST_BYTES
+                                                        and known_version(self.digest)):
+            return None
+        return "digest: not a block digest"
 
 
 @dataclass

@@ -133,24 +133,40 @@ def test_ids_beyond_their_width_are_invalid():
     assert m.InodeReq(1 << 63).valid() is not None
 
 
-def test_digests_of_both_versions_are_checked():
-    """Version 2 digests (hash of the block, hash of its leaf hashes) and the version 1
-    digests of blocks written before (hash of the leaf hashes) are both checked, for whole
-    blocks and for leaf hashes, and refuse other bytes."""
-    from stripefs.proto.integrity import block_digest, hash_matches, leaf_hashes, leaves_match, matches, root_of
+def test_digests_of_every_version_are_checked():
+    """Version 3 digests (BLAKE3 of the block, SHA-256 of its leaf hashes), the version 2
+    ones of blocks written before (SHA-256 of the block) and version 1 (SHA-256 of the leaf
+    hashes alone) are all checked, for whole blocks and for leaf hashes, and refuse other
+    bytes; a digest of an unknown version matches nothing."""
+    import hashlib
+
+    from blake3 import blake3
+
+    from stripefs.proto.integrity import (block_digest, block_hasher, hash_matches, leaf_hashes, leaves_match,
+                                          make_digest, matches, root_of)
 
     data = os.urandom(300_000)
     other = data[:-1] + bytes([data[-1] ^ 1])
     leaves = leaf_hashes(data)
-    v2, v1 = block_digest(data), root_of(leaves)
-    assert len(v2) == 65 and len(v1) == 32
-    for digest in (v2, v1):
+    v3, v1 = block_digest(data), root_of(leaves)
+    v2 = b"\x02" + hashlib.sha256(data).digest() + root_of(leaves)
+    assert v3[:1] == b"\x03" and v3 == make_digest(blake3(data).digest(), leaves)
+    assert len(v3) == len(v2) == 65 and len(v1) == 32
+    for digest in (v3, v2, v1):
         assert matches(digest, data) and not matches(digest, other)
         assert leaves_match(digest, len(data), leaves) and not leaves_match(digest, len(data), leaf_hashes(other))
         assert not leaves_match(digest, len(data) + 4096, leaves)
         assert m.BlockRef(0, 1, len(data), digest=digest).valid() is None
-    import hashlib
-    assert hash_matches(v2, hashlib.sha256(data).digest()) and not hash_matches(v2, hashlib.sha256(other).digest())
+    for digest, hash_of in ((v3, lambda d: blake3(d).digest()), (v2, lambda d: hashlib.sha256(d).digest())):
+        assert hash_matches(digest, hash_of(data)) and not hash_matches(digest, hash_of(other))
+        h = block_hasher(digest)  # (as a streamed read hashes it)
+        h.update(data[:100_000])
+        h.update(data[100_000:])
+        assert hash_matches(digest, h.digest())
+    assert not hash_matches(v3, hashlib.sha256(data).digest())  # a version's own hash only
     assert hash_matches(v1, hashlib.sha256(data).digest()) is None  # needs the leaves
+    unknown = b"\x09" + v3[1:]
+    assert not matches(unknown, data) and not hash_matches(unknown, blake3(data).digest())
+    assert m.BlockRef(0, 1, len(data), digest=unknown).valid()
     assert matches(b"", other)  # nothing recorded: nothing to check
     assert m.BlockRef(0, 1, 1, digest=b"x" * 40).valid()

@@ -20,7 +20,7 @@ retry); the block's digest for the commit is made of them.
 from __future__ import annotations
 
 import errno
-import hashlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -35,6 +35,7 @@ from stripefs.proto.integrity import (
     INLINE_HASH_MAX_BYTES,
     LEAF_BYTES,
     LEAF_HASH_BYTES,
+    block_hasher,
     hash_matches,
     leaf_hashes,
     leaves_match,
@@ -352,7 +353,8 @@ class DataPath:
                     # in one SHA-256 pass (without the GIL), a range (or a block with a
                     # version 1 digest) by its leaves (chunks start at leaf boundaries).
                     consume = (_join_chunks if not ref.digest
-                               else _hash_chunks if whole and len(ref.digest) == DIGEST_BYTES else _leaf_chunks)
+                               else functools.partial(_hash_chunks, ref.digest)
+                               if whole and len(ref.digest) == DIGEST_BYTES else _leaf_chunks)
                     data, got = await conn.download("read_block", req, deadline, consume)
                 else:
                     reply = await conn.call("get_block", req, deadline)
@@ -497,9 +499,9 @@ def _join_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
     return b"".join(chunks), b""
 
 
-def _hash_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
-    """A streamed read's bytes and their SHA-256, hashed as they arrive."""
-    parts, h = [], hashlib.sha256()
+def _hash_chunks(digest: bytes, reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+    """A streamed read's bytes and their hash (as `digest` was made), hashed as they arrive."""
+    parts, h = [], block_hasher(digest)
     for chunk in chunks:
         parts.append(chunk)
         h.update(chunk)
