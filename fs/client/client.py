@@ -687,8 +687,10 @@ class Client:
             await self.setattr(ino, ctx, size=0, kill_suidgid=ctx.uid != 0)
         t = now()
         # A reader's open need not be recorded if the file has no blocks (the metaserver
-        # decides; with atime on, each handle's first read reports on its open).
-        unrecorded_ok = not writable and not flags & os.O_TRUNC and not self.atime
+        # decides; with atime on, each handle's first read reports on its open). Only the
+        # first open of a file here: a later one may be what keeps a staged file's open
+        # for its upload when the writer's goes (release).
+        unrecorded_ok = not writable and not flags & os.O_TRUNC and not self.atime and ino not in self._files
         req = m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC, unrecorded_ok=unrecorded_ok)
         reply = await self._inode_call("open", req, ino)
         if reply.attr.nlink == 0 and ino not in self._files:
