@@ -191,6 +191,27 @@ def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mou
     assert (a / "small").read_bytes() == b"new"
 
 
+def test_a_name_replaced_elsewhere_is_removed_though_its_old_file_is_open_here(
+    cluster: Cluster, two_mounts: tuple[Mount, Mount],
+):
+    # The name still leads, here, to the old file, which is open unrecorded and already
+    # gone (replaced by the other mount): recording that open first fails, and the removal
+    # of the name (now the new file's) goes on all the same.
+    a, b = two_mounts
+    (a / "small").write_bytes(b"old")
+    fd = os.open(a / "small", os.O_RDONLY)
+    try:
+        old = os.fstat(fd).st_ino
+        (b / "small.new").write_bytes(b"new")
+        os.rename(b / "small.new", b / "small")
+        wait_for(lambda: not _inode_exists(cluster, old), what="the old file's purge")
+        os.unlink(a / "small")
+        assert os.pread(fd, 10, 0) == b"old"
+    finally:
+        os.close(fd)
+    assert not (b / "small").exists()
+
+
 def test_a_lock_through_a_small_file_open_for_reading_holds_across_mounts(two_mounts: tuple[Mount, Mount]):
     # The lock records the reader's open first (the metaserver lets only an open take one).
     a, b = two_mounts

@@ -638,9 +638,10 @@ class Client:
         """Have the metaserver record the open of a handle it did not record
         (OpenReq.unrecorded_ok): what locks through it need, and a removal here of the
         file's last name (an open file outlives its names)."""
-        h, f = self._handle(fh)
-        if h.recorded:
-            return
+        h = self._handles.get(fh)
+        if h is None or h.recorded:
+            return  # (closed meanwhile: nothing to record)
+        f = self._files[h.ino]
         req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY)
         await self._inode_call("open", req, h.ino)
         if self._handles.get(fh) is not h or h.recorded:
@@ -658,7 +659,12 @@ class Client:
         if f is None or not f.unrecorded:
             return
         for fh in [fh for fh, h in self._handles.items() if h.ino == ino and not h.recorded]:
-            await self._record(fh)
+            try:
+                await self._record(fh)
+            except FsError as exc:
+                # Gone already (removed elsewhere; the name may lead to another file now):
+                # the removal goes on, and the handle reads what it opened, as it would.
+                log.info("inode %d: open not recorded before a removal: %s", ino, exc)
 
     def _handle(self, fh: int) -> tuple[HandleState, FileState]:
         try:
