@@ -108,7 +108,9 @@ def make_digest(block_hash: bytes, leaves: bytes) -> bytes:
 
 def block_digest(data: bytes | bytearray | memoryview) -> bytes:
     """The digest of a block's bytes (its valid length, nothing past it)."""
-    return make_digest(blake3(data).digest(), leaf_hashes(data))
+    h = block_hasher()
+    h.update(data)
+    return make_digest(h.digest(), leaf_hashes(data))
 
 
 def hash_matches(digest: bytes, block_hash: bytes) -> Optional[bool]:
@@ -128,7 +130,7 @@ def matches(digest: bytes, data: bytes | bytearray | memoryview) -> bool:
     if len(digest) == DIGEST_BYTES:
         h = block_hasher(digest)
         h.update(data)
-        return known_version(digest) and digest[1:33] == h.digest()
+        return bool(hash_matches(digest, h.digest()))
     return root_of(leaf_hashes(data)) == digest
 
 

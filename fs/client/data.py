@@ -350,8 +350,9 @@ class DataPath:
             try:
                 if streamed:
                     # Hashed chunk by chunk as it arrives, on gRPC's thread: a whole block
-                    # in one SHA-256 pass (without the GIL), a range (or a block with a
-                    # version 1 digest) by its leaves (chunks start at leaf boundaries).
+                    # in one pass of its digest's hash (without the GIL), a range (or a
+                    # block with a version 1 digest) by its leaves (chunks start at leaf
+                    # boundaries).
                     consume = (_join_chunks if not ref.digest
                                else functools.partial(_hash_chunks, ref.digest)
                                if whole and len(ref.digest) == DIGEST_BYTES else _leaf_chunks)
