@@ -12,7 +12,10 @@ import random
 import sqlite3
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -142,6 +145,18 @@ def _inode_exists(cluster: Cluster, ino: int) -> bool:
         db.close()
 
 
+@contextmanager
+def _open_for_reading(written: Path, read: Path, content: bytes) -> Iterator[tuple[int, int]]:
+    """`content` written as `written`, then that file opened read-only as `read` (through
+    the same mount or another): its descriptor and inode, the descriptor closed after."""
+    written.write_bytes(content)
+    fd = os.open(read, os.O_RDONLY)
+    try:
+        yield fd, os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
 def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_read_whole(
     cluster: Cluster, two_mounts: tuple[Mount, Mount],
 ):
@@ -149,10 +164,7 @@ def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_re
     # brought all of it. Removed by another mount, it is purged, and the handle
     # still reads what it opened; fstat shows it unlinked, as a local disk would.
     a, b = two_mounts
-    (a / "small").write_bytes(b"all of the sample")
-    fd = os.open(b / "small", os.O_RDONLY)
-    try:
-        ino = os.fstat(fd).st_ino
+    with _open_for_reading(a / "small", b / "small", b"all of the sample") as (fd, ino):
         os.unlink(a / "small")
         # (at once once the writer's own release, sent in the background, is in)
         wait_for(lambda: not _inode_exists(cluster, ino), what="the purge while open elsewhere")
@@ -160,8 +172,6 @@ def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_re
         time.sleep(1.1)  # the kernel's attributes of the open file expire: fstat asks the mount
         assert os.fstat(fd).st_nlink == 0
         assert os.pread(fd, 100, 0) == b"all of the sample"
-    finally:
-        os.close(fd)
 
 
 def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mount(
@@ -172,10 +182,7 @@ def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mou
     # with the close.
     a, _ = two_mounts
     for how in ("unlink", "rename over"):
-        (a / "small").write_bytes(b"tiny")
-        fd = os.open(a / "small", os.O_RDONLY)
-        try:
-            ino = os.fstat(fd).st_ino
+        with _open_for_reading(a / "small", a / "small", b"tiny") as (fd, ino):
             if how == "unlink":
                 os.unlink(a / "small")
             else:
@@ -185,8 +192,6 @@ def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mou
             os.fchmod(fd, 0o600)
             assert os.fstat(fd).st_mode & 0o777 == 0o600
             assert os.pread(fd, 100, 0) == b"tiny"
-        finally:
-            os.close(fd)
         wait_for(lambda: not _inode_exists(cluster, ino), what=f"the purge after the close ({how})")
     assert (a / "small").read_bytes() == b"new"
 
@@ -198,17 +203,12 @@ def test_a_name_replaced_elsewhere_is_removed_though_its_old_file_is_open_here(
     # gone (replaced by the other mount): recording that open first fails, and the removal
     # of the name (now the new file's) goes on all the same.
     a, b = two_mounts
-    (a / "small").write_bytes(b"old")
-    fd = os.open(a / "small", os.O_RDONLY)
-    try:
-        old = os.fstat(fd).st_ino
+    with _open_for_reading(a / "small", a / "small", b"old") as (fd, old):
         (b / "small.new").write_bytes(b"new")
         os.rename(b / "small.new", b / "small")
         wait_for(lambda: not _inode_exists(cluster, old), what="the old file's purge")
         os.unlink(a / "small")
         assert os.pread(fd, 10, 0) == b"old"
-    finally:
-        os.close(fd)
     assert not (b / "small").exists()
 
 
