@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import subprocess
 import threading
 
 import pytest
@@ -251,6 +252,58 @@ def test_unsynced_put_then_sync_blocks(store, monkeypatch):
     assert store.get(1) == b"a" * 100
     store.sync_blocks([1, 257, 999])
     assert len(synced) == 3  # two files, one directory
+
+
+def resident_bytes(path) -> int:
+    """Bytes of a file in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_written_blocks_leave_the_page_cache(store, tmp_path, monkeypatch, sync):
+    """Drop-behind: a block streamed in (as the write chain stores one) is on disk and out
+    of the page cache once finished, fsynced or not; with it off the pages stay."""
+    import stripefs.dataserver.store as mod
+
+    data = os.urandom(4 << 20)
+    for block_id, drop in ((7, True), (8, False)):
+        monkeypatch.setattr(mod, "DROP_BEHIND", drop)
+        w = store.writer(block_id, len(data), sync=sync)
+        try:
+            for i in range(0, len(data), 1 << 20):
+                w.write(data[i : i + (1 << 20)])
+            w.finish()
+        finally:
+            w.close()
+        resident = resident_bytes(block_file(tmp_path, block_id))
+        if drop:
+            assert resident == 0
+        else:
+            assert resident > len(data) // 2
+        assert store.get(block_id) == data
+
+
+def test_a_writeback_error_fails_the_write(store, monkeypatch):
+    """The wait for a block's writeback consumes any error it finds, so a later fsync would
+    not see it: the write fails with it instead, and leaves nothing."""
+    import ctypes
+
+    import stripefs.dataserver.store as mod
+
+    def failing(fd, offset, length, flags):
+        if flags & mod._SYNC_FILE_RANGE_WAIT_AFTER:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    monkeypatch.setattr(mod, "_sync_file_range", failing)
+    with pytest.raises(FsError) as info:
+        store.put(9, pattern(100_000), sync=False)
+    assert info.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert os.listdir(store.root / "tmp") == [] and list(store.block_ids()) == []
 
 
 def test_version_1_blocks_are_still_read_and_checked(store, tmp_path):
