@@ -151,6 +151,13 @@ def block_files(data_dir: Path) -> dict[int, Path]:
     return out
 
 
+def resident_bytes(path: Path) -> int:
+    """Bytes of a file in the kernel's page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
 def disk_usage(cluster: Cluster) -> int:
     """Bytes of block files (and leftovers under tmp/) of every data server of `cluster`."""
     total = 0

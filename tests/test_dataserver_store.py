@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
 import threading
 
 import pytest
+from faults import resident_bytes
 
 from stripefs.dataserver.store import FIXED_HEADER, BlockStore
 from stripefs.proto.errors import FsError
@@ -252,13 +252,6 @@ def test_unsynced_put_then_sync_blocks(store, monkeypatch):
     assert store.get(1) == b"a" * 100
     store.sync_blocks([1, 257, 999])
     assert len(synced) == 3  # two files, one directory
-
-
-def resident_bytes(path) -> int:
-    """Bytes of a file in the page cache (util-linux fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
 
 
 @pytest.mark.parametrize("sync", [False, True])

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from faults import block_files, resident_bytes
 
 pytestmark = pytest.mark.mount
 
@@ -139,3 +140,17 @@ def test_names_over_name_max_are_enametoolong(mount_pair_dirs):
             call()
         assert info.value.errno == errno.ENAMETOOLONG, (call, info.value)
     assert (a / ok).read_bytes() == b"ok"
+
+
+def test_data_servers_keep_no_page_cache_of_the_blocks_they_store(module_cluster, mount_pair_dirs):
+    """Drop-behind (docs/dataserver.md): once close returns, every replica of the file's
+    blocks is on its data server's disk and out of that machine's page cache."""
+    a, _ = mount_pair_dirs
+    dirs = [module_cluster.base / f"data-{i}" for i in range(3)]
+    before = {p for d in dirs for p in block_files(d).values()}
+    data = os.urandom(9 * 1024 * 1024)  # three blocks, the last partial
+    (a / "stored").write_bytes(data)
+    stored = {p for d in dirs for p in block_files(d).values()} - before
+    assert len(stored) >= 3
+    assert {p: resident_bytes(p) for p in stored} == {p: 0 for p in stored}
+    assert (a / "stored").read_bytes() == data
