@@ -188,7 +188,14 @@ class _StreamState:
         self._closed = False  # close() was called: its cancellation is no failure
 
     def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
-        """Queue one request (trio thread). The stream must be up."""
+        """Queue one request (trio thread) and return what its reply will wake. The stream
+        must be up."""
+        waiter = self.pending[call_id] = _Pending()
+        self._enqueue([call_id, name, frame])
+        return waiter
+
+    def _enqueue(self, entry: list) -> None:
+        """Hand [call_id, name, frame] to the stream's writer (trio thread)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -249,13 +256,11 @@ class _Stream(_StreamState):
         self._call: Any = None
         self._grpc.start(self._run(channel, path))
 
-    def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
-        waiter = self.pending[call_id] = _Pending()
-        self._outbox.append([call_id, name, frame])
+    def _enqueue(self, entry: list) -> None:
+        self._outbox.append(entry)
         if not self._kicked:  # (the writer takes everything queued before it runs)
             self._kicked = True
             self._grpc.soon(self._kick)
-        return waiter
 
     def _kick(self) -> None:
         self._kicked = False
@@ -332,10 +337,8 @@ class _ThreadStream(_StreamState):
         self._call = channel.stream_stream(path)(self._requests(), wait_for_ready=True)
         threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
 
-    def send(self, call_id: int, name: str, frame: bytes) -> _Pending:
-        waiter = self.pending[call_id] = _Pending()
-        self._queue.put([call_id, name, frame])
-        return waiter
+    def _enqueue(self, entry: list) -> None:
+        self._queue.put(entry)
 
     def _requests(self) -> Iterator[bytes]:
         """The messages of the stream, built on gRPC's sender thread."""
