@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -43,8 +44,21 @@ def env(tmp_path_factory):
 def run(c: Cluster, *args: str, rc: int | None = 0, env: dict | None = None, timeout: float = 120):
     """`stripefs ARGS...` with the cluster's metaserver and admin credential given by
     environment (so every command also sees the defaults work); its CompletedProcess."""
-    e = {**os.environ, "STRIPEFS_META": c.meta_addr, "STRIPEFS_CREDENTIALS": str(c.admin), **(env or {})}
-    res = subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=e)
+    e = {**os.environ, "STRIPEFS_META": c.meta_addr, "STRIPEFS_CREDENTIALS": str(c.admin), "PYTHONFAULTHANDLER": "1",
+         **(env or {})}
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            env=e)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack on stderr
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"stripefs {' '.join(args)} did not end within {timeout} s\n{out[-4000:]}\n{err[-8000:]}")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if rc is not None:
         assert res.returncode == rc, f"stripefs {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
