@@ -146,7 +146,7 @@ def test_data_servers_keep_no_page_cache_of_the_blocks_they_store(module_cluster
     """Drop-behind (docs/dataserver.md): once close returns, every replica of the file's
     blocks is on its data server's disk and out of that machine's page cache."""
     a, _ = mount_pair_dirs
-    dirs = [module_cluster.base / f"data-{i}" for i in range(3)]
+    dirs = [module_cluster.base / f"data-{i}" for i in range(len(module_cluster.data))]
     before = {p for d in dirs for p in block_files(d).values()}
     data = os.urandom(9 * 1024 * 1024)  # three blocks, the last partial
     (a / "stored").write_bytes(data)

@@ -16,10 +16,10 @@ import signal
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from cluster import REPO_ROOT, Cluster, cli, put_block
+from faults import block_files
 
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
@@ -116,10 +116,6 @@ def wait_for(predicate, timeout_s: float, what: str):
                 return last
         time.sleep(0.2)
     raise AssertionError(f"not within {timeout_s} s: {what} (last: {last!r})")
-
-
-def block_files(data_dir: Path) -> dict[int, Path]:
-    return {int(p.name): p for p in (data_dir / "blocks").glob("*/*") if p.name.isdigit()}
 
 
 def fsck(cluster: Cluster, *flags: str) -> subprocess.CompletedProcess:
