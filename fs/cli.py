@@ -1080,8 +1080,8 @@ def _end(code: int) -> None:
     is our own output, flushed here. Commands that had printed everything were seen not to
     exit (`stripefs info`, `du` and `find`, three times in six runs of the test suite),
     and a script waiting on one would wait for ever; a normal exit has only the main
-    thread left by then, so the wait is in gRPC's C teardown. (`mount` ends through its
-    own shutdown: fs/fuse/mount.py.)"""
+    thread left by then, so the wait is most likely in gRPC's C teardown (not shown: it
+    never happened outside CI). (`mount` ends through its own shutdown: fs/fuse/mount.py.)"""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
