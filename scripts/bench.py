@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
@@ -190,6 +190,17 @@ METRICS = [
     Metric("epoch_150k_rate", "training epoch 150 KiB", "samples/s", 9),
     Metric("epoch_150k_rate_hint", "training epoch 150 KiB, with sampler hint", "samples/s", 9,
            reference="epoch_150k_rate"),
+    # CPU time of the file system's own processes over the epoch (no hint), per sample read:
+    # where a small sample's cost lies, stripefs's Python against MooseFS's C (role_pids).
+    Metric("epoch_16k_cpu_mount", "training epoch 16 KiB, CPU a sample: mount", "ms", 9, lower_is_better=True),
+    Metric("epoch_16k_cpu_meta", "training epoch 16 KiB, CPU a sample: metadata server", "ms", 9,
+           lower_is_better=True),
+    Metric("epoch_16k_cpu_data", "training epoch 16 KiB, CPU a sample: data servers", "ms", 9, lower_is_better=True),
+    Metric("epoch_150k_cpu_mount", "training epoch 150 KiB, CPU a sample: mount", "ms", 9, lower_is_better=True),
+    Metric("epoch_150k_cpu_meta", "training epoch 150 KiB, CPU a sample: metadata server", "ms", 9,
+           lower_is_better=True),
+    Metric("epoch_150k_cpu_data", "training epoch 150 KiB, CPU a sample: data servers", "ms", 9,
+           lower_is_better=True),
     Metric("epoch_2m_util", "training epoch 2 MiB, accelerator utilisation", "%", 10),
     Metric("epoch_2m_util_hint", "training epoch 2 MiB, with sampler hint, utilisation", "%", 10,
            reference="epoch_2m_util"),
@@ -330,6 +341,32 @@ def peak_rss_mib(pid: int) -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User and system CPU seconds used so far by the processes `pids` (all their threads)
+    and by every live process under them, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # (the name may hold spaces)
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo, seen = 0.0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            total += used.get(pid, 0.0)
+            todo.extend(children.get(pid, ()))
+    return total
 
 
 def machine_info(work_dir: Path) -> dict:
@@ -828,6 +865,11 @@ class Target:
     def mount_pid(self) -> Optional[int]:
         return None
 
+    def role_pids(self) -> dict[str, list[int]]:
+        """The process ids of the file system's mount ("mount"), metadata server(s) ("meta")
+        and data servers ("data"); none for the local disk."""
+        return {}
+
     def more_mounts(self, count: int) -> list[Path]:
         """`count` more mounts of the same file system (fresh processes), as the roots that
         stand for this target's mount point; dropped by drop_more_mounts."""
@@ -914,6 +956,11 @@ class StripefsTarget(Target):
 
     def mount_pid(self) -> Optional[int]:
         return self.mount.proc.pid
+
+    def role_pids(self) -> dict[str, list[int]]:
+        c = self.cluster
+        return {"mount": [self.mount.proc.pid], "meta": [p.pid for p in c.metas or [c.meta]],
+                "data": [d.pid for d in c.data if d.running()]}
 
     @property
     def root(self) -> Path:
@@ -1169,6 +1216,11 @@ class MooseFSTarget(Target):
 
     def mount_pid(self) -> Optional[int]:
         return self.mount_proc.pid if self.mount_proc else None
+
+    def role_pids(self) -> dict[str, list[int]]:
+        return {"mount": [self.mount_proc.pid] if self.mount_proc else [],
+                "meta": [p.pid for name, p, _ in self.procs if name == "mfsmaster"],
+                "data": [p.pid for name, p, _ in self.procs if name.startswith("mfschunkserver")]}
 
     def close(self) -> None:
         errors = []
@@ -1450,14 +1502,22 @@ class Bench:
 
     def epoch(self, run: int, r: int, t: Target, workload: int) -> None:
         """Workload 9 or 10 on one target: for each sample size, one epoch from cold over a
-        dataset written the first time (the runs after reuse it); on stripefs, another from
-        cold with the sampler hint, which fails alone (reported) if the mount cannot take it."""
+        dataset written the first time (the runs after reuse it), with the CPU time the file
+        system's processes spent on it per sample where there are metrics for it (workload
+        9); on stripefs, another from cold with the sampler hint, which fails alone
+        (reported) if the mount cannot take it."""
         for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
             paths = self.epoch_dataset(t, r, tag, ds)
             self.cold(t)
+            roles = t.role_pids() if not self.args.quick else {}  # (--quick: too few ticks to count)
+            before = {role: cpu_seconds(pids) for role, pids in roles.items()}
             util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
             self.record(run, r, t.name, f"epoch_{tag}_util", util)
             self.record(run, r, t.name, f"epoch_{tag}_rate", rate)
+            for role, pids in roles.items():
+                if f"epoch_{tag}_cpu_{role}" in METRIC_BY_KEY:
+                    spent = cpu_seconds(pids) - before[role]
+                    self.record(run, r, t.name, f"epoch_{tag}_cpu_{role}", spent / len(paths) * 1e3)
             if t is not self.sfs:
                 continue
             self.cold(t)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,26 @@ def test_epoch_compute_is_calibrated_only_against_moosefs_and_when_not_given(tmp
                       "epoch_calibration": {"150k": {"moosefs_batch_s": 0.0172, "compute_s": 0.0129}}},
            "results": []}
     assert "150k 12.9 ms (MooseFS 17.2 ms)" in bench.table(doc)
+
+
+@pytest.mark.timeout(60)
+def test_cpu_seconds_counts_a_process_and_those_under_it():
+    """Workload 9's CPU a sample (Target.role_pids): the time of a process's children is
+    counted while they live, and nothing else's."""
+    bench = load_bench()
+    burner = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\n"
+              "print('burnt', flush=True)\ntime.sleep(60)\n")
+    parent = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burner!r}])\n"
+    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "burnt"  # (the grandchild's, through its parent's pipe)
+        used = bench.cpu_seconds([p.pid])
+        assert 0.28 <= used < 3.0, used  # the grandchild's 0.3 s and two interpreters' start
+        assert bench.cpu_seconds([]) == 0.0
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
 
 
 @pytest.mark.mount
