@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
@@ -343,9 +343,12 @@ def peak_rss_mib(pid: int) -> Optional[float]:
     return None
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User and system CPU seconds used so far by the processes `pids` (all their threads)
-    and by every live process under them, from /proc."""
+def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    """For each group of processes: the user and system CPU seconds used so far by its
+    processes (all their threads) and by every live process under them. One pass over
+    /proc for all the groups (none when there are none)."""
+    if not groups:
+        return {}
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
     used: dict[int, float] = {}
@@ -359,14 +362,18 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             continue  # gone meanwhile
         children.setdefault(int(fields[1]), []).append(int(entry))
         used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    total, todo, seen = 0.0, list(pids), set()
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            total += used.get(pid, 0.0)
-            todo.extend(children.get(pid, ()))
-    return total
+
+    def tree(pids: list[int]) -> float:
+        total, todo, seen = 0.0, list(pids), set()
+        while todo:
+            pid = todo.pop()
+            if pid not in seen:
+                seen.add(pid)
+                total += used.get(pid, 0.0)
+                todo.extend(children.get(pid, ()))
+        return total
+
+    return {name: tree(pids) for name, pids in groups.items()}
 
 
 def machine_info(work_dir: Path) -> dict:
@@ -1509,15 +1516,15 @@ class Bench:
         for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
             paths = self.epoch_dataset(t, r, tag, ds)
             self.cold(t)
-            roles = t.role_pids() if not self.args.quick else {}  # (--quick: too few ticks to count)
-            before = {role: cpu_seconds(pids) for role, pids in roles.items()}
+            # The roles whose CPU this epoch reports (--quick: too few clock ticks to count).
+            roles = {} if self.args.quick else {
+                role: pids for role, pids in t.role_pids().items() if f"epoch_{tag}_cpu_{role}" in METRIC_BY_KEY}
+            before = cpu_seconds(roles)
             util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
             self.record(run, r, t.name, f"epoch_{tag}_util", util)
             self.record(run, r, t.name, f"epoch_{tag}_rate", rate)
-            for role, pids in roles.items():
-                if f"epoch_{tag}_cpu_{role}" in METRIC_BY_KEY:
-                    spent = cpu_seconds(pids) - before[role]
-                    self.record(run, r, t.name, f"epoch_{tag}_cpu_{role}", spent / len(paths) * 1e3)
+            for role, used in cpu_seconds(roles).items():
+                self.record(run, r, t.name, f"epoch_{tag}_cpu_{role}", (used - before[role]) / len(paths) * 1e3)
             if t is not self.sfs:
                 continue
             self.cold(t)
