@@ -40,6 +40,11 @@ from .store import Row, Store, Tx, open_store
 log = logging.getLogger("stripefs.metaserver")
 
 NS_PER_S = 1_000_000_000
+#: A file with blocks that lost its last link is purged no sooner than this after, even if
+#: no open is recorded on it (`_purge_if_free`: unrecorded readers); `--unlinked-hold-s`.
+UNLINKED_HOLD_S = 10.0
+#: Unlinked files the sweep purges in one transaction.
+PURGE_BATCH = 256
 #: Size reported for a directory, as ext4 reports for a small one.
 DIR_SIZE_BYTES = 4096
 #: Total bytes of names and values one inode's extended attributes may take.
@@ -149,6 +154,7 @@ class CoreBase:
         server_dead_after_s: float = 10.0,
         session_lease_s: float = 30.0,
         gc_grace_s: float = 30.0,
+        unlinked_hold_s: float = UNLINKED_HOLD_S,
         pending_timeout_s: float = 600.0,
         reserve_bytes: int = 0,
         replication_per_heartbeat: int = 8,
@@ -161,6 +167,7 @@ class CoreBase:
         self.server_dead_after_s = server_dead_after_s
         self.session_lease_s = session_lease_s
         self.gc_grace_s = gc_grace_s
+        self.unlinked_hold_s = unlinked_hold_s
         self.pending_timeout_s = pending_timeout_s
         self.reserve_bytes = reserve_bytes
         self.replication_per_heartbeat = replication_per_heartbeat
@@ -275,14 +282,54 @@ class CoreBase:
         # A removed directory has no links left at all: its own "." goes with its entry.
         nlink = 0 if is_dir(row) else max(row["nlink"] - 1, 0)
         tx.run("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (nlink, now, row["ino"]))
-        if nlink == 0 and not self._is_open(tx, row["ino"]):
-            self._purge(tx, row["ino"], now)
+        if nlink == 0:
+            self._purge_if_free(tx, row["ino"], now, now)
 
     def _maybe_purge(self, tx: Tx, ino: int, now: int) -> None:
         """After a release: purge an unlinked inode that nobody holds open any more."""
-        nlink = tx.scalar("SELECT nlink FROM inodes WHERE ino = ?", (ino,))
-        if nlink == 0 and not self._is_open(tx, ino):
-            self._purge(tx, ino, now)
+        row = tx.one("SELECT nlink, ctime_ns FROM inodes WHERE ino = ?", (ino,))
+        if row is not None and row["nlink"] == 0:
+            self._purge_if_free(tx, ino, row["ctime_ns"], now)
+
+    def _purge_if_free(self, tx: Tx, ino: int, unlinked_ns: int, now: int) -> None:
+        """Purge inode `ino`, which has no links left (since `unlinked_ns`), unless an open
+        holds it, or unless it is a file with blocks that lost its last link less than
+        `unlinked_hold_s` ago: a reader's open of it may have gone unrecorded (files.py
+        `open`), and its client records such an open within `record_open_after_s` of
+        making it; until then only this wait keeps the file's blocks for it. The sweep
+        purges what waited (`purge_unlinked`)."""
+        if self._is_open(tx, ino):
+            return
+        if (self.unlinked_hold_s > 0 and now - unlinked_ns < self.unlinked_hold_s * NS_PER_S
+                and tx.scalar("SELECT 1 FROM blocks WHERE ino = ? LIMIT 1", (ino,))):
+            return
+        self._purge(tx, ino, now)
+
+    def purge_unlinked(self, budget_s: float = 0.5) -> int:
+        """The sweep's part of `_purge_if_free`: purge the unlinked files whose wait is
+        over and that nobody holds open, PURGE_BATCH a transaction (so that an `rm -r` of a
+        million files does not hold the store for one long one), for about `budget_s` at
+        most (the next sweep goes on); how many."""
+        purged, t0 = 0, time.monotonic()
+        while True:
+            with self.store.transaction() as tx:
+                now = self.now_ns()
+                rows = tx.all(
+                    "SELECT ino FROM inodes WHERE nlink = 0 AND ctime_ns <= ? AND ino != ? AND NOT EXISTS"
+                    " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) LIMIT ?",
+                    (now - int(self.unlinked_hold_s * NS_PER_S), ROOT_INODE, PURGE_BATCH),
+                )
+                for r in rows:
+                    self._purge(tx, r["ino"], now)
+            purged += len(rows)
+            if len(rows) < PURGE_BATCH or time.monotonic() - t0 > budget_s:
+                return purged
+
+    def record_open_after_s(self) -> float:
+        """How soon a client records a reader's open that went unrecorded and is still open
+        (a fifth of the wait above, which leaves the rest to a slow client and to the
+        metaservers' clocks; 0: no open of a file with blocks goes unrecorded)."""
+        return self.unlinked_hold_s / 5
 
     def _purge(self, tx: Tx, ino: int, now: int) -> None:
         """Delete an inode for good; its blocks become garbage."""

@@ -42,8 +42,8 @@ class MetaCore(NamespaceOps, XattrOps, LabelOps, FileOps, LockOps, RegistryOps, 
 
     MetaCore(store, token_key, *, clock=time.time, server_suspect_after_s=3.0,
              server_dead_after_s=10.0, session_lease_s=30.0, gc_grace_s=30.0,
-             pending_timeout_s=600.0, reserve_bytes=0, replication_per_heartbeat=8,
-             replication_timeout_s=60.0, server_forget_after_s=86400.0)
+             unlinked_hold_s=10.0, pending_timeout_s=600.0, reserve_bytes=0,
+             replication_per_heartbeat=8, replication_timeout_s=60.0, server_forget_after_s=86400.0)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

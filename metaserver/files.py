@@ -67,10 +67,13 @@ class FileOps(CoreBase):
             attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
             blocks = self._block_map(tx, req.ino, now, str(caller))
             # A reader of a file with no blocks gets all of its content in this reply: an
-            # unlink elsewhere can take nothing its handle still needs, so, when the client
-            # says it can do without, the open is not recorded (a transaction that writes
+            # unlink elsewhere can take nothing its handle still needs. A file with blocks
+            # is kept for unlinked_hold_s after an unlink (`_purge_if_free`), in which its
+            # client records the open if the handle is still open. So, when the client says
+            # it can do without, the open is not recorded (a transaction that writes
             # nothing, and no release to follow: docs/metaserver.md, "Opens").
-            recorded = not (req.unrecorded_ok and not want & perm.WRITE and is_reg(row) and not blocks)
+            recorded = not (req.unrecorded_ok and not want & perm.WRITE and is_reg(row)
+                            and (not blocks or self.unlinked_hold_s > 0))
             if recorded:
                 self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))
             return OpenReply(

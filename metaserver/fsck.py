@@ -232,11 +232,14 @@ class FsckOps(RepairOps):
                 tx.run("DELETE FROM opens WHERE session_id = ? AND ino = ?", (r["session_id"], r["ino"]))
                 fix = f"dropped open of inode {r['ino']} by unknown session {r['session_id']}"
             rep.problem("opens", f"inode {r['ino']} is open by unknown session {r['session_id']}", fix)
+        # (Not those the sweep will purge: base.py `_purge_if_free`, an unlinked file with
+        # blocks waits unlinked_hold_s for readers whose opens were not recorded.)
         orphans = tx.all(
             "SELECT ino FROM inodes WHERE nlink = 0 AND ino != ? AND NOT EXISTS"
             " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) AND NOT EXISTS"
-            " (SELECT 1 FROM dentries d WHERE d.ino = inodes.ino)",
-            (ROOT_INODE,),
+            " (SELECT 1 FROM dentries d WHERE d.ino = inodes.ino) AND (ctime_ns <= ? OR NOT EXISTS"
+            " (SELECT 1 FROM blocks b WHERE b.ino = inodes.ino))",
+            (ROOT_INODE, now - int(self.unlinked_hold_s * NS_PER_S)),
         )
         for r in orphans:
             fix = None

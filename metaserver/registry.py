@@ -59,7 +59,8 @@ class RegistryOps(RepairOps):
                 "INSERT INTO sessions (host, mountpoint, created_ns, last_renew_ns, owner) VALUES (?, ?, ?, ?, ?)",
                 (req.host, req.mountpoint, now, now, str(caller)), "session_id",
             )
-            return SessionReply(session=session, lease_s=self.session_lease_s)
+            return SessionReply(session=session, lease_s=self.session_lease_s,
+                                record_open_after_s=self.record_open_after_s())
 
     def renew_session(self, req: SessionReq, caller: Caller = LOCAL) -> Empty:
         with self.store.transaction() as tx:
@@ -124,8 +125,10 @@ class RegistryOps(RepairOps):
         # Planning is its own transaction: it can be the longest step, and the expiries
         # above need not wait for it.
         planned = self.plan_replication(force=False)
+        purged = self.purge_unlinked()
         return {
             "sessions_expired": len(expired),
+            "unlinked_purged": purged,
             "allocations_abandoned": abandoned + len(stale),
             "replication_tasks_timed_out": timed_out,
             "replication_tasks_planned": planned,

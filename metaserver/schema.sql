@@ -53,6 +53,10 @@ CREATE TABLE inodes (
 -- index that check scanned every inode (an unlink cost 2.2 ms with 30,000 inodes, 0.1 ms
 -- with it). Partial: only directories have a parent, files add nothing to it.
 CREATE INDEX inodes_by_parent ON inodes(parent) WHERE parent IS NOT NULL;
+-- Files unlinked and not yet purged (base.py `_purge_if_free`: a file with blocks is kept
+-- for a while after its last link goes, for readers whose opens were not recorded), by
+-- when they lost it (ctime_ns); the sweep purges them. (store.py UNLINKED_INDEX)
+CREATE INDEX inodes_unlinked ON inodes(ctime_ns) WHERE nlink = 0;
 
 -- Directory entries. The rowid is the readdir cookie: entries are listed in cookie order
 -- and a listing resumes after a cookie, so it stays correct while the directory changes

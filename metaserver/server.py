@@ -35,6 +35,7 @@ from stripefs.proto.messages import Empty
 from stripefs.proto.rpc import serve
 from stripefs.proto.services import META_METHODS, META_SERVICE
 
+from .base import UNLINKED_HOLD_S
 from .core import MetaCore
 from .store import ENGINES, open_store
 
@@ -78,6 +79,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="client session lease; sessions silent for 3 leases are closed")
     p.add_argument("--gc-grace-s", type=float, default=30.0,
                    help="delay before a replaced or deleted block is handed out for deletion")
+    p.add_argument("--unlinked-hold-s", type=float, default=UNLINKED_HOLD_S,
+                   help="a file with blocks is purged no sooner than this after its last link goes, so that"
+                   " readers whose opens went unrecorded keep it (0: every open of such a file is recorded)")
     p.add_argument("--pending-timeout-s", type=float, default=600.0,
                    help="an allocation not committed within this long is abandoned (its blocks become garbage)")
     p.add_argument("--reserve-bytes", type=int, default=0,
@@ -146,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         server_dead_after_s=args.server_dead_after_s,
         session_lease_s=args.session_lease_s,
         gc_grace_s=args.gc_grace_s,
+        unlinked_hold_s=args.unlinked_hold_s,
         pending_timeout_s=args.pending_timeout_s,
         reserve_bytes=args.reserve_bytes,
         replication_per_heartbeat=args.replication_per_heartbeat,

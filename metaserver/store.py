@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: Version of the schema, the same on every engine (each keeps its own migrations to it).
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 #: Bytes of an attribute's value that the label index (xattrs_by_value) holds: a longer
 #: value is compared in full after the index narrowed the rows (labels.py), and a 64 KiB
@@ -45,6 +45,9 @@ LABEL_INDEX_VALUE_BYTES = 256
 #: The label index, as schema.sql and schema_pg.sql create it (tests/test_labels.py checks
 #: they do) and as the migrations to schema 12 add it.
 LABEL_INDEX = f"CREATE INDEX xattrs_by_value ON xattrs(name, substr(value, 1, {LABEL_INDEX_VALUE_BYTES}), ino)"
+#: Unlinked inodes waiting for their purge (base.py `_purge_if_free`), by when they lost
+#: their last link, as both schemas create it and the migrations to schema 13 add it.
+UNLINKED_INDEX = "CREATE INDEX inodes_unlinked ON inodes(ctime_ns) WHERE nlink = 0"
 
 
 def counted_usage(directory: str) -> tuple[str, str]:

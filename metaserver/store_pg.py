@@ -45,7 +45,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool
 
-from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, Batch, Store, Tx
+from .store import LABEL_INDEX, RECOUNT_USAGE, UNLINKED_INDEX, SCHEMA_VERSION, Batch, Store, Tx
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -59,6 +59,7 @@ MIGRATIONS: dict[int, str] = {
         " ALTER TABLE inodes ADD COLUMN used_bytes BIGINT NOT NULL DEFAULT 0;"
         f" {RECOUNT_USAGE}",
     11: LABEL_INDEX,
+    12: UNLINKED_INDEX,
 }
 #: Advisory lock key held while the schema is made or migrated (several metaservers may
 #: start at once on an empty database).

@@ -339,6 +339,9 @@ class SessionOpenReq(Message):
 class SessionReply(Message):
     session: int  # session id; open files and leases hang off it
     lease_s: float  # renew at least this often, or the session expires
+    # A reader's open the metaserver did not record (OpenReply.recorded) of a file with
+    # blocks, still open this long after, is recorded then (0: no such open goes unrecorded)
+    record_open_after_s: float = 0.0
 
 
 @dataclass
@@ -663,8 +666,10 @@ class OpenReq(Message):
     session: int  # session id: the open is recorded so that unlink keeps the inode
     ctx: Ctx = field(default_factory=Ctx)  # caller (read/write permission as flags ask)
     flags: int = 0  # open(2) flags (O_TRUNC is applied here)
-    # A read-only open of a file without blocks (inline, empty, all hole) may go unrecorded:
-    # the reply carries all of its content (the metaserver decides: OpenReply.recorded).
+    # A read-only open may go unrecorded (the metaserver decides: OpenReply.recorded): of a
+    # file without blocks (inline, empty, all hole), whose content the reply carries; of
+    # one with blocks, which the metaserver keeps for a while after an unlink and which
+    # the client records if it is still open after SessionReply.record_open_after_s.
     unrecorded_ok: bool = False
 
 

@@ -174,6 +174,48 @@ def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_re
         assert os.pread(fd, 100, 0) == b"all of the sample"
 
 
+def _opens_of(cluster: Cluster, ino: int) -> int:
+    """Opens of an inode the metaserver has recorded, over all sessions."""
+    db = sqlite3.connect(f"file:{cluster.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", (ino,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_file_with_blocks_open_unrecorded_elsewhere_outlives_its_unlink(tmp_path: Path):
+    # A reader's open of a file with blocks goes unrecorded (no write on the metaserver, no
+    # release): the metaserver keeps an unlinked file with blocks for --unlinked-hold-s
+    # (1 s here), and the reader's client records an open still there after a fifth of
+    # that. The handle, kept open well past the wait and the GC grace (1 s), reads it all.
+    c = Cluster(tmp_path / "cluster", dataservers=2, meta_args=["--unlinked-hold-s", "1", "--gc-grace-s", "1"])
+    try:
+        a, b = c.mount(), c.mount()
+        content = os.urandom(300 * 1024)
+        for name in ("sample", "quick"):
+            (a.path / name).write_bytes(content)
+            ino = os.stat(a.path / name).st_ino
+            wait_for(lambda: _opens_of(c, ino) == 0, what="the writer's release")
+        fd = os.open(b.path / "sample", os.O_RDONLY)
+        try:
+            ino = os.fstat(fd).st_ino
+            assert _opens_of(c, ino) == 0, "a reader's open was recorded at once"
+            wait_for(lambda: _opens_of(c, ino) == 1, what="the lingering open recorded")
+            os.unlink(a.path / "sample")
+            time.sleep(3.5)  # the wait, a sweep, the GC grace and a heartbeat's deletes
+            assert _inode_exists(c, ino)
+            assert os.pread(fd, len(content) + 1, 0) == content
+        finally:
+            os.close(fd)
+        wait_for(lambda: not _inode_exists(c, ino), what="the purge after the close")
+        # Read and closed at once: the metaserver records nothing and hears no release.
+        assert (b.path / "quick").read_bytes() == content
+        time.sleep(0.5)
+        assert _opens_of(c, os.stat(b.path / "quick").st_ino) == 0
+    finally:
+        c.close()
+
+
 def test_a_small_file_open_for_reading_outlives_its_name_removed_on_the_same_mount(
     cluster: Cluster, two_mounts: tuple[Mount, Mount],
 ):

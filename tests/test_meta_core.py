@@ -167,12 +167,14 @@ def test_root_and_store(env):
 def downgrade(env, version: int, *statements: str) -> None:
     """Make the test's database one of schema `version` and reopen it, which migrates it:
     `statements` take away what later schemas added that the test cares about; the label
-    index (schema 12) goes here for every older version."""
+    index (schema 12) and the unlinked index (13) go here for every older version."""
     with env.core.store.transaction() as tx:
         for statement in statements:
             tx.run(statement)
         if version < 12:
             tx.run("DROP INDEX xattrs_by_value")
+        if version < 13:
+            tx.run("DROP INDEX inodes_unlinked")
         if env.core.store.engine == "postgres":
             tx.run("UPDATE schema_version SET version = ?", (version,))
     if env.core.store.engine == "sqlite":
@@ -274,8 +276,10 @@ def test_lookup_with_the_block_map_checks_read_permission(env):
     assert not env.core.lookup(LookupReq(ROOT_INODE, b"d", USER, want_map=True)).mapped
     plain = env.core.lookup(LookupReq(ROOT_INODE, b"mine", USER))
     assert not plain.mapped and plain.blocks == []
-    # No open was recorded: an unlink purges the file at once.
+    # No open was recorded: the file is purged as soon as an unlinked file with blocks may be.
     env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"mine", ctx=USER))
+    env.clock.advance(env.core.unlinked_hold_s)
+    env.core.sweep()
     fails(errno.ENOENT, env.core.getattr, InodeReq(ino=mine.ino))
 
 
@@ -852,6 +856,10 @@ def test_unlink_while_open_two_sessions(env):
     env.core.release(ReleaseReq(ino=f.ino, session=s2))
     assert env.getattr(f.ino).nlink == 0  # s2 still has one open
     env.core.release(ReleaseReq(ino=f.ino, session=s2))
+    # Open nowhere: purged once an unlinked file with blocks may be (unrecorded readers).
+    assert env.getattr(f.ino).nlink == 0
+    env.clock.advance(env.core.unlinked_hold_s)
+    env.core.sweep()
     fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
     env.core.release(ReleaseReq(ino=f.ino, session=s2))  # a stray release is harmless
     env.clock.advance(31)
@@ -1193,7 +1201,7 @@ def test_inline_commit_open_and_truncate(env):
     assert env.core.status(Empty()).inline_files == 0
 
 
-def test_a_reader_open_of_a_file_without_blocks_goes_unrecorded_when_the_client_asks(env):
+def test_a_reader_open_goes_unrecorded_when_the_client_asks(env):
     env.add_server(1)
     session = env.session()
     small = env.create(ROOT_INODE, b"small", session=session)
@@ -1208,15 +1216,16 @@ def test_a_reader_open_of_a_file_without_blocks_goes_unrecorded_when_the_client_
         with env.core.store.transaction() as tx:
             return tx.scalar("SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", (ino,))
 
-    for ino in (small.ino, empty.ino):
+    for ino in (small.ino, empty.ino, big.ino):
         reply = env.core.open(OpenReq(ino, session, flags=os.O_RDONLY, unrecorded_ok=True))
         assert not reply.recorded and opens(ino) == 0
     assert env.core.open(OpenReq(small.ino, session, flags=os.O_RDONLY, unrecorded_ok=True)).data == b"all of it"
-    # Recorded: a file with blocks (an unlink must keep them for the reader), a writer,
-    # and any client that does not ask (older clients release every open).
-    assert env.core.open(OpenReq(big.ino, session, flags=os.O_RDONLY, unrecorded_ok=True)).recorded
+    # Recorded: a writer, and any client that does not ask (older clients release every
+    # open); a file with blocks when the metaserver does not keep unlinked ones a while.
     assert env.core.open(OpenReq(small.ino, session, flags=os.O_RDWR, unrecorded_ok=True)).recorded
     assert env.core.open(OpenReq(empty.ino, session, flags=os.O_RDONLY)).recorded
+    env.core.unlinked_hold_s = 0
+    assert env.core.open(OpenReq(big.ino, session, flags=os.O_RDONLY, unrecorded_ok=True)).recorded
     assert (opens(big.ino), opens(small.ino), opens(empty.ino)) == (1, 1, 1)
     # Permission is checked all the same.
     env.core.setattr(SetattrReq(small.ino, ROOT, mode=0o600))
@@ -1225,6 +1234,69 @@ def test_a_reader_open_of_a_file_without_blocks_goes_unrecorded_when_the_client_
     env.core.release(ReleaseReq(empty.ino, session))  # (the one recorded open of it)
     env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"empty"))
     fails(errno.ENOENT, env.core.getattr, InodeReq(ino=empty.ino))
+
+
+def test_an_unlinked_file_with_blocks_waits_for_readers_whose_opens_went_unrecorded(env):
+    """A reader's unrecorded open of a file with blocks is recorded by its client within
+    SessionReply.record_open_after_s if still open; until then, only the metaserver's wait
+    (unlinked_hold_s after the last link went) keeps the file's blocks for it."""
+    env.add_server(1)
+    writer, reader = env.session(), env.session()
+    hold = env.core.unlinked_hold_s
+    assert env.core.open_session(SessionOpenReq("h", "/m")).record_open_after_s == hold / 5 > 0
+    f = env.create(ROOT_INODE, b"f", session=writer)
+    a, _ = env.write(f.ino, writer, 0, 1000)
+    env.core.release(ReleaseReq(f.ino, writer))
+    assert not env.core.open(OpenReq(f.ino, reader, flags=os.O_RDONLY, unrecorded_ok=True)).recorded
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"f"))
+    assert env.getattr(f.ino).nlink == 0  # kept, with its blocks
+    assert env.core.fsck(FsckReq()).problems == []  # (waiting is not an orphan)
+    env.clock.advance(hold / 5)
+    env.core.sweep()
+    # The reader's client records the open (the handle is still open): that keeps it now.
+    assert env.core.open(OpenReq(f.ino, reader, flags=os.O_RDONLY)).recorded
+    env.clock.advance(hold)
+    env.core.sweep()
+    assert env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].block_id == a.block_id
+    env.core.release(ReleaseReq(f.ino, reader))  # past the wait: purged at once
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=f.ino))
+    # Nobody records anything: the sweep purges it when the wait is over, not before.
+    env.beat(1)
+    g = env.create(ROOT_INODE, b"g", session=writer)
+    env.write(g.ino, writer, 0, 1000)
+    env.core.release(ReleaseReq(g.ino, writer))
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"g"))
+    env.clock.advance(hold - 1)
+    assert env.core.sweep()["unlinked_purged"] == 0
+    env.clock.advance(1)
+    assert env.core.sweep()["unlinked_purged"] == 1
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=g.ino))
+    env.clock.advance(env.core.gc_grace_s + 1)
+    assert len(env.beat(1).delete) == 2
+    # A file without blocks goes with its last link as before.
+    h = env.create(ROOT_INODE, b"h")
+    env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"h"))
+    fails(errno.ENOENT, env.core.getattr, InodeReq(ino=h.ino))
+
+
+def test_the_sweep_purges_unlinked_files_in_batches_of_their_own(env, monkeypatch):
+    from stripefs.metaserver import base
+
+    monkeypatch.setattr(base, "PURGE_BATCH", 2)
+    env.add_server(1)
+    s = env.session()
+    inos = []
+    for i in range(5):
+        f = env.create(ROOT_INODE, f"f{i}".encode(), session=s)
+        env.write(f.ino, s, 0, 100)
+        env.core.release(ReleaseReq(f.ino, s))
+        env.core.unlink(RemoveReq(parent=ROOT_INODE, name=f"f{i}".encode()))
+        inos.append(f.ino)
+    env.clock.advance(env.core.unlinked_hold_s)
+    assert env.core.purge_unlinked(budget_s=0) == 2  # one batch, the budget spent
+    assert env.core.purge_unlinked() == 3  # batch after batch, to a short one
+    for ino in inos:
+        fails(errno.ENOENT, env.core.getattr, InodeReq(ino=ino))
 
 
 def test_inline_commit_checks_limit_and_checksum(env):

@@ -158,7 +158,7 @@ class Client:
         self.data.on_bad_replica = self._report_bad_replica
         self.data.disk, self.data.spawn = disk_tier, self._spawn
         self._budget = WritebackBudget(writeback_bytes)
-        self.reader = Reader(self.data, self.session.call, self._spawn, lambda: self.session.id)
+        self.reader = Reader(self.data, self._fresh_map, self._spawn)
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
                              self._budget, self._spawn, self._committed)
         self.locks = Locks(self.session.call, lambda: self.session.id)
@@ -169,6 +169,9 @@ class Client:
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
         self._next_fh = itertools.count(1)
+        #: handles whose open of a file with blocks the metaserver did not record, in the
+        #: order they were opened, with when: recorded if still open after a while (_record_lingering)
+        self._lingering: dict[int, float] = {}
         # inode -> block-map generation the kernel page cache holds (fs/fuse keep_cache)
         self._cached_generation: dict[int, int] = {}
 
@@ -181,6 +184,7 @@ class Client:
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         await self.session.start(nursery)
+        nursery.start_soon(self._record_lingering)
         if self.stager is not None:
             nursery.start_soon(self.stager.resume)
 
@@ -638,6 +642,7 @@ class Client:
         """Have the metaserver record the open of a handle it did not record
         (OpenReq.unrecorded_ok): what locks through it need, and a removal here of the
         file's last name (an open file outlives its names)."""
+        self._lingering.pop(fh, None)
         h = self._handles.get(fh)
         if h is None or h.recorded:
             return  # (closed meanwhile: nothing to record)
@@ -649,6 +654,40 @@ class Client:
             return
         h.recorded = True
         f.unrecorded -= 1
+
+    async def _record_lingering(self) -> None:
+        """Record the opens of handles that went unrecorded on files with blocks and are
+        still open `record_open_after_s` after (the metaserver keeps such a file after an
+        unlink elsewhere only a few times that long: base.py `_purge_if_free`). A sample
+        read and closed within it costs the metaserver no write and no release."""
+        while True:
+            after = self.session.record_open_after_s
+            await trio.sleep(max(after / 4, 0.05) if after else 1.0)
+            due = now() - after
+            for fh, t in list(self._lingering.items()):
+                if t > due:
+                    break  # (in the order they were opened)
+                del self._lingering[fh]
+                self._spawn(self._record_lingering_one, fh)
+
+    async def _record_lingering_one(self, fh: int) -> None:
+        try:
+            await self._record(fh)
+        except FsError as exc:
+            # Removed elsewhere and purged already (this client was slower than the wait,
+            # or a metaserver's clock was far ahead): the handle still reads the blocks
+            # it has, and those the data servers keep for the GC grace.
+            log.warning("file handle %d: open not recorded in time: %s", fh, exc)
+
+    async def _fresh_map(self, f: FileState) -> m.BlockMapReply:
+        """An open file's attributes and block map, asked anew. The metaserver gives a
+        session a file's map only while it holds the file open: if every handle here on it
+        went unrecorded, one is recorded first."""
+        if f.unrecorded and f.unrecorded >= f.handles:
+            fh = next((fh for fh, h in self._handles.items() if h.ino == f.ino and not h.recorded), None)
+            if fh is not None:
+                await self._record(fh)
+        return await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
 
     async def _record_before_removal(self, parent: int, name: bytes) -> None:
         """`name` of `parent` is about to go (unlink, or replaced by a rename): if it is
@@ -720,7 +759,10 @@ class Client:
         f.opener, f.writable = f.opener or ctx, f.writable or writable
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
-        return self._new_handle(ino, writable, reply.recorded), keep, changed
+        fh = self._new_handle(ino, writable, reply.recorded)
+        if not reply.recorded and reply.blocks:
+            self._lingering[fh] = now()
+        return fh, keep, changed
 
     async def kill_suidgid(self, fh: int) -> None:
         """A caller other than root writes through `fh`: the file's set-user-ID bit, and its
@@ -823,6 +865,7 @@ class Client:
         h = self._handles.pop(fh, None)
         if h is None:
             return
+        self._lingering.pop(fh, None)
         f = self._files[h.ino]
         try:
             if (f.handles == 1 or self.locks.taken_through(fh)) and f.busy():
@@ -958,7 +1001,7 @@ class Client:
         """Fetch an open file's attributes and block map again (its content changed, here
         or elsewhere); the attributes, now also the cached ones."""
         t = now()
-        reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
+        reply = await self._fresh_map(f)
         f.set_map(reply.attr, reply.blocks, reply)
         self.names.attrs.put(reply.attr, t)
         return reply.attr

@@ -14,7 +14,7 @@ and retry.
 from __future__ import annotations
 
 import errno
-from typing import Any, Awaitable, Callable, cast
+from typing import Awaitable, Callable, cast
 
 from stripefs.proto import messages as m
 from stripefs.proto.errors import FsError
@@ -32,11 +32,10 @@ SEQUENTIAL_SLACK_BYTES = 1024 * 1024
 
 
 class Reader:
-    def __init__(self, data: DataPath, call: Callable[[str, m.Message], Awaitable[Any]],
-                 spawn: Callable[..., None], session_id: Callable[[], int]) -> None:
+    def __init__(self, data: DataPath, fresh_map: Callable[[FileState], Awaitable[m.BlockMapReply]],
+                 spawn: Callable[..., None]) -> None:
         self.data = data
-        self._call = call
-        self._session_id = session_id
+        self._fresh_map = fresh_map  # the file's attributes and block map, asked anew
         self._spawn = spawn
         self._prefetches = 0
 
@@ -88,7 +87,7 @@ class Reader:
                     raise
                 # The block was replaced and collected since our map was fetched, or the map
                 # was our own (written here, no read tokens) or is old: refresh it, once.
-                reply = await self._call("block_map", m.BlockMapReq(f.ino, self._session_id()))
+                reply = await self._fresh_map(f)
                 if (exc.errno == errno.ENOENT and reply.blocks
                         and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}):
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None

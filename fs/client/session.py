@@ -82,6 +82,7 @@ class MetaSession:
         self.mountpoint = mountpoint
         self.id = 0  # the session id; open files and leases hang off it
         self.lease_s = 30.0
+        self.record_open_after_s = 0.0  # (SessionReply)
         self._replace_lock = trio.Lock()
         # Unbounded: one small record per closed file, drained as fast as the metaserver
         # answers; a close never waits on it.
@@ -104,6 +105,7 @@ class MetaSession:
     async def _open(self) -> None:
         reply = await self.call("open_session", m.SessionOpenReq(socket.gethostname(), self.mountpoint))
         self.id, self.lease_s = reply.session, reply.lease_s
+        self.record_open_after_s = reply.record_open_after_s
 
     async def _renew_loop(self) -> None:
         while True:
