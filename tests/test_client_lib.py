@@ -135,6 +135,39 @@ def test_unlinked_file_stays_readable_through_open_handle(lib_cluster):
     run(lib_cluster, body)
 
 
+def test_a_reader_whose_open_was_not_recorded_in_time_gets_eio_for_what_is_gone(tmp_path):
+    # The metaserver keeps an unlinked file with blocks for --unlinked-hold-s (1 s here)
+    # for readers whose opens went unrecorded; a client that does not record its open in
+    # that time (here: told to wait an hour, as a stopped one would) finds the file purged
+    # and its blocks collected: the read is an I/O error, said as one, not ENOENT.
+    from faults import block_files
+
+    data = random.randbytes(300_000)
+    with Cluster(tmp_path / "c", dataservers=2, meta_args=["--unlinked-hold-s", "1", "--gc-grace-s", "1"]) as c:
+
+        def stored() -> set[int]:
+            return {b for i in range(2) for b in block_files(c.base / f"data-{i}")}
+
+        async def main():
+            creds = load_credentials(c.client)
+            async with open_client(c.meta_addr, creds) as writer, open_client(c.meta_addr, creds) as reader:
+                d = await fresh_dir(writer, b"late")
+                ino = await write_file(writer, d, b"f", data)
+                reader.session.record_open_after_s = 3600.0
+                fh, _, _ = await reader.open(ino, os.O_RDONLY)
+                block = reader._files[ino].blocks[0].block_id
+                await writer.unlink(d, b"f")
+                with trio.fail_after(60):
+                    while block in stored():
+                        await trio.sleep(0.2)
+                with pytest.raises(FsError) as exc:
+                    await reader.read(fh, 0, len(data))
+                assert exc.value.errno == errno.EIO
+                await reader.release(fh)
+
+        trio.run(main)
+
+
 def test_errors_are_errno(lib_cluster):
     async def body(client):
         d = await fresh_dir(client, b"err")

@@ -686,7 +686,16 @@ class Client:
         if f.unrecorded and f.unrecorded >= f.handles:
             fh = next((fh for fh, h in self._handles.items() if h.ino == f.ino and not h.recorded), None)
             if fh is not None:
-                await self._record(fh)
+                try:
+                    await self._record(fh)
+                except FsError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    # Removed elsewhere and purged before this client recorded the open
+                    # (it was stopped longer than the metaserver's wait): what the handle
+                    # had not read yet is lost to it.
+                    log.error("inode %d: purged before its open here was recorded; %s", f.ino, exc)
+                    raise FsError(errno.EIO, f"inode {f.ino} was removed elsewhere and purged") from None
         return await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
 
     async def _record_before_removal(self, parent: int, name: bytes) -> None:
