@@ -300,10 +300,14 @@ class CoreBase:
         purges what waited (`purge_unlinked`)."""
         if self._is_open(tx, ino):
             return
-        if (self.unlinked_hold_s > 0 and now - unlinked_ns < self.unlinked_hold_s * NS_PER_S
+        if (self.unlinked_hold_s > 0 and unlinked_ns > self._hold_cutoff_ns(now)
                 and tx.scalar("SELECT 1 FROM blocks WHERE ino = ? LIMIT 1", (ino,))):
             return
         self._purge(tx, ino, now)
+
+    def _hold_cutoff_ns(self, now: int) -> int:
+        """A file with blocks unlinked after this (`ctime_ns`) still waits (`_purge_if_free`)."""
+        return now - int(self.unlinked_hold_s * NS_PER_S)
 
     def purge_unlinked(self, budget_s: float = 0.5) -> int:
         """The sweep's part of `_purge_if_free`: purge the unlinked files whose wait is
@@ -317,7 +321,7 @@ class CoreBase:
                 rows = tx.all(
                     "SELECT ino FROM inodes WHERE nlink = 0 AND ctime_ns <= ? AND ino != ? AND NOT EXISTS"
                     " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) LIMIT ?",
-                    (now - int(self.unlinked_hold_s * NS_PER_S), ROOT_INODE, PURGE_BATCH),
+                    (self._hold_cutoff_ns(now), ROOT_INODE, PURGE_BATCH),
                 )
                 for r in rows:
                     self._purge(tx, r["ino"], now)

@@ -239,7 +239,7 @@ class FsckOps(RepairOps):
             " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) AND NOT EXISTS"
             " (SELECT 1 FROM dentries d WHERE d.ino = inodes.ino) AND (ctime_ns <= ? OR NOT EXISTS"
             " (SELECT 1 FROM blocks b WHERE b.ino = inodes.ino))",
-            (ROOT_INODE, now - int(self.unlinked_hold_s * NS_PER_S)),
+            (ROOT_INODE, self._hold_cutoff_ns(now)),
         )
         for r in orphans:
             fix = None

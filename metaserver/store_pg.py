@@ -45,7 +45,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool
 
-from .store import LABEL_INDEX, RECOUNT_USAGE, UNLINKED_INDEX, SCHEMA_VERSION, Batch, Store, Tx
+from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, UNLINKED_INDEX, Batch, Store, Tx
 
 log = logging.getLogger("stripefs.metaserver")
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .store import LABEL_INDEX, RECOUNT_USAGE, UNLINKED_INDEX, SCHEMA_VERSION, Batch, Store, Tx
+from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, UNLINKED_INDEX, Batch, Store, Tx
 
 #: SQL that brings a database of version k to k + 1 (schema.sql is always the newest).
 MIGRATIONS = {
