@@ -136,13 +136,18 @@ def test_unlinked_file_stays_readable_through_a_handle_in_the_other_mount(
     assert not (a / "doomed").exists()
 
 
-def _inode_exists(cluster: Cluster, ino: int) -> bool:
-    """Whether the metaserver still has an inode (its SQLite database, read alongside)."""
+def _meta_db_value(cluster: Cluster, sql: str, *args: object):
+    """One value from the metaserver's SQLite database, read alongside it."""
     db = sqlite3.connect(f"file:{cluster.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
     try:
-        return db.execute("SELECT COUNT(*) FROM inodes WHERE ino = ?", (ino,)).fetchone()[0] == 1
+        return db.execute(sql, args).fetchone()[0]
     finally:
         db.close()
+
+
+def _inode_exists(cluster: Cluster, ino: int) -> bool:
+    """Whether the metaserver still has an inode."""
+    return _meta_db_value(cluster, "SELECT COUNT(*) FROM inodes WHERE ino = ?", ino) == 1
 
 
 @contextmanager
@@ -176,11 +181,7 @@ def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_re
 
 def _opens_of(cluster: Cluster, ino: int) -> int:
     """Opens of an inode the metaserver has recorded, over all sessions."""
-    db = sqlite3.connect(f"file:{cluster.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return db.execute("SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", (ino,)).fetchone()[0]
-    finally:
-        db.close()
+    return _meta_db_value(cluster, "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", ino)
 
 
 def test_a_file_with_blocks_open_unrecorded_elsewhere_outlives_its_unlink(tmp_path: Path):

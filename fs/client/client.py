@@ -655,6 +655,10 @@ class Client:
         h.recorded = True
         f.unrecorded -= 1
 
+    def _unrecorded_handles(self, ino: int) -> list[int]:
+        """The handles here on `ino` whose opens the metaserver did not record."""
+        return [fh for fh, h in self._handles.items() if h.ino == ino and not h.recorded]
+
     async def _record_lingering(self) -> None:
         """Record the opens of handles that went unrecorded on files with blocks and are
         still open `record_open_after_s` after (the metaserver keeps such a file after an
@@ -684,7 +688,7 @@ class Client:
         session a file's map only while it holds the file open: if every handle here on it
         went unrecorded, one is recorded first."""
         if f.unrecorded and f.unrecorded >= f.handles:
-            fh = next((fh for fh, h in self._handles.items() if h.ino == f.ino and not h.recorded), None)
+            fh = next(iter(self._unrecorded_handles(f.ino)), None)
             if fh is not None:
                 try:
                     await self._record(fh)
@@ -706,7 +710,7 @@ class Client:
         f = self._files.get(ino) if ino is not None else None
         if f is None or not f.unrecorded:
             return
-        for fh in [fh for fh, h in self._handles.items() if h.ino == ino and not h.recorded]:
+        for fh in self._unrecorded_handles(f.ino):
             try:
                 await self._record(fh)
             except FsError as exc:
