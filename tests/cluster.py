@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -292,6 +293,16 @@ class Cluster:
     def client(self) -> Path:
         """A client credential bundle for library users in tests."""
         return self.pki.bundle("client", "library")
+
+    def meta_value(self, sql: str, *args: object):
+        """One value from the metaserver's SQLite database, read alongside it (a test's
+        look at what the metaserver has recorded)."""
+        assert not self.meta_dsn, "meta_value reads the SQLite engine's database"
+        db = sqlite3.connect(f"file:{self.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(sql, args).fetchone()[0]
+        finally:
+            db.close()
 
     # ------------------------------------------------------------------ metaserver
 

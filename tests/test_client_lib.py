@@ -238,6 +238,58 @@ def test_expired_session_is_replaced(lib_cluster):
     run(lib_cluster, body)
 
 
+def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster):
+    """A replaced session's client records again one open for each recorded handle (their
+    releases take them back one by one) and none for a handle whose open went unrecorded
+    (it sends no release: one recorded for it would keep the file until the session ends)."""
+    from stripefs.proto.messages import SessionReq
+    from stripefs.proto.rpc import Stub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
+
+    data = random.randbytes(200_000)  # stored in blocks: a reader's first open goes unrecorded
+
+    async def body(client):
+        async def agree(ino: int) -> tuple[int, int]:
+            """(opens the metaserver has of `ino` in our session, our recorded handles on
+            it), once they agree or after 5 s. Releases leave in the background, and a
+            handle left unrecorded is recorded after a while (_record_lingering)."""
+            for _ in range(100):
+                mine = sum(h.recorded for h in client._handles.values() if h.ino == ino)
+                theirs = lib_cluster.meta_value(
+                    "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?",
+                    ino, client.session.id)
+                if mine == theirs:
+                    break
+                await trio.sleep(0.05)
+            return theirs, mine
+
+        d = await fresh_dir(client, b"reopen")
+        ino = await write_file(client, d, b"f", data)
+        other = await write_file(client, d, b"g", data)
+        first, _, _ = await client.open(ino, os.O_RDONLY)  # unrecorded
+        second, _, _ = await client.open(ino, os.O_RDONLY)  # recorded (the inode is open here)
+        writer, _, _ = await client.open(ino, os.O_RDWR)  # recorded
+        alone, _, _ = await client.open(other, os.O_RDONLY)  # unrecorded, the only handle
+        assert not client._handles[first].recorded and not client._handles[alone].recorded
+        old = client.session.id
+        assert await agree(ino) == (2, 2) or client._handles[first].recorded
+        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
+        stub.call("close_session", SessionReq(old))
+        stub.close()
+        await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])  # replaces it
+        assert client.session.id != old
+        for fh in (None, second, writer, first, alone):
+            if fh is not None:
+                await client.release(fh)
+            theirs, mine = await agree(ino)
+            assert theirs == mine, f"after releasing {fh}: {theirs} opens recorded for {mine} handles"
+            theirs, mine = await agree(other)
+            assert theirs == mine, f"after releasing {fh}: {theirs} opens recorded for {mine} handles"
+        assert await agree(ino) == (0, 0) and await agree(other) == (0, 0)
+
+    run(lib_cluster, body)
+
+
 def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
     """close: data on its servers (written), metadata committed; fsync: the servers have
     also synced every block the client wrote to the file."""

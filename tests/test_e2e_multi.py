@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import os
 import random
-import sqlite3
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -136,18 +135,9 @@ def test_unlinked_file_stays_readable_through_a_handle_in_the_other_mount(
     assert not (a / "doomed").exists()
 
 
-def _meta_db_value(cluster: Cluster, sql: str, *args: object):
-    """One value from the metaserver's SQLite database, read alongside it."""
-    db = sqlite3.connect(f"file:{cluster.base / 'meta' / 'meta.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return db.execute(sql, args).fetchone()[0]
-    finally:
-        db.close()
-
-
 def _inode_exists(cluster: Cluster, ino: int) -> bool:
     """Whether the metaserver still has an inode."""
-    return _meta_db_value(cluster, "SELECT COUNT(*) FROM inodes WHERE ino = ?", ino) == 1
+    return cluster.meta_value("SELECT COUNT(*) FROM inodes WHERE ino = ?", ino) == 1
 
 
 @contextmanager
@@ -181,7 +171,7 @@ def test_a_small_file_open_for_reading_elsewhere_is_removed_at_once_and_still_re
 
 def _opens_of(cluster: Cluster, ino: int) -> int:
     """Opens of an inode the metaserver has recorded, over all sessions."""
-    return _meta_db_value(cluster, "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", ino)
+    return cluster.meta_value("SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ?", ino)
 
 
 def test_a_file_with_blocks_open_unrecorded_elsewhere_outlives_its_unlink(tmp_path: Path):

@@ -189,18 +189,24 @@ class Client:
             nursery.start_soon(self.stager.resume)
 
     async def _reopen_files(self) -> None:
-        """A new session: register again the files we hold open, so that their unlinked
-        inodes are kept. Inodes purged meanwhile are gone; their handles will get ENOENT.
-        Locks are not taken again: others may have taken them meanwhile."""
+        """A new session: register again the opens of the files we hold open, so that their
+        unlinked inodes are kept: one for each open the old session had recorded (each
+        recorded handle, and the stager's hold), which the releases will take back one by
+        one; none for handles that went unrecorded (they send no release: one recorded for
+        them would keep the file until the session ends; _record_lingering records them in
+        the new session as in the old). Inodes purged meanwhile are gone; their handles will
+        get ENOENT. Locks are not taken again: others may have taken them meanwhile."""
         self.locks.session_lost()
         for ino, f in list(self._files.items()):
             # Asking for no more than an open here was granted: writing (which an open for
             # reading and writing had too), else reading; either entitles us to read tokens.
             flags = os.O_WRONLY if f.writable else os.O_RDONLY
-            try:
-                await self.session.call("open", m.OpenReq(ino, self.session.id, f.opener or self.identity, flags))
-            except FsError as exc:
-                log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
+            for _ in range(f.handles - f.unrecorded):
+                try:
+                    await self.session.call("open", m.OpenReq(ino, self.session.id, f.opener or self.identity, flags))
+                except FsError as exc:
+                    log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
+                    break
 
     async def aclose(self) -> None:
         """Flush what is still written back and end the session (open_client does this on exit)."""
