@@ -139,6 +139,54 @@ def span(pieces: list, start: int, end: int) -> bytes | memoryview:
     return out[0] if len(out) == 1 else b"".join(out)
 
 
+class Pieces:
+    """Bytes kept as the buffers they arrived in, in order (a streamed block's chunks),
+    read through views into them rather than gathered into one buffer first: gathering a
+    4 MiB block copies every byte once more and touches 4 MiB of new pages, on the
+    reading client's CPU (docs/client.md, "Reads"). Immutable like bytes (its pieces are
+    bytes); `block[a:b]` is bytes, as a slice of bytes is; `view_of` is the view."""
+
+    __slots__ = ("pieces", "length")
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.length = sum(map(len, pieces))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, step = key.indices(self.length)
+        if step != 1:
+            raise ValueError("Pieces take slices of step 1 only")
+        return bytes(span(self.pieces, start, max(start, stop)))
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+#: What a block read arrives as: one buffer, or its chunks (Pieces).
+Block = Union[bytes, Pieces]
+
+
+def joined(pieces: list[bytes]) -> Block:
+    """Buffers that arrived in order, as one Block (no copy)."""
+    return pieces[0] if len(pieces) == 1 else Pieces(pieces) if pieces else b""
+
+
+def view_of(block: Block, start: int, end: int) -> bytes | memoryview:
+    """block[start:end] as a view where it lies within one buffer (a copy only where it
+    spans two pieces): for a caller that copies it at once (a FUSE reply)."""
+    if isinstance(block, Pieces):
+        return span(block.pieces, start, min(end, block.length)) if start < min(end, block.length) else b""
+    return memoryview(block)[start:end]
+
+
+def buffers_of(block: Block) -> list[bytes]:
+    """The buffers that hold a Block, in order."""
+    return block.pieces if isinstance(block, Pieces) else [block]
+
+
 class BlockChunks:
     """A block cut into the chunk messages of a write chain, each with its CRC32C and leaf
     hashes, made as gRPC's thread sends them and kept for a retry (a block placed again

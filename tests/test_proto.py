@@ -70,6 +70,26 @@ def test_block_chunks_round_trip():
             codec.decode_chunk(bad)
 
 
+def test_a_block_kept_as_pieces_reads_as_its_bytes():
+    """codec.Pieces (a streamed read's chunks, never gathered): every slice, view and the
+    whole read as they would from the one buffer; a view within one piece is no copy."""
+    data = os.urandom(3000)
+    sizes = [1024, 1024, 952]
+    pieces = [data[:1024], data[1024:2048], data[2048:]]
+    block = codec.joined(pieces)
+    assert isinstance(block, codec.Pieces) and len(block) == len(data) == sum(sizes)
+    assert bytes(block) == data and codec.buffers_of(block) == pieces
+    for start, end in [(0, 3000), (0, 1024), (1000, 1100), (1024, 2048), (5, 2999), (2047, 2049),
+                       (2990, 4000), (3000, 3001), (100, 50), (0, 0)]:
+        assert block[start:end] == data[start:end], (start, end)
+        assert bytes(codec.view_of(block, start, end)) == data[start:end], (start, end)
+    assert block[:] == data and block[-10:] == data[-10:]
+    view = codec.view_of(block, 1024, 2048)
+    assert isinstance(view, memoryview) and view.obj is pieces[1]
+    assert codec.joined([data]) is data and codec.joined([]) == b""
+    assert bytes(codec.view_of(data, 10, 20)) == data[10:20] and codec.buffers_of(data) == [data]
+
+
 def test_nested_round_trip():
     attr = m.Attr(5, 0o100644, 1, 0, 0, 0, 10, 1, 2, 3, 4096, 0, 7)
     rep = m.OpenReply(attr, [m.BlockRef(0, 9, 10, ["127.0.0.1:1"])])

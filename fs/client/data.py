@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import trio
 
 from stripefs.proto import codec, metrics
+from stripefs.proto.codec import Block
 from stripefs.proto.errors import FsError, TransportError
 from stripefs.proto.integrity import (
     DIGEST_BYTES,
@@ -105,9 +106,9 @@ class BlockCache:
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
 
-    def get(self, block_id: int) -> Optional[bytes]:
+    def get(self, block_id: int) -> Optional[Block]:
         data = self._blocks.get(block_id)
         if data is not None:
             self._blocks.move_to_end(block_id)
@@ -116,7 +117,7 @@ class BlockCache:
             _metrics.cache_misses.inc()
         return data
 
-    def put(self, block_id: int, data: bytes) -> None:
+    def put(self, block_id: int, data: Block) -> None:
         if len(data) > self.limit_bytes:
             return
         old = self._blocks.pop(block_id, None)
@@ -146,7 +147,7 @@ class Prefetched:
 
     def __init__(self) -> None:
         self.used_bytes = 0
-        self._blocks: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # id -> (bytes, when fetched)
+        self._blocks: OrderedDict[int, tuple[Block, float]] = OrderedDict()  # id -> (bytes, when fetched)
         #: called (block_id, bytes) when a read takes a block; called () when bytes go
         self.on_taken: Optional[Callable[[int, int], None]] = None
         self.on_freed: Optional[Callable[[], None]] = None
@@ -154,12 +155,12 @@ class Prefetched:
     def holds(self, block_id: int) -> bool:
         return block_id in self._blocks
 
-    def put(self, block_id: int, data: bytes) -> None:
+    def put(self, block_id: int, data: Block) -> None:
         self.drop([block_id])
         self._blocks[block_id] = (data, time.monotonic())
         self.used_bytes += len(data)
 
-    def take(self, block_id: int) -> Optional[bytes]:
+    def take(self, block_id: int) -> Optional[Block]:
         held = self._blocks.pop(block_id, None)
         if held is None:
             return None
@@ -245,7 +246,7 @@ class DataPath:
             getattr(self._last_error.get(a), "errno", None) == errno.ENOSPC for a in addresses
         )
 
-    async def read_block(self, ref: BlockRef) -> bytes:
+    async def read_block(self, ref: BlockRef) -> Block:
         """The whole stored block (its first ref.length bytes), from the cache or a replica.
         For sequential readers: the block is cached and shared with concurrent readers. A
         block a truncate clamped is fetched as written (what its digest describes), and
@@ -253,7 +254,7 @@ class DataPath:
         while True:
             data = self._held(ref.block_id)
             if data is not None:
-                return data[: ref.length]
+                return data if len(data) <= ref.length else data[: ref.length]
             pending = self._fetching.get(ref.block_id)
             if pending is None:
                 break
@@ -262,9 +263,9 @@ class DataPath:
                     and not self.prefetched.holds(ref.block_id)):
                 break  # the shared fetch failed or its block was too big to cache: fetch ourselves
         data = await self._load_shared(ref, self.cache.put)
-        return data[: ref.length]
+        return data if len(data) <= ref.length else data[: ref.length]
 
-    def _held(self, block_id: int) -> Optional[bytes]:
+    def _held(self, block_id: int) -> Optional[Block]:
         """A block from the cache, or one fetched ahead (which moves to the cache: read)."""
         data = self.cache.get(block_id)
         if data is None:
@@ -273,14 +274,14 @@ class DataPath:
                 self.cache.put(block_id, data)
         return data
 
-    async def _load(self, ref: BlockRef) -> bytes:
+    async def _load(self, ref: BlockRef) -> Block:
         """A whole block as its writer stored it: from the disk tier if it has it (checked
         there), else from a replica (checked against the digest), then kept on disk."""
         size = written(ref)
         if self.disk is not None:
-            data = await self.disk.get(ref.block_id)
-            if data is not None and len(data) == size:
-                return data
+            kept = await self.disk.get(ref.block_id)
+            if kept is not None and len(kept) == size:
+                return kept
         data = await self._fetch(ref, 0, size)
         if self.disk is not None and self.spawn is not None:
             self.disk.put_soon(self.spawn, ref.block_id, data)
@@ -294,7 +295,7 @@ class DataPath:
             return 0
         return len(await self._load_shared(ref, self.prefetched.put))
 
-    async def _load_shared(self, ref: BlockRef, keep: Callable[[int, bytes], None]) -> bytes:
+    async def _load_shared(self, ref: BlockRef, keep: Callable[[int, Block], None]) -> Block:
         """_load, announced in `_fetching` so that concurrent readers of the block wait for
         this fetch instead of starting their own; `keep(block_id, data)` puts it where
         they will look (the cache, or the prefetch store) before they are woken."""
@@ -321,17 +322,17 @@ class DataPath:
         if length == 0:
             return b""
         if not ref.digest:
-            return await self._fetch(ref, offset, length)
+            return bytes(await self._fetch(ref, offset, length))
         leaves = self.leaves.get(ref.block_id)
         if leaves is None:
-            leaves = await self._fetch(ref, 0, 0, want_leaves=True)
+            leaves = bytes(await self._fetch(ref, 0, 0, want_leaves=True))
             self.leaves.put(ref.block_id, leaves)
         start, end = _leaf_span(offset, length, written(ref))
-        span = await self._fetch(ref, start, end - start, leaves=leaves)
+        span = await self._fetch(ref, start, end - start, leaves=bytes(leaves))  # (bytes: no copy)
         return span[offset - start : offset - start + length]
 
     async def _fetch(self, ref: BlockRef, offset: int, length: int, *, want_leaves: bool = False,
-                     leaves: bytes = b"") -> bytes:
+                     leaves: bytes = b"") -> Block:
         """Read from the replicas in turn. Every attempt but the last has a short deadline,
         so a hung (not dead) server costs seconds, not the full RPC timeout. What a replica
         sends is checked against the writer's digest (proto/integrity.py) if there is one:
@@ -496,23 +497,25 @@ class DataPath:
         return stored, failed, chunks.digest() if not failed else b""
 
 
-def _join_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
-    return b"".join(chunks), b""
+# A streamed read's bytes stay the chunks they arrived in (codec.Pieces): never gathered.
+
+def _join_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[Block, bytes]:
+    return codec.joined(list(chunks)), b""
 
 
-def _hash_chunks(digest: bytes, reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+def _hash_chunks(digest: bytes, reply: object, chunks: Iterator[bytes]) -> tuple[Block, bytes]:
     """A streamed read's bytes and their hash (as `digest` was made), hashed as they arrive."""
     parts, h = [], block_hasher(digest)
     for chunk in chunks:
         parts.append(chunk)
         h.update(chunk)
-    return b"".join(parts), h.digest()
+    return codec.joined(parts), h.digest()
 
 
-def _leaf_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+def _leaf_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[Block, bytes]:
     """A streamed read's bytes and their leaf hashes, hashed as they arrive."""
     parts, hashes = [], []
     for chunk in chunks:
         parts.append(chunk)
         hashes.append(leaf_hashes(chunk))
-    return b"".join(parts), b"".join(hashes)
+    return codec.joined(parts), b"".join(hashes)

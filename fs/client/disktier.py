@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import crc32c
 import trio
 
+from stripefs.proto.codec import Block, buffers_of
 from stripefs.proto.errors import FsError
 
 log = logging.getLogger("stripefs.client")
@@ -175,7 +176,7 @@ class DiskTier:
 
     # ------------------------------------------------------------------ writing
 
-    def put_soon(self, spawn: Callable[..., None], block_id: int, data: bytes) -> None:
+    def put_soon(self, spawn: Callable[..., None], block_id: int, data: Block) -> None:
         """Keep a block (checked already) on disk, written in the background."""
         size = len(data)
         if (block_id in self._index or block_id in self._writing or size > self.limit_bytes
@@ -184,21 +185,24 @@ class DiskTier:
         self._writing[block_id] = size
         spawn(self._write_in_background, block_id, data)
 
-    async def _write_in_background(self, block_id: int, data: bytes) -> None:
+    async def _write_in_background(self, block_id: int, data: Block) -> None:
         try:
             async with self._writers:
                 await trio.to_thread.run_sync(self._write, block_id, data)
         finally:
             self._writing.pop(block_id, None)
 
-    def _write(self, block_id: int, data: bytes) -> None:
+    def _write(self, block_id: int, data: Block) -> None:
         path = self._path(block_id)
         tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(exist_ok=True)
+            crc = 0
+            for piece in buffers_of(data):
+                crc = crc32c.crc32c(piece, crc)
             with open(tmp, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, crc32c.crc32c(data), len(data)))
-                f.write(data)
+                f.write(_HEADER.pack(_MAGIC, crc, len(data)))
+                f.writelines(buffers_of(data))
             os.replace(tmp, path)
         except OSError as exc:
             # A full or failing local disk costs the tier, never a read.

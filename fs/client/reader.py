@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 from typing import Awaitable, Callable, cast
 
+from stripefs.proto import codec
 from stripefs.proto import messages as m
 from stripefs.proto.errors import FsError
 
@@ -79,7 +80,7 @@ class Reader:
             try:
                 if whole:
                     block = await self.data.read_block(ref)
-                    chunk = memoryview(block)[boff : boff + n] if view else block[boff : boff + n]
+                    chunk = codec.view_of(block, boff, boff + n) if view else block[boff : boff + n]
                 else:
                     chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:
