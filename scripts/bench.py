@@ -129,6 +129,12 @@ FULL = Sizes()
 EPOCH_CALIBRATION_SHARE = 0.75
 #: The compute per batch of the calibrating epoch (as good as none).
 EPOCH_CALIBRATION_COMPUTE_S = 0.0001
+#: Workload 9 on stripefs also reads the samples of this tag from a directory whose
+#: `stripefs.inline_max` is EPOCH_INLINE_MAX (the default, 64 KiB, is below a 150 KiB
+#: sample): each sample's bytes are then kept by the metaserver and come with the open, as
+#: a 16 KiB sample's do, instead of from a data server (Lustre's data-on-MDT).
+EPOCH_INLINE_TAG = "150k"
+EPOCH_INLINE_MAX = 256 * KiB
 QUICK = Sizes(
     ckpt_bytes=8 * MiB, shard_bytes=2 * MiB, dataset_files=200, dataset_dirs=10,
     meta_files=200, random_reads=500, random_read_s=2.0, lock_pairs=50,
@@ -190,6 +196,12 @@ METRICS = [
     Metric("epoch_150k_rate", "training epoch 150 KiB", "samples/s", 9),
     Metric("epoch_150k_rate_hint", "training epoch 150 KiB, with sampler hint", "samples/s", 9,
            reference="epoch_150k_rate"),
+    # stripefs only: the 150 KiB samples in a directory whose stripefs.inline_max holds them
+    # (EPOCH_INLINE_MAX: their bytes kept by the metaserver, as Lustre's data-on-MDT).
+    Metric("epoch_150k_util_inline", "training epoch 150 KiB, inline_max 256 KiB, utilisation", "%", 9,
+           reference="epoch_150k_util"),
+    Metric("epoch_150k_rate_inline", "training epoch 150 KiB, inline_max 256 KiB", "samples/s", 9,
+           reference="epoch_150k_rate"),
     # CPU time of the file system's own processes over the epoch (no hint), per sample read:
     # where a small sample's cost lies, stripefs's Python against MooseFS's C (role_pids).
     Metric("epoch_16k_cpu_mount", "training epoch 16 KiB, CPU a sample: mount", "ms", 9, lower_is_better=True),
@@ -201,6 +213,10 @@ METRICS = [
            lower_is_better=True),
     Metric("epoch_150k_cpu_data", "training epoch 150 KiB, CPU a sample: data servers", "ms", 9,
            lower_is_better=True),
+    Metric("epoch_150k_inline_cpu_mount", "training epoch 150 KiB, inline_max 256 KiB, CPU a sample: mount", "ms", 9,
+           lower_is_better=True, reference="epoch_150k_cpu_mount"),
+    Metric("epoch_150k_inline_cpu_meta", "training epoch 150 KiB, inline_max 256 KiB, CPU a sample: metadata server",
+           "ms", 9, lower_is_better=True, reference="epoch_150k_cpu_meta"),
     Metric("epoch_2m_util", "training epoch 2 MiB, accelerator utilisation", "%", 10),
     Metric("epoch_2m_util_hint", "training epoch 2 MiB, with sampler hint, utilisation", "%", 10,
            reference="epoch_2m_util"),
@@ -555,25 +571,25 @@ def commit_marker(step: Path) -> None:
     os.rename(tmp, step / CKPT_MARKER)
 
 
-def set_step_xattr(step: Path, name: str, value: bytes) -> None:
+def set_xattr(path: Path, name: str, value: bytes) -> None:
     """setxattr, its error naming the attribute (a mount may support one and not another)."""
     try:
-        os.setxattr(step, name, value)
+        os.setxattr(path, name, value)
     except OSError as exc:
-        raise OSError(exc.errno, f"{exc.strerror} (setxattr {name})", str(step)) from None
+        raise OSError(exc.errno, f"{exc.strerror} (setxattr {name})", str(path)) from None
 
 
 def begin_tiered(step: Path) -> None:
     """The tiered save's start: the directory, marked for an asynchronous checkpoint, so
     that its shards close once in the mount's local staging area."""
     step.mkdir()
-    set_step_xattr(step, CKPT_MODE_XATTR, b"async")
+    set_xattr(step, CKPT_MODE_XATTR, b"async")
 
 
 def commit_tiered(step: Path) -> None:
     """The tiered save's commit: returns at once; the mount writes the marker once every
     shard is durable on the directory's R data servers."""
-    set_step_xattr(step, CKPT_COMMIT_XATTR, b"1")
+    set_xattr(step, CKPT_COMMIT_XATTR, b"1")
 
 
 def wait_committed(step: Path) -> float:
@@ -636,11 +652,14 @@ def dataset_paths(directory: Path, sizes: Sizes) -> list[Path]:
     return [directory / f"d{i // per_dir:03d}" / f"sample-{i:05d}.bin" for i in range(sizes.dataset_files)]
 
 
-def dataset_write(directory: Path, sizes: Sizes) -> float:
+def dataset_write(directory: Path, sizes: Sizes, xattrs: Optional[dict[str, bytes]] = None) -> float:
+    """Writes the dataset (`xattrs` set on its directory first); the seconds it took."""
     sample = os.urandom(sizes.sample_bytes)
     paths = dataset_paths(directory, sizes)
     t0 = time.perf_counter()
     directory.mkdir()
+    for name, value in (xattrs or {}).items():
+        set_xattr(directory, name, value)
     made: set[Path] = set()
     for p in paths:
         if p.parent not in made:
@@ -1480,12 +1499,15 @@ class Bench:
         for k in range(procs):
             os.rmdir(t.directory(r) / f"meta-{run}-p{k}")
 
-    def epoch_dataset(self, t: Target, r: int, tag: str, ds: Sizes) -> list[Path]:
-        """The paths of an epoch's dataset on `t`, written the first time it is asked for."""
+    def epoch_dataset(self, t: Target, r: int, tag: str, ds: Sizes,
+                      xattrs: Optional[dict[str, bytes]] = None) -> list[Path]:
+        """The paths of an epoch's dataset on `t` (in a directory of its own for each `tag`,
+        with `xattrs`), written the first time it is asked for."""
         d = t.directory(r) / f"epoch-{tag}"
         if not d.exists():
-            secs = dataset_write(d, ds)
-            log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s")
+            secs = dataset_write(d, ds, xattrs)
+            log(f"  wrote {ds.dataset_files} samples of {ds.sample_bytes} bytes on {t.name} in {secs:.1f} s"
+                + "".join(f" ({k} {v.decode()})" for k, v in (xattrs or {}).items()))
         return dataset_paths(d, ds)
 
     def calibrate_epochs(self, r: int, workload: int) -> None:
@@ -1512,31 +1534,43 @@ class Bench:
         dataset written the first time (the runs after reuse it), with the CPU time the file
         system's processes spent on it per sample where there are metrics for it (workload
         9); on stripefs, another from cold with the sampler hint, which fails alone
-        (reported) if the mount cannot take it."""
+        (reported) if the mount cannot take it, and for the samples of EPOCH_INLINE_TAG one
+        more from cold over a copy of the dataset in a directory that keeps them inline."""
         for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
-            paths = self.epoch_dataset(t, r, tag, ds)
-            self.cold(t)
-            # The roles whose CPU this epoch reports (--quick: too few clock ticks to count).
-            roles = {} if self.args.quick else {
-                role: pids for role, pids in t.role_pids().items() if f"epoch_{tag}_cpu_{role}" in METRIC_BY_KEY}
-            before = cpu_seconds(roles)
-            util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
-            self.record(run, r, t.name, f"epoch_{tag}_util", util)
-            self.record(run, r, t.name, f"epoch_{tag}_rate", rate)
-            for role, used in cpu_seconds(roles).items():
-                self.record(run, r, t.name, f"epoch_{tag}_cpu_{role}", (used - before[role]) / len(paths) * 1e3)
+            self.epoch_cold(run, r, t, tag, ds, compute_s, "")
             if t is not self.sfs:
                 continue
+            paths = self.epoch_dataset(t, r, tag, ds)
             self.cold(t)
             try:
                 util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds,
                                        hint=t.root / ".stripefs" / "prefetch")
+                self.record(run, r, t.name, f"epoch_{tag}_util_hint", util)
+                self.record(run, r, t.name, f"epoch_{tag}_rate_hint", rate)
             except BenchError as exc:
                 self.failures.append(f"run {run + 1} R={r} {METRIC_BY_KEY[f'epoch_{tag}_rate_hint'].label}: {exc}")
                 log(f"  FAILED: {self.failures[-1]}")
-                continue
-            self.record(run, r, t.name, f"epoch_{tag}_util_hint", util)
-            self.record(run, r, t.name, f"epoch_{tag}_rate_hint", rate)
+            if tag == EPOCH_INLINE_TAG:
+                self.epoch_cold(run, r, t, tag, ds, compute_s, "_inline",
+                                {"stripefs.inline_max": str(EPOCH_INLINE_MAX).encode()})
+
+    def epoch_cold(self, run: int, r: int, t: Target, tag: str, ds: Sizes, compute_s: float, variant: str,
+                   xattrs: Optional[dict[str, bytes]] = None) -> None:
+        """One epoch from cold without the hint, over the dataset of `tag` + `variant` (its
+        directory with `xattrs`): utilisation, samples/s and, where there are metrics for
+        it, the CPU the file system's processes spent a sample."""
+        paths = self.epoch_dataset(t, r, tag + variant, ds, xattrs)
+        self.cold(t)
+        # The roles whose CPU this epoch reports (--quick: too few clock ticks to count).
+        cpu_key = f"epoch_{tag}{variant}_cpu_{{}}"
+        roles = {} if self.args.quick else {
+            role: pids for role, pids in t.role_pids().items() if cpu_key.format(role) in METRIC_BY_KEY}
+        before = cpu_seconds(roles)
+        util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds)
+        self.record(run, r, t.name, f"epoch_{tag}_util{variant}", util)
+        self.record(run, r, t.name, f"epoch_{tag}_rate{variant}", rate)
+        for role, used in cpu_seconds(roles).items():
+            self.record(run, r, t.name, cpu_key.format(role), (used - before[role]) / len(paths) * 1e3)
 
     def checkpoint(self, run: int, r: int, t: Target) -> None:
         """Workload 11 on one target, in a parent directory of checkpoints removed after: on

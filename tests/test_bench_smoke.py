@@ -135,6 +135,8 @@ def test_quick_run_prints_table_and_json(tmp_path):
     # The training epochs with the sampler hint (MNT/.stripefs/prefetch): stripefs only.
     expected |= {(f"epoch_{size}_{what}_hint", "stripefs") for size in ("16k", "150k", "2m", "140m")
                  for what in ("util", "rate")}
+    # The 150 KiB epoch again, its samples inline (stripefs.inline_max on their directory).
+    expected |= {("epoch_150k_util_inline", "stripefs"), ("epoch_150k_rate_inline", "stripefs")}
     # The tiered checkpoint save (the stripefs.checkpoint attributes): stripefs only; the
     # one variant allowed to fail, and only for want of the attributes in the mount.
     failures = doc["config"]["failures"]
