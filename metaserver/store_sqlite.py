@@ -126,6 +126,14 @@ WAL_AUTOCHECKPOINT_PAGES = 16384
 #: all metadata in memory, a metaserver answers for its recently used inodes without disk
 #: reads.
 PAGE_CACHE_KIB = 64 * 1024
+#: The database file read through a memory map (SQLite clamps it to its build's limit, just
+#: under 2 GiB for Debian 12's): pages beyond SQLite's own cache come from the kernel's page
+#: cache without a read(2) and a copy each. A 150 KiB inline sample spans ~38 overflow
+#: pages; an epoch of 3,000 of them read by 8 processes (2026-12-05, two alternations): the
+#: metaserver 0.57-0.61 -> 0.44-0.50 ms of CPU a sample; with samples in blocks, where the
+#: metadata fits the cache, no change. The price: an I/O error on a mapped page is SIGBUS
+#: (the metaserver dies, clients retry on its restart) where a read would have been EIO.
+MMAP_BYTES = 2 * 1024 * 1024 * 1024
 
 
 class SqliteTx(Tx):
@@ -183,6 +191,7 @@ class SqliteStore(Store):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             self._conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
+            self._conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._init_schema(path)
