@@ -159,7 +159,7 @@ class Pieces:
         start, stop, step = key.indices(self.length)
         if step != 1:
             raise ValueError("Pieces take slices of step 1 only")
-        return bytes(span(self.pieces, start, max(start, stop)))
+        return bytes(span(self.pieces, start, stop))
 
     def __bytes__(self) -> bytes:
         return b"".join(self.pieces)
@@ -178,7 +178,7 @@ def view_of(block: Block, start: int, end: int) -> bytes | memoryview:
     """block[start:end] as a view where it lies within one buffer (a copy only where it
     spans two pieces): for a caller that copies it at once (a FUSE reply)."""
     if isinstance(block, Pieces):
-        return span(block.pieces, start, min(end, block.length)) if start < min(end, block.length) else b""
+        return span(block.pieces, start, end)
     return memoryview(block)[start:end]
 
 

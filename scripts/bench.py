@@ -1537,10 +1537,9 @@ class Bench:
         (reported) if the mount cannot take it, and for the samples of EPOCH_INLINE_TAG one
         more from cold over a copy of the dataset in a directory that keeps them inline."""
         for tag, ds, compute_s in epoch_datasets(self.sizes, workload):
-            self.epoch_cold(run, r, t, tag, ds, compute_s, "")
+            paths = self.epoch_cold(run, r, t, tag, ds, compute_s, "")
             if t is not self.sfs:
                 continue
-            paths = self.epoch_dataset(t, r, tag, ds)
             self.cold(t)
             try:
                 util, rate = run_epoch(paths, ds.sample_bytes, compute_s, ds,
@@ -1555,10 +1554,10 @@ class Bench:
                                 {"stripefs.inline_max": str(EPOCH_INLINE_MAX).encode()})
 
     def epoch_cold(self, run: int, r: int, t: Target, tag: str, ds: Sizes, compute_s: float, variant: str,
-                   xattrs: Optional[dict[str, bytes]] = None) -> None:
+                   xattrs: Optional[dict[str, bytes]] = None) -> list[Path]:
         """One epoch from cold without the hint, over the dataset of `tag` + `variant` (its
         directory with `xattrs`): utilisation, samples/s and, where there are metrics for
-        it, the CPU the file system's processes spent a sample."""
+        it, the CPU the file system's processes spent a sample. The dataset's paths."""
         paths = self.epoch_dataset(t, r, tag + variant, ds, xattrs)
         self.cold(t)
         # The roles whose CPU this epoch reports (--quick: too few clock ticks to count).
@@ -1571,6 +1570,7 @@ class Bench:
         self.record(run, r, t.name, f"epoch_{tag}_rate{variant}", rate)
         for role, used in cpu_seconds(roles).items():
             self.record(run, r, t.name, cpu_key.format(role), (used - before[role]) / len(paths) * 1e3)
+        return paths
 
     def checkpoint(self, run: int, r: int, t: Target) -> None:
         """Workload 11 on one target, in a parent directory of checkpoints removed after: on
