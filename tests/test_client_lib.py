@@ -290,6 +290,40 @@ def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster
     run(lib_cluster, body)
 
 
+def test_a_release_queued_before_the_session_is_replaced_stays_in_the_old_one(lib_cluster, monkeypatch):
+    """A handle closed while its session expired: its release, still queued when the new
+    session is opened, must not take back one of the opens registered in the new session
+    for the handles still open (an unlink elsewhere could then purge the file under them)."""
+    from stripefs.client import session as session_mod
+    from stripefs.proto.messages import SessionReq
+    from stripefs.proto.rpc import Stub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
+
+    monkeypatch.setattr(session_mod, "RELEASE_LINGER_S", 1.0)  # queued across the replacement
+
+    async def body(client):
+        d = await fresh_dir(client, b"requeue")
+        ino = await write_file(client, d, b"f", random.randbytes(200_000))
+        handles = [(await client.open(ino, os.O_RDWR))[0] for _ in range(3)]  # all recorded
+        old = client.session.id
+        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
+        stub.call("close_session", SessionReq(old))
+        stub.close()
+        await client.release(handles.pop())  # its release waits in the queue
+        await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])  # replaces it
+        assert client.session.id != old
+        await client.session.flush_releases()
+        opens = lib_cluster.meta_value(
+            "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?", ino, client.session.id)
+        assert opens == len(handles), f"{opens} opens recorded for {len(handles)} open handles"
+        for fh in handles:
+            await client.release(fh)
+        await client.session.flush_releases()
+        assert lib_cluster.meta_value("SELECT COUNT(*) FROM opens WHERE ino = ?", ino) == 0
+
+    run(lib_cluster, body)
+
+
 def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
     """close: data on its servers (written), metadata committed; fsync: the servers have
     also synced every block the client wrote to the file."""

@@ -195,15 +195,19 @@ class Client:
         one; none for handles that went unrecorded (they send no release: one recorded for
         them would keep the file until the session ends; _record_lingering records them in
         the new session as in the old). Inodes purged meanwhile are gone; their handles will
-        get ENOENT. Locks are not taken again: others may have taken them meanwhile."""
+        get ENOENT. Locks are not taken again: others may have taken them meanwhile.
+        Counted before the first await, as the new session's id is set: a handle closed
+        from then on sends its release in the new session, and MetaSession holds it until
+        this is done, so that it takes back one of the opens made here."""
         self.locks.session_lost()
-        for ino, f in list(self._files.items()):
-            # Asking for no more than an open here was granted: writing (which an open for
-            # reading and writing had too), else reading; either entitles us to read tokens.
-            flags = os.O_WRONLY if f.writable else os.O_RDONLY
-            for _ in range(f.handles - f.unrecorded):
+        # Asking for no more than an open here was granted: writing (which an open for
+        # reading and writing had too), else reading; either entitles us to read tokens.
+        wanted = [(ino, f.opener or self.identity, os.O_WRONLY if f.writable else os.O_RDONLY, f.handles - f.unrecorded)
+                  for ino, f in self._files.items()]
+        for ino, opener, flags, count in wanted:
+            for _ in range(count):
                 try:
-                    await self.session.call("open", m.OpenReq(ino, self.session.id, f.opener or self.identity, flags))
+                    await self.session.call("open", m.OpenReq(ino, self.session.id, opener, flags))
                 except FsError as exc:
                     log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
                     break

@@ -21,7 +21,11 @@ Releases do not make the caller wait: `release_soon` queues them and one backgro
 sends whatever is queued together (one message, one metaserver transaction). Until it is
 sent the metaserver counts the file as still open, which only delays the purge of an
 unlinked file; a client that dies with releases queued is cleaned up by its session's
-expiry, as one that dies with files open.
+expiry, as one that dies with files open. A release takes back an open of the session
+that was ours when it was queued: an open of an expired session went with it, and sent in
+the new one it would take back an open registered there for a handle still open (an
+unlinked file could then be purged under its reader). None leaves while a replacement
+registers the open files again, so that none arrives before the open it takes back.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class MetaSession:
         self._replace_lock = trio.Lock()
         # Unbounded: one small record per closed file, drained as fast as the metaserver
         # answers; a close never waits on it.
-        self._release_in, self._release_out = trio.open_memory_channel[int](math.inf)
+        self._release_in, self._release_out = trio.open_memory_channel[tuple[int, int]](math.inf)
         self._releases_queued = 0
         self._releases_sent = 0
         self._release_progress = trio.Event()
@@ -188,9 +192,9 @@ class MetaSession:
     # ------------------------------------------------------------------ releases
 
     def release_soon(self, ino: int) -> None:
-        """The last handle of `ino` in this client closed: tell the metaserver soon."""
+        """An open of `ino` recorded in our current session is gone: tell the metaserver soon."""
         self._releases_queued += 1
-        self._release_in.send_nowait(ino)
+        self._release_in.send_nowait((ino, self.id))
 
     async def flush_releases(self) -> None:
         """Wait until every release queued so far has been sent."""
@@ -207,17 +211,22 @@ class MetaSession:
                     batch.append(self._release_out.receive_nowait())
                 except trio.WouldBlock:
                     break
+            async with self._replace_lock:
+                pass  # (a replacement registering the open files again: after it)
             async with trio.open_nursery() as nursery:
                 # Started together, they leave in one stream message.
-                for ino in batch:
-                    nursery.start_soon(self._release, ino)
+                for ino, session in batch:
+                    if session == self.id:  # (else its open went with the expired session)
+                        nursery.start_soon(self._release, ino, session)
             self._releases_sent += len(batch)
             self._release_progress.set()
             self._release_progress = trio.Event()
 
-    async def _release(self, ino: int) -> None:
+    async def _release(self, ino: int, session: int) -> None:
         try:
-            await self.call("release", m.ReleaseReq(ino, self.id))
+            # (The metaserver does nothing for a session it no longer has: not ESTALE,
+            # so the call is not repeated in a new one.)
+            await self.call("release", m.ReleaseReq(ino, session))
         except FsError as exc:
             # The metaserver drops our opens with the session anyway; an unlinked file is
             # purged then instead of now.
