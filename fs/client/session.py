@@ -61,7 +61,7 @@ META_TIMEOUT_S = 30.0
 #: session's end rather than its last close) but harmless; `release` is not: a `once` call.
 IDEMPOTENT_META_CALLS = frozenset({
     "lookup", "getattr", "readlink", "readdir", "getxattr", "listxattr", "statfs", "block_map",
-    "status", "renew_session", "open", "alloc_blocks", "sync",
+    "status", "renew_session", "open", "alloc_blocks", "sync", "usage", "find",
 })
 #: Calls that name the session itself and must not trigger its replacement.
 _SESSION_CALLS = frozenset({"renew_session", "close_session"})
