@@ -324,6 +324,43 @@ def test_a_release_queued_before_the_session_is_replaced_stays_in_the_old_one(li
     run(lib_cluster, body)
 
 
+def test_a_session_lost_again_while_it_is_replaced_is_replaced_again(lib_cluster):
+    """The new session expires too while the client registers its open files there: that
+    replacement's own calls fail (they do not wait on the replacement they are part of),
+    and the call that began it replaces the session again, where the files are registered."""
+    from stripefs.proto.messages import SessionReq
+    from stripefs.proto.rpc import Stub
+    from stripefs.proto.services import META_METHODS, META_SERVICE
+
+    async def body(client):
+        d = await fresh_dir(client, b"twice")
+        ino = await write_file(client, d, b"f", random.randbytes(200_000))
+        fh, _, _ = await client.open(ino, os.O_RDWR)  # recorded
+        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
+        reopen, lost = client.session.on_replaced, []
+
+        async def lose_it_again() -> None:
+            if not lost:
+                lost.append(client.session.id)
+                stub.call("close_session", SessionReq(client.session.id))
+            assert reopen is not None
+            await reopen()
+
+        client.session.on_replaced = lose_it_again
+        first = client.session.id
+        stub.call("close_session", SessionReq(first))
+        await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])
+        stub.close()
+        assert client.session.id not in (first, *lost) and lost
+        assert lib_cluster.meta_value(
+            "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?", ino, client.session.id) == 1
+        await client.release(fh)
+        await client.session.flush_releases()
+        assert lib_cluster.meta_value("SELECT COUNT(*) FROM opens WHERE ino = ?", ino) == 0
+
+    run(lib_cluster, body)
+
+
 def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
     """close: data on its servers (written), metadata committed; fsync: the servers have
     also synced every block the client wrote to the file."""

@@ -183,6 +183,11 @@ class MetaSession:
                 session = getattr(req, "session", None)
                 if not (exc.errno == errno.ESTALE and session and name not in _SESSION_CALLS):
                     raise
+                if self._replace_lock.statistics().owner is trio.lowlevel.current_task():
+                    # A call of the replacement itself (registering the open files again):
+                    # the new session expired too. It fails; the call that began the
+                    # replacement finds the new id stale as well and replaces it again.
+                    raise
                 # The session expired under us (a long metaserver outage): replace it, retry.
                 await self._replace(session)
                 if self.id == session:
