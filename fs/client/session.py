@@ -127,6 +127,12 @@ class MetaSession:
         open a new one and let the client register again the files it holds open."""
         if self.id != expired:
             return  # another task already replaced it
+        if self._replace_lock.statistics().owner is trio.lowlevel.current_task():
+            # A call of the replacement itself (registering the open files again): the new
+            # session expired too. That call fails (our id is still the expired one); the
+            # call that began the replacement finds the new id stale as well and replaces
+            # it again.
+            return
         async with self._replace_lock:
             if self.id != expired:
                 return
@@ -182,11 +188,6 @@ class MetaSession:
             except FsError as exc:
                 session = getattr(req, "session", None)
                 if not (exc.errno == errno.ESTALE and session and name not in _SESSION_CALLS):
-                    raise
-                if self._replace_lock.statistics().owner is trio.lowlevel.current_task():
-                    # A call of the replacement itself (registering the open files again):
-                    # the new session expired too. It fails; the call that began the
-                    # replacement finds the new id stale as well and replaces it again.
                     raise
                 # The session expired under us (a long metaserver outage): replace it, retry.
                 await self._replace(session)
