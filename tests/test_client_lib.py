@@ -11,6 +11,9 @@ import trio
 
 from stripefs.client import Ctx, FsError, open_client
 from stripefs.proto.credentials import load_credentials
+from stripefs.proto.messages import SessionReq
+from stripefs.proto.rpc import Stub
+from stripefs.proto.services import META_METHODS, META_SERVICE
 from stripefs.proto.types import ROOT_INODE
 
 from cluster import Cluster
@@ -48,6 +51,22 @@ async def write_file(client, parent: int, name: bytes, data: bytes, chunk: int =
     await client.flush(fh)
     await client.release(fh)
     return attr.ino
+
+
+def expire_session(cluster, session: int) -> None:
+    """End a client's session on the metaserver, as its expiry would (with the client's own
+    credential: a session is closed by whom it belongs to)."""
+    stub = Stub(cluster.meta_addr, load_credentials(cluster.client), META_SERVICE, META_METHODS)
+    try:
+        stub.call("close_session", SessionReq(session))
+    finally:
+        stub.close()
+
+
+def opens_recorded(cluster, ino: int, session: int) -> int:
+    """The opens of `ino` the metaserver has recorded in `session`."""
+    return cluster.meta_value(
+        "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?", ino, session)
 
 
 async def read_file(client, ino: int, chunk: int = 128 * 1024) -> bytes:
@@ -212,10 +231,6 @@ def test_write_back_stays_within_budget(lib_cluster):
 def test_expired_session_is_replaced(lib_cluster):
     """After the metaserver drops our session (as when it did not hear from us for several
     leases), the next call opens a new session, registers the open files again, retries."""
-    from stripefs.proto.messages import SessionReq
-    from stripefs.proto.rpc import Stub
-    from stripefs.proto.services import META_METHODS, META_SERVICE
-
     data = random.randbytes(50_000)
 
     async def body(client):
@@ -223,10 +238,7 @@ def test_expired_session_is_replaced(lib_cluster):
         ino = await write_file(client, d, b"keep", data)
         fh, _, _ = await client.open(ino, os.O_RDONLY)
         old = client.session.id
-        # The same credential as the client's: a session is closed by whom it belongs to.
-        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
-        stub.call("close_session", SessionReq(old))
-        stub.close()
+        expire_session(lib_cluster, old)
         fh2, attr = await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT)  # needs a session
         assert client.session.id != old
         await client.write(fh2, 0, b"x")
@@ -242,10 +254,6 @@ def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster
     """A replaced session's client records again one open for each recorded handle (their
     releases take them back one by one) and none for a handle whose open went unrecorded
     (it sends no release: one recorded for it would keep the file until the session ends)."""
-    from stripefs.proto.messages import SessionReq
-    from stripefs.proto.rpc import Stub
-    from stripefs.proto.services import META_METHODS, META_SERVICE
-
     data = random.randbytes(200_000)  # stored in blocks: a reader's first open goes unrecorded
 
     async def body(client):
@@ -255,9 +263,7 @@ def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster
             handle left unrecorded is recorded after a while (_record_lingering)."""
             for _ in range(100):
                 mine = sum(h.recorded for h in client._handles.values() if h.ino == ino)
-                theirs = lib_cluster.meta_value(
-                    "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?",
-                    ino, client.session.id)
+                theirs = opens_recorded(lib_cluster, ino, client.session.id)
                 if mine == theirs:
                     break
                 await trio.sleep(0.05)
@@ -273,9 +279,7 @@ def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster
         assert not client._handles[first].recorded and not client._handles[alone].recorded
         old = client.session.id
         assert await agree(ino) == (2, 2) or client._handles[first].recorded
-        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
-        stub.call("close_session", SessionReq(old))
-        stub.close()
+        expire_session(lib_cluster, old)
         await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])  # replaces it
         assert client.session.id != old
         for fh in (None, second, writer, first, alone):
@@ -295,10 +299,6 @@ def test_a_release_queued_before_the_session_is_replaced_stays_in_the_old_one(li
     session is opened, must not take back one of the opens registered in the new session
     for the handles still open (an unlink elsewhere could then purge the file under them)."""
     from stripefs.client import session as session_mod
-    from stripefs.proto.messages import SessionReq
-    from stripefs.proto.rpc import Stub
-    from stripefs.proto.services import META_METHODS, META_SERVICE
-
     monkeypatch.setattr(session_mod, "RELEASE_LINGER_S", 1.0)  # queued across the replacement
 
     async def body(client):
@@ -306,15 +306,12 @@ def test_a_release_queued_before_the_session_is_replaced_stays_in_the_old_one(li
         ino = await write_file(client, d, b"f", random.randbytes(200_000))
         handles = [(await client.open(ino, os.O_RDWR))[0] for _ in range(3)]  # all recorded
         old = client.session.id
-        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
-        stub.call("close_session", SessionReq(old))
-        stub.close()
+        expire_session(lib_cluster, old)
         await client.release(handles.pop())  # its release waits in the queue
         await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])  # replaces it
         assert client.session.id != old
         await client.session.flush_releases()
-        opens = lib_cluster.meta_value(
-            "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?", ino, client.session.id)
+        opens = opens_recorded(lib_cluster, ino, client.session.id)
         assert opens == len(handles), f"{opens} opens recorded for {len(handles)} open handles"
         for fh in handles:
             await client.release(fh)
@@ -328,32 +325,25 @@ def test_a_session_lost_again_while_it_is_replaced_is_replaced_again(lib_cluster
     """The new session expires too while the client registers its open files there: that
     replacement's own calls fail (they do not wait on the replacement they are part of),
     and the call that began it replaces the session again, where the files are registered."""
-    from stripefs.proto.messages import SessionReq
-    from stripefs.proto.rpc import Stub
-    from stripefs.proto.services import META_METHODS, META_SERVICE
-
     async def body(client):
         d = await fresh_dir(client, b"twice")
         ino = await write_file(client, d, b"f", random.randbytes(200_000))
         fh, _, _ = await client.open(ino, os.O_RDWR)  # recorded
-        stub = Stub(lib_cluster.meta_addr, load_credentials(lib_cluster.client), META_SERVICE, META_METHODS)
         reopen, lost = client.session.on_replaced, []
 
         async def lose_it_again() -> None:
             if not lost:
                 lost.append(client.session.id)
-                stub.call("close_session", SessionReq(client.session.id))
+                expire_session(lib_cluster, client.session.id)
             assert reopen is not None
             await reopen()
 
         client.session.on_replaced = lose_it_again
         first = client.session.id
-        stub.call("close_session", SessionReq(first))
+        expire_session(lib_cluster, first)
         await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, ROOT))[0])
-        stub.close()
         assert client.session.id not in (first, *lost) and lost
-        assert lib_cluster.meta_value(
-            "SELECT COALESCE(SUM(count), 0) FROM opens WHERE ino = ? AND session_id = ?", ino, client.session.id) == 1
+        assert opens_recorded(lib_cluster, ino, client.session.id) == 1
         await client.release(fh)
         await client.session.flush_releases()
         assert lib_cluster.meta_value("SELECT COUNT(*) FROM opens WHERE ino = ?", ino) == 0
