@@ -79,7 +79,7 @@ class FileOps(CoreBase):
             return OpenReply(
                 attr=attr, blocks=blocks,
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
-                data=inline[0] if inline else b"", recorded=recorded,
+                data=inline[0] if inline else b"", recorded=recorded, opened_in=req.session if recorded else 0,
             )
 
     def release(self, req: ReleaseReq, caller: Caller = LOCAL) -> Empty:

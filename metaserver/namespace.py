@@ -350,7 +350,7 @@ class NamespaceOps(CoreBase):
                     except FsError:
                         pass  # no server can take blocks now: the writer will ask (and be told) later
             return CreateReply(attr=attr_of(row), allocations=allocations, parent=self._attr(tx, req.parent),
-                               staged=staged)
+                               staged=staged, opened_in=req.session)
 
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:

@@ -431,6 +431,7 @@ class CreateReply(Message):
     allocations: list[Allocation] = field(default_factory=list)  # preallocated blocks (prealloc_blocks)
     parent: Optional[Attr] = None  # the directory's attributes after the create
     staged: bool = False  # (stage) marked staged: its content goes to the client's staging area
+    opened_in: int = 0  # (session) the session the new file's open is recorded in
 
 
 @dataclass
@@ -683,6 +684,7 @@ class OpenReply(Message):
     inline_crc32c: int = 0  # CRC32C of `data`, as committed
     data: bytes = b""  # the inline block 0 (travels raw)
     recorded: bool = True  # the open is recorded (False: nothing to release; see OpenReq)
+    opened_in: int = 0  # the session it is recorded in (0: not recorded, or an older metaserver)
 
 
 @dataclass

@@ -351,6 +351,46 @@ def test_a_session_lost_again_while_it_is_replaced_is_replaced_again(lib_cluster
     run(lib_cluster, body)
 
 
+@pytest.mark.parametrize("kind", ["open", "create"])
+def test_an_open_answered_after_its_session_was_replaced_is_registered_in_the_new_one(lib_cluster, monkeypatch, kind):
+    """An open (or create) recorded in a session that expires and is replaced while its
+    reply is on its way (several metaservers: a reply can outlast its session): the
+    replacement registers only the opens the client had counted, so this one is registered
+    in the new session before it is counted; else its release would take back another
+    handle's open there, and an unlink elsewhere could purge the file under that handle."""
+    async def body(client):
+        d = await fresh_dir(client, b"late" + kind.encode())
+        ino = await write_file(client, d, b"f", random.randbytes(200_000))
+        kept, _, _ = await client.open(ino, os.O_RDWR)  # recorded; open across the replacement
+        old, real = client.session.id, client.session.transport.call
+
+        async def late_reply(name, req, *args):
+            reply = await real(name, req, *args)
+            if name == {"open": "open", "create": "mknod"}[kind] and client.session.id == old and (
+                    getattr(req, "ino", 0) == ino or getattr(req, "name", b"") == b"g"):
+                # Recorded in `old`; the reply is on its way while that session is lost.
+                expire_session(lib_cluster, old)
+                await client.session._replace(old)
+            return reply
+
+        monkeypatch.setattr(client.session.transport, "call", late_reply)
+        if kind == "open":
+            late, _, _ = await client.open(ino, os.O_RDONLY)
+            target, handles = ino, [kept, late]
+        else:
+            late, attr = await client.create(d, b"g", 0o644, os.O_WRONLY, ROOT)
+            target, handles = attr.ino, [late]
+        assert client.session.id != old
+        assert opens_recorded(lib_cluster, target, client.session.id) == len(handles)
+        for fh in (kept, late):
+            await client.release(fh)
+        await client.session.flush_releases()
+        for i in {ino, target}:
+            assert lib_cluster.meta_value("SELECT COUNT(*) FROM opens WHERE ino = ?", i) == 0
+
+    run(lib_cluster, body)
+
+
 def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
     """close: data on its servers (written), metadata committed; fsync: the servers have
     also synced every block the client wrote to the file."""

@@ -276,7 +276,7 @@ class Prefetcher:
             try:
                 await self._fetch(plan, seq, opened.blocks)
             finally:
-                client.session.release_soon(attr.ino)
+                client.session.release_soon(attr.ino, opened.opened_in)  # (not counted by a replacement)
 
     async def _fetch(self, plan: Plan, seq: int, blocks: list[m.BlockRef]) -> None:
         """Fetch a file's blocks in order into the store, each once room is its turn."""

@@ -15,7 +15,11 @@ metaserver outage) and closes it. Every metadata call of the client goes through
   HUNG_AFTER_S, and repeats it there on the next one, each time with twice the patience,
   so that a call that is only slow still gets its answer; a lock wait may be moved at any
   time (locks.py asks again). The session is in the shared store: a moved client keeps it;
-- replaces an expired session (ESTALE) and repeats the call in the new one.
+- replaces an expired session (ESTALE) and repeats the call in the new one;
+- registers again, in the session that is ours when its reply arrives, an open (or a
+  create) whose reply names the session it was recorded in as one replaced meanwhile (with
+  several metaservers a reply can outlast its session): the replacement registered only
+  the opens the client had counted, and the caller counts this one in the new session.
 
 Releases do not make the caller wait: `release_soon` queues them and one background task
 sends whatever is queued together (one message, one metaserver transaction). Until it is
@@ -34,6 +38,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import secrets
 import socket
 import time
@@ -154,13 +159,29 @@ class MetaSession:
         started = time.perf_counter()
         outcome: Optional[BaseException] = None
         try:
-            return await self._call(name, req)
+            reply = await self._call(name, req)
+            opened_in = getattr(reply, "opened_in", 0)
+            if opened_in and opened_in != self.id:
+                await self._open_again(reply.attr.ino, req, opened_in)
+            return reply
         except BaseException as exc:
             outcome = exc
             raise
         finally:
             if not isinstance(outcome, trio.Cancelled):
                 _metrics.meta_calls.observe((name,), outcome, started)
+
+    async def _open_again(self, ino: int, req: m.Message, opened_in: int) -> None:
+        """An open (or create) the metaserver recorded in a session that we replaced while
+        its reply was on its way: that open went with the old session, and the replacement
+        did not register it again (it registers the opens the client had counted), so it
+        is registered now in ours, before the caller counts it (its release will go here).
+        Only with several metaservers can a reply outlast its session so."""
+        assert isinstance(req, (m.OpenReq, m.MknodReq))
+        flags = req.flags & ~os.O_TRUNC if isinstance(req, m.OpenReq) else os.O_WRONLY  # (a create: for writing)
+        log.warning("inode %d: opened in session %d, replaced since: opening it again in session %d",
+                    ino, opened_in, self.id)
+        await self.call("open", m.OpenReq(ino, self.id, req.ctx, flags))
 
     async def _call(self, name: str, req: m.Message) -> Any:
         deadline = time.monotonic() + META_TIMEOUT_S
@@ -197,10 +218,11 @@ class MetaSession:
 
     # ------------------------------------------------------------------ releases
 
-    def release_soon(self, ino: int) -> None:
-        """An open of `ino` recorded in our current session is gone: tell the metaserver soon."""
+    def release_soon(self, ino: int, session: int = 0) -> None:
+        """An open of `ino` recorded in `session` (by default our current one) is gone: tell
+        the metaserver soon."""
         self._releases_queued += 1
-        self._release_in.send_nowait((ino, self.id))
+        self._release_in.send_nowait((ino, session or self.id))
 
     async def flush_releases(self) -> None:
         """Wait until every release queued so far has been sent."""
