@@ -391,6 +391,45 @@ def test_an_open_answered_after_its_session_was_replaced_is_registered_in_the_ne
     run(lib_cluster, body)
 
 
+@pytest.mark.parametrize("case, dropped", [
+    ("larger than the cache", True),
+    ("under a mount (kernel page cache)", True),
+    ("smaller than the cache", False),
+    ("open twice", False),
+])
+def test_a_sequential_reader_drops_the_blocks_it_has_passed(lib_cluster, case, dropped):
+    """Drop behind (fs/client/reader.py): a block a sequential reader has moved past (by a
+    block) leaves the block cache, for a file larger than the cache or under a mount, so
+    that a stream's blocks do not fill the cache with new pages; kept otherwise (a second
+    pass may use them), and while another handle has the file open (it may be behind)."""
+    bs, blocks = 65536, 8
+    data = random.randbytes(bs * blocks)
+    options = {"cache_bytes": 4 * bs if case == "larger than the cache" else 64 * bs,
+               "kernel_page_cache": case.startswith("under a mount")}
+
+    async def body(client):
+        d = await fresh_dir(client, b"behind", block_size=bs)
+        ino = await write_file(client, d, b"f", data)
+        other = (await client.open(ino, os.O_RDONLY))[0] if case == "open twice" else None
+        fh, _, _ = await client.open(ino, os.O_RDONLY)
+        got = b""
+        for off in range(0, len(data), bs // 2):
+            got += await client.read(fh, off, bs // 2)
+        assert got == data
+        ids = [ref.block_id for _, ref in sorted(client._files[ino].blocks.items())]
+        held = [i for i, b in enumerate(ids) if b in client.data.cache]
+        passed = range(blocks - 2)  # (the last two: one block of lag, and the one read last)
+        if dropped:
+            assert not set(passed) & set(held), f"blocks {held} still cached"
+        else:
+            assert set(passed) <= set(held), f"only blocks {held} cached"
+        for h in (fh, other):
+            if h is not None:
+                await client.release(h)
+
+    run(lib_cluster, body, **options)
+
+
 def test_close_leaves_blocks_unsynced_and_fsync_syncs_them(lib_cluster):
     """close: data on its servers (written), metadata committed; fsync: the servers have
     also synced every block the client wrote to the file."""

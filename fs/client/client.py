@@ -120,7 +120,9 @@ class Client:
     loop (grpc.aio) instead of gRPC's sync threads, with fewer thread switches a call (the
     mount's choice); not for a process that forks and uses gRPC in the child (a
     DataLoader worker): after grpc.aio, gRPC does not work in a forked child
-    (transport.py)."""
+    (transport.py). `kernel_page_cache`: the reads are answered to a kernel that keeps
+    their pages (a FUSE mount), so a block a sequential reader has passed leaves the block
+    cache at once whatever the file's size (reader.py, "drop behind")."""
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class Client:
         identity: Optional[m.Ctx] = None,
         atime: bool = False,
         rpc_loop: bool = False,
+        kernel_page_cache: bool = False,
     ) -> None:
         if creds is None and (meta_transport is None or data_connect is None):
             raise ValueError("a client needs credentials (proto/credentials.py) to reach servers")
@@ -158,7 +161,8 @@ class Client:
         self.data.on_bad_replica = self._report_bad_replica
         self.data.disk, self.data.spawn = disk_tier, self._spawn
         self._budget = WritebackBudget(writeback_bytes)
-        self.reader = Reader(self.data, self._fresh_map, self._spawn)
+        self.reader = Reader(self.data, self._fresh_map, self._spawn,
+                             use_once_above=0 if kernel_page_cache else cache_bytes)
         self.writer = Writer(self.data, self.reader, self.session.call, lambda: self.session.id,
                              self._budget, self._spawn, self._committed)
         self.locks = Locks(self.session.call, lambda: self.session.id)

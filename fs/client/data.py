@@ -133,6 +133,12 @@ class BlockCache:
         """Membership without counting as a use (unlike get)."""
         return block_id in self._blocks
 
+    def discard(self, block_id: int) -> None:
+        """Forget a block (no error if it is not held)."""
+        data = self._blocks.pop(block_id, None)
+        if data is not None:
+            self.used_bytes -= len(data)
+
     def trim(self, room_bytes: int) -> None:
         """Evict least recently used blocks until at most room_bytes are held."""
         while self.used_bytes > max(0, room_bytes) and self._blocks:

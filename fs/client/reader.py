@@ -34,8 +34,10 @@ SEQUENTIAL_SLACK_BYTES = 1024 * 1024
 
 class Reader:
     def __init__(self, data: DataPath, fresh_map: Callable[[FileState], Awaitable[m.BlockMapReply]],
-                 spawn: Callable[..., None]) -> None:
+                 spawn: Callable[..., None], use_once_above: int = 0) -> None:
         self.data = data
+        #: files larger than this drop the blocks a sequential reader has passed (_drop_behind)
+        self.use_once_above = use_once_above
         self._fresh_map = fresh_map  # the file's attributes and block map, asked anew
         self._spawn = spawn
         self._prefetches = 0
@@ -61,6 +63,7 @@ class Reader:
             limit = max(1, READAHEAD_MAX_BYTES // bs)
             h.readahead_blocks = min(limit, max(1, h.readahead_blocks * 2))
             self._readahead(f, end, h.readahead_blocks)
+            self._drop_behind(f, offset, end)
         else:
             h.readahead_blocks = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -95,6 +98,24 @@ class Reader:
                 f.set_map(reply.attr, reply.blocks, reply)
                 return await self._piece(f, index, boff, n, whole, refreshed=True, view=view)
         return chunk if len(chunk) == n else bytes(chunk) + bytes(n - len(chunk))
+
+    def _drop_behind(self, f: FileState, start: int, end: int) -> None:
+        """A sequential reader that has moved past block k + 1 is done with block k: it
+        leaves the cache (used once), unless another handle here has the file open (it may
+        be reading behind). So a stream's blocks do not fill the cache, each a buffer of
+        new pages until the cache is full: their memory is freed at once, and taken again
+        by the next blocks (docs/client.md, "Reads"). Only for files larger than
+        `use_once_above`: a mount's (0: the kernel keeps what was read), or files larger
+        than the cache (a second pass would find none of their blocks there anyway). One
+        block of lag, since the kernel sends a stream's reads slightly out of order
+        (SEQUENTIAL_SLACK_BYTES)."""
+        if f.handles > 1 or f.size <= self.use_once_above:
+            return
+        bs = f.block_size
+        for index in range(max(0, start // bs - 1), end // bs - 1):
+            ref = f.blocks.get(index)
+            if ref is not None:
+                self.data.cache.discard(ref.block_id)
 
     def _readahead(self, f: FileState, end: int, window: int) -> None:
         first = end // f.block_size

@@ -52,7 +52,8 @@ def check_pyfuse3() -> None:
 async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: list[str], client_options: dict) -> None:
     """`meta`: the metaservers, HOST:PORT[,HOST:PORT...]."""
     # A mount never forks: its streams run on one asyncio loop (fs/client/transport.py).
-    async with open_client(meta, creds, mountpoint=mountpoint, rpc_loop=True, **client_options) as client:
+    async with open_client(meta, creds, mountpoint=mountpoint, rpc_loop=True, kernel_page_cache=True,
+                           **client_options) as client:
         ops = StripeOperations(client, mountpoint)
         if ops.passthrough.enabled:
             pyfuse3.enable_passthrough()  # staged files' local copies (passthrough.py)
