@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Optional, cast
 
-from stripefs.proto import metrics
+from stripefs.proto import malloc, metrics
 from stripefs.proto.atomic import write_atomically
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
@@ -338,6 +338,7 @@ class Heartbeater:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file)
+    malloc.for_data_server()
     # Blocked before any thread exists so every thread inherits the mask and only
     # sigwait below ever receives these signals.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

@@ -6,8 +6,6 @@ closes its session, and the mount point is unmounted before the process exits.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -17,6 +15,7 @@ import pyfuse3
 import trio
 
 from stripefs.client import Credentials, open_client
+from stripefs.proto import malloc
 from stripefs.client.disktier import DiskTier
 
 from .ops import StripeOperations
@@ -120,24 +119,12 @@ def tune_connection(mountpoint: str) -> None:
         log.warning("could not tune the FUSE connection: %s", exc)
 
 
-#: glibc mallopt parameter (malloc.h).
-_M_ARENA_MAX = -8
-#: malloc arenas of the mount process.
-MALLOC_ARENAS = 4
-
-
 def bound_malloc_caching() -> None:
-    """Keep glibc from holding on to freed block buffers in one heap arena per thread (by
-    default up to 8 per core, each keeping what was freed in it): the mount's resident size
-    then grows to several times its write-back budget. A fixed mmap threshold was tried as
+    """glibc held to a few arenas (proto/malloc.py). A fixed mmap threshold was tried as
     well (every block-sized buffer mmapped and returned on free): it did not bound the
     resident size better and every new buffer paid its page faults, 1.2 ms a MiB written
     here (a 1 GiB checkpoint write 124 -> 176 MB/s without it, peak RSS 285 MiB)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
-        log.info("malloc tuning not applied: %s", exc)
+    malloc.for_mount()
 
 
 #: Mount options that are stripefs's, not the kernel's: atime (reads move atime, by
