@@ -120,14 +120,10 @@ class BlockCache:
     def put(self, block_id: int, data: Block) -> None:
         if len(data) > self.limit_bytes:
             return
-        old = self._blocks.pop(block_id, None)
-        if old is not None:
-            self.used_bytes -= len(old)
+        self.discard(block_id)
         self._blocks[block_id] = data
         self.used_bytes += len(data)
-        while self.used_bytes > self.limit_bytes:
-            _, evicted = self._blocks.popitem(last=False)
-            self.used_bytes -= len(evicted)
+        self.trim(self.limit_bytes)
 
     def __contains__(self, block_id: int) -> bool:
         """Membership without counting as a use (unlike get)."""

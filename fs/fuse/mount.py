@@ -15,8 +15,8 @@ import pyfuse3
 import trio
 
 from stripefs.client import Credentials, open_client
-from stripefs.proto import malloc
 from stripefs.client.disktier import DiskTier
+from stripefs.proto import malloc
 
 from .ops import StripeOperations
 
@@ -119,14 +119,6 @@ def tune_connection(mountpoint: str) -> None:
         log.warning("could not tune the FUSE connection: %s", exc)
 
 
-def bound_malloc_caching() -> None:
-    """glibc held to a few arenas (proto/malloc.py). A fixed mmap threshold was tried as
-    well (every block-sized buffer mmapped and returned on free): it did not bound the
-    resident size better and every new buffer paid its page faults, 1.2 ms a MiB written
-    here (a 1 GiB checkpoint write 124 -> 176 MB/s without it, peak RSS 285 MiB)."""
-    malloc.for_mount()
-
-
 #: Mount options that are stripefs's, not the kernel's: atime (reads move atime, by
 #: relatime's rules) and noatime (the default: they do not).
 ATIME_OPTIONS = {"atime": True, "relatime": True, "noatime": False}
@@ -143,7 +135,7 @@ def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: lis
             client_options["atime"] = ATIME_OPTIONS[option]
         else:
             options.append(option)
-    bound_malloc_caching()
+    malloc.for_mount()
     disk = None
     if cache_dir:
         # Indexed here, before the trio thread serves anything.
