@@ -62,7 +62,7 @@ class Reader:
         if sequential:
             limit = max(1, READAHEAD_MAX_BYTES // bs)
             h.readahead_blocks = min(limit, max(1, h.readahead_blocks * 2))
-            self._readahead(f, end, h.readahead_blocks)
+            self._readahead(h, f, end, h.readahead_blocks)
             self._drop_behind(f, offset, end)
         else:
             h.readahead_blocks = 0
@@ -117,7 +117,7 @@ class Reader:
             if ref is not None:
                 self.data.cache.discard(ref.block_id)
 
-    def _readahead(self, f: FileState, end: int, window: int) -> None:
+    def _readahead(self, h: HandleState, f: FileState, end: int, window: int) -> None:
         first = end // f.block_size
         for index in range(first, first + window):
             ref = f.blocks.get(index)
@@ -125,11 +125,16 @@ class Reader:
                 continue
             if not self.data.has_or_fetching(ref.block_id):
                 self._prefetches += 1
-                self._spawn(self._prefetch, ref)
+                self._spawn(self._prefetch, h, index * f.block_size, ref)
 
-    async def _prefetch(self, ref: m.BlockRef) -> None:
+    async def _prefetch(self, h: HandleState, start: int, ref: m.BlockRef) -> None:
         try:
-            await self.data.read_block(ref)
+            # A task that starts late may find its reader already there (it fetched the
+            # block itself) or past it (drop behind let the block go), or the block held or
+            # on its way: nothing to fetch. (No wait in between: a fetch of its own starts
+            # at once, and a reader that gets there waits for it.)
+            if h.last_read_end <= start and not self.data.has_or_fetching(ref.block_id):
+                await self.data.read_block(ref)
         except FsError:
             pass  # the reader will see the error itself if it gets there
         finally:
