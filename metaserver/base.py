@@ -303,7 +303,7 @@ class CoreBase:
         if (self.unlinked_hold_s > 0 and unlinked_ns > self._hold_cutoff_ns(now)
                 and tx.scalar("SELECT 1 FROM blocks WHERE ino = ? LIMIT 1", (ino,))):
             return
-        self._purge(tx, ino, now)
+        self._purge(tx, [ino], now)
 
     def _hold_cutoff_ns(self, now: int) -> int:
         """A file with blocks unlinked after this (`ctime_ns`) still waits (`_purge_if_free`)."""
@@ -312,22 +312,32 @@ class CoreBase:
     def purge_unlinked(self, budget_s: float = 0.5) -> int:
         """The sweep's part of `_purge_if_free`: purge the unlinked files whose wait is
         over and that nobody holds open, PURGE_BATCH a transaction (so that an `rm -r` of a
-        million files does not hold the store for one long one), for about `budget_s` at
-        most (the next sweep goes on); how many."""
+        million files does not hold the store for one long one, and a conflict runs one
+        batch again, not the lot), for about `budget_s` at most (the next sweep goes on);
+        how many."""
         purged, t0 = 0, time.monotonic()
         while True:
-            with self.store.transaction() as tx:
-                now = self.now_ns()
-                rows = tx.all(
-                    "SELECT ino FROM inodes WHERE nlink = 0 AND ctime_ns <= ? AND ino != ? AND NOT EXISTS"
-                    " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) LIMIT ?",
-                    (self._hold_cutoff_ns(now), ROOT_INODE, PURGE_BATCH),
-                )
-                for r in rows:
-                    self._purge(tx, r["ino"], now)
-            purged += len(rows)
-            if len(rows) < PURGE_BATCH or time.monotonic() - t0 > budget_s:
+            n = self.store.retried(self._purge_unlinked_batch)
+            purged += n
+            if n < PURGE_BATCH or time.monotonic() - t0 > budget_s:
                 return purged
+
+    def _purge_unlinked_batch(self) -> int:
+        with self.store.transaction() as tx:
+            self.on_duty(tx)
+            now = self.now_ns()
+            inos = [r[0] for r in tx.all(
+                "SELECT ino FROM inodes WHERE nlink = 0 AND ctime_ns <= ? AND ino != ? AND NOT EXISTS"
+                " (SELECT 1 FROM opens o WHERE o.ino = inodes.ino) LIMIT ?",
+                (self._hold_cutoff_ns(now), ROOT_INODE, PURGE_BATCH),
+            )]
+            self._purge(tx, inos, now)
+            return len(inos)
+
+    def on_duty(self, tx: Tx) -> None:
+        """Open every transaction of the background duties (the sweep's steps) with this:
+        it ends the sweep (store.DutiesLost) if another metaserver has taken them over."""
+        self.store.check_duties(tx, self.name)
 
     def record_open_after_s(self) -> float:
         """How soon a client records a reader's open that went unrecorded and is still open
@@ -335,19 +345,32 @@ class CoreBase:
         metaservers' clocks; 0: no open of a file with blocks goes unrecorded)."""
         return self.unlinked_hold_s / 5
 
-    def _purge(self, tx: Tx, ino: int, now: int) -> None:
-        """Delete an inode for good; its blocks become garbage."""
-        for row in tx.all("SELECT block_id FROM blocks WHERE ino = ?", (ino,)):
-            self._garbage_committed(tx, row["block_id"], now)
-        # xattrs and blocks (with their replicas) go by ON DELETE CASCADE.
-        tx.run("DELETE FROM inodes WHERE ino = ?", (ino,))
-        tx.run("DELETE FROM locks WHERE ino = ?", (ino,))
+    def _purge(self, tx: Tx, inos: list[int], now: int) -> None:
+        """Delete inodes for good; every replica of their blocks becomes garbage (what
+        `_garbage_committed` does for one block, here a few statements for the lot: the
+        sweep purges hundreds at once, and a long transaction is one that conflicts)."""
+        if not inos:
+            return
+        ids = id_list(inos)
+        tx.run(
+            "INSERT INTO garbage (block_id, server_id, not_before_ns)"
+            " SELECT r.block_id, r.server_id, ? FROM replicas r JOIN blocks b ON b.block_id = r.block_id"
+            f" WHERE b.ino IN {ids} ON CONFLICT DO NOTHING",
+            (self._gc_not_before(now),),
+        )
+        # xattrs, inline data and blocks (with their replicas) go by ON DELETE CASCADE.
+        tx.run(f"DELETE FROM inodes WHERE ino IN {ids}")
+        tx.run(f"DELETE FROM locks WHERE ino IN {ids}")
 
     # ------------------------------------------------------------------ garbage
 
+    def _gc_not_before(self, now: int) -> int:
+        """When garbage made now may go: the grace period lets a reader holding the old
+        block map finish its read."""
+        return now + int(self.gc_grace_s * NS_PER_S)
+
     def _garbage(self, tx: Tx, block_id: int, server_ids: list[int], now: int) -> None:
-        # The grace period lets a reader holding the old block map finish its read.
-        not_before = now + int(self.gc_grace_s * NS_PER_S)
+        not_before = self._gc_not_before(now)
         tx.run_many(
             "INSERT INTO garbage (block_id, server_id, not_before_ns) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             [(block_id, sid, not_before) for sid in server_ids],

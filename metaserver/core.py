@@ -158,7 +158,8 @@ class MetaCore(NamespaceOps, XattrOps, LabelOps, FileOps, LockOps, RegistryOps, 
 
 # Every operation the RPC layer or the server's sweep calls runs again when its store
 # refuses it for a conflict (base.retrying); coroutines (WAIT methods) call wrapped ones.
-for _name in (*META_METHODS, "sweep", "check_session", "beat"):
+# The sweep retries each of its steps alone (registry.py).
+for _name in (*META_METHODS, "check_session", "beat"):
     _op = getattr(MetaCore, _name, None)
     if _op is not None and not inspect.iscoroutinefunction(_op):
         setattr(MetaCore, _name, retrying(_op))

@@ -244,7 +244,7 @@ class FsckOps(RepairOps):
         for r in orphans:
             fix = None
             if rep.repair:
-                self._purge(tx, r["ino"], now)
+                self._purge(tx, [r["ino"]], now)
                 fix = f"purged orphan inode {r['ino']}"
             rep.problem("orphans", f"inode {r['ino']} has no links and is not open", fix)
 

@@ -97,9 +97,29 @@ class RegistryOps(RepairOps):
 
     def sweep(self) -> dict[str, int]:
         """Periodic housekeeping: expire silent sessions and abandoned allocations, forget
-        stale replication tasks and plan new ones. Returns what it did, for the caller
-        to log."""
+        stale replication tasks and plan new ones, purge unlinked files. Returns what it
+        did, for the caller to log. Each step is its own transaction, run again alone if
+        the store refuses it (a conflict costs that step, not the sweep), and opens with
+        `on_duty`: a sweep that finds the duties taken over stops (store.DutiesLost)."""
+        expired, abandoned, timed_out, forgotten = self.store.retried(self._sweep_expiries)
+        # Planning is its own transaction: it can be the longest step, and the expiries
+        # above need not wait for it.
+        planned = self.store.retried(lambda: self.plan_replication(force=False))
+        purged = self.purge_unlinked()
+        return {
+            "sessions_expired": expired,
+            "unlinked_purged": purged,
+            "allocations_abandoned": abandoned,
+            "replication_tasks_timed_out": timed_out,
+            "replication_tasks_planned": planned,
+            "servers_forgotten": forgotten,
+        }
+
+    def _sweep_expiries(self) -> tuple[int, int, int, int]:
+        """The sweep's first step: (sessions expired, allocations abandoned, replication
+        tasks timed out, servers forgotten)."""
         with self.store.transaction() as tx:
+            self.on_duty(tx)
             now = self.now_ns()
             expired = [
                 r[0]
@@ -122,18 +142,7 @@ class RegistryOps(RepairOps):
             timed_out = self._expire_tasks(tx, now)
             forgotten = self._forget_servers(tx, now)
             self._log_state_changes(tx, now)
-        # Planning is its own transaction: it can be the longest step, and the expiries
-        # above need not wait for it.
-        planned = self.plan_replication(force=False)
-        purged = self.purge_unlinked()
-        return {
-            "sessions_expired": len(expired),
-            "unlinked_purged": purged,
-            "allocations_abandoned": abandoned + len(stale),
-            "replication_tasks_timed_out": timed_out,
-            "replication_tasks_planned": planned,
-            "servers_forgotten": forgotten,
-        }
+            return len(expired), abandoned + len(stale), timed_out, forgotten
 
     def _forget_servers(self, tx: Tx, now: int) -> int:
         """Registrations silent for server_forget_after_s go, with every row naming them:

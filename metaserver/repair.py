@@ -106,15 +106,23 @@ class RepairOps(CoreBase):
     def plan_replication(self, force: bool = True) -> int:
         """Queue re-replication tasks for blocks short of replicas; returns how many.
         force=False: only if something may have changed (the sweep's way)."""
-        with self.store.transaction() as tx:
-            now = self.now_ns()
-            if not force and not self.replan and now < self.next_full_plan_ns:
-                return 0
-            # Cleared under the store lock, before planning: a trigger that comes later
-            # (in a later transaction) sets it again.
-            self.replan = False
-            self.next_full_plan_ns = now + int(FULL_PLAN_INTERVAL_S * NS_PER_S)
-            return self._plan(tx, now)
+        next_full_plan_ns = self.next_full_plan_ns
+        try:
+            with self.store.transaction() as tx:
+                self.on_duty(tx)
+                now = self.now_ns()
+                if not force and not self.replan and now < self.next_full_plan_ns:
+                    return 0
+                # Cleared under the store lock, before planning: a trigger that comes later
+                # (in a later transaction) sets it again.
+                self.replan = False
+                self.next_full_plan_ns = now + int(FULL_PLAN_INTERVAL_S * NS_PER_S)
+                return self._plan(tx, now)
+        except BaseException:
+            # Refused (a conflict, the duties lost): nothing was planned, so the next try
+            # plans, as this one would have.
+            self.replan, self.next_full_plan_ns = True, next_full_plan_ns
+            raise
 
     def _plan(self, tx: Tx, now: int) -> int:
         servers = self._servers(tx, now)

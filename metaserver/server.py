@@ -37,7 +37,7 @@ from stripefs.proto.services import META_METHODS, META_SERVICE
 
 from .base import UNLINKED_HOLD_S
 from .core import MetaCore
-from .store import ENGINES, open_store
+from .store import ENGINES, DutiesLost, open_store
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -107,6 +107,9 @@ def _sweep_loop(core: MetaCore, address: str, stop: threading.Event) -> None:
                 log.info("background duties: %s", "taken by this metaserver" if holds else f"held by {core.duties}")
                 held = holds
             done = core.sweep() if holds else {}
+        except DutiesLost as exc:
+            log.info("background duties: taken over by %s during a sweep, which stopped", exc)
+            held, done = False, {}
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("sweep failed")
             done = {}

@@ -50,6 +50,11 @@ LABEL_INDEX = f"CREATE INDEX xattrs_by_value ON xattrs(name, substr(value, 1, {L
 UNLINKED_INDEX = "CREATE INDEX inodes_unlinked ON inodes(ctime_ns) WHERE nlink = 0"
 
 
+class DutiesLost(Exception):
+    """Another metaserver holds the background duties (`Store.check_duties`): the sweep
+    that found out stops; its next beat says who holds them."""
+
+
 def counted_usage(directory: str) -> tuple[str, str]:
     """SQL for what the usage counters (inodes.used_files, used_bytes) of the directory row
     named `directory` in the query should hold, counted from its entries, in SQL both
@@ -172,6 +177,14 @@ class Store:
         duties if nobody else holds them. (who holds them, [(name, address) of the live
         metaservers]). An engine one metaserver owns: always that one."""
         return name, [(name, address)]
+
+    def check_duties(self, tx: Tx, name: str) -> None:
+        """First statement of a transaction of the background duties (the sweep's): raise
+        DutiesLost if a metaserver other than `name` holds them now. A holder stopped past
+        its lease (SIGSTOP, a stalled machine, a sweep retried longer than the lease) may
+        resume mid-sweep after another took over; this is where it stops, instead of two
+        sweeps refusing each other's serializable transactions until both give up. An
+        engine one metaserver owns, or a store on which nobody beat yet: nobody else does."""
 
     def make_durable(self) -> None:
         """What has been committed becomes durable before the current operation answers."""

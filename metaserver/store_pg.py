@@ -45,7 +45,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool
 
-from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, UNLINKED_INDEX, Batch, Store, Tx
+from .store import LABEL_INDEX, RECOUNT_USAGE, SCHEMA_VERSION, UNLINKED_INDEX, Batch, DutiesLost, Store, Tx
 
 log = logging.getLogger("stripefs.metaserver")
 
@@ -355,6 +355,15 @@ class PgStore(Store):
                 "SELECT name, address FROM metaservers WHERE seen >= clock_timestamp() - make_interval(secs => %s)"
                 " ORDER BY name", (lease_s,)).fetchall()
         return holder, [(r[0], r[1]) for r in alive]
+
+    def check_duties(self, tx: Tx, name: str) -> None:
+        # A read, not a lock: a stopped holder in the middle of a transaction must not keep
+        # the row from the next one's beat. SERIALIZABLE orders the rest: a sweep step that
+        # read the row before another's beat took it, and meets that one's sweep on the rows
+        # both change, is refused and run again, and then finds the new holder here.
+        holder = tx.scalar("SELECT holder FROM duties WHERE id = 1")
+        if holder is not None and holder != name:
+            raise DutiesLost(holder)
 
     def on_notify(self, callback: Callable[[Optional[list[int]]], None]) -> None:
         self._listener = threading.Thread(target=self._listen, args=(callback,), name="pg-listen", daemon=True)

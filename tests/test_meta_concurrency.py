@@ -21,7 +21,7 @@ import time
 import pytest
 
 from stripefs.metaserver.core import MetaCore
-from stripefs.metaserver.store import open_store
+from stripefs.metaserver.store import DutiesLost, open_store
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
     Attr,
@@ -218,3 +218,25 @@ def test_metaservers_starting_together_share_one_setting_and_one_duty_holder(new
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_holder_that_lost_the_duties_stops_its_sweep(cores):
+    """A duties holder stopped past its lease (SIGSTOP, a stalled machine, a sweep retried
+    for longer than the lease) resumes in the middle of a sweep after another metaserver
+    took the duties over. Its sweep must stop at its next step, not run beside the new
+    holder's: two sweeps purging the same unlinked files refused each other's transactions
+    until both gave up, sweep after sweep (a CI run once ended with 51 unpurged orphans)."""
+    a, b = cores
+    a.name, b.name = "meta-a", "meta-b"
+    lease_s = 0.3
+    assert a.beat("10.0.0.1:1", lease_s) and a.sweep() is not None
+    assert not b.beat("10.0.0.2:1", lease_s) and b.duties == "meta-a"
+    time.sleep(lease_s * 2)  # a is silent past its lease
+    assert b.beat("10.0.0.2:1", lease_s)
+    with pytest.raises(DutiesLost, match="meta-b"):
+        a.sweep()
+    for step in (a.purge_unlinked, lambda: a.plan_replication(force=True)):
+        with pytest.raises(DutiesLost):
+            step()
+    assert b.sweep() is not None
+    assert not a.beat("10.0.0.1:1", lease_s) and a.duties == "meta-b"
