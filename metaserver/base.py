@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import crc32c
 
-from stripefs.proto.auth import TOKEN_TTL_S, read_token, write_token
+from stripefs.proto.auth import TOKEN_TTL_S, open_grant, read_token, write_token
 from stripefs.proto.credentials import ADMIN, LOCAL, Caller
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import Attr, BlockRef
@@ -412,6 +412,10 @@ class CoreBase:
             )
         else:
             tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
+
+    def _open_grant(self, ino: int, writable: bool, caller: Caller) -> bytes:
+        """What a recorded open answers with (proto/auth.py `open_grant`)."""
+        return open_grant(self.token_key, ino, str(caller), writable)
 
     def _read_token(self, block_id: int, holder: str, now: int) -> bytes:
         return read_token(self.token_key, block_id, holder, now // NS_PER_S + TOKEN_TTL_S)

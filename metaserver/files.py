@@ -24,6 +24,7 @@ import os
 
 import crc32c
 
+from stripefs.proto.auth import check_open_grant
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
     AccessedReq,
@@ -59,7 +60,7 @@ class FileOps(CoreBase):
                 raise FsError(errno.EISDIR, f"inode {req.ino} is a directory")
             self._session_exists(tx, req.session, caller)
             want = perm.open_wants(req.flags)
-            perm.check(row, req.ctx, want, " (open)")
+            self._check_open_perm(row, req, want, caller)
             if req.flags & os.O_TRUNC and is_reg(row):
                 self._truncate(tx, row, 0, now)
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
@@ -80,7 +81,16 @@ class FileOps(CoreBase):
                 attr=attr, blocks=blocks,
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"", recorded=recorded, opened_in=req.session if recorded else 0,
+                grant=self._open_grant(req.ino, bool(want & perm.WRITE), caller) if recorded else b"",
             )
+
+    def _check_open_perm(self, row: Row, req: OpenReq, want: int, caller: Caller) -> None:
+        """An open's permission check, unless it registers again an open the caller was
+        granted before (its grant, and no truncate: proto/auth.py `open_grant`)."""
+        if (req.grant and not req.flags & os.O_TRUNC
+                and check_open_grant(self.token_key, row["ino"], str(caller), bool(want & perm.WRITE), req.grant)):
+            return
+        perm.check(row, req.ctx, want, " (open)")
 
     def release(self, req: ReleaseReq, caller: Caller = LOCAL) -> Empty:
         # Lenient on purpose: a release after the session expired (and closed its opens)

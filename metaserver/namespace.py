@@ -350,7 +350,8 @@ class NamespaceOps(CoreBase):
                     except FsError:
                         pass  # no server can take blocks now: the writer will ask (and be told) later
             return CreateReply(attr=attr_of(row), allocations=allocations, parent=self._attr(tx, req.parent),
-                               staged=staged, opened_in=req.session)
+                               staged=staged, opened_in=req.session,
+                               grant=self._open_grant(row["ino"], True, caller) if req.session else b"")
 
     def mkdir(self, req: MkdirReq) -> AttrReply:
         with self.store.transaction() as tx:

@@ -75,6 +75,27 @@ def check_write_token(key: bytes, block_id: int, holder: str, server: str, token
     return _check(_write_op(server), key, block_id, holder, token, now_s)
 
 
+def open_grant(key: bytes, ino: int, holder: str, write: bool) -> bytes:
+    """Proof that `holder` (role:name) was let open inode `ino` for reading, or for writing
+    (and reading), handed out with such an open. After its session is lost (a metaserver
+    failover, an expiry) a client registers its open handles again in a new session
+    (fs/client/client.py `_reopen_files`), and a handle stays open for what it was opened
+    for whatever the file's mode says now, as a descriptor does after a chmod (a file
+    created 0444 by its writer, as git's objects are, would fail the check for writing):
+    the grant lets that open through without the permission check. It names no expiry and
+    no session: it is good for as long as the file lives (inode numbers are never reused),
+    to that client only, and for nothing but an open (no truncate)."""
+    return _token(b"open-write" if write else b"open-read", key, ino, holder, 0)
+
+
+def check_open_grant(key: bytes, ino: int, holder: str, write: bool, grant: bytes) -> bool:
+    """`grant` lets `holder` open `ino` for writing (write=True), or reading: a grant for
+    writing lets it read too."""
+    if not key or not isinstance(grant, bytes):
+        return False
+    return any(hmac.compare_digest(open_grant(key, ino, holder, w), grant) for w in ((True,) if write else (True, False)))
+
+
 def load_token_key(path: str | os.PathLike, create: bool = False) -> bytes:
     """The token key in `path`; with create=True a missing one is made, readable by its
     owner only."""

@@ -432,6 +432,7 @@ class CreateReply(Message):
     parent: Optional[Attr] = None  # the directory's attributes after the create
     staged: bool = False  # (stage) marked staged: its content goes to the client's staging area
     opened_in: int = 0  # (session) the session the new file's open is recorded in
+    grant: bytes = b""  # (session) proof of the open for writing, to open it so again (OpenReq.grant)
 
 
 @dataclass
@@ -672,6 +673,9 @@ class OpenReq(Message):
     # one with blocks, which the metaserver keeps for a while after an unlink and which
     # the client records if it is still open after SessionReply.record_open_after_s.
     unrecorded_ok: bool = False
+    # An open the client had before its session was lost, registered again: the grant
+    # that came with it (OpenReply.grant) stands for the permission check (proto/auth.py).
+    grant: bytes = b""
 
 
 @dataclass
@@ -685,6 +689,7 @@ class OpenReply(Message):
     data: bytes = b""  # the inline block 0 (travels raw)
     recorded: bool = True  # the open is recorded (False: nothing to release; see OpenReq)
     opened_in: int = 0  # the session it is recorded in (0: not recorded, or an older metaserver)
+    grant: bytes = b""  # a recorded open: proof of it, to open it so again (OpenReq.grant)
 
 
 @dataclass

@@ -250,6 +250,36 @@ def test_expired_session_is_replaced(lib_cluster):
     run(lib_cluster, body)
 
 
+def test_a_file_created_read_only_is_written_on_after_its_session_is_replaced(lib_cluster):
+    """A non-root writer of a file it created 0444 (as git writes its objects): after the
+    session is replaced, its handle is registered again for writing with the grant its
+    create came with, although the mode lets nobody but root write, and the rest of what
+    it writes reaches the file. Without the grant the registration failed (EACCES) and
+    the handle's write-back then did too (EBADF: not open for writing)."""
+    data = random.randbytes(3 * (1 << 20) + 5)
+    user = Ctx(1000, 1000, 0)
+
+    async def body(client):
+        d = (await client.mkdir(ROOT_INODE, b"ro" + os.urandom(4).hex().encode(), 0o777, ROOT)).ino
+        await client.setxattr(d, b"stripefs.block_size", str(1 << 20).encode())
+        fh, attr = await client.create(d, b"obj", 0o444, os.O_WRONLY, user)
+        half = len(data) // 2
+        await client.write(fh, 0, data[:half])
+        await client.flush(fh)
+        old = client.session.id
+        expire_session(lib_cluster, old)
+        await client.release((await client.create(d, b"after", 0o644, os.O_WRONLY, user))[0])  # replaces it
+        assert client.session.id != old
+        assert lib_cluster.meta_value("SELECT COUNT(*) FROM opens WHERE ino = ? AND session_id = ? AND writable = 1",
+                                      attr.ino, client.session.id) == 1
+        await client.write(fh, half, data[half:])
+        await client.flush(fh)
+        await client.release(fh)
+        assert await read_file(client, attr.ino) == data
+
+    run(lib_cluster, body)
+
+
 def test_a_new_session_records_the_opens_the_old_one_had_and_no_more(lib_cluster):
     """A replaced session's client records again one open for each recorded handle (their
     releases take them back one by one) and none for a handle whose open went unrecorded

@@ -1537,3 +1537,41 @@ def test_usage_counters_agree_with_a_walk(env):
 
     closed = env.mkdir(ROOT_INODE, b"closed", mode=0o300)  # not readable by USER
     fails(errno.EACCES, env.core.usage, UsageReq(ino=closed.ino, ctx=USER))
+
+
+def test_an_open_is_registered_again_with_its_grant_whatever_the_mode_says_now(env):
+    """A client that lost its session registers its open handles again in a new one. A
+    file created 0444 by its writer (git's objects are) is open for writing although its
+    mode lets nobody but root write: without proof, that open fails the check, and the
+    handle's writes fail after the replacement. The grant a recorded open comes with is
+    that proof: for that client, that inode and that access only, never for a truncate."""
+    env.open_root()
+    env.add_server(1)
+    node1, node2 = Caller(CLIENT, "node1"), Caller(CLIENT, "node2")
+    old, new, theirs = (env.core.open_session(SessionOpenReq(host="h", mountpoint="/m"), c).session
+                        for c in (node1, node1, node2))
+    created = env.core.mknod(MknodReq(parent=ROOT_INODE, name=b"obj", mode=stat.S_IFREG | 0o444, ctx=USER,
+                                      session=old), node1)
+    ino, grant = created.attr.ino, created.grant
+    assert grant
+    fails(errno.EACCES, lambda r: env.core.open(r, node1), OpenReq(ino, new, USER, os.O_WRONLY))
+    reopened = env.core.open(OpenReq(ino, new, USER, os.O_WRONLY, grant=grant), node1)
+    assert reopened.recorded and reopened.grant == grant
+    # The handle writes on in the new session (EBADF without the open: not open for writing).
+    assert env.core.alloc_blocks(AllocReq(ino=ino, session=new, indexes=[0]), node1).allocations
+    # Another client, a forged grant, a truncate: the permission check as ever.
+    fails(errno.EACCES, lambda r: env.core.open(r, node2), OpenReq(ino, theirs, USER, os.O_WRONLY, grant=grant))
+    forged = bytes(len(grant))
+    fails(errno.EACCES, lambda r: env.core.open(r, node1), OpenReq(ino, new, USER, os.O_WRONLY, grant=forged))
+    fails(errno.EACCES, lambda r: env.core.open(r, node1),
+          OpenReq(ino, new, USER, os.O_WRONLY | os.O_TRUNC, grant=grant))
+    # A grant for reading lets nobody write; one for writing lets its holder read too.
+    env.core.setattr(SetattrReq(ino=ino, ctx=ROOT, mode=0o404))
+    read = env.core.open(OpenReq(ino, theirs, OTHER, os.O_RDONLY), node2)
+    assert read.grant and read.grant != grant
+    env.core.setattr(SetattrReq(ino=ino, ctx=ROOT, mode=0o000))
+    assert env.core.open(OpenReq(ino, theirs, OTHER, os.O_RDONLY, grant=read.grant), node2).recorded
+    fails(errno.EACCES, lambda r: env.core.open(r, node2), OpenReq(ino, theirs, OTHER, os.O_WRONLY, grant=read.grant))
+    assert env.core.open(OpenReq(ino, new, USER, os.O_RDONLY, grant=grant), node1).recorded
+    # An unrecorded open (a reader's of a file with blocks) comes with none.
+    assert not env.core.open(OpenReq(ino, new, ROOT, os.O_RDONLY, unrecorded_ok=True), node1).grant

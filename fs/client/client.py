@@ -206,12 +206,14 @@ class Client:
         self.locks.session_lost()
         # Asking for no more than an open here was granted: writing (which an open for
         # reading and writing had too), else reading; either entitles us to read tokens.
-        wanted = [(ino, f.opener or self.identity, os.O_WRONLY if f.writable else os.O_RDONLY, f.handles - f.unrecorded)
-                  for ino, f in self._files.items()]
-        for ino, opener, flags, count in wanted:
+        # Each shows its grant: the file's mode may not let the opener do so any more (or
+        # never did: a file created 0444 is open for writing), as a descriptor need not.
+        wanted = [(ino, f.opener or self.identity, os.O_WRONLY if f.writable else os.O_RDONLY, f.grant,
+                   f.handles - f.unrecorded) for ino, f in self._files.items()]
+        for ino, opener, flags, grant, count in wanted:
             for _ in range(count):
                 try:
-                    await self.session.call("open", m.OpenReq(ino, self.session.id, opener, flags))
+                    await self.session.call("open", m.OpenReq(ino, self.session.id, opener, flags, grant=grant))
                 except FsError as exc:
                     log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
                     break
@@ -404,7 +406,7 @@ class Client:
         f.created_in = parent
         f.no_capability = True  # a new file has no xattrs
         f.handles += 1
-        f.opener, f.writable = f.opener or ctx, True
+        f.opened(ctx, True, reply.grant)
         self._cached_generation[attr.ino] = attr.generation
         if reply.staged and self.stager is not None:
             await self.stager.begin(f, ctx)
@@ -783,7 +785,7 @@ class Client:
         self.prefetcher.opened(ino)
         f.handles += 1
         f.unrecorded += not reply.recorded
-        f.opener, f.writable = f.opener or ctx, f.writable or writable
+        f.opened(ctx, writable, reply.grant)
         keep = self._cached_generation.get(ino) == reply.attr.generation
         self._cached_generation[ino] = reply.attr.generation
         fh = self._new_handle(ino, writable, reply.recorded)
@@ -921,13 +923,14 @@ class Client:
         if recorded:
             self.session.release_soon(f.ino)
 
-    async def _reopen_staged(self, ino: int, opener: m.Ctx) -> FileState:
-        """Open, for writing as `opener`, a staged file an earlier client left (staging.py)."""
-        reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, opener, os.O_WRONLY), ino)
+    async def _reopen_staged(self, ino: int, opener: m.Ctx, grant: bytes) -> FileState:
+        """Open, for writing as `opener` (with the grant its create or open came with), a
+        staged file an earlier client left (staging.py)."""
+        reply = await self._inode_call("open", m.OpenReq(ino, self.session.id, opener, os.O_WRONLY, grant=grant), ino)
         f = self._file_state(reply.attr)
         f.set_map(reply.attr, reply.blocks, reply)
         f.handles += 1
-        f.opener, f.writable = f.opener or opener, True
+        f.opened(opener, True, reply.grant)
         return f
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

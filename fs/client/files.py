@@ -143,7 +143,17 @@ class FileState:
     created_in: int = 0  # the directory this client created it in (0: opened, not created)
     opener: Optional[Ctx] = None  # who opened it first here, to open it again in a new session
     writable: bool = False  # some handle here opened it for writing
+    grant: bytes = b""  # the metaserver's proof of an open for writing, to open it again so (OpenReq.grant)
     stage: Optional[Staged] = None  # written to the local staging area, not yet uploaded (staging.py)
+
+    def opened(self, ctx: Ctx, writable: bool, grant: bytes) -> None:
+        """One more open here, as `ctx`, for writing or not, with the metaserver's grant
+        (b"": none). What a new session registers again: the first opener, for writing if
+        any open was, with the grant for that."""
+        self.opener = self.opener or ctx
+        if grant and (writable or not self.writable):
+            self.grant = grant
+        self.writable = self.writable or writable
 
     def set_map(self, attr: Attr, blocks: list[BlockRef], with_inline: OpenReply | BlockMapReply | None = None) -> None:
         """Take a fresh attr and block map (and inline block 0) from the server; local dirty

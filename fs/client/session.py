@@ -162,7 +162,7 @@ class MetaSession:
             reply = await self._call(name, req)
             opened_in = getattr(reply, "opened_in", 0)
             if opened_in and opened_in != self.id:
-                await self._open_again(reply.attr.ino, req, opened_in)
+                await self._open_again(reply.attr.ino, req, opened_in, getattr(reply, "grant", b""))
             return reply
         except BaseException as exc:
             outcome = exc
@@ -171,7 +171,7 @@ class MetaSession:
             if not isinstance(outcome, trio.Cancelled):
                 _metrics.meta_calls.observe((name,), outcome, started)
 
-    async def _open_again(self, ino: int, req: m.Message, opened_in: int) -> None:
+    async def _open_again(self, ino: int, req: m.Message, opened_in: int, grant: bytes) -> None:
         """An open (or create) the metaserver recorded in a session that we replaced while
         its reply was on its way: that open went with the old session, and the replacement
         did not register it again (it registers the opens the client had counted), so it
@@ -181,7 +181,7 @@ class MetaSession:
         flags = req.flags & ~os.O_TRUNC if isinstance(req, m.OpenReq) else os.O_WRONLY  # (a create: for writing)
         log.warning("inode %d: opened in session %d, replaced since: opening it again in session %d",
                     ino, opened_in, self.id)
-        await self.call("open", m.OpenReq(ino, self.id, req.ctx, flags))
+        await self.call("open", m.OpenReq(ino, self.id, req.ctx, flags, grant=grant))
 
     async def _call(self, name: str, req: m.Message) -> Any:
         deadline = time.monotonic() + META_TIMEOUT_S

@@ -271,7 +271,7 @@ class Stager:
         self._last_close = trio.current_time()
         await self._report(f)
         record = json.dumps({"ino": f.ino, "size": s.size, "mtime_ns": s.mtime_ns, "boot": self._boot,
-                             "opener": dataclasses.asdict(s.opener)})
+                             "opener": dataclasses.asdict(s.opener), "grant": f.grant.hex()})
         try:
             await trio.to_thread.run_sync(_write_record, self._record(f.ino), record)
         except OSError as exc:  # (the upload goes on; only a restart would not find it)
@@ -392,7 +392,7 @@ class Stager:
         for record in records:
             ino, size, opener = int(record["ino"]), int(record["size"]), m.Ctx(**record["opener"])
             try:
-                f = await self.client._reopen_staged(ino, opener)
+                f = await self.client._reopen_staged(ino, opener, bytes.fromhex(record.get("grant", "")))
             except FsError as exc:
                 log.warning("inode %d: staged upload not resumed (%s): discarded", ino, exc)
                 await trio.to_thread.run_sync(self._discard, ino)
@@ -419,6 +419,7 @@ class Stager:
                 ino, size = int(record["ino"]), int(record["size"])
                 m.Ctx(**record["opener"])
                 int(record["mtime_ns"])
+                bytes.fromhex(record.get("grant", ""))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("staging record %s unreadable (%s): discarded", p, exc)
                 p.unlink(missing_ok=True)
