@@ -414,7 +414,8 @@ class CoreBase:
             tx.run("DELETE FROM inline_data WHERE ino = ?", (ino,))
 
     def _open_grant(self, ino: int, writable: bool, caller: Caller) -> bytes:
-        """What a recorded open answers with (proto/auth.py `open_grant`)."""
+        """What an open answers with (proto/auth.py `open_grant`): recorded or not, its
+        client may have to record it, or record it again, in a session to come."""
         return open_grant(self.token_key, ino, str(caller), writable)
 
     def _read_token(self, block_id: int, holder: str, now: int) -> bytes:

@@ -81,7 +81,7 @@ class FileOps(CoreBase):
                 attr=attr, blocks=blocks,
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"", recorded=recorded, opened_in=req.session if recorded else 0,
-                grant=self._open_grant(req.ino, bool(want & perm.WRITE), caller) if recorded else b"",
+                grant=self._open_grant(req.ino, bool(want & perm.WRITE), caller),
             )
 
     def _check_open_perm(self, row: Row, req: OpenReq, want: int, caller: Caller) -> None:

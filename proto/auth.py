@@ -79,7 +79,8 @@ def open_grant(key: bytes, ino: int, holder: str, write: bool) -> bytes:
     """Proof that `holder` (role:name) was let open inode `ino` for reading, or for writing
     (and reading), handed out with such an open. After its session is lost (a metaserver
     failover, an expiry) a client registers its open handles again in a new session
-    (fs/client/client.py `_reopen_files`), and a handle stays open for what it was opened
+    (fs/client/client.py `_reopen_files`; and it records a reader's open that went
+    unrecorded a while after it was made: `_record`), and a handle stays open for what it was opened
     for whatever the file's mode says now, as a descriptor does after a chmod (a file
     created 0444 by its writer, as git's objects are, would fail the check for writing):
     the grant lets that open through without the permission check. It names no expiry and

@@ -689,7 +689,7 @@ class OpenReply(Message):
     data: bytes = b""  # the inline block 0 (travels raw)
     recorded: bool = True  # the open is recorded (False: nothing to release; see OpenReq)
     opened_in: int = 0  # the session it is recorded in (0: not recorded, or an older metaserver)
-    grant: bytes = b""  # a recorded open: proof of it, to open it so again (OpenReq.grant)
+    grant: bytes = b""  # proof of this open, to record it later or again as it was (OpenReq.grant)
 
 
 @dataclass

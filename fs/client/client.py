@@ -663,11 +663,12 @@ class Client:
         if h is None or h.recorded:
             return  # (closed meanwhile: nothing to record)
         f = self._files[h.ino]
-        req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY)
-        await self._inode_call("open", req, h.ino)
+        req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY, grant=f.grant)
+        reply = await self._inode_call("open", req, h.ino)
         if self._handles.get(fh) is not h or h.recorded:
             self.session.release_soon(h.ino)  # closed meanwhile, or recorded by another task
             return
+        f.opened(req.ctx, False, reply.grant)
         h.recorded = True
         f.unrecorded -= 1
 
