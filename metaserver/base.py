@@ -346,19 +346,13 @@ class CoreBase:
         return self.unlinked_hold_s / 5
 
     def _purge(self, tx: Tx, inos: list[int], now: int) -> None:
-        """Delete inodes for good; every replica of their blocks becomes garbage (what
-        `_garbage_committed` does for one block, here a few statements for the lot: the
-        sweep purges hundreds at once, and a long transaction is one that conflicts)."""
+        """Delete inodes for good; their blocks become garbage (the sweep purges hundreds
+        at once: `_garbage_blocks` takes them all in two statements)."""
         if not inos:
             return
         ids = id_list(inos)
-        tx.run(
-            "INSERT INTO garbage (block_id, server_id, not_before_ns)"
-            " SELECT r.block_id, r.server_id, ? FROM replicas r JOIN blocks b ON b.block_id = r.block_id"
-            f" WHERE b.ino IN {ids} ON CONFLICT DO NOTHING",
-            (self._gc_not_before(now),),
-        )
-        # xattrs, inline data and blocks (with their replicas) go by ON DELETE CASCADE.
+        self._garbage_blocks(tx, f"ino IN {ids}", (), now)
+        # xattrs and inline data go by ON DELETE CASCADE.
         tx.run(f"DELETE FROM inodes WHERE ino IN {ids}")
         tx.run(f"DELETE FROM locks WHERE ino IN {ids}")
 
@@ -376,11 +370,21 @@ class CoreBase:
             [(block_id, sid, not_before) for sid in server_ids],
         )
 
+    def _garbage_blocks(self, tx: Tx, where: str, args: Sequence[Any], now: int) -> None:
+        """The committed blocks `where` selects (a condition on `blocks`) leave their files:
+        all their replicas become garbage. Two statements however many blocks: a purge of
+        hundreds of files, a truncate of a long file's tail, are short transactions (a long
+        one is one that conflicts)."""
+        tx.run(
+            "INSERT INTO garbage (block_id, server_id, not_before_ns) SELECT block_id, server_id, ? FROM blocks"
+            f" JOIN replicas USING (block_id) WHERE {where} ON CONFLICT DO NOTHING",
+            (self._gc_not_before(now), *args),
+        )
+        tx.run(f"DELETE FROM blocks WHERE {where}", args)
+
     def _garbage_committed(self, tx: Tx, block_id: int, now: int) -> None:
         """A committed block leaves its file: all its replicas become garbage."""
-        sids = [r[0] for r in tx.all("SELECT server_id FROM replicas WHERE block_id = ?", (block_id,))]
-        self._garbage(tx, block_id, sids, now)
-        tx.run("DELETE FROM blocks WHERE block_id = ?", (block_id,))
+        self._garbage_blocks(tx, "block_id = ?", (block_id,), now)
 
     def _garbage_pending(self, tx: Tx, block_id: int, now: int) -> None:
         """An allocation that will never be committed: wherever it may have been written."""
@@ -471,8 +475,7 @@ class CoreBase:
                 kept = self._inline(tx, ino) if size else None
                 self._set_inline(tx, ino, kept[0][:size] if kept else b"")
             first_gone = -(-size // bs)  # ceil: the first block with no byte below size
-            for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_gone)):
-                self._garbage_committed(tx, b["block_id"], now)
+            self._garbage_blocks(tx, "ino = ? AND idx >= ?", (ino, first_gone), now)
             if size % bs:
                 # The digest still describes the block as written: `stored` keeps its length
                 # for readers, who check what they fetch and then keep `length` bytes.

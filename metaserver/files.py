@@ -233,9 +233,7 @@ class FileOps(CoreBase):
             if req.start % bs or req.length % bs:
                 raise FsError(errno.EINVAL, f"a hole is punched in whole blocks of {bs} bytes")
             first, last = req.start // bs, (req.start + req.length) // bs
-            for b in tx.all("SELECT block_id FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?",
-                            (req.ino, first, last)):
-                self._garbage_committed(tx, b["block_id"], now)
+            self._garbage_blocks(tx, "ino = ? AND idx >= ? AND idx < ?", (req.ino, first, last), now)
             if first == 0:
                 self._set_inline(tx, req.ino, b"")
             self._bump_content(tx, row, row["size"], now, now)

@@ -673,8 +673,9 @@ class OpenReq(Message):
     # one with blocks, which the metaserver keeps for a while after an unlink and which
     # the client records if it is still open after SessionReply.record_open_after_s.
     unrecorded_ok: bool = False
-    # An open the client had before its session was lost, registered again: the grant
-    # that came with it (OpenReply.grant) stands for the permission check (proto/auth.py).
+    # An open the client already had, registered again after its session was lost or
+    # recorded late (a reader's unrecorded one): the grant that came with it
+    # (OpenReply.grant) stands for the permission check (proto/auth.py).
     grant: bytes = b""
 
 

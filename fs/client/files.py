@@ -143,7 +143,7 @@ class FileState:
     created_in: int = 0  # the directory this client created it in (0: opened, not created)
     opener: Optional[Ctx] = None  # who opened it first here, to open it again in a new session
     writable: bool = False  # some handle here opened it for writing
-    grant: bytes = b""  # the metaserver's proof of an open for writing, to open it again so (OpenReq.grant)
+    grant: bytes = b""  # the metaserver's proof of an open here (for writing if `writable`), to open it so again (OpenReq.grant)
     stage: Optional[Staged] = None  # written to the local staging area, not yet uploaded (staging.py)
 
     def opened(self, ctx: Ctx, writable: bool, grant: bytes) -> None:
