@@ -107,6 +107,7 @@ class CallMetrics:
 class RpcMetrics:
     calls: CallMetrics
     durability_wait: Histogram
+    stream_messages: Counter
 
     def observe(self, service: str, method: str, outcome: Any, started: float) -> None:
         """One call answered: `outcome` the reply or the FsError it ended with."""
@@ -124,6 +125,9 @@ def rpc() -> RpcMetrics:
         Histogram("stripefs_rpc_durability_wait_seconds",
                   "Time replies of durable metadata operations waited for their fsync (group commit)",
                   ["service"], buckets=LATENCY_BUCKETS),
+        Counter("stripefs_rpc_stream_messages",
+                "Messages of the multiplexed streams, received (each a batch of calls) and sent (of replies)",
+                ["service", "direction"]),
     )
 
 

@@ -37,9 +37,12 @@ How the requests of a stream batch run is the implementation's choice:
   less than the hand-off to a thread and back (a lone writer of small files: 208-255 ->
   309-327 files/s).
 - otherwise (data servers): each call on a worker thread, replies as they finish; a call
-  of a `quick` method (a small block read) runs on the event loop itself when no other call
-  of the server is running, which saves a round trip through a worker thread when one
-  client reads at random, and keeps the worker threads for parallel work otherwise.
+  of a `quick` method (a small block read) runs on the event loop itself when it came
+  alone and no other call of the server is running, which saves a round trip through a
+  worker thread when one client reads at random. The quick calls of a message that
+  brought several (a prefetcher's reads) run in groups of QUICK_GROUP_MAX, each group one
+  after the other on one worker thread, its replies in one message: a hand-off and a
+  message a group rather than a call, and still parallel work for several groups.
 
 Who calls: every channel is mutual TLS (proto/credentials.py); the caller's role and name
 come from its certificate, a stream's once when it opens. Each call is checked against its
@@ -120,6 +123,11 @@ STREAM_METHOD = "stream"
 #: Calls of one stream that may wait for or run on worker threads at once; past it the
 #: server reads no more from that stream until some finish.
 STREAM_CALLS_IN_FLIGHT = 256
+#: Quick calls (services.Method.quick) of one stream message run one after the other on
+#: one worker thread, this many at most, and their replies leave in one message: a data
+#: server's small block reads asked for together (a prefetcher's) cost one hand-off and
+#: one reply message, not one each.
+QUICK_GROUP_MAX = 16
 #: Worker threads of a server (unary calls, stream calls of data servers, barriers).
 DEFAULT_WORKERS = 16
 #: Worker threads one caller (one credential) may hold at once: a busy or slow caller
@@ -278,7 +286,12 @@ class _StreamHandler:
         if caller is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid stripefs credential")
             return  # (abort raises)
-        out = _Replies(context)
+        counted = self.dispatch.metrics
+        received = sent = None
+        if counted is not None:
+            received = counted.stream_messages.labels(self.dispatch.service, "received")
+            sent = counted.stream_messages.labels(self.dispatch.service, "sent")
+        out = _Replies(context, sent)
         slots = asyncio.Semaphore(STREAM_CALLS_IN_FLIGHT)
         tasks: set[asyncio.Task] = set()
         try:
@@ -288,18 +301,28 @@ class _StreamHandler:
                     calls = codec.decode_request_batch(message)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if received is not None:
+                    received.inc()
                 calls = await self._start_waits(calls, out, tasks, caller)
                 if self.apply_batch is not None:
                     await self._apply(calls, out, tasks, caller)
                 else:
+                    together: list[tuple[int, str, bytes]] = []  # quick calls: run and answered together
                     for call_id, name, frame in calls:
                         method = self.dispatch.methods.get(name)
-                        if method is not None and method.quick and self.running == 0 and len(calls) == 1:
-                            await out.send([[call_id, self.dispatch.run(name, frame, caller)]])
+                        if method is not None and method.quick:
+                            if self.running == 0 and len(calls) == 1:
+                                await out.send([[call_id, self.dispatch.run(name, frame, caller)]])
+                            else:
+                                together.append((call_id, name, frame))
                             continue
                         await slots.acquire()
                         self.running += 1
-                        self._spawn(tasks, self._run_one(call_id, name, frame, caller, out, slots))
+                        self._spawn(tasks, self._run_group([(call_id, name, frame)], caller, out, slots))
+                    for i in range(0, len(together), QUICK_GROUP_MAX):
+                        await slots.acquire()
+                        self.running += 1
+                        self._spawn(tasks, self._run_group(together[i:i + QUICK_GROUP_MAX], caller, out, slots))
             # The client half-closed: answer what is still running, then end the stream.
             if tasks:
                 await asyncio.gather(*tasks)
@@ -313,16 +336,20 @@ class _StreamHandler:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _run_one(self, call_id: int, name: str, frame: bytes, caller: Caller, out: "_Replies",
-                       slots: asyncio.Semaphore) -> None:
+    async def _run_group(self, group: list[tuple[int, str, bytes]], caller: Caller, out: "_Replies",
+                         slots: asyncio.Semaphore) -> None:
+        """Run calls one after the other on a worker thread; their replies leave in one message."""
         try:
             try:
-                reply = await self.shares.run(caller, self.dispatch.run, name, frame, caller)
+                replies = await self.shares.run(caller, self._run_all, group, caller)
             finally:
                 self.running -= 1
-            await out.send([[call_id, reply]])
+            await out.send(replies)
         finally:
             slots.release()
+
+    def _run_all(self, group: list[tuple[int, str, bytes]], caller: Caller) -> list[list]:
+        return [[call_id, self.dispatch.run(name, frame, caller)] for call_id, name, frame in group]
 
     async def _start_waits(self, calls: list[tuple[int, str, bytes]], out: "_Replies", tasks: set,
                            caller: Caller) -> list[tuple[int, str, bytes]]:
@@ -420,8 +447,9 @@ class _StreamHandler:
 class _Replies:
     """The reply side of one stream: one message per send, one send at a time."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, sent: Any = None) -> None:
         self._context = context
+        self._sent = sent  # the counter of messages sent (proto/metrics.py), if counted
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -434,6 +462,8 @@ class _Replies:
                     return
                 try:
                     await self._context.write(codec.encode_batch(entries[i : i + codec.MAX_BATCH]))
+                    if self._sent is not None:
+                        self._sent.inc()
                 except Exception as exc:  # noqa: BLE001 - grpc raises several kinds here
                     if self._context.done():
                         self._closed = True

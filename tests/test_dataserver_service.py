@@ -29,7 +29,7 @@ from stripefs.proto.messages import (
     HeartbeatReply,
     RegisterReply,
 )
-from stripefs.proto.rpc import Stub, serve
+from stripefs.proto.rpc import STREAM_METHOD, Stub, secure_channel, serve
 from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
 pytestmark = pytest.mark.timeout(60)
@@ -346,3 +346,29 @@ def test_process_waits_for_metaserver_and_logs_outage_once(tmp_path, pki):
     log_text = log_file.read_text()
     assert log_text.count("register failed") == 1
     assert "answers again" in log_text
+
+
+def test_small_reads_sent_together_are_answered_together(data_server, pki):
+    """Quick calls of one stream message (a prefetcher's block reads) run together on one
+    worker thread and their replies leave in one message, each with its own result."""
+    store, stub, port = data_server
+    blocks = {90 + i: os.urandom(100_000 + i) for i in range(5)}
+    for block_id, data in blocks.items():
+        stub.put(block_id, data)
+    asked = [*blocks, 99]  # 99: no such block
+    batch = codec.encode_batch([[i, "get_block", codec.encode_request(GetBlockReq(block_id=b, token=readable(b)))]
+                                for i, b in enumerate(asked)])
+    channel = secure_channel(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE)
+    try:
+        replies = list(channel.stream_stream(f"/{DATA_SERVICE}/{STREAM_METHOD}")(iter([batch]), timeout=30))
+    finally:
+        channel.close()
+    greeting, *answers = [codec.decode_reply_batch(r) for r in replies]
+    assert greeting == [] and len(answers) == 1, answers
+    got = dict(answers[0])
+    assert sorted(got) == list(range(len(asked)))
+    for i, block_id in enumerate(asked[:-1]):
+        assert codec.decode_reply(BlockData, got[i]).data == blocks[block_id]
+    with pytest.raises(FsError) as info:
+        codec.decode_reply(BlockData, got[len(asked) - 1])
+    assert info.value.errno == errno.ENOENT
