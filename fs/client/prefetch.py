@@ -9,7 +9,8 @@ eight loader workers handing over their own shards all get theirs fetched. A new
 an owner is added to what that owner planned before, unless it replaces it.
 
 For each path, in order, up to FILES_IN_FLIGHT at once and at most AHEAD_FILES beyond the
-last planned file a reader opened: resolve it with the planner's ids, its last
+last planned file a reader opened, taken REFILL_FILES at a time (so that their calls
+share messages: `_dispatch`): resolve it with the planner's ids, its last
 component by a lookup that also brings the block map and read tokens (`want_map`: the
 metaserver checks read permission as an open would, so nobody gets a byte they could not
 read themselves; no open is recorded), which the name cache learns, so the lookup the
@@ -69,6 +70,8 @@ UNUSED_S = 60.0
 #: planned file (readers that left the plan), the window moves on anyway.
 AHEAD_FILES = 256
 AHEAD_STALL_S = 5.0
+#: Paths taken at once when the gate opens again after it shut (_dispatch).
+REFILL_FILES = 16
 #: Paths one plan may hold waiting (more is refused: EFBIG; ~100 bytes of memory each).
 PLAN_MAX_PATHS = 2_000_000
 
@@ -127,6 +130,7 @@ class Prefetcher:
         self._room_event = trio.Event()  # set (and replaced) when bytes are read, dropped or not fetched
         self._unserved: list[int] = []  # heap: paths taken (by seq) that may still need room
         self._waiting = 0  # paths waiting for room now
+        self._room_waiters: dict[int, tuple[int, bool, trio.Event]] = {}  # seq -> (bytes, last, granted)
         self._running = 0  # paths being prefetched now
         self._seq = 0  # paths taken so far: their order
         self._swept_at = 0.0  # when blocks unused too long were last looked for
@@ -206,22 +210,31 @@ class Prefetcher:
         most. Only this task waits at the gate (one wake-up per change, not one per
         task): no path is taken while the bound is reached, while one taken waits for
         room (what is taken has its map and waits for its turn with it), or while the
-        prefetcher is AHEAD_FILES beyond the readers."""
+        prefetcher is AHEAD_FILES beyond the readers. Once shut, the gate opens again
+        only when `refill` paths may pass, and they are taken at once: their lookups
+        leave in one message (one transaction on the metaserver), their block reads too
+        (one message to each data server, answered in one: proto/rpc.py QUICK_GROUP_MAX),
+        where paths taken one at a time, as readers move on, cost a message each way
+        apiece."""
+        refill = max(1, min(REFILL_FILES, self.files_in_flight, AHEAD_FILES))
         while True:
-            while (self._running >= self.files_in_flight or not self._fits(1) or self._waiting
-                   or self._too_far_ahead()):
+            while (self._running + refill > self.files_in_flight or not self._fits(1) or self._waiting
+                   or self._too_far_ahead(refill)):
                 await self._wait_for_room()
-            item = self._next()
-            if item is None:
-                more = self._more
-                await more.wait()
+            for _ in range(refill):
+                item = self._next()
+                if item is None:
+                    break
+                plan, path = item
+                self._seq += 1
+                heapq.heappush(self._unserved, self._seq)
+                plan.active += 1
+                self._running += 1
+                self.client._spawn(self._run_one, plan, path, self._seq)
+            else:
                 continue
-            plan, path = item
-            self._seq += 1
-            heapq.heappush(self._unserved, self._seq)
-            plan.active += 1
-            self._running += 1
-            self.client._spawn(self._run_one, plan, path, self._seq)
+            more = self._more
+            await more.wait()
 
     async def _run_one(self, plan: Plan, path: str, seq: int) -> None:
         try:
@@ -285,13 +298,10 @@ class Prefetcher:
                   if not (self.store.holds(ref.block_id) or client.data.has_or_fetching(ref.block_id))]
         for i, ref in enumerate(wanted):
             size = written(ref)
-            await self._room(seq, size)
-            if i == len(wanted) - 1:
-                self._served(seq)  # the next path's turn
-            if plan.cancelled:
-                return
-            self._reserved += size
+            await self._room(seq, size, last=i == len(wanted) - 1)  # (reserves it)
             try:
+                if plan.cancelled:
+                    return
                 got = await client.data.read_ahead(ref)
             finally:
                 self._reserved -= size
@@ -309,8 +319,9 @@ class Prefetcher:
             self._read_seq, self._read_at = seq, time.monotonic()
             self._room_changed()
 
-    def _too_far_ahead(self) -> bool:
-        if self._seq - self._read_seq < AHEAD_FILES:
+    def _too_far_ahead(self, more: int = 1) -> bool:
+        """Whether taking `more` paths would put the prefetcher beyond AHEAD_FILES."""
+        if self._seq + more - self._read_seq <= AHEAD_FILES:
             return False
         if time.monotonic() - self._read_at < AHEAD_STALL_S:
             return True
@@ -323,16 +334,46 @@ class Prefetcher:
         busy = self.store.used_bytes + self._reserved
         return busy == 0 or busy + size <= self.limit_bytes
 
-    async def _room(self, seq: int, size: int) -> None:
-        """Wait until `size` more bytes fit the bound, and every path taken before this
-        one (`seq`) has had the room it needed: bytes are fetched in plan order even when
-        the bound holds the prefetcher back."""
+    async def _room(self, seq: int, size: int, last: bool) -> None:
+        """Wait until `size` more bytes fit the bound and every path taken before this one
+        (`seq`) has had the room it needed; the bytes are then reserved. Bytes are fetched
+        in plan order even when the bound holds the prefetcher back. `last`: the path
+        needs no more room after this (it is served, and the next one's turn comes)."""
+        event = trio.Event()
+        self._room_waiters[seq] = (size, last, event)
+        self._grant()
+        if event.is_set():
+            return
         self._waiting += 1
         try:
-            while not (self._unserved[0] == seq and self._fits(size)):
-                await self._wait_for_room()
+            while not event.is_set():
+                self._sweep()
+                with trio.move_on_after(1.0):
+                    await event.wait()
+        except BaseException:
+            if event.is_set():
+                self._reserved -= size  # granted as it was cancelled: not fetched
+                self._room_changed()
+            raise
         finally:
             self._waiting -= 1
+            self._room_waiters.pop(seq, None)
+
+    def _grant(self) -> None:
+        """Give room to the paths waiting for it, in plan order, while each fits: paths
+        whose lookups came back together go together (their block reads share messages),
+        with no wait for one another."""
+        while self._unserved:
+            seq = self._unserved[0]
+            waiter = self._room_waiters.get(seq)
+            if waiter is None or not self._fits(waiter[0]):
+                return  # the next in order has not asked yet, or does not fit
+            size, last, event = self._room_waiters.pop(seq)
+            self._reserved += size
+            event.set()
+            if not last:
+                return  # it asks again for its next block, before anyone after it
+            heapq.heappop(self._unserved)  # served: the next one's turn
 
     def _served(self, seq: int) -> None:
         """Path `seq` needs no more room (it has had it, or needs none): the next one's turn."""
@@ -341,18 +382,23 @@ class Prefetcher:
             heapq.heapify(self._unserved)
             self._room_changed()
 
-    async def _wait_for_room(self) -> None:
-        """Until bytes are read or dropped (at most a second), dropping first what waited
-        unread for longer than UNUSED_S."""
+    def _sweep(self) -> None:
+        """Drop, at most once a second, what waited unread for longer than UNUSED_S."""
         t = time.monotonic()
         if t - self._swept_at >= 1.0:
             self._swept_at = t
             self._status.dropped_bytes += self.store.drop_older_than(t - UNUSED_S)
+
+    async def _wait_for_room(self) -> None:
+        """Until bytes are read or dropped (at most a second), dropping first what waited
+        unread for longer than UNUSED_S."""
+        self._sweep()
         event = self._room_event
         with trio.move_on_after(1.0):
             await event.wait()
 
     def _room_changed(self) -> None:
+        self._grant()
         self._room_event.set()
         self._room_event = trio.Event()
 
