@@ -347,9 +347,7 @@ class Prefetcher:
         self._waiting += 1
         try:
             while not event.is_set():
-                self._sweep()
-                with trio.move_on_after(1.0):
-                    await event.wait()
+                await self._wait_for_room(event)
         except BaseException:
             if event.is_set():
                 self._reserved -= size  # granted as it was cancelled: not fetched
@@ -382,18 +380,15 @@ class Prefetcher:
             heapq.heapify(self._unserved)
             self._room_changed()
 
-    def _sweep(self) -> None:
-        """Drop, at most once a second, what waited unread for longer than UNUSED_S."""
+    async def _wait_for_room(self, event: Optional[trio.Event] = None) -> None:
+        """Until bytes are read or dropped, or `event` (a path's grant) is set (at most a
+        second), dropping first, at most once a second, what waited unread for longer than
+        UNUSED_S."""
         t = time.monotonic()
         if t - self._swept_at >= 1.0:
             self._swept_at = t
             self._status.dropped_bytes += self.store.drop_older_than(t - UNUSED_S)
-
-    async def _wait_for_room(self) -> None:
-        """Until bytes are read or dropped (at most a second), dropping first what waited
-        unread for longer than UNUSED_S."""
-        self._sweep()
-        event = self._room_event
+        event = self._room_event if event is None else event
         with trio.move_on_after(1.0):
             await event.wait()
 
