@@ -268,6 +268,41 @@ def test_statahead_fetches_entries_in_batches(world):
     assert lookups <= 10 and readdirs <= 6, (lookups, readdirs)
 
 
+def test_lookups_of_one_name_made_together_are_one_call(world):
+    """A name several tasks look up at once (a prefetcher resolving the parents of a
+    group of paths) is asked for once; the others wait for its answer, a missing name's
+    ENOENT included. Another caller's lookup is its own (the metaserver checks each
+    caller's search permission)."""
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"dir", 0o755, ROOT)).ino
+        await client.mknod(d, b"there", 0o100644, ROOT)
+        client.names.attrs.drop(d)
+        client.names.listings.forget(client.names.listings.of(ROOT_INODE), b"dir")
+        before = calls["lookup"]
+        got, missing = [], []
+
+        async def look(name: bytes, ctx: Ctx) -> None:
+            try:
+                got.append((await client.names.lookup(ROOT_INODE if name == b"dir" else d, name, ctx)).attr)
+            except FsError as exc:
+                missing.append(exc.errno)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(look, b"dir", ROOT)
+            nursery.start_soon(look, b"dir", Ctx(1000, 1000, 0))
+        assert len(got) == 9 and {a.ino for a in got} == {d}
+        assert calls["lookup"] - before == 2  # one for root's eight, one for uid 1000's
+        client.names.listings.drop(d)  # (else its listing, complete, answers "no such entry")
+        before = calls["lookup"]
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(look, b"nothing", ROOT)
+        assert missing == [errno.ENOENT] * 5 and calls["lookup"] - before == 1
+
+    run(world, body)
+
+
 def test_blocks_are_allocated_with_creates_only_where_files_outgrow_inline(world):
     async def body(client, calls):
         d = (await client.mkdir(ROOT_INODE, b"medium", 0o755, ROOT)).ino

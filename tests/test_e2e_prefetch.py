@@ -249,3 +249,38 @@ def test_a_plans_block_reads_travel_together(tmp_path):
         assert received * 2 <= reads and sent * 2 <= reads, (reads, received, sent)
         for rel in rels[:8]:
             assert (reader.path / rel).read_bytes() == made[rel]
+
+
+def test_a_plan_of_small_files_has_their_directories_listed_not_each_looked_up(tmp_path):
+    """Inline samples need no map ahead, only their names: once a plan's files have been
+    mostly small, its names are resolved as readers' are, through statahead (a directory
+    listed in pages), not by a lookup each, which made a hinted epoch of 16 KiB samples
+    slower than one without the hint (3,113 lookups for 3,000 samples, against 375 and
+    174 listings)."""
+    per_dir, dirs = 60, 3
+    with Cluster(tmp_path / "c", dataservers=1) as c:
+        writer = c.mount()
+        made = {}
+        for k in range(dirs):
+            (writer.path / f"d{k}").mkdir()
+            for i in range(per_dir):
+                made[f"d{k}/s{i:03d}"] = os.urandom(2000)
+                (writer.path / f"d{k}/s{i:03d}").write_bytes(made[f"d{k}/s{i:03d}"])
+        reader = c.mount(args=["--metrics-listen", "127.0.0.1:0"])
+        address = metrics_address(c.logs_dir / "mount-2.log")
+        rels = sorted(made)
+        random.Random(7).shuffle(rels)
+
+        def calls(method: str) -> float:
+            return value(scrape(address), "stripefs_client_meta_calls_total", method=method, result="ok")
+
+        before = calls("lookup"), calls("readdir")
+        plan(reader.path, rels)
+        now = settled(reader.path)
+        assert now["files"] == len(rels) and now["failed"] == 0, now
+        lookups, listings = calls("lookup") - before[0], calls("readdir") - before[1]
+        # Measured: 35 (the three directories, and the first 32 files, taken before any
+        # was known to be small, one by one). A lookup each: 180 or more.
+        assert lookups <= len(rels) // 3 and listings >= 1, (lookups, listings)
+        for rel in rels:
+            assert (reader.path / rel).read_bytes() == made[rel]

@@ -220,6 +220,15 @@ class Listings:
             self._names -= len(oldest.names)
 
 
+@dataclass
+class _Asked:
+    """A lookup on its way, and its outcome for those waiting for it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Optional[AttrReply] = None
+    error: Optional[FsError] = None
+
+
 class NameCache:
     """Lookups answered from what the client knows, statahead, and the bookkeeping of this
     client's own changes (module docstring). `call` makes a metadata call (the session's);
@@ -230,6 +239,7 @@ class NameCache:
         self._spawn = spawn
         self.attrs = AttrCache()
         self.listings = Listings()
+        self._asking: dict[tuple, _Asked] = {}  # lookups on their way (_lookup_remote)
 
     # ------------------------------------------------------------------ lookups
 
@@ -301,8 +311,28 @@ class NameCache:
         return False
 
     async def _lookup_remote(self, parent: int, name: bytes, ctx: Ctx) -> Entry:
-        reply = await self.ask(parent, name, ctx)
-        return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
+        """Ask the metaserver; lookups of the same name by the same caller made while one
+        is on its way wait for its answer rather than asking again (a prefetcher's tasks
+        resolving paths of one directory at once asked for it 32 times)."""
+        key = (parent, name, ctx.uid, ctx.gid, tuple(ctx.groups))
+        shared = self._asking.get(key)
+        if shared is None:
+            shared = self._asking[key] = _Asked()
+            try:
+                shared.reply = await self.ask(parent, name, ctx)
+            except FsError as exc:
+                shared.error = exc
+                raise
+            finally:
+                del self._asking[key]
+                shared.done.set()
+        else:
+            await shared.done.wait()
+            if shared.error is not None:
+                raise FsError(shared.error.errno, shared.error.message)
+            if shared.reply is None:  # (the one asking was cancelled)
+                shared.reply = await self.ask(parent, name, ctx)
+        return Entry(shared.reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
 
     async def ask(self, parent: int, name: bytes, ctx: Ctx, want_map: bool = False,
                   statahead: bool = True) -> AttrReply:
@@ -338,6 +368,21 @@ class NameCache:
             if not listing.complete and t >= listing.listing_after:
                 self._begin(self._list_all, parent, listing, ctx)
             return
+        self._statahead(parent, listing, t, cookie, ctx)
+
+    def list_ahead(self, parent: int, ctx: Ctx) -> None:
+        """Start statahead of `parent` now, not after STATAHEAD_TRIGGER lookups went to the
+        metaserver: for a caller that will look up many of its names soon (a prefetcher
+        whose plan is of small files), whose lookups then wait for the page. Nothing
+        starts while a page is under way or statahead is backed off there."""
+        listing = self.listings.of(parent)
+        if listing.fetching is None:
+            self._statahead(parent, listing, now(), None, ctx)
+
+    def _statahead(self, parent: int, listing: Listing, t: float, cookie: Optional[int], ctx: Ctx) -> None:
+        """Fetch the next statahead batch of `parent`: from the start for a directory that
+        fits in one, else from `cookie` (a name just looked up) or, without one, where
+        the last batch ended."""
         if t < listing.ahead_off_until:
             return
         if not listing.ahead_active:
@@ -347,8 +392,12 @@ class NameCache:
             # The batches go unused (a random pattern in a large directory): stop for a while.
             listing.ahead_active, listing.ahead_off_until = False, t + STATAHEAD_BACKOFF_S
             return
+        elif listing.ahead_small:
+            start = 0
+        elif cookie is not None:
+            start = cookie - 1
         else:
-            start = 0 if listing.ahead_small else cookie - 1
+            start = listing.ahead_next if listing.ahead_more else 0
         self._begin(self._ahead, parent, listing, ctx, start)
 
     # ------------------------------------------------------------------ fetching pages

@@ -16,7 +16,10 @@ metaserver checks read permission as an open would, so nobody gets a byte they c
 read themselves; no open is recorded), which the name cache learns, so the lookup the
 reader makes next is answered locally while the entry is fresh. A file small enough to be
 inline needs nothing more (its bytes come with the reader's open); a larger one has its
-blocks fetched whole, in file order, into the data path's `prefetched` store.
+blocks fetched whole, in file order, into the data path's `prefetched` store. A plan whose
+files have lately been mostly small has its names resolved through the name cache, which
+lists their directories ahead (SMALL_SHARE): a page of names a round trip, not a lookup
+each.
 
 What is held waits for its reader there, never in the block cache (where other reads
 could evict it before it is used): a read of the block takes it out, into the block
@@ -74,6 +77,11 @@ AHEAD_STALL_S = 5.0
 REFILL_FILES = 16
 #: Paths one plan may hold waiting (more is refused: EFBIG; ~100 bytes of memory each).
 PLAN_MAX_PATHS = 2_000_000
+#: A plan whose files were mostly small lately (this share of them, weighed over about the
+#: last SMALL_WINDOW) resolves names as readers do: through the name cache, whose statahead
+#: lists a directory in pages (one round trip for many names), not by a lookup each.
+SMALL_SHARE = 0.75
+SMALL_WINDOW = 8
 
 
 @dataclass
@@ -84,6 +92,7 @@ class Plan:
     blocks: set[int] = field(default_factory=set)  # block ids fetched for it (to drop with it)
     active: int = 0  # its paths being prefetched now
     cancelled: bool = False
+    small: float = 0.0  # the share of its files lately resolved that were small (_small)
 
 
 @dataclass
@@ -266,6 +275,16 @@ class Prefetcher:
         entry = os.fsencode(name)
         attr = client.names.fresh(parent.ino, entry, plan.ctx)
         reply = None
+        if attr is None and plan.small >= SMALL_SHARE:
+            # Small files need no map, only their names known when the reader comes: the
+            # directory is listed in pages (statahead, at once), where lookups one by one
+            # cost a call each (measured: 3,113 lookups for a plan of 3,000 inline
+            # samples in 100 directories, against 375 and 174 listings the readers'
+            # lookups made without a plan, which ran 10-20% faster).
+            client.names.list_ahead(parent.ino, plan.ctx)
+            attr = (await client.names.lookup(parent.ino, entry, plan.ctx)).attr
+            if attr is None:
+                raise FsError(errno.ENOENT, f"{path}: no such file")
         if attr is None or (stat.S_ISREG(attr.mode) and not _small(attr)):
             # (A small file known here already, from statahead say, costs no round trip.)
             reply = await client.names.ask(parent.ino, entry, plan.ctx, want_map=True, statahead=False)
@@ -274,6 +293,7 @@ class Prefetcher:
             attr = await paths.resolve(client, path, ctx=plan.ctx)
         if not stat.S_ISREG(attr.mode):
             return
+        plan.small += (_small(attr) - plan.small) / SMALL_WINDOW
         self._status.files += 1
         self._ahead[attr.ino] = seq
         while len(self._ahead) > 4 * AHEAD_FILES:
