@@ -1,9 +1,12 @@
 """Level 1: pieces of the client library as pure functions (no servers)."""
 
-from stripefs.client.cache import AttrCache, now
+import trio
+import trio.testing
+
+from stripefs.client.cache import AttrCache, NameCache, now
 from stripefs.client.data import BlockCache
 from stripefs.client.files import DirtyBlock, FileState, WritebackBudget
-from stripefs.proto.messages import Attr
+from stripefs.proto.messages import Attr, AttrReply, Ctx
 
 
 def attr(size=0, mtime=1, generation=0):
@@ -111,3 +114,38 @@ def test_forget_refuses_attributes_fetched_before_it():
     other.drop(7)
     other.put(stale, before)  # drop alone (every other change) keeps the old rule
     assert other.get(7)[0].xattrs == 0
+
+
+def test_a_lookup_joins_one_on_its_way_only_if_nothing_changed_since_it_was_sent():
+    """Concurrent lookups of one name share one call (a prefetcher's group of paths), but a
+    lookup made after a change of this client (here an unlink of the name) must not take
+    the answer of one sent before it: that answer may not show the change."""
+    async def main() -> None:
+        sent, release = [], trio.Event()
+
+        async def call(method, req):
+            assert method == "lookup"
+            sent.append(req.name)
+            await release.wait()
+            return AttrReply(attr=Attr(9, 0o100644, 1, 0, 0, 0, 0, 1, 1, 1, 4096, 0))
+
+        names = NameCache(call, spawn=lambda *a: None)
+        ctx = Ctx(0, 0, 0)
+        got = []
+
+        async def look() -> None:
+            got.append((await names.lookup(1, b"x", ctx)).attr)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            nursery.start_soon(look)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == [b"x"]  # the second waits for the first's answer
+            names.removed(1, b"x", None, now())  # a change of ours, after that call was sent
+            nursery.start_soon(look)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == [b"x", b"x"]  # asked again
+            release.set()
+        assert len(got) == 3
+
+    trio.run(main)

@@ -97,6 +97,7 @@ class AttrCache:
         self._entries: dict[int, tuple[Attr, float]] = {}
         #: inode -> time before which nothing fetched may be put (forget())
         self._floors: dict[int, float] = {}
+        self.forgot_at = 0.0  # the last forget()
 
     def put(self, attr: Attr, at: Optional[float] = None) -> Attr:
         """Remember `attr` as fetched at `at` (default: now); returns it."""
@@ -135,7 +136,7 @@ class AttrCache:
         while we changed the inode (a statahead listing, a lookup) must not put back what
         the change made wrong (its xattr count: getxattr answers ENODATA from it)."""
         self.drop(ino)
-        t = now()
+        t = self.forgot_at = now()
         if len(self._floors) >= self.limit:
             self._floors = {i: f for i, f in self._floors.items() if f > t - ATTR_TTL_S}
         self._floors[ino] = t
@@ -224,6 +225,7 @@ class Listings:
 class _Asked:
     """A lookup on its way, and its outcome for those waiting for it."""
 
+    sent_at: float
     done: trio.Event = field(default_factory=trio.Event)
     reply: Optional[AttrReply] = None
     error: Optional[FsError] = None
@@ -240,6 +242,7 @@ class NameCache:
         self.attrs = AttrCache()
         self.listings = Listings()
         self._asking: dict[tuple, _Asked] = {}  # lookups on their way (_lookup_remote)
+        self._changed_at = 0.0  # this client's last change of an entry (_changed, distrust)
 
     # ------------------------------------------------------------------ lookups
 
@@ -313,18 +316,23 @@ class NameCache:
     async def _lookup_remote(self, parent: int, name: bytes, ctx: Ctx) -> Entry:
         """Ask the metaserver; lookups of the same name by the same caller made while one
         is on its way wait for its answer rather than asking again (a prefetcher's tasks
-        resolving paths of one directory at once asked for it 32 times)."""
+        resolving paths of one directory at once asked for it 32 times), unless this
+        client changed an entry or an inode since that one was sent (its answer may not
+        show the change; a lookup made after it must)."""
         key = (parent, name, ctx.uid, ctx.gid, tuple(ctx.groups))
         shared = self._asking.get(key)
+        if shared is not None and max(self._changed_at, self.attrs.forgot_at) >= shared.sent_at:
+            shared = None
         if shared is None:
-            shared = self._asking[key] = _Asked()
+            shared = self._asking[key] = _Asked(now())
             try:
                 shared.reply = await self.ask(parent, name, ctx)
             except FsError as exc:
                 shared.error = exc
                 raise
             finally:
-                del self._asking[key]
+                if self._asking.get(key) is shared:
+                    del self._asking[key]
                 shared.done.set()
         else:
             await shared.done.wait()
@@ -529,6 +537,7 @@ class NameCache:
     def distrust(self, parent: int, *names: bytes) -> None:
         """A change of this client failed in a way that says its listing of `parent` was
         wrong (EEXIST for a name it did not know): forget what it knew there."""
+        self._changed_at = now()
         listing = self.listings.get(parent)
         if listing is not None:
             for name in names:
@@ -537,6 +546,7 @@ class NameCache:
         self.attrs.drop(parent)
 
     def _changed(self, parent: int, listing: Optional[Listing], parent_attr: Optional[Attr], at: float) -> None:
+        self._changed_at = now()
         if listing is not None:
             listing.filling_until = now() + ENTRY_TTL_S
         if parent_attr is None:
