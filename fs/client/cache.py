@@ -326,7 +326,7 @@ class NameCache:
         if shared is None:
             shared = self._asking[key] = _Asked(now())
             try:
-                shared.reply = await self.ask(parent, name, ctx)
+                reply = shared.reply = await self.ask(parent, name, ctx)
             except FsError as exc:
                 shared.error = exc
                 raise
@@ -338,9 +338,9 @@ class NameCache:
             await shared.done.wait()
             if shared.error is not None:
                 raise FsError(shared.error.errno, shared.error.message)
-            if shared.reply is None:  # (the one asking was cancelled)
-                shared.reply = await self.ask(parent, name, ctx)
-        return Entry(shared.reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
+            # (None: the one asking was cancelled, so ask ourselves)
+            reply = shared.reply if shared.reply is not None else await self.ask(parent, name, ctx)
+        return Entry(reply.attr, ENTRY_TTL_S, ATTR_TTL_S)
 
     async def ask(self, parent: int, name: bytes, ctx: Ctx, want_map: bool = False,
                   statahead: bool = True) -> AttrReply:
