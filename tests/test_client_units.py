@@ -4,7 +4,7 @@ import trio
 import trio.testing
 
 from stripefs.client.cache import AttrCache, NameCache, now
-from stripefs.client.data import BlockCache
+from stripefs.client.data import BlockCache, DataPath
 from stripefs.client.files import DirtyBlock, FileState, WritebackBudget
 from stripefs.proto.messages import Attr, AttrReply, Ctx
 
@@ -24,6 +24,21 @@ def test_block_cache_is_bounded_lru():
     assert c.used_bytes == 8
     c.put(4, b"x" * 11)  # larger than the whole cache: not cached
     assert c.get(4) is None and c.used_bytes <= 10
+
+
+def test_blocks_passed_leave_the_cache_and_are_remembered_only_if_the_kernel_keeps_them():
+    d = DataPath(lambda address: None, cache_bytes=12)  # type: ignore[arg-type,return-value]
+    for block_id in (1, 2, 3):
+        d.cache.put(block_id, b"aaaa")
+    d.passed(1, kernel_keeps=True)  # a mount's reader
+    d.passed(2, kernel_keeps=False)  # the library's: its second pass fetches again
+    assert 1 not in d.cache and 2 not in d.cache and d.cache.used_bytes == 4
+    assert d.read_lately(1) and not d.read_lately(2) and d.read_lately(3)  # (3: cached)
+    d.passed(1, kernel_keeps=True)  # not held any more: nothing changes
+    for block_id in (4, 5):  # remembered up to the cache's limit (12) in bytes, oldest forgotten first
+        d.cache.put(block_id, b"bbbbb")
+        d.passed(block_id, kernel_keeps=True)
+    assert not d.read_lately(1) and d.read_lately(4) and d.read_lately(5)
 
 
 def test_overlay_applies_local_writes_only_while_dirty():

@@ -897,6 +897,7 @@ class Client:
             return
         self._lingering.pop(fh, None)
         f = self._files[h.ino]
+        self.reader.closed(h, f)
         try:
             if (f.handles == 1 or self.locks.taken_through(fh)) and f.busy():
                 await self.writer.settle(f)

@@ -129,11 +129,13 @@ class BlockCache:
         """Membership without counting as a use (unlike get)."""
         return block_id in self._blocks
 
-    def discard(self, block_id: int) -> None:
-        """Forget a block (no error if it is not held)."""
+    def discard(self, block_id: int) -> int:
+        """Forget a block (no error if it is not held); the bytes it held."""
         data = self._blocks.pop(block_id, None)
-        if data is not None:
-            self.used_bytes -= len(data)
+        if data is None:
+            return 0
+        self.used_bytes -= len(data)
+        return len(data)
 
     def trim(self, room_bytes: int) -> None:
         """Evict least recently used blocks until at most room_bytes are held."""
@@ -211,6 +213,10 @@ class DataPath:
         self.spawn: Optional[Callable[..., None]] = None
         #: block id -> its leaf hashes, checked against the block's digest
         self.leaves = BlockCache(LEAVES_CACHE_BYTES)
+        #: block id -> bytes, of blocks readers here passed while the kernel's page cache
+        #: keeps what they read (`passed`), up to the block cache's limit in bytes
+        self._passed: OrderedDict[int, int] = OrderedDict()
+        self._passed_bytes = 0
         # block id -> event set when an in-flight fetch of that block finishes; concurrent
         # readers of one block (the kernel sends 128 KiB reads in parallel) share one fetch.
         self._fetching: dict[int, trio.Event] = {}
@@ -293,7 +299,7 @@ class DataPath:
         """Fetch a whole block for a reader to come, into `prefetched` (prefetch.py); the
         bytes now held there (0: cached, held or being fetched already). A reader asking
         for it meanwhile shares this fetch."""
-        if self.has_or_fetching(ref.block_id) or self.prefetched.holds(ref.block_id):
+        if self.read_lately(ref.block_id) or self.prefetched.holds(ref.block_id):
             return 0
         return len(await self._load_shared(ref, self.prefetched.put))
 
@@ -450,6 +456,25 @@ class DataPath:
     def has_or_fetching(self, block_id: int) -> bool:
         """The block is cached or a fetch of it is under way (readahead need not start one)."""
         return block_id in self.cache or block_id in self._fetching
+
+    def passed(self, block_id: int, kernel_keeps: bool) -> None:
+        """A reader here is done with this block (reader.py, drop behind): it leaves the
+        cache. `kernel_keeps`: what it read is in the kernel's page cache (a mount), so the
+        block is remembered, as the block cache would have held it (the last blocks passed,
+        up to its limit in bytes), for `read_lately`."""
+        size = self.cache.discard(block_id)
+        if not (kernel_keeps and size):
+            return
+        self._passed[block_id] = size
+        self._passed_bytes += size
+        while self._passed_bytes > self.cache.limit_bytes:
+            self._passed_bytes -= self._passed.popitem(last=False)[1]
+
+    def read_lately(self, block_id: int) -> bool:
+        """The block is cached, on its way, or was lately passed by a reader whose kernel
+        keeps it: a prefetch need not fetch it (it would hold it for a reader who will find
+        the bytes elsewhere, till it is dropped unread)."""
+        return self.has_or_fetching(block_id) or block_id in self._passed
 
     async def write_block(
         self, block_id: int, tokens: list[bytes], servers: list[str], data: codec.Buffers, sync: bool = True

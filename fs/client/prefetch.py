@@ -16,7 +16,9 @@ metaserver checks read permission as an open would, so nobody gets a byte they c
 read themselves; no open is recorded), which the name cache learns, so the lookup the
 reader makes next is answered locally while the entry is fresh. A file small enough to be
 inline needs nothing more (its bytes come with the reader's open); a larger one has its
-blocks fetched whole, in file order, into the data path's `prefetched` store. A plan whose
+blocks fetched whole, in file order, into the data path's `prefetched` store (but for
+those cached, on their way, or lately read here through a mount, whose kernel keeps
+them: `DataPath.read_lately`). A plan whose
 files have lately been mostly small has its names resolved through the name cache, which
 lists their directories ahead (SMALL_SHARE): a page of names a round trip, not a lookup
 each.
@@ -315,7 +317,7 @@ class Prefetcher:
         """Fetch a file's blocks in order into the store, each once room is its turn."""
         client = self.client
         wanted = [ref for ref in sorted(blocks, key=lambda b: b.index)
-                  if not (self.store.holds(ref.block_id) or client.data.has_or_fetching(ref.block_id))]
+                  if not (self.store.holds(ref.block_id) or client.data.read_lately(ref.block_id))]
         for i, ref in enumerate(wanted):
             size = written(ref)
             await self._room(seq, size, last=i == len(wanted) - 1)  # (reserves it)
