@@ -112,6 +112,7 @@ class HandleState:
     ino: int
     writable: bool = False  # opened for writing (ftruncate through it counts the open's permission)
     last_read_end: int = -1  # where this handle's previous read ended
+    furthest_read: int = 0  # the furthest any read through it reached (Reader.closed)
     readahead_blocks: int = 0  # current readahead window; grows while reads stay sequential
     accessed: bool = False  # a read went through it (atime: the metaserver was told)
     recorded: bool = True  # its open is recorded on the metaserver (a release follows its close)

@@ -59,6 +59,7 @@ class Reader:
             parts.append(await self._piece(f, i, boff, n, sequential, view=view))
             pos += n
         h.last_read_end = end
+        h.furthest_read = max(h.furthest_read, end)
         if sequential:
             limit = max(1, READAHEAD_MAX_BYTES // bs)
             h.readahead_blocks = min(limit, max(1, h.readahead_blocks * 2))
@@ -115,18 +116,19 @@ class Reader:
 
     def closed(self, h: HandleState, f: FileState) -> None:
         """`h`, the last handle here on `f`, closed: its reads have all been answered. The
-        blocks its sequential reader passed, which drop-behind leaves for its lag, leave the
-        cache too, the last (a small file's only) block included once it read to the end,
+        blocks below the furthest point its reads reached, which drop behind leaves for its
+        lag (or missed: the kernel's readahead sends reads out of order), leave the cache
+        too, the last (a small file's only) block included once a read reached the end,
         under `_drop_behind`'s rule: through a mount the kernel's page cache holds what was
         read (keep_cache), and a copy here would only take fresh pages that each new file's
         block must fault in (a shuffled epoch of 150 KiB samples: ~30 page faults a sample,
-        docs/client.md, "Reads"). A block the reader stopped inside stays: it may open the
-        file again and read on."""
-        end = h.last_read_end
-        if f.handles > 1 or f.size <= self.use_once_above or not h.readahead_blocks or end <= 0:
+        docs/client.md, "Reads"). A block the reads stopped inside stays: its reader may
+        open the file again and read on."""
+        end = h.furthest_read
+        if f.handles > 1 or f.size <= self.use_once_above or end <= 0:
             return
         bs = f.block_size
-        self._passed(f, max(0, end // bs - 2), -(-end // bs) if end >= f.size else end // bs)
+        self._passed(f, 0, -(-end // bs) if end >= f.size else end // bs)
 
     def _passed(self, f: FileState, first: int, stop: int) -> None:
         """Blocks [first, stop) of `f` leave the cache (DataPath.passed)."""
