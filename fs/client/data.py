@@ -297,8 +297,8 @@ class DataPath:
 
     async def read_ahead(self, ref: BlockRef) -> int:
         """Fetch a whole block for a reader to come, into `prefetched` (prefetch.py); the
-        bytes now held there (0: cached, held or being fetched already). A reader asking
-        for it meanwhile shares this fetch."""
+        bytes now held there (0: cached, held, being fetched already, or read lately
+        through a mount: `read_lately`). A reader asking for it meanwhile shares this fetch."""
         if self.read_lately(ref.block_id) or self.prefetched.holds(ref.block_id):
             return 0
         return len(await self._load_shared(ref, self.prefetched.put))
