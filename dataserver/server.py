@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import signal
 import socket
 import threading
 from pathlib import Path
@@ -32,7 +31,7 @@ from stripefs.proto import malloc, metrics
 from stripefs.proto.atomic import write_atomically
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
-from stripefs.proto.logsetup import setup_logging
+from stripefs.proto.logsetup import hold_stop_signals, setup_logging, wait_for_stop
 from stripefs.proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
 from stripefs.proto.rpc import FailoverStub, parse_addresses, serve
 from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
@@ -59,7 +58,6 @@ META_CALL_FLOOR_S = 1.0
 STOP_GRACE_S = 5.0
 #: Block ids per block_report call.
 BLOCK_REPORT_CHUNK = 50_000
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
 
@@ -336,12 +334,10 @@ class Heartbeater:
 
 
 def main(argv: list[str]) -> int:
+    hold_stop_signals()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file)
     malloc.for_data_server()
-    # Blocked before any thread exists so every thread inherits the mask and only
-    # sigwait below ever receives these signals.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         creds = load_credentials(args.credentials)
         store = BlockStore(Path(args.dir))
@@ -387,8 +383,7 @@ def main(argv: list[str]) -> int:
         heartbeater.start()
         if scrubber is not None:
             scrubber.start()
-        signum = signal.sigwait(_STOP_SIGNALS)
-        log.info("got %s, stopping", signal.Signals(signum).name)
+        log.info("got %s, stopping", wait_for_stop())
     finally:
         stop.set()
         server.stop(STOP_GRACE_S)

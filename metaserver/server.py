@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -30,7 +29,7 @@ from stripefs.proto.atomic import write_atomically
 from stripefs.proto.auth import TOKEN_KEY_BYTES, load_token_key
 from stripefs.proto.credentials import META, load_credentials
 from stripefs.proto.errors import FsError
-from stripefs.proto.logsetup import setup_logging
+from stripefs.proto.logsetup import hold_stop_signals, setup_logging, wait_for_stop
 from stripefs.proto.messages import Empty
 from stripefs.proto.rpc import serve
 from stripefs.proto.services import META_METHODS, META_SERVICE
@@ -122,6 +121,7 @@ def _sweep_loop(core: MetaCore, address: str, stop: threading.Event) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    hold_stop_signals()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.log_file, args.log_level)
     state = Path(args.dir)
@@ -161,13 +161,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         server_forget_after_s=args.server_forget_after_s,
     )
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         server, port = serve(META_SERVICE, META_METHODS, core, creds, args.listen, revoked=args.revoked,
                              max_connections=args.max_connections)
@@ -190,9 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine, state)
     sweeper = threading.Thread(target=_sweep_loop, args=(core, f"{host}:{port}", stop), name="sweep", daemon=True)
     sweeper.start()
-    # Wait in short slices so the main thread gets to run the signal handler promptly.
-    while not stop.wait(0.5):
-        pass
+    log.info("got %s, stopping", wait_for_stop())
+    stop.set()
     server.stop(STOP_GRACE_S)
     sweeper.join()
     core.close()

@@ -1,6 +1,6 @@
 """One setup for every process: files it makes are its user's only, it may hold as many
-descriptors as its hard limit allows, and it logs to a rotating file when given one, else
-stderr."""
+descriptors as its hard limit allows, it logs to a rotating file when given one, else
+stderr, and a server takes its stop signals by waiting for them, never in a handler."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import logging.handlers
 import os
 import resource
+import signal
 from typing import Optional
 
 #: Files and directories a process makes (state, blocks, database, logs) are readable by
@@ -17,6 +18,8 @@ PRIVATE_UMASK = 0o077
 #: able to fill a server's disk with what it makes the server log.
 LOG_FILE_MAX_BYTES = 64 * 1024 * 1024
 LOG_FILES_KEPT = 4
+#: What stops a server: its service manager's SIGTERM, or Ctrl-C.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def setup_logging(path: Optional[str], level: str = "INFO") -> None:
@@ -37,3 +40,19 @@ def setup_logging(path: Optional[str], level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def hold_stop_signals() -> None:
+    """Keep the stop signals pending until `wait_for_stop` takes them. Called first in a
+    server's main, before any thread exists (so every thread inherits the mask) and before
+    its log file is made (so a signal sent once that file exists is never lost). A Python
+    handler would run between two bytecodes of the main thread, wherever it was: in the
+    middle of writing a log line, a handler that logs raises "reentrant call" (CI saw one
+    at the metaserver's start)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def wait_for_stop() -> str:
+    """Block the calling (main) thread until a stop signal arrives; its name. A signal sent
+    while the server was still starting was held and is taken here at once."""
+    return signal.Signals(signal.sigwait(STOP_SIGNALS)).name

@@ -1,0 +1,79 @@
+"""A server process takes its stop signals by waiting for them (proto/logsetup.py
+`hold_stop_signals`, `wait_for_stop`), never in a handler that runs wherever the main
+thread happened to be: a signal sent the moment a server starts, or several sent while it
+is logging, stop it cleanly with exit code 0 and no traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def pki(tmp_path):
+    from pki import Pki
+
+    return Pki(tmp_path / "credentials")
+
+
+def _argv(role: str, tmp_path: Path, pki) -> list[str]:
+    common = ["--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "ready"),
+              "--log-file", str(tmp_path / "server.log")]
+    if role == "meta":
+        return [sys.executable, "-m", "stripefs.metaserver", *common, "--dir", str(tmp_path / "meta"),
+                "--credentials", str(pki.bundle("meta"))]
+    # No metaserver: the data server keeps trying to register, and logging that, meanwhile.
+    return [sys.executable, "-m", "stripefs.dataserver", *common, "--dir", str(tmp_path / "data"),
+            "--meta", "127.0.0.1:1", "--heartbeat-interval-s", "0.05",
+            "--credentials", str(pki.bundle("data", "d0"))]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, poll_s: float) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not path.exists():
+        assert proc.poll() is None, f"the server exited with {proc.returncode} before {path.name} existed"
+        assert time.monotonic() < deadline, f"no {path.name} after {START_TIMEOUT_S} s"
+        time.sleep(poll_s)
+
+
+@pytest.mark.parametrize("role", ["meta", "data"])
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_a_stop_signal_stops_a_server_cleanly_whenever_it_comes(role, when, tmp_path, pki):
+    """"starting": SIGTERM as soon as the server's log file exists, long before it serves
+    (a handler installed late would let the default action kill it: exit -15).
+    "serving": three SIGTERMs and a SIGINT in a row while it logs (a handler that logs
+    could be run inside a log write: "reentrant call", a traceback on stderr)."""
+    log, ready, out = tmp_path / "server.log", tmp_path / "ready", tmp_path / "server.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(_argv(role, tmp_path, pki), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        if when == "starting":
+            _wait_for(log, proc, 0.001)
+            proc.send_signal(signal.SIGTERM)
+        else:
+            _wait_for(ready, proc, 0.02)
+            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+                proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # One of the "serving" case's signals stops it (pending together, SIGINT is taken
+    # first); the rest wait, blocked, until the process exits.
+    assert text.count(", stopping") == 1, text
+    assert "got SIGTERM, stopping" in text or (when == "serving" and "got SIGINT, stopping" in text), text
+    assert text.rstrip().endswith("stopped"), text
+    for bad in ("Traceback", "Logging error", "reentrant"):
+        assert bad not in text and bad not in out.read_text(), out.read_text()
