@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import Cluster, Mount, new_log_text  # noqa: E402
 from pg import Postgres  # noqa: E402
+from pki import Pki  # noqa: E402
 from engines import engine_cluster  # noqa: E402
 from stripefs.metaserver.store import ENGINES  # noqa: E402
 
@@ -81,6 +82,12 @@ def _no_tracebacks_in_logs(request: pytest.FixtureRequest):
     # while the cluster shuts down counts too.
     yield
     check_logs(allow=request.node.get_closest_marker("allow_tracebacks") is not None)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A test CA and its credentials, for a test that starts server processes itself."""
+    return Pki(tmp_path / "credentials")
 
 
 @pytest.fixture

@@ -39,13 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def pki(tmp_path):
-    from pki import Pki
-
-    return Pki(tmp_path / "credentials")
-
-
-@pytest.fixture
 def data_server(tmp_path, pki):
     store = BlockStore(tmp_path / "data")
     service = DataService(store, pki.creds("data", "d0"))

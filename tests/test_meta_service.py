@@ -27,13 +27,6 @@ START_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
-def pki(tmp_path):
-    from pki import Pki
-
-    return Pki(tmp_path / "credentials")
-
-
-@pytest.fixture
 def metaserver(tmp_path, pki):
     state = tmp_path / "meta"
     ready = tmp_path / "ready"

@@ -19,13 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
 
 
-@pytest.fixture
-def pki(tmp_path):
-    from pki import Pki
-
-    return Pki(tmp_path / "credentials")
-
-
 def _argv(role: str, tmp_path: Path, pki) -> list[str]:
     common = ["--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "ready"),
               "--log-file", str(tmp_path / "server.log")]
