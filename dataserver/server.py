@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Optional, cast
 
 from stripefs.proto import malloc, metrics
-from stripefs.proto.atomic import write_atomically
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
-from stripefs.proto.logsetup import hold_stop_signals, setup_logging, wait_for_stop
+from stripefs.proto.logsetup import announce_ready, hold_stop_signals, setup_logging, wait_for_stop
 from stripefs.proto.messages import BlockReportReq, DeletedReq, HeartbeatReq, RegisterReq, ReplicatedReq
 from stripefs.proto.rpc import FailoverStub, parse_addresses, serve
 from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
@@ -173,7 +172,8 @@ class Heartbeater:
         self.thread.start()
 
     def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
+        if self.thread.is_alive():  # not when the server stopped before starting it
+            self.thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -372,9 +372,9 @@ def main(argv: list[str]) -> int:
     scrubber = None
     if args.scrub_rate_mib_s > 0:
         scrubber = Scrubber(store, stop, args.scrub_rate_mib_s * 1024 * 1024, args.scrub_interval_s)
-    try:
-        if args.ready_file:
-            write_atomically(args.ready_file, address + "\n")
+    try:  # from here on, whatever happens, the server is stopped and its threads joined
+        if not announce_ready(args.ready_file, address):
+            return 1
         st = store.stats()
         log.info(
             "data server at %s (listening on %s, metaserver %s), dir %s, node_id %s, %d blocks",

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Optional
 
 from stripefs.proto import metrics
-from stripefs.proto.atomic import write_atomically
 from stripefs.proto.auth import TOKEN_KEY_BYTES, load_token_key
 from stripefs.proto.credentials import META, load_credentials
 from stripefs.proto.errors import FsError
-from stripefs.proto.logsetup import hold_stop_signals, setup_logging, wait_for_stop
+from stripefs.proto.logsetup import announce_ready, hold_stop_signals, setup_logging, wait_for_stop
 from stripefs.proto.messages import Empty
 from stripefs.proto.rpc import serve
 from stripefs.proto.services import META_METHODS, META_SERVICE
@@ -168,25 +167,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         core.close()
         raise
     host = args.listen.rsplit(":", 1)[0]
-    if args.metrics_listen:
-        metrics.meta_status(lambda: core.status(Empty()))
-        metrics.meta_duties()
-        try:
-            metrics.start(args)
-        except (OSError, ValueError) as exc:
-            log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
-            server.stop(0)
-            core.close()
+    sweeper: Optional[threading.Thread] = None
+    try:  # from here on, whatever happens, the server is stopped and the store closed
+        if args.metrics_listen:
+            metrics.meta_status(lambda: core.status(Empty()))
+            metrics.meta_duties()
+            try:
+                metrics.start(args)
+            except (OSError, ValueError) as exc:
+                log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+                return 1
+        if not announce_ready(args.ready_file, f"{host}:{port}"):
             return 1
-    if args.ready_file:
-        write_atomically(args.ready_file, f"{host}:{port}\n")
-    log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine, state)
-    sweeper = threading.Thread(target=_sweep_loop, args=(core, f"{host}:{port}", stop), name="sweep", daemon=True)
-    sweeper.start()
-    log.info("got %s, stopping", wait_for_stop())
-    stop.set()
-    server.stop(STOP_GRACE_S)
-    sweeper.join()
-    core.close()
+        log.info("metaserver %s serving on %s:%d, %s metadata, state in %s", core.name, host, port, args.engine,
+                 state)
+        sweeper = threading.Thread(target=_sweep_loop, args=(core, f"{host}:{port}", stop), name="sweep",
+                                   daemon=True)
+        sweeper.start()
+        log.info("got %s, stopping", wait_for_stop())
+    finally:
+        stop.set()
+        server.stop(STOP_GRACE_S)
+        if sweeper is not None:
+            sweeper.join()
+        core.close()
     log.info("metaserver stopped")
     return 0

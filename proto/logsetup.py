@@ -1,6 +1,7 @@
 """One setup for every process: files it makes are its user's only, it may hold as many
 descriptors as its hard limit allows, it logs to a rotating file when given one, else
-stderr, and a server takes its stop signals by waiting for them, never in a handler."""
+stderr, a server says it serves through a ready file, and it takes its stop signals by
+waiting for them, never in a handler."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import os
 import resource
 import signal
 from typing import Optional
+
+from .atomic import write_atomically
+
+log = logging.getLogger("stripefs.process")
 
 #: Files and directories a process makes (state, blocks, database, logs) are readable by
 #: the service user only: another local user of a server must not read a cluster's data.
@@ -56,3 +61,18 @@ def wait_for_stop() -> str:
     """Block the calling (main) thread until a stop signal arrives; its name. A signal sent
     while the server was still starting was held and is taken here at once."""
     return signal.Signals(signal.sigwait(STOP_SIGNALS)).name
+
+
+def announce_ready(path: Optional[str], address: str) -> bool:
+    """Write the address a server serves on to its ready file (`--ready-file`), which
+    scripts and service managers wait for; False, with the reason logged, when it cannot
+    be written (a missing directory, a full disk): the server then stops, as for any
+    other failure to start."""
+    if not path:
+        return True
+    try:
+        write_atomically(path, address + "\n")
+    except OSError as exc:
+        log.error("cannot start: the ready file %s: %s", path, exc.strerror or exc)
+        return False
+    return True

@@ -1,7 +1,8 @@
 """A server process takes its stop signals by waiting for them (proto/logsetup.py
 `hold_stop_signals`, `wait_for_stop`), never in a handler that runs wherever the main
 thread happened to be: a signal sent the moment a server starts, or several sent while it
-is logging, stop it cleanly with exit code 0 and no traceback."""
+is logging, stop it cleanly with exit code 0 and no traceback. A server that cannot say it
+serves (its ready file) stops with exit code 1 and says why, as for any failure to start."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
 
 
-def _argv(role: str, tmp_path: Path, pki) -> list[str]:
-    common = ["--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "ready"),
+def _argv(role: str, tmp_path: Path, pki, ready: str = "ready") -> list[str]:
+    common = ["--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / ready),
               "--log-file", str(tmp_path / "server.log")]
     if role == "meta":
         return [sys.executable, "-m", "stripefs.metaserver", *common, "--dir", str(tmp_path / "meta"),
@@ -70,3 +71,23 @@ def test_a_stop_signal_stops_a_server_cleanly_whenever_it_comes(role, when, tmp_
     assert text.rstrip().endswith("stopped"), text
     for bad in ("Traceback", "Logging error", "reentrant"):
         assert bad not in text and bad not in out.read_text(), out.read_text()
+
+
+@pytest.mark.parametrize("role", ["meta", "data"])
+def test_a_server_that_cannot_write_its_ready_file_stops_and_says_why(role, tmp_path, pki):
+    """Its directory is missing: exit code 1, the reason in the log, no traceback (the
+    data server used to raise joining a heartbeat thread it had not started, hiding the
+    cause; the metaserver left its store open and printed the OSError's traceback)."""
+    log, out = tmp_path / "server.log", tmp_path / "server.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(_argv(role, tmp_path, pki, ready="missing/ready"), cwd=REPO, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"cannot start: the ready file {tmp_path / 'missing/ready'}: No such file or directory" in text, text
+    assert "Traceback" not in text and "Traceback" not in out.read_text(), out.read_text()
