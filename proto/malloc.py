@@ -1,28 +1,34 @@
 """glibc's allocator, tuned per role (mallopt(3)): one place for the parameters and the
-call. Where the C library is not glibc nothing is tuned (logged).
+calls. Where the C library is not glibc nothing is tuned (logged).
 
+- A data server keeps what it frees for reuse (`for_data_server`): its mmap threshold is
+  fixed at DATA_MMAP_THRESHOLD (chunk- and block-sized buffers come from its heaps) and
+  its heaps are not trimmed below DATA_TRIM_THRESHOLD of free space. By default glibc
+  mapped a fresh buffer for each chunk read off the disk or the network (its adaptive
+  threshold aside) and handed freed heap tops back, so every chunk landed on pages the
+  process had never touched: a fault and the kernel's zeroing each (~2.3 us a 4 KiB page
+  here, 0.6 s a GiB), and on these virtual machines the host's backing, each time
+  (docs/dataserver.md, "Memory").
 - The mount holds glibc to MOUNT_ARENAS arenas (`for_mount`): by default up to 8 per core,
   each keeping what was freed in it, and the mount's resident size grew to several times
-  its write-back budget. Its mmap threshold is left to adapt: fixed at 256 KiB (every
-  block-sized buffer mmapped and returned on free) it bounded the resident size no better
-  and every new buffer paid its page faults, 1.2 ms a MiB written here (a 1 GiB
-  checkpoint write 124 -> 176 MB/s without it, peak RSS 285 MiB).
-- A data server keeps what it frees for reuse (`for_data_server`): its mmap threshold is
-  fixed at DATA_MMAP_THRESHOLD (block-sized buffers come from its heaps) and its heaps are
-  not trimmed below DATA_TRIM_THRESHOLD of free space. By default glibc mapped a fresh
-  buffer for each chunk read off the disk or the network (its adaptive threshold aside)
-  and handed freed heap tops back, so every chunk landed on pages the process had never
-  touched: a fault, the kernel's zeroing, and on these virtual machines the host's
-  backing, each time (docs/dataserver.md, "Memory"). Not for the mount: there the same
-  setting held ~15-20 MiB more at the peak of a checkpoint write, whose resident size
-  is bounded (docs/client.md, "Memory").
+  its write-back budget. Its mmap threshold is left to adapt, and what glibc holds free is
+  handed back once the mount is idle (`trim`, called by fs/fuse/mount.py): a 1 GiB read
+  left ~300 MiB free and resident in the heaps (fragments below the heap tops) under the
+  next burst of writes. The data servers' setting, measured for the mount again with the
+  trim (2026-12-06): a fresh mount's 1 GiB write took 68-71 thousand minor faults instead
+  of 121-208 thousand and ~5% less CPU, but after a read and its trim the mount stayed at
+  129-153 MiB resident instead of 81-93 and the next write peaked at 384-410 MiB instead of
+  338-349 (the bound is the write-back budget + 100 MiB): not kept. Fixed at 256 KiB, the
+  threshold made every new buffer pay its page faults (a 1 GiB write 176 -> 124 MB/s).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+from typing import Optional
 
 log = logging.getLogger("stripefs.malloc")
 
@@ -39,15 +45,30 @@ DATA_MMAP_THRESHOLD = 32 * 1024 * 1024
 DATA_TRIM_THRESHOLD = 256 * 1024 * 1024
 
 
-def tune(settings: dict[int, int]) -> None:
-    """mallopt(param, value) for each setting; logged, not raised, if it cannot be done."""
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _libc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for param, value in settings.items():
-            if not libc.mallopt(param, value):
-                log.info("mallopt(%d, %d) refused", param, value)
+        libc.mallopt  # noqa: B018 - glibc or not
     except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
         log.info("malloc tuning not applied: %s", exc)
+        return None
+    return libc
+
+
+def tune(settings: dict[int, int]) -> None:
+    """mallopt(param, value) for each setting; logged, not raised, if it cannot be done."""
+    libc = _libc()
+    if libc is None:
+        return
+    for param, value in settings.items():
+        if not libc.mallopt(param, value):
+            log.info("mallopt(%d, %d) refused", param, value)
 
 
 def for_mount() -> None:
@@ -56,3 +77,24 @@ def for_mount() -> None:
 
 def for_data_server() -> None:
     tune({M_MMAP_THRESHOLD: DATA_MMAP_THRESHOLD, M_TRIM_THRESHOLD: DATA_TRIM_THRESHOLD})
+
+
+def free_bytes() -> int:
+    """Bytes glibc holds free in its heaps, resident or not (mallinfo2's fordblks); 0
+    where that cannot be known (not glibc, or older than 2.33)."""
+    fn = getattr(_libc(), "mallinfo2", None)
+    if fn is None:
+        return 0
+    fn.restype = _Mallinfo2
+    return int(fn().fordblks)
+
+
+def trim(above_bytes: int = 0) -> int:
+    """Hand every whole free page of every heap back to the system (malloc_trim(0)) when
+    glibc holds more than `above_bytes` free (`free_bytes`); what it held. Blocking (it
+    walks the heaps under their locks): run it off an event loop."""
+    libc = _libc()
+    free = free_bytes()
+    if libc is not None and free > above_bytes:
+        libc.malloc_trim(0)
+    return free

@@ -176,6 +176,9 @@ class StripeOperations(pyfuse3.Operations):
         self._next_listing = VIRTUAL_BASE
         #: the kernel reads and writes staged files' local copies itself (passthrough.py)
         self.passthrough = Passthrough(client, enabled=client.stager is not None)
+        #: READ and WRITE requests of files answered so far: how mount.py tells when the
+        #: mount has gone idle
+        self.data_requests = 0
 
     def _virtual(self, *inodes: int) -> bool:
         return any(self.queries.is_virtual(i) for i in inodes)
@@ -371,6 +374,7 @@ class StripeOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         if self.controls.holds(fh):
             return self.controls.read(fh, off, size)
+        self.data_requests += 1
         # pyfuse3 copies the reply into the kernel's buffer before anything else runs.
         return await self.client.read_view(fh, off, size)
 
@@ -378,6 +382,7 @@ class StripeOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if self.controls.holds(fh):
             return self.controls.write(fh, buf)
+        self.data_requests += 1
         return await self.client.write(fh, off, buf)
 
     @errno_boundary
