@@ -6,11 +6,13 @@ serves (its ready file) stops with exit code 1 and says why, as for any failure 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -32,6 +34,19 @@ def _argv(role: str, tmp_path: Path, pki, ready: str = "ready") -> list[str]:
             "--credentials", str(pki.bundle("data", "d0"))]
 
 
+@contextlib.contextmanager
+def _server(role: str, tmp_path: Path, pki, ready: str = "ready") -> Iterator[subprocess.Popen]:
+    """The server process, its output in server.out; killed on the way out if still running."""
+    with (tmp_path / "server.out").open("wb") as sink:
+        proc = subprocess.Popen(_argv(role, tmp_path, pki, ready), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, poll_s: float) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not path.exists():
@@ -48,9 +63,7 @@ def test_a_stop_signal_stops_a_server_cleanly_whenever_it_comes(role, when, tmp_
     "serving": three SIGTERMs and a SIGINT in a row while it logs (a handler that logs
     could be run inside a log write: "reentrant call", a traceback on stderr)."""
     log, ready, out = tmp_path / "server.log", tmp_path / "ready", tmp_path / "server.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(_argv(role, tmp_path, pki), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
-    try:
+    with _server(role, tmp_path, pki) as proc:
         if when == "starting":
             _wait_for(log, proc, 0.001)
             proc.send_signal(signal.SIGTERM)
@@ -59,10 +72,6 @@ def test_a_stop_signal_stops_a_server_cleanly_whenever_it_comes(role, when, tmp_
             for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
                 proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     # One of the "serving" case's signals stops it (pending together, SIGINT is taken
     # first); the rest wait, blocked, until the process exits.
@@ -79,15 +88,8 @@ def test_a_server_that_cannot_write_its_ready_file_stops_and_says_why(role, tmp_
     data server used to raise joining a heartbeat thread it had not started, hiding the
     cause; the metaserver left its store open and printed the OSError's traceback)."""
     log, out = tmp_path / "server.log", tmp_path / "server.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(_argv(role, tmp_path, pki, ready="missing/ready"), cwd=REPO, stdout=sink,
-                                stderr=subprocess.STDOUT)
-    try:
+    with _server(role, tmp_path, pki, ready="missing/ready") as proc:
         assert proc.wait(timeout=30) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert f"cannot start: the ready file {tmp_path / 'missing/ready'}: No such file or directory" in text, text
     assert "Traceback" not in text and "Traceback" not in out.read_text(), out.read_text()
