@@ -21,6 +21,7 @@ from stripefs.client.client import Client
 from stripefs.client.disktier import DiskTier
 from stripefs.client.staging import Stager
 from stripefs.client.transport import LocalTransport
+from stripefs.client.writer import ALLOC_AHEAD_BLOCKS
 from stripefs.metaserver.core import MetaCore
 from stripefs.proto.messages import Empty, RegisterReq
 from stripefs.proto.services import DATA_METHODS, META_METHODS
@@ -360,3 +361,40 @@ def test_files_staged_while_a_previous_clients_leftovers_are_swept_are_kept(worl
 
     [ino] = run(world, body, disk_tier=DiskTier(tier, 1 << 26))
     assert run(world, lambda c, _: read(c, ino)) == [data]
+
+
+def test_a_sequential_writer_allocates_blocks_ahead_in_few_calls(world):
+    """The write-behind of block k also allocates the next min(k, ALLOC_AHEAD_BLOCKS)
+    (writer.py): a file written block by block (as FUSE hands a mount its writes) takes a
+    handful of alloc_blocks calls, not one a block, and a block covered by an allocation
+    on its way waits for it rather than allocate again; a 3-block file makes no more
+    allocations than before and leaves at most one spare behind."""
+
+    big, small = os.urandom(40 * SMALL_BS), os.urandom(2 * SMALL_BS + 100)
+
+    async def write_by_blocks(client, parent: int, name: bytes, data: bytes) -> int:
+        fh, attr = await client.create(parent, name, 0o644, os.O_WRONLY, ROOT)
+        for off in range(0, len(data), SMALL_BS // 2):
+            await client.write(fh, off, data[off : off + SMALL_BS // 2])
+            await trio.lowlevel.checkpoint()  # the write-behind tasks start, as between FUSE requests
+        await client.flush(fh)
+        await client.release(fh)
+        return attr.ino
+
+    async def body(client, calls):
+        d = (await client.mkdir(ROOT_INODE, b"ckpt", 0o755, ROOT)).ino
+        await client.setxattr(d, LAYOUT_XATTR_BLOCK_SIZE, str(SMALL_BS).encode())
+        ino = await write_by_blocks(client, d, b"big", big)
+        # blocks 0, 1 (+2), 3 (+4..6), 7 (+8..14), 15 (+16..22), 23 (+...), 31 (+...), 39
+        assert 5 <= calls["alloc_blocks"] <= 40 // (1 + ALLOC_AHEAD_BLOCKS) + 4, calls
+        assert await read(client, ino) == big
+        with world.core.store.transaction() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM pending WHERE ino = ?", (ino,)) <= ALLOC_AHEAD_BLOCKS
+        before = calls["alloc_blocks"]
+        ino = await write_by_blocks(client, d, b"small", small)
+        assert calls["alloc_blocks"] - before <= 3
+        assert await read(client, ino) == small
+        with world.core.store.transaction() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM pending WHERE ino = ?", (ino,)) <= 1
+
+    run(world, body)

@@ -127,7 +127,10 @@ class FileState:
     blocks: dict[int, BlockRef] = field(default_factory=dict)
     dirty: dict[int, DirtyBlock] = field(default_factory=dict)
     uploaded: dict[int, tuple[BlockRef, int]] = field(default_factory=dict)  # index -> (ref, version)
-    spare: dict[int, Allocation] = field(default_factory=dict)  # preallocated at create, unused yet
+    spare: dict[int, Allocation] = field(default_factory=dict)  # allocated ahead of their writes, unused yet
+    # An allocation of spares on its way (writer.py, ALLOC_AHEAD_BLOCKS): the indexes it
+    # asks for, and set once its reply is in `spare` (or it failed).
+    ahead: Optional[tuple[frozenset[int], trio.Event]] = None
     unsynced: dict[str, set[int]] = field(default_factory=dict)  # server -> blocks written without fsync
     flushing: dict[int, trio.Event] = field(default_factory=dict)
     commit_lock: trio.Lock = field(default_factory=trio.Lock)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import crc32c
 import trio
@@ -39,6 +39,13 @@ MAX_UPLOADS_IN_FLIGHT = 4
 UPLOAD_COPIES = 2
 #: Uploaded blocks are committed in batches of this many (and at every fsync/close).
 COMMIT_BATCH_BLOCKS = 16
+#: The write-behind of block k a writer has just filled also allocates the next min(k,
+#: ALLOC_AHEAD_BLOCKS) blocks, kept as the file's spares (as a create's preallocated block
+#: is): a sequential writer makes one metadata call and transaction for 1 +
+#: ALLOC_AHEAD_BLOCKS blocks instead of one a block, once past its first blocks. A spare
+#: never written is garbage once its allocation expires or the session ends; the ramp keeps
+#: them fewer than the blocks a file has.
+ALLOC_AHEAD_BLOCKS = 7
 #: Placements tried for a block whose replica servers fail during the write.
 WRITE_PLACEMENT_ATTEMPTS = 4
 #: Commits refused because their allocations expired that are retried (per open file).
@@ -128,7 +135,7 @@ class Writer:
 
         async def run() -> None:
             try:
-                await self._upload(f, [index])
+                await self._upload(f, [index], behind=True)
                 if len(f.uploaded) >= COMMIT_BATCH_BLOCKS:
                     await self._commit(f)
             except FsError as exc:
@@ -139,10 +146,12 @@ class Writer:
 
     # ------------------------------------------------------------------ uploads
 
-    async def _upload(self, f: FileState, indexes: list[int]) -> None:
+    async def _upload(self, f: FileState, indexes: list[int], behind: bool = False) -> None:
         """Store the current content of dirty blocks as new blocks on their replica
         servers; they become part of the file at the next _commit. A server that fails is
-        excluded and the block placed again, while live servers remain."""
+        excluded and the block placed again, while live servers remain. `behind`: the
+        write-behind of a block just filled, whose allocation takes the next ones as spares
+        (one allocation of them at a time a file; a block it covers waits for its reply)."""
         for i in indexes:
             while i in f.flushing:
                 await f.flushing[i].wait()
@@ -163,7 +172,28 @@ class Writer:
                 for address in ref.servers:
                     f.unsynced.setdefault(address, set()).add(ref.block_id)
 
-            await self.place(f.ino, indexes, content, stored, f.spare)
+            ahead: list[int] = []
+            done: Optional[trio.Event] = None
+            top = max(indexes)
+            on_its_way = f.ahead if f.ahead is not None and not f.ahead[1].is_set() else None
+            if on_its_way is not None and on_its_way[0].intersection(indexes):
+                await on_its_way[1].wait()  # it brings these blocks' allocations
+            elif behind and on_its_way is None and top not in f.spare:
+                last = (FILE_SIZE_MAX_BYTES - 1) // f.block_size
+                # As many as the file already has before this block, up to the most: a file
+                # that ends soon leaves few spares unused (each is garbage to collect).
+                count = min(top, ALLOC_AHEAD_BLOCKS)
+                ahead = [i for i in range(top + 1, min(top + 1 + count, last + 1)) if i not in f.spare]
+                if ahead:
+                    done = trio.Event()
+                    f.ahead = (frozenset(ahead), done)
+            try:
+                await self.place(f.ino, indexes, content, stored, f.spare, ahead=ahead, ahead_done=done)
+            finally:
+                if done is not None:
+                    done.set()
+                    if f.ahead is not None and f.ahead[1] is done:
+                        f.ahead = None
         finally:
             for i in indexes:
                 d = f.dirty.get(i)
@@ -173,11 +203,13 @@ class Writer:
 
     async def place(self, ino: int, indexes: list[int], content: Callable[[int], Awaitable[list]],
                     stored: Callable[[m.BlockRef], None], spare: Optional[dict[int, m.Allocation]] = None,
-                    sync: bool = False) -> None:
+                    sync: bool = False, ahead: Sequence[int] = (), ahead_done: Optional[trio.Event] = None) -> None:
         """Store blocks `indexes` of file `ino` as new blocks on their replica servers, each
         sent once down its chain (`content(i)`: block i's bytes, asked for when an upload
         slot is free; `stored(ref)`: each block stored, to be committed; `spare`: blocks
-        allocated at create; sync: the servers sync each block before they answer). A
+        allocated ahead; sync: the servers sync each block before they answer; `ahead`: more
+        indexes for `spare`, asked for with the first allocation, `ahead_done` set once that
+        allocation has answered). A
         server that fails is excluded and the block placed again, while live servers
         remain; ENOSPC when they are full, EIO when a block could not be placed."""
         todo, exclude = indexes, self.data.penalised()  # servers that just failed us, avoided from the start
@@ -188,7 +220,20 @@ class Writer:
             allocations = [spare.pop(i) for i in todo if i in spare and not exclude]
             rest = [i for i in todo if i not in {a.index for a in allocations}]
             if rest:
-                allocations += await self._allocate(ino, rest, exclude, errors)
+                extra = [i for i in ahead if i not in spare and i not in rest] if not exclude else []
+                ahead = ()
+                try:
+                    got = await self._allocate(ino, rest + extra, exclude, errors)
+                finally:
+                    if ahead_done is not None:
+                        ahead_done.set()
+                for a in got:
+                    if a.index in rest:
+                        allocations.append(a)
+                    else:
+                        spare[a.index] = a
+            elif ahead_done is not None:
+                ahead_done.set()
             retry: list[int] = []
 
             async def put(a: m.Allocation) -> None:
