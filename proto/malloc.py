@@ -58,6 +58,8 @@ def _libc() -> Optional[ctypes.CDLL]:
     except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
         log.info("malloc tuning not applied: %s", exc)
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _Mallinfo2
     return libc
 
 
@@ -83,10 +85,7 @@ def free_bytes() -> int:
     """Bytes glibc holds free in its heaps, resident or not (mallinfo2's fordblks); 0
     where that cannot be known (not glibc, or older than 2.33)."""
     fn = getattr(_libc(), "mallinfo2", None)
-    if fn is None:
-        return 0
-    fn.restype = _Mallinfo2
-    return int(fn().fordblks)
+    return 0 if fn is None else int(fn().fordblks)
 
 
 def trim(above_bytes: int = 0) -> int:

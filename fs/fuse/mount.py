@@ -98,14 +98,13 @@ async def _hand_back_memory_when_idle(ops: StripeOperations) -> None:
     seen = trimmed_at = ops.data_requests
     while True:
         await trio.sleep(IDLE_TRIM_INTERVAL_S)
-        now, before = ops.data_requests, seen
+        now = ops.data_requests
+        if now == seen and now != trimmed_at:  # a whole interval idle, after some I/O
+            trimmed_at = now
+            free = await trio.to_thread.run_sync(malloc.trim, IDLE_TRIM_ABOVE_BYTES)
+            if free > IDLE_TRIM_ABOVE_BYTES:
+                log.debug("idle: handed back what glibc held free (%d MiB)", free >> 20)
         seen = now
-        if now != before or now == trimmed_at:
-            continue
-        trimmed_at = now
-        free = await trio.to_thread.run_sync(malloc.trim, IDLE_TRIM_ABOVE_BYTES)
-        if free > IDLE_TRIM_ABOVE_BYTES:
-            log.debug("idle: handed back what glibc held free (%d MiB)", free >> 20)
 
 
 #: pyfuse3 worker tasks kept waiting for requests, and the most it starts. Its default (1)
