@@ -199,7 +199,7 @@ def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
     """A cold read through a mount fills its block cache ahead of the reader and lets the
     blocks go behind it; glibc keeps the freed buffers as fragments of its heaps, resident.
     Once the mount has answered no read or write for a second it hands them back
-    (fs/fuse/mount.py, proto/malloc.py `trim`), so the next burst (a checkpoint write, say)
+    (fs/fuse/memory.py, proto/malloc.py `trim`), so the next burst (a checkpoint write, say)
     starts from what the mount holds, not from the last burst's peak. (Before: a 1 GiB read
     left the mount at 385-468 MiB resident with its block cache empty, 81-93 once trimmed;
     here, 384 MiB read, it stayed 69-89 MiB above where it started, 15 s later.)"""
@@ -219,3 +219,35 @@ def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
         assert eventually(lambda: _resident_mib(pid) < before + 48, timeout_s=15.0), (
             f"resident {before:.0f} MiB before the read, {after_read:.0f} after it,"
             f" {_resident_mib(pid):.0f} after 15 s idle")
+
+
+def test_a_write_after_a_spell_of_reads_hands_back_what_the_reads_freed(tmp_path):
+    """A write that follows 64 MiB or more of reads with no write between them hands back
+    what the reads freed at once (fs/fuse/memory.py), without waiting for an idle second
+    that a job loading a checkpoint and then saving one may never leave: the write's
+    buffers then take pages glibc holds, not new ones on top of them. (Before, writes with
+    no idle second between them kept the mount ~65 MiB above where it started after a
+    384 MiB read; a 1 GiB write after a 1 GiB read peaked at 436-461 MiB, 20-190 MiB above
+    what the read left.)"""
+    with Cluster(tmp_path / "c", dataservers=1) as c:
+        piece = os.urandom(1 << 20)
+        with open(c.mount().path / "big", "wb") as f:
+            for _ in range(384):  # 96 blocks
+                f.write(piece)
+        reader = c.mount()
+        pid = reader.proc.pid
+        (reader.path / "small").write_bytes(b"x")  # the mount's first write: its own buffers made
+        before = _resident_mib(pid)
+        with open(reader.path / "big", "rb", buffering=0) as f:
+            assert all(chunk == piece for chunk in iter(lambda: f.read(1 << 20), b""))
+        after_read = _resident_mib(pid)
+        lowest = after_read
+        with open(reader.path / "log", "wb", buffering=0) as f:
+            deadline = time.monotonic() + 6.0  # small writes, never a second apart: never idle
+            while time.monotonic() < deadline and lowest >= before + 48:
+                f.write(piece[:65536])
+                time.sleep(0.05)
+                lowest = min(lowest, _resident_mib(pid))
+        assert lowest < before + 48, (
+            f"resident {before:.0f} MiB before the read, {after_read:.0f} after it,"
+            f" no lower than {lowest:.0f} while writing")

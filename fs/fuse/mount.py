@@ -17,7 +17,7 @@ import trio
 from stripefs.client import Credentials, open_client
 from stripefs.client.disktier import DiskTier
 from stripefs.proto import malloc
-
+from .memory import hand_back_memory
 from .ops import StripeOperations
 
 log = logging.getLogger("stripefs.fuse")
@@ -66,7 +66,7 @@ async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: 
                 nursery.start_soon(_terminate_on_signal)
                 # stat() of our own mount point is answered by the loop started below: in a thread.
                 nursery.start_soon(trio.to_thread.run_sync, tune_connection, mountpoint)
-                nursery.start_soon(_hand_back_memory_when_idle, ops)
+                nursery.start_soon(hand_back_memory, ops.activity)
                 await pyfuse3.main(min_tasks=MIN_WORKER_TASKS, max_tasks=MAX_WORKER_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
@@ -80,31 +80,6 @@ async def _terminate_on_signal() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
-
-
-#: The mount hands the memory glibc holds free back to the system once no READ or WRITE
-#: came for a whole IDLE_TRIM_INTERVAL_S after some did, if more than IDLE_TRIM_ABOVE_BYTES
-#: is free (proto/malloc.py `trim`). A 1 GiB read left the mount 385-468 MiB resident with
-#: its block cache empty (freed fragments glibc keeps), 81-93 MiB once trimmed, and a 1 GiB
-#: write after it peaked at 338-349 MiB instead of 438-477 (the bound is the write-back
-#: budget + 100 MiB; docs/client.md, "Memory").
-IDLE_TRIM_INTERVAL_S = 1.0
-IDLE_TRIM_ABOVE_BYTES = 32 * 1024 * 1024
-
-
-async def _hand_back_memory_when_idle(ops: StripeOperations) -> None:
-    """Once per idle spell: a mount that stays idle is not trimmed again and again (what
-    was handed back stays counted as free by glibc)."""
-    seen = trimmed_at = ops.data_requests
-    while True:
-        await trio.sleep(IDLE_TRIM_INTERVAL_S)
-        now = ops.data_requests
-        if now == seen and now != trimmed_at:  # a whole interval idle, after some I/O
-            trimmed_at = now
-            free = await trio.to_thread.run_sync(malloc.trim, IDLE_TRIM_ABOVE_BYTES)
-            if free > IDLE_TRIM_ABOVE_BYTES:
-                log.debug("idle: handed back what glibc held free (%d MiB)", free >> 20)
-        seen = now
 
 
 #: pyfuse3 worker tasks kept waiting for requests, and the most it starts. Its default (1)

@@ -20,6 +20,7 @@ from stripefs.client import (ATTR_TTL_S, CAPABILITY_XATTR, ENTRY_TTL_S, F_RDLCK,
                              ROOT_INODE, Attr, Client, Ctx, Entry, FsError, metrics, signed64)
 
 from .control import ControlFiles
+from .memory import DataActivity
 from .passthrough import Passthrough
 from .queries import CONTROL_NAME, VIRTUAL_BASE, Node, Queries
 
@@ -176,9 +177,8 @@ class StripeOperations(pyfuse3.Operations):
         self._next_listing = VIRTUAL_BASE
         #: the kernel reads and writes staged files' local copies itself (passthrough.py)
         self.passthrough = Passthrough(client, enabled=client.stager is not None)
-        #: READ and WRITE requests of files answered so far: how mount.py tells when the
-        #: mount has gone idle
-        self.data_requests = 0
+        #: READ and WRITE requests of files answered so far, for the memory hand-back (memory.py)
+        self.activity = DataActivity()
 
     def _virtual(self, *inodes: int) -> bool:
         return any(self.queries.is_virtual(i) for i in inodes)
@@ -374,7 +374,7 @@ class StripeOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         if self.controls.holds(fh):
             return self.controls.read(fh, off, size)
-        self.data_requests += 1
+        self.activity.read(size)
         # pyfuse3 copies the reply into the kernel's buffer before anything else runs.
         return await self.client.read_view(fh, off, size)
 
@@ -382,7 +382,7 @@ class StripeOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if self.controls.holds(fh):
             return self.controls.write(fh, buf)
-        self.data_requests += 1
+        self.activity.write()
         return await self.client.write(fh, off, buf)
 
     @errno_boundary
