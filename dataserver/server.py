@@ -357,15 +357,6 @@ def main(argv: list[str]) -> int:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
     address = service.address = advertised_address(args.listen, port, args.advertise)
-    if args.metrics_listen:
-        metrics.data_store(store.stats, replicator.busy)
-        metrics.data()
-        try:
-            metrics.start(args)
-        except (OSError, ValueError) as exc:
-            log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
-            server.stop(0)
-            return 1
     stop = threading.Event()
     meta = FailoverStub(args.meta, creds, META_SERVICE, META_METHODS)
     heartbeater = Heartbeater(store, meta, address, stop, args.heartbeat_interval_s, replicator, service)
@@ -373,6 +364,14 @@ def main(argv: list[str]) -> int:
     if args.scrub_rate_mib_s > 0:
         scrubber = Scrubber(store, stop, args.scrub_rate_mib_s * 1024 * 1024, args.scrub_interval_s)
     try:  # from here on, whatever happens, the server is stopped and its threads joined
+        if args.metrics_listen:
+            metrics.data_store(store.stats, replicator.busy)
+            metrics.data()
+            try:
+                metrics.start(args)
+            except (OSError, ValueError) as exc:
+                log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+                return 1
         if not announce_ready(args.ready_file, address):
             return 1
         st = store.stats()

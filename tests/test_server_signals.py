@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,9 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
 
 
-def _argv(role: str, tmp_path: Path, pki, ready: str = "ready") -> list[str]:
+def _argv(role: str, tmp_path: Path, pki, ready: str = "ready", extra: tuple[str, ...] = ()) -> list[str]:
     common = ["--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / ready),
-              "--log-file", str(tmp_path / "server.log")]
+              "--log-file", str(tmp_path / "server.log"), *extra]
     if role == "meta":
         return [sys.executable, "-m", "stripefs.metaserver", *common, "--dir", str(tmp_path / "meta"),
                 "--credentials", str(pki.bundle("meta"))]
@@ -35,10 +36,11 @@ def _argv(role: str, tmp_path: Path, pki, ready: str = "ready") -> list[str]:
 
 
 @contextlib.contextmanager
-def _server(role: str, tmp_path: Path, pki, ready: str = "ready") -> Iterator[subprocess.Popen]:
+def _server(role: str, tmp_path: Path, pki, ready: str = "ready",
+            extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
     """The server process, its output in server.out; killed on the way out if still running."""
     with (tmp_path / "server.out").open("wb") as sink:
-        proc = subprocess.Popen(_argv(role, tmp_path, pki, ready), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_argv(role, tmp_path, pki, ready, extra), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
@@ -92,4 +94,21 @@ def test_a_server_that_cannot_write_its_ready_file_stops_and_says_why(role, tmp_
         assert proc.wait(timeout=30) == 1
     text = log.read_text()
     assert f"cannot start: the ready file {tmp_path / 'missing/ready'}: No such file or directory" in text, text
+    assert "Traceback" not in text and "Traceback" not in out.read_text(), out.read_text()
+
+
+@pytest.mark.parametrize("role", ["meta", "data"])
+def test_a_server_whose_metrics_address_is_taken_stops_and_says_why(role, tmp_path, pki):
+    """Another process listens on the metrics address: exit code 1 and the reason in the
+    log, the server's own listener stopped on the way out like any other stop."""
+    log, out = tmp_path / "server.log", tmp_path / "server.out"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        with _server(role, tmp_path, pki, extra=("--metrics-listen", address)) as proc:
+            assert proc.wait(timeout=30) == 1
+    text = log.read_text()
+    assert f"cannot start: metrics on {address}" in text, text
+    assert not (tmp_path / "ready").exists()
     assert "Traceback" not in text and "Traceback" not in out.read_text(), out.read_text()
