@@ -99,9 +99,14 @@ class FileOps(CoreBase):
             owner = tx.scalar("SELECT owner FROM sessions WHERE session_id = ?", (req.session,))
             if owner is not None and caller.role != ADMIN and owner != str(caller):
                 raise FsError(errno.EPERM, f"session {req.session} is not {caller}'s")
+            now = self.now_ns()
+            for block_id in req.abandon:  # only the session's own allocations of this file
+                if tx.scalar("SELECT 1 FROM pending WHERE block_id = ? AND session_id = ? AND ino = ?",
+                             (block_id, req.session, req.ino)):
+                    self._garbage_pending(tx, block_id, now)
             if tx.run("UPDATE opens SET count = count - 1 WHERE session_id = ? AND ino = ?", (req.session, req.ino)):
                 tx.run("DELETE FROM opens WHERE session_id = ? AND ino = ? AND count <= 0", (req.session, req.ino))
-                self._maybe_purge(tx, req.ino, self.now_ns())
+                self._maybe_purge(tx, req.ino, now)
             return Empty()
 
     def block_map(self, req: BlockMapReq, caller: Caller = LOCAL) -> BlockMapReply:

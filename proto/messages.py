@@ -698,6 +698,12 @@ class ReleaseReq(Message):
     ino: int  # file being closed
     session: int  # session that opened it
     rid: int = 0  # request id (proto/services.py `once`): a repeated release must not count twice
+    # allocations of this file made in this session that the writer gives up at its last
+    # close (blocks allocated ahead it never reached): garbage now, not at the pending timeout
+    abandon: list[int] = field(default_factory=list)
+
+    def _check(self) -> Optional[str]:
+        return "abandon: too many" if len(self.abandon) > 4096 else None
 
 
 #: Lock types, as fcntl(2) numbers them on Linux.

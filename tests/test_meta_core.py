@@ -1577,3 +1577,31 @@ def test_an_open_is_registered_again_with_its_grant_whatever_the_mode_says_now(e
     # records it later (after record_open_after_s), when the mode may say otherwise.
     unrecorded = env.core.open(OpenReq(ino, new, ROOT, os.O_RDONLY, unrecorded_ok=True), node1)
     assert not unrecorded.recorded and unrecorded.grant == env.core._open_grant(ino, False, node1)
+
+
+def test_a_release_abandons_only_its_own_sessions_allocations_of_that_file(env):
+    """ReleaseReq.abandon (a writer's last close gives back the blocks it allocated ahead
+    and never reached): each becomes garbage at once, where the server it was placed on
+    is told to drop it, and can no longer be committed; an id of another session's
+    allocation, or of another file's, is ignored."""
+    env.add_server(1)
+    s1, s2 = env.session(), env.session()
+    f, g = env.create(ROOT_INODE, b"f"), env.create(ROOT_INODE, b"g")
+    a, b = env.core.alloc_blocks(AllocReq(ino=f.ino, session=s1, indexes=[0, 1])).allocations
+    (c,) = env.core.alloc_blocks(AllocReq(ino=g.ino, session=s1, indexes=[0])).allocations
+
+    def pending() -> set[int]:
+        with env.core.store.transaction() as tx:
+            return {r[0] for r in tx.all("SELECT block_id FROM pending")}
+
+    env.core.release(ReleaseReq(ino=f.ino, session=s2, abandon=[a.block_id, b.block_id]))  # not s2's
+    env.core.release(ReleaseReq(ino=f.ino, session=s1, abandon=[c.block_id]))  # not f's
+    assert pending() == {a.block_id, b.block_id, c.block_id}
+    env.core.release(ReleaseReq(ino=f.ino, session=s1, abandon=[a.block_id]))
+    assert pending() == {b.block_id, c.block_id}
+    with pytest.raises(FsError):
+        env.core.commit_blocks(CommitReq(ino=f.ino, session=s1, size=10, mtime_ns=1,
+                                         blocks=[BlockRef(index=0, block_id=a.block_id, length=10, servers=a.servers)]))
+    env.clock.advance(31)
+    assert a.block_id in env.beat(1).delete
+    assert ReleaseReq(ino=f.ino, session=s1, abandon=list(range(4097))).valid()

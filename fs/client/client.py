@@ -919,11 +919,16 @@ class Client:
         """One open of `f` here is gone (a recorded one is one on the metaserver, told soon)."""
         f.handles -= 1
         f.unrecorded -= not recorded
+        abandon: tuple[int, ...] = ()
         if f.handles == 0:
             del self._files[f.ino]
             f.drop_all()  # only left over when the last flush failed: that data is lost
+            # Blocks allocated ahead that the file never reached (writer.py): garbage now,
+            # with the release, not at the metaserver's pending timeout.
+            abandon = tuple(a.block_id for a in f.spare.values())
+            f.spare.clear()
         if recorded:
-            self.session.release_soon(f.ino)
+            self.session.release_soon(f.ino, abandon=abandon)
 
     async def _reopen_staged(self, ino: int, opener: m.Ctx, grant: bytes) -> FileState:
         """Open, for writing as `opener` (with the grant its create or open came with), a

@@ -95,7 +95,7 @@ class MetaSession:
         self._replace_lock = trio.Lock()
         # Unbounded: one small record per closed file, drained as fast as the metaserver
         # answers; a close never waits on it.
-        self._release_in, self._release_out = trio.open_memory_channel[tuple[int, int]](math.inf)
+        self._release_in, self._release_out = trio.open_memory_channel[tuple[int, int, tuple[int, ...]]](math.inf)
         self._releases_queued = 0
         self._releases_sent = 0
         self._release_progress = trio.Event()
@@ -218,11 +218,12 @@ class MetaSession:
 
     # ------------------------------------------------------------------ releases
 
-    def release_soon(self, ino: int, session: int = 0) -> None:
+    def release_soon(self, ino: int, session: int = 0, abandon: tuple[int, ...] = ()) -> None:
         """An open of `ino` recorded in `session` (by default our current one) is gone: tell
-        the metaserver soon."""
+        the metaserver soon, with the allocations of the file it leaves unused (`abandon`,
+        block ids)."""
         self._releases_queued += 1
-        self._release_in.send_nowait((ino, session or self.id))
+        self._release_in.send_nowait((ino, session or self.id, abandon))
 
     async def flush_releases(self) -> None:
         """Wait until every release queued so far has been sent."""
@@ -243,18 +244,18 @@ class MetaSession:
                 pass  # (a replacement registering the open files again: after it)
             async with trio.open_nursery() as nursery:
                 # Started together, they leave in one stream message.
-                for ino, session in batch:
-                    if session == self.id:  # (else its open went with the expired session)
-                        nursery.start_soon(self._release, ino, session)
+                for ino, session, abandon in batch:
+                    if session == self.id:  # (else its open and allocations went with the expired session)
+                        nursery.start_soon(self._release, ino, session, abandon)
             self._releases_sent += len(batch)
             self._release_progress.set()
             self._release_progress = trio.Event()
 
-    async def _release(self, ino: int, session: int) -> None:
+    async def _release(self, ino: int, session: int, abandon: tuple[int, ...]) -> None:
         try:
             # (The metaserver does nothing for a session it no longer has: not ESTALE,
             # so the call is not repeated in a new one.)
-            await self.call("release", m.ReleaseReq(ino, session))
+            await self.call("release", m.ReleaseReq(ino, session, abandon=list(abandon)))
         except FsError as exc:
             # The metaserver drops our opens with the session anyway; an unlinked file is
             # purged then instead of now.
