@@ -17,6 +17,7 @@ import trio
 from stripefs.client import Credentials, open_client
 from stripefs.client.disktier import DiskTier
 from stripefs.proto import malloc
+
 from .memory import hand_back_memory
 from .ops import StripeOperations
 
