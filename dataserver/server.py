@@ -367,10 +367,7 @@ def main(argv: list[str]) -> int:
         if args.metrics_listen:
             metrics.data_store(store.stats, replicator.busy)
             metrics.data()
-            try:
-                metrics.start(args)
-            except (OSError, ValueError) as exc:
-                log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+            if not metrics.start_for_server(args):
                 return 1
         if not announce_ready(args.ready_file, address):
             return 1

@@ -172,10 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.metrics_listen:
             metrics.meta_status(lambda: core.status(Empty()))
             metrics.meta_duties()
-            try:
-                metrics.start(args)
-            except (OSError, ValueError) as exc:
-                log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+            if not metrics.start_for_server(args):
                 return 1
         if not announce_ready(args.ready_file, f"{host}:{port}"):
             return 1

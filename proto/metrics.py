@@ -79,6 +79,17 @@ def start(args: Any) -> Optional[str]:
     return bound
 
 
+def start_for_server(args: Any) -> bool:
+    """`start` for a server: False, with the reason logged, when its metrics address cannot
+    be served (taken, malformed); the server then stops, as for any other failure to start."""
+    try:
+        start(args)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: metrics on %s: %s", args.metrics_listen, exc)
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------- every server
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from cluster import Cluster
@@ -195,6 +196,24 @@ def _resident_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def _read_384_mib_through_a_fresh_mount(c: Cluster) -> tuple[Path, int, float, float]:
+    """A 384 MiB file (96 blocks) written through one mount and read whole, cold, through a
+    fresh one that has made its first write first (its own buffers made): (the reading
+    mount's path, its pid, its resident MiB before the read, and after it)."""
+    piece = os.urandom(1 << 20)
+    with open(c.mount().path / "big", "wb") as f:
+        for _ in range(384):
+            f.write(piece)
+    reader = c.mount()
+    pid = reader.proc.pid
+    (reader.path / "small").write_bytes(b"x")
+    before = _resident_mib(pid)
+    with open(reader.path / "big", "rb", buffering=0) as f:
+        assert all(chunk == piece for chunk in iter(lambda: f.read(1 << 20), b""))
+        assert f.tell() == 384 << 20
+    return reader.path, pid, before, _resident_mib(pid)
+
+
 def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
     """A cold read through a mount fills its block cache ahead of the reader and lets the
     blocks go behind it; glibc keeps the freed buffers as fragments of its heaps, resident.
@@ -204,18 +223,7 @@ def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
     left the mount at 385-468 MiB resident with its block cache empty, 81-93 once trimmed;
     here, 384 MiB read, it stayed 69-89 MiB above where it started, 15 s later.)"""
     with Cluster(tmp_path / "c", dataservers=1) as c:
-        piece = os.urandom(1 << 20)
-        with open(c.mount().path / "big", "wb") as f:
-            for _ in range(384):  # 96 blocks
-                f.write(piece)
-        reader = c.mount()
-        pid = reader.proc.pid
-        (reader.path / "small").write_bytes(b"x")  # the mount's first write: its own buffers made
-        before = _resident_mib(pid)
-        with open(reader.path / "big", "rb", buffering=0) as f:
-            assert all(chunk == piece for chunk in iter(lambda: f.read(1 << 20), b""))
-            assert f.tell() == 384 << 20
-        after_read = _resident_mib(pid)
+        _, pid, before, after_read = _read_384_mib_through_a_fresh_mount(c)
         assert eventually(lambda: _resident_mib(pid) < before + 48, timeout_s=15.0), (
             f"resident {before:.0f} MiB before the read, {after_read:.0f} after it,"
             f" {_resident_mib(pid):.0f} after 15 s idle")
@@ -230,22 +238,12 @@ def test_a_write_after_a_spell_of_reads_hands_back_what_the_reads_freed(tmp_path
     384 MiB read; a 1 GiB write after a 1 GiB read peaked at 436-461 MiB, 20-190 MiB above
     what the read left.)"""
     with Cluster(tmp_path / "c", dataservers=1) as c:
-        piece = os.urandom(1 << 20)
-        with open(c.mount().path / "big", "wb") as f:
-            for _ in range(384):  # 96 blocks
-                f.write(piece)
-        reader = c.mount()
-        pid = reader.proc.pid
-        (reader.path / "small").write_bytes(b"x")  # the mount's first write: its own buffers made
-        before = _resident_mib(pid)
-        with open(reader.path / "big", "rb", buffering=0) as f:
-            assert all(chunk == piece for chunk in iter(lambda: f.read(1 << 20), b""))
-        after_read = _resident_mib(pid)
+        path, pid, before, after_read = _read_384_mib_through_a_fresh_mount(c)
         lowest = after_read
-        with open(reader.path / "log", "wb", buffering=0) as f:
+        with open(path / "log", "wb", buffering=0) as f:
             deadline = time.monotonic() + 6.0  # small writes, never a second apart: never idle
             while time.monotonic() < deadline and lowest >= before + 48:
-                f.write(piece[:65536])
+                f.write(b"x" * 65536)
                 time.sleep(0.05)
                 lowest = min(lowest, _resident_mib(pid))
         assert lowest < before + 48, (
