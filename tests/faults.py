@@ -158,6 +158,12 @@ def resident_bytes(path: Path) -> int:
     return int(out.strip())
 
 
+def process_resident_kib(pid: int) -> int:
+    """A process's resident set in KiB (VmRSS of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def disk_usage(cluster: Cluster) -> int:
     """Bytes of block files (and leftovers under tmp/) of every data server of `cluster`."""
     total = 0

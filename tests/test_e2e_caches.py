@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster
-from faults import block_files, resident_bytes
+from faults import block_files, process_resident_kib, resident_bytes
 from test_metrics import metrics_address, scrape, value
 
 pytestmark = pytest.mark.mount
@@ -192,8 +192,7 @@ def test_a_mount_keeps_no_copy_of_what_the_kernel_caches_once_a_file_is_read_and
 
 
 def _resident_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return process_resident_kib(pid) / 1024
 
 
 def _read_384_mib_through_a_fresh_mount(c: Cluster) -> tuple[Path, int, float, float]:

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from cluster import Cluster, cli, put_block, REPO_ROOT
+from faults import process_resident_kib
 from stripefs.client import ENTRY_TTL_S
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
@@ -182,12 +183,8 @@ def test_unauthenticated_bulk_is_never_buffered(sec_cluster):
 
     c = sec_cluster
 
-    def rss_kib(pid: int) -> int:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
     targets = [(c.meta.pid, c.meta_addr)] + [(d.pid, d.address) for d in c.data]
-    before = {pid: rss_kib(pid) for pid, _ in targets}
+    before = {pid: process_resident_kib(pid) for pid, _ in targets}
     junk = os.urandom(1 << 20)
     sent = [0]
 
@@ -211,7 +208,7 @@ def test_unauthenticated_bulk_is_never_buffered(sec_cluster):
     # The servers hung up on the garbage long before taking it all (measured: ~17 of 1,536 MiB).
     assert sent[0] < len(threads) * 64 * len(junk) // 4, f"{sent[0] >> 20} MiB taken"
     for pid, _ in targets:
-        grown_mib = (rss_kib(pid) - before[pid]) / 1024
+        grown_mib = (process_resident_kib(pid) - before[pid]) / 1024
         assert grown_mib < 64, f"server {pid} grew by {grown_mib:.0f} MiB"
     client = meta_stub(c, c.client)
     try:

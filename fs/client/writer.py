@@ -43,8 +43,8 @@ COMMIT_BATCH_BLOCKS = 16
 #: ALLOC_AHEAD_BLOCKS) blocks, kept as the file's spares (as a create's preallocated block
 #: is): a sequential writer makes one metadata call and transaction for 1 +
 #: ALLOC_AHEAD_BLOCKS blocks instead of one a block, once past its first blocks. A spare
-#: never written is garbage once its allocation expires or the session ends; the ramp keeps
-#: them fewer than the blocks a file has.
+#: never written goes back with the release of the file's last close (client.py
+#: `_drop_handle`: garbage then); the ramp keeps them fewer than the blocks a file has.
 ALLOC_AHEAD_BLOCKS = 7
 #: Placements tried for a block whose replica servers fail during the write.
 WRITE_PLACEMENT_ATTEMPTS = 4

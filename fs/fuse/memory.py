@@ -49,10 +49,9 @@ class DataActivity:
 
     def write(self) -> None:
         self.requests += 1
-        if self.read_run:
-            if self.read_run >= READ_SPELL_BYTES:
-                self.spell_ended.set()
-            self.read_run = 0
+        if self.read_run >= READ_SPELL_BYTES:
+            self.spell_ended.set()
+        self.read_run = 0
 
 
 async def hand_back_memory(activity: DataActivity) -> None:
