@@ -6,7 +6,8 @@ A client sends each block once, to the first of its R servers (HDFS's write pipe
 MooseFS's chunk-server chain, 3FS's chain replication): what leaves the client is one copy
 of the data whatever R is. Each server, as chunks arrive:
 
-- checks the chunk's CRC32C (sent by the writer with its leaf hashes, codec.encode_chunk),
+- checks the chunk's CRC32C (sent by the writer with its leaf hashes in the chunk's head
+  message, codec.encode_chunk_head),
   so a chunk damaged anywhere on the way, in a forwarding server too, is refused
   (EBADMSG) instead of stored;
 - writes it to its temporary block file (BlockWriter, on a worker thread) while passing the
@@ -232,9 +233,13 @@ class ChainWriter:
                 writer = await loop.run_in_executor(self._disk, self.store.writer, head.block_id, head.length, head.sync)
             except FsError as exc:
                 local = exc
+            chunk_head: Optional[bytes] = None
             async for message in chunks:
+                if chunk_head is None:  # a chunk comes as its head, then its data
+                    chunk_head = message
+                    continue
                 try:
-                    data, crc, leaves = codec.decode_chunk(message)
+                    data, crc, leaves = codec.decode_chunk(chunk_head, message)
                 except ValueError as exc:
                     raise FsError(errno.EINVAL, f"block {head.block_id}: {exc}") from None
                 if writer is not None and local is None:
@@ -245,8 +250,12 @@ class ChainWriter:
                     if local is None:
                         pending.append(loop.run_in_executor(self._disk, writer.write, data, leaves, crc))
                 if nxt is not None:
+                    await nxt.send(chunk_head)
                     await nxt.send(self._maybe_damage(message))
+                chunk_head = None
                 self._maybe_die(head)
+            if chunk_head is not None:
+                raise FsError(errno.EINVAL, f"block {head.block_id}: a chunk head without its data")
             for fut in pending:
                 local = await self._settle(fut) or local
             pending = []
@@ -286,12 +295,13 @@ class ChainWriter:
                 log.warning("fault injection: %s of block %d, replica %d", name, head.block_id, head.hop + 1)
                 os.kill(os.getpid(), sig)
 
-    def _maybe_damage(self, message: bytes) -> bytes:
+    def _maybe_damage(self, data: bytes) -> bytes:
+        """A chunk's data message as forwarded: with a bit flipped, while the fault lasts."""
         (left,) = self._faults.get("flip-forwarded-chunks", (0,))
-        if not left or len(message) < 64:
-            return message
+        if not left or not data:
+            return data
         self._faults["flip-forwarded-chunks"] = (left - 1,)
-        damaged = bytearray(message)
-        damaged[-1] ^= 0x10  # in the data, past the prefix and the leaf hashes
+        damaged = bytearray(data)
+        damaged[-1] ^= 0x10
         log.warning("fault injection: flipped a bit of a forwarded chunk")
         return bytes(damaged)

@@ -99,27 +99,44 @@ def decode_reply(cls: type[M], frame: bytes) -> M:
 # ------------------------------------------------------------------ streamed blocks
 #
 # A block written down a chain moves as a head message (WriteBlockHead, a request frame)
-# and then chunks: each `<data length u32><CRC32C of the data u32><leaf hashes><data>`,
-# little-endian, with the writer's leaf hashes of the data (proto/integrity.py), so every
-# server can check what it received and keep the hashes without hashing anything itself.
+# and then its chunks, each as two messages: a chunk head,
+# `<data length u32><CRC32C of the data u32><leaf hashes>` (little-endian, the writer's
+# leaf hashes of the data: proto/integrity.py), and the data itself. Every server can check
+# what it received and keep the hashes without hashing anything itself, and the data goes
+# out as the writer's own buffer: gRPC copies each message it sends, and a chunk framed in
+# one message would be copied once more to frame it (1 GiB written, 1 GiB more copied on
+# the writer's upload threads, into fresh pages: docs/benchmark.md).
 
 _CHUNK = struct.Struct("<II")
 
 
-def encode_chunk(data: bytes | bytearray | memoryview, crc: int, leaves: bytes) -> bytes:
-    return b"".join((_CHUNK.pack(len(data), crc), leaves, data))
+def encode_chunk_head(length: int, crc: int, leaves: bytes) -> bytes:
+    """The first of a chunk's two messages (the data is the second)."""
+    return _CHUNK.pack(length, crc) + leaves
 
 
-def decode_chunk(message: bytes) -> tuple[memoryview, int, bytes]:
-    """(data, its CRC32C as sent, leaf hashes); ValueError if the framing does not add up."""
-    if len(message) < _CHUNK.size:
-        raise ValueError("chunk shorter than its prefix")
-    length, crc = _CHUNK.unpack_from(message, 0)
-    start = _CHUNK.size + leaf_count(length) * LEAF_HASH_BYTES
-    if start + length != len(message):
-        raise ValueError("chunk length does not match its prefix")
-    view = memoryview(message)
-    return view[start:], crc, bytes(view[_CHUNK.size : start])
+def decode_chunk(head: bytes, data: bytes) -> tuple[memoryview, int, bytes]:
+    """(data, its CRC32C as sent, leaf hashes) from a chunk's two messages; ValueError if
+    they do not add up."""
+    if len(head) < _CHUNK.size:
+        raise ValueError("chunk head shorter than its prefix")
+    length, crc = _CHUNK.unpack_from(head, 0)
+    if len(head) != _CHUNK.size + leaf_count(length) * LEAF_HASH_BYTES:
+        raise ValueError("chunk head's leaf hashes do not match its length")
+    if len(data) != length:
+        raise ValueError(f"chunk of {len(data)} bytes where its head says {length}")
+    return memoryview(data), crc, bytes(memoryview(head)[_CHUNK.size :])
+
+
+def _message_of(piece: bytes | memoryview) -> bytes:
+    """A chunk's data as a message: the buffer itself when the piece is a whole immutable
+    buffer (a sequential writer's 1 MiB writes are), else a copy."""
+    if isinstance(piece, bytes):
+        return piece
+    whole = piece.obj
+    if isinstance(whole, bytes) and piece.nbytes == len(whole):
+        return whole
+    return bytes(piece)
 
 
 #: A block as one buffer, or as its pieces in order.
@@ -188,11 +205,11 @@ def buffers_of(block: Block) -> list[bytes]:
 
 
 class BlockChunks:
-    """A block cut into the chunk messages of a write chain, each with its CRC32C and leaf
-    hashes, made as gRPC's thread sends them and kept for a retry (a block placed again
-    is not hashed again). The block may come as pieces (a writer's buffers as they were
-    written): a chunk that lies within one piece is framed straight from it, one that
-    spans pieces is gathered first."""
+    """A block cut into the chunk messages of a write chain (a head with its CRC32C and
+    leaf hashes, then the data), made as gRPC's thread sends them; the sums are kept for
+    a retry (a block placed again is not hashed again). The block may come as pieces (a
+    writer's buffers as they were written): a chunk that is one whole immutable piece is
+    sent as that piece, any other is copied out (gathered, if it spans pieces)."""
 
     def __init__(self, data: Buffers) -> None:
         self.pieces = data if isinstance(data, list) else [data]
@@ -211,12 +228,13 @@ class BlockChunks:
                 if sums is None:
                     sums = self.sums[start] = (crc32c.crc32c(piece), leaf_hashes(piece))
                     self._hash.update(piece)
-                message = encode_chunk(piece, *sums)
+                head, data = encode_chunk_head(len(piece), *sums), _message_of(piece)
             finally:
                 if isinstance(piece, memoryview):
                     piece.release()
                 del piece
-            yield message
+            yield head
+            yield data
 
     def digest(self) -> bytes:
         """The block's digest (proto/integrity.py), once every chunk has been made."""

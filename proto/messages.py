@@ -1031,10 +1031,10 @@ class StatusReply(Message):
 
 @dataclass
 class WriteBlockHead(Message):
-    """The first message of a write_block stream; the block's chunks follow it, each
-    framed by codec.encode_chunk with its CRC32C and leaf hashes. The receiver stores the
-    block and forwards head and chunks to the next server of the chain, which does the
-    same (dataserver/chain.py)."""
+    """The first message of a write_block stream; the block's chunks follow it, each as a
+    head with its CRC32C and leaf hashes (codec.encode_chunk_head) and then its data. The
+    receiver stores the block and forwards head and chunks to the next server of the
+    chain, which does the same (dataserver/chain.py)."""
 
     block_id: int  # id allocated by the metaserver
     length: int  # bytes of the block: the chunks add up to it

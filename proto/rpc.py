@@ -688,7 +688,7 @@ class Stub:
 
     def upload(self, name: str, head: Message, chunks: Any, timeout: Optional[float] = 30.0) -> Any:
         """Blocking UPLOAD call: `head`, then every message of the iterable `chunks`
-        (codec.encode_chunk), which gRPC's own thread consumes as it sends. The reply
+        (codec.BlockChunks), which gRPC's own thread consumes as it sends. The reply
         message, or FsError."""
         def messages() -> Any:
             yield codec.encode_request(head)

@@ -185,6 +185,26 @@ def test_malformed_frame_is_einval(data_server):
     assert stub.call("status", Empty()).blocks == 0
 
 
+def test_a_chunk_that_does_not_add_up_is_einval_and_stores_nothing(data_server):
+    """A write_block stream whose chunk messages (a head, then the data) do not pair up or
+    do not match: EINVAL, nothing stored, and the server serves the next write."""
+    from stripefs.proto.messages import WriteBlockHead
+
+    store, stub, port = data_server
+    address = f"127.0.0.1:{port}"
+    data = os.urandom(300_000)
+    chunk_head, body = codec.BlockChunks(data).messages()
+    for messages in ([chunk_head], [chunk_head, body[:-1]], [chunk_head, body + b"!"], [body], [body, chunk_head],
+                     [chunk_head, body, chunk_head]):
+        head = WriteBlockHead(90, len(data), [address], [writable(90, server=address)])
+        with pytest.raises(FsError) as info:
+            stub.upload("write_block", head, iter(messages))
+        assert info.value.errno == errno.EINVAL
+    assert stub.call("status", Empty()).blocks == 0
+    assert stub.put(90, data).stored == [address]
+    assert stub.call("get_block", GetBlockReq(block_id=90, token=readable(90))).data == data
+
+
 # --------------------------------------------------------------------------- the process
 
 

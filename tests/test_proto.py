@@ -48,8 +48,9 @@ def test_request_round_trip_carries_data_raw():
 
 
 def test_block_chunks_round_trip():
-    """A block cut into write-chain chunks: each decodes to its piece, CRC and leaf
-    hashes; the digest is the block's; framing that does not add up is refused."""
+    """A block cut into write-chain chunks, each a head and its data: each decodes to its
+    piece, CRC and leaf hashes; the digest is the block's; a head and data that do not add
+    up are refused."""
     import crc32c
 
     from stripefs.proto.integrity import block_digest, leaf_hashes
@@ -58,16 +59,36 @@ def test_block_chunks_round_trip():
     data = os.urandom(2 * TRANSFER_CHUNK_BYTES + 5000)
     chunks = codec.BlockChunks(bytearray(data))
     messages = list(chunks.messages())
-    assert len(messages) == 3 and chunks.digest() == block_digest(data)
+    assert len(messages) == 6 and chunks.digest() == block_digest(data)
     got = b""
-    for message in messages:
-        piece, crc, leaves = codec.decode_chunk(message)
+    for head, body in zip(messages[::2], messages[1::2]):
+        piece, crc, leaves = codec.decode_chunk(head, body)
         assert crc == crc32c.crc32c(piece) and leaves == leaf_hashes(piece)
         got += piece
     assert got == data
-    for bad in (b"", messages[2][:-1], messages[2] + b"x", b"\xff\xff\xff\xff" + messages[2][4:]):
+    head, body = messages[4], messages[5]
+    for bad_head, bad_body in ((b"", body), (head, body[:-1]), (head, body + b"x"), (head[:-1], body),
+                               (head + b"x", body), (b"\xff\xff\xff\xff" + head[4:], body), (body, head)):
         with pytest.raises(ValueError):
-            codec.decode_chunk(bad)
+            codec.decode_chunk(bad_head, bad_body)
+
+
+def test_a_whole_written_buffer_is_sent_as_itself():
+    """A chunk that is one whole immutable buffer of the writer (a sequential writer's
+    1 MiB writes, kept as views of them) goes out as that buffer, not a copy; one cut
+    from a larger buffer, or from a bytearray, is copied (no view outlives its message)."""
+    from stripefs.proto.types import TRANSFER_CHUNK_BYTES
+
+    writes = [os.urandom(TRANSFER_CHUNK_BYTES) for _ in range(2)]
+    messages = list(codec.BlockChunks([memoryview(w) for w in writes]).messages())
+    assert messages[1] is writes[0] and messages[3] is writes[1]
+    whole = os.urandom(2 * TRANSFER_CHUNK_BYTES)
+    messages = list(codec.BlockChunks(whole).messages())
+    assert messages[1] == whole[:TRANSFER_CHUNK_BYTES] and type(messages[1]) is bytes
+    buf = bytearray(whole[:TRANSFER_CHUNK_BYTES])
+    messages = list(codec.BlockChunks(buf).messages())
+    assert messages[1] == buf and type(messages[1]) is bytes
+    buf.extend(b"more")  # no export of it is left behind
 
 
 def test_a_block_kept_as_pieces_reads_as_its_bytes():
