@@ -24,9 +24,8 @@ CPU reading a checkpoint cold (perf) and one of the two hashing passes of every 
 writer sends. Version 1 (DIGEST_V1_BYTES, blocks written before version 2) is the SHA-256
 of the leaf hashes alone, so a whole-block reader had to hash every leaf, 1,024 hashlib
 calls a 4 MiB block with the GIL held (measured: half of a mount's GIL time while it reads
-a checkpoint). All three are checked. Leaves stay SHA-256: BLAKE3 (the `blake3` package)
-lets go of the GIL on every call, which per 4 KiB leaf would cost a GIL hand-off each
-(see _PIECE).
+a checkpoint). All three are checked. Leaves stay SHA-256, hashed in C (proto/_leafhash.c)
+with OpenSSL's SHA256, which uses the CPU's SHA instructions.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ import hashlib
 from typing import Any, Optional
 
 from blake3 import blake3
+
+from . import _leafhash  # (compiled: setup.py)
 
 #: Bytes of a block digest: version byte, hash of the block, SHA-256 of its leaf hashes.
 DIGEST_BYTES = 65
@@ -56,34 +57,12 @@ def leaf_count(length: int) -> int:
     return (length + LEAF_BYTES - 1) // LEAF_BYTES
 
 
-#: hashlib lets go of the GIL for each update of at least 2,048 bytes: fed smaller pieces
-#: it keeps it, so hashing a block costs the calling thread one GIL hand-off, not one per
-#: leaf (each a wait of up to the switch interval while other threads run: measured, the
-#: per-leaf hand-offs slowed a mount's uploads until its write-back budget filled).
-_PIECE = 2047
-assert 2 * _PIECE < LEAF_BYTES <= 3 * _PIECE
-
-
 def leaf_hashes(data: bytes | bytearray | memoryview) -> bytes:
-    """The hashes of a block's leaves (of its valid length), concatenated."""
-    view, sha = memoryview(data), hashlib.sha256
-    full = len(view) - len(view) % LEAF_BYTES
-    out: list[bytes] = []
-    add = out.append
-    # Whole leaves unrolled into three pieces below the GIL threshold: this loop's own
-    # overhead was half the cost of hashing a block (4.9 -> 3.7 ms a 4 MiB block here).
-    a, b = _PIECE, 2 * _PIECE
-    for i in range(0, full, LEAF_BYTES):
-        h = sha(view[i : i + a])
-        h.update(view[i + a : i + b])
-        h.update(view[i + b : i + LEAF_BYTES])
-        add(h.digest()[:LEAF_HASH_BYTES])
-    if full < len(view):  # the short last leaf
-        h = sha(view[full : full + a])
-        for j in range(full + a, len(view), _PIECE):
-            h.update(view[j : j + _PIECE])
-        add(h.digest()[:LEAF_HASH_BYTES])
-    return b"".join(out)
+    """The hashes of a block's leaves (of its valid length), concatenated: each leaf's
+    SHA-256, cut to LEAF_HASH_BYTES. The loop runs in C (proto/_leafhash.c), without the
+    GIL for a buffer of 64 KiB or more: a writer hashes every byte it sends this way, and
+    in Python the loop held the GIL ~2.5 ms a 4 MiB block (docs/benchmark.md)."""
+    return _leafhash.hashes(data, LEAF_BYTES, LEAF_HASH_BYTES)
 
 
 def root_of(leaves: bytes) -> bytes:

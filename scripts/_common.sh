@@ -7,11 +7,13 @@
 STRIPEFS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 STRIPEFS_VENV="$STRIPEFS_ROOT/.venv"
 # Written after a successful `pip install`; a pyproject.toml newer than it means the
-# dependencies may have changed, so the project is installed again.
+# dependencies may have changed, and a newer setup.py or C source that the compiled part
+# must be built again: the project is installed again.
 STRIPEFS_STAMP="$STRIPEFS_VENV/.stripefs-installed"
 # Debian packages the project needs at run time (fuse3), to build pyfuse3 (libfuse3-dev,
-# pkg-config, patch) and in its end-to-end tests (rsync, attr, acl).
-STRIPEFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch rsync attr acl)
+# pkg-config, patch) and its own leaf hasher (libssl-dev: proto/_leafhash.c, setup.py),
+# and in its end-to-end tests (rsync, attr, acl).
+STRIPEFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch libssl-dev rsync attr acl)
 # The pyfuse3 release the mount is built on, its source's sha256, and the version of the
 # stripefs additions patched into it (scripts/pyfuse3-stripefs.patch: lock requests,
 # fallocate, the lock owner at flush, passthrough, killpriv, requests read without a wait
@@ -77,7 +79,7 @@ apt_install() {
 }
 
 # Creates .venv and installs the project with its test extras, only when the venv is
-# missing or pyproject.toml changed since the last install.
+# missing or pyproject.toml, setup.py or a C source changed since the last install.
 ensure_venv() {
     if [[ ! -x "$STRIPEFS_VENV/bin/python" ]]; then
         log "creating virtualenv $STRIPEFS_VENV"
@@ -85,7 +87,11 @@ ensure_venv() {
     fi
     # First, so that installing the project finds its pyfuse3 there and builds no other.
     ensure_pyfuse3
-    if [[ ! -f "$STRIPEFS_STAMP" || "$STRIPEFS_ROOT/pyproject.toml" -nt "$STRIPEFS_STAMP" ]]; then
+    local changed=0 source
+    for source in "$STRIPEFS_ROOT/pyproject.toml" "$STRIPEFS_ROOT/setup.py" "$STRIPEFS_ROOT"/proto/*.c; do
+        [[ "$source" -nt "$STRIPEFS_STAMP" ]] && changed=1
+    done
+    if [[ ! -f "$STRIPEFS_STAMP" || $changed == 1 ]]; then
         log "installing stripefs and its dependencies into $STRIPEFS_VENV"
         "$STRIPEFS_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${STRIPEFS_ROOT}[test]"
         touch "$STRIPEFS_STAMP"
