@@ -49,7 +49,8 @@ DIGEST_V1_BYTES = 32
 LEAF_BYTES = 4096
 #: Bytes kept of each leaf's SHA-256.
 LEAF_HASH_BYTES = 16
-#: Blocks smaller than this are hashed where they are (the thread hand-off costs more).
+#: Blocks up to this size are hashed where they are (the thread hand-off costs more), and
+#: leaf hashing keeps the GIL for them (leaf_hashes).
 INLINE_HASH_MAX_BYTES = 256 * 1024
 
 
@@ -60,9 +61,10 @@ def leaf_count(length: int) -> int:
 def leaf_hashes(data: bytes | bytearray | memoryview) -> bytes:
     """The hashes of a block's leaves (of its valid length), concatenated: each leaf's
     SHA-256, cut to LEAF_HASH_BYTES. The loop runs in C (proto/_leafhash.c), without the
-    GIL for a buffer of 64 KiB or more: a writer hashes every byte it sends this way, and
-    in Python the loop held the GIL ~2.5 ms a 4 MiB block (docs/benchmark.md)."""
-    return _leafhash.hashes(data, LEAF_BYTES, LEAF_HASH_BYTES)
+    GIL for more than INLINE_HASH_MAX_BYTES (what is hashed on a worker thread: a writer
+    hashes every byte it sends this way, and in Python the loop held the GIL ~2.5 ms a
+    4 MiB block, docs/benchmark.md); less is hashed where it is, GIL held."""
+    return _leafhash.hashes(data, LEAF_BYTES, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)
 
 
 def root_of(leaves: bytes) -> bytes:

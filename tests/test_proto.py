@@ -211,3 +211,27 @@ def test_digests_of_every_version_are_checked():
     assert m.BlockRef(0, 1, len(data), digest=unknown).valid()
     assert matches(b"", other)  # nothing recorded: nothing to check
     assert m.BlockRef(0, 1, 1, digest=b"x" * 40).valid()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 256 * 1024, 256 * 1024 + 1, 4 * 1024 * 1024 + 123])
+def test_leaf_hashes_are_each_leafs_sha256(size):
+    """The C leaf loop (proto/_leafhash.c) against hashlib, leaf by leaf, on both sides of
+    the size above which it lets go of the GIL, from every kind of buffer a writer holds."""
+    import hashlib
+
+    from stripefs.proto.integrity import LEAF_BYTES, LEAF_HASH_BYTES, leaf_hashes
+
+    data = os.urandom(size)
+    want = b"".join(hashlib.sha256(data[i : i + LEAF_BYTES]).digest()[:LEAF_HASH_BYTES]
+                    for i in range(0, size, LEAF_BYTES))
+    assert leaf_hashes(data) == leaf_hashes(bytearray(data)) == leaf_hashes(memoryview(data)) == want
+    assert leaf_hashes(memoryview(data)[1:]) == leaf_hashes(data[1:])
+
+
+def test_leaf_hashes_refuse_what_is_not_one_buffer():
+    from stripefs.proto.integrity import leaf_hashes
+
+    with pytest.raises(TypeError):
+        leaf_hashes("text")  # type: ignore[arg-type]
+    with pytest.raises(BufferError):
+        leaf_hashes(memoryview(bytes(8192))[::2])  # not contiguous
