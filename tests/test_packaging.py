@@ -30,13 +30,13 @@ FOREIGN = ("proto", "fs")
 
 
 def source_copy(to: Path) -> Path:
-    """What pyproject.toml builds from, copied (a build writes build/ and *.egg-info
-    beside its source: not into the repository)."""
+    """What pyproject.toml and setup.py (the compiled part) build from, copied (a build
+    writes build/ and *.egg-info beside its source: not into the repository)."""
     table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    for name in ["pyproject.toml", table["project"].get("readme", "README.md")]:
+    for name in ["pyproject.toml", "setup.py", table["project"].get("readme", "README.md")]:
         shutil.copy2(REPO_ROOT / name, to / name)
     for folder in table["tool"]["setuptools"]["package-dir"].values():
-        shutil.copytree(REPO_ROOT / folder, to / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO_ROOT / folder, to / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     return to
 
 
