@@ -13,13 +13,14 @@ calls. Where the C library is not glibc nothing is tuned (logged).
   each keeping what was freed in it, and the mount's resident size grew to several times
   its write-back budget. Its mmap threshold is left to adapt, and what glibc holds free is
   handed back once the mount is idle or a spell of reads ends (`trim`, called by
-  fs/fuse/memory.py): a 1 GiB read left ~300 MiB free and resident in the heaps
-  (fragments below the heap tops) under the next burst of writes. The data servers' setting, measured for the mount again with the
-  trim (2026-12-06): a fresh mount's 1 GiB write took 68-71 thousand minor faults instead
-  of 121-208 thousand and ~5% less CPU, but after a read and its trim the mount stayed at
-  129-153 MiB resident instead of 81-93 and the next write peaked at 384-410 MiB instead of
-  338-349 (the bound is the write-back budget + 100 MiB): not kept. Fixed at 256 KiB, the
-  threshold made every new buffer pay its page faults (a 1 GiB write 176 -> 124 MB/s).
+  fs/fuse/memory.py): a 1 GiB read left ~300 MiB free and resident in the heaps (fragments
+  below the heap tops) under the next burst of writes. The data servers' setting, measured
+  for the mount again with the trim (2026-12-06): a fresh mount's 1 GiB write took 68-71
+  thousand minor faults instead of 121-208 thousand and ~5% less CPU, but after a read and
+  its trim the mount stayed at 129-153 MiB resident instead of 81-93 and the next write
+  peaked at 384-410 MiB instead of 338-349 (the bound is the write-back budget + 100 MiB):
+  not kept. Fixed at 256 KiB, the threshold made every new buffer pay its page faults
+  (a 1 GiB write 176 -> 124 MB/s).
 """
 
 from __future__ import annotations
