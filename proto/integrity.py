@@ -24,8 +24,9 @@ CPU reading a checkpoint cold (perf) and one of the two hashing passes of every 
 writer sends. Version 1 (DIGEST_V1_BYTES, blocks written before version 2) is the SHA-256
 of the leaf hashes alone, so a whole-block reader had to hash every leaf, 1,024 hashlib
 calls a 4 MiB block with the GIL held (measured: half of a mount's GIL time while it reads
-a checkpoint). All three are checked. Leaves stay SHA-256, hashed in C (proto/_leafhash.c)
-with OpenSSL's SHA256, which uses the CPU's SHA instructions.
+a checkpoint). All three are checked. Leaves stay SHA-256, hashed in C (proto/_leafhash.c):
+sixteen at once in the lanes of AVX-512 registers where the CPU has them, the rest with
+OpenSSL's SHA256, which uses the CPU's SHA instructions.
 """
 
 from __future__ import annotations

@@ -213,10 +213,13 @@ def test_digests_of_every_version_are_checked():
     assert m.BlockRef(0, 1, 1, digest=b"x" * 40).valid()
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 256 * 1024, 256 * 1024 + 1, 4 * 1024 * 1024 + 123])
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 16 * 4096, 17 * 4096 - 3, 31 * 4096, 256 * 1024,
+                                  256 * 1024 + 1, 4 * 1024 * 1024 + 123])
 def test_leaf_hashes_are_each_leafs_sha256(size):
     """The C leaf loop (proto/_leafhash.c) against hashlib, leaf by leaf, on both sides of
-    the size above which it lets go of the GIL, from every kind of buffer a writer holds."""
+    the size above which it lets go of the GIL, from every kind of buffer a writer holds,
+    and at sizes that end after whole groups of sixteen leaves (hashed together where the
+    CPU has AVX-512), partway through one, and with a short last leaf."""
     import hashlib
 
     from stripefs.proto.integrity import LEAF_BYTES, LEAF_HASH_BYTES, leaf_hashes
@@ -226,6 +229,21 @@ def test_leaf_hashes_are_each_leafs_sha256(size):
                     for i in range(0, size, LEAF_BYTES))
     assert leaf_hashes(data) == leaf_hashes(bytearray(data)) == leaf_hashes(memoryview(data)) == want
     assert leaf_hashes(memoryview(data)[1:]) == leaf_hashes(data[1:])
+
+
+@pytest.mark.parametrize("leaf_bytes", [64, 100, 8192])
+def test_leaf_hashes_of_other_leaf_sizes(leaf_bytes):
+    """Leaves of other sizes, whole hashes: sixteen at a time when the size is a multiple of
+    the hash's 64-byte block (the padding block then differs from a 4 KiB leaf's), one at a
+    time otherwise."""
+    import hashlib
+
+    from stripefs.proto import _leafhash
+
+    assert _leafhash.LANES in (1, 16)
+    data = os.urandom(37 * leaf_bytes + 11)
+    want = b"".join(hashlib.sha256(data[i : i + leaf_bytes]).digest() for i in range(0, len(data), leaf_bytes))
+    assert _leafhash.hashes(data, leaf_bytes, 32, 0) == _leafhash.hashes(data, leaf_bytes, 32, 1 << 30) == want
 
 
 def test_leaf_hashes_refuse_what_is_not_one_buffer():
