@@ -10,9 +10,12 @@ whatever the backlog. The target's next heartbeat reply carries the task with it
 (non-dead replicas, up ones first) and a write token; the target copies the block and
 reports `replicated` (or failed). Only then does the copy become a replica row, and once
 a block has R replicas on non-dead servers again, its rows on dead servers are dropped
-and their copies sent to garbage, so a dead server that returns deletes them. A task
-nobody reports on is forgotten after `replication_timeout_s` (at once when its target is
-dead, or not up and the task not handed out yet) and planned again.
+and their copies sent to garbage, so a dead server that returns deletes them; a server
+that returns before the copy lands leaves the block with more than R copies, and those
+beyond R go to garbage too (`_excess`). A task queued for a block that is back at R is
+dropped when its target next beats instead of being handed out. A task nobody reports on
+is forgotten after `replication_timeout_s` (at once when its target is dead, or not up
+and the task not handed out yet) and planned again.
 
 Block reports. A (re)registered server is asked for a full block report; its ids arrive
 in chunks (`reported` table) and the last chunk reconciles them with the block maps:
@@ -50,6 +53,21 @@ PLAN_LOOKAHEAD = 4
 FULL_PLAN_INTERVAL_S = 30.0
 
 
+def _excess(copies: list[tuple[int, str, int, int]], want: int) -> list[int]:
+    """The servers of a block's copies beyond `want`, among its copies on live servers
+    (server id, state, rank, free bytes): none unless `want` of them are on up servers.
+    Copies pile up beyond R when a server judged dead comes back while its blocks are
+    being copied elsewhere (the copy lands after its return, when its own copies count
+    again). Kept: the copies on the up servers with the most room (the older placement
+    on a tie). The rest go to garbage, so a reader holding an older block map still finds
+    them for the GC grace."""
+    up = [c for c in copies if c[1] == UP]
+    if len(copies) <= want or len(up) < want:
+        return []
+    keep = {c[0] for c in sorted(up, key=lambda c: (-c[3], c[2]))[:want]}
+    return [c[0] for c in copies if c[0] not in keep]
+
+
 class RepairOps(CoreBase):
     #: Counters since start, for logs and tests (not state: nothing depends on them).
     unreachable_reports = 0
@@ -79,7 +97,8 @@ class RepairOps(CoreBase):
         )
 
     def _settle(self, tx: Tx, block_id: int, now: int) -> None:
-        """A block back at R counted replicas: forget its copies on dead servers."""
+        """A block back at R counted replicas: forget its copies on dead servers. With R
+        copies on up servers, forget its copies beyond R too (see _excess)."""
         want = self._block_want(tx, block_id)
         if want is None:
             return
@@ -87,14 +106,15 @@ class RepairOps(CoreBase):
         alive = [sid for sid, st in states.items() if st != DEAD]
         if self._counted_replicas(tx, block_id, alive) < want:
             return
-        dead = [
-            r[0]
-            for r in tx.all("SELECT server_id FROM replicas WHERE block_id = ?", (block_id,))
-            if states.get(r[0], DEAD) == DEAD
-        ]
-        if dead:
-            tx.run_many("DELETE FROM replicas WHERE block_id = ? AND server_id = ?", [(block_id, s) for s in dead])
-            self._garbage(tx, block_id, dead, now)
+        rows = tx.all(
+            "SELECT r.server_id, r.rank, s.free_bytes FROM replicas r JOIN servers s ON s.server_id = r.server_id"
+            " WHERE r.block_id = ?", (block_id,),
+        )
+        drop = [r[0] for r in rows if states.get(r[0], DEAD) == DEAD]
+        drop += _excess([(r[0], states[r[0]], r[1], r[2]) for r in rows if r[0] in alive], want)
+        if drop:
+            tx.run_many("DELETE FROM replicas WHERE block_id = ? AND server_id = ?", [(block_id, s) for s in drop])
+            self._garbage(tx, block_id, drop, now)
 
     def _drop_replica(self, tx: Tx, block_id: int, server_id: int) -> bool:
         return tx.run(
@@ -230,7 +250,10 @@ class RepairOps(CoreBase):
                 )
             ]
             sources = [(a, st, rank) for a, st, rank in sources if st != DEAD]
-            if not sources or self._block_want(tx, block_id) is None:
+            want = self._block_want(tx, block_id)
+            # No source, no file, or back at R since it was queued (a server judged dead
+            # came back with its copy): nothing to copy.
+            if not sources or want is None or len(sources) >= want:
                 tx.run("DELETE FROM replication WHERE block_id = ? AND server_id = ?", (block_id, server_id))
                 self.replan = True
                 continue

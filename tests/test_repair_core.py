@@ -232,6 +232,37 @@ def test_rereplication_after_a_server_dies(env):
     assert sorted(reply.delete) == sorted(on1) and reply.block_report
 
 
+def test_a_server_back_while_its_blocks_are_copied_leaves_r_copies(env):
+    """A server judged dead that comes back (a slow restart) while its blocks are being
+    copied elsewhere: a copy that lands after its return makes three of R = 2, and the
+    one on the fullest server goes to garbage; a task not handed out yet is dropped."""
+    for n in (1, 2, 3):
+        env.add(n)
+    f = env.create(b"f")
+    allocs = env.write(f.ino, list(range(12)))
+    on1 = sorted(a.block_id for a in allocs if addr(1) in a.servers)
+    assert len(on1) >= 2
+    kill(env, 1, [2, 3])
+    assert env.core.sweep()["replication_tasks_planned"] == len(on1)
+    copied = {t.block_id: 2 for t in env.beat(2).replicate}
+    assert copied and len(copied) < len(on1)  # the rest wait for server 3's beat
+    env.beat(1)  # back, with every copy it had
+    env.report(1, on1)
+    assert env.beat(3).replicate == []  # back at R since queued: not handed out
+    env.beat(2, free=50 * GiB)  # the fullest server
+    env.core.replicated(ReplicatedReq(server_id=env.servers[2], block_ids=sorted(copied)))
+    st = env.status()
+    assert (st.under_replicated, st.lost) == (0, 0)
+    for ref in env.block_map(f.ino):
+        assert len(ref.servers) == 2, ref
+        if ref.block_id in copied:  # on 1 and 3, copied to 2
+            assert sorted(ref.servers) == [addr(1), addr(3)], ref
+    assert env.core.sweep()["replication_tasks_planned"] == 0
+    env.clock.advance(31)
+    env.beat_all(1, 3)
+    assert set(env.beat(2, free=50 * GiB).delete) == set(copied)
+
+
 def test_tasks_of_a_target_that_dies_are_planned_again_elsewhere(env):
     """A copy queued for a server that then stops answering is not left waiting for the
     task timeout: once the target is not up its queued tasks are dropped, once dead its
