@@ -142,6 +142,8 @@ DEFAULT_WORKERS = 16
 CALLER_WORKERS = DEFAULT_WORKERS // 2
 #: How long a server may take to bind and start.
 START_TIMEOUT_S = 30.0
+#: How often a stopping server looks whether its last running call has ended.
+STOP_POLL_S = 0.02
 #: Connections a server holds at most (more are refused at once): what a flood of idle or
 #: half-open connections can take, leaving the rest of the descriptors for block files and
 #: the database. Default: half the descriptor limit, at most this.
@@ -577,21 +579,24 @@ class Server:
         dispatch = Dispatch(methods, impl, service)
         revocations = Revocations(revoked)
         shares = _Shares(self.pool, max(1, min(CALLER_WORKERS, workers - 1)))
+        #: calls running now, besides streams' (self.streams.running) and WAIT calls
+        self.calls = 0
         handlers = {}
         for name, method in methods.items():
             if method.kind == UPLOAD:
-                handlers[name] = grpc.stream_unary_rpc_method_handler(_upload_handler(dispatch, name, revocations))
+                handlers[name] = grpc.stream_unary_rpc_method_handler(
+                    self._counted(_upload_handler(dispatch, name, revocations)))
             elif method.kind == DOWNLOAD:
-                handlers[name] = grpc.unary_stream_rpc_method_handler(_download_handler(dispatch, name, revocations))
-            elif method.kind == WAIT:
+                handlers[name] = grpc.unary_stream_rpc_method_handler(
+                    self._counted_stream(_download_handler(dispatch, name, revocations)))
+            elif method.kind == WAIT:  # (waiting on others, not running: not counted)
                 handlers[name] = grpc.unary_unary_rpc_method_handler(_wait_handler(dispatch, name, revocations))
             else:
                 handlers[name] = grpc.unary_unary_rpc_method_handler(
-                    _unary_handler(dispatch, name, revocations, shares))
+                    self._counted(_unary_handler(dispatch, name, revocations, shares)))
+        self.streams = _StreamHandler(dispatch, revocations, self.pool, shares)
         # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
-        handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(
-            _StreamHandler(dispatch, revocations, self.pool, shares).serve
-        )
+        handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(self.streams.serve)
 
         async def start() -> tuple[grpc.aio.Server, int]:
             cap = max_connections or default_max_connections()
@@ -610,10 +615,50 @@ class Server:
             self._close_loop()
             raise
 
+    def _counted(self, handle: Callable) -> Callable:
+        """A coroutine handler whose calls count in self.calls while they run."""
+        async def counted(request: Any, context: Any) -> Any:
+            self.calls += 1
+            try:
+                return await handle(request, context)
+            finally:
+                self.calls -= 1
+
+        return counted
+
+    def _counted_stream(self, handle: Callable) -> Callable:
+        """An async generator handler whose calls count in self.calls while they run."""
+        async def counted(request: Any, context: Any) -> Any:
+            self.calls += 1
+            try:
+                async for message in handle(request, context):
+                    yield message
+            finally:
+                self.calls -= 1
+
+        return counted
+
+    def busy(self) -> bool:
+        """A call is running (on the event loop's thread: the counts are its own)."""
+        return self.calls > 0 or self.streams.running > 0
+
     def stop(self, grace_s: Optional[float]) -> None:
-        """Refuse new calls, give running ones `grace_s` to finish, then end them."""
+        """Refuse new calls, give running ones `grace_s` to finish, then end them, and with
+        them streams waiting for their client's next call and WAIT calls (a lock wait: its
+        client asks again). Returns as soon as nothing runs: gRPC's own graceful stop also
+        waits for every connection to close, and an idle one of a synchronous client (its
+        channel reads the socket only during its calls, so it never sees the goodbye) held
+        it for the whole grace."""
+        async def stop() -> None:
+            graceful = asyncio.ensure_future(self._server.stop(grace_s))
+            while not graceful.done() and self.busy():
+                await asyncio.wait([graceful], timeout=STOP_POLL_S)
+            if not graceful.done():
+                await self._server.stop(None)
+            await graceful
+
         try:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self.loop).result()
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
         finally:
             self._close_loop()
 
