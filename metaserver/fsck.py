@@ -13,8 +13,10 @@ The checks, in order (a repair made by one is seen by the next):
 - block maps: blocks of missing inodes, replicas on unknown servers;
 - inline block 0s: on a file that also has a stored block 0 or is not a regular file,
   longer than a block, or failing their checksum (lost: there is no other copy);
-- replication: under-replicated blocks (re-replication is scheduled) and lost ones
-  (nothing to copy from: not repairable here);
+- replication: under-replicated blocks (re-replication is scheduled), lost ones
+  (nothing to copy from: not repairable here), and over-replicated ones, with more
+  copies than R on live servers and R on up ones (the rest become garbage, as when a
+  copy lands: repair.py `_settle`);
 - allocations pending past the pending timeout; garbage for unknown servers.
 
 The whole check is one transaction, so it sees (and leaves) one consistent state. Each
@@ -86,6 +88,14 @@ class FsckOps(RepairOps):
                     rep.problem("replication", f"{under - lost} blocks under-replicated", fix)
                 if lost:
                     rep.problem("replication", f"{lost} blocks lost: no replica on a live data server")
+            over = self._over_replicated(tx, now)
+            if over:
+                fix = None
+                if req.repair:
+                    for block_id in over:
+                        self._settle(tx, block_id, now)
+                    fix = f"copies beyond the replica count of {len(over)} blocks sent to garbage"
+                rep.problem("replication", f"{len(over)} blocks over-replicated", fix)
             if req.repair:
                 # Check the block maps against the disks too: every live server reports
                 # what it holds at its next heartbeat (reconciled as in repair.py).

@@ -144,6 +144,25 @@ class RepairOps(CoreBase):
             self.replan, self.next_full_plan_ns = True, next_full_plan_ns
             raise
 
+    def _over_replicated(self, tx: Tx, now: int) -> list[int]:
+        """Blocks with copies beyond R on live servers, R of them on up servers: what
+        `_settle` trims. A scan of every block, for fsck: copies that land are trimmed as
+        they land, so only a state from before that (or a store edited by hand) has any."""
+        states = self._server_states(tx, now)
+        alive = [sid for sid, st in states.items() if st != DEAD]
+        up = [sid for sid, st in states.items() if st == UP]
+        return [r[0] for r in tx.all(
+            "SELECT block_id FROM ("
+            " SELECT b.block_id, CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
+            f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
+            "   AS live,"
+            f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(up)})"
+            "   AS up"
+            " FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted"
+            " WHERE live > want AND up >= want ORDER BY block_id",
+            (want_replicas(0),),
+        )]
+
     def _plan(self, tx: Tx, now: int) -> int:
         servers = self._servers(tx, now)
         alive = [row["server_id"] for row, st in servers if st != DEAD]

@@ -263,6 +263,29 @@ def test_a_server_back_while_its_blocks_are_copied_leaves_r_copies(env):
     assert set(env.beat(2, free=50 * GiB).delete) == set(copied)
 
 
+def test_fsck_reports_and_trims_copies_beyond_r(env):
+    """A block with three copies of R = 2 (as the race above left them before copies that
+    land were trimmed): fsck reports it, and its repair drops the newest on a tie of room,
+    as garbage."""
+    for n in (1, 2, 3):
+        env.add(n)
+    f = env.create(b"f")
+    (a,) = env.write(f.ino, [0])
+    (extra,) = [n for n in (1, 2, 3) if addr(n) not in a.servers]
+    with env.core.store.transaction() as tx:
+        tx.run("INSERT INTO replicas (block_id, server_id, rank, created_ns) VALUES (?, ?, 5, 0)",
+               (a.block_id, env.servers[extra]))
+    assert len(env.block_map(f.ino)[0].servers) == 3
+    assert env.core.fsck(FsckReq()).problems == ["1 blocks over-replicated"]
+    fixed = env.core.fsck(FsckReq(repair=True))
+    assert fixed.repaired == ["copies beyond the replica count of 1 blocks sent to garbage"]
+    assert env.core.fsck(FsckReq()).problems == []
+    assert env.block_map(f.ino)[0].servers == a.servers
+    env.clock.advance(31)
+    env.beat_all(*(n for n in (1, 2, 3) if n != extra))
+    assert env.beat(extra).delete == [a.block_id]
+
+
 def test_tasks_of_a_target_that_dies_are_planned_again_elsewhere(env):
     """A copy queued for a server that then stops answering is not left waiting for the
     task timeout: once the target is not up its queued tasks are dropped, once dead its
