@@ -377,9 +377,10 @@ def test_top(env):
     proc = subprocess.Popen(cli("top", *sources, "--once", "--interval", "3", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:
-        deadline = time.monotonic() + 2.5
+        # Busy until top has taken both its samples, however long it takes to start.
+        deadline = time.monotonic() + 60
         i = 0
-        while time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline:
             (work / f"f{i}").write_bytes(os.urandom(64 * 1024))
             (work / f"f{i}").read_bytes()
             i += 1
