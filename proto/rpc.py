@@ -284,6 +284,7 @@ class _StreamHandler:
         self.pool = pool
         self.shares = shares
         self.running = 0  # stream calls on worker threads now, over every stream
+        self.applying = 0  # batches applied on worker threads now (not inline), likewise
         self.apply_batch: Optional[Callable[..., list[BatchResult]]] = getattr(dispatch.impl, "apply_batch", None)
         #: batches run on the event-loop thread (the implementation's word: False when each
         #: of its statements is a network round trip, as with a database server)
@@ -406,7 +407,11 @@ class _StreamHandler:
             if self.batches_inline:
                 results = apply()
             else:
-                results = await asyncio.get_running_loop().run_in_executor(self.pool, apply)
+                self.applying += 1
+                try:
+                    results = await asyncio.get_running_loop().run_in_executor(self.pool, apply)
+                finally:
+                    self.applying -= 1
         except Exception:  # noqa: BLE001 - the whole batch failed (the store, say)
             log.exception("a batch of %d calls failed", len(checked))
             results = [(FsError(errno.EIO, "internal error"), None)] * len(checked)
@@ -579,7 +584,7 @@ class Server:
         dispatch = Dispatch(methods, impl, service)
         revocations = Revocations(revoked)
         shares = _Shares(self.pool, max(1, min(CALLER_WORKERS, workers - 1)))
-        #: calls running now, besides streams' (self.streams.running) and WAIT calls
+        #: calls running now, besides streams' (self.streams.running, .applying) and WAIT calls
         self.calls = 0
         handlers = {}
         for name, method in methods.items():
@@ -640,7 +645,7 @@ class Server:
 
     def busy(self) -> bool:
         """A call is running (on the event loop's thread: the counts are its own)."""
-        return self.calls > 0 or self.streams.running > 0
+        return self.calls > 0 or self.streams.running > 0 or self.streams.applying > 0
 
     def stop(self, grace_s: Optional[float]) -> None:
         """Refuse new calls, give running ones `grace_s` to finish, then end them, and with

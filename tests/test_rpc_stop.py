@@ -14,8 +14,8 @@ import pytest
 
 from stripefs.proto import rpc
 from stripefs.proto.errors import FsError
-from stripefs.proto.messages import BlockData, GetBlockReq
-from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
+from stripefs.proto.messages import BlockData, Empty, GetBlockReq
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE, META_METHODS, META_SERVICE
 
 from pki import Pki
 
@@ -102,3 +102,56 @@ def test_a_call_running_at_stop_is_answered(tmp_path):
     finally:
         service.release.set()
         stub.close()
+
+
+class SlowBatches:
+    """A metadata service whose stream batches run on a worker thread (as with PostgreSQL)
+    and whose `sync` waits until released."""
+
+    batches_inline = False
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def sync(self, req: Empty) -> Empty:
+        self.started.set()
+        self.release.wait(GRACE_S)
+        return Empty()
+
+    def apply_batch(self, calls, run):
+        return [(run(name, req), None) for name, req in calls]
+
+
+def test_a_stream_batch_running_at_stop_is_answered(tmp_path):
+    import trio
+
+    from stripefs.client.transport import StreamTransport
+
+    pki = Pki(tmp_path / "pki")
+    service = SlowBatches()
+    server, port = rpc.serve(META_SERVICE, META_METHODS, service, pki.creds("meta", "server"), "127.0.0.1:0")
+    replies: list = []
+
+    async def call() -> None:
+        t = StreamTransport(f"127.0.0.1:{port}", pki.creds("client", "c"), META_SERVICE, META_METHODS)
+        try:
+            replies.append(await t.call("sync", Empty(), GRACE_S))
+        finally:
+            t.close()
+
+    caller = threading.Thread(target=trio.run, args=(call,))
+    try:
+        caller.start()
+        assert service.started.wait(30)
+        stopper = threading.Thread(target=server.stop, args=(GRACE_S,))
+        stopper.start()
+        time.sleep(0.5)
+        assert stopper.is_alive()  # waiting for the batch on its worker thread
+        service.release.set()
+        stopper.join(GRACE_S / 2)
+        assert not stopper.is_alive()
+        caller.join(30)
+        assert replies == [Empty()]
+    finally:
+        service.release.set()
