@@ -155,3 +155,38 @@ def test_a_stream_batch_running_at_stop_is_answered(tmp_path):
         assert replies == [Empty()]
     finally:
         service.release.set()
+
+
+#: Servers started, called and stopped one after the other with the grace given, in a
+#: process of its own (a crash must not take the tests with it).
+STOP_MANY = """
+import sys
+from stripefs.proto import rpc
+from stripefs.proto.credentials import load_credentials
+from stripefs.proto.messages import BlockData, GetBlockReq
+from stripefs.proto.services import DATA_METHODS, DATA_SERVICE
+class Quick:
+    def get_block(self, req):
+        return BlockData(b"x")
+server_creds, client_creds = load_credentials(sys.argv[1]), load_credentials(sys.argv[2])
+for _ in range(int(sys.argv[4])):
+    server, port = rpc.serve(DATA_SERVICE, DATA_METHODS, Quick(), server_creds, "127.0.0.1:0")
+    stub = rpc.Stub(f"127.0.0.1:{port}", client_creds, DATA_SERVICE, DATA_METHODS)
+    stub.call("get_block", GetBlockReq(3))
+    server.stop(float(sys.argv[3]))
+    stub.close()
+"""
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 0.5, 1.0, 2.0])
+def test_stops_one_after_another_do_not_crash(tmp_path, grace_s):
+    """grpc.aio crashes when a second stop destroys the server while the first one's grace
+    runs out (with a grace of 0, within a few dozen stops before Server.stop kept them
+    apart)."""
+    pki = Pki(tmp_path / "pki")
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_MANY, str(pki.bundle("data", "server")), str(pki.bundle("client", "c")),
+         str(grace_s), "60"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
