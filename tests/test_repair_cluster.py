@@ -1,7 +1,8 @@
 """Failure handling against real processes on loopback (tests/cluster.py): a SIGKILLed
 data server's blocks get back to R live copies, a returning server's stale copies are
 deleted, scrubbing replaces a block with a flipped byte, a block report reconciles a
-restarted server's disk, and `stripefs fsck` reports and repairs.
+restarted server's disk, a server back during its repair leaves R copies, and `stripefs
+fsck` reports and repairs.
 
 Files are written through proto stubs as the client library would (alloc, put to every
 replica, commit), with 64 KiB blocks so that many blocks cost little. Timeouts are short
@@ -212,6 +213,22 @@ def test_block_report_reconciles_a_restarted_server(fast_cluster):
     wait_for(lambda: fully_replicated(c, w, ino), REPAIR_WITHIN_S, "lost copy re-made")
     wait_for(lambda: w.check_every_replica(ino, content), REPAIR_WITHIN_S, "every listed replica right")
     assert fsck(c).returncode == 0
+
+
+def test_a_server_back_during_its_repair_ends_with_r_copies(fast_cluster):
+    """A data server judged dead comes back while its blocks are being copied elsewhere
+    (a slow restart): whichever copies land before or after its return, every block ends
+    with exactly R copies, and fsck (which reports copies beyond R) is clean."""
+    c, w = fast_cluster
+    ino, content = w.write_file(b"f", 24)
+    c.kill_data(1)
+    wait_for(lambda: any(s["state"] == "dead" for s in c.status()["servers"]), 10, "server seen dead")
+    c.start_data(1)
+    wait_for(lambda: {s["state"] for s in c.status()["servers"]} == {"up"}, REPAIR_WITHIN_S, "server back up")
+    wait_for(lambda: fully_replicated(c, w, ino), REPAIR_WITHIN_S, "R=2 copies of every block")
+    wait_for(lambda: w.check_every_replica(ino, content), REPAIR_WITHIN_S, "every listed replica right")
+    done = fsck(c)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_fsck_cli_reports_and_repairs(fast_cluster):
