@@ -63,6 +63,21 @@ time.sleep(float(sys.argv[3]))
 """
 
 
+def stop_during(server, service, caller: threading.Thread) -> None:
+    """Start `caller`, whose call waits in `service` until released, and stop the server
+    while it waits: the stop waits for the call, and returns once it is released."""
+    caller.start()
+    assert service.started.wait(30)
+    stopper = threading.Thread(target=server.stop, args=(GRACE_S,))
+    stopper.start()
+    time.sleep(0.5)
+    assert stopper.is_alive()  # waiting for the running call
+    service.release.set()
+    stopper.join(GRACE_S / 2)
+    assert not stopper.is_alive()
+    caller.join(30)
+
+
 def test_stop_does_not_wait_for_an_idle_connection(tmp_path):
     pki, service, server, stub = serve(tmp_path)
     client = subprocess.Popen(
@@ -88,16 +103,7 @@ def test_a_call_running_at_stop_is_answered(tmp_path):
     replies: list = []
     caller = threading.Thread(target=lambda: replies.append(stub.call("get_block", GetBlockReq(1), timeout=GRACE_S)))
     try:
-        caller.start()
-        assert service.started.wait(30)
-        stopper = threading.Thread(target=server.stop, args=(GRACE_S,))
-        stopper.start()
-        time.sleep(0.5)
-        assert stopper.is_alive()  # waiting for the running call
-        service.release.set()
-        stopper.join(GRACE_S / 2)
-        assert not stopper.is_alive()
-        caller.join(30)
+        stop_during(server, service, caller)
         assert [r.data for r in replies] == [b"x"]
     finally:
         service.release.set()
@@ -142,16 +148,7 @@ def test_a_stream_batch_running_at_stop_is_answered(tmp_path):
 
     caller = threading.Thread(target=trio.run, args=(call,))
     try:
-        caller.start()
-        assert service.started.wait(30)
-        stopper = threading.Thread(target=server.stop, args=(GRACE_S,))
-        stopper.start()
-        time.sleep(0.5)
-        assert stopper.is_alive()  # waiting for the batch on its worker thread
-        service.release.set()
-        stopper.join(GRACE_S / 2)
-        assert not stopper.is_alive()
-        caller.join(30)
+        stop_during(server, service, caller)
         assert replies == [Empty()]
     finally:
         service.release.set()
