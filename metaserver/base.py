@@ -98,6 +98,16 @@ def id_list(ids: list[int]) -> str:
     return "(" + ",".join(str(int(i)) for i in ids) + ")" if ids else "(NULL)"
 
 
+#: A block's R in SQL over `inodes i` (its file), with the cluster default as its one
+#: parameter: want_replicas in SQL.
+WANT_SQL = "CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END"
+
+
+def copies_on_sql(server_ids: list[int]) -> str:
+    """The number of copies of block `b.block_id` on the servers `server_ids`, in SQL."""
+    return f"(SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(server_ids)})"
+
+
 def want_replicas(replicas_column: int) -> int:
     """A file's replica count R from its inode column (0: the cluster default)."""
     return replicas_column or DEFAULT_REPLICAS
@@ -543,9 +553,8 @@ class CoreBase:
             "SELECT COUNT(*) AS blocks,"
             " COALESCE(SUM(CASE WHEN live < CASE WHEN want < ? THEN want ELSE ? END THEN 1 ELSE 0 END), 0) AS under,"
             " COALESCE(SUM(CASE WHEN live = 0 THEN 1 ELSE 0 END), 0) AS lost FROM ("
-            "  SELECT CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
-            f"  (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
-            "   AS live FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted",
+            f"  SELECT {WANT_SQL} AS want, {copies_on_sql(alive)} AS live"
+            "  FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted",
             (len(alive), len(alive), DEFAULT_REPLICAS),
         )
         assert row is not None  # (an aggregate: always one row)

@@ -36,7 +36,7 @@ import logging
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import BadReplicaReq, BlockReportReq, Empty, ReplicatedReq, ReplicateTask
 
-from .base import ADMIN, DEAD, LOCAL, NS_PER_S, UP, Caller, CoreBase, id_list, want_replicas
+from .base import ADMIN, DEAD, LOCAL, NS_PER_S, UP, WANT_SQL, Caller, CoreBase, copies_on_sql, id_list, want_replicas
 from .store import Row, Tx
 
 log = logging.getLogger("stripefs.metaserver.repair")
@@ -103,15 +103,14 @@ class RepairOps(CoreBase):
         if want is None:
             return
         states = self._server_states(tx, now)
-        alive = [sid for sid, st in states.items() if st != DEAD]
-        if self._counted_replicas(tx, block_id, alive) < want:
-            return
         rows = tx.all(
             "SELECT r.server_id, r.rank, s.free_bytes FROM replicas r JOIN servers s ON s.server_id = r.server_id"
             " WHERE r.block_id = ?", (block_id,),
         )
-        drop = [r[0] for r in rows if states.get(r[0], DEAD) == DEAD]
-        drop += _excess([(r[0], states[r[0]], r[1], r[2]) for r in rows if r[0] in alive], want)
+        live = [(r[0], states[r[0]], r[1], r[2]) for r in rows if states.get(r[0], DEAD) != DEAD]
+        if len(live) < want:
+            return
+        drop = [r[0] for r in rows if states.get(r[0], DEAD) == DEAD] + _excess(live, want)
         if drop:
             tx.run_many("DELETE FROM replicas WHERE block_id = ? AND server_id = ?", [(block_id, s) for s in drop])
             self._garbage(tx, block_id, drop, now)
@@ -153,11 +152,7 @@ class RepairOps(CoreBase):
         up = [sid for sid, st in states.items() if st == UP]
         return [r[0] for r in tx.all(
             "SELECT block_id FROM ("
-            " SELECT b.block_id, CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
-            f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
-            "   AS live,"
-            f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(up)})"
-            "   AS up"
+            f" SELECT b.block_id, {WANT_SQL} AS want, {copies_on_sql(alive)} AS live, {copies_on_sql(up)} AS up"
             " FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted"
             " WHERE live > want AND up >= want ORDER BY block_id",
             (want_replicas(0),),
@@ -181,9 +176,7 @@ class RepairOps(CoreBase):
         candidates = tx.all(
             "SELECT * FROM ("
             " SELECT b.block_id, b.ino, b.idx, i.block_size,"
-            "  CASE WHEN i.replicas = 0 THEN ? ELSE i.replicas END AS want,"
-            f" (SELECT COUNT(*) FROM replicas r WHERE r.block_id = b.block_id AND r.server_id IN {id_list(alive)})"
-            "   AS live,"
+            f"  {WANT_SQL} AS want, {copies_on_sql(alive)} AS live,"
             "  (SELECT COUNT(*) FROM replication t WHERE t.block_id = b.block_id) AS queued"
             " FROM blocks b JOIN inodes i ON i.ino = b.ino) AS counted"
             " WHERE live >= 1 AND live + queued < CASE WHEN want < ? THEN want ELSE ? END"

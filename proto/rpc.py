@@ -662,19 +662,21 @@ class Server:
                 await self._server.stop(grace_s)
                 return
             loop = asyncio.get_running_loop()
-            # The second stop, which ends the graceful one, only with half a second or more
-            # of the grace left: grpc.aio's graceful stop, when its grace runs out, cancels
-            # the calls of a server that a second stop may have destroyed meanwhile (a
-            # segfault, seen in CI with a grace of 0). That is ample for a second stop with
-            # nothing running to end the server, and the graceful one then returns as it
-            # ended.
+            # The second stop, which ends the graceful one, only while half its grace or
+            # more (half a second at least) is left: grpc.aio's graceful stop, when its
+            # grace runs out, cancels the calls of a server that a second stop may have
+            # destroyed meanwhile (a segfault, seen in CI with a grace of 0). That is ample
+            # for a second stop with nothing running to end the server, and the graceful
+            # one then returns as it ended.
             last = loop.time() + grace_s / 2
             graceful = asyncio.ensure_future(self._server.stop(grace_s))
-            await asyncio.wait([graceful], timeout=STOP_POLL_S)
-            while not graceful.done() and self.busy() and loop.time() < last:
+            while True:
                 await asyncio.wait([graceful], timeout=STOP_POLL_S)
-            if not graceful.done() and not self.busy() and loop.time() < last:
-                await self._server.stop(None)
+                if graceful.done() or loop.time() >= last:
+                    break
+                if not self.busy():
+                    await self._server.stop(None)
+                    break
             await graceful
 
         try:
