@@ -7,9 +7,10 @@ The token key that write and read tokens are checked with comes from the metaser
 this server registers (server.py); until then no block is stored or served (EAGAIN).
 
 Blocks are written by `write_block`, the write chain (chain.py), and read whole by
-`read_block`, streamed in TRANSFER_CHUNK_BYTES chunks (the next chunk read from disk while
-the last one is sent): both run on the server's event loop with their disk work on
-`disk` threads. `get_block` reads a range in one reply (random readers, on the stream).
+`read_block`, streamed in TRANSFER_CHUNK_BYTES chunks: both run on the server's event loop
+with their disk work on `disk` threads, but a chunk that the page cache holds
+(get_cached: a streamed read's chunks after the first, which the kernel reads ahead while
+the one before goes out) is read on the loop itself. `get_block` reads a range in one reply (random readers, on the stream).
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ class DataService:
             if not check_read_token(self.token_key, req.block_id, str(caller), req.token, time.time()):
                 raise FsError(errno.EACCES, f"no valid read token for block {req.block_id}")
 
-    def _get(self, block_id: int, offset: int, length: int) -> bytes:
+    def _get(self, block_id: int, offset: int, length: int, cached_only: bool = False) -> Optional[bytes]:
+        """store.get, counted, a corrupt copy moved aside; with `cached_only`, store.get_cached
+        (None: not all in the page cache)."""
         try:
-            data = self.store.get(block_id, offset, length)
-            metrics.data().read_bytes.inc(len(data))
+            data = (self.store.get_cached if cached_only else self.store.get)(block_id, offset, length)
+            if data is not None:
+                metrics.data().read_bytes.inc(len(data))
             return data
         except FsError as exc:
             # A checksum failure: the copy leaves service now (the reader tries another
@@ -78,6 +82,7 @@ class DataService:
     def get_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> BlockData:
         self._may_read(req, caller)
         data = self._get(req.block_id, req.offset, req.length)
+        assert data is not None
         return BlockData(data=data, leaves=self.store.get_leaves(req.block_id) if req.leaves else b"")
 
     async def read_block(self, req: GetBlockReq, caller: Caller = LOCAL) -> tuple[BlockData, AsyncIterator[bytes]]:
@@ -88,10 +93,20 @@ class DataService:
         loop = asyncio.get_running_loop()
         end = None if req.length == -1 else req.offset + req.length
 
-        def read(offset: int) -> bytes:
+        def read(offset: int, cached_only: bool = False) -> Optional[bytes]:
             n = TRANSFER_CHUNK_BYTES if end is None else min(TRANSFER_CHUNK_BYTES, end - offset)
-            return self._get(req.block_id, offset, n) if n > 0 else b""
+            return self._get(req.block_id, offset, n, cached_only) if n > 0 else b""
 
+        async def fetch(offset: int) -> Optional[bytes]:
+            # A chunk the page cache holds is read here, on the event loop: a hand-off to
+            # a disk thread and back costs more than the read itself. The rest is read on
+            # a disk thread, so that the loop never waits for the disk.
+            data = read(offset, cached_only=True)
+            return data if data is not None else await loop.run_in_executor(self.disk, read, offset)
+
+        # The first chunk on a disk thread: the block is most likely cold, and even the
+        # open of its file may wait for the disk (its name and inode); the later chunks'
+        # opens find them cached.
         first = await loop.run_in_executor(self.disk, read, req.offset)
         leaves = await loop.run_in_executor(self.disk, self.store.get_leaves, req.block_id) if req.leaves else b""
 
@@ -99,10 +114,12 @@ class DataService:
             data, offset = first, req.offset
             while data:
                 offset += len(data)
-                # The next chunk comes off the disk while this one goes out.
-                nxt = loop.run_in_executor(self.disk, read, offset) if len(data) == TRANSFER_CHUNK_BYTES else None
+                full = len(data) == TRANSFER_CHUNK_BYTES
                 yield data
-                data = await nxt if nxt is not None else b""
+                # The next chunk, once this one has gone out: the kernel has read it ahead
+                # meanwhile (the first chunk's read started that for the whole block), so
+                # it is read here, and on a disk thread only if it is not there yet.
+                data = await fetch(offset) if full else b""
 
         return BlockData(leaves=leaves), chunks()
 

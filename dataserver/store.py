@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -143,6 +144,56 @@ def _drop_written(fd: int, on_disk: bool) -> None:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+# cachestat(2) (Linux 6.5 and later): how many pages of a range of a file are in the page
+# cache. A streamed read asks it before reading a chunk on the event loop (get_cached).
+_CACHESTAT_NR = 451  # the same number on every architecture (the generic syscall table)
+_PAGE_BYTES = mmap.PAGESIZE
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64), ("nr_writeback", ctypes.c_uint64),
+                ("nr_evicted", ctypes.c_uint64), ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+def _libc_syscall() -> Optional[Callable[..., int]]:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_syscall = _libc_syscall() if os.uname().sysname == "Linux" else None
+_cachestat_works = _syscall is not None
+
+
+def _pages_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of [offset, offset+length) of the file is in the page cache.
+    False where the kernel cannot say (no cachestat: before Linux 6.5), so a caller that
+    must not wait for the disk reads elsewhere."""
+    global _cachestat_works
+    if not _cachestat_works or length <= 0:
+        return _cachestat_works
+    first = offset // _PAGE_BYTES
+    pages = (offset + length + _PAGE_BYTES - 1) // _PAGE_BYTES - first
+    rng, st = _CachestatRange(first * _PAGE_BYTES, pages * _PAGE_BYTES), _Cachestat()
+    assert _syscall is not None
+    if _syscall(_CACHESTAT_NR, ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(st), ctypes.c_uint(0)) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # not this kernel (or a seccomp filter)
+            _cachestat_works = False
+        return False
+    return st.nr_cache >= pages
+
+
+class _NotCached(Exception):
+    """get_cached: a page it would read is not in the page cache."""
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -345,6 +396,20 @@ class BlockStore:
             raise FsError(errno.EINVAL, f"block {block_id}: bad range {offset}+{length}")
         return self._reading(block_id, lambda fd: self._read_range(fd, offset, length))
 
+    def get_cached(self, block_id: int, offset: int = 0, length: int = -1) -> Optional[bytes]:
+        """`get`, from the page cache only: None where a page it would read is not there
+        (or the kernel cannot say), so that a caller on an event loop reads there only
+        what will not wait for the disk, and hands the rest to a thread. The pages of the
+        file are asked about, not its name and inode: for a block read a moment ago (a
+        streamed read's chunks after its first, which are there as a rule, the kernel
+        having read ahead the block: see _read_range)."""
+        if not isinstance(offset, int) or offset < 0 or not isinstance(length, int) or length < -1:
+            raise FsError(errno.EINVAL, f"block {block_id}: bad range {offset}+{length}")
+        try:
+            return self._reading(block_id, lambda fd: self._read_range(fd, offset, length, cached_only=True))
+        except _NotCached:
+            return None
+
     def get_leaves(self, block_id: int) -> bytes:
         """The leaf hashes stored with a block (b"" for a block stored without them)."""
 
@@ -401,7 +466,12 @@ class BlockStore:
         return version, sub, data_start, data_len, trailer_len
 
     @classmethod
-    def _read_range(cls, fd: int, offset: int, length: int) -> bytes:
+    def _read_range(cls, fd: int, offset: int, length: int, cached_only: bool = False) -> bytes:
+        """Bytes [offset, offset+length) of an open block file, each covering sub-block
+        verified; with `cached_only`, _NotCached unless every page read is in the page
+        cache (the header's, checked before reading it, and the range's)."""
+        if cached_only and not _pages_cached(fd, 0, FIXED_HEADER.size):
+            raise _NotCached()
         _, sub, data_start, data_len, _ = cls._layout(fd)
         end = data_len if length == -1 else min(data_len, offset + length)
         if offset >= end:
@@ -412,11 +482,15 @@ class BlockStore:
         # takes a first chunk's data read below for a sequential reader's and reads ahead
         # widely; a layout that breaks that makes cold reads cost 2.3x the system time
         # (docs/dataserver.md, "Cold reads and the kernel's read-ahead").
+        if cached_only and not _pages_cached(fd, FIXED_HEADER.size + _CRC.size * first, _CRC.size * count):
+            raise _NotCached()
         crcs = struct.unpack(
             f"<{count}I", _pread_exact(fd, _CRC.size * count, FIXED_HEADER.size + _CRC.size * first)
         )
         span_start = first * sub
         span_end = min(data_len, (last + 1) * sub)
+        if cached_only and not _pages_cached(fd, data_start + span_start, span_end - span_start):
+            raise _NotCached()
         buf = _pread_exact(fd, span_end - span_start, data_start + span_start)
         view = memoryview(buf)
         for i, expected in enumerate(crcs):

@@ -385,3 +385,45 @@ def test_small_reads_sent_together_are_answered_together(data_server, pki):
     with pytest.raises(FsError) as info:
         codec.decode_reply(BlockData, got[len(asked) - 1])
     assert info.value.errno == errno.ENOENT
+
+
+def test_a_streamed_read_reads_cached_chunks_on_its_loop(tmp_path, monkeypatch):
+    """read_block reads a chunk after the first that the page cache holds on the event
+    loop and hands only the others to a disk thread: of a cold block the first chunk goes
+    to one (the kernel then reads the rest ahead, so the others mostly do not), of a block
+    read just before only the first, and where the kernel cannot say what it holds, every
+    chunk; every byte arrives."""
+    import asyncio
+
+    import stripefs.dataserver.store as store_mod
+
+    store = BlockStore(tmp_path / "data")
+    service = DataService(store)
+    data = os.urandom(4 << 20)
+    store.put(21, data)  # drop-behind: not cached
+    handed: list[object] = []
+    submit = service.disk.submit
+
+    def counted(fn, *args, **kwargs):
+        handed.append(fn)
+        return submit(fn, *args, **kwargs)
+
+    service.disk.submit = counted  # type: ignore[method-assign]
+
+    async def read_whole() -> bytes:
+        reply, chunks = await service.read_block(GetBlockReq(block_id=21, offset=0, length=-1))
+        return b"".join([c async for c in chunks])
+
+    try:
+        assert asyncio.run(read_whole()) == data
+        cold = len(handed)
+        handed.clear()
+        assert asyncio.run(read_whole()) == data
+        if store_mod._cachestat_works:
+            assert 1 <= cold <= 4 and len(handed) == 1
+        handed.clear()
+        monkeypatch.setattr(store_mod, "_cachestat_works", False)  # a kernel before 6.5
+        assert asyncio.run(read_whole()) == data
+        assert len(handed) == 5  # four chunks, and the read that finds the block's end
+    finally:
+        service.close()

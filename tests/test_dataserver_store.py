@@ -415,3 +415,46 @@ def test_streamed_writer_checks_each_chunk(store):
         assert info.value.errno == errno.EINVAL
     finally:
         w.close()
+
+
+def test_get_cached_reads_only_what_the_page_cache_holds(store, tmp_path, monkeypatch):
+    """get_cached answers as get does for a range the page cache holds whole (the later
+    chunks of a block whose first chunk was read: the kernel read the block ahead), and
+    None where a page of it would come from the disk, or where the kernel cannot say (no
+    cachestat: before Linux 6.5). A missing block is ENOENT, a corrupt one EIO, as for get."""
+    import stripefs.dataserver.store as mod
+
+    data = os.urandom(4 << 20)
+    store.put(12, data)  # drop-behind: nothing of it is cached after the write
+    fd = os.open(block_file(tmp_path, 12), os.O_RDONLY)
+    try:
+        mod._pages_cached(fd, 0, 1)  # finds out whether the kernel has cachestat(2)
+    finally:
+        os.close(fd)
+    if not mod._cachestat_works:
+        pytest.skip("this kernel has no cachestat(2) (Linux 6.5)")
+    assert store.get_cached(12, 1 << 20, 1 << 20) is None
+    assert store.get(12, 0, 1 << 20) == data[: 1 << 20]
+    for k in range(4):
+        assert store.get_cached(12, k << 20, 1 << 20) == data[k << 20: (k + 1) << 20]
+    assert store.get_cached(12, 5, 10) == data[5:15]
+    fd = os.open(block_file(tmp_path, 12), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # all gone...
+        os.pread(fd, 16, 0)  # ... but the header's page
+    finally:
+        os.close(fd)
+    assert store.get_cached(12, 2 << 20, 1 << 20) is None
+    with pytest.raises(FsError) as info:
+        store.get_cached(13)
+    assert info.value.errno == errno.ENOENT
+    path = block_file(tmp_path, 12)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    store.get(12, 0, 1)  # the header's page and the first data page cached again
+    with pytest.raises(FsError) as info:
+        store.get_cached(12, len(data) - 1, 1)
+    assert info.value.errno == errno.EIO and store.is_corrupt(12)
+    monkeypatch.setattr(mod, "_cachestat_works", False)
+    assert store.get_cached(12, 0, 1) is None
