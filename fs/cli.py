@@ -839,7 +839,11 @@ def _transfer_progress(command: str, first: str, as_json: bool):
                         disable=as_json or not err.is_terminal)
 
     def on_error(text: str) -> None:
-        progress.console.print(f"stripefs {command}: {text}", style="red" if err.is_terminal else None)
+        # One line an error, however long (soft_wrap): rich wraps at the console's width,
+        # 80 columns where stderr is a pipe, which split a failed path's line in two for
+        # whatever reads it (grep, a log).
+        progress.console.print(f"stripefs {command}: {text}", style="red" if err.is_terminal else None,
+                               soft_wrap=True)
 
     return progress, progress.add_task(first, total=None), on_error
 
