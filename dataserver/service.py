@@ -100,7 +100,7 @@ class DataService:
         async def fetch(offset: int) -> Optional[bytes]:
             # A chunk the page cache holds is read here, on the event loop: a hand-off to
             # a disk thread and back costs more than the read itself. The rest is read on
-            # a disk thread, so that the loop never waits for the disk.
+            # a disk thread, so that the loop starts no disk read (store.get_cached).
             data = read(offset, cached_only=True)
             return data if data is not None else await loop.run_in_executor(self.disk, read, offset)
 

@@ -398,8 +398,9 @@ class BlockStore:
 
     def get_cached(self, block_id: int, offset: int = 0, length: int = -1) -> Optional[bytes]:
         """`get`, from the page cache only: None where a page it would read is not there
-        (or the kernel cannot say), so that a caller on an event loop reads there only
-        what will not wait for the disk, and hands the rest to a thread. The pages of the
+        (or the kernel cannot say), so that a caller on an event loop starts no disk read
+        there (it may wait for the end of a read-ahead already under way for those pages:
+        cachestat counts them as cached), and hands the rest to a thread. The pages of the
         file are asked about, not its name and inode: for a block read a moment ago (a
         streamed read's chunks after its first, which are there as a rule, the kernel
         having read ahead the block: see _read_range)."""
