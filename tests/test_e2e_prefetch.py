@@ -244,9 +244,11 @@ def test_a_plans_block_reads_travel_together(tmp_path):
         assert now["fetched_bytes"] == count * SAMPLE and now["failed"] == 0, now
         reads, received, sent = (b - a for a, b in zip(before, totals()))
         assert reads == count
-        # Measured: 15-34 messages each way (taken one at a time, as before: a reply
-        # message a read, and a request message for every one to four).
-        assert received * 2 <= reads and sent * 2 <= reads, (reads, received, sent)
+        # Measured: 15-34 messages each way on a quiet machine, 51-53 once in CI on a
+        # loaded one (taken one at a time, as before: a reply message a read, and a
+        # request message for every one to four). Bounded at three quarters of the reads:
+        # replies one a read fail it, a loaded machine's fewer groups do not.
+        assert received * 4 <= reads * 3 and sent * 4 <= reads * 3, (reads, received, sent)
         for rel in rels[:8]:
             assert (reader.path / rel).read_bytes() == made[rel]
 
