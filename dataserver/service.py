@@ -10,7 +10,8 @@ Blocks are written by `write_block`, the write chain (chain.py), and read whole 
 `read_block`, streamed in TRANSFER_CHUNK_BYTES chunks: both run on the server's event loop
 with their disk work on `disk` threads, but a chunk that the page cache holds
 (get_cached: a streamed read's chunks after the first, which the kernel reads ahead while
-the one before goes out) is read on the loop itself. `get_block` reads a range in one reply (random readers, on the stream).
+the one before goes out) is read on the loop itself. `get_block` reads a range in one
+reply (random readers, on the stream).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import crc32c
 
@@ -115,17 +115,22 @@ DROP_BEHIND = True
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
-def _libc_sync_file_range() -> Optional[Callable[..., int]]:
+def _libc_function(name: str, restype: Any, argtypes: Optional[list] = None) -> Optional[Callable[..., int]]:
+    """The C library's function `name` (errno kept for ctypes.get_errno), or None where
+    there is none (not Linux with glibc)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux with glibc: writes stay cached
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    fn.restype = restype
+    if argtypes is not None:
+        fn.argtypes = argtypes
     return fn
 
 
-_sync_file_range = _libc_sync_file_range()
+# Without it (not Linux with glibc) writes stay cached.
+_sync_file_range = _libc_function("sync_file_range", ctypes.c_int,
+                                  [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -161,16 +166,8 @@ class _Cachestat(ctypes.Structure):
                 ("nr_evicted", ctypes.c_uint64), ("nr_recently_evicted", ctypes.c_uint64)]
 
 
-def _libc_syscall() -> Optional[Callable[..., int]]:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_long
-    return fn
-
-
-_syscall = _libc_syscall() if os.uname().sysname == "Linux" else None
+# syscall(2) takes its arguments as the call needs them: typed at each call.
+_syscall = _libc_function("syscall", ctypes.c_long) if os.uname().sysname == "Linux" else None
 _cachestat_works = _syscall is not None
 
 
