@@ -143,9 +143,9 @@ def _message_of(piece: bytes | memoryview) -> bytes:
 Buffers = Union[bytes, bytearray, memoryview, list]
 
 
-def span(pieces: list, start: int, end: int) -> bytes | memoryview:
-    """Bytes [start, end) of the buffers `pieces` laid end to end: a view into the one piece
-    holding them, or gathered from several."""
+def views(pieces: list, start: int, end: int) -> list[memoryview]:
+    """Bytes [start, end) of the buffers `pieces` laid end to end, as a view into each
+    piece they fall in."""
     out, pos = [], 0
     for piece in pieces:
         if pos + len(piece) > start and pos < end:
@@ -153,6 +153,13 @@ def span(pieces: list, start: int, end: int) -> bytes | memoryview:
         pos += len(piece)
         if pos >= end:
             break
+    return out
+
+
+def span(pieces: list, start: int, end: int) -> bytes | memoryview:
+    """Bytes [start, end) of the buffers `pieces` laid end to end: a view into the one piece
+    holding them, or gathered from several."""
+    out = views(pieces, start, end)
     return out[0] if len(out) == 1 else b"".join(out)
 
 
@@ -161,7 +168,7 @@ class Pieces:
     read through views into them rather than gathered into one buffer first: gathering a
     4 MiB block copies every byte once more and touches 4 MiB of new pages, on the
     reading client's CPU (docs/client.md, "Reads"). Immutable like bytes (its pieces are
-    bytes); `block[a:b]` is bytes, as a slice of bytes is; `view_of` is the view."""
+    bytes); `block[a:b]` is bytes, as a slice of bytes is; `views_of` gives views."""
 
     __slots__ = ("pieces", "length")
 
@@ -191,12 +198,12 @@ def joined(pieces: list[bytes]) -> Block:
     return pieces[0] if len(pieces) == 1 else Pieces(pieces) if pieces else b""
 
 
-def view_of(block: Block, start: int, end: int) -> bytes | memoryview:
-    """block[start:end] as a view where it lies within one buffer (a copy only where it
-    spans two pieces): for a caller that copies it at once (a FUSE reply)."""
+def views_of(block: Block, start: int, end: int) -> list[memoryview]:
+    """block[start:end] as views into the buffers holding it, none copied, for a caller
+    that writes them out at once (a FUSE reply: one writev)."""
     if isinstance(block, Pieces):
-        return span(block.pieces, start, end)
-    return memoryview(block)[start:end]
+        return views(block.pieces, start, end)
+    return [memoryview(block)[start:end]]
 
 
 def buffers_of(block: Block) -> list[bytes]:

@@ -17,11 +17,11 @@ STRIPEFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch libssl-dev rsync attr
 # The pyfuse3 release the mount is built on, its source's sha256, and the version of the
 # stripefs additions patched into it (scripts/pyfuse3-stripefs.patch: lock requests,
 # fallocate, the lock owner at flush, passthrough, killpriv, requests read without a wait
-# when queued). Bump ADDITIONS with the patch
+# when queued, larger reads). Bump ADDITIONS with the patch
 # (and with STRIPEFS_ADDITIONS in it) so that existing virtualenvs rebuild it.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_ADDITIONS=5
+PYFUSE3_ADDITIONS=6
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

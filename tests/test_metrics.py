@@ -191,3 +191,28 @@ def test_the_capability_check_before_each_write_is_answered_in_pyfuse3(tmp_path)
             with pytest.raises(OSError) as e:  # the answer pyfuse3 gave, asked of the mount
                 os.getxattr(path, "security.capability")
             assert e.value.errno == 61  # ENODATA
+
+
+def test_a_sequential_read_reaches_the_mount_in_requests_of_a_whole_block(tmp_path):
+    """Where the kernel allows it (fs.fuse.max_pages_limit, Linux 6.13+, raised by a mount
+    run as root), the INIT reply asks for READ requests of 1,024 pages and the mount's
+    readahead is as large: a cold sequential read of 64 MiB reaches the mount as ~16 READs
+    of 4 MiB instead of 64 of 1 MiB (fs/fuse/mount.py READ_PAGES), every byte intact."""
+    limit = Path("/proc/sys/fs/fuse/max_pages_limit")
+    if os.geteuid() != 0 or not limit.exists():
+        pytest.skip("needs root and a kernel with fs.fuse.max_pages_limit (6.13+)")
+    data = os.urandom(64 << 20)
+    with Cluster(tmp_path / "c", dataservers=2, mount_args=["--metrics-listen", "127.0.0.1:0"]) as c:
+        (c.mount() / "f").write_bytes(data)
+        m = c.mount()  # a fresh mount: nothing of the file in its page cache
+        address = metrics_address(c.logs_dir / "mount-2.log")
+        assert int(limit.read_text()) >= 1024
+        before = value(scrape(address), "stripefs_fuse_ops_total", op="read")
+        got = bytearray()
+        with open(m / "f", "rb", buffering=0) as f:
+            while piece := f.read(8 << 20):
+                got += piece
+        reads = value(scrape(address), "stripefs_fuse_ops_total", op="read") - before
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        # 16 whole blocks, and the kernel's first, smaller readahead windows.
+        assert 16 <= reads <= 24, reads

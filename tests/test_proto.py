@@ -92,8 +92,9 @@ def test_a_whole_written_buffer_is_sent_as_itself():
 
 
 def test_a_block_kept_as_pieces_reads_as_its_bytes():
-    """codec.Pieces (a streamed read's chunks, never gathered): every slice, view and the
-    whole read as they would from the one buffer; a view within one piece is no copy."""
+    """codec.Pieces (a streamed read's chunks, never gathered): every slice, the views of
+    every range and the whole read as they would from the one buffer; the views are into
+    the pieces themselves, one a piece the range falls in, none a copy."""
     data = os.urandom(3000)
     sizes = [1024, 1024, 952]
     pieces = [data[:1024], data[1024:2048], data[2048:]]
@@ -103,12 +104,16 @@ def test_a_block_kept_as_pieces_reads_as_its_bytes():
     for start, end in [(0, 3000), (0, 1024), (1000, 1100), (1024, 2048), (5, 2999), (2047, 2049),
                        (2990, 4000), (3000, 3001), (100, 50), (0, 0)]:
         assert block[start:end] == data[start:end], (start, end)
-        assert bytes(codec.view_of(block, start, end)) == data[start:end], (start, end)
+        assert b"".join(codec.views_of(block, start, end)) == data[start:end], (start, end)
+        assert codec.span(pieces, start, end) == data[start:end], (start, end)
     assert block[:] == data and block[-10:] == data[-10:]
-    view = codec.view_of(block, 1024, 2048)
+    [view] = codec.views_of(block, 1024, 2048)
     assert isinstance(view, memoryview) and view.obj is pieces[1]
+    views = codec.views_of(block, 1000, 2100)
+    assert [v.obj for v in views] == pieces and [len(v) for v in views] == [24, 1024, 52]
     assert codec.joined([data]) is data and codec.joined([]) == b""
-    assert bytes(codec.view_of(data, 10, 20)) == data[10:20] and codec.buffers_of(data) == [data]
+    [view] = codec.views_of(data, 10, 20)
+    assert bytes(view) == data[10:20] and view.obj is data and codec.buffers_of(data) == [data]
 
 
 def test_nested_round_trip():

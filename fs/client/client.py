@@ -833,15 +833,16 @@ class Client:
         _metrics.read_bytes.inc(len(data))
         return data
 
-    async def read_view(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        """read, but a piece of one cached block comes back as a view into the cache: for
-        a caller that copies it at once (the FUSE reply), one copy of every byte read less."""
+    async def read_view(self, fh: int, offset: int, size: int) -> bytes | memoryview | list[bytes | memoryview]:
+        """read, but what cached blocks hold comes back as views into the cache, and a read
+        spanning buffers as the list of them: for a caller that copies it out at once (the
+        FUSE reply, one writev), one copy of every byte read less."""
         h, f = self._handle(fh)
         self._accessed(h, f)
         if f.stage is not None and self.stager is not None:
             return await self.read(fh, offset, size)
         data = await self.reader.read(h, f, offset, size, view=True)
-        _metrics.read_bytes.inc(len(data))
+        _metrics.read_bytes.inc(sum(map(len, data)) if isinstance(data, list) else len(data))
         return data
 
     def _accessed(self, h: HandleState, f: FileState) -> None:

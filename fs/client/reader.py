@@ -27,8 +27,9 @@ from .files import FileState, HandleState
 READAHEAD_MAX_BYTES = 64 * 1024 * 1024
 #: Whole-block prefetches in flight at once per client.
 MAX_PREFETCHES_IN_FLIGHT = 16
-#: A read starting this close to where the handle's last read ended counts as sequential
-#: (the kernel issues readahead requests concurrently, slightly out of order).
+#: A read starting this close to where the handle's last read ended, or within its own
+#: size of it, counts as sequential (the kernel issues readahead requests concurrently,
+#: slightly out of order: a mount's READs of up to 4 MiB, fs/fuse/mount.py READ_PAGES).
 SEQUENTIAL_SLACK_BYTES = 1024 * 1024
 
 
@@ -42,21 +43,27 @@ class Reader:
         self._spawn = spawn
         self._prefetches = 0
 
-    async def read(self, h: HandleState, f: FileState, offset: int, size: int, view: bool = False) -> bytes | memoryview:
-        """Bytes [offset, offset+size) of the file, clipped to its size. view=True: a read
-        within one cached block may come back as a view into the cache, not a copy (for
-        a caller that copies it at once: the FUSE reply)."""
+    async def read(self, h: HandleState, f: FileState, offset: int, size: int,
+                   view: bool = False) -> bytes | memoryview | list[bytes | memoryview]:
+        """Bytes [offset, offset+size) of the file, clipped to its size. view=True: what
+        cached blocks hold comes back as views into the cache, not copies, and a read
+        that spans buffers (a block's chunks, blocks) as the list of them, in order (for a
+        caller that writes them out at once: the FUSE reply, one writev)."""
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
-        sequential = offset == 0 or abs(offset - h.last_read_end) <= SEQUENTIAL_SLACK_BYTES
+        sequential = offset == 0 or abs(offset - h.last_read_end) <= max(SEQUENTIAL_SLACK_BYTES, size)
         parts: list[bytes | memoryview] = []
         pos = offset
         bs = f.block_size
         while pos < end:
             i, boff = divmod(pos, bs)
             n = min(end - pos, bs - boff)
-            parts.append(await self._piece(f, i, boff, n, sequential, view=view))
+            piece = await self._piece(f, i, boff, n, sequential, view=view)
+            if isinstance(piece, list):
+                parts.extend(piece)
+            else:
+                parts.append(piece)
             pos += n
         h.last_read_end = end
         h.furthest_read = max(h.furthest_read, end)
@@ -67,10 +74,12 @@ class Reader:
             self._drop_behind(f, offset, end)
         else:
             h.readahead_blocks = 0
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return parts if view else b"".join(parts)
 
     async def _piece(self, f: FileState, index: int, boff: int, n: int, whole: bool, refreshed: bool = False,
-                     view: bool = False) -> bytes | memoryview:
+                     view: bool = False) -> bytes | memoryview | list[memoryview]:
         chunk: bytes | memoryview
         d = f.dirty.get(index)
         if d is not None:
@@ -84,7 +93,9 @@ class Reader:
             try:
                 if whole:
                     block = await self.data.read_block(ref)
-                    chunk = codec.view_of(block, boff, boff + n) if view else block[boff : boff + n]
+                    if view and boff + n <= len(block):
+                        return codec.views_of(block, boff, boff + n)
+                    chunk = block[boff : boff + n]
                 else:
                     chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:

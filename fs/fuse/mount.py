@@ -35,9 +35,10 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
 
 
 #: The version of the stripefs additions to pyfuse3 this mount needs (lock requests,
-#: fallocate, the lock owner at flush, passthrough, killpriv; scripts/pyfuse3-stripefs.patch,
-#: built by scripts/_common.sh). Without them the kernel would keep locks local to this mount.
-PYFUSE3_ADDITIONS = 4
+#: fallocate, the lock owner at flush, passthrough, killpriv, larger reads;
+#: scripts/pyfuse3-stripefs.patch, built by scripts/_common.sh). Without them the kernel
+#: would keep locks local to this mount.
+PYFUSE3_ADDITIONS = 6
 
 
 def check_pyfuse3() -> None:
@@ -60,6 +61,8 @@ async def _serve(meta: str, mountpoint: str, creds: Credentials, extra_options: 
         # The mount drops set-user/group-ID bits on write and truncate itself (ops.py,
         # kill_suidgid), so the kernel need not ask for security.capability before each write.
         pyfuse3.handle_killpriv()
+        allow_large_reads()
+        pyfuse3.max_read_pages(READ_PAGES)
         pyfuse3.init(ops, mountpoint, mount_options(f"stripefs:{meta}", extra_options))
         log.info("mounted %s at %s (session %d)", meta, mountpoint, client.session.id)
         try:
@@ -93,10 +96,43 @@ MAX_WORKER_TASKS = 64
 #: the kernel default is 12. Only root can raise it.
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
-#: Kernel readahead for the mount (the default 128 KiB makes every buffered read a
-#: 128 KiB request; DESIGN.md measured +10% cold read with 1 MiB).
-READ_AHEAD_KB = 1024
+#: Pages a READ request may carry: 1,024 (4 MiB, a whole block) where the kernel allows
+#: it; libfuse 3.14 asks for 256. The kernel grants at most fs.fuse.max_pages_limit, which
+#: a mount run by root raises to this before it mounts (allow_large_reads). The mount's
+#: readahead (read_ahead_kb) is set to as many pages as were granted: no READ is larger
+#: than the readahead window (the default 128 KiB made every buffered read a 128 KiB
+#: request; 1 MiB was +10% on a cold read, DESIGN.md; 4 MiB, docs/client.md "Reads").
+READ_PAGES = 1024
+MAX_PAGES_LIMIT = "/proc/sys/fs/fuse/max_pages_limit"
 FUSECTL = "/sys/fs/fuse/connections"
+
+
+def allow_large_reads() -> None:
+    """Root only: raise the kernel's limit on pages a FUSE request may carry
+    (fs.fuse.max_pages_limit, Linux 6.13+, read when a mount starts; a host-wide ceiling,
+    each FUSE file system still asks for its own) to READ_PAGES. Best effort."""
+    if os.geteuid() != 0:
+        return
+    try:
+        with open(MAX_PAGES_LIMIT) as f:
+            limit = int(f.read())
+        if limit < READ_PAGES:
+            with open(MAX_PAGES_LIMIT, "w") as f:
+                f.write(f"{READ_PAGES}\n")
+            log.info("fs.fuse.max_pages_limit %d -> %d", limit, READ_PAGES)
+    except (OSError, ValueError) as exc:
+        log.info("READ requests stay at most 1 MiB: %s", exc)
+
+
+def read_pages_granted() -> int:
+    """Pages a READ request of this mount may carry: what its INIT reply asked for, within
+    the kernel's limit (256 where the kernel has none to read)."""
+    asked = pyfuse3.max_pages_sent() or 256
+    try:
+        with open(MAX_PAGES_LIMIT) as f:
+            return min(asked, int(f.read()))
+    except (OSError, ValueError):
+        return min(asked, 256)
 
 
 def tune_connection(mountpoint: str) -> None:
@@ -108,15 +144,16 @@ def tune_connection(mountpoint: str) -> None:
         minor = os.minor(os.stat(mountpoint).st_dev)
         if not os.path.isdir(f"{FUSECTL}/{minor}"):
             subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, timeout=10)
+        read_ahead_kb = read_pages_granted() * os.sysconf("SC_PAGE_SIZE") // 1024
         settings = {
             f"{FUSECTL}/{minor}/max_background": MAX_BACKGROUND,
             f"{FUSECTL}/{minor}/congestion_threshold": CONGESTION_THRESHOLD,
-            f"/sys/class/bdi/0:{minor}/read_ahead_kb": READ_AHEAD_KB,
+            f"/sys/class/bdi/0:{minor}/read_ahead_kb": read_ahead_kb,
         }
         for path, value in settings.items():
             with open(path, "w") as f:
                 f.write(f"{value}\n")
-        log.info("connection %d: max_background %d, read_ahead_kb %d", minor, MAX_BACKGROUND, READ_AHEAD_KB)
+        log.info("connection %d: max_background %d, read_ahead_kb %d", minor, MAX_BACKGROUND, read_ahead_kb)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not tune the FUSE connection: %s", exc)
 
