@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+from typing import Optional
 
 import pyfuse3
 import trio
@@ -103,8 +104,19 @@ CONGESTION_THRESHOLD = 48
 #: than the readahead window (the default 128 KiB made every buffered read a 128 KiB
 #: request; 1 MiB was +10% on a cold read, DESIGN.md; 4 MiB, docs/client.md "Reads").
 READ_PAGES = 1024
+#: What libfuse 3.14 asks for, and the kernel's ceiling where it has no sysctl for it.
+LIBFUSE_PAGES = 256
 MAX_PAGES_LIMIT = "/proc/sys/fs/fuse/max_pages_limit"
 FUSECTL = "/sys/fs/fuse/connections"
+
+
+def _pages_limit() -> Optional[int]:
+    """fs.fuse.max_pages_limit (None: not readable, a kernel before 6.13)."""
+    try:
+        with open(MAX_PAGES_LIMIT) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def allow_large_reads() -> None:
@@ -113,26 +125,24 @@ def allow_large_reads() -> None:
     each FUSE file system still asks for its own) to READ_PAGES. Best effort."""
     if os.geteuid() != 0:
         return
+    limit = _pages_limit()
+    if limit is None:
+        log.info("READ requests stay at most 1 MiB: %s cannot be read", MAX_PAGES_LIMIT)
+        return
+    if limit >= READ_PAGES:
+        return
     try:
-        with open(MAX_PAGES_LIMIT) as f:
-            limit = int(f.read())
-        if limit < READ_PAGES:
-            with open(MAX_PAGES_LIMIT, "w") as f:
-                f.write(f"{READ_PAGES}\n")
-            log.info("fs.fuse.max_pages_limit %d -> %d", limit, READ_PAGES)
-    except (OSError, ValueError) as exc:
+        with open(MAX_PAGES_LIMIT, "w") as f:
+            f.write(f"{READ_PAGES}\n")
+        log.info("fs.fuse.max_pages_limit %d -> %d", limit, READ_PAGES)
+    except OSError as exc:
         log.info("READ requests stay at most 1 MiB: %s", exc)
 
 
 def read_pages_granted() -> int:
     """Pages a READ request of this mount may carry: what its INIT reply asked for, within
-    the kernel's limit (256 where the kernel has none to read)."""
-    asked = pyfuse3.max_pages_sent() or 256
-    try:
-        with open(MAX_PAGES_LIMIT) as f:
-            return min(asked, int(f.read()))
-    except (OSError, ValueError):
-        return min(asked, 256)
+    the kernel's limit."""
+    return min(pyfuse3.max_pages_sent() or LIBFUSE_PAGES, _pages_limit() or LIBFUSE_PAGES)
 
 
 def tune_connection(mountpoint: str) -> None:
