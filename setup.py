@@ -5,8 +5,9 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        # proto/integrity.py leaf_hashes: SHA-256 of each 4 KiB leaf in C, without the GIL
-        # (OpenSSL's libcrypto: libssl-dev, scripts/_common.sh).
+        # proto/integrity.py leaf_hashes and Digester: each 4 KiB leaf's BLAKE3 chaining value
+        # (version 4 digests) or SHA-256 (before), in C, without the GIL (OpenSSL's libcrypto:
+        # libssl-dev, scripts/_common.sh).
         Extension("stripefs.proto._leafhash", ["proto/_leafhash.c"], libraries=["crypto"]),
     ],
 )

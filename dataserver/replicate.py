@@ -119,7 +119,7 @@ class Replicator:
             # The source's leaf hashes are kept if the digest vouches for them, else made here.
             leaves = head.leaves if task.digest else b""
             if task.digest and not leaves_match(task.digest, len(data), leaves):
-                leaves = leaf_hashes(data)
+                leaves = leaf_hashes(data, task.digest)
             if task.digest and not (matches(task.digest, data) and leaves_match(task.digest, len(data), leaves)):
                 # The source's CRCs passed, so the copy there is not what its writer wrote:
                 # a bad server, not a bad disk. Copy from another; the metaserver hears of

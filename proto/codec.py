@@ -16,7 +16,7 @@ import crc32c
 import msgpack
 
 from .errors import FsError
-from .integrity import LEAF_HASH_BYTES, block_hasher, leaf_count, leaf_hashes, make_digest
+from .integrity import LEAF_HASH_BYTES, Digester, leaf_count
 from .messages import Message
 from .types import TRANSFER_CHUNK_BYTES
 
@@ -222,8 +222,8 @@ class BlockChunks:
         self.pieces = data if isinstance(data, list) else [data]
         self.length = sum(len(p) for p in self.pieces)
         self.sums: dict[int, tuple[int, bytes]] = {}
-        # The block's hash, fed each chunk the first time it is made (always in order).
-        self._hash = block_hasher()
+        # The block's digest, fed each chunk the first time it is made (always in order).
+        self._digester = Digester()
 
     def messages(self) -> Iterator[bytes]:
         for start in range(0, self.length, TRANSFER_CHUNK_BYTES):
@@ -233,8 +233,7 @@ class BlockChunks:
             try:
                 sums = self.sums.get(start)
                 if sums is None:
-                    sums = self.sums[start] = (crc32c.crc32c(piece), leaf_hashes(piece))
-                    self._hash.update(piece)
+                    sums = self.sums[start] = (crc32c.crc32c(piece), self._digester.leaves(piece))
                 head, data = encode_chunk_head(len(piece), *sums), _message_of(piece)
             finally:
                 if isinstance(piece, memoryview):
@@ -245,7 +244,7 @@ class BlockChunks:
 
     def digest(self) -> bytes:
         """The block's digest (proto/integrity.py), once every chunk has been made."""
-        return make_digest(self._hash.digest(), b"".join(self.sums[k][1] for k in sorted(self.sums)))
+        return self._digester.digest()
 
 
 # ------------------------------------------------------------------ multiplexed streams

@@ -382,8 +382,8 @@ def test_streamed_writer_checks_each_chunk(store):
     chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
     w = store.writer(9, len(data))
     try:
-        for c in chunks:
-            w.write(c, leaf_hashes(c), crc32c.crc32c(c))
+        for i, c in enumerate(chunks):
+            w.write(c, leaf_hashes(c, first_leaf=16 * i), crc32c.crc32c(c))
         w.finish()
     finally:
         w.close()
@@ -396,7 +396,7 @@ def test_streamed_writer_checks_each_chunk(store):
         bad = bytearray(chunks[1])
         bad[7] ^= 1
         with pytest.raises(FsError) as info:
-            w.write(bad, leaf_hashes(chunks[1]), crc32c.crc32c(chunks[1]))
+            w.write(bad, leaf_hashes(chunks[1], first_leaf=16), crc32c.crc32c(chunks[1]))
         assert info.value.errno == errno.EBADMSG
         with pytest.raises(FsError) as info:
             w.write(b"x" * 10)  # then a chunk without leaf hashes, after chunks with them

@@ -63,7 +63,8 @@ def test_block_chunks_round_trip():
     got = b""
     for head, body in zip(messages[::2], messages[1::2]):
         piece, crc, leaves = codec.decode_chunk(head, body)
-        assert crc == crc32c.crc32c(piece) and leaves == leaf_hashes(piece)
+        # (each piece's leaves are hashed where they are in the block: version 4 digests)
+        assert crc == crc32c.crc32c(piece) and leaves == leaf_hashes(piece, first_leaf=len(got) // 4096)
         got += piece
     assert got == data
     head, body = messages[4], messages[5]
@@ -180,60 +181,115 @@ def test_ids_beyond_their_width_are_invalid():
 
 
 def test_digests_of_every_version_are_checked():
-    """Version 3 digests (BLAKE3 of the block, SHA-256 of its leaf hashes), the version 2
-    ones of blocks written before (SHA-256 of the block) and version 1 (SHA-256 of the leaf
-    hashes alone) are all checked, for whole blocks and for leaf hashes, and refuse other
-    bytes; a digest of an unknown version matches nothing."""
+    """Version 4 digests (BLAKE3 of the block, SHA-256 of its leaf hashes from the block's
+    BLAKE3 tree), the version 3 ones of blocks written before (SHA-256 leaves), version 2
+    (SHA-256 of the block) and version 1 (SHA-256 of the SHA-256 leaf hashes alone) are all
+    checked, for whole blocks, leaf hashes and ranges, and refuse other bytes; a digest of an
+    unknown version matches nothing."""
     import hashlib
 
     from blake3 import blake3
 
-    from stripefs.proto.integrity import (block_digest, block_hasher, hash_matches, leaf_hashes, leaves_match,
-                                          make_digest, matches, root_of)
+    from stripefs.proto.integrity import (DIGEST_V3, DIGEST_VERSION, Digester, block_hasher, hash_matches,
+                                          leaf_hashes, leaves_match, matches, range_matches, root_of)
 
     data = os.urandom(300_000)
     other = data[:-1] + bytes([data[-1] ^ 1])
-    leaves = leaf_hashes(data)
-    v3, v1 = block_digest(data), root_of(leaves)
-    v2 = b"\x02" + hashlib.sha256(data).digest() + root_of(leaves)
-    assert v3[:1] == b"\x03" and v3 == make_digest(blake3(data).digest(), leaves)
-    assert len(v3) == len(v2) == 65 and len(v1) == 32
-    for digest in (v3, v2, v1):
+    sha_leaves = leaf_hashes(data, DIGEST_V3 + bytes(64))
+    tree_leaves = leaf_hashes(data, DIGEST_VERSION + bytes(64))
+    v1 = root_of(sha_leaves)
+    v3 = DIGEST_V3 + blake3(data).digest() + root_of(sha_leaves)
+    v2 = b"\x02" + hashlib.sha256(data).digest() + root_of(sha_leaves)
+    v4 = b"\x04" + blake3(data).digest() + root_of(tree_leaves)
+    for version, digest in ((DIGEST_VERSION, v4), (DIGEST_V3, v3)):  # what writers make, in pieces
+        d = Digester(version)
+        assert d.leaves(data[:65536]) + d.leaves(data[65536:]) == leaf_hashes(data, digest)
+        assert d.digest() == digest
+    assert tree_leaves != sha_leaves
+    assert len(v4) == len(v3) == len(v2) == 65 and len(v1) == 32
+    for digest in (v4, v3, v2, v1):
+        leaves = leaf_hashes(data, digest)
+        assert leaves == (sha_leaves if digest is not v4 else tree_leaves)
         assert matches(digest, data) and not matches(digest, other)
-        assert leaves_match(digest, len(data), leaves) and not leaves_match(digest, len(data), leaf_hashes(other))
+        assert leaves_match(digest, len(data), leaves) and not leaves_match(digest, len(data), leaf_hashes(other, digest))
+        assert not leaves_match(digest, len(data), leaf_hashes(data, v4 if digest is not v4 else v3))
         assert not leaves_match(digest, len(data) + 4096, leaves)
         assert m.BlockRef(0, 1, len(data), digest=digest).valid() is None
-    for digest, hash_of in ((v3, lambda d: blake3(d).digest()), (v2, lambda d: hashlib.sha256(d).digest())):
+        for offset in (0, 4096, 40 * 4096, 73 * 4096):  # (the last leaf is short)
+            piece = data[offset : offset + 8192]
+            assert range_matches(leaves, offset, piece, digest)
+            assert not range_matches(leaves, offset, piece[:-1] + bytes([piece[-1] ^ 1]), digest)
+            if offset:  # (a leaf's hash is not another's)
+                assert not range_matches(leaves, offset - 4096, piece, digest)
+    for digest, hash_of in ((v4, lambda d: blake3(d).digest()), (v3, lambda d: blake3(d).digest()),
+                            (v2, lambda d: hashlib.sha256(d).digest())):
         assert hash_matches(digest, hash_of(data)) and not hash_matches(digest, hash_of(other))
         h = block_hasher(digest)  # (as a streamed read hashes it)
         h.update(data[:100_000])
         h.update(data[100_000:])
         assert hash_matches(digest, h.digest())
-    assert not hash_matches(v3, hashlib.sha256(data).digest())  # a version's own hash only
+    assert not hash_matches(v4, hashlib.sha256(data).digest())  # a version's own hash only
     assert hash_matches(v1, hashlib.sha256(data).digest()) is None  # needs the leaves
-    unknown = b"\x09" + v3[1:]
+    unknown = b"\x09" + v4[1:]
     assert not matches(unknown, data) and not hash_matches(unknown, blake3(data).digest())
     assert m.BlockRef(0, 1, len(data), digest=unknown).valid()
     assert matches(b"", other)  # nothing recorded: nothing to check
     assert m.BlockRef(0, 1, 1, digest=b"x" * 40).valid()
 
 
+@pytest.mark.parametrize("size", [0, 1, 1024, 1025, 4095, 4096, 4097, 8192, 3 * 4096 + 2048, 16 * 4096,
+                                  16 * 4096 + 1, 17 * 4096 - 3, 31 * 4096, 33 * 4096, 256 * 1024 + 1,
+                                  4 * 1024 * 1024, 4 * 1024 * 1024 - 4095])
+def test_tree_leaf_hashes_merge_into_the_blocks_blake3(size):
+    """Version 4 leaf hashes are each leaf's chaining value in the block's BLAKE3 tree
+    (proto/_leafhash.c, written from the specification): merged up the tree they give the
+    blake3 package's hash of the block (the digest's block hash), at sizes that end after
+    whole groups of sixteen leaves (hashed together where the CPU has AVX-512), partway
+    through one, with a short last leaf and a short last chunk; any run of leaves hashed
+    from its place in the block (a range reader's) is the same as in the whole; every kind
+    of buffer a writer holds hashes alike, and a block hashed in pieces (a writer's 1 MiB
+    chunks) gets the digest of the whole."""
+    import hashlib
+
+    from blake3 import blake3
+
+    from stripefs.proto.integrity import (DIGEST_VERSION, LEAF_BYTES, LEAF_HASH_BYTES, Digester, block_digest,
+                                          leaf_hashes)
+
+    v4 = DIGEST_VERSION + bytes(64)
+    data = os.urandom(size)
+    leaves = leaf_hashes(data, v4)
+    assert len(leaves) == -(-size // LEAF_BYTES) * LEAF_HASH_BYTES
+    assert block_digest(data)[1:33] == blake3(data).digest()  # (whichever version this CPU writes)
+    assert leaf_hashes(bytearray(data), v4) == leaf_hashes(memoryview(data), v4) == leaves
+    for first in {1, 5, 16, 17, size // LEAF_BYTES - 1}:
+        if 0 < first < -(-size // LEAF_BYTES):
+            assert leaf_hashes(data[first * LEAF_BYTES :], v4, first) == leaves[first * LEAF_HASH_BYTES :]
+            assert leaf_hashes(data[first * LEAF_BYTES :], v4) != leaves[first * LEAF_HASH_BYTES :]  # (where they are)
+    d = Digester(DIGEST_VERSION)
+    pieces = [data[i : i + 65536] for i in range(0, size, 65536)] or [b""]
+    assert b"".join(d.leaves(p) for p in pieces) == leaves
+    assert d.digest() == DIGEST_VERSION + blake3(data).digest() + hashlib.sha256(leaves).digest()
+
+
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 16 * 4096, 17 * 4096 - 3, 31 * 4096, 256 * 1024,
                                   256 * 1024 + 1, 4 * 1024 * 1024 + 123])
 def test_leaf_hashes_are_each_leafs_sha256(size):
-    """The C leaf loop (proto/_leafhash.c) against hashlib, leaf by leaf, on both sides of
-    the size above which it lets go of the GIL, from every kind of buffer a writer holds,
-    and at sizes that end after whole groups of sixteen leaves (hashed together where the
-    CPU has AVX-512), partway through one, and with a short last leaf."""
+    """Version 3's leaf hashes (blocks written before version 4): the C leaf loop
+    (proto/_leafhash.c) against hashlib, leaf by leaf, on both sides of the size above which
+    it lets go of the GIL, from every kind of buffer a writer holds, and at sizes that end
+    after whole groups of sixteen leaves (hashed together where the CPU has AVX-512),
+    partway through one, and with a short last leaf."""
     import hashlib
 
-    from stripefs.proto.integrity import LEAF_BYTES, LEAF_HASH_BYTES, leaf_hashes
+    from stripefs.proto.integrity import DIGEST_V3, LEAF_BYTES, LEAF_HASH_BYTES, leaf_hashes
 
+    v3 = DIGEST_V3 + bytes(64)
     data = os.urandom(size)
     want = b"".join(hashlib.sha256(data[i : i + LEAF_BYTES]).digest()[:LEAF_HASH_BYTES]
                     for i in range(0, size, LEAF_BYTES))
-    assert leaf_hashes(data) == leaf_hashes(bytearray(data)) == leaf_hashes(memoryview(data)) == want
-    assert leaf_hashes(memoryview(data)[1:]) == leaf_hashes(data[1:])
+    assert leaf_hashes(data, v3) == leaf_hashes(bytearray(data), v3) == leaf_hashes(memoryview(data), v3) == want
+    assert leaf_hashes(memoryview(data)[1:], v3) == leaf_hashes(data[1:], v3)
 
 
 @pytest.mark.parametrize("leaf_bytes", [64, 100, 8192])

@@ -364,7 +364,8 @@ class DataPath:
                     # boundaries).
                     consume = (_join_chunks if not ref.digest
                                else functools.partial(_hash_chunks, ref.digest)
-                               if whole and len(ref.digest) == DIGEST_BYTES else _leaf_chunks)
+                               if whole and len(ref.digest) == DIGEST_BYTES
+                               else functools.partial(_leaf_chunks, ref.digest, offset))
                     data, got = await conn.download("read_block", req, deadline, consume)
                 else:
                     reply = await conn.call("get_block", req, deadline)
@@ -394,7 +395,7 @@ class DataPath:
                 else:
                     good = bool(hash_matches(ref.digest, got)) if len(ref.digest) == DIGEST_BYTES else root_of(got) == ref.digest
             elif leaves:
-                good = await _off_loop(range_matches, leaves, offset, data, size=length)
+                good = await _off_loop(range_matches, leaves, offset, data, ref.digest, size=length)
             elif whole:
                 good = await _off_loop(matches, ref.digest, data, size=length)
             else:
@@ -539,10 +540,12 @@ def _hash_chunks(digest: bytes, reply: object, chunks: Iterator[bytes]) -> tuple
     return codec.joined(parts), h.digest()
 
 
-def _leaf_chunks(reply: object, chunks: Iterator[bytes]) -> tuple[Block, bytes]:
-    """A streamed read's bytes and their leaf hashes, hashed as they arrive."""
+def _leaf_chunks(digest: bytes, offset: int, reply: object, chunks: Iterator[bytes]) -> tuple[Block, bytes]:
+    """The bytes of a streamed read at `offset` (a leaf boundary) and their leaf hashes (as
+    `digest` makes them), hashed as they arrive (each chunk but the last whole leaves)."""
     parts, hashes = [], []
     for chunk in chunks:
         parts.append(chunk)
-        hashes.append(leaf_hashes(chunk))
+        hashes.append(leaf_hashes(chunk, digest, offset // LEAF_BYTES))
+        offset += len(chunk)
     return codec.joined(parts), b"".join(hashes)
