@@ -88,6 +88,20 @@ b3_store(unsigned char *out, const uint32_t cv[8])
         v[b] = b3_rotr(v[b] ^ v[c], 7);                                                                            \
     } while (0)
 
+/* One round: G over the state's columns, then its diagonals, with the message words the
+ * round's schedule `s` picks (for either G, one lane or sixteen). */
+#define B3_ROUND(G, m, s)                                                                                          \
+    do {                                                                                                           \
+        G(0, 4, 8, 12, (m)[(s)[0]], (m)[(s)[1]]);                                                                  \
+        G(1, 5, 9, 13, (m)[(s)[2]], (m)[(s)[3]]);                                                                  \
+        G(2, 6, 10, 14, (m)[(s)[4]], (m)[(s)[5]]);                                                                 \
+        G(3, 7, 11, 15, (m)[(s)[6]], (m)[(s)[7]]);                                                                 \
+        G(0, 5, 10, 15, (m)[(s)[8]], (m)[(s)[9]]);                                                                 \
+        G(1, 6, 11, 12, (m)[(s)[10]], (m)[(s)[11]]);                                                               \
+        G(2, 7, 8, 13, (m)[(s)[12]], (m)[(s)[13]]);                                                                \
+        G(3, 4, 9, 14, (m)[(s)[14]], (m)[(s)[15]]);                                                                \
+    } while (0)
+
 /* The compression function, keeping the first eight output words as the new cv. */
 static void
 b3_compress(uint32_t cv[8], const uint32_t m[16], uint64_t counter, uint32_t block_len, uint32_t flags)
@@ -96,17 +110,8 @@ b3_compress(uint32_t cv[8], const uint32_t m[16], uint64_t counter, uint32_t blo
         cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7], b3_iv[0], b3_iv[1], b3_iv[2], b3_iv[3],
         (uint32_t)counter, (uint32_t)(counter >> 32), block_len, flags,
     };
-    for (int r = 0; r < 7; r++) {
-        const uint8_t *s = b3_schedule[r];
-        B3_G(0, 4, 8, 12, m[s[0]], m[s[1]]);
-        B3_G(1, 5, 9, 13, m[s[2]], m[s[3]]);
-        B3_G(2, 6, 10, 14, m[s[4]], m[s[5]]);
-        B3_G(3, 7, 11, 15, m[s[6]], m[s[7]]);
-        B3_G(0, 5, 10, 15, m[s[8]], m[s[9]]);
-        B3_G(1, 6, 11, 12, m[s[10]], m[s[11]]);
-        B3_G(2, 7, 8, 13, m[s[12]], m[s[13]]);
-        B3_G(3, 4, 9, 14, m[s[14]], m[s[15]]);
-    }
+    for (int r = 0; r < 7; r++)
+        B3_ROUND(B3_G, m, b3_schedule[r]);
     for (int i = 0; i < 8; i++)
         cv[i] = v[i] ^ v[i + 8];
 }
@@ -325,17 +330,8 @@ x16_b3_compress(__m512i cv[8], const __m512i m[16], __m512i counter_lo, uint32_t
     v[14] = _mm512_set1_epi32((int)block_len);
     v[15] = _mm512_set1_epi32((int)flags);
 #pragma GCC unroll 7
-    for (int r = 0; r < 7; r++) {
-        const uint8_t *s = b3_schedule[r];
-        X16_G(0, 4, 8, 12, m[s[0]], m[s[1]]);
-        X16_G(1, 5, 9, 13, m[s[2]], m[s[3]]);
-        X16_G(2, 6, 10, 14, m[s[4]], m[s[5]]);
-        X16_G(3, 7, 11, 15, m[s[6]], m[s[7]]);
-        X16_G(0, 5, 10, 15, m[s[8]], m[s[9]]);
-        X16_G(1, 6, 11, 12, m[s[10]], m[s[11]]);
-        X16_G(2, 7, 8, 13, m[s[12]], m[s[13]]);
-        X16_G(3, 4, 9, 14, m[s[14]], m[s[15]]);
-    }
+    for (int r = 0; r < 7; r++)
+        B3_ROUND(X16_G, m, b3_schedule[r]);
     for (int i = 0; i < 8; i++)
         cv[i] = _mm512_xor_si512(v[i], v[i + 8]);
 }
