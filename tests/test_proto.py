@@ -266,6 +266,9 @@ def test_tree_leaf_hashes_merge_into_the_blocks_blake3(size):
         if 0 < first < -(-size // LEAF_BYTES):
             assert leaf_hashes(data[first * LEAF_BYTES :], v4, first) == leaves[first * LEAF_HASH_BYTES :]
             assert leaf_hashes(data[first * LEAF_BYTES :], v4) != leaves[first * LEAF_HASH_BYTES :]  # (where they are)
+    # Each leaf alone takes the one-lane path: the sixteen-lane one must agree with it.
+    assert b"".join(leaf_hashes(data[i : i + LEAF_BYTES], v4, i // LEAF_BYTES)
+                    for i in range(0, size, LEAF_BYTES)) == leaves
     d = Digester(DIGEST_VERSION)
     pieces = [data[i : i + 65536] for i in range(0, size, 65536)] or [b""]
     assert b"".join(d.leaves(p) for p in pieces) == leaves
