@@ -435,23 +435,31 @@ hash_leaves(const unsigned char *data, Py_ssize_t length, Py_ssize_t leaf_bytes,
     }
 }
 
+/* The n integers after a function's first argument (a buffer) into out; the arity is
+ * checked against `usage`, which a TypeError quotes. -1 with an exception set, else 0. */
+static int
+int_args(const char *usage, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, Py_ssize_t *out)
+{
+    if (nargs != n + 1) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsSsize_t(args[1 + i]);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 leafhash_hashes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "hashes(data, leaf_bytes, hash_bytes, nogil_above)");
+    Py_ssize_t ints[3];
+    if (int_args("hashes(data, leaf_bytes, hash_bytes, nogil_above)", args, nargs, 3, ints) < 0)
         return NULL;
-    }
-    Py_ssize_t leaf_bytes = PyLong_AsSsize_t(args[1]);
-    if (leaf_bytes == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t hash_bytes = PyLong_AsSsize_t(args[2]);
-    if (hash_bytes == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t nogil_above = PyLong_AsSsize_t(args[3]);
-    if (nogil_above == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t leaf_bytes = ints[0], hash_bytes = ints[1], nogil_above = ints[2];
     if (leaf_bytes <= 0 || hash_bytes <= 0 || hash_bytes > SHA256_DIGEST_LENGTH) {
         PyErr_SetString(PyExc_ValueError, "leaf_bytes must be positive, hash_bytes 1 to 32");
         return NULL;
@@ -501,20 +509,11 @@ static PyObject *
 leafhash_b3_leaves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "b3_leaves(data, first_leaf, hash_bytes, nogil_above)");
+    Py_ssize_t ints[3];
+    if (int_args("b3_leaves(data, first_leaf, hash_bytes, nogil_above)", args, nargs, 3, ints) < 0)
         return NULL;
-    }
-    long long first_leaf = PyLong_AsLongLong(args[1]);
-    if (first_leaf == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t hash_bytes = PyLong_AsSsize_t(args[2]);
-    if (hash_bytes == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t nogil_above = PyLong_AsSsize_t(args[3]);
-    if (nogil_above == -1 && PyErr_Occurred())
-        return NULL;
-    if (first_leaf < 0 || first_leaf > (1LL << 40) || hash_bytes <= 0 || hash_bytes > 32) {
+    Py_ssize_t first_leaf = ints[0], hash_bytes = ints[1], nogil_above = ints[2];
+    if (first_leaf < 0 || first_leaf > ((Py_ssize_t)1 << 40) || hash_bytes <= 0 || hash_bytes > 32) {
         PyErr_SetString(PyExc_ValueError, "first_leaf out of range, or hash_bytes not 1 to 32");
         return NULL;
     }
@@ -549,12 +548,8 @@ static PyObject *
 leafhash_b3_root(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "b3_root(leaf_cvs, length)");
-        return NULL;
-    }
-    long long length = PyLong_AsLongLong(args[1]);
-    if (length == -1 && PyErr_Occurred())
+    Py_ssize_t length;
+    if (int_args("b3_root(leaf_cvs, length)", args, nargs, 1, &length) < 0)
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)

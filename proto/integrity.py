@@ -75,14 +75,25 @@ def leaf_hashes(data: bytes | bytearray | memoryview, digest: bytes = b"", first
     INLINE_HASH_MAX_BYTES (what is hashed on a worker thread: a writer hashes every byte it
     sends this way); less is hashed where it is, GIL held."""
     if _tree_leaves(digest):
-        return _leafhash.b3_leaves(data, first_leaf, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)[0]
-    return _leafhash.hashes(data, LEAF_BYTES, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)
+        return _tree_leaf_hashes(data, first_leaf)[0]
+    return _sha_leaf_hashes(data)
 
 
 def _tree_leaves(digest: bytes) -> bool:
     """Whether `digest` (empty: a new one) has its leaf hashes from the block's BLAKE3 tree."""
-    version = digest[:1] if len(digest) == DIGEST_BYTES else WRITE_VERSION if not digest else b""
-    return version == DIGEST_VERSION
+    if not digest:
+        return WRITE_VERSION == DIGEST_VERSION
+    return len(digest) == DIGEST_BYTES and digest[:1] == DIGEST_VERSION
+
+
+def _tree_leaf_hashes(data: bytes | bytearray | memoryview, first_leaf: int) -> tuple[bytes, bytes]:
+    """Version 4: (leaf hashes, the leaves' whole chaining values, for _leafhash.b3_root)."""
+    return _leafhash.b3_leaves(data, first_leaf, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)
+
+
+def _sha_leaf_hashes(data: bytes | bytearray | memoryview) -> bytes:
+    """Versions 1 to 3: each leaf's SHA-256, cut to LEAF_HASH_BYTES."""
+    return _leafhash.hashes(data, LEAF_BYTES, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)
 
 
 class Digester:
@@ -103,11 +114,10 @@ class Digester:
     def leaves(self, piece: bytes | bytearray | memoryview) -> bytes:
         assert self.length % LEAF_BYTES == 0
         if self._hash is not None:
-            leaves = _leafhash.hashes(piece, LEAF_BYTES, LEAF_HASH_BYTES, INLINE_HASH_MAX_BYTES)
+            leaves = _sha_leaf_hashes(piece)
             self._hash.update(piece)
         else:
-            leaves, cvs = _leafhash.b3_leaves(piece, self.length // LEAF_BYTES, LEAF_HASH_BYTES,
-                                              INLINE_HASH_MAX_BYTES)
+            leaves, cvs = _tree_leaf_hashes(piece, self.length // LEAF_BYTES)
             self._cvs.append(cvs)
             if self.length + len(piece) <= LEAF_BYTES:
                 self._small += bytes(piece)
