@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from stripefs.mounts import unmount, wait_mounted
 from stripefs.proto.types import CREDENTIALS_ENV, DEFAULT_REPLICAS, META_ENV
 
 DEFAULT_STATE_DIR = ".stripefs"
@@ -346,28 +347,28 @@ def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
     log_target = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target,
                             start_new_session=True)
-    deadline = time.monotonic() + MOUNT_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
-            return 0
-        if proc.poll() is not None:
-            raise CliError(f"the mount process exited with {proc.returncode}"
-                           + (f"; see {args.log_file}" if args.log_file else "; run with --log-file FILE to see why"))
-        time.sleep(0.05)
+    problem = wait_mounted(mountpoint, lambda: proc.poll() is None, MOUNT_READY_TIMEOUT_S)
+    if problem is None:
+        return 0
+    if proc.poll() is not None:
+        raise CliError(f"the mount process exited with {proc.returncode}"
+                       + (f"; see {args.log_file}" if args.log_file else "; run with --log-file FILE to see why"))
     proc.terminate()
-    raise CliError(f"{mountpoint} not mounted after {MOUNT_READY_TIMEOUT_S:.0f} s"
-                   + (f"; see {args.log_file}" if args.log_file else ""))
+    raise CliError(problem + (f"; see {args.log_file}" if args.log_file else ""))
 
 
 @cli.command("umount")
 @click.argument("mountpoint")
 def umount_cmd(mountpoint: str) -> None:
     """unmount (lazily if it is busy)"""
-    mountpoint = os.path.abspath(mountpoint)
-    if subprocess.run(["fusermount3", "-u", mountpoint]).returncode == 0:
-        sys.exit(0)
-    click.echo(f"stripefs umount: {mountpoint} busy, detaching lazily", err=True)
-    sys.exit(subprocess.run(["fusermount3", "-u", "-z", mountpoint]).returncode)
+    outcome = unmount(mountpoint)
+    if outcome == "not mounted":
+        raise CliError(f"{os.path.abspath(mountpoint)} is not mounted")
+    if outcome == "lazily":
+        click.echo(f"stripefs umount: {os.path.abspath(mountpoint)} busy, detached lazily "
+                   "(gone when its last user lets go)", err=True)
+    elif outcome == "failed":
+        raise CliError(f"cannot unmount {os.path.abspath(mountpoint)}")
 
 
 # ---------------------------------------------------------------------------- ca, credential

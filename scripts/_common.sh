@@ -394,6 +394,20 @@ is_mounted() {
     awk -v m="$escaped" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
 }
 
+# Unmounts `dir` if it is mounted, as `stripefs umount` does (fs/mounts.py: retried while
+# busy, then detached lazily); without the virtualenv, a lazy fusermount3. False if it
+# stays mounted.
+unmount_dir() {
+    local dir="$1"
+    is_mounted "$dir" || return 0
+    if [[ -x "$STRIPEFS_VENV/bin/stripefs" ]]; then
+        "$STRIPEFS_VENV/bin/stripefs" umount "$dir" || true
+    else
+        fusermount3 -u -z "$dir" || true
+    fi
+    ! is_mounted "$dir"
+}
+
 # Sends SIGTERM to each pid, waits up to `grace` seconds for all of them to exit, then
 # SIGKILLs what is left.
 terminate_pids() {

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from stripefs import mounts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000  # MB/s figures are decimal, as dd and fio print them
 MiB = 1 << 20
@@ -298,44 +300,17 @@ def alone(prefix: str, postgres: bool) -> Iterator[tuple[Path, Any]]:
     finally:
         if pg is not None:
             pg.close()
-        left = mount_points_under(work)
+        left = mounts.mounted_under(work)
         if left:
             log(f"still mounted, so {work} is left in place: {', '.join(left)}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def mount_points_under(base: Path) -> list[str]:
-    base_s = os.path.abspath(base).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split(" ")[4].replace("\\040", " ")
-            if point.startswith(base_s):
-                found.append(point)
-    return found
-
-
 def wait_mounted(path: Path, alive: Callable[[], bool], what: str, logs: str = "") -> None:
-    deadline = time.monotonic() + mount_timeout_s
-    while not os.path.ismount(path):
-        if not alive():
-            raise BenchError(f"{what} exited before {path} was mounted\n{logs}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{path} not mounted after {mount_timeout_s}s\n{logs}")
-        time.sleep(0.05)
-
-
-def fuse_unmount(path: Path) -> None:
-    """fusermount3 -u, retried while busy, then a lazy unmount as the last resort. Reads
-    the kernel's mount table: a mount whose process died cannot be stat'ed."""
-    for _ in range(50):
-        if os.path.abspath(path) not in mount_points_under(path.parent):
-            return
-        if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+    problem = mounts.wait_mounted(path, alive, mount_timeout_s)
+    if problem is not None:
+        raise BenchError(f"{what}: {problem}\n{logs}")
 
 
 def peak_rss_reset(pid: int) -> None:
@@ -1208,7 +1183,7 @@ class MooseFSTarget(Target):
             self.mount_proc = None
         if p is None:
             return
-        fuse_unmount(mnt)
+        mounts.unmount(mnt, attempts=50)
         try:
             p.wait(timeout=mount_timeout_s)
         except subprocess.TimeoutExpired:
@@ -1346,7 +1321,7 @@ class Bench:
             except Exception as exc:
                 log(f"teardown of {t.name}: {exc}")
         self.targets = []
-        left = mount_points_under(self.work)
+        left = mounts.mounted_under(self.work)
         if left:
             log(f"still mounted, so {self.work} is left in place: {', '.join(left)}")
         elif self.args.keep:

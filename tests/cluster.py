@@ -4,7 +4,8 @@
 logs under one directory, waits until the metaserver reports every data server up, and
 mounts the file system with `... mount --foreground` under Popen. Each process can be
 stopped, killed and restarted on its own. Teardown always runs and leaves no process and
-no mount behind: `fusermount3 -u` (then `-z`), SIGTERM, SIGKILL after a grace period.
+no mount behind: an unmount (stripefs.mounts: retried, then lazy), SIGTERM, SIGKILL after a
+grace period.
 
 Every log file the harness creates is registered in LOGS, so that a test can be failed
 when a server or a mount logged a traceback (see conftest.py).
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pki import Pki
+
+from stripefs.mounts import is_mounted, unmount, wait_mounted  # noqa: F401  (is_mounted: for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,36 +63,6 @@ def log_tail(path: Path, lines: int = log_tail_lines) -> str:
         return f"---- {path}: missing ----"
     tail = "\n".join(text.splitlines()[-lines:])
     return f"---- last lines of {path} ----\n{tail}\n----"
-
-
-def is_mounted(path: os.PathLike | str) -> bool:
-    """Reads the kernel's mount table, so a mount whose process died still counts (stat
-    on it would fail with ENOTCONN)."""
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mount_point = line.split(" ")[4]
-            # The table escapes blanks and backslashes as octal.
-            mount_point = (
-                mount_point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-                .replace("\\134", "\\")
-            )
-            if mount_point == target:
-                return True
-    return False
-
-
-def unmount(path: os.PathLike | str, attempts: int = 10) -> None:
-    """fusermount3 -u, retried while busy, then a lazy -z as the last resort."""
-    path = os.fspath(path)
-    for _ in range(attempts):
-        if not is_mounted(path):
-            return
-        if subprocess.run(["fusermount3", "-u", path], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    if is_mounted(path):
-        subprocess.run(["fusermount3", "-uz", path], capture_output=True)
 
 
 @dataclass
@@ -196,16 +169,10 @@ class Mount:
         return self.path / other
 
     def wait_mounted(self, timeout: float = start_timeout_s) -> None:
-        deadline = time.monotonic() + timeout
-        while not os.path.ismount(self.path):
-            if not self.proc.running():
-                raise HarnessError(
-                    f"mount process exited with {self.proc.popen.returncode if self.proc.popen else None}"
-                    f" before {self.path} was mounted\n{self.proc.logs_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise HarnessError(f"{self.path} not mounted after {timeout}s\n{self.proc.logs_tail()}")
-            time.sleep(0.05)
+        problem = wait_mounted(self.path, self.proc.running, timeout)
+        if problem is not None:
+            code = self.proc.popen.returncode if self.proc.popen else None
+            raise HarnessError(f"{problem} (its exit code: {code})\n{self.proc.logs_tail()}")
 
     def close(self) -> Optional[int]:
         """Unmounts and waits for the mount process to exit (SIGTERM, then SIGKILL)."""

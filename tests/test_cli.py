@@ -406,3 +406,39 @@ def test_top(env):
 
     res = run(c, "top", *sources, "--once", "--interval", "0.5")
     assert "operations" in res.stdout and meta_metrics in res.stdout and c.mount_metrics in res.stdout
+
+
+def test_mount_and_umount(env, tmp_path):
+    """`stripefs mount` returns once mounted; `umount` of a busy mount retries, then
+    detaches it lazily and says so; of a path not mounted, an error (fs/mounts.py)."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    log = tmp_path / "mount.log"
+    res = subprocess.run(cli("mount", env.meta_addr, str(mnt), "--credentials", str(env.client),
+                             "--log-file", str(log)), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert os.path.ismount(mnt)
+    # A process with its working directory inside keeps the mount busy.
+    holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
+    try:
+        started = time.monotonic()
+        res = subprocess.run(cli("umount", str(mnt)), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "detached lazily" in res.stderr, res.stderr
+        assert time.monotonic() - started >= 1.0  # it tried a while before detaching
+        assert not os.path.ismount(mnt)
+    finally:
+        holder.kill()
+        holder.wait()
+    res = subprocess.run(cli("umount", str(mnt)), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "is not mounted" in res.stderr, (res.returncode, res.stderr)
+    # The mount process ends once its last user is gone.
+    deadline = time.monotonic() + 30
+    while not _mount_process_gone(mnt) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _mount_process_gone(mnt)
+
+
+def _mount_process_gone(mnt: Path) -> bool:
+    res = subprocess.run(["pgrep", "-f", f"mount .* {mnt}"], capture_output=True)
+    return res.returncode != 0
