@@ -38,20 +38,28 @@ def mount_points() -> list[str]:
     return points
 
 
+def _as_listed(path: os.PathLike | str) -> str:
+    """`path` as the mount table lists it: absolute, its parent's symbolic links resolved
+    (not the path itself: a mount whose process died cannot be looked into)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
 def is_mounted(path: os.PathLike | str) -> bool:
-    return os.path.abspath(path) in mount_points()
+    return _as_listed(path) in mount_points()
 
 
 def mounted_under(directory: os.PathLike | str) -> list[str]:
     """The mount points inside `directory` (not itself)."""
-    top = os.path.abspath(directory).rstrip("/") + "/"
+    top = os.path.realpath(directory).rstrip("/") + "/"
     return [p for p in mount_points() if p.startswith(top)]
 
 
 def unmount(path: os.PathLike | str, attempts: int = UNMOUNT_ATTEMPTS) -> str:
     """Unmounts `path`: "unmounted", "lazily" (still busy after `attempts`: detached,
     released by the kernel when its last user lets go), "not mounted", or "failed"."""
-    path = os.path.abspath(path)
+    path = _as_listed(path)
     for attempt in range(max(1, attempts)):
         if not is_mounted(path):
             return "not mounted" if attempt == 0 else "unmounted"

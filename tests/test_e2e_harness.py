@@ -34,3 +34,7 @@ def test_a_traceback_in_a_harness_log_fails_the_check(tmp_path: Path):
 def test_is_mounted_reads_the_mount_table(tmp_path: Path):
     assert is_mounted("/")
     assert not is_mounted(tmp_path)
+    # A path through a symbolic link names the mount the table lists under its real path.
+    (tmp_path / "root").symlink_to("/")
+    assert is_mounted(tmp_path / "root" / "proc")
+    assert not is_mounted(tmp_path / "root" / "nonexistent")
