@@ -361,14 +361,14 @@ def _mount_in_background(args: SimpleNamespace, mountpoint: str) -> int:
 @click.argument("mountpoint")
 def umount_cmd(mountpoint: str) -> None:
     """unmount (lazily if it is busy)"""
+    mountpoint = os.path.abspath(mountpoint)
     outcome = unmount(mountpoint)
     if outcome == "not mounted":
-        raise CliError(f"{os.path.abspath(mountpoint)} is not mounted")
+        raise CliError(f"{mountpoint} is not mounted")
     if outcome == "lazily":
-        click.echo(f"stripefs umount: {os.path.abspath(mountpoint)} busy, detached lazily "
-                   "(gone when its last user lets go)", err=True)
+        click.echo(f"stripefs umount: {mountpoint} busy, detached lazily (gone when its last user lets go)", err=True)
     elif outcome == "failed":
-        raise CliError(f"cannot unmount {os.path.abspath(mountpoint)}")
+        raise CliError(f"cannot unmount {mountpoint}")
 
 
 # ---------------------------------------------------------------------------- ca, credential

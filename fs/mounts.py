@@ -61,12 +61,12 @@ def unmount(path: os.PathLike | str, attempts: int = UNMOUNT_ATTEMPTS) -> str:
     released by the kernel when its last user lets go), "not mounted", or "failed"."""
     path = _as_listed(path)
     for attempt in range(max(1, attempts)):
-        if not is_mounted(path):
+        if path not in mount_points():
             return "not mounted" if attempt == 0 else "unmounted"
         if subprocess.run(["fusermount3", "-u", path], capture_output=True).returncode == 0:
             return "unmounted"
         time.sleep(UNMOUNT_PAUSE_S)
-    if not is_mounted(path):
+    if path not in mount_points():
         return "unmounted"
     lazy = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
     return "lazily" if lazy.returncode == 0 else "failed"
