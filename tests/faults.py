@@ -126,9 +126,21 @@ def wait_fsck_clean(cluster: Cluster, timeout_s: float = REPAIR_WITHIN_S) -> dic
 # ---------------------------------------------------------------------------- processes
 
 
-def pause(proc: Proc) -> None:
-    """SIGSTOP: the process hangs, its sockets stay open (a hung server, not a dead one)."""
+def pause(proc: Proc, timeout_s: float = 5.0) -> None:
+    """SIGSTOP: the process hangs, its sockets stay open (a hung server, not a dead one).
+    Returns once every thread of it has stopped: a loaded machine may let it run on a
+    little after the signal, and answer a call that the test meant it to leave hanging."""
     proc.signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    tasks = Path(f"/proc/{proc.pid}/task")
+    while time.monotonic() < deadline:
+        try:
+            states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks.iterdir()]
+        except OSError:
+            return  # (gone, or a thread ended while we looked: nothing to wait for)
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
 
 
 def resume(proc: Proc) -> None:
