@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Optional, cast
 
-from stripefs.proto import malloc, metrics
+from stripefs.proto import frames, malloc, metrics
 from stripefs.proto.credentials import load_credentials
 from stripefs.proto.errors import FsError
 from stripefs.proto.logsetup import announce_ready, hold_stop_signals, setup_logging, wait_for_stop
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoked", default=None, help="file of revoked credential names to refuse")
     p.add_argument("--max-connections", type=int, default=None,
                    help="connections held at most, more refused (default: half the descriptor limit, <= 4096)")
+    frames.add_argument(p)
     p.add_argument(
         "--advertise",
         type=parse_address,
@@ -352,7 +353,7 @@ def main(argv: list[str]) -> int:
                             max(1, args.replication_workers))
     try:
         server, port = serve(DATA_SERVICE, DATA_METHODS, service, creds, args.listen, revoked=args.revoked,
-                             max_connections=args.max_connections)
+                             max_connections=args.max_connections, frames_port=args.frames_port)
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1

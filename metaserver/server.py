@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from stripefs.proto import metrics
+from stripefs.proto import frames, metrics
 from stripefs.proto.auth import TOKEN_KEY_BYTES, load_token_key
 from stripefs.proto.credentials import META, load_credentials
 from stripefs.proto.errors import FsError
@@ -65,6 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--revoked", help="file of revoked credential names to refuse (stripefs credential revoke)")
     p.add_argument("--max-connections", type=int, default=None,
                    help="connections held at most, more refused (default: half the descriptor limit, <= 4096)")
+    frames.add_argument(p)
     p.add_argument("--ready-file", help="after binding, write HOST:PORT here (atomically)")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--log-level", default="INFO")
@@ -162,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stop = threading.Event()
     try:
         server, port = serve(META_SERVICE, META_METHODS, core, creds, args.listen, revoked=args.revoked,
-                             max_connections=args.max_connections)
+                             max_connections=args.max_connections, frames_port=args.frames_port)
     except BaseException:
         core.close()
         raise

@@ -175,14 +175,32 @@ def server_credentials(creds: Credentials) -> Any:
 
 
 def caller_of(context: Any) -> Optional[Caller]:
-    """The peer of a call, from the certificate it presented in the TLS handshake."""
+    """The peer of a gRPC call, from the certificate it presented in the TLS handshake."""
     auth = context.auth_context()
-    names = auth.get("x509_common_name") or []
-    caller = parse_common_name(names[0].decode(errors="replace")) if len(names) == 1 else None
+    names = [n.decode(errors="replace") for n in auth.get("x509_common_name") or []]
+    subjects = [s.decode(errors="replace") for s in auth.get("x509_subject") or []]
+    return _caller(names, subjects)
+
+
+def caller_of_certificate(der: bytes) -> Optional[Caller]:
+    """The peer of a framed connection (proto/frames.py), from its certificate (DER), by the
+    same rules as caller_of."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        subject = x509.load_der_x509_certificate(der).subject
+    except ValueError:
+        return None
+    names = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return _caller(names, [subject.rfc4514_string()])
+
+
+def _caller(common_names: list[str], subjects: list[str]) -> Optional[Caller]:
+    caller = parse_common_name(common_names[0]) if len(common_names) == 1 else None
     if caller is None or caller.role != CLIENT:
         return caller
-    subjects = auth.get("x509_subject") or []
-    found = _SQUASH_OU.search(subjects[0].decode(errors="replace")) if len(subjects) == 1 else None
+    found = _SQUASH_OU.search(subjects[0]) if len(subjects) == 1 else None
     return dataclasses.replace(caller, squash=found.group(1)) if found else caller
 
 

@@ -11,6 +11,10 @@ thread of its own and binds each method of the table to `impl.<name>(request)`, 
   costs (docs/client.md has the figures). The server greets every new stream with an empty
   batch, so a client knows the stream is up before it sends anything on it.
 
+The same stream is served on a port of its own without gRPC, framed (proto/frames.py:
+`Server.frames`, `_StreamHandler.run`); the greeting of every gRPC stream names that port
+(an entry with call id 0), and clients move there after their first call.
+
 Blocks move on two more kinds of method (proto/services.py `kind`), served on the event
 loop by coroutines of the implementation: UPLOAD (`write_block`), a request frame then raw
 chunks in, one reply frame out, run as `await impl.<name>(request, chunks, caller,
@@ -79,7 +83,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import grpc
 
-from . import codec, metrics
+from . import codec, frames, metrics
 from .credentials import Caller, Credentials, Revocations, caller_of, channel_credentials, channel_options
 from .credentials import server_credentials
 from .errors import FsError, TransportError
@@ -294,12 +298,22 @@ class _StreamHandler:
         #: batches run on the event-loop thread (the implementation's word: False when each
         #: of its statements is a network round trip, as with a database server)
         self.batches_inline: bool = getattr(dispatch.impl, "batches_inline", True)
+        #: the server's framed port, named in every gRPC stream's greeting (0: none)
+        self.frames_port = 0
 
     async def serve(self, request_iterator: Any, context: Any) -> None:
+        """A gRPC stream; its greeting names the server's framed port, if it has one."""
         caller = _authenticate(context, self.revocations)
         if caller is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid stripefs credential")
             return  # (abort raises)
+        await self.run(caller, request_iterator, context,
+                       [frames.greeting_entry(self.frames_port)] if self.frames_port else [])
+
+    async def run(self, caller: Caller, request_iterator: Any, context: Any, greeting: list) -> None:
+        """A stream of `caller`, authenticated: on gRPC (serve) or on a framed connection
+        (proto/frames.py), whose messages come from `request_iterator` and whose replies go
+        to `context.write`."""
         counted = self.dispatch.metrics
         received = sent = None
         if counted is not None:
@@ -309,7 +323,7 @@ class _StreamHandler:
         slots = asyncio.Semaphore(STREAM_CALLS_IN_FLIGHT)
         tasks: set[asyncio.Task] = set()
         try:
-            await out.send([])  # the greeting: the stream is up
+            await out.send(greeting)  # the greeting: the stream is up
             async for message in request_iterator:
                 try:
                     calls = codec.decode_request_batch(message)
@@ -581,7 +595,7 @@ class Server:
 
     def __init__(self, service: str, methods: dict[str, Method], impl: Any, creds: Credentials,
                  listen: str, workers: int, revoked: Optional[str] = None,
-                 max_connections: Optional[int] = None) -> None:
+                 max_connections: Optional[int] = None, frames_port: Optional[int] = 0) -> None:
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-rpc", daemon=True)
@@ -608,8 +622,16 @@ class Server:
         # A bound coroutine method: grpc.aio tells coroutine handlers from generators by it.
         handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(self.streams.serve)
 
+        cap = max_connections or default_max_connections()
+        #: the framed port (proto/frames.py), on the same host; None: frames_port was None
+        self.frames: Optional[frames.Frames] = None
+        if frames_port is not None:
+            # Half as many again as gRPC's: the descriptors both ports may hold stay within
+            # the limit's share (default_max_connections); a client refused there stays on
+            # gRPC (fs/client/transport.py), and one framed connection a client is plenty.
+            self.frames = frames.Frames(service, self.streams.run, creds, revocations, max(1, cap // 2))
+
         async def start() -> tuple[grpc.aio.Server, int]:
-            cap = max_connections or default_max_connections()
             options = SERVER_OPTIONS + [("grpc.max_allowed_incoming_connections", cap)]
             server = grpc.aio.server(migration_thread_pool=self.pool, options=options)
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
@@ -617,6 +639,12 @@ class Server:
             if port == 0:
                 raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}")
             await server.start()
+            if self.frames is not None:
+                try:
+                    self.streams.frames_port = await self.frames.start(_listen_host(listen), frames_port or 0)
+                except BaseException:
+                    await server.stop(None)
+                    raise
             return server, port
 
         try:
@@ -660,7 +688,13 @@ class Server:
         channel reads the socket only during its calls, so it never sees the goodbye) held
         it for the whole grace. (A grace under STOP_EARLY_MIN_GRACE_S is left to gRPC.)"""
         async def stop() -> None:
+            if self.frames is not None:
+                self.frames.stop_listening()
             await end_server()
+            if self.frames is not None:
+                # What gRPC's stop does to its streams: the framed ones end too, their
+                # calls answered (within the grace) or not (their clients ask again).
+                self.frames.close()
             # gRPC ends a stopped server's calls by cancelling them, and their tasks still
             # have to run to their end on this loop: closing it with them pending destroyed
             # them mid-way (asyncio's "Task was destroyed but it is pending!", a
@@ -704,13 +738,22 @@ class Server:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _listen_host(listen: str) -> str:
+    """The host of a HOST:PORT listen address ("" for every address)."""
+    host = listen.rpartition(":")[0]
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return "" if host in ("", "0.0.0.0", "::") else host
+
+
 def serve(service: str, methods: dict[str, Method], impl: Any, creds: Credentials, listen: str,
           workers: int = DEFAULT_WORKERS, revoked: Optional[str] = None,
-          max_connections: Optional[int] = None) -> tuple[Server, int]:
+          max_connections: Optional[int] = None, frames_port: Optional[int] = 0) -> tuple[Server, int]:
     """Start serving one service over mutual TLS; returns (server, bound port). Port 0 picks
     one. `revoked`: a file of names to refuse (proto/credentials.py); `max_connections`:
-    connections held at most (default_max_connections())."""
-    server = Server(service, methods, impl, creds, listen, workers, revoked, max_connections)
+    connections held at most (default_max_connections()), and half as many on the framed
+    port; `frames_port`: the
+    port of its framed streams on the same host (proto/frames.py; 0 picks one, None: none)."""
+    server = Server(service, methods, impl, creds, listen, workers, revoked, max_connections, frames_port)
     return server, server.port
 
 

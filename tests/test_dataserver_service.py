@@ -18,7 +18,7 @@ from cluster import put_block
 
 from stripefs.dataserver.service import DataService
 from stripefs.dataserver.store import BlockStore
-from stripefs.proto import codec
+from stripefs.proto import codec, frames
 from stripefs.proto.auth import read_token, write_token
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
@@ -369,21 +369,23 @@ def test_small_reads_sent_together_are_answered_together(data_server, pki):
     for block_id, data in blocks.items():
         stub.put(block_id, data)
     asked = [*blocks, 99]  # 99: no such block
+    # (call ids from 1, as clients number them: id 0 is the greeting's, frames.GREETING_ID)
     batch = codec.encode_batch([[i, "get_block", codec.encode_request(GetBlockReq(block_id=b, token=readable(b)))]
-                                for i, b in enumerate(asked)])
+                                for i, b in enumerate(asked, 1)])
     channel = secure_channel(f"127.0.0.1:{port}", pki.creds("client"), DATA_SERVICE)
     try:
         replies = list(channel.stream_stream(f"/{DATA_SERVICE}/{STREAM_METHOD}")(iter([batch]), timeout=30))
     finally:
         channel.close()
     greeting, *answers = [codec.decode_reply_batch(r) for r in replies]
-    assert greeting == [] and len(answers) == 1, answers
+    assert [call_id for call_id, _ in greeting] == [frames.GREETING_ID]  # (it names the framed port)
+    assert frames.port_of_greeting(greeting[0][1]) > 0 and len(answers) == 1, answers
     got = dict(answers[0])
-    assert sorted(got) == list(range(len(asked)))
-    for i, block_id in enumerate(asked[:-1]):
+    assert sorted(got) == list(range(1, len(asked) + 1))
+    for i, block_id in enumerate(asked[:-1], 1):
         assert codec.decode_reply(BlockData, got[i]).data == blocks[block_id]
     with pytest.raises(FsError) as info:
-        codec.decode_reply(BlockData, got[len(asked) - 1])
+        codec.decode_reply(BlockData, got[len(asked)])
     assert info.value.errno == errno.ENOENT
 
 

@@ -14,6 +14,10 @@
   callers, against ~0.8 ms and ~1,900/s for a thread per call; a cold epoch of 150 KiB
   files cost the mount 49 thread switches a file in gRPC's threads, 15 on the loop, and
   2.0 against 1.45-1.68 ms of CPU.
+- `_FramedStream`: the same stream on the server's framed port (proto/frames.py), run by
+  trio itself: no gRPC and no thread between a caller and the socket. A StreamTransport
+  starts on gRPC and moves there once a greeting names the port (StreamTransport's
+  docstring; docs/client.md, "Framed streams").
 - `upload`, `download`: a call on a worker thread, on a channel of its own, for
   bulk transfers (blocks of megabytes), which would hold up every small call queued behind
   them on the stream. Blocks move as streams of chunks (proto/rpc.py's UPLOAD and
@@ -58,19 +62,20 @@ import logging
 import math
 import os
 import queue
+import ssl
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 import trio
 
-from stripefs.proto import codec
-from stripefs.proto.credentials import CLIENT, Caller, Credentials
+from stripefs.proto import codec, frames
+from stripefs.proto.credentials import CLIENT, SERVER_NAMES, Caller, Credentials
 from stripefs.proto.errors import FsError, TransportError
 from stripefs.proto.messages import Message
 from stripefs.proto.rpc import (HUNG_AFTER_S, STREAM_METHOD, AddressList, AioChannelWatch, ChannelWatch, Dispatch, Stub,
                        aio_secure_channel, secure_channel, transport_error)
-from stripefs.proto.services import WAIT, Method
+from stripefs.proto.services import SERVER_ROLE, WAIT, Method
 
 log = logging.getLogger("stripefs.client")
 
@@ -214,10 +219,16 @@ class _StreamState:
             return TransportError(f"stream to {self.address} closed")
         return transport_error(self.address, STREAM_METHOD, exc)
 
+    #: the server's framed port, from its greeting (proto/frames.py; 0: none named)
+    frames_port = 0
+
     def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
         self.up.set()  # the first message is the greeting
         self.heard = trio.current_time()
         for call_id, frame in entries:
+            if call_id == frames.GREETING_ID:
+                self.frames_port = frames.port_of_greeting(frame)
+                continue
             waiter = self.pending.pop(call_id, None)
             if waiter is not None:
                 waiter.frame = frame
@@ -378,16 +389,249 @@ class _ThreadStream(_StreamState):
         self._call.cancel()
 
 
+class _FramedStream(_StreamState):
+    """A stream on a framed connection of its own (proto/frames.py), run by trio itself: no
+    thread between the caller and the socket. Requests queued while the writer is busy
+    leave together, as on the gRPC stream; replies are delivered as they are read."""
+
+    def __init__(self, address: str, port: int, creds: Credentials, service: str) -> None:
+        super().__init__(address, trio.lowlevel.current_trio_token())
+        self.pid = os.getpid()
+        self._outbox: list[list] = []
+        self._wake = trio.Event()
+        self._scope = trio.CancelScope()
+        self._last_sent = -math.inf
+        #: broke before its greeting: the port could not be reached or refused us
+        self.failed_to_start = False
+        host = address.rpartition(":")[0]
+        host = host[1:-1] if host.startswith("[") else host
+        trio.lowlevel.spawn_system_task(self._run, host, port, creds, service,
+                                        name=f"stripefs framed stream to {address}")
+
+    def _enqueue(self, entry: list) -> None:
+        self._outbox.append(entry)
+        self._wake.set()
+
+    async def _run(self, host: str, port: int, creds: Credentials, service: str) -> None:
+        error: FsError = TransportError(f"framed stream to {self.address} ended")
+        try:
+            with self._scope:
+                await self._serve(host, port, creds, service)
+        except BaseException as exc:
+            cause = _first_error(exc)
+            if not isinstance(cause, Exception):
+                raise  # the trio run is ending (cancelled), or KeyboardInterrupt
+            error = self._error_of(cause)
+        if self._closed:
+            error = TransportError(f"framed stream to {self.address} closed")
+        if not self.up.is_set():
+            self.failed_to_start = True
+        self._fail(error)
+
+    async def _serve(self, host: str, port: int, creds: Credentials, service: str) -> None:
+        """Connect, then read replies (and write requests, and watch for silence) until
+        the connection ends or fails."""
+        with trio.fail_after(frames.HANDSHAKE_TIMEOUT_S):
+            tcp = await trio.open_tcp_stream(host, port)
+        try:
+            conn = _Tls(tcp, frames.client_context(creds), SERVER_NAMES[SERVER_ROLE[service]])
+            with trio.fail_after(frames.HANDSHAKE_TIMEOUT_S):
+                frames.keep_alive(tcp.socket)  # type: ignore[arg-type]
+                await conn.handshake()
+                hello = service.encode()
+                await conn.send(frames.HEADER.pack(len(hello)) + hello)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, conn)
+                nursery.start_soon(self._watch)
+                await self._read(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(tcp)
+
+    def _error_of(self, exc: Exception) -> FsError:
+        """What the calls waiting on the stream are told when `exc` ended it."""
+        if isinstance(exc, trio.TooSlowError):
+            return TransportError(f"framed stream to {self.address}: not connected within "
+                                  f"{frames.HANDSHAKE_TIMEOUT_S:g} s")
+        if isinstance(exc, _Silent):
+            return TransportError(str(exc))
+        if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, ValueError)):
+            return TransportError(f"framed stream to {self.address}: {exc.__cause__ or exc!r}")
+        # (a bug: still, every call waiting on the stream is told)
+        log.error("framed stream to %s", self.address, exc_info=exc)
+        return TransportError(f"framed stream to {self.address}: {exc!r}")
+
+    async def _read(self, conn: "_Tls") -> None:
+        buffer = frames.FrameBuffer()
+        while True:
+            pieces = await conn.receive()
+            if not pieces:
+                return
+            for piece in pieces:
+                for frame in buffer.feed(piece):
+                    if frame:
+                        self._deliver(codec.decode_reply_batch(frame))
+                    else:
+                        self.heard = trio.current_time()  # a pong
+
+    async def _write(self, conn: "_Tls") -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._outbox:
+                taken = self._outbox[:codec.MAX_BATCH]
+                del self._outbox[:codec.MAX_BATCH]
+                if any(entry is _PING_ENTRY for entry in taken):
+                    await conn.send(frames.PING)
+                batch = self._unsent(taken)
+                if batch:
+                    message = codec.encode_batch(batch)
+                    self._last_sent = trio.current_time()
+                    await conn.send(frames.HEADER.pack(len(message)) + message)
+
+    async def _watch(self) -> None:
+        """While calls wait, a server silent for PING_AFTER_S is pinged, and given up when
+        nothing comes back within PING_TIMEOUT_S (a stopped server keeps its connection)."""
+        while True:
+            await trio.sleep(frames.PING_AFTER_S / 2)
+            now = trio.current_time()
+            if not self.pending or now - max(self.heard, self._last_sent) < frames.PING_AFTER_S:
+                continue
+            self._enqueue_ping()
+            pinged = now
+            while self.heard < pinged:
+                if trio.current_time() - pinged > frames.PING_TIMEOUT_S:
+                    raise _Silent(f"framed stream to {self.address}: no answer to a ping within "
+                                  f"{frames.PING_TIMEOUT_S:g} s")
+                await trio.sleep(0.5)
+
+    def _enqueue_ping(self) -> None:
+        self._outbox.append(_PING_ENTRY)
+        self._wake.set()
+
+    def _unsent(self, entries: Iterable[list]) -> list[list]:
+        return [entry for entry in entries if entry is not _PING_ENTRY and entry[0] in self.pending]
+
+    def close(self) -> None:
+        self._closed = True
+        self._scope.cancel()
+
+
+#: What a framed stream's outbox holds for a ping.
+_PING_ENTRY: list = []
+
+
+class _Tls:
+    """TLS over a trio TCP stream, for a framed stream: trio's SSLStream decrypts one TLS
+    record (16 KiB at most) per call, each call a trip through trio's scheduler, which
+    cost a mount a quarter of its time on a stream of 150 KiB block reads; here a read of
+    the socket takes what has arrived (RECV_BYTES at most) and every record in it is
+    decrypted in one loop. One task reads and one writes; both may send (a read may leave
+    TLS bytes to send back), one at a time."""
+
+    def __init__(self, tcp: trio.SocketStream, context: ssl.SSLContext, server_name: str) -> None:
+        self._tcp = tcp
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_name)
+        self._sending = trio.Lock()
+        self._ended = False
+
+    async def _flush(self) -> None:
+        if self._out.pending:
+            async with self._sending:
+                data = self._out.read()
+                if data:
+                    await self._tcp.send_all(data)
+
+    async def _fill(self) -> bool:
+        """More bytes from the socket; False at its end (then reads raise SSLEOFError)."""
+        data = await self._tcp.receive_some(RECV_BYTES)
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+                await self._flush()
+                return
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise trio.BrokenResourceError("the server hung up during the TLS handshake") from None
+
+    async def send(self, data: bytes) -> None:
+        self._tls.write(data)  # (TLS 1.3 renegotiates nothing: a write never waits for a read)
+        await self._flush()
+
+    async def receive(self) -> list[bytes]:
+        """The bytes that have arrived, decrypted, in pieces; [] at the end of the stream."""
+        pieces: list[bytes] = []
+        while not self._ended:
+            try:
+                while True:
+                    piece = self._tls.read(READ_BYTES)
+                    if not piece:  # the server's close_notify
+                        self._ended = True
+                        return pieces
+                    pieces.append(piece)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._ended = True  # (its end: what came before it, then [])
+                return pieces
+            await self._flush()  # (what reading made to send back: a key update's reply)
+            if pieces:
+                return pieces
+            await self._fill()  # (at the socket's end, the next read raises SSLEOFError)
+        return pieces
+
+
+def _first_error(exc: BaseException) -> Optional[BaseException]:
+    """The first exception in `exc` (a group's, depth first) that is not trio's
+    cancellation; None if there is none."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_error(inner)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(exc, trio.Cancelled) else exc
+
+
+class _Silent(Exception):
+    """A framed stream's server said nothing, not even to a ping."""
+
+
+#: Bytes a framed stream takes from its socket at most at once (many TLS records), and
+#: decrypts at most in one call (one record's).
+RECV_BYTES = 256 * 1024
+READ_BYTES = 64 * 1024
+#: Pause before a client tries a server's framed port again after it could not reach it.
+FRAMES_RETRY_S = 30.0
+
+
 class StreamTransport:
     """Calls to one server over one multiplexed stream (module docstring).
 
     fail_fast: a call does not wait for a server that cannot be reached: Unreachable (the
     stream it opened keeps waiting; FailoverTransport has others to try meanwhile).
-    loop: the stream runs on the _GrpcLoop (grpc.aio), else on gRPC's sync threads."""
+    loop: the stream runs on the _GrpcLoop (grpc.aio), else on gRPC's sync threads.
+    frames: once a gRPC stream's greeting names the server's framed port, calls move to a
+    framed stream there (_FramedStream); the gRPC stream is closed when its last call is
+    answered. A framed port that cannot be reached is tried again after FRAMES_RETRY_S, or
+    at once when a greeting names another."""
 
     def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method],
-                 fail_fast: bool = False, loop: bool = False) -> None:
+                 fail_fast: bool = False, loop: bool = False, frames: bool = True) -> None:
         self.address = address
+        self._frames = frames
+        self._frames_port = 0  # the framed port the last greeting named
+        self._frames_failed: tuple[int, float] = (0, -math.inf)  # (port, when) it last could not be reached
+        self._retired: list[_StreamState] = []  # gRPC streams left for a framed one, with calls on them
         self.methods = methods
         self._creds = creds
         self._service = service
@@ -430,17 +674,56 @@ class StreamTransport:
 
     def _current(self) -> _StreamState:
         stream = self._stream
+        if stream is not None and stream.broken is None and self._move_to_frames(stream):
+            self._retire(stream)
+            stream = None
+        if isinstance(stream, _FramedStream) and stream.pid != os.getpid():
+            stream = None  # (made in the process this one was forked from)
         if stream is None or stream.broken is not None:
             if self._closed:
                 raise TransportError(f"connection to {self.address} is closed")
+            if isinstance(stream, _FramedStream) and stream.failed_to_start:
+                if self._frames_failed[0] != self._frames_port:
+                    log.warning("%s: its framed port %d cannot be reached (%s): calls go on gRPC",
+                                self.address, self._frames_port, stream.broken)
+                self._frames_failed = (self._frames_port, trio.current_time())
             token = trio.lowlevel.current_trio_token()
-            if self._grpc is not None:
+            if self._frames_port and self._frames_usable():
+                stream = _FramedStream(self.address, self._frames_port, self._creds, self._service)
+            elif self._grpc is not None:
                 stream = _Stream(self._grpc, self._channel, self._path, self.address, token)
             else:
                 assert self._sync_channel is not None
                 stream = _ThreadStream(self._sync_channel, self._path, self.address, token)
             self._stream = stream
         return stream
+
+    def _frames_usable(self) -> bool:
+        port, when = self._frames_failed
+        return self._frames_port != port or trio.current_time() - when >= FRAMES_RETRY_S
+
+    def _move_to_frames(self, stream: _StreamState) -> bool:
+        """`stream`, a gRPC stream, is to give way to a framed one."""
+        if not self._frames or isinstance(stream, _FramedStream) or not stream.frames_port:
+            return False
+        self._frames_port = stream.frames_port
+        return self._frames_usable()
+
+    def _retire(self, stream: _StreamState) -> None:
+        """A gRPC stream given up for a framed one: closed once no call waits on it."""
+        if stream.pending:
+            self._retired.append(stream)
+        else:
+            stream.close()
+
+    def _close_retired(self) -> None:
+        still = []
+        for stream in self._retired:
+            if stream.pending and stream.broken is None:
+                still.append(stream)
+            else:
+                stream.close()
+        self._retired = still
 
     async def _up(self) -> _StreamState:
         """A stream that is up (its greeting came), opened if need be. While the server
@@ -459,6 +742,8 @@ class StreamTransport:
                 return stream
             if not isinstance(stream.broken, TransportError):
                 raise stream.broken
+            if isinstance(stream, _FramedStream) and stream.failed_to_start:
+                continue  # (the next is a gRPC stream: _current)
             if self._watch is not None:
                 raise Unreachable(stream.broken.message)
             # Broke before its greeting (the server went away while we waited, or
@@ -491,6 +776,8 @@ class StreamTransport:
                     await self._wait_hearing(stream, waiter, patience_s, name)
             finally:
                 stream.pending.pop(call_id, None)
+                if self._retired:
+                    self._close_retired()
             if waiter.error is not None:
                 raise waiter.error
             assert waiter.frame is not None  # (the event is set with a frame or an error)
@@ -537,6 +824,9 @@ class StreamTransport:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
+        for stream in self._retired:
+            stream.close()
+        self._retired = []
         if isinstance(self._watch, ChannelWatch):
             self._watch.close()
         if self._sync_channel is not None:
