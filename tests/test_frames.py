@@ -37,8 +37,10 @@ def cluster(tmp_path_factory):
         c.close()
 
 
-def transport(c: Cluster, creds: Credentials | None = None, **kwargs) -> StreamTransport:
-    return StreamTransport(c.meta_addr, creds or load_credentials(c.client), META_SERVICE, META_METHODS, **kwargs)
+def transport(c: Cluster, creds: Credentials | None = None, frames: bool = True) -> StreamTransport:
+    """The library's transport, asked to move to framed streams (a mount's does by itself)."""
+    return StreamTransport(c.meta_addr, creds or load_credentials(c.client), META_SERVICE, META_METHODS,
+                           frames=frames)
 
 
 async def getattr_root(t: StreamTransport, timeout_s: float = 10.0):

@@ -623,12 +623,16 @@ class StreamTransport:
     frames: once a gRPC stream's greeting names the server's framed port, calls move to a
     framed stream there (_FramedStream); the gRPC stream is closed when its last call is
     answered. A framed port that cannot be reached is tried again after FRAMES_RETRY_S, or
-    at once when a greeting names another."""
+    at once when a greeting names another. By default only with `loop` (a mount): a
+    library process may fork, and a forked child's first gRPC stream was seen to fail
+    (CI, once in three runs; twice more it took a minute) when its parent had moved to
+    framed streams, which is not understood yet; without the loop the library keeps the
+    gRPC stream it always had."""
 
     def __init__(self, address: str, creds: Credentials, service: str, methods: dict[str, Method],
-                 fail_fast: bool = False, loop: bool = False, frames: bool = True) -> None:
+                 fail_fast: bool = False, loop: bool = False, frames: Optional[bool] = None) -> None:
         self.address = address
-        self._frames = frames
+        self._frames = loop if frames is None else frames
         self._frames_port = 0  # the framed port the last greeting named
         self._frames_failed: tuple[int, float] = (0, -math.inf)  # (port, when) it last could not be reached
         self._retired: list[_StreamState] = []  # gRPC streams left for a framed one, with calls on them
