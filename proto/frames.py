@@ -86,6 +86,12 @@ def port_of_greeting(frame: bytes) -> int:
     return port if 0 < port < 65536 else 0
 
 
+def host_of(address: str) -> str:
+    """The host of a HOST:PORT address, an IPv6 one without its brackets."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):

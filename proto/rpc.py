@@ -740,8 +740,7 @@ class Server:
 
 def _listen_host(listen: str) -> str:
     """The host of a HOST:PORT listen address ("" for every address)."""
-    host = listen.rpartition(":")[0]
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = frames.host_of(listen)
     return "" if host in ("", "0.0.0.0", "::") else host
 
 

@@ -403,9 +403,7 @@ class _FramedStream(_StreamState):
         self._last_sent = -math.inf
         #: broke before its greeting: the port could not be reached or refused us
         self.failed_to_start = False
-        host = address.rpartition(":")[0]
-        host = host[1:-1] if host.startswith("[") else host
-        trio.lowlevel.spawn_system_task(self._run, host, port, creds, service,
+        trio.lowlevel.spawn_system_task(self._run, frames.host_of(address), port, creds, service,
                                         name=f"stripefs framed stream to {address}")
 
     def _enqueue(self, entry: list) -> None:
