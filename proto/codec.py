@@ -268,12 +268,12 @@ def decode_request_batch(message: bytes) -> list[tuple[int, str, bytes]]:
     return _decode_batch(message, 3)
 
 
-def decode_reply_batch(message: bytes) -> list[tuple[int, bytes]]:
+def decode_reply_batch(message: bytes | bytearray) -> list[tuple[int, bytes]]:
     """[(id, frame)]; ValueError if the message is not a well-formed batch."""
     return _decode_batch(message, 2)
 
 
-def _decode_batch(message: bytes, width: int) -> list[tuple]:
+def _decode_batch(message: bytes | bytearray, width: int) -> list[tuple]:
     try:
         entries = msgpack.unpackb(message, raw=False, strict_map_key=False, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:

@@ -137,18 +137,49 @@ def client_context(creds: Credentials) -> ssl.SSLContext:
     return ctx
 
 
+#: A frame at least this long is gathered in a buffer of its own, each byte copied into it
+#: once (or decrypted straight into it: `FrameBuffer.room`), rather than appended to the
+#: buffer of leftovers: a batch of 16 block reads is a frame of ~2.4 MiB, arriving in
+#: 16 KiB TLS records, and a bytearray grown record by record copied it over and over.
+DIRECT_FRAME_BYTES = 64 * 1024
+
+
 class FrameBuffer:
-    """Bytes as they arrive in, whole frames out (the client's side)."""
+    """Bytes as they arrive in, whole frames out (the client's side). A frame comes out
+    as bytes, or as the bytearray it was gathered in (DIRECT_FRAME_BYTES or longer)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # bytes of frames shorter than DIRECT_FRAME_BYTES, and headers
         self._need = -1  # the length of the frame being gathered; -1: its header is not in yet
+        self._frame: Optional[bytearray] = None  # a long frame being gathered in place
+        self._got = 0  # bytes of it in
 
-    def feed(self, data: bytes | bytearray) -> list[bytes]:
+    def room(self) -> Optional[memoryview]:
+        """The part of a long frame still to come, for a reader that can put bytes there
+        itself (then `filled`); None when there is no such frame in progress (then `feed`)."""
+        return None if self._frame is None else memoryview(self._frame)[self._got:]
+
+    def filled(self, n: int) -> list[bytes | bytearray]:
+        """`n` more bytes were put in `room()`: the frame, if that completes it."""
+        assert self._frame is not None and 0 <= n <= len(self._frame) - self._got
+        self._got += n
+        if self._got < len(self._frame):
+            return []
+        frame, self._frame, self._need = self._frame, None, -1
+        return [frame]
+
+    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray]:
         """The frames `data` completes, in order (pings as b""). ValueError: a frame over
         MAX_FRAME_BYTES."""
+        out: list[bytes | bytearray] = []
+        if self._frame is not None:
+            n = min(len(self._frame) - self._got, len(data))
+            self._frame[self._got:self._got + n] = memoryview(data)[:n]
+            out += self.filled(n)
+            if self._frame is not None:
+                return out
+            data = memoryview(data)[n:]
         self._buf += data
-        out = []
         start = 0
         buf = self._buf
         while True:
@@ -159,7 +190,13 @@ class FrameBuffer:
                 if self._need > MAX_FRAME_BYTES:
                     raise ValueError(f"a frame of {self._need} bytes")
                 start += HEADER.size
-            if len(buf) - start < self._need:
+            have = len(buf) - start
+            if have < self._need:
+                if self._need >= DIRECT_FRAME_BYTES:
+                    self._frame = bytearray(self._need)
+                    self._frame[:have] = memoryview(buf)[start:]
+                    self._got = have
+                    start = len(buf)
                 break
             out.append(bytes(memoryview(buf)[start:start + self._need]))
             start += self._need

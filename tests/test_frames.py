@@ -126,6 +126,32 @@ def test_frames_are_cut_and_gathered_whatever_the_reads():
         frames.FrameBuffer().feed(frames.HEADER.pack(frames.MAX_FRAME_BYTES + 1))
 
 
+def test_a_long_frame_is_filled_in_place():
+    """A frame of DIRECT_FRAME_BYTES or more is gathered in a buffer of its own, which a
+    reader may also fill itself (room/filled), mixed with fed bytes in any way."""
+    long = bytes(range(256)) * (frames.DIRECT_FRAME_BYTES // 128)
+    msgs = [b"x", long, b"", long[::-1], b"tail"]
+    wire = b"".join(frames.HEADER.pack(len(m)) + m for m in msgs)
+    for step in (7, 1000, 16 * 1024, len(wire)):
+        for direct in (False, True):
+            buf = frames.FrameBuffer()
+            got: list = []
+            i = 0
+            while i < len(wire):
+                room = buf.room() if direct else None
+                if room is not None:
+                    n = min(len(room), step, len(wire) - i)
+                    room[:n] = wire[i:i + n]
+                    room.release()
+                    got += buf.filled(n)
+                else:
+                    n = step
+                    got += buf.feed(wire[i:i + n])
+                i += n
+            assert [bytes(g) for g in got] == msgs, (step, direct)
+            assert buf.room() is None
+
+
 def test_a_greeting_names_a_port_or_none():
     assert frames.port_of_greeting(frames.greeting_entry(4242)[1]) == 4242
     for junk in (b"", b"frames-port:", b"frames-port:0", b"frames-port:70000", b"frames-port:-1",

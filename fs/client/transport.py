@@ -64,7 +64,7 @@ import os
 import queue
 import ssl
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar, cast
 
 import grpc
 import trio
@@ -462,15 +462,22 @@ class _FramedStream(_StreamState):
     async def _read(self, conn: "_Tls") -> None:
         buffer = frames.FrameBuffer()
         while True:
-            pieces = await conn.receive()
-            if not pieces:
-                return
-            for piece in pieces:
-                for frame in buffer.feed(piece):
-                    if frame:
-                        self._deliver(codec.decode_reply_batch(frame))
-                    else:
-                        self.heard = trio.current_time()  # a pong
+            room = buffer.room()
+            if room is not None:  # a long frame: decrypted straight into its buffer
+                n = await conn.receive_into(room)
+                if not n:
+                    return
+                got = buffer.filled(n)
+            else:
+                pieces = await conn.receive()
+                if not pieces:
+                    return
+                got = [frame for piece in pieces for frame in buffer.feed(piece)]
+            for frame in got:
+                if frame:
+                    self._deliver(codec.decode_reply_batch(frame))
+                else:
+                    self.heard = trio.current_time()  # a pong
 
     async def _write(self, conn: "_Tls") -> None:
         while True:
@@ -586,6 +593,30 @@ class _Tls:
                 return pieces
             await self._fill()  # (at the socket's end, the next read raises SSLEOFError)
         return pieces
+
+    async def receive_into(self, view: memoryview) -> int:
+        """`receive`, decrypted into `view` (as much as has arrived, up to its length);
+        0 at the end of the stream."""
+        got = 0
+        while not self._ended:
+            try:
+                while got < len(view):
+                    n = cast(int, self._tls.read(len(view) - got, view[got:]))  # (the count, given a buffer)
+                    if not n:  # the server's close_notify
+                        self._ended = True
+                        return got
+                    got += n
+                return got
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._ended = True
+                return got
+            await self._flush()
+            if got:
+                return got
+            await self._fill()
+        return got
 
 
 def _first_error(exc: BaseException) -> Optional[BaseException]:
