@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--advertise",
         type=parse_address,
         default=None,
-        help="HOST:PORT clients should use (default: the listen host with the bound port)",
+        help="HOST:PORT clients should use (default: the listen host with the bound port); clients"
+             " reach its framed port on the same HOST with --frames-port's number: fix it and map it alike",
     )
     p.add_argument("--ready-file", default=None, help='write "HOST:PORT\\n" of the advertised address here once serving')
     p.add_argument("--log-file", default=None, help="log here instead of stderr")

@@ -6,6 +6,7 @@ transport, raw TLS sockets for what a hostile peer would send."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import ssl
@@ -47,6 +48,17 @@ async def getattr_root(t: StreamTransport, timeout_s: float = 10.0):
     return await t.call("getattr", InodeReq(ROOT_INODE), timeout_s)
 
 
+async def until_framed(t: StreamTransport, within_s: float = 30.0) -> None:
+    """Calls until the transport's calls have moved to its framed stream (it opens beside
+    the gRPC stream; calls move once it is up)."""
+    deadline = trio.current_time() + within_s
+    while not isinstance(t._stream, _FramedStream):
+        assert trio.current_time() < deadline, "still on gRPC"
+        await getattr_root(t)
+        await trio.sleep(0.01)
+    assert t._stream.up.is_set()
+
+
 def framed_port(c: Cluster) -> int:
     """The framed port the metaserver's gRPC greeting names."""
     async def main() -> int:
@@ -60,15 +72,21 @@ def framed_port(c: Cluster) -> int:
     return trio.run(main)
 
 
-def calls_on_grpc(c: Cluster) -> tuple[int, tuple[int, float]]:
-    """A few calls of a new transport, which must still be on its gRPC stream after them:
-    the framed port that stream's greeting named, and the transport's last failed one."""
+def calls_on_grpc(c: Cluster, named: bool = True) -> tuple[int, tuple[int, float]]:
+    """Calls of a new transport, which must still be on its gRPC stream after them: the
+    framed port that stream's greeting named, and the transport's last failed one (with
+    `named`, calls go on until that framed port has been tried and has failed)."""
     async def main() -> tuple[int, tuple[int, float]]:
         t = transport(c)
         try:
-            for _ in range(5):
+            deadline = trio.current_time() + 30
+            for n in itertools.count():
                 await getattr_root(t)
-            assert t._stream is not None and not isinstance(t._stream, _FramedStream)
+                assert t._stream is not None and not isinstance(t._stream, _FramedStream)
+                if n >= 4 and (not named or t._frames_failed[0]):
+                    break
+                assert trio.current_time() < deadline, "the framed port was never found failing"
+                await trio.sleep(0.05)
             return t._stream.frames_port, t._frames_failed
         finally:
             t.close()
@@ -83,9 +101,7 @@ def on_frames(tmp_path, body) -> None:
         async def main() -> None:
             t = transport(c)
             try:
-                for _ in range(2):
-                    await getattr_root(t)
-                assert isinstance(t._stream, _FramedStream)
+                await until_framed(t)
                 await body(c, t)
             finally:
                 t.close()
@@ -167,6 +183,7 @@ def test_calls_move_to_the_framed_port(cluster):
             grpc_stream = t._stream
             assert grpc_stream is not None and grpc_stream.frames_port > 0
             assert not isinstance(grpc_stream, _FramedStream)
+            await until_framed(t)
             async with trio.open_nursery() as n:  # many at once, on the framed stream
                 for _ in range(50):
                     n.start_soon(getattr_root, t)
@@ -182,7 +199,7 @@ def test_a_server_without_frames_keeps_clients_on_grpc(tmp_path):
     c = Cluster(tmp_path / "c", dataservers=0, meta_args=["--frames-port", "off"], start=False)
     try:
         c.start_meta()
-        named, _ = calls_on_grpc(c)
+        named, _ = calls_on_grpc(c, named=False)
         assert named == 0
     finally:
         c.close()
@@ -307,9 +324,7 @@ def test_a_restarted_server_is_found_on_its_new_framed_port(tmp_path):
             except TransportError:
                 assert trio.current_time() < deadline
                 await trio.sleep(0.1)
-        for _ in range(2):
-            await getattr_root(t)
-        assert isinstance(t._stream, _FramedStream) and t._stream.up.is_set()
+        await until_framed(t)
         assert t._frames_port != old  # (port 0: another one, which the greeting named)
     on_frames(tmp_path, body)
 
@@ -356,3 +371,38 @@ def test_a_full_framed_port_leaves_clients_on_grpc(tmp_path):
             s.close()
         c.close()
 
+
+
+def test_a_silent_framed_port_holds_up_no_call(cluster, monkeypatch):
+    """A framed port that takes the TCP connection and then says nothing (a firewall or a
+    NAT that drops what goes to it, a server's port mapped to nothing): the framed stream
+    is opened beside the gRPC one and gives up after its handshake's timeout, while every
+    call goes on on gRPC without waiting for it; the port is then left alone for
+    FRAMES_RETRY_S."""
+    silent = socket.socket()
+    silent.bind((cluster.meta_addr.rsplit(":", 1)[0], 0))
+    silent.listen(64)  # (the kernel completes TCP handshakes; nobody ever reads)
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(frames, "HANDSHAKE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(frames, "port_of_greeting", lambda frame: port)
+
+    async def main() -> None:
+        t = transport(cluster)
+        try:
+            slowest = 0.0
+            end = trio.current_time() + 2.0 + 3.0
+            while trio.current_time() < end:
+                t0 = trio.current_time()
+                await getattr_root(t)
+                slowest = max(slowest, trio.current_time() - t0)
+                assert not isinstance(t._stream, _FramedStream)
+                await trio.sleep(0.05)
+            assert slowest < 1.0, f"a call waited {slowest:.2f} s"
+            assert t._frames_failed[0] == port  # it was tried, and failed
+            assert t._candidate is None  # and is not tried again yet
+        finally:
+            t.close()
+    try:
+        trio.run(main)
+    finally:
+        silent.close()

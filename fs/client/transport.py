@@ -397,12 +397,11 @@ class _FramedStream(_StreamState):
     def __init__(self, address: str, port: int, creds: Credentials, service: str) -> None:
         super().__init__(address, trio.lowlevel.current_trio_token())
         self.pid = os.getpid()
+        self.port = port
         self._outbox: list[list] = []
         self._wake = trio.Event()
         self._scope = trio.CancelScope()
         self._last_sent = -math.inf
-        #: broke before its greeting: the port could not be reached or refused us
-        self.failed_to_start = False
         trio.lowlevel.spawn_system_task(self._run, frames.host_of(address), port, creds, service,
                                         name=f"stripefs framed stream to {address}")
 
@@ -422,8 +421,6 @@ class _FramedStream(_StreamState):
             error = self._error_of(cause)
         if self._closed:
             error = TransportError(f"framed stream to {self.address} closed")
-        if not self.up.is_set():
-            self.failed_to_start = True
         self._fail(error)
 
     async def _serve(self, host: str, port: int, creds: Credentials, service: str) -> None:
@@ -649,10 +646,13 @@ class StreamTransport:
     fail_fast: a call does not wait for a server that cannot be reached: Unreachable (the
     stream it opened keeps waiting; FailoverTransport has others to try meanwhile).
     loop: the stream runs on the _GrpcLoop (grpc.aio), else on gRPC's sync threads.
-    frames: once a gRPC stream's greeting names the server's framed port, calls move to a
-    framed stream there (_FramedStream); the gRPC stream is closed when its last call is
-    answered. A framed port that cannot be reached is tried again after FRAMES_RETRY_S, or
-    at once when a greeting names another. By default only with `loop` (a mount): a
+    frames: once a gRPC stream's greeting names the server's framed port, a framed stream
+    there (_FramedStream) is opened beside it, and calls move to it once it is up (its
+    greeting came); the gRPC stream is closed when its last call is answered. No call ever
+    waits for a framed connection: until then, and when the port cannot be reached (a
+    firewall that drops its packets costs the handshake's 10 s), calls go on gRPC. A framed
+    port that could not be reached is tried again after FRAMES_RETRY_S, or at once when a
+    greeting names another. By default only with `loop` (a mount): a
     library process may fork, and a forked child's first gRPC stream was seen to fail
     (CI, once in three runs; twice more it took a minute) when its parent had moved to
     framed streams, which is not understood yet; without the loop the library keeps the
@@ -665,6 +665,7 @@ class StreamTransport:
         self._frames_port = 0  # the framed port the last greeting named
         self._frames_failed: tuple[int, float] = (0, -math.inf)  # (port, when) it last could not be reached
         self._retired: list[_StreamState] = []  # gRPC streams left for a framed one, with calls on them
+        self._candidate: Optional[_FramedStream] = None  # a framed stream opening beside the gRPC one
         self.methods = methods
         self._creds = creds
         self._service = service
@@ -707,40 +708,54 @@ class StreamTransport:
 
     def _current(self) -> _StreamState:
         stream = self._stream
-        if stream is not None and stream.broken is None and self._move_to_frames(stream):
-            self._retire(stream)
-            stream = None
         if isinstance(stream, _FramedStream) and stream.pid != os.getpid():
             stream = None  # (made in the process this one was forked from)
-        if stream is None or stream.broken is not None:
-            if self._closed:
-                raise TransportError(f"connection to {self.address} is closed")
-            if isinstance(stream, _FramedStream) and stream.failed_to_start:
-                if self._frames_failed[0] != self._frames_port:
+        if stream is not None and stream.broken is None:
+            return self._advance(stream)
+        if self._closed:
+            raise TransportError(f"connection to {self.address} is closed")
+        # A new stream is a gRPC one, whose greeting names the framed port of the server
+        # as it is now (restarted, it may have another); calls move on from it (_advance).
+        token = trio.lowlevel.current_trio_token()
+        if self._grpc is not None:
+            stream = _Stream(self._grpc, self._channel, self._path, self.address, token)
+        else:
+            assert self._sync_channel is not None
+            stream = _ThreadStream(self._sync_channel, self._path, self.address, token)
+        self._stream = stream
+        return stream
+
+    def _advance(self, stream: _StreamState) -> _StreamState:
+        """The stream for the next call, given the current one (healthy): a gRPC stream
+        gives way to the framed stream opened beside it once that one is up; one is opened
+        when the gRPC stream's greeting names a port and the port is worth trying."""
+        if not self._frames or isinstance(stream, _FramedStream) or not stream.frames_port:
+            return stream
+        self._frames_port = stream.frames_port
+        candidate = self._candidate
+        if candidate is not None and (candidate.pid != os.getpid() or candidate.port != self._frames_port):
+            candidate.close()  # (another process's, or for a port the server no longer has)
+            candidate = self._candidate = None
+        if candidate is not None:
+            if candidate.broken is not None:
+                if self._frames_failed[0] != candidate.port:
                     log.warning("%s: its framed port %d cannot be reached (%s): calls go on gRPC",
-                                self.address, self._frames_port, stream.broken)
-                self._frames_failed = (self._frames_port, trio.current_time())
-            token = trio.lowlevel.current_trio_token()
-            if self._frames_port and self._frames_usable():
-                stream = _FramedStream(self.address, self._frames_port, self._creds, self._service)
-            elif self._grpc is not None:
-                stream = _Stream(self._grpc, self._channel, self._path, self.address, token)
-            else:
-                assert self._sync_channel is not None
-                stream = _ThreadStream(self._sync_channel, self._path, self.address, token)
-            self._stream = stream
+                                self.address, candidate.port, candidate.broken)
+                self._frames_failed = (candidate.port, trio.current_time())
+                self._candidate = None
+            elif candidate.up.is_set():
+                self._candidate = None
+                self._retire(stream)
+                self._stream = candidate
+                return candidate
+            return stream
+        if self._frames_usable():
+            self._candidate = _FramedStream(self.address, self._frames_port, self._creds, self._service)
         return stream
 
     def _frames_usable(self) -> bool:
         port, when = self._frames_failed
         return self._frames_port != port or trio.current_time() - when >= FRAMES_RETRY_S
-
-    def _move_to_frames(self, stream: _StreamState) -> bool:
-        """`stream`, a gRPC stream, is to give way to a framed one."""
-        if not self._frames or isinstance(stream, _FramedStream) or not stream.frames_port:
-            return False
-        self._frames_port = stream.frames_port
-        return self._frames_usable()
 
     def _retire(self, stream: _StreamState) -> None:
         """A gRPC stream given up for a framed one: closed once no call waits on it."""
@@ -775,8 +790,6 @@ class StreamTransport:
                 return stream
             if not isinstance(stream.broken, TransportError):
                 raise stream.broken
-            if isinstance(stream, _FramedStream) and stream.failed_to_start:
-                continue  # (the next is a gRPC stream: _current)
             if self._watch is not None:
                 raise Unreachable(stream.broken.message)
             # Broke before its greeting (the server went away while we waited, or
@@ -857,6 +870,8 @@ class StreamTransport:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
+        if self._candidate is not None:
+            self._candidate.close()
         for stream in self._retired:
             stream.close()
         self._retired = []
