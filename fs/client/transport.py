@@ -733,8 +733,10 @@ class StreamTransport:
             return stream
         self._frames_port = stream.frames_port
         candidate = self._candidate
-        if candidate is not None and (candidate.pid != os.getpid() or candidate.port != self._frames_port):
-            candidate.close()  # (another process's, or for a port the server no longer has)
+        if candidate is not None and candidate.pid != os.getpid():
+            candidate = self._candidate = None  # (made in the process this one was forked from: left alone)
+        elif candidate is not None and candidate.port != self._frames_port:
+            candidate.close()  # (for a port the server no longer has)
             candidate = self._candidate = None
         if candidate is not None:
             if candidate.broken is not None:
