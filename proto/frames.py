@@ -168,7 +168,7 @@ class FrameBuffer:
         frame, self._frame, self._need = self._frame, None, -1
         return [frame]
 
-    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         """The frames `data` completes, in order (pings as b""). ValueError: a frame over
         MAX_FRAME_BYTES."""
         out: list[bytes | bytearray] = []

@@ -458,6 +458,7 @@ class _FramedStream(_StreamState):
 
     async def _read(self, conn: "_Tls") -> None:
         buffer = frames.FrameBuffer()
+        scratch = bytearray(READ_BYTES)  # (short frames and headers: what buffer.feed takes)
         while True:
             room = buffer.room()
             if room is not None:  # a long frame: decrypted straight into its buffer
@@ -466,10 +467,10 @@ class _FramedStream(_StreamState):
                     return
                 got = buffer.filled(n)
             else:
-                pieces = await conn.receive()
-                if not pieces:
+                n = await conn.receive_into(memoryview(scratch))
+                if not n:
                     return
-                got = [frame for piece in pieces for frame in buffer.feed(piece)]
+                got = buffer.feed(memoryview(scratch)[:n])
             for frame in got:
                 if frame:
                     self._deliver(codec.decode_reply_batch(frame))
@@ -569,31 +570,9 @@ class _Tls:
         self._tls.write(data)  # (TLS 1.3 renegotiates nothing: a write never waits for a read)
         await self._flush()
 
-    async def receive(self) -> list[bytes]:
-        """The bytes that have arrived, decrypted, in pieces; [] at the end of the stream."""
-        pieces: list[bytes] = []
-        while not self._ended:
-            try:
-                while True:
-                    piece = self._tls.read(READ_BYTES)
-                    if not piece:  # the server's close_notify
-                        self._ended = True
-                        return pieces
-                    pieces.append(piece)
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                self._ended = True  # (its end: what came before it, then [])
-                return pieces
-            await self._flush()  # (what reading made to send back: a key update's reply)
-            if pieces:
-                return pieces
-            await self._fill()  # (at the socket's end, the next read raises SSLEOFError)
-        return pieces
-
     async def receive_into(self, view: memoryview) -> int:
-        """`receive`, decrypted into `view` (as much as has arrived, up to its length);
-        0 at the end of the stream."""
+        """The bytes that have arrived (waiting for some if none has), decrypted into `view`
+        (up to its length): how many; 0 at the end of the stream."""
         got = 0
         while not self._ended:
             try:
@@ -607,12 +586,12 @@ class _Tls:
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                self._ended = True
+                self._ended = True  # (its end: what came before it, then 0)
                 return got
-            await self._flush()
+            await self._flush()  # (what reading made to send back: a key update's reply)
             if got:
                 return got
-            await self._fill()
+            await self._fill()  # (at the socket's end, the next read raises SSLEOFError)
         return got
 
 
@@ -633,7 +612,7 @@ class _Silent(Exception):
 
 
 #: Bytes a framed stream takes from its socket at most at once (many TLS records), and
-#: decrypts at most in one call (one record's).
+#: decrypts at most at once outside a long frame (FrameBuffer.room).
 RECV_BYTES = 256 * 1024
 READ_BYTES = 64 * 1024
 #: Pause before a client tries a server's framed port again after it could not reach it.
