@@ -3,8 +3,8 @@
 Why: a message of gRPC's Python stacks costs the server 130-225 us of CPU and, on the
 client, a hand-off to gRPC's thread and back (docs/benchmark.md, "What a stream message
 costs the server"); on a socket of our own, served by the server's asyncio loop and read
-by the trio client itself, a metadata round trip from one caller went from 0.55 to 0.39
-ms and random 4 KiB reads through a mount from ~2,000 to ~5,000 a second (docs/client.md,
+by the trio client itself, a metadata round trip from one caller went from 0.51-0.63 to
+0.40-0.45 ms and random 4 KiB reads through a mount 30-60% faster (docs/client.md,
 "Framed streams"). Bulk transfers (UPLOAD, DOWNLOAD) stay on gRPC, whose C core copies
 bytes more cheaply than Python's TLS layer does ("Block transfers on TLS sockets of their
 own", tried and not kept).
@@ -24,8 +24,8 @@ Finding it: a server listens for framed streams on a port of its own (`--frames-
 any free one) on its gRPC host, and says which in the greeting of every gRPC stream, as an
 entry with call id 0 (`greeting_entry`; call ids start at 1, and clients that do not know
 it ignore it). So a client starts on gRPC, as it always did, and moves to the framed port
-(fs/client/transport.py StreamTransport); it goes back to gRPC when that port cannot be
-reached (a firewall, a server restarted on another port).
+once a connection there is up (fs/client/transport.py StreamTransport); it stays on gRPC
+while that port cannot be reached (a firewall, a server restarted on another port).
 
 What a connection may do to the server: finish its TLS handshake within
 HANDSHAKE_TIMEOUT_S, send a frame's bytes within FRAME_TIMEOUT_S of its length (a half-sent
@@ -258,8 +258,7 @@ class Frames:
         """No more connections, and every open one ends, the calls still running on it
         cancelled (a lock wait, say): their clients see the stream break and ask again, as
         when a gRPC server stops."""
-        if self._server is not None:
-            self._server.close()
+        self.stop_listening()
         for writer, task in list(self._connections.items()):
             writer.close()
             task.cancel()

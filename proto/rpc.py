@@ -626,7 +626,7 @@ class Server:
         #: the framed port (proto/frames.py), on the same host; None: frames_port was None
         self.frames: Optional[frames.Frames] = None
         if frames_port is not None:
-            # Half as many again as gRPC's: the descriptors both ports may hold stay within
+            # Half as many as gRPC's: the descriptors both ports may hold stay within
             # the limit's share (default_max_connections); a client refused there stays on
             # gRPC (fs/client/transport.py), and one framed connection a client is plenty.
             self.frames = frames.Frames(service, self.streams.run, creds, revocations, max(1, cap // 2))
@@ -750,8 +750,8 @@ def serve(service: str, methods: dict[str, Method], impl: Any, creds: Credential
     """Start serving one service over mutual TLS; returns (server, bound port). Port 0 picks
     one. `revoked`: a file of names to refuse (proto/credentials.py); `max_connections`:
     connections held at most (default_max_connections()), and half as many on the framed
-    port; `frames_port`: the
-    port of its framed streams on the same host (proto/frames.py; 0 picks one, None: none)."""
+    port; `frames_port`: the port of its framed streams on the same host (proto/frames.py;
+    0 picks one, None: none)."""
     server = Server(service, methods, impl, creds, listen, workers, revoked, max_connections, frames_port)
     return server, server.port
 
