@@ -243,7 +243,8 @@ def _pem_key(key: Any) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: str | os.PathLike, data: bytes) -> None:
+    """`data` into a file readable by its owner only (a key)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -272,7 +273,7 @@ def init_ca(directory: str | os.PathLike, name: str = "stripefs cluster CA") -> 
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write_private(d / CA_KEY, _pem_key(key))
+    write_private(d / CA_KEY, _pem_key(key))
     (d / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return d
 
@@ -324,7 +325,7 @@ def issue(ca_dir: str | os.PathLike, role: str, name: str, out: str | os.PathLik
     os.chmod(out, 0o700)
     (out / CA_CERT).write_bytes(ca_pem)
     (out / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / KEY, _pem_key(key))
+    write_private(out / KEY, _pem_key(key))
     return out
 
 

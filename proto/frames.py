@@ -45,7 +45,7 @@ import struct
 import tempfile
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
-from .credentials import CERT, KEY, Caller, Credentials, Revocations, caller_of_certificate
+from .credentials import CERT, KEY, Caller, Credentials, Revocations, caller_of_certificate, write_private
 
 log = logging.getLogger("stripefs.rpc")
 
@@ -109,10 +109,8 @@ def _load_chain(ctx: ssl.SSLContext, creds: Credentials) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="stripefs-tls-") as d:
         cert, key = os.path.join(d, CERT), os.path.join(d, KEY)
-        for path, data in ((cert, creds.cert_pem), (key, creds.key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        write_private(cert, creds.cert_pem)
+        write_private(key, creds.key_pem)
         ctx.load_cert_chain(cert, key)
 
 
