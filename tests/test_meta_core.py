@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from stripefs.metaserver.base import READ_ORDER_REUSE_NS
 from stripefs.metaserver.core import MetaCore
 from stripefs.proto import codec
 from stripefs.proto.services import META_METHODS
@@ -806,6 +807,41 @@ def test_status(env):
     assert (st.inodes, st.files, st.directories, st.bytes, st.blocks, st.sessions) == (3, 1, 2, 1000, 1, 1)
     # One replica (only c is up to take it) of a block that wants min(2, 2 alive) = 2.
     assert (st.under_replicated, st.lost) == (1, 0)
+
+
+def test_block_map_orders_replicas_by_state(env):
+    """Up replicas first, then suspect, then dead, each in placement order; the states
+    that order them are at most READ_ORDER_REUSE_NS old (base.py `_read_order`)."""
+    for n in (1, 2, 3):
+        env.add_server(n)
+    s = env.session()
+    f = env.create(ROOT_INODE, b"f")
+    env.core.setxattr(XattrReq(ino=f.ino, name=LAYOUT_XATTR_REPLICAS, value=b"3"))
+    a, _ = env.write(f.ino, s, 0, 100)
+    placed = a.servers
+    ids = {f"10.0.0.{n}:7000": n for n in (1, 2, 3)}
+
+    def order():
+        return env.core.block_map(BlockMapReq(ino=f.ino)).blocks[0].servers
+
+    assert order() == placed
+    env.clock.advance(2)
+    for addr in placed[1:]:
+        env.beat(ids[addr])
+    assert order() == placed  # (the first is silent for 2 s: still up)
+    env.clock.advance(2)  # the first: suspect
+    for addr in placed[2:]:
+        env.beat(ids[addr])
+    assert order() == placed[1:] + placed[:1]
+    env.clock.advance(8)  # the first dead, the second suspect
+    env.beat(ids[placed[2]])
+    assert order() == [placed[2], placed[1], placed[0]]
+    # The first beats again: within the reuse window, the map may still put it last; past
+    # it, first again.
+    env.beat(ids[placed[0]])
+    env.clock.advance(READ_ORDER_REUSE_NS / 1e9)
+    env.beat(ids[placed[0]])
+    assert order()[0] == placed[0]
 
 
 # --------------------------------------------------------------------------- open, sessions
