@@ -83,8 +83,9 @@ class NamespaceOps(CoreBase):
             row = tx.one("SELECT ino, cookie FROM dentries WHERE parent = ? AND name = ?", (req.parent, req.name))
             if row is None:
                 raise FsError(errno.ENOENT, f"no entry {req.name!r} in {req.parent}")
-            attr = self._attr(tx, row["ino"])
-            if req.want_map and stat.S_ISREG(attr.mode) and perm.allowed(self._inode(tx, attr.ino), req.ctx, perm.READ):
+            child = self._inode(tx, row["ino"])
+            attr = attr_of(child)
+            if req.want_map and stat.S_ISREG(attr.mode) and perm.allowed(child, req.ctx, perm.READ):
                 # The block map an open for reading would give, read tokens included: the
                 # same permission check, no open recorded (a prefetcher reads ahead; the
                 # reader opens for itself). Inline files have no blocks to fetch ahead.
