@@ -66,22 +66,26 @@ class FileOps(CoreBase):
                 tx.run("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, req.ino))
             inline = self._inline(tx, req.ino) if is_reg(row) else None
             attr = self._attr(tx, req.ino) if req.flags & os.O_TRUNC else attr_of(row)
-            blocks = self._block_map(tx, req.ino, now, str(caller))
+            # Every change of a file's blocks moves its generation (_bump_content,
+            # _truncate), so a client holding the map of this generation has this map.
+            same_map = bool(req.map_generation) and req.map_generation == attr.generation
+            blocks = [] if same_map else self._block_map(tx, req.ino, now, str(caller))
             # A reader of a file with no blocks gets all of its content in this reply: an
             # unlink elsewhere can take nothing its handle still needs. A file with blocks
             # is kept for unlinked_hold_s after an unlink (`_purge_if_free`), in which its
             # client records the open if the handle is still open. So, when the client says
             # it can do without, the open is not recorded (a transaction that writes
             # nothing, and no release to follow: docs/metaserver.md, "Opens").
+            # (A client names a map only when it holds one with blocks.)
             recorded = not (req.unrecorded_ok and not want & perm.WRITE and is_reg(row)
-                            and (not blocks or self.unlinked_hold_s > 0))
+                            and (not (blocks or same_map) or self.unlinked_hold_s > 0))
             if recorded:
                 self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))
             return OpenReply(
                 attr=attr, blocks=blocks,
                 inline=inline is not None, inline_crc32c=inline[1] if inline else 0,
                 data=inline[0] if inline else b"", recorded=recorded, opened_in=req.session if recorded else 0,
-                grant=self._open_grant(req.ino, bool(want & perm.WRITE), caller),
+                grant=self._open_grant(req.ino, bool(want & perm.WRITE), caller), same_map=same_map,
             )
 
     def _check_open_perm(self, row: Row, req: OpenReq, want: int, caller: Caller) -> None:

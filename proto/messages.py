@@ -677,6 +677,10 @@ class OpenReq(Message):
     # recorded late (a reader's unrecorded one): the grant that came with it
     # (OpenReply.grant) stands for the permission check (proto/auth.py).
     grant: bytes = b""
+    # The generation of the file that the client's block map of it is of (from a lookup
+    # with want_map or an earlier open; 0: it has none): if the file's generation is still
+    # that, its map has not changed and the reply leaves it out (OpenReply.same_map).
+    map_generation: int = 0
 
 
 @dataclass
@@ -691,6 +695,9 @@ class OpenReply(Message):
     recorded: bool = True  # the open is recorded (False: nothing to release; see OpenReq)
     opened_in: int = 0  # the session it is recorded in (0: not recorded, or an older metaserver)
     grant: bytes = b""  # proof of this open, to record it later or again as it was (OpenReq.grant)
+    # The file's generation is OpenReq.map_generation: `blocks` is empty, the client's map
+    # of that generation stands (the same blocks; its replica lists may be older).
+    same_map: bool = False
 
 
 @dataclass

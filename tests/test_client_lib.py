@@ -113,6 +113,37 @@ def test_second_client_sees_closed_file(lib_cluster):
     assert run(lib_cluster, reader) == data
 
 
+def test_a_reopen_names_the_map_it_has_and_sees_what_another_client_wrote(lib_cluster):
+    """Close-to-open with the maps a client keeps (files.py KnownMaps): an open names the
+    map it has and gets none while the file is unchanged; after another client rewrites
+    the file, the next open gets the new map and reads the new bytes."""
+    first, second = random.randbytes(300_000), random.randbytes(200_000)
+
+    async def writer(client):
+        d = await fresh_dir(client, b"maps")
+        return d, await write_file(client, d, b"f", first)
+
+    d, ino = run(lib_cluster, writer)
+
+    async def main():
+        creds = load_credentials(lib_cluster.client)
+        async with open_client(lib_cluster.meta_addr, creds) as a, open_client(lib_cluster.meta_addr, creds) as b:
+            assert await read_file(a, ino) == first
+            assert a.maps_reused == 0
+            assert await read_file(a, ino) == first
+            assert a.maps_reused == 1  # (the second open: no map sent)
+            fh, _, _ = await b.open(ino, os.O_WRONLY | os.O_TRUNC, ROOT)
+            await b.write(fh, 0, second)
+            await b.flush(fh)
+            await b.release(fh)
+            assert await read_file(a, ino) == second
+            assert a.maps_reused == 1
+            assert await read_file(a, ino) == second
+            assert a.maps_reused == 2
+
+    trio.run(main)
+
+
 def test_overwrite_middle_and_truncate(lib_cluster):
     async def body(client):
         d = await fresh_dir(client, b"rmw", block_size=64 * 1024)

@@ -35,6 +35,7 @@ from stripefs.proto.messages import (
     LookupReq,
     MkdirReq,
     MknodReq,
+    OpenReply,
     OpenReq,
     ReaddirReq,
     RegisterReq,
@@ -1270,6 +1271,41 @@ def test_a_reader_open_goes_unrecorded_when_the_client_asks(env):
     env.core.release(ReleaseReq(empty.ino, session))  # (the one recorded open of it)
     env.core.unlink(RemoveReq(parent=ROOT_INODE, name=b"empty"))
     fails(errno.ENOENT, env.core.getattr, InodeReq(ino=empty.ino))
+
+
+def test_an_open_naming_the_map_of_the_current_generation_gets_no_map(env):
+    """OpenReq.map_generation: while the file's generation is the one the client's map is
+    of, the reply leaves the map out (same_map); any change of its blocks moves the
+    generation, and the map comes whole again."""
+    env.add_server(1)
+    session = env.session()
+    f = env.create(ROOT_INODE, b"f", session=session)
+    a, attr = env.write(f.ino, session, 0, 1000)
+    env.core.release(ReleaseReq(f.ino, session))
+
+    def open_naming(generation: int, flags: int = os.O_RDONLY, ctx: Ctx = ROOT) -> OpenReply:
+        return env.core.open(OpenReq(f.ino, session, ctx, flags, unrecorded_ok=True, map_generation=generation))
+
+    full = open_naming(0)
+    assert not full.same_map and [b.block_id for b in full.blocks] == [a.block_id]
+    assert not full.recorded
+    same = open_naming(full.attr.generation)
+    assert same.same_map and same.blocks == [] and same.attr == full.attr and same.grant == full.grant
+    assert not same.recorded  # (a file with blocks, as the map said)
+    stale = open_naming(full.attr.generation - 1)
+    assert not stale.same_map and [b.block_id for b in stale.blocks] == [a.block_id]
+    # Permission is checked all the same.
+    env.core.setattr(SetattrReq(f.ino, ROOT, mode=0o600))
+    fails(errno.EACCES, lambda g: open_naming(g, ctx=USER), full.attr.generation)
+    # A new block 0: a new generation, the new map.
+    b, _ = env.write(f.ino, session, 0, 500)
+    after = open_naming(full.attr.generation)
+    assert not after.same_map and [x.block_id for x in after.blocks] == [b.block_id]
+    assert open_naming(after.attr.generation).same_map
+    # A truncate at open: the map after it.
+    env.core.release(ReleaseReq(f.ino, session))
+    trunc = open_naming(after.attr.generation, os.O_RDWR | os.O_TRUNC)
+    assert not trunc.same_map and trunc.blocks == [] and trunc.attr.size == 0
 
 
 def test_an_unlinked_file_with_blocks_waits_for_readers_whose_opens_went_unrecorded(env):

@@ -54,7 +54,7 @@ from stripefs.proto.types import (FILE_SIZE_MAX_BYTES, LOCK_RECORD, NAME_MAX_BYT
 from .cache import ATTR_TTL_S, ENTRY_TTL_S, READDIR_BATCH, Entry, NameCache, now
 from .data import DataPath
 from .disktier import DiskTier
-from .files import FileState, HandleState, WritebackBudget
+from .files import FileState, HandleState, KnownMaps, WritebackBudget
 from .locks import Locks
 from .prefetch import DEFAULT_PREFETCH_BYTES, Prefetcher, PrefetchStatus
 from .reader import Reader
@@ -170,6 +170,9 @@ class Client:
         self.stager = Stager(self, disk_tier.directory / "stage", stage_bytes) if disk_tier is not None else None
         self.checkpoints = Checkpoints(self)
         self._files: dict[int, FileState] = {}  # open inodes of this client
+        #: the last block maps the metaserver gave, for opens to name (OpenReq.map_generation)
+        self.maps = KnownMaps()
+        self.maps_reused = 0  # opens whose reply left the map out (OpenReply.same_map)
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
         self._next_fh = itertools.count(1)
@@ -717,7 +720,9 @@ class Client:
                     # had not read yet is lost to it.
                     log.error("inode %d: purged before its open here was recorded; %s", f.ino, exc)
                     raise FsError(errno.EIO, f"inode {f.ino} was removed elsewhere and purged") from None
-        return await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
+        reply = await self._meta("block_map", m.BlockMapReq(f.ino, self.session.id))
+        self.maps.learn(reply.attr, reply.blocks)
+        return reply
 
     async def _record_before_removal(self, parent: int, name: bytes) -> None:
         """`name` of `parent` is about to go (unlink, or replaced by a rename): if it is
@@ -766,8 +771,19 @@ class Client:
         # first open of a file here: a later one may be what keeps a staged file's open
         # for its upload when the writer's goes (release).
         unrecorded_ok = not writable and not flags & os.O_TRUNC and not self.atime and ino not in self._files
-        req = m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC, unrecorded_ok=unrecorded_ok)
+        # A reader's open names the map this client holds of the file, if any: unchanged, it
+        # does not come again (KnownMaps).
+        offered = self.maps.offer(ino) if not writable and not flags & os.O_TRUNC else None
+        req = m.OpenReq(ino, self.session.id, ctx, flags & ~os.O_TRUNC, unrecorded_ok=unrecorded_ok,
+                        map_generation=offered[0] if offered is not None else 0)
         reply = await self._inode_call("open", req, ino)
+        if reply.same_map:
+            if offered is None or reply.attr.generation != offered[0]:
+                raise FsError(errno.EIO, f"inode {ino}: the metaserver left out a block map not named")
+            reply.blocks = offered[1]
+            self.maps_reused += 1
+        else:
+            self.maps.learn(reply.attr, reply.blocks)
         if reply.attr.nlink == 0 and ino not in self._files:
             # Removed since its name was looked up (another mount replaced it), and kept
             # only by someone's open, or by a release of ours still on its way: a name that

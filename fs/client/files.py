@@ -22,6 +22,8 @@ Concurrency protocol (one trio thread, see DESIGN.md):
 from __future__ import annotations
 
 import errno
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -34,6 +36,48 @@ from stripefs.proto.messages import Allocation, Attr, BlockMapReply, BlockRef, C
 
 if TYPE_CHECKING:
     from .staging import Staged
+
+
+#: Files whose last block map from the metaserver a client keeps (KnownMaps), and how
+#: long one is offered; maps of more blocks than MAP_KEPT_BLOCKS_MAX are not kept (a large
+#: file is opened rarely, beside what reading it costs).
+MAPS_KEPT = 4096
+MAP_KEPT_S = 60.0
+MAP_KEPT_BLOCKS_MAX = 64
+
+
+class KnownMaps:
+    """The last block map the metaserver gave this client for each of the files it opened
+    or looked up with their maps lately, with the file's generation: an open names it
+    (OpenReq.map_generation), and the metaserver leaves the map out of its reply while the
+    file's generation is the same (every change of a file's blocks moves it). So the
+    reader's open of a file the prefetcher looked up with its map costs the metaserver no
+    second map, nor either side its encoding. A map older than MAP_KEPT_S is not offered:
+    its replica lists are the older part (a reader refreshes a map whose replicas fail it:
+    reader.py)."""
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[int, tuple[int, list[BlockRef], float]] = OrderedDict()
+
+    def learn(self, attr: Attr, blocks: list[BlockRef]) -> None:
+        """A map fresh from the metaserver (with read tokens) of the file of `attr`."""
+        if not blocks or len(blocks) > MAP_KEPT_BLOCKS_MAX:
+            self._maps.pop(attr.ino, None)
+            return
+        self._maps[attr.ino] = (attr.generation, blocks, time.monotonic())
+        self._maps.move_to_end(attr.ino)
+        while len(self._maps) > MAPS_KEPT:
+            self._maps.popitem(last=False)
+
+    def offer(self, ino: int) -> Optional[tuple[int, list[BlockRef]]]:
+        """(generation, map) kept of `ino`, for an open to name (None: none, or too old)."""
+        kept = self._maps.get(ino)
+        if kept is None or time.monotonic() - kept[2] > MAP_KEPT_S:
+            return None
+        return kept[0], kept[1]
+
+    def forget(self, ino: int) -> None:
+        self._maps.pop(ino, None)
 
 
 @dataclass

@@ -305,6 +305,7 @@ class Prefetcher:
         if reply is not None and reply.attr.ino == attr.ino:
             if not reply.mapped:
                 raise FsError(errno.EACCES, f"{path}: not readable as the plan's writer")
+            client.maps.learn(reply.attr, reply.blocks)  # (the reader's open names it)
             await self._fetch(plan, seq, reply.blocks)
         else:  # (through a symbolic link)
             opened = await client.session.call("open", m.OpenReq(attr.ino, client.session.id, plan.ctx, os.O_RDONLY))

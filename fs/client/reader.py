@@ -6,9 +6,9 @@ A sequential reader (from the start, or near where the handle's last read ended)
 whole blocks, cached and shared with concurrent readers, and a readahead window that
 doubles up to READAHEAD_MAX_BYTES. Any other read fetches only the bytes asked for:
 random readers must not pay for whole blocks. A block id that has been garbage-collected
-(ENOENT), or a read token a data server refuses (EACCES: too old, or a block this client
-wrote itself, whose map came without tokens), makes the reader refresh the block map once
-and retry.
+or whose replicas have moved since the map was fetched (ENOENT), or a read token a data
+server refuses (EACCES: too old, or a block this client wrote itself, whose map came
+without tokens), makes the reader refresh the block map once and retry.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ class Reader:
                 # was our own (written here, no read tokens) or is old: refresh it, once.
                 reply = await self._fresh_map(f)
                 if (exc.errno == errno.ENOENT and reply.blocks
-                        and {b.block_id for b in reply.blocks} == {b.block_id for b in f.blocks.values()}):
+                        and {(b.block_id, frozenset(b.servers)) for b in reply.blocks}
+                        == {(b.block_id, frozenset(b.servers)) for b in f.blocks.values()}):
+                    # (The same blocks on other servers: the map was older than a move.)
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
                 f.set_map(reply.attr, reply.blocks, reply)
                 return await self._piece(f, index, boff, n, whole, refreshed=True, view=view)
