@@ -6,9 +6,11 @@ A sequential reader (from the start, or near where the handle's last read ended)
 whole blocks, cached and shared with concurrent readers, and a readahead window that
 doubles up to READAHEAD_MAX_BYTES. Any other read fetches only the bytes asked for:
 random readers must not pay for whole blocks. A block id that has been garbage-collected
-or whose replicas have moved since the map was fetched (ENOENT), or a read token a data
+or whose replicas have moved since the map was fetched (ENOENT), servers that cannot give
+it (EIO: a map older than their restart on other ports, say), or a read token a data
 server refuses (EACCES: too old, or a block this client wrote itself, whose map came
-without tokens), makes the reader refresh the block map once and retry.
+without tokens), make the reader refresh the block map once and retry, if the new map
+differs (a new token always does).
 """
 
 from __future__ import annotations
@@ -99,15 +101,18 @@ class Reader:
                 else:
                     chunk = await self.data.read_range(ref, boff, n)
             except FsError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EACCES) or refreshed:
+                if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EIO) or refreshed:
                     raise
-                # The block was replaced and collected since our map was fetched, or the map
-                # was our own (written here, no read tokens) or is old: refresh it, once.
+                # The block was replaced and collected since our map was fetched, or moved
+                # (repair), or its servers restarted on other ports, or the map was our own
+                # (written here, no read tokens) or its tokens are old: refresh it, once.
                 reply = await self._fresh_map(f)
-                if (exc.errno == errno.ENOENT and reply.blocks
+                if (exc.errno != errno.EACCES and reply.blocks
                         and {(b.block_id, frozenset(b.servers)) for b in reply.blocks}
                         == {(b.block_id, frozenset(b.servers)) for b in f.blocks.values()}):
-                    # (The same blocks on other servers: the map was older than a move.)
+                    # The same blocks on the same servers: nothing to retry with.
+                    if exc.errno == errno.EIO:
+                        raise
                     raise FsError(errno.EIO, f"block {ref.block_id} of inode {f.ino} is missing") from None
                 f.set_map(reply.attr, reply.blocks, reply)
                 return await self._piece(f, index, boff, n, whole, refreshed=True, view=view)
