@@ -27,7 +27,10 @@ from stripefs.proto.messages import (
     Empty,
     InodeReq,
     LinkReq,
+    Looked,
     LookupReq,
+    LookupsReply,
+    LookupsReq,
     MkdirReq,
     MknodReq,
     ReaddirReply,
@@ -92,6 +95,18 @@ class NamespaceOps(CoreBase):
                 blocks = self._block_map(tx, attr.ino, self.now_ns(), str(caller))
                 return AttrReply(attr=attr, cookie=row["cookie"], mapped=True, blocks=blocks)
             return AttrReply(attr=attr, cookie=row["cookie"])
+
+    def lookups(self, req: LookupsReq, caller: Caller = LOCAL) -> LookupsReply:
+        """Each lookup as `lookup` answers it (each its own transaction, or savepoint of
+        the call's batch): one call for many files' names and maps (a prefetcher's), where
+        each cost a call's way in and out."""
+        replies = []
+        for one in req.lookups:
+            try:
+                replies.append(Looked(reply=self.lookup(one, caller)))
+            except FsError as exc:
+                replies.append(Looked(errno=exc.errno))
+        return LookupsReply(replies)
 
     def getattr(self, req: InodeReq) -> AttrReply:
         with self.store.transaction() as tx:

@@ -363,6 +363,32 @@ class LookupReq(Message):
     want_map: bool = False
 
 
+#: Lookups one `lookups` call may make.
+LOOKUPS_MAX = 256
+
+
+@dataclass
+class LookupsReq(Message):
+    """Several lookups in one call and one transaction (a prefetcher's, with their maps:
+    fs/client/cache.py `NameCache.ask_with_map`), each answered as `lookup` would."""
+
+    lookups: list[LookupReq]
+
+    def _check(self) -> Optional[str]:
+        return f"lookups: more than {LOOKUPS_MAX}" if len(self.lookups) > LOOKUPS_MAX else None
+
+
+@dataclass
+class Looked(Message):
+    errno: int = 0  # the lookup's error (ENOENT: no such entry), or 0
+    reply: Optional[AttrReply] = None  # its reply, when errno is 0
+
+
+@dataclass
+class LookupsReply(Message):
+    replies: list[Looked]  # one a lookup, in the request's order
+
+
 @dataclass
 class InodeReq(Message):
     ino: int  # the inode

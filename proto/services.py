@@ -59,6 +59,7 @@ META_METHODS = _table(
     Method("close_session", m.SessionReq, m.Empty),
     # namespace
     Method("lookup", m.LookupReq, m.AttrReply),
+    Method("lookups", m.LookupsReq, m.LookupsReply),
     Method("getattr", m.InodeReq, m.AttrReply),
     Method("setattr", m.SetattrReq, m.AttrReply, once=True),
     Method("mknod", m.MknodReq, m.CreateReply, once=True),

@@ -286,3 +286,39 @@ def test_a_plan_of_small_files_has_their_directories_listed_not_each_looked_up(t
         assert lookups <= len(rels) // 3 and listings >= 1, (lookups, listings)
         for rel in rels:
             assert (reader.path / rel).read_bytes() == made[rel]
+
+
+def test_a_plan_of_files_with_blocks_looks_them_up_many_a_call(tmp_path):
+    """Files with blocks are looked up with their maps (LookupReq.want_map) many a call
+    (`lookups`, NameCache.ask_with_map), where a call each cost the metaserver as much
+    again as the lookup; what they learn is what a lookup learns, and the readers' opens
+    name the maps (files.py KnownMaps)."""
+    per_dir, dirs, size = 40, 3, 100_000
+    with Cluster(tmp_path / "c", dataservers=1) as c:
+        writer = c.mount()
+        made = {}
+        for k in range(dirs):
+            (writer.path / f"d{k}").mkdir()
+            for i in range(per_dir):
+                made[f"d{k}/s{i:03d}"] = os.urandom(size)
+                (writer.path / f"d{k}/s{i:03d}").write_bytes(made[f"d{k}/s{i:03d}"])
+        reader = c.mount(args=["--metrics-listen", "127.0.0.1:0"])
+        address = metrics_address(c.logs_dir / "mount-2.log")
+        rels = sorted(made)
+        random.Random(7).shuffle(rels)
+
+        def calls(method: str) -> float:
+            return value(scrape(address), "stripefs_client_meta_calls_total", method=method, result="ok")
+
+        before = {k: calls(k) for k in ("lookup", "lookups", "readdir")}
+        plan(reader.path, rels)
+        now = settled(reader.path)
+        assert now["files"] == len(rels) and now["failed"] == 0, now
+        assert now["fetched_bytes"] == len(rels) * size, now
+        made_calls = {k: calls(k) - before[k] for k in before}
+        assert 1 <= made_calls["lookups"] <= len(rels) // 4, made_calls
+        # (the directories' own lookups, and statahead of the root they start)
+        assert made_calls["lookup"] + made_calls["readdir"] <= dirs + 2, made_calls
+        for rel in rels:
+            assert (reader.path / rel).read_bytes() == made[rel]
+        assert status(reader.path)["used_bytes"] == len(rels) * size

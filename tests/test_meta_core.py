@@ -20,6 +20,7 @@ from stripefs.proto.auth import check_write_token
 from stripefs.proto.credentials import CLIENT, Caller
 from stripefs.proto.errors import FsError
 from stripefs.proto.messages import (
+    LOOKUPS_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     AllocReq,
@@ -33,6 +34,7 @@ from stripefs.proto.messages import (
     InodeReq,
     LinkReq,
     LookupReq,
+    LookupsReq,
     MkdirReq,
     MknodReq,
     OpenReply,
@@ -254,6 +256,37 @@ def test_lookup_errors(env):
     d = env.mkdir(ROOT_INODE, b"d")
     assert env.lookup(d.ino, b"..").ino == ROOT_INODE
     assert env.lookup(d.ino, b".").ino == d.ino
+
+
+def test_lookups_answer_each_lookup_as_lookup_does(env):
+    """LookupsReq (a prefetcher's): each lookup answered as `lookup` answers it, its map
+    only where its caller may read, an error for one not failing the others."""
+    for n in (1, 2):
+        env.beat(env.add_server(n))
+    s = env.session()
+    env.open_root()
+    mine = env.create(ROOT_INODE, b"mine", mode=stat.S_IFREG | 0o600, ctx=USER)
+    a, attr = env.write(mine.ino, s, 0, 200_000)
+    d = env.mkdir(ROOT_INODE, b"d", mode=0o700, ctx=USER)
+    inner = env.create(d.ino, b"inner", ctx=USER)
+    other = Ctx(uid=2000, gid=2000)
+    asked = [LookupReq(ROOT_INODE, b"mine", USER, want_map=True),
+             LookupReq(ROOT_INODE, b"nothing", USER, want_map=True),
+             LookupReq(ROOT_INODE, b"mine", other, want_map=True),
+             LookupReq(d.ino, b"inner", other, want_map=True),  # (no search permission on d)
+             LookupReq(d.ino, b"inner", USER),
+             LookupReq(ROOT_INODE, b"d", USER, want_map=True)]
+    got = env.core.lookups(LookupsReq(asked), Caller(CLIENT, "node1")).replies
+    assert [x.errno for x in got] == [0, errno.ENOENT, 0, errno.EACCES, 0, 0]
+    assert got[0].reply.mapped and [b.block_id for b in got[0].reply.blocks] == [a.block_id]
+    assert got[0].reply.blocks[0].token and got[0].reply.attr.generation == attr.generation
+    assert got[1].reply is None
+    assert not got[2].reply.mapped and got[2].reply.attr.ino == mine.ino
+    assert got[4].reply.attr.ino == inner.ino and not got[4].reply.mapped
+    assert got[5].reply.attr.ino == d.ino and not got[5].reply.mapped
+    assert LookupsReq([LookupReq(ROOT_INODE, b"x")] * (LOOKUPS_MAX + 1)).valid()
+    assert LookupsReq([LookupReq(ROOT_INODE, b"x")] * LOOKUPS_MAX).valid() is None
+    assert LookupsReq([LookupReq(ROOT_INODE, b"a/b")]).valid()
 
 
 def test_lookup_with_the_block_map_checks_read_permission(env):

@@ -289,7 +289,7 @@ class Prefetcher:
                 raise FsError(errno.ENOENT, f"{path}: no such file")
         if attr is None or (stat.S_ISREG(attr.mode) and not _small(attr)):
             # (A small file known here already, from statahead say, costs no round trip.)
-            reply = await client.names.ask(parent.ino, entry, plan.ctx, want_map=True, statahead=False)
+            reply = await client.names.ask_with_map(parent.ino, entry, plan.ctx)
             attr = reply.attr
         if stat.S_ISLNK(attr.mode):
             attr = await paths.resolve(client, path, ctx=plan.ctx)
