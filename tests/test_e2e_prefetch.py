@@ -253,29 +253,36 @@ def test_a_plans_block_reads_travel_together(tmp_path):
             assert (reader.path / rel).read_bytes() == made[rel]
 
 
+def planned_dataset(c: Cluster, dirs: int, per_dir: int, size: int):
+    """A dataset written through one mount, and a second mount with metrics: (its mount,
+    the samples' bytes by path, their paths shuffled, a function giving how many metadata
+    calls of a method it has made)."""
+    writer = c.mount()
+    made = {}
+    for k in range(dirs):
+        (writer.path / f"d{k}").mkdir()
+        for i in range(per_dir):
+            made[f"d{k}/s{i:03d}"] = os.urandom(size)
+            (writer.path / f"d{k}/s{i:03d}").write_bytes(made[f"d{k}/s{i:03d}"])
+    reader = c.mount(args=["--metrics-listen", "127.0.0.1:0"])
+    address = metrics_address(c.logs_dir / "mount-2.log")
+    rels = sorted(made)
+    random.Random(7).shuffle(rels)
+
+    def calls(method: str) -> float:
+        return value(scrape(address), "stripefs_client_meta_calls_total", method=method, result="ok")
+
+    return reader, made, rels, calls
+
+
 def test_a_plan_of_small_files_has_their_directories_listed_not_each_looked_up(tmp_path):
     """Inline samples need no map ahead, only their names: once a plan's files have been
     mostly small, its names are resolved as readers' are, through statahead (a directory
     listed in pages), not by a lookup each, which made a hinted epoch of 16 KiB samples
     slower than one without the hint (3,113 lookups for 3,000 samples, against 375 and
     174 listings)."""
-    per_dir, dirs = 60, 3
     with Cluster(tmp_path / "c", dataservers=1) as c:
-        writer = c.mount()
-        made = {}
-        for k in range(dirs):
-            (writer.path / f"d{k}").mkdir()
-            for i in range(per_dir):
-                made[f"d{k}/s{i:03d}"] = os.urandom(2000)
-                (writer.path / f"d{k}/s{i:03d}").write_bytes(made[f"d{k}/s{i:03d}"])
-        reader = c.mount(args=["--metrics-listen", "127.0.0.1:0"])
-        address = metrics_address(c.logs_dir / "mount-2.log")
-        rels = sorted(made)
-        random.Random(7).shuffle(rels)
-
-        def calls(method: str) -> float:
-            return value(scrape(address), "stripefs_client_meta_calls_total", method=method, result="ok")
-
+        reader, made, rels, calls = planned_dataset(c, dirs=3, per_dir=60, size=2000)
         before = calls("lookup"), calls("readdir")
         plan(reader.path, rels)
         now = settled(reader.path)
@@ -293,23 +300,9 @@ def test_a_plan_of_files_with_blocks_looks_them_up_many_a_call(tmp_path):
     (`lookups`, NameCache.ask_with_map), where a call each cost the metaserver as much
     again as the lookup; what they learn is what a lookup learns, and the readers' opens
     name the maps (files.py KnownMaps)."""
-    per_dir, dirs, size = 40, 3, 100_000
+    dirs, size = 3, 100_000
     with Cluster(tmp_path / "c", dataservers=1) as c:
-        writer = c.mount()
-        made = {}
-        for k in range(dirs):
-            (writer.path / f"d{k}").mkdir()
-            for i in range(per_dir):
-                made[f"d{k}/s{i:03d}"] = os.urandom(size)
-                (writer.path / f"d{k}/s{i:03d}").write_bytes(made[f"d{k}/s{i:03d}"])
-        reader = c.mount(args=["--metrics-listen", "127.0.0.1:0"])
-        address = metrics_address(c.logs_dir / "mount-2.log")
-        rels = sorted(made)
-        random.Random(7).shuffle(rels)
-
-        def calls(method: str) -> float:
-            return value(scrape(address), "stripefs_client_meta_calls_total", method=method, result="ok")
-
+        reader, made, rels, calls = planned_dataset(c, dirs=dirs, per_dir=40, size=size)
         before = {k: calls(k) for k in ("lookup", "lookups", "readdir")}
         plan(reader.path, rels)
         now = settled(reader.path)

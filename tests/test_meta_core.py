@@ -258,15 +258,22 @@ def test_lookup_errors(env):
     assert env.lookup(d.ino, b".").ino == d.ino
 
 
-def test_lookups_answer_each_lookup_as_lookup_does(env):
-    """LookupsReq (a prefetcher's): each lookup answered as `lookup` answers it, its map
-    only where its caller may read, an error for one not failing the others."""
+def users_own_file(env):
+    """Two data servers and `mine`, USER's file of one block that only USER may read:
+    (its attributes at create, its allocation, its attributes after the write)."""
     for n in (1, 2):
         env.beat(env.add_server(n))
     s = env.session()
     env.open_root()
     mine = env.create(ROOT_INODE, b"mine", mode=stat.S_IFREG | 0o600, ctx=USER)
     a, attr = env.write(mine.ino, s, 0, 200_000)
+    return mine, a, attr
+
+
+def test_lookups_answer_each_lookup_as_lookup_does(env):
+    """LookupsReq (a prefetcher's): each lookup answered as `lookup` answers it, its map
+    only where its caller may read, an error for one not failing the others."""
+    mine, a, attr = users_own_file(env)
     d = env.mkdir(ROOT_INODE, b"d", mode=0o700, ctx=USER)
     inner = env.create(d.ino, b"inner", ctx=USER)
     other = Ctx(uid=2000, gid=2000)
@@ -294,12 +301,7 @@ def test_lookup_with_the_block_map_checks_read_permission(env):
     block map and read tokens for the caller, as an open for reading would give, and no
     open is recorded; without read permission, or for anything but a regular file, the
     lookup answers as a plain one."""
-    for n in (1, 2):
-        env.beat(env.add_server(n))
-    s = env.session()
-    env.open_root()
-    mine = env.create(ROOT_INODE, b"mine", mode=stat.S_IFREG | 0o600, ctx=USER)
-    a, _ = env.write(mine.ino, s, 0, 200_000)
+    mine, a, _ = users_own_file(env)
     got = env.core.lookup(LookupReq(ROOT_INODE, b"mine", USER, want_map=True), Caller(CLIENT, "node1"))
     assert got.mapped and [b.block_id for b in got.blocks] == [a.block_id]
     assert got.blocks[0].token and got.blocks[0].servers
