@@ -76,9 +76,6 @@ class KnownMaps:
             return None
         return kept[0], kept[1]
 
-    def forget(self, ino: int) -> None:
-        self._maps.pop(ino, None)
-
 
 @dataclass
 class WritebackBudget:

@@ -13,15 +13,16 @@ last planned file a reader opened, taken REFILL_FILES at a time (so that their c
 share messages: `_dispatch`): resolve it with the planner's ids, its last
 component by a lookup that also brings the block map and read tokens (`want_map`: the
 metaserver checks read permission as an open would, so nobody gets a byte they could not
-read themselves; no open is recorded), which the name cache learns, so the lookup the
-reader makes next is answered locally while the entry is fresh. A file small enough to be
-inline needs nothing more (its bytes come with the reader's open); a larger one has its
-blocks fetched whole, in file order, into the data path's `prefetched` store (but for
-those cached, on their way, or lately read here through a mount, whose kernel keeps
-them: `DataPath.read_lately`). A plan whose
-files have lately been mostly small has its names resolved through the name cache, which
-lists their directories ahead (SMALL_SHARE): a page of names a round trip, not a lookup
-each.
+read themselves; no open is recorded), many such lookups in one call
+(`NameCache.ask_with_map`), which the name cache learns, so the lookup the reader makes
+next is answered locally while the entry is fresh; the map is kept for the reader's open
+to name (files.py KnownMaps). A file small enough to be inline needs nothing more (its
+bytes come with the reader's open); a larger one has its blocks fetched whole, in file
+order, into the data path's `prefetched` store (but for those cached, on their way, or
+lately read here through a mount, whose kernel keeps them: `DataPath.read_lately`). A
+plan whose files have lately been mostly small has its names resolved through the name
+cache, which lists their directories ahead (SMALL_SHARE): a page of names a round trip,
+not a lookup each.
 
 What is held waits for its reader there, never in the block cache (where other reads
 could evict it before it is used): a read of the block takes it out, into the block
