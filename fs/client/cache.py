@@ -43,7 +43,6 @@ from stripefs.proto.messages import (
     Ctx,
     LOOKUPS_MAX,
     InodeReq,
-    Looked,
     LookupReq,
     LookupsReq,
     Message,
@@ -240,7 +239,7 @@ class _Lookups:
 
     lookups: list[LookupReq] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
-    replies: list[Looked] = field(default_factory=list)
+    heard: list[AttrReply | FsError] = field(default_factory=list)  # each lookup's answer
     error: Optional[FsError] = None
 
 
@@ -387,10 +386,10 @@ class NameCache:
         await batch.done.wait()
         if batch.error is not None:
             raise FsError(batch.error.errno, batch.error.message)
-        got = batch.replies[i]
-        if got.errno or got.reply is None:
-            raise FsError(got.errno or errno.EIO, f"lookup of {name!r} in {parent} failed")
-        return got.reply
+        heard = batch.heard[i]
+        if isinstance(heard, FsError):
+            raise FsError(heard.errno, f"lookup of {name!r} in {parent} failed")
+        return heard
 
     async def _ask_many(self, key: tuple, batch: "_Lookups") -> None:
         try:
@@ -406,7 +405,7 @@ class NameCache:
             for one, listing, got in zip(batch.lookups, listings, reply.replies):
                 heard = got.reply if not got.errno and got.reply is not None else FsError(got.errno or errno.EIO)
                 self._heard(one.parent, listing, one.name, t, heard, one.ctx, statahead=False)
-            batch.replies = reply.replies
+                batch.heard.append(heard)
         except FsError as exc:
             batch.error = exc
         except BaseException:
