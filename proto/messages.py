@@ -369,8 +369,9 @@ LOOKUPS_MAX = 256
 
 @dataclass
 class LookupsReq(Message):
-    """Several lookups in one call and one transaction (a prefetcher's, with their maps:
-    fs/client/cache.py `NameCache.ask_with_map`), each answered as `lookup` would."""
+    """Several lookups in one call (a prefetcher's, with their maps: fs/client/cache.py
+    `NameCache.ask_with_map`), each answered as `lookup` would, in its own transaction
+    (with SQLite, a savepoint of the call's batch)."""
 
     lookups: list[LookupReq]
 
