@@ -69,7 +69,7 @@ class FileOps(CoreBase):
             # Every change of a file's blocks moves its generation (_bump_content,
             # _truncate), so a client holding the map of this generation has this map.
             same_map = bool(req.map_generation) and req.map_generation == attr.generation
-            blocks = [] if same_map else self._block_map(tx, req.ino, now, str(caller))
+            blocks = [] if same_map or not req.map_wanted else self._block_map(tx, req.ino, now, str(caller))
             # A reader of a file with no blocks gets all of its content in this reply: an
             # unlink elsewhere can take nothing its handle still needs. A file with blocks
             # is kept for unlinked_hold_s after an unlink (`_purge_if_free`), in which its

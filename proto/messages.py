@@ -708,6 +708,9 @@ class OpenReq(Message):
     # with want_map or an earlier open; 0: it has none): if the file's generation is still
     # that, its map has not changed and the reply leaves it out (OpenReply.same_map).
     map_generation: int = 0
+    # False: the open only registers one the client has already (again in a new session,
+    # or recorded late): it has what it reads by, and the reply carries no block map.
+    map_wanted: bool = True
 
 
 @dataclass

@@ -185,6 +185,8 @@ def client() -> ClientMetrics:
         ("stripefs_client_fetches_in_flight", "Blocks being fetched from data servers (reads and readahead)",
          lambda c: len(c.data._fetching)),
         ("stripefs_client_open_files", "Files open through the clients", lambda c: len(c._files)),
+        ("stripefs_client_maps_reused", "Opens whose reply left the block map out, the client's standing (a running count)",
+         lambda c: c.maps.reused),
         ("stripefs_client_prefetch_held_bytes", "Bytes fetched ahead by prefetch plans and not yet read",
          lambda c: c.data.prefetched.used_bytes),
         ("stripefs_client_prefetch_waiting_paths", "Paths of prefetch plans not yet started",

@@ -129,17 +129,17 @@ def test_a_reopen_names_the_map_it_has_and_sees_what_another_client_wrote(lib_cl
         creds = load_credentials(lib_cluster.client)
         async with open_client(lib_cluster.meta_addr, creds) as a, open_client(lib_cluster.meta_addr, creds) as b:
             assert await read_file(a, ino) == first
-            assert a.maps_reused == 0
+            assert a.maps.reused == 0
             assert await read_file(a, ino) == first
-            assert a.maps_reused == 1  # (the second open: no map sent)
+            assert a.maps.reused == 1  # (the second open: no map sent)
             fh, _, _ = await b.open(ino, os.O_WRONLY | os.O_TRUNC, ROOT)
             await b.write(fh, 0, second)
             await b.flush(fh)
             await b.release(fh)
             assert await read_file(a, ino) == second
-            assert a.maps_reused == 1
+            assert a.maps.reused == 1
             assert await read_file(a, ino) == second
-            assert a.maps_reused == 2
+            assert a.maps.reused == 2
 
     trio.run(main)
 

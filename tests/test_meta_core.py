@@ -1329,6 +1329,11 @@ def test_an_open_naming_the_map_of_the_current_generation_gets_no_map(env):
     assert not same.recorded  # (a file with blocks, as the map said)
     stale = open_naming(full.attr.generation - 1)
     assert not stale.same_map and [b.block_id for b in stale.blocks] == [a.block_id]
+    # An open that registers one the client has (recorded late, or in a new session)
+    # asks for no map: recorded, and no map built.
+    registered = env.core.open(OpenReq(f.ino, session, ROOT, os.O_RDONLY, grant=full.grant, map_wanted=False))
+    assert registered.recorded and registered.blocks == [] and not registered.same_map
+    env.core.release(ReleaseReq(f.ino, session))
     # Permission is checked all the same.
     env.core.setattr(SetattrReq(f.ino, ROOT, mode=0o600))
     fails(errno.EACCES, lambda g: open_naming(g, ctx=USER), full.attr.generation)

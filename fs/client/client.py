@@ -172,7 +172,6 @@ class Client:
         self._files: dict[int, FileState] = {}  # open inodes of this client
         #: the last block maps the metaserver gave, for opens to name (OpenReq.map_generation)
         self.maps = KnownMaps()
-        self.maps_reused = 0  # opens whose reply left the map out (OpenReply.same_map)
         self._handles: dict[int, HandleState] = {}  # file handle -> its inode and read state
         self._dirs: dict[int, DirHandle] = {}  # directory handle -> listing state
         self._next_fh = itertools.count(1)
@@ -216,7 +215,8 @@ class Client:
         for ino, opener, flags, grant, count in wanted:
             for _ in range(count):
                 try:
-                    await self.session.call("open", m.OpenReq(ino, self.session.id, opener, flags, grant=grant))
+                    await self.session.call("open", m.OpenReq(ino, self.session.id, opener, flags, grant=grant,
+                                                              map_wanted=False))
                 except FsError as exc:
                     log.error("inode %d could not be reopened in session %d: %s", ino, self.session.id, exc)
                     break
@@ -666,7 +666,7 @@ class Client:
         if h is None or h.recorded:
             return  # (closed meanwhile: nothing to record)
         f = self._files[h.ino]
-        req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY, grant=f.grant)
+        req = m.OpenReq(h.ino, self.session.id, self._ctx(f.opener), os.O_RDONLY, grant=f.grant, map_wanted=False)
         reply = await self._inode_call("open", req, h.ino)
         if self._handles.get(fh) is not h or h.recorded:
             self.session.release_soon(h.ino)  # closed meanwhile, or recorded by another task
@@ -781,7 +781,7 @@ class Client:
             if offered is None or reply.attr.generation != offered[0]:
                 raise FsError(errno.EIO, f"inode {ino}: the metaserver left out a block map not named")
             reply.blocks = offered[1]
-            self.maps_reused += 1
+            self.maps.reused += 1
         else:
             self.maps.learn(reply.attr, reply.blocks)
         if reply.attr.nlink == 0 and ino not in self._files:

@@ -58,6 +58,8 @@ class KnownMaps:
 
     def __init__(self) -> None:
         self._maps: OrderedDict[int, tuple[int, list[BlockRef], float]] = OrderedDict()
+        #: opens whose reply left the map out, this one standing (a running count)
+        self.reused = 0
 
     def learn(self, attr: Attr, blocks: list[BlockRef]) -> None:
         """A map fresh from the metaserver (with read tokens) of the file of `attr`."""

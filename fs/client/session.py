@@ -181,7 +181,7 @@ class MetaSession:
         flags = req.flags & ~os.O_TRUNC if isinstance(req, m.OpenReq) else os.O_WRONLY  # (a create: for writing)
         log.warning("inode %d: opened in session %d, replaced since: opening it again in session %d",
                     ino, opened_in, self.id)
-        await self.call("open", m.OpenReq(ino, self.id, req.ctx, flags, grant=grant))
+        await self.call("open", m.OpenReq(ino, self.id, req.ctx, flags, grant=grant, map_wanted=False))
 
     async def _call(self, name: str, req: m.Message) -> Any:
         deadline = time.monotonic() + META_TIMEOUT_S
