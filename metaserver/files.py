@@ -76,8 +76,10 @@ class FileOps(CoreBase):
             # client records the open if the handle is still open. So, when the client says
             # it can do without, the open is not recorded (a transaction that writes
             # nothing, and no release to follow: docs/metaserver.md, "Opens").
-            # (A client names a map only when it holds one with blocks.)
-            recorded = not (req.unrecorded_ok and not want & perm.WRITE and is_reg(row)
+            # (A client names a map only when it holds one with blocks. An open that asks
+            # for no map only registers one, and is recorded: what it is for; its empty
+            # `blocks` says nothing of the file's.)
+            recorded = not (req.unrecorded_ok and req.map_wanted and not want & perm.WRITE and is_reg(row)
                             and (not (blocks or same_map) or self.unlinked_hold_s > 0))
             if recorded:
                 self._record_open(tx, req.session, req.ino, writable=bool(want & perm.WRITE))

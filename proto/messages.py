@@ -709,7 +709,8 @@ class OpenReq(Message):
     # that, its map has not changed and the reply leaves it out (OpenReply.same_map).
     map_generation: int = 0
     # False: the open only registers one the client has already (again in a new session,
-    # or recorded late): it has what it reads by, and the reply carries no block map.
+    # or recorded late): it has what it reads by, and the reply carries no block map; it is
+    # recorded whatever unrecorded_ok says.
     map_wanted: bool = True
 
 
