@@ -301,12 +301,14 @@ def cmd_mount(args: SimpleNamespace) -> int:
     if not args.foreground:
         return _mount_in_background(args, mountpoint)
     setup_logging(args.log_file, args.log_level)
+    from stripefs.proto import malloc, metrics
+
+    malloc.for_mount()  # before any thread starts (metrics' first): see its docstring
     if args.pid_file:
         from stripefs.proto.atomic import write_atomically
 
         write_atomically(args.pid_file, f"{os.getpid()}\n")
     from stripefs.fuse.mount import run_mount
-    from stripefs.proto import metrics
 
     try:
         metrics.start(args)

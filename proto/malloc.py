@@ -9,12 +9,15 @@ calls. Where the C library is not glibc nothing is tuned (logged).
   process had never touched: a fault and the kernel's zeroing each (~2.3 us a 4 KiB page
   here, 0.6 s a GiB), and on these virtual machines the host's backing, each time
   (docs/dataserver.md, "Memory").
-- The mount holds glibc to MOUNT_ARENAS arenas (`for_mount`): by default up to 8 per core,
-  each keeping what was freed in it, and the mount's resident size grew to several times
-  its write-back budget. Its mmap threshold is left to adapt, and what glibc holds free is
-  handed back once the mount is idle or a spell of reads ends (`trim`, called by
-  fs/fuse/memory.py): a 1 GiB read left ~300 MiB free and resident in the heaps (fragments
-  below the heap tops) under the next burst of writes. The data servers' setting, measured
+- The mount holds glibc to MOUNT_ARENAS arenas (`for_mount`, called before the mount
+  starts any thread): by default up to 8 per core, each keeping what was freed in it, and
+  the mount's resident size grew to several times its write-back budget. One arena
+  (2026-12-08, 3 alternations of workload 9 at R = 1): 150 KiB samples 1-18% fewer a
+  second and the mount 3-17% more CPU a sample in each; checkpoints unchanged: not kept.
+  Its mmap threshold is left to adapt, and what glibc holds free is handed back once the
+  mount is idle or a spell of reads ends (`trim`, called by fs/fuse/memory.py): a 1 GiB
+  read left ~300 MiB free and resident in the heaps (fragments below the heap tops) under
+  the next burst of writes. The data servers' setting, measured
   for the mount again with the trim (2026-12-06): a fresh mount's 1 GiB write took 68-71
   thousand minor faults instead of 121-208 thousand and ~5% less CPU, but after a read and
   its trim the mount stayed at 129-153 MiB resident instead of 81-93 and the next write

@@ -17,7 +17,6 @@ import trio
 
 from stripefs.client import Credentials, open_client
 from stripefs.client.disktier import DiskTier
-from stripefs.proto import malloc
 
 from .memory import hand_back_memory
 from .ops import StripeOperations
@@ -184,7 +183,6 @@ def run_mount(meta: str, mountpoint: str, creds: Credentials, extra_options: lis
             client_options["atime"] = ATIME_OPTIONS[option]
         else:
             options.append(option)
-    malloc.for_mount()
     disk = None
     if cache_dir:
         # Indexed here, before the trio thread serves anything.
