@@ -227,6 +227,13 @@ def fuse() -> CallMetrics:
     )
 
 
+@functools.cache
+def mount_memory() -> Counter:
+    """Hand-backs of what glibc held free (fs/fuse/memory.py), by why."""
+    return Counter("stripefs_fuse_memory_trims", "Times the mount handed back what glibc held free, by why: "
+                   "idle, or a write after a spell of reads", ["why"])
+
+
 # ---------------------------------------------------------------------------- metaserver
 
 

@@ -195,15 +195,16 @@ def _resident_mib(pid: int) -> float:
     return process_resident_kib(pid) / 1024
 
 
-def _read_384_mib_through_a_fresh_mount(c: Cluster) -> tuple[Path, int, float, float]:
+def _read_384_mib_through_a_fresh_mount(c: Cluster, *reader_args: str) -> tuple[Path, int, float, float]:
     """A 384 MiB file (96 blocks) written through one mount and read whole, cold, through a
-    fresh one that has made its first write first (its own buffers made): (the reading
-    mount's path, its pid, its resident MiB before the read, and after it)."""
+    fresh one (mount-2, with `reader_args`) that has made its first write first (its own
+    buffers made): (the reading mount's path, its pid, its resident MiB before the read,
+    and after it)."""
     piece = os.urandom(1 << 20)
     with open(c.mount().path / "big", "wb") as f:
         for _ in range(384):
             f.write(piece)
-    reader = c.mount()
+    reader = c.mount(args=reader_args)
     pid = reader.proc.pid
     (reader.path / "small").write_bytes(b"x")
     before = _resident_mib(pid)
@@ -216,14 +217,22 @@ def _read_384_mib_through_a_fresh_mount(c: Cluster) -> tuple[Path, int, float, f
 def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
     """A cold read through a mount fills its block cache ahead of the reader and lets the
     blocks go behind it; glibc keeps the freed buffers as fragments of its heaps, resident.
-    Once the mount has answered no read or write for a second it hands them back
+    Once the mount has answered no read, write or release for a second it hands them back
     (fs/fuse/memory.py, proto/malloc.py `trim`), so the next burst (a checkpoint write, say)
     starts from what the mount holds, not from the last burst's peak. (Before: a 1 GiB read
     left the mount at 385-468 MiB resident with its block cache empty, 81-93 once trimmed;
-    here, 384 MiB read, it stayed 69-89 MiB above where it started, 15 s later.)"""
+    here, 384 MiB read, it stayed 69-89 MiB above where it started, 15 s later.) Trimmed,
+    it ends 2-34 MiB above where it started in 70 runs here beside other tests, and CI saw
+    49 once: what stays is memory in use by the C libraries (gRPC's, TLS's; Python's own
+    allocations were 26.3-26.5 MB at every trim, tracemalloc), not what glibc holds free,
+    so the trim is checked by its count, and the resident size against a bound between
+    the two."""
     with Cluster(tmp_path / "c", dataservers=1) as c:
-        _, pid, before, after_read = _read_384_mib_through_a_fresh_mount(c)
-        assert eventually(lambda: _resident_mib(pid) < before + 48, timeout_s=15.0), (
+        _, pid, before, after_read = _read_384_mib_through_a_fresh_mount(c, "--metrics-listen", "127.0.0.1:0")
+        address = metrics_address(c.logs_dir / "mount-2.log")
+        assert eventually(lambda: value(scrape(address), "stripefs_fuse_memory_trims_total", why="idle") >= 1,
+                          timeout_s=15.0)
+        assert eventually(lambda: _resident_mib(pid) < before + 64, timeout_s=15.0), (
             f"resident {before:.0f} MiB before the read, {after_read:.0f} after it,"
             f" {_resident_mib(pid):.0f} after 15 s idle")
 

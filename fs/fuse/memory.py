@@ -18,11 +18,13 @@ import logging
 
 import trio
 
-from stripefs.proto import malloc
+from stripefs.proto import malloc, metrics
 
 log = logging.getLogger("stripefs.fuse")
 
-#: Idle: no READ or WRITE for a whole IDLE_TRIM_INTERVAL_S after some came.
+_trims = metrics.mount_memory()
+
+#: Idle: no READ, WRITE or RELEASE of a file for a whole IDLE_TRIM_INTERVAL_S after some came.
 IDLE_TRIM_INTERVAL_S = 1.0
 #: Nothing is handed back unless glibc holds more than this free.
 TRIM_ABOVE_BYTES = 32 * 1024 * 1024
@@ -31,10 +33,12 @@ READ_SPELL_BYTES = 64 * 1024 * 1024
 
 
 class DataActivity:
-    """What the mount's READ and WRITE requests of files have been doing, counted by ops.py
-    as it answers them: how many came (an idle mount's count stands still) and how many
-    bytes were read since the last write (`spell_ended` is set by a write that ends a spell
-    of reads)."""
+    """What the mount's READ, WRITE and RELEASE requests of files have been doing, counted
+    by ops.py as it answers them: how many came (an idle mount's count stands still) and
+    how many bytes were read since the last write (`spell_ended` is set by a write that
+    ends a spell of reads). A RELEASE counts once it is answered: a file's close is when
+    the mount lets go of the blocks its reader's last reads left in the cache, so the idle
+    trim comes a second after it, not before it."""
 
     __slots__ = ("requests", "read_run", "spell_ended")
 
@@ -53,6 +57,9 @@ class DataActivity:
             self.spell_ended.set()
         self.read_run = 0
 
+    def released(self) -> None:
+        self.requests += 1
+
 
 async def hand_back_memory(activity: DataActivity) -> None:
     """Runs for the mount's life. A mount that stays idle is trimmed once for its idle spell,
@@ -64,7 +71,7 @@ async def hand_back_memory(activity: DataActivity) -> None:
         now = activity.requests
         if activity.spell_ended.is_set():
             activity.spell_ended = trio.Event()
-            why, due = "a write after a spell of reads", True
+            why, due = "spell", True
         else:
             why, due = "idle", now == seen and now != trimmed_at  # a whole interval, after some I/O
         seen = now
@@ -72,4 +79,5 @@ async def hand_back_memory(activity: DataActivity) -> None:
             trimmed_at = now
             free = await trio.to_thread.run_sync(malloc.trim, TRIM_ABOVE_BYTES)
             if free > TRIM_ABOVE_BYTES:
+                _trims.labels(why).inc()
                 log.debug("%s: handed back what glibc held free (%d MiB)", why, free >> 20)

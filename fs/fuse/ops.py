@@ -449,6 +449,7 @@ class StripeOperations(pyfuse3.Operations):
         try:
             await self.client.release(fh)
         finally:
+            self.activity.released()
             self.passthrough.released(fh)
             if ino is not None:
                 self._capability_known(ino)
