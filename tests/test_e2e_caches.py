@@ -222,7 +222,7 @@ def test_an_idle_mount_hands_back_the_memory_its_reads_freed(tmp_path):
     starts from what the mount holds, not from the last burst's peak. (Before: a 1 GiB read
     left the mount at 385-468 MiB resident with its block cache empty, 81-93 once trimmed;
     here, 384 MiB read, it stayed 69-89 MiB above where it started, 15 s later.) Trimmed,
-    it ends 2-34 MiB above where it started in 70 runs here beside other tests, and CI saw
+    it ends 2-34 MiB above where it started in 57 runs here beside other tests, and CI saw
     49 once: what stays is memory in use by the C libraries (gRPC's, TLS's; Python's own
     allocations were 26.3-26.5 MB at every trim, tracemalloc), not what glibc holds free,
     so the trim is checked by its count, and the resident size against a bound between
